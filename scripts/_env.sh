@@ -1,0 +1,41 @@
+# Sourced by the other scripts: make sure the virtual environment and redis-server exist.
+# Idempotent and quick once done: the venv is rebuilt only when a requirements file changes.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SVLLM_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+ensure_venv() {
+  local stamp="$VENV/.requirements.sha"
+  local want
+  want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+  if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  echo "==> setting up $VENV (first run; later runs skip this)"
+  if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV" || {
+      echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)" >&2
+      exit 1
+    }
+  fi
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  echo "$want" > "$stamp"
+}
+
+ensure_redis() {
+  if command -v redis-server >/dev/null 2>&1; then
+    return 0
+  fi
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing redis-server with apt-get"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is missing: install Redis 6.2+ (e.g. 'brew install redis') and retry" >&2
+    exit 1
+  fi
+}

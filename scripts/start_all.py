@@ -1,0 +1,195 @@
+"""One command for a local pool: redis-server (when REDIS_URL is unset), manager, worker,
+router, and a registered demo model. Ctrl-C stops everything it started.
+
+Run through scripts/start_all.sh, which prepares the virtual environment first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from services.worker.gpu import open_inventory
+from shared import procs
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / ".run"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{url} exited with code {proc.returncode}; last log lines:\n"
+                     f"{procs.tail(log)}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"{url} not healthy after {timeout:.0f}s; see {log}")
+
+
+def choose_engine() -> tuple[str, str]:
+    """(engine, why). The simulated engine is chosen only when vLLM or a GPU is missing, and
+    the choice is printed, never silent."""
+    gpus, message = open_inventory(os.environ.get("GPU_BACKEND", "nvml")).read()
+    has_vllm = importlib.util.find_spec("vllm") is not None or shutil.which("vllm") is not None
+    if gpus and has_vllm:
+        return "vllm", f"{len(gpus)} GPU(s) and vLLM found"
+    missing = "no GPU" if not gpus else "vLLM is not installed"
+    return "sim", f"{missing} ({message or 'GPU present'}): using the SIMULATED engine"
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        (RUN / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = RUN / "logs" / f"{name}.log"
+        proc = procs.spawn(argv, log_path=log, env=env, cwd=ROOT)
+        self.children.append((name, proc))
+        print(f"  started {name} (pid {proc.pid}, log {log.relative_to(ROOT)})")
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.children):
+            procs.stop(proc, grace_s=20)
+            print(f"  stopped {name}")
+
+
+def start_redis(stack: Stack) -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server not found: install it (apt-get install redis-server) "
+                 "or set REDIS_URL")
+    port = int(os.environ.get("SVLLM_REDIS_PORT", "6380"))
+    if not port_free(port):
+        sys.exit(f"port {port} is taken: set SVLLM_REDIS_PORT or REDIS_URL")
+    data = RUN / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    # AOF on: registered models survive a restart of the whole stack.
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--appendonly", "yes", "--save", ""]
+    proc = stack.start("redis", argv, dict(os.environ))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"redis-server did not start; see {RUN / 'logs' / 'redis.log'}")
+
+
+def register_demo(router: str, engine: str, headers: dict[str, str]) -> str:
+    alias = os.environ.get("DEMO_ALIAS", "demo")
+    default_model = "Qwen/Qwen2.5-0.5B-Instruct" if engine == "vllm" else "sim/demo-model"
+    body = {"alias": alias, "model_name": os.environ.get("DEMO_MODEL", default_model),
+            "engine": engine}
+    r = httpx.post(f"{router}/admin/models/register", json=body, headers=headers, timeout=10)
+    if r.status_code >= 400:
+        sys.exit(f"registering the demo model failed: {r.status_code} {r.text}")
+    return alias
+
+
+def wait_serving(router: str, alias: str, timeout: float) -> bool:
+    body = {"model": alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(f"{router}/v1/chat/completions", json=body, timeout=30).is_success:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def print_examples(router: str, alias: str) -> None:
+    print(f"""
+The pool is up. Try:
+
+  curl -s {router}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{alias}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+  python - <<'PY'
+  from openai import OpenAI
+  client = OpenAI(base_url="{router}/v1", api_key="unused")
+  for chunk in client.chat.completions.create(model="{alias}", stream=True,
+          messages=[{{"role": "user", "content": "Hello!"}}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+  PY
+
+  curl -s {router}/admin/status      # workers, models, instances
+Press Ctrl-C to stop everything.""")
+
+
+def run(stack: Stack) -> None:
+    env = dict(os.environ)
+    env.setdefault("LOG_FORMAT", "text")
+    if "REDIS_URL" not in env:
+        env["REDIS_URL"] = start_redis(stack)
+    engine, why = choose_engine()
+    print(f"  engine for the demo model: {engine} ({why})")
+    env.setdefault("DEFAULT_ENGINE", engine)
+    env.setdefault("WORKER_ID", socket.gethostname())
+    ports = {s: env.setdefault(f"{s.upper()}_PORT", p)
+             for s, p in (("manager", "9000"), ("worker", "7000"), ("router", "8000"))}
+    env.setdefault("WORKER_URL", f"http://127.0.0.1:{ports['worker']}")
+    for name in ("manager", "worker", "router"):
+        url = f"http://127.0.0.1:{ports[name]}"
+        if not port_free(int(ports[name])):
+            sys.exit(f"port {ports[name]} for the {name} is taken: set {name.upper()}_PORT")
+        proc = stack.start(name, [sys.executable, "-m", f"services.{name}.main"], env)
+        wait_http(f"{url}/health", proc, RUN / "logs" / f"{name}.log", 60)
+    router = f"http://127.0.0.1:{ports['router']}"
+    token = env.get("ADMIN_TOKEN")
+    alias = register_demo(router, engine, {"authorization": f"Bearer {token}"} if token else {})
+    timeout = 900.0 if engine == "vllm" else 60.0
+    if not wait_serving(router, alias, timeout):
+        print(f"  the demo model is not serving yet; see {router}/admin/status")
+    print_examples(router, alias)
+    signal.pause()
+
+
+def main() -> None:
+    stack = Stack()
+
+    def on_signal(signum: int, _: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        run(stack)
+    except KeyboardInterrupt:
+        print("\nstopping...")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Starts one worker in the foreground; settings come from the environment (see README).
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+ensure_venv
+cd "$ROOT"
+exec "$PY" -m services.worker.main "$@"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the test suite (installs what it needs on first use). Extra args go to pytest,
+# e.g. scripts/test.sh -m real_vllm   or   scripts/test.sh tests/unit
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+ensure_venv
+ensure_redis
+cd "$ROOT"
+"$PY" -m ruff check .
+"$PY" -m mypy shared services
+exec "$PY" -m pytest "$@"

@@ -1,0 +1,59 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from services.router.forward import Forwarder
+from services.router.routes import RouteTable
+from shared.errors import BadRequest, ModelNotFound
+from shared.http import json_response, parse_object, read_body
+from shared.models import is_valid_name
+
+
+def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRouter:
+    api = APIRouter()
+
+    async def handle(request: Request, path: str) -> Response:
+        body = await read_body(request, limit)
+        # Only `model` is needed to route; the body itself is forwarded untouched.
+        model = parse_object(body).get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("model: a model alias is required", param="model")
+        if not is_valid_name(model) or await table.model(model) is None:
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return await forwarder.forward(model, path, body, request_id)
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await handle(request, "v1/chat/completions")
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "v1/completions")
+
+    @api.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await handle(request, "v1/embeddings")
+
+    @api.get("/v1/models")
+    async def models() -> Response:
+        data = [
+            {
+                "id": alias,
+                "object": "model",
+                "created": int(m.created_at),
+                "owned_by": "svllm",
+                "engine": m.spec.engine,
+                "model_name": m.spec.model_name,
+                "serving": bool(table.replicas(alias)),
+            }
+            for alias, m in sorted(table.models.items())
+        ]
+        return json_response({"object": "list", "data": data})
+
+    return api

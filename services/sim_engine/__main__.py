@@ -1,0 +1,55 @@
+"""Entry point: ``python -m services.sim_engine --model M --port P [...]``.
+
+Same life cycle as ``vllm serve``: load (the start-up delay) before the port is bound, so a
+bound port means ready; a failed load exits 1; SIGTERM shuts down within about two seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from services.sim_engine.cli import EngineConfig, load_model, log, parse_args
+from services.sim_engine.server import create_app
+
+
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # uvicorn logs at warning level here (its access log is too costly), so say what
+        # its own info lines would have said; the worker tails them.
+        if self.started:
+            url = f"http://{self.config.host}:{self.config.port}"
+            log(f"Uvicorn running on {url} (Press CTRL+C to quit)")
+
+
+def serve(config: EngineConfig) -> int:
+    uv_config = uvicorn.Config(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+    server = _Server(uv_config)
+    log(f"Started server process [{os.getpid()}]")
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    if not load_model(config):
+        return 1
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""HTTP surface of the simulated engine: vLLM's OpenAI-compatible API, sleep mode and metrics.
+
+Answers come from textgen's deterministic output, paced by the configured latencies. With zero
+latency a request neither sleeps nor starts a task, so a benchmark measures the pool around the
+engine rather than the simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from services.sim_engine import textgen
+from services.sim_engine.cli import EngineConfig, log
+from services.sim_engine.protocol import (
+    DONE_EVENT,
+    ApiError,
+    Body,
+    GenSpec,
+    JSONResponse,
+    encode_embedding,
+    error_response,
+    final_choice,
+    gen_spec,
+    read_json,
+    sse,
+    stream_choice,
+)
+
+Handler = Callable[[Request, Body], Awaitable[Response]]
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def finish_or_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+    """Run ``work`` to the end (True) unless the client goes first (False; work is cancelled).
+
+    Only called once the request body has been read, so ``receive`` can only report the
+    disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        watch.cancel()
+        # Let both unwind (the generator's accounting runs in its finally) before going on.
+        await asyncio.wait((task, watch))
+    if task.cancelled():
+        return False
+    task.result()
+    return True
+
+
+class EventStream(Response):
+    """A ``text/event-stream`` answer: each event is its own body chunk, never batched.
+
+    Generation stops when the client disconnects: with ``watch`` the stream races a
+    disconnect listener. Zero-latency streams skip the listener (nothing to interrupt).
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes, None], watch: bool) -> None:
+        self.events = events
+        self.watch = watch
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+        await send(start)
+        if self.watch:
+            await finish_or_disconnect(self._pump(send), receive)
+        else:
+            await self._pump(send)
+
+    async def _pump(self, send: Send) -> None:
+        try:
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # A server whose send raises on disconnect leaves the generator suspended.
+            await self.events.aclose()
+
+
+async def _pause(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(slots=True)
+class Stats:
+    requests: int = 0
+    completed: int = 0
+    aborted: int = 0
+    running: int = 0
+    sleeps: int = 0
+    wakes: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+_NO_SLEEP_MODE = "Sleep mode is not enabled: start the engine with --enable-sleep-mode."
+_METRICS = (
+    ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches."),
+    ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed."),
+    ("vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage. 1 means 100 percent usage."),
+    ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed."),
+    ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed."),
+    ("vllm:request_success_total", "counter", "Count of successfully processed requests."),
+)
+
+
+class SimEngine:
+    """The engine's state and its request handlers."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.sleep_level: int | None = None
+        self._sleep_lock = asyncio.Lock()
+        self._rng = random.Random(config.seed)
+        self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self._paced = config.ttft > 0 or config.itl > 0
+        label = config.served_model_name.replace("\\", "\\\\").replace('"', '\\"')
+        self._label = f'{{model_name="{label}"}}'
+
+    # --- request plumbing -------------------------------------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        if self._auth is None:
+            return True
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, self._auth)
+
+    def api(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a generation endpoint: auth, JSON body, model check, sleep check, errors."""
+
+        async def endpoint(request: Request) -> Response:
+            if not self._authorized(request):
+                return error_response(401, "Unauthorized")
+            self.stats.requests += 1
+            try:
+                body = await read_json(request)
+                model = body.get("model")
+                if model is not None and model != self.config.served_model_name:
+                    raise ApiError(404, f"The model `{model}` does not exist.")
+                if self.sleep_level is not None:
+                    raise ApiError(503, "engine is sleeping")
+                return await handler(request, body)
+            except ApiError as exc:
+                return error_response(exc.status, exc.message)
+
+        return endpoint
+
+    def _head(self, spec: GenSpec) -> Body:
+        prefix, kind = ("chatcmpl", "chat.completion") if spec.chat else ("cmpl", "text_completion")
+        return {"id": f"{prefix}-{os.urandom(16).hex()}", "object": kind,
+                "created": int(time.time()), "model": self.config.served_model_name}
+
+    def _begin(self, spec: GenSpec) -> None:
+        self.stats.running += 1
+        self.stats.prompt_tokens += sum(tokens for _, tokens in spec.prompts)
+
+    def _end(self, ok: bool) -> None:
+        self.stats.running -= 1
+        if ok:
+            self.stats.completed += 1
+        else:
+            self.stats.aborted += 1
+
+    # --- generation -------------------------------------------------------------------------
+
+    async def chat(self, request: Request, body: Body) -> Response:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "`messages` must be a non-empty list of messages.")
+        prompt = textgen.chat_prompt(messages)
+        if prompt is None:
+            raise ApiError(400, "Each message needs a string `role` and text `content`.")
+        return await self._generate(request, gen_spec(body, True, [prompt], self.config))
+
+    async def completions(self, request: Request, body: Body) -> Response:
+        prompts = textgen.completion_prompts(body.get("prompt"))
+        if prompts is None:
+            raise ApiError(400, "`prompt` must be a string, a list of strings or of token ids.")
+        return await self._generate(request, gen_spec(body, False, prompts, self.config))
+
+    async def _generate(self, request: Request, spec: GenSpec) -> Response:
+        if self.config.fail_rate > 0 and self._rng.random() < self.config.fail_rate:
+            raise ApiError(500, "simulated engine failure")
+        if spec.stream:
+            return EventStream(self._events(spec), watch=self._paced)
+        self._begin(spec)
+        ok = False
+        try:
+            delay = self.config.ttft + (spec.max_tokens - 1) * self.config.itl
+            # The client may leave while the "GPU" works: race the wait against the disconnect.
+            if delay > 0 and not await finish_or_disconnect(asyncio.sleep(delay), request.receive):
+                return Response(status_code=499)  # nobody is left to read it
+            ok = True
+        finally:
+            self._end(ok)
+        self.stats.generation_tokens += spec.max_tokens * len(spec.prompts)
+        head = self._head(spec)
+        choices = [final_choice(spec, i, p) for i, (p, _) in enumerate(spec.prompts)]
+        body = {**head, "choices": choices, "usage": spec.usage()}
+        if spec.chat:
+            body["prompt_logprobs"] = None
+        return JSONResponse(body)
+
+    async def _events(self, spec: GenSpec) -> AsyncGenerator[bytes, None]:
+        head = self._head(spec)
+        head["object"] += ".chunk" if spec.chat else ""
+        all_tokens = [textgen.generate_tokens(p, spec.max_tokens) for p, _ in spec.prompts]
+        self._begin(spec)
+        ok = False
+        try:
+            if spec.chat:
+                first = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None}
+                yield sse({**head, "choices": [first]})
+            for step in range(spec.max_tokens):
+                await _pause(self.config.ttft if step == 0 else self.config.itl)
+                for index, tokens in enumerate(all_tokens):
+                    self.stats.generation_tokens += 1
+                    yield sse({**head, "choices": [stream_choice(spec, index, tokens[step], None)]})
+            for index in range(len(all_tokens)):
+                yield sse({**head, "choices": [stream_choice(spec, index, None, "length")]})
+            if spec.include_usage:
+                yield sse({**head, "choices": [], "usage": spec.usage()})
+            yield DONE_EVENT
+            ok = True
+        finally:
+            self._end(ok)
+
+    async def embeddings(self, request: Request, body: Body) -> Response:
+        inputs = textgen.completion_prompts(body.get("input"))
+        if inputs is None:
+            raise ApiError(400, "`input` must be a string or a list of strings.")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise ApiError(400, "`encoding_format` must be 'float' or 'base64'.")
+        dim = self.config.embedding_dim
+        if body.get("dimensions") not in (None, dim):
+            raise ApiError(400, f"This model only produces {dim}-dimensional embeddings.")
+        vectors = [encode_embedding(textgen.embed(text, dim), fmt) for text, _ in inputs]
+        data = [{"object": "embedding", "index": i, "embedding": vector}
+                for i, vector in enumerate(vectors)]
+        tokens = sum(n for _, n in inputs)
+        self.stats.prompt_tokens += tokens
+        self.stats.completed += 1
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"id": f"embd-{os.urandom(16).hex()}", "object": "list",
+                             "created": int(time.time()), "model": self.config.served_model_name,
+                             "data": data, "usage": usage})
+
+    # --- other endpoints --------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return error_response(401, "Unauthorized")
+        card = {"id": self.config.served_model_name, "object": "model",
+                "created": int(time.time()), "owned_by": "vllm", "root": self.config.model,
+                "parent": None, "max_model_len": self.config.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def sleep(self, request: Request) -> Response:
+        if not self.config.enable_sleep_mode:
+            return error_response(400, _NO_SLEEP_MODE)
+        level = request.query_params.get("level", "1")
+        if level not in ("1", "2"):
+            return error_response(400, f"Invalid sleep level {level!r}: expected 1 or 2.")
+        async with self._sleep_lock:
+            if self.sleep_level is None:
+                await _pause(self.config.sleep_delay)
+                self.sleep_level = int(level)
+                self.stats.sleeps += 1
+                log(f"engine asleep (level {level})")
+        return Response(status_code=200)
+
+    async def wake_up(self, request: Request) -> Response:
+        if not self.config.enable_sleep_mode:
+            return error_response(400, _NO_SLEEP_MODE)
+        async with self._sleep_lock:
+            if self.sleep_level is not None:
+                level_one = self.sleep_level == 1
+                await _pause(self.config.wake_delay_l1 if level_one else self.config.wake_delay_l2)
+                self.sleep_level = None
+                self.stats.wakes += 1
+                log("engine awake")
+        return Response(status_code=200)
+
+    async def is_sleeping(self, request: Request) -> Response:
+        return JSONResponse({"is_sleeping": self.sleep_level is not None})
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": "0.0.0+sim"})
+
+    async def sim_stats(self, request: Request) -> Response:
+        s = self.stats
+        return JSONResponse({"requests": s.requests, "completed": s.completed,
+                             "aborted": s.aborted, "running": s.running,
+                             "sleeping": self.sleep_level is not None,
+                             "sleep_level": self.sleep_level, "sleeps": s.sleeps,
+                             "wakes": s.wakes})
+
+    async def metrics(self, request: Request) -> Response:
+        s = self.stats
+        # A sleeping engine has released its KV cache.
+        asleep = self.sleep_level is not None
+        usage = 0.0 if asleep else min(1.0, s.running / self.config.max_num_seqs)
+        values = (s.running, 0, usage, s.prompt_tokens, s.generation_tokens, s.completed)
+        lines: list[str] = []
+        for (name, kind, text), value in zip(_METRICS, values, strict=True):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
+                      f"{name}{self._label} {float(value)}"]
+        return Response("\n".join(lines) + "\n", media_type=_PROMETHEUS)
+
+
+_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # FastAPI's shape for unknown paths and methods, which is what vLLM answers.
+    if not isinstance(exc, HTTPException):
+        raise exc
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def create_app(config: EngineConfig) -> Starlette:
+    """The ASGI app of one simulated engine; its state lives on ``app.state.engine``."""
+    engine = SimEngine(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log("Application startup complete.")
+        yield
+        log("Shutting down.")
+
+    routes = [
+        Route("/health", engine.health, methods=["GET"]),
+        Route("/version", engine.version, methods=["GET"]),
+        Route("/metrics", engine.metrics, methods=["GET"]),
+        Route("/v1/models", engine.models, methods=["GET"]),
+        Route("/v1/chat/completions", engine.api(engine.chat), methods=["POST"]),
+        Route("/v1/completions", engine.api(engine.completions), methods=["POST"]),
+        Route("/v1/embeddings", engine.api(engine.embeddings), methods=["POST"]),
+        Route("/sleep", engine.sleep, methods=["POST"]),
+        Route("/wake_up", engine.wake_up, methods=["POST"]),
+        Route("/is_sleeping", engine.is_sleeping, methods=["GET"]),
+        Route("/sim/stats", engine.sim_stats, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error})
+    app.state.engine = engine
+    return app

@@ -1,0 +1,128 @@
+"""The worker's control loops: register, heartbeat, and reconcile assigned instances."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from services.worker.gpu import GpuInventory
+from services.worker.supervisor import Supervisor, Wanted
+from shared.events import Nudger
+from shared.http import auth_headers
+from shared.models import Heartbeat, WorkerRegistration
+from shared.settings import WorkerSettings
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Agent:
+    def __init__(
+        self,
+        store: Store,
+        settings: WorkerSettings,
+        supervisor: Supervisor,
+        gpus: GpuInventory,
+        nudger: Nudger,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.supervisor = supervisor
+        self.gpus = gpus
+        self.nudger = nudger
+        self.client = client
+
+    @property
+    def worker_id(self) -> str:
+        return self.settings.worker_id
+
+    def registration(self) -> WorkerRegistration:
+        gpus, message = self.gpus.read()
+        return WorkerRegistration(
+            worker_id=self.worker_id,
+            url=self.supervisor.url,
+            engines=sorted(self.supervisor.drivers),
+            gpus=gpus,
+            gpu_message=message,
+            version=VERSION,
+        )
+
+    def heartbeat_body(self) -> Heartbeat:
+        gpus, message = self.gpus.read()
+        states: dict[str, float] = {"instances": float(len(self.supervisor.instances))}
+        return Heartbeat(gpus=gpus, gpu_message=message, load=states)
+
+    async def register(self) -> None:
+        reg = self.registration()
+        if self.settings.manager_url:
+            r = await self.client.post(
+                f"{self.settings.manager_url.rstrip('/')}/workers/register",
+                content=reg.model_dump_json(),
+                headers={"content-type": "application/json", **self._auth()},
+            )
+            r.raise_for_status()
+        else:
+            await self.store.register_worker(reg, self.settings.heartbeat_ttl_s)
+        logger.info("registered worker %s at %s (engines: %s; %s)", reg.worker_id, reg.url,
+                    ", ".join(reg.engines), reg.gpu_message or f"{len(reg.gpus)} GPU(s)")
+
+    def _auth(self) -> dict[str, str]:
+        return auth_headers(self.settings.internal_token)
+
+    async def _beat(self) -> bool | None:
+        hb = self.heartbeat_body()
+        if not self.settings.manager_url:
+            return await self.store.heartbeat(self.worker_id, hb, self.settings.heartbeat_ttl_s)
+        r = await self.client.post(
+            f"{self.settings.manager_url.rstrip('/')}/workers/{self.worker_id}/heartbeat",
+            content=hb.model_dump_json(),
+            headers={"content-type": "application/json", **self._auth()},
+        )
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        return not bool(r.json().get("revived"))
+
+    async def heartbeat_once(self) -> None:
+        known = await self._beat()
+        if known is None:
+            logger.warning("worker record is gone (Redis restarted?): registering again")
+            await self.register()
+        if not known:
+            # Our heartbeat had lapsed or the record was lost: routes may have been wiped.
+            await self.supervisor.republish()
+            self.nudger.event.set()
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.heartbeat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("heartbeat failed: %s", e)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def wanted(self) -> Wanted:
+        assigned = await self.store.worker_assignments(self.worker_id)
+        out: Wanted = {}
+        for alias, a in assigned.items():
+            model = await self.store.get_model(alias)
+            if model is not None:
+                out[alias] = (a, model)
+        return out
+
+    async def reconcile_loop(self) -> None:
+        while True:
+            try:
+                await self.supervisor.reconcile(await self.wanted())
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("reconcile failed: %s", e)
+            await self.nudger.wait(self.settings.reconcile_interval_s)

@@ -1,0 +1,74 @@
+"""Worker HTTP API: health, info, manual placement, and the proxy to local engines."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from services.worker import proxy
+from services.worker.agent import Agent
+from shared.errors import BadRequest, ModelNotFound, NotFound
+from shared.http import bearer_guard, json_response, parse_body
+from shared.models import Assignment, ManualStartRequest, is_valid_name
+from shared.settings import WorkerSettings
+from shared.store import Store
+
+
+def build_routes(
+    store: Store, settings: WorkerSettings, agent: Agent, client: httpx.AsyncClient
+) -> APIRouter:
+    admin = Depends(bearer_guard(settings.admin_token))
+    internal = Depends(bearer_guard(settings.internal_token))
+    sup = agent.supervisor
+    api = APIRouter()
+
+    @api.get("/health")
+    async def health() -> Response:
+        return json_response({"status": "ok", "worker_id": settings.worker_id})
+
+    @api.get("/info")
+    async def info() -> Response:
+        reg = agent.registration()
+        instances = [
+            {k: v for k, v in i.record().items() if k != "log_tail"} | {"alias": i.alias}
+            for i in sup.instances.values()
+        ]
+        return json_response(reg.model_dump() | {"instances": instances})
+
+    @api.post("/instances/start", dependencies=[admin], status_code=202)
+    async def start(request: Request) -> Response:
+        body = await parse_body(request, ManualStartRequest, settings.max_body_bytes)
+        model = await store.get_model(body.alias)
+        if model is None:
+            raise ModelNotFound(f"model '{body.alias}' is not registered", param="alias")
+        if model.spec.engine not in sup.drivers:
+            raise BadRequest(
+                f"this worker cannot run engine '{model.spec.engine}' "
+                f"(it has {', '.join(sorted(sup.drivers))})", param="alias")
+        await store.manual_assign(Assignment(
+            alias=body.alias, worker_id=settings.worker_id, source="manual",
+            spec_version=model.version, assigned_at=time.time()))
+        agent.nudger.event.set()
+        return json_response({"alias": body.alias, "worker_id": settings.worker_id,
+                              "status": "assigned"}, 202)
+
+    @api.post("/instances/{alias}/stop", dependencies=[admin], status_code=202)
+    async def stop(alias: str) -> Response:
+        if not is_valid_name(alias) or await store.get_model(alias) is None:
+            raise ModelNotFound(f"model '{alias}' is not registered")
+        if alias not in await store.worker_assignments(settings.worker_id):
+            raise NotFound(f"model '{alias}' is not assigned to this worker")
+        await store.manual_unassign(settings.worker_id, alias)
+        agent.nudger.event.set()
+        return json_response({"alias": alias, "worker_id": settings.worker_id,
+                              "status": "stopping"}, 202)
+
+    @api.api_route("/proxy/{alias}/{path:path}", methods=["GET", "POST"],
+                   dependencies=[internal])
+    async def proxied(alias: str, path: str, request: Request) -> Response:
+        return await proxy.forward(request, alias, path, sup, client, settings.max_body_bytes)
+
+    return api

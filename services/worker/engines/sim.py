@@ -1,0 +1,27 @@
+"""The simulated engine: the project's own vLLM look-alike, run as a subprocess."""
+
+from __future__ import annotations
+
+import sys
+
+from services.worker.engines.base import Launch
+from shared.models import ModelSpec
+
+
+class SimDriver:
+    name = "sim"
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def launch(self, spec: ModelSpec, port: int, gpus: list[int]) -> Launch:
+        argv = [
+            sys.executable, "-m", "services.sim_engine",
+            "--model", spec.model_name,
+            "--served-model-name", spec.alias,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+        ]
+        if spec.max_model_len is not None:
+            argv += ["--max-model-len", str(spec.max_model_len)]
+        return Launch(argv + spec.extra_args, {})

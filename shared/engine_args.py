@@ -1,0 +1,127 @@
+"""Which extra engine arguments a model spec may carry, per engine, and their validation.
+
+Extra arguments reach an engine's argument list, so they come from an allowlist: a flag the
+list does not name, a flag the pool sets itself (``--port``, ``--host``, ``--model`` ...), or a
+value that looks like another flag or a path escape is refused before anything is stored.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+ENGINES: tuple[str, ...] = ("vllm", "sim")
+
+
+class ArgKind(StrEnum):
+    FLAG = "flag"  # takes no value
+    TEXT = "text"  # one token value
+    NUMBER = "number"
+    PATH = "path"  # a hub id or local path: no '..' segment
+
+
+_VLLM: dict[str, ArgKind] = {
+    "--dtype": ArgKind.TEXT,
+    "--quantization": ArgKind.TEXT,
+    "--kv-cache-dtype": ArgKind.TEXT,
+    "--max-num-seqs": ArgKind.NUMBER,
+    "--max-num-batched-tokens": ArgKind.NUMBER,
+    "--seed": ArgKind.NUMBER,
+    "--swap-space": ArgKind.NUMBER,
+    "--block-size": ArgKind.NUMBER,
+    "--pipeline-parallel-size": ArgKind.NUMBER,
+    "--enable-prefix-caching": ArgKind.FLAG,
+    "--enable-chunked-prefill": ArgKind.FLAG,
+    "--enforce-eager": ArgKind.FLAG,
+    "--trust-remote-code": ArgKind.FLAG,
+    "--disable-log-requests": ArgKind.FLAG,
+    "--disable-log-stats": ArgKind.FLAG,
+    "--enable-sleep-mode": ArgKind.FLAG,
+    "--tokenizer": ArgKind.PATH,
+    "--revision": ArgKind.TEXT,
+    "--tokenizer-mode": ArgKind.TEXT,
+    "--generation-config": ArgKind.TEXT,
+    "--chat-template": ArgKind.PATH,
+    "--load-format": ArgKind.TEXT,
+}
+
+_SIM: dict[str, ArgKind] = {
+    "--startup-delay": ArgKind.NUMBER,
+    "--ttft": ArgKind.NUMBER,
+    "--itl": ArgKind.NUMBER,
+    "--fail-rate": ArgKind.NUMBER,
+    "--fail-startup": ArgKind.FLAG,
+    "--sleep-delay": ArgKind.NUMBER,
+    "--wake-delay-l1": ArgKind.NUMBER,
+    "--wake-delay-l2": ArgKind.NUMBER,
+    "--embedding-dim": ArgKind.NUMBER,
+    "--max-tokens-default": ArgKind.NUMBER,
+    "--dtype": ArgKind.TEXT,
+    "--seed": ArgKind.NUMBER,
+    "--max-num-seqs": ArgKind.NUMBER,
+    "--enable-prefix-caching": ArgKind.FLAG,
+    "--enable-sleep-mode": ArgKind.FLAG,
+    "--trust-remote-code": ArgKind.FLAG,
+}
+
+ALLOWED_ARGS: dict[str, dict[str, ArgKind]] = {"vllm": _VLLM, "sim": _SIM}
+
+_TEXT_RE = re.compile(r"^[A-Za-z0-9_.:/+=,@-]{1,256}$")
+_NUMBER_RE = re.compile(r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
+_MAX_ARGS = 64
+
+
+class ExtraArgsError(ValueError):
+    """An extra argument the allowlist refuses; the message names it."""
+
+
+def has_path_escape(value: str) -> bool:
+    """True when any '/'-separated segment is '..'."""
+    return any(part == ".." for part in value.replace("\\", "/").split("/"))
+
+
+def _check_value(flag: str, kind: ArgKind, value: str) -> None:
+    if value.startswith("-") and kind is not ArgKind.NUMBER:
+        raise ExtraArgsError(f"value for {flag} must not start with '-': {value!r}")
+    if kind is ArgKind.NUMBER and not _NUMBER_RE.match(value):
+        raise ExtraArgsError(f"value for {flag} must be a number: {value!r}")
+    if kind in (ArgKind.TEXT, ArgKind.PATH) and not _TEXT_RE.match(value):
+        raise ExtraArgsError(f"value for {flag} has characters that are not allowed: {value!r}")
+    if kind is ArgKind.PATH and has_path_escape(value):
+        raise ExtraArgsError(f"value for {flag} must not contain a '..' segment: {value!r}")
+
+
+def normalize_extra_args(engine: str, args: list[str]) -> list[str]:
+    """Validate ``args`` for ``engine`` and return them as ``[flag, value?, ...]``.
+
+    ``--flag=value`` is split into two items so equal specs compare equal.
+    Raises :class:`ExtraArgsError` naming the first offending item.
+    """
+    allowed = ALLOWED_ARGS.get(engine)
+    if allowed is None:
+        raise ExtraArgsError(f"unknown engine {engine!r}")
+    if len(args) > _MAX_ARGS:
+        raise ExtraArgsError(f"at most {_MAX_ARGS} extra arguments are allowed")
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        item = args[i]
+        flag, eq, inline = item.partition("=")
+        kind = allowed.get(flag)
+        if kind is None:
+            raise ExtraArgsError(f"extra argument {flag!r} is not allowed for engine {engine!r}")
+        if kind is ArgKind.FLAG:
+            if eq:
+                raise ExtraArgsError(f"{flag} takes no value")
+            out.append(flag)
+            i += 1
+            continue
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        else:
+            raise ExtraArgsError(f"{flag} needs a value")
+        _check_value(flag, kind, value)
+        out += [flag, value]
+    return out

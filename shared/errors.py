@@ -1,0 +1,150 @@
+"""Named errors and the one place that turns them into OpenAI-shaped HTTP responses.
+
+Inner code raises an :class:`ApiError` subclass; :func:`install_error_handlers` is the only
+code that builds an error body: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status = 500
+    type = "internal_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthorized(ApiError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(ApiError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class NoCapacity(ApiError):
+    """No replica can serve now; ``retry_after_s`` goes to the Retry-After header."""
+
+    status, type, code = 503, "service_unavailable", "no_replica"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5, code: str | None = None) -> None:
+        retry = str(max(1, retry_after_s))
+        super().__init__(message, code=code, headers={"Retry-After": retry})
+
+
+class StoreUnavailable(ApiError):
+    status, type, code = 503, "service_unavailable", "store_unavailable"
+
+
+class UpstreamError(ApiError):
+    status, type, code = 502, "upstream_error", "upstream_error"
+
+
+class UpstreamTimeout(ApiError):
+    status, type, code = 504, "upstream_error", "upstream_timeout"
+
+
+def error_body(
+    message: str, type_: str, code: str | int | None, param: str | None = None
+) -> bytes:
+    err = {"message": message, "type": type_, "param": param, "code": code}
+    return orjson.dumps({"error": err})
+
+
+def error_response(err: ApiError) -> Response:
+    return Response(
+        error_body(err.message, err.type, err.code, err.param),
+        status_code=err.status,
+        media_type="application/json",
+        headers=err.headers,
+    )
+
+
+_HTTP_TYPES = {401: Unauthorized, 404: NotFound, 413: PayloadTooLarge}
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[Any] = list(exc.errors())
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    msg = str(first.get("msg", "invalid request"))
+    message = f"{'.'.join(loc)}: {msg}" if loc else msg
+    return error_response(BadRequest(message, param=".".join(loc) or None))
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    cls = _HTTP_TYPES.get(exc.status_code)
+    if cls is not None:
+        return error_response(cls(str(exc.detail)))
+    err = ApiError(str(exc.detail))
+    err.status = exc.status_code
+    err.type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+    err.code = "method_not_allowed" if exc.status_code == 405 else str(exc.status_code)
+    return error_response(err)
+
+
+async def _redis_error(_: Request, exc: Exception) -> Response:
+    logger.warning("redis unavailable: %s", exc)
+    return error_response(StoreUnavailable("the pool's state store (Redis) is unavailable; retry"))
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(ApiError("internal error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisError, _redis_error)
+    app.add_exception_handler(Exception, _unexpected)

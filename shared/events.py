@@ -1,0 +1,42 @@
+"""Turning pub/sub hints into a nudge for a reconcile loop, surviving Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class Nudger:
+    """Sets ``event`` whenever a hint arrives; the loop it wakes still runs on a timer."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.event = asyncio.Event()
+
+    def _on_event(self, _: dict[str, Any]) -> None:
+        self.event.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.store.listen(self._on_event)
+                return  # events disabled
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("event subscription lost (%s); retrying", e)
+                # Anything could have changed while we were deaf: look again.
+                self.event.set()
+                await asyncio.sleep(1.0)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Return after a hint or ``timeout_s``, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout_s)
+        self.event.clear()

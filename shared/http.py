@@ -1,0 +1,155 @@
+"""HTTP edge helpers shared by the three services: auth, bounded bodies, JSON, relaying."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+import orjson
+import uvicorn
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from shared.errors import BadRequest, PayloadTooLarge, Unauthorized, UpstreamError, UpstreamTimeout
+
+M = TypeVar("M", bound=BaseModel)
+
+# Only these response headers of an upstream are worth passing on; hop-by-hop ones
+# (connection, transfer-encoding, content-length of a re-chunked body) must not be.
+_PASS_HEADERS = ("content-type", "retry-after", "x-request-id")
+
+
+def bearer_guard(token: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that requires ``Authorization: Bearer <token>`` when a token is set."""
+
+    async def check(request: Request) -> None:
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            raise Unauthorized("missing or invalid bearer token")
+
+    return check
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def parse_as(cls: type[M], data: Any) -> M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        raise BadRequest(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+
+
+async def parse_body(request: Request, cls: type[M], limit: int) -> M:
+    return parse_as(cls, parse_object(await read_body(request, limit)))
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+async def open_upstream(
+    client: httpx.AsyncClient, method: str, url: str, body: bytes, headers: dict[str, str]
+) -> httpx.Response:
+    """Send a request and return the response with its body not yet read.
+
+    Connection failures raise :class:`UpstreamError` (nothing was sent to the client, so the
+    caller may retry elsewhere); timeouts raise :class:`UpstreamTimeout`.
+    """
+    req = client.build_request(method, url, content=body, headers=headers)
+    try:
+        return await client.send(req, stream=True)
+    except httpx.TimeoutException as e:
+        raise UpstreamTimeout(f"upstream timed out: {type(e).__name__}") from e
+    except httpx.HTTPError as e:
+        raise UpstreamError(
+            f"upstream unreachable: {type(e).__name__}", code="upstream_unreachable"
+        ) from e
+
+
+async def _relay_chunks(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError:
+        # Bytes already reached the client: the only honest end is to stop the stream here.
+        return
+
+
+def relay(upstream: httpx.Response, on_close: Callable[[], None] | None = None) -> Response:
+    """Pass an upstream response on, chunk by chunk as it arrives (never re-buffered).
+
+    ``on_close`` runs once the response is over, however it ended.
+    """
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() in _PASS_HEADERS}
+
+    async def close() -> None:
+        try:
+            await upstream.aclose()
+        finally:
+            if on_close is not None:
+                on_close()
+
+    return StreamingResponse(
+        _relay_chunks(upstream),
+        status_code=upstream.status_code,
+        headers=headers,
+        background=BackgroundTask(close),
+    )
+
+
+def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncClient:
+    """One pooled client per process, keep-alive on."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+    )
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )

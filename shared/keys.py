@@ -1,0 +1,93 @@
+"""Every Redis key, channel and TTL-related name of the project, in one place.
+
+Nothing else builds key strings: services ask :class:`Keys` (constructed with the configured
+prefix) so that ``redis-cli --scan --pattern 'svllm:*'`` shows the whole pool.
+docs/redis.md documents each key with the commands an operator uses to read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "svllm"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    # --- workers -------------------------------------------------------------------------
+    @property
+    def workers(self) -> str:
+        """set: every worker id that ever registered (dead ones stay, marked by no alive key)."""
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """hash: url, engines, gpus, version, timestamps, reported load."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def worker_alive(self, worker_id: str) -> str:
+        """string with TTL: the heartbeat. Gone means the worker is dead."""
+        return f"{self.prefix}:worker:{worker_id}:alive"
+
+    # --- models (desired state, written by the admin API) ----------------------------------
+    @property
+    def models(self) -> str:
+        """set: registered aliases."""
+        return f"{self.prefix}:models"
+
+    def model(self, alias: str) -> str:
+        """hash: spec (JSON) plus readable copies of model_name and engine."""
+        return f"{self.prefix}:model:{alias}"
+
+    def hold(self, alias: str) -> str:
+        """string: present when an operator stopped the alias by hand; the scheduler leaves it."""
+        return f"{self.prefix}:hold:{alias}"
+
+    def placement(self, alias: str) -> str:
+        """hash: the scheduler's last word on an alias it could not place (reason, at)."""
+        return f"{self.prefix}:placement:{alias}"
+
+    # --- assignments (written by the scheduler, or by a manual placement) -------------------
+    def assign(self, worker_id: str) -> str:
+        """hash: alias -> assignment JSON (epoch, source, gpus)."""
+        return f"{self.prefix}:assign:{worker_id}"
+
+    # --- observed state (written by workers) ----------------------------------------------
+    def instance(self, alias: str, worker_id: str) -> str:
+        """hash: state, port, pid, engine, timestamps, error, log tail."""
+        return f"{self.prefix}:instance:{alias}:{worker_id}"
+
+    def instances(self, alias: str) -> str:
+        """set: worker ids that hold an instance record of the alias (index for status)."""
+        return f"{self.prefix}:instances:{alias}"
+
+    def routes(self, alias: str) -> str:
+        """hash: worker id -> worker base URL, for instances that serve now."""
+        return f"{self.prefix}:routes:{alias}"
+
+    # --- change counters: routers reload only what changed ---------------------------------
+    @property
+    def models_version(self) -> str:
+        return f"{self.prefix}:version:models"
+
+    @property
+    def routes_version(self) -> str:
+        return f"{self.prefix}:version:routes"
+
+    # --- scheduler leadership ------------------------------------------------------------
+    @property
+    def lease(self) -> str:
+        """string with TTL: 'holder|epoch' of the manager that schedules now."""
+        return f"{self.prefix}:scheduler:lease"
+
+    @property
+    def epoch(self) -> str:
+        """integer: fencing epoch, incremented each time the lease changes hands."""
+        return f"{self.prefix}:scheduler:epoch"
+
+    # --- hints ---------------------------------------------------------------------------
+    @property
+    def events(self) -> str:
+        """pub/sub channel: JSON hints ('look again'), never the record."""
+        return f"{self.prefix}:events"

@@ -1,0 +1,157 @@
+"""Typed records that cross process boundaries (HTTP bodies and Redis values)."""
+
+from __future__ import annotations
+
+import re
+import time
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.engine_args import ENGINES, ExtraArgsError, has_path_escape, normalize_extra_args
+
+# Aliases and worker ids become Redis key parts and URL path segments: no ':' '/' or spaces,
+# and they start with a letter or digit so they can never read as a command-line flag.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_./][A-Za-z0-9_./+=@-]{0,511}$")
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def is_valid_name(value: str) -> bool:
+    return bool(_NAME_RE.match(value))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InstanceState(StrEnum):
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    WARMING = "WARMING"
+    RUNNING = "RUNNING"
+    SLEEPING = "SLEEPING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+
+
+class ModelSpec(Strict):
+    """What an operator asks for: the desired state of one alias."""
+
+    alias: Name
+    model_name: str = Field(min_length=1, max_length=512)
+    engine: Literal["vllm", "sim"]
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    replicas: int = Field(default=1, ge=1, le=64)
+    worker_id: Name | None = None
+    extra_args: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if v.startswith("-"):
+            raise ValueError("model_name must not start with '-'")
+        if has_path_escape(v):
+            raise ValueError("model_name must not contain a '..' segment")
+        if not _MODEL_NAME_RE.match(v):
+            raise ValueError(
+                "model_name must be a hub id (org/name) or a local path of letters, digits "
+                "and ._/+=@-"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _extra_args(self) -> ModelSpec:
+        try:
+            self.extra_args = normalize_extra_args(self.engine, self.extra_args)
+        except ExtraArgsError as e:
+            raise ValueError(str(e)) from e
+        return self
+
+
+class RegisterModelRequest(Strict):
+    """Body of ``POST /admin/models/register``; ``engine`` falls back to DEFAULT_ENGINE."""
+
+    alias: Name
+    model_name: str
+    engine: str | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    replicas: int = 1
+    worker_id: Name | None = None
+    extra_args: list[str] = Field(default_factory=list)
+
+    def to_spec(self, default_engine: str) -> ModelSpec:
+        data = self.model_dump()
+        data["engine"] = self.engine or default_engine
+        if data["engine"] not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
+        return ModelSpec.model_validate(data)
+
+
+class GpuInfo(BaseModel):
+    index: int
+    uuid: str = ""
+    name: str = ""
+    memory_total_mb: int = 0
+    memory_used_mb: int = 0
+    memory_free_mb: int = 0
+    utilization_pct: int | None = None
+
+
+class WorkerRegistration(Strict):
+    """What a worker says about itself: on register, and refreshed by each heartbeat."""
+
+    worker_id: Name
+    url: str = Field(min_length=1, max_length=512, pattern=r"^https?://[^\s]+$")
+    engines: list[str] = Field(default_factory=list, max_length=16)
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
+    gpu_message: str = ""
+    version: str = ""
+
+
+class Heartbeat(Strict):
+    gpus: list[GpuInfo] | None = None
+    gpu_message: str | None = None
+    load: dict[str, float] = Field(default_factory=dict)
+
+
+class Assignment(BaseModel):
+    """The scheduler's (or an operator's) decision that ``worker_id`` runs ``alias``."""
+
+    alias: str
+    worker_id: str
+    epoch: int = 0
+    source: Literal["scheduler", "manual"] = "scheduler"
+    gpus: list[int] = Field(default_factory=list)
+    reserved_mb: int = 0
+    spec_version: str = ""
+    assigned_at: float = Field(default_factory=time.time)
+
+
+class ManualStartRequest(Strict):
+    """Body of a worker's ``POST /instances/start``: the alias must be registered."""
+
+    alias: Name
+
+
+class WorkerView(BaseModel):
+    """A worker as the scheduler sees it: registration plus liveness."""
+
+    worker_id: str
+    url: str = ""
+    alive: bool = False
+    engines: list[str] = Field(default_factory=list)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    gpu_message: str = ""
+    version: str = ""
+    registered_at: float = 0.0
+    last_seen: float = 0.0
+    load: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,122 @@
+"""Child processes: started without a shell, in their own process group, killed as a group.
+
+Every process the project starts (engines, and services/redis in tests and scripts) goes
+through :func:`spawn` and :func:`stop`, so no code path can forget the group or the reaping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the parent
+    # dies, so a crashed (kill -9) worker cannot leave an engine holding GPU memory.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    die_with_parent: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (no shell) as the leader of a new process group.
+
+    stdout and stderr go to ``log_path`` (appended) or are discarded. ``env`` replaces the
+    environment when given. ``die_with_parent`` (Linux) kills the child if this process dies.
+    """
+    if not argv:
+        raise ValueError("empty argument list")
+    out: int | object = subprocess.DEVNULL
+    handle = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(log_path, "ab")  # noqa: SIM115 - the child owns a dup of it
+        out = handle
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,  # type: ignore[arg-type]
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=str(cwd) if cwd is not None else None,
+            start_new_session=True,  # own session => own process group, pgid == pid
+            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+        )
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group ``pgid`` exists (zombies included)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> int | None:
+    """SIGTERM the process group, SIGKILL it after ``grace_s``, reap the leader.
+
+    Returns the leader's exit code. Safe to call twice.
+    """
+    pgid = proc.pid
+    if proc.poll() is None:
+        signal_group(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            signal_group(pgid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    # The leader may have exited while children of its group live on: end them too.
+    if group_alive(pgid):
+        signal_group(pgid, signal.SIGKILL)
+        _wait_group_gone(pgid, 5.0)
+    return proc.returncode
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return True
+        time.sleep(0.02)
+    return not group_alive(pgid)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file ('' when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])

@@ -1,0 +1,83 @@
+"""Typed settings, read from the environment once in each service's ``main`` and passed in.
+
+Nothing reads the environment at import time; tests build their own settings objects.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.models import NAME_PATTERN
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="svllm", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    # Bearer token for /admin/* and the worker's control endpoints; unset = open.
+    admin_token: str | None = None
+    # Bearer token between services (router -> worker proxy, worker -> manager); unset = open.
+    internal_token: str | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # Pub/sub hints speed convergence; with them off every loop still converges on its timer.
+    events_enabled: bool = True
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=6.0, gt=0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+
+
+class RouterSettings(CommonSettings):
+    router_host: str = "0.0.0.0"
+    router_port: int = 8000
+    route_refresh_s: float = Field(default=1.0, gt=0)
+    # Engine used when a registration names none. Choosing "sim" is explicit: it is logged
+    # and shown as the model's engine everywhere.
+    default_engine: Literal["vllm", "sim"] = "vllm"
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 600.0
+    no_replica_retry_after_s: int = 5
+
+
+class ManagerSettings(CommonSettings):
+    manager_host: str = "0.0.0.0"
+    manager_port: int = 9000
+    manager_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-manager")
+    schedule_interval_s: float = Field(default=1.0, gt=0)
+    lease_ttl_s: float = Field(default=5.0, gt=0)
+
+
+class WorkerSettings(CommonSettings):
+    worker_id: str = Field(default_factory=socket.gethostname, pattern=NAME_PATTERN)
+    worker_host: str = "0.0.0.0"
+    worker_port: int = 7000
+    # URL other services use to reach this worker; default http://<hostname>:<port>.
+    worker_url: str | None = None
+    # When set, registration and heartbeats go through the manager's HTTP API.
+    manager_url: str | None = None
+    # "auto": sim always, vllm when its command is found. Or a comma list, e.g. "vllm".
+    worker_engines: str = "auto"
+    # How vLLM is launched, split on spaces: "vllm serve" or
+    # "python -m vllm.entrypoints.openai.api_server"; "auto" picks whichever is installed.
+    vllm_command: str = "auto"
+    gpu_backend: Literal["nvml", "none"] = "nvml"
+    reconcile_interval_s: float = Field(default=1.0, gt=0)
+    engine_start_timeout_s: float = Field(default=900.0, gt=0)
+    engine_stop_grace_s: float = Field(default=15.0, gt=0)
+    engine_retry_base_s: float = Field(default=5.0, gt=0)
+    engine_retry_max_s: float = Field(default=300.0, gt=0)
+    state_dir: Path = Path("/tmp/svllm")
+
+    def advertised_url(self) -> str:
+        if self.worker_url:
+            return self.worker_url.rstrip("/")
+        host = self.worker_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"http://{host}:{self.worker_port}"

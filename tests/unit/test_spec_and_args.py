@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.worker.engines.vllm import build_vllm_args, cuda_env
+from shared.engine_args import ExtraArgsError, normalize_extra_args
+from shared.models import ModelSpec, RegisterModelRequest
+
+
+def make(**kw) -> ModelSpec:
+    return ModelSpec.model_validate({"alias": "m", "model_name": "org/m", "engine": "vllm"} | kw)
+
+
+@pytest.mark.parametrize("alias", ["--foo", "../x", "a/b", "a:b", "", " a", "a b", "x" * 129, "-a"])
+def test_hostile_aliases_rejected(alias: str) -> None:
+    with pytest.raises(ValidationError):
+        make(alias=alias)
+
+
+@pytest.mark.parametrize("name", ["--foo", "../x", "a/../b", "-m", "a b", "a;rm", "$(x)", ""])
+def test_hostile_model_names_rejected(name: str) -> None:
+    with pytest.raises(ValidationError):
+        make(model_name=name)
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B-Instruct", "/models/llama-3", "./tiny", "m"])
+def test_good_model_names(name: str) -> None:
+    assert make(model_name=name).model_name == name
+
+
+def test_extra_args_allowlist() -> None:
+    assert normalize_extra_args("vllm", ["--dtype=half", "--enforce-eager"]) == [
+        "--dtype", "half", "--enforce-eager"]
+    for bad in (["--port", "1"], ["--host", "0.0.0.0"], ["--served-model-name", "x"],
+                ["--dtype", "--port"], ["--tokenizer", "../etc"], ["--max-num-seqs", "ten"],
+                ["--enforce-eager=1"], ["--dtype"], ["--startup-delay", "1"]):
+        with pytest.raises(ExtraArgsError):
+            normalize_extra_args("vllm", bad)
+    assert normalize_extra_args("sim", ["--startup-delay", "0.5"]) == ["--startup-delay", "0.5"]
+
+
+def test_spec_bounds() -> None:
+    for bad in ({"gpu_memory_utilization": 0}, {"gpu_memory_utilization": 1.5},
+                {"tensor_parallel_size": 0}, {"max_model_len": 1}, {"engine": "nope"},
+                {"unknown_field": 1}):
+        with pytest.raises(ValidationError):
+            make(**bad)
+
+
+def test_register_request_uses_default_engine() -> None:
+    req = RegisterModelRequest(alias="a", model_name="org/a")
+    assert req.to_spec("sim").engine == "sim"
+    assert RegisterModelRequest(alias="a", model_name="o/a", engine="vllm").to_spec("sim").engine == "vllm"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        RegisterModelRequest(alias="a", model_name="o/a", engine="llama").to_spec("sim")
+
+
+def test_vllm_argument_list() -> None:
+    spec = make(gpu_memory_utilization=0.45, max_model_len=4096, tensor_parallel_size=2,
+                extra_args=["--dtype", "half"])
+    argv = build_vllm_args(["vllm", "serve"], spec, 41234)
+    assert argv == ["vllm", "serve", "--model", "org/m", "--served-model-name", "m",
+                    "--host", "127.0.0.1", "--port", "41234", "--tensor-parallel-size", "2",
+                    "--gpu-memory-utilization", "0.45", "--max-model-len", "4096",
+                    "--dtype", "half"]
+    minimal = build_vllm_args(["python", "-m", "vllm.entrypoints.openai.api_server"], make(), 1)
+    assert "--gpu-memory-utilization" not in minimal and "--max-model-len" not in minimal
+    assert cuda_env([2, 3]) == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert cuda_env([]) == {}

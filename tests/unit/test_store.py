@@ -1,0 +1,83 @@
+"""Store logic against fakeredis: conflicts, leases, fencing, manual holds."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from shared.errors import Conflict
+from shared.keys import Keys
+from shared.models import Assignment, Heartbeat, ModelSpec, WorkerRegistration
+from shared.store import NotLeader, Store
+
+
+@pytest.fixture
+async def store():
+    s = Store(fakeredis.FakeAsyncRedis(decode_responses=True), Keys("t"))
+    yield s
+    await s.close()
+
+
+def spec(alias: str = "m", **kw) -> ModelSpec:
+    return ModelSpec.model_validate({"alias": alias, "model_name": "org/m", "engine": "sim"} | kw)
+
+
+async def test_register_idempotent_and_conflict(store: Store) -> None:
+    assert await store.register_model(spec()) is True
+    assert await store.register_model(spec()) is False
+    with pytest.raises(Conflict):
+        await store.register_model(spec(max_model_len=1024))
+    models = await store.list_models()
+    assert [m.spec.alias for m in models] == ["m"]
+
+
+async def test_delete_removes_assignments_and_routes(store: Store) -> None:
+    await store.register_model(spec())
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    epoch = await store.acquire_lease("mgr", 5)
+    await store.assign(f"mgr|{epoch}", Assignment(alias="m", worker_id="w1"))
+    await store.set_route("m", "w1", "http://x:1")
+    assert await store.delete_model("m") is True
+    assert await store.worker_assignments("w1") == {}
+    assert await store.all_routes(["m"]) == {"m": {}}
+    assert await store.delete_model("m") is False
+
+
+async def test_lease_is_exclusive_and_epochs_grow(store: Store) -> None:
+    e1 = await store.acquire_lease("a", 5)
+    assert e1 >= 1
+    assert await store.acquire_lease("b", 5) == 0
+    assert await store.acquire_lease("a", 5) == e1  # renewal keeps the epoch
+    await store.release_lease(f"a|{e1}")
+    e2 = await store.acquire_lease("b", 5)
+    assert e2 > e1
+
+
+async def test_stale_leader_cannot_write(store: Store) -> None:
+    await store.register_model(spec())
+    e1 = await store.acquire_lease("a", 5)
+    await store.release_lease(f"a|{e1}")
+    await store.acquire_lease("b", 5)
+    with pytest.raises(NotLeader):
+        await store.assign(f"a|{e1}", Assignment(alias="m", worker_id="w1"))
+    assert await store.worker_assignments("w1") == {}
+
+
+async def test_heartbeat_reports_expiry_and_unknown(store: Store) -> None:
+    assert await store.heartbeat("w1", Heartbeat(), 5) is None
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    assert await store.heartbeat("w1", Heartbeat(), 5) is True
+    await store.r.delete(store.k.worker_alive("w1"))
+    assert await store.heartbeat("w1", Heartbeat(), 5) is False
+    assert await store.alive(["w1", "w2"]) == {"w1"}
+
+
+async def test_manual_stop_holds_until_manual_start(store: Store) -> None:
+    await store.register_model(spec())
+    await store.manual_assign(Assignment(alias="m", worker_id="w1", source="manual"))
+    assert await store.manual_unassign("w1", "m") is True
+    model = await store.get_model("m")
+    assert model is not None and model.hold is not None
+    await store.manual_assign(Assignment(alias="m", worker_id="w1", source="manual"))
+    model = await store.get_model("m")
+    assert model is not None and model.hold is None
