@@ -161,17 +161,25 @@ class Store:
     async def delete_model(self, alias: str) -> bool:
         """Remove the alias, its routes and every assignment of it. False if unknown."""
         workers = await self._members(self.k.workers)
+        key = self.k.model(alias)
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self.k.model(alias))
-            pipe.srem(self.k.models, alias)
-            pipe.delete(self.k.hold(alias), self.k.placement(alias), self.k.routes(alias))
-            for w in workers:
-                pipe.hdel(self.k.assign(w), alias)
-            pipe.incr(self.k.models_version)
-            pipe.incr(self.k.routes_version)
-            res = await pipe.execute()
-        if not res[0]:
-            return False
+            while True:
+                try:
+                    await pipe.watch(key)
+                    if not await pipe.exists(key):
+                        return False
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.srem(self.k.models, alias)
+                    pipe.delete(self.k.hold(alias), self.k.placement(alias), self.k.routes(alias))
+                    for w in workers:
+                        pipe.hdel(self.k.assign(w), alias)
+                    pipe.incr(self.k.models_version)
+                    pipe.incr(self.k.routes_version)
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
         await self.publish("model", alias=alias)
         return True
 

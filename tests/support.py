@@ -208,3 +208,36 @@ def wait_serving(router: Proc, alias: str, timeout: float = 30.0) -> None:
     """Until a chat completion through the router succeeds."""
     wait_until(lambda: chat(router, alias).status_code == 200, timeout,
                interval=0.1, what=f"{alias} serving")
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc), e.g. the engines a worker started."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may contain spaces: the fields after the last ')' are fixed.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
+    """The pool's desired and observed state, minus what heartbeats rewrite all the time."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    state: dict[str, Any] = {}
+    try:
+        for key in r.scan_iter(f"{prefix}:*"):
+            if ":worker:" in key or key.endswith((":workers", ":lease")):
+                continue
+            kind = r.type(key)
+            state[key] = {"hash": r.hgetall, "set": r.smembers, "string": r.get}[kind](key)
+    finally:
+        r.close()
+    return state

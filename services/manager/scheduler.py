@@ -97,7 +97,10 @@ class Scheduler:
         assigns: dict[str, dict[str, Assignment]],
     ) -> None:
         spec = model.spec
-        holders = [w for w, mine in assigns.items() if spec.alias in mine]
+        # An operator's manual placements are extra to `replicas` and never undone: the
+        # scheduler counts, adds and removes only its own.
+        holders = [w for w, mine in assigns.items()
+                   if spec.alias in mine and mine[spec.alias].source == "scheduler"]
         for _ in range(spec.replicas - len(holders)):
             choice = choose_worker(spec, workers, assigns)
             if not isinstance(choice, Choice):
@@ -115,15 +118,9 @@ class Scheduler:
             assigns[choice.worker_id][spec.alias] = a
             self._reasons.pop(spec.alias, None)
             logger.info("placed %s on %s (gpus %s)", spec.alias, choice.worker_id, choice.gpus)
-        extra = len(holders) - spec.replicas
-        # Only the scheduler's own extras go: an operator's manual placement is never undone.
-        for w in sorted(holders, reverse=True):
-            if extra <= 0:
-                break
-            if assigns[w][spec.alias].source == "scheduler":
-                await self.store.unassign(self.token, w, spec.alias)
-                del assigns[w][spec.alias]
-                extra -= 1
+        for w in sorted(holders, reverse=True)[: max(0, len(holders) - spec.replicas)]:
+            await self.store.unassign(self.token, w, spec.alias)
+            del assigns[w][spec.alias]
 
     async def _note_unplaced(self, alias: str, reason: str) -> None:
         if self._reasons.get(alias) != reason:

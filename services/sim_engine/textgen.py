@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from hashlib import blake2b
 from typing import Any
 
@@ -41,7 +40,6 @@ def _hash_stream(text: str, size: int) -> bytes:
     return b"".join(parts)[:size]
 
 
-@lru_cache(maxsize=4096)
 def generate_tokens(prompt: str, count: int) -> tuple[str, ...]:
     """Exactly ``count`` tokens for ``prompt``; each is a short word followed by a space."""
     return tuple(VOCAB[b] for b in _hash_stream(prompt, count))
@@ -51,7 +49,6 @@ def generate_text(prompt: str, count: int) -> str:
     return "".join(generate_tokens(prompt, count))
 
 
-@lru_cache(maxsize=4096)
 def embed(text: str, dim: int) -> tuple[float, ...]:
     """A unit-length (L2) vector of ``dim`` floats derived from ``text``."""
     raw = struct.unpack(f"<{dim}H", _hash_stream(text, 2 * dim))

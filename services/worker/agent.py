@@ -36,6 +36,7 @@ class Agent:
         self.gpus = gpus
         self.nudger = nudger
         self.client = client
+        self._registered = False
 
     @property
     def worker_id(self) -> str:
@@ -91,8 +92,10 @@ class Agent:
     async def heartbeat_once(self) -> None:
         known = await self._beat()
         if known is None:
-            logger.warning("worker record is gone (Redis restarted?): registering again")
+            if self._registered:
+                logger.warning("worker record is gone (Redis restarted?): registering again")
             await self.register()
+            self._registered = True
         if not known:
             # Our heartbeat had lapsed or the record was lost: routes may have been wiped.
             await self.supervisor.republish()
