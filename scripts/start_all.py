@@ -22,7 +22,7 @@ from services.worker.gpu import open_inventory
 from shared import procs
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
+RUN = Path(os.environ.get("SVLLM_RUN_DIR", ROOT / ".run"))
 
 
 def port_free(port: int) -> bool:
@@ -57,8 +57,8 @@ def choose_engine() -> tuple[str, str]:
     has_vllm = importlib.util.find_spec("vllm") is not None or shutil.which("vllm") is not None
     if gpus and has_vllm:
         return "vllm", f"{len(gpus)} GPU(s) and vLLM found"
-    missing = "no GPU" if not gpus else "vLLM is not installed"
-    return "sim", f"{missing} ({message or 'GPU present'}): using the SIMULATED engine"
+    missing = message or "no GPU" if not gpus else "vLLM is not installed"
+    return "sim", f"{missing}: using the SIMULATED engine"
 
 
 class Stack:
@@ -70,7 +70,7 @@ class Stack:
         log = RUN / "logs" / f"{name}.log"
         proc = procs.spawn(argv, log_path=log, env=env, cwd=ROOT)
         self.children.append((name, proc))
-        print(f"  started {name} (pid {proc.pid}, log {log.relative_to(ROOT)})")
+        print(f"  started {name} (pid {proc.pid}, log {log})", flush=True)
         return proc
 
     def stop(self) -> None:
@@ -145,7 +145,7 @@ The pool is up. Try:
   PY
 
   curl -s {router}/admin/status      # workers, models, instances
-Press Ctrl-C to stop everything.""")
+Press Ctrl-C to stop everything.""", flush=True)
 
 
 def run(stack: Stack) -> None:

@@ -7,8 +7,8 @@ through :func:`spawn` and :func:`stop`, so no code path can forget the group or 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +17,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-_PR_SET_PDEATHSIG = 1
+def die_with_parent_prefix() -> list[str]:
+    """An argv prefix that makes the kernel SIGKILL the child when its parent dies, so a
+    crashed (kill -9) worker cannot leave an engine holding GPU memory.
 
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the parent
-    # dies, so a crashed (kill -9) worker cannot leave an engine holding GPU memory.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    util-linux's setpriv sets PR_SET_PDEATHSIG and execs the command (same pid). It is used
+    instead of a preexec_fn, which is unsafe in a process with threads. Empty where missing.
+    """
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def spawn(
@@ -38,7 +39,7 @@ def spawn(
     """Start ``argv`` (no shell) as the leader of a new process group.
 
     stdout and stderr go to ``log_path`` (appended) or are discarded. ``env`` replaces the
-    environment when given. ``die_with_parent`` (Linux) kills the child if this process dies.
+    environment when given. ``die_with_parent``: see :func:`die_with_parent_prefix`.
     """
     if not argv:
         raise ValueError("empty argument list")
@@ -50,14 +51,13 @@ def spawn(
         out = handle
     try:
         return subprocess.Popen(
-            list(argv),
+            (die_with_parent_prefix() if die_with_parent else []) + list(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,  # type: ignore[arg-type]
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             cwd=str(cwd) if cwd is not None else None,
             start_new_session=True,  # own session => own process group, pgid == pid
-            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
         )
     finally:
         if handle is not None:

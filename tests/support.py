@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import redis
 
 from shared import procs
 
@@ -55,7 +56,7 @@ def wait_until(
             value = check()
             if value:
                 return value
-        except Exception as e:  # noqa: BLE001 - the condition may not be checkable yet
+        except Exception as e:
             last_exc = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last_exc}")
@@ -228,8 +229,6 @@ def child_pids(pid: int) -> list[int]:
 
 def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
     """The pool's desired and observed state, minus what heartbeats rewrite all the time."""
-    import redis
-
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     state: dict[str, Any] = {}
     try:

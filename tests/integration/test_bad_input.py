@@ -91,7 +91,7 @@ def test_bad_inputs_table(pool) -> None:
 
 
 def test_worker_endpoints_bad_input(pool) -> None:
-    cluster, router, worker = pool
+    cluster, _router, worker = pool
     before = snapshot(cluster.redis_url, cluster.prefix)
     engines_before = child_pids(worker.popen.pid)
     cases = [

@@ -19,7 +19,7 @@ def pool(cluster: Cluster):
 
 
 def test_register_chat_stream_unregister(pool) -> None:
-    cluster, router = pool
+    _cluster, router = pool
     r = register(router, "demo", engine="sim", extra_args=["--itl", "0.001"])
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["engine"] == "sim"
@@ -74,7 +74,8 @@ def test_same_spec_is_idempotent_and_different_spec_conflicts(pool) -> None:
 
 def test_failed_start_shows_reason_and_log(pool) -> None:
     _, router = pool
-    assert register(router, "broken", engine="sim", extra_args=["--fail-startup"]).status_code == 201
+    r = register(router, "broken", engine="sim", extra_args=["--fail-startup"])
+    assert r.status_code == 201
 
     def failed():
         m = model_status(router, "broken")

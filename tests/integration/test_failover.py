@@ -42,7 +42,7 @@ def test_kill9_worker_moves_model_to_other_worker(cluster: Cluster) -> None:
     wait_serving(router, "m", 10)
     r = chat(router, "m")
     assert r.status_code == 200 and r.json()["model"] == "m"
-    dead = [w for w in status(router)["workers"] if w["worker_id"] == victim][0]
+    dead = next(w for w in status(router)["workers"] if w["worker_id"] == victim)
     assert dead["alive"] is False
     # TTL is 1.5 s plus one scheduler pass and an engine start; generous bound for a slow CI.
     assert routes_gone_after < 20

@@ -51,7 +51,8 @@ def test_spec_bounds() -> None:
 def test_register_request_uses_default_engine() -> None:
     req = RegisterModelRequest(alias="a", model_name="org/a")
     assert req.to_spec("sim").engine == "sim"
-    assert RegisterModelRequest(alias="a", model_name="o/a", engine="vllm").to_spec("sim").engine == "vllm"
+    explicit = RegisterModelRequest(alias="a", model_name="o/a", engine="vllm")
+    assert explicit.to_spec("sim").engine == "vllm"
     with pytest.raises(ValueError, match="engine must be one of"):
         RegisterModelRequest(alias="a", model_name="o/a", engine="llama").to_spec("sim")
 

@@ -1,0 +1,46 @@
+"""The README's quick start: one command brings up a working pool and Ctrl-C ends it all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+
+from shared import procs
+from tests.support import ROOT, child_pids, free_port, wait_until
+
+
+def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {n: str(free_port()) for n in ("ROUTER_PORT", "MANAGER_PORT", "WORKER_PORT",
+                                           "SVLLM_REDIS_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ADMIN_TOKEN")}
+    env |= ports | {"SVLLM_RUN_DIR": str(tmp_path), "GPU_BACKEND": "none",
+                    "WORKER_ID": "qs-worker"}
+    out = tmp_path / "start_all.out"
+    proc = procs.spawn([sys.executable, "-m", "scripts.start_all"], log_path=out, env=env,
+                       cwd=ROOT)
+    try:
+        wait_until(lambda: "The pool is up" in out.read_text(), 60, interval=0.2,
+                   what=f"quick start output:\n{procs.tail(out)}")
+        text = out.read_text()
+        assert "SIMULATED engine" in text
+        router = f"http://127.0.0.1:{ports['ROUTER_PORT']}"
+        client = openai.OpenAI(base_url=f"{router}/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hello!"}])
+        assert reply.model == "demo" and reply.choices[0].message.content
+        models = httpx.get(f"{router}/v1/models").json()["data"]
+        assert models[0]["id"] == "demo" and models[0]["engine"] == "sim"
+        services = child_pids(proc.pid)
+        assert len(services) == 4  # redis, manager, worker, router
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert proc.wait(timeout=60) == 0
+        assert "stopped redis" in out.read_text()
+        for pid in services:
+            wait_until(lambda p=pid: not procs.group_alive(p), 10, what=f"pid {pid} gone")
+    finally:
+        procs.stop(proc)
