@@ -48,6 +48,22 @@ class Keys:
         """hash: the scheduler's last word on an alias it could not place (reason, at)."""
         return f"{self.prefix}:placement:{alias}"
 
+    def demand(self, alias: str) -> str:
+        """string with TTL: a request is waiting for the alias; the scheduler wakes/places it."""
+        return f"{self.prefix}:demand:{alias}"
+
+    def queue(self, alias: str) -> str:
+        """sorted set: held requests of the alias across routers (member -> expiry time)."""
+        return f"{self.prefix}:queue:{alias}"
+
+    def stats(self, alias: str) -> str:
+        """hash: counts and sums of cold starts, wakes and request waits."""
+        return f"{self.prefix}:stats:{alias}"
+
+    def samples(self, alias: str, kind: str) -> str:
+        """list: the latest durations (seconds) of one kind ('cold_start', 'wake')."""
+        return f"{self.prefix}:samples:{alias}:{kind}"
+
     # --- assignments (written by the scheduler, or by a manual placement) -------------------
     def assign(self, worker_id: str) -> str:
         """hash: alias -> assignment JSON (epoch, source, gpus)."""

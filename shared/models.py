@@ -51,6 +51,19 @@ class ModelSpec(Strict):
     replicas: int = Field(default=1, ge=1, le=64)
     worker_id: Name | None = None
     extra_args: list[str] = Field(default_factory=list, max_length=64)
+    # Residency: how many replicas stay when idle (0 = scale to zero), when to sleep and stop.
+    min_replicas: int = Field(default=1, ge=0, le=64)
+    idle_sleep_s: float | None = Field(default=None, gt=0, le=30 * 86400)
+    sleep_level: Literal[1, 2] = 1
+    idle_stop_s: float | None = Field(default=None, gt=0, le=30 * 86400)
+    cold_start_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    # Host RAM a level-1 sleep needs (weights offloaded); default: size of a local model dir.
+    weights_mb: int | None = Field(default=None, ge=0, le=10_000_000)
+
+    @property
+    def sleep_mode(self) -> bool:
+        """Engines start with sleep mode only when the policy can put them to sleep."""
+        return self.idle_sleep_s is not None
 
     @field_validator("model_name")
     @classmethod
@@ -72,6 +85,13 @@ class ModelSpec(Strict):
             self.extra_args = normalize_extra_args(self.engine, self.extra_args)
         except ExtraArgsError as e:
             raise ValueError(str(e)) from e
+        if self.min_replicas > self.replicas:
+            raise ValueError("min_replicas must not exceed replicas")
+        if self.idle_stop_s is not None and self.min_replicas > 0:
+            raise ValueError("idle_stop_s needs min_replicas 0 (min_replicas >= 1 stays resident)")
+        if (self.idle_sleep_s is not None and self.idle_stop_s is not None
+                and self.idle_stop_s <= self.idle_sleep_s):
+            raise ValueError("idle_stop_s must be longer than idle_sleep_s")
         return self
 
 
@@ -87,6 +107,12 @@ class RegisterModelRequest(Strict):
     replicas: int = 1
     worker_id: Name | None = None
     extra_args: list[str] = Field(default_factory=list)
+    min_replicas: int = 1
+    idle_sleep_s: float | None = None
+    sleep_level: int = 1
+    idle_stop_s: float | None = None
+    cold_start_timeout_s: float = 300.0
+    weights_mb: int | None = None
 
     def to_spec(self, default_engine: str) -> ModelSpec:
         data = self.model_dump()
@@ -130,6 +156,8 @@ class Assignment(BaseModel):
     worker_id: str
     epoch: int = 0
     source: Literal["scheduler", "manual"] = "scheduler"
+    # What the engine should be doing: serving, or asleep at the spec's sleep level.
+    target: Literal["running", "sleeping"] = "running"
     gpus: list[int] = Field(default_factory=list)
     reserved_mb: int = 0
     spec_version: str = ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -13,20 +12,17 @@ from starlette.responses import Response
 from services.router import admin_api, openai_api
 from services.router.forward import Forwarder
 from services.router.routes import RouteTable
-from shared.errors import install_error_handlers
 from shared.events import Nudger
 from shared.http import json_response, make_client, serve
-from shared.keys import Keys
 from shared.logs import setup_logging
+from shared.service import background, make_app, open_store
 from shared.settings import RouterSettings
-from shared.store import Store, connect
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(settings: RouterSettings) -> FastAPI:
-    store = Store(connect(settings.redis_url), Keys(settings.redis_prefix),
-                  events=settings.events_enabled)
+    store = open_store(settings)
     nudger = Nudger(store)
     table = RouteTable(store, nudger, settings.route_refresh_s)
     client = make_client(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
@@ -38,18 +34,12 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if settings.default_engine == "sim":
             logger.warning("DEFAULT_ENGINE=sim: models registered without an engine use the "
                            "simulated engine, not vLLM")
-        tasks = [asyncio.create_task(nudger.run()), asyncio.create_task(table.run())]
-        try:
+        async with background(nudger.run(), table.run()):
             yield
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await client.aclose()
-            await store.close()
+        await client.aclose()
+        await store.close()
 
-    app = FastAPI(title="svllm router", docs_url=None, redoc_url=None, lifespan=lifespan)
-    install_error_handlers(app)
+    app = make_app("svllm router", lifespan)
 
     @app.get("/health")
     async def health() -> Response:

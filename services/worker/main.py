@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -14,20 +13,17 @@ from services.worker.api import build_routes
 from services.worker.engines import available_drivers
 from services.worker.gpu import open_inventory
 from services.worker.supervisor import Supervisor
-from shared.errors import install_error_handlers
 from shared.events import Nudger
 from shared.http import make_client, serve
-from shared.keys import Keys
 from shared.logs import setup_logging
+from shared.service import background, make_app, open_store
 from shared.settings import WorkerSettings
-from shared.store import Store, connect
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(settings: WorkerSettings) -> FastAPI:
-    store = Store(connect(settings.redis_url), Keys(settings.redis_prefix),
-                  events=settings.events_enabled)
+    store = open_store(settings)
     client = make_client(5.0, 3600.0)
     drivers = available_drivers(settings.worker_engines, settings.vllm_command)
     supervisor = Supervisor(store, settings, drivers, client)
@@ -38,22 +34,15 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if "vllm" not in drivers:
             logger.warning("vLLM is not available on this worker; it runs engine 'sim' only")
-        tasks = [asyncio.create_task(c) for c in
-                 (nudger.run(), agent.heartbeat_loop(), agent.reconcile_loop())]
-        try:
+        async with background(nudger.run(), agent.heartbeat_loop(), agent.reconcile_loop()):
             yield
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await supervisor.stop_all()
-            with contextlib.suppress(Exception):
-                await store.unregister_worker_alive(settings.worker_id)
-            await client.aclose()
-            await store.close()
+        await supervisor.stop_all()
+        with contextlib.suppress(Exception):
+            await store.unregister_worker_alive(settings.worker_id)
+        await client.aclose()
+        await store.close()
 
-    app = FastAPI(title="svllm worker", docs_url=None, redoc_url=None, lifespan=lifespan)
-    install_error_handlers(app)
+    app = make_app("svllm worker", lifespan)
     app.include_router(build_routes(store, settings, agent, client))
     return app
 

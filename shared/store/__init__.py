@@ -1,0 +1,16 @@
+"""The only package that talks to Redis: one :class:`Store` made of a part per concern."""
+
+from __future__ import annotations
+
+from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
+from shared.store.lifecycle import LifecycleStore
+from shared.store.models import ModelsStore
+from shared.store.observed import ObservedStore
+from shared.store.scheduling import SchedulingStore
+from shared.store.workers import WorkersStore
+
+__all__ = ["NotLeader", "Store", "StoredModel", "connect", "spec_fingerprint"]
+
+
+class Store(ModelsStore, WorkersStore, SchedulingStore, ObservedStore, LifecycleStore):
+    """Everything the services read and write in Redis."""

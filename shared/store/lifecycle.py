@@ -1,0 +1,124 @@
+"""Serverless lifecycle: demand for cold models, the cluster-wide hold queue, timings."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, cast
+
+from shared.models import Assignment
+from shared.store.base import StoreBase
+
+# Admits one held request unless the alias's queue is full; expired entries (a router that
+# died with requests waiting) are dropped first. Scores are expiry times from Redis's clock.
+_ENTER_QUEUE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
+return 1
+"""
+
+SAMPLES_KEPT = 50
+TIMING_KINDS = ("cold_start", "wake")
+
+
+class LifecycleStore(StoreBase):
+    # ------------------------------------------------------------------ demand
+    async def want(self, alias: str, ttl_s: float) -> None:
+        """Record that a request waits for ``alias``; the scheduler wakes or places it."""
+        await self.r.set(self.k.demand(alias), repr(time.time()), px=max(1, int(ttl_s * 1000)))
+        await self.publish("demand", alias=alias)
+
+    async def demands(self, aliases: list[str]) -> set[str]:
+        if not aliases:
+            return set()
+        vals = await self.r.mget([self.k.demand(a) for a in aliases])
+        return {a for a, v in zip(aliases, vals, strict=True) if v is not None}
+
+    # ------------------------------------------------------------------ hold queue
+    async def enter_queue(self, alias: str, member: str, ttl_s: float, max_len: int) -> bool:
+        """Admit a held request; False when ``max_len`` requests already wait cluster-wide."""
+        ok = await self.r.eval(_ENTER_QUEUE_LUA, 1, self.k.queue(alias), member, ttl_s, max_len)
+        return bool(ok)
+
+    async def leave_queue(self, alias: str, member: str) -> None:
+        await self.r.zrem(self.k.queue(alias), member)
+
+    async def queue_length(self, alias: str) -> int:
+        return int(await self.r.zcard(self.k.queue(alias)))
+
+    # ------------------------------------------------------------------ timings
+    async def record_duration(self, alias: str, kind: str, seconds: float) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.k.stats(alias), f"{kind}s", 1)
+            pipe.hset(self.k.stats(alias), f"last_{kind}_s", f"{seconds:.4f}")
+            pipe.lpush(self.k.samples(alias, kind), f"{seconds:.4f}")
+            pipe.ltrim(self.k.samples(alias, kind), 0, SAMPLES_KEPT - 1)
+            await pipe.execute()
+
+    async def record_wait(self, alias: str, seconds: float) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.k.stats(alias), "waited_requests", 1)
+            pipe.hincrbyfloat(self.k.stats(alias), "wait_total_s", seconds)
+            await pipe.execute()
+
+    async def timings(self, alias: str) -> dict[str, Any]:
+        """Counts, last and median durations of cold starts and wakes, and request waits."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.k.stats(alias))
+            for kind in TIMING_KINDS:
+                pipe.lrange(self.k.samples(alias, kind), 0, -1)
+            raw, *samples = await pipe.execute()
+        out: dict[str, Any] = {}
+        for kind, values in zip(TIMING_KINDS, samples, strict=True):
+            nums = [float(v) for v in values]
+            out[f"{kind}s"] = int(raw.get(f"{kind}s", 0))
+            last = raw.get(f"last_{kind}_s")
+            out[f"last_{kind}_s"] = float(last) if last is not None else None
+            out[f"median_{kind}_s"] = statistics.median(nums) if nums else None
+        out["waited_requests"] = int(raw.get("waited_requests", 0))
+        out["wait_total_s"] = round(float(raw.get("wait_total_s", 0.0)), 4)
+        return out
+
+    # ------------------------------------------------------------------ operator actions
+    async def set_target_manual(self, alias: str, target: str) -> int:
+        """Point every assignment of ``alias`` at ``target`` ('running'/'sleeping').
+        Returns how many assignments changed."""
+        workers = await self._members(self.k.workers)
+        changed = 0
+        for w in workers:
+            raw = cast(str | None, await self.r.hget(self.k.assign(w), alias))
+            if raw is None:
+                continue
+            a = Assignment.model_validate_json(raw)
+            if a.target != target:
+                a.target = target  # type: ignore[assignment]
+                await self.r.hset(self.k.assign(w), alias, a.model_dump_json())
+                changed += 1
+        if changed:
+            await self.publish("assign", alias=alias)
+        return changed
+
+    async def hold_model(self, alias: str, reason: str) -> None:
+        """Stop every instance of ``alias`` and keep it stopped until it is woken."""
+        workers = await self._members(self.k.workers)
+        note = json.dumps({"at": time.time(), "reason": reason})
+        async with self.r.pipeline(transaction=True) as pipe:
+            for w in workers:
+                pipe.hdel(self.k.assign(w), alias)
+            pipe.set(self.k.hold(alias), note)
+            pipe.delete(self.k.demand(alias))
+            pipe.incr(self.k.models_version)
+            await pipe.execute()
+        await self.publish("assign", alias=alias)
+
+    async def release_hold(self, alias: str) -> bool:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self.k.hold(alias))
+            pipe.incr(self.k.models_version)
+            removed, _ = await pipe.execute()
+        return bool(removed)

@@ -1,0 +1,58 @@
+"""Observed state written by workers (instances, routes) and what routers read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+from shared.store.base import StoreBase
+
+
+class ObservedStore(StoreBase):
+    async def put_instance(self, alias: str, worker_id: str, fields: dict[str, str]) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.k.instance(alias, worker_id), mapping=cast(Mapping[Any, Any], fields))
+            pipe.sadd(self.k.instances(alias), worker_id)
+            await pipe.execute()
+
+    async def delete_instance(self, alias: str, worker_id: str) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self.k.instance(alias, worker_id))
+            pipe.srem(self.k.instances(alias), worker_id)
+            pipe.hdel(self.k.routes(alias), worker_id)
+            pipe.incr(self.k.routes_version)
+            await pipe.execute()
+        await self.publish("route", alias=alias, worker=worker_id)
+
+    async def instances_of(self, alias: str) -> dict[str, dict[str, str]]:
+        ids = await self._members(self.k.instances(alias))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for w in ids:
+                pipe.hgetall(self.k.instance(alias, w))
+            raws = await pipe.execute()
+        return {w: raw for w, raw in zip(ids, raws, strict=True) if raw}
+
+    async def set_route(self, alias: str, worker_id: str, url: str | None) -> None:
+        """Publish (url) or withdraw (None) this worker's route for ``alias``."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            if url is None:
+                pipe.hdel(self.k.routes(alias), worker_id)
+            else:
+                pipe.hset(self.k.routes(alias), worker_id, url)
+            pipe.incr(self.k.routes_version)
+            await pipe.execute()
+        await self.publish("route", alias=alias, worker=worker_id)
+
+    # ------------------------------------------------------------------ router reads
+    async def versions(self) -> tuple[str, str]:
+        m, r = await self.r.mget([self.k.models_version, self.k.routes_version])
+        return (str(m or "0"), str(r or "0"))
+
+    async def all_routes(self, aliases: Iterable[str]) -> dict[str, dict[str, str]]:
+        names = list(aliases)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for a in names:
+                pipe.hgetall(self.k.routes(a))
+            raws = await pipe.execute()
+        return dict(zip(names, raws, strict=True))
+

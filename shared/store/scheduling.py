@@ -1,0 +1,122 @@
+"""The scheduler's lease and the assignments it (or an operator) makes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import cast
+
+from redis.asyncio.client import Pipeline
+
+from shared.models import Assignment
+from shared.store.base import StoreBase
+
+# Renews the lease when this holder has it, takes it when nobody does (with a new epoch).
+_LEASE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local sep = string.find(cur, '|', 1, true)
+  if sep and string.sub(cur, 1, sep - 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(string.sub(cur, sep + 1))
+  end
+  return 0
+end
+local e = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
+return e
+"""
+
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class SchedulingStore(StoreBase):
+    async def acquire_lease(self, holder: str, ttl_s: float) -> int:
+        """Take or renew the scheduler lease. Returns the epoch held, 0 if another holds it."""
+        res = await self.r.eval(
+            _LEASE_LUA, 2, self.k.lease, self.k.epoch, holder, int(ttl_s * 1000)
+        )
+        return int(res)
+
+    async def release_lease(self, token: str) -> None:
+        await self.r.eval(_RELEASE_LUA, 1, self.k.lease, token)
+
+    async def lease_holder(self) -> str | None:
+        return cast(str | None, await self.r.get(self.k.lease))
+
+    async def assignments(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Assignment]]:
+        ids = list(worker_ids)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for w in ids:
+                pipe.hgetall(self.k.assign(w))
+            raws = await pipe.execute()
+        return {
+            w: {a: Assignment.model_validate_json(v) for a, v in raw.items()}
+            for w, raw in zip(ids, raws, strict=True)
+        }
+
+    async def worker_assignments(self, worker_id: str) -> dict[str, Assignment]:
+        return (await self.assignments([worker_id]))[worker_id]
+
+    async def assign(self, token: str, a: Assignment) -> None:
+        def build(p: Pipeline) -> None:
+            p.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
+            p.delete(self.k.placement(a.alias))
+
+        await self._fenced(token, build)
+        await self.publish("assign", alias=a.alias, worker=a.worker_id)
+
+    async def unassign(self, token: str, worker_id: str, alias: str) -> None:
+        def build(p: Pipeline) -> None:
+            p.hdel(self.k.assign(worker_id), alias)
+
+        await self._fenced(token, build)
+        await self.publish("assign", alias=alias, worker=worker_id)
+
+    async def forget_dead_worker(self, token: str, worker_id: str, aliases: Iterable[str]) -> None:
+        """Drop a dead worker's assignments, routes and instance records in one step."""
+        names = list(aliases)
+
+        def build(p: Pipeline) -> None:
+            p.delete(self.k.assign(worker_id))
+            for alias in names:
+                p.hdel(self.k.routes(alias), worker_id)
+                p.delete(self.k.instance(alias, worker_id))
+                p.srem(self.k.instances(alias), worker_id)
+            p.incr(self.k.routes_version)
+
+        await self._fenced(token, build)
+        await self.publish("route", worker=worker_id)
+
+    async def manual_assign(self, a: Assignment) -> None:
+        """An operator's placement: not fenced (it is not the scheduler's decision), and it
+        lifts a manual stop."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
+            pipe.delete(self.k.hold(a.alias), self.k.placement(a.alias))
+            pipe.incr(self.k.models_version)
+            await pipe.execute()
+        await self.publish("assign", alias=a.alias, worker=a.worker_id)
+
+    async def manual_unassign(self, worker_id: str, alias: str) -> bool:
+        """An operator's stop: removes the assignment and holds the alias so the scheduler
+        does not place it again until someone starts it. False if it was not assigned here."""
+        note = json.dumps({"by": worker_id, "at": time.time(), "reason": "stopped manually"})
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.k.assign(worker_id), alias)
+            pipe.set(self.k.hold(alias), note)
+            pipe.incr(self.k.models_version)
+            removed, _, _ = await pipe.execute()
+        await self.publish("assign", alias=alias, worker=worker_id)
+        return bool(removed)
+
+    async def set_placement_reason(self, alias: str, reason: str) -> None:
+        await self.r.hset(self.k.placement(alias), mapping={"reason": reason, "at": time.time()})
+
+    async def placement_reason(self, alias: str) -> str | None:
+        return cast(str | None, await self.r.hget(self.k.placement(alias), "reason"))
+

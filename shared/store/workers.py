@@ -1,0 +1,84 @@
+"""Workers: registration, heartbeats (TTL keys) and liveness."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+from shared.models import GpuInfo, Heartbeat, WorkerRegistration, WorkerView
+from shared.store.base import StoreBase
+
+
+class WorkersStore(StoreBase):
+    async def register_worker(self, reg: WorkerRegistration, ttl_s: float) -> None:
+        now = repr(time.time())
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.sadd(self.k.workers, reg.worker_id)
+            pipe.hset(self.k.worker(reg.worker_id), mapping={
+                "url": reg.url,
+                "engines": json.dumps(reg.engines),
+                "gpus": json.dumps([g.model_dump() for g in reg.gpus]),
+                "gpu_message": reg.gpu_message,
+                "version": reg.version,
+                "registered_at": now,
+                "last_seen": now,
+            })
+            pipe.set(self.k.worker_alive(reg.worker_id), now, px=int(ttl_s * 1000))
+            await pipe.execute()
+        await self.publish("worker", worker=reg.worker_id)
+
+    async def heartbeat(self, worker_id: str, hb: Heartbeat, ttl_s: float) -> bool | None:
+        """Refresh liveness. None: unknown worker (register first). False: the alive key had
+        expired, so the manager may have re-placed this worker's models. True: all well."""
+        if not await self.r.exists(self.k.worker(worker_id)):
+            return None
+        now = repr(time.time())
+        fields: dict[str, str] = {"last_seen": now, "load": json.dumps(hb.load)}
+        if hb.gpus is not None:
+            fields["gpus"] = json.dumps([g.model_dump() for g in hb.gpus])
+        if hb.gpu_message is not None:
+            fields["gpu_message"] = hb.gpu_message
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(self.k.worker_alive(worker_id), now, px=int(ttl_s * 1000), get=True)
+            pipe.hset(self.k.worker(worker_id), mapping=cast(Mapping[Any, Any], fields))
+            pipe.sadd(self.k.workers, worker_id)
+            previous, _, _ = await pipe.execute()
+        return previous is not None
+
+    async def unregister_worker_alive(self, worker_id: str) -> None:
+        """A worker leaving cleanly drops its heartbeat so the manager re-places at once."""
+        await self.r.delete(self.k.worker_alive(worker_id))
+        await self.publish("worker", worker=worker_id)
+
+    async def list_workers(self) -> list[WorkerView]:
+        ids = await self._members(self.k.workers)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for w in ids:
+                pipe.hgetall(self.k.worker(w))
+                pipe.exists(self.k.worker_alive(w))
+            flat = await pipe.execute()
+        out = []
+        for i, w in enumerate(ids):
+            raw, alive = flat[2 * i], flat[2 * i + 1]
+            out.append(WorkerView(
+                worker_id=w,
+                url=raw.get("url", ""),
+                alive=bool(alive),
+                engines=json.loads(raw.get("engines", "[]")),
+                gpus=[GpuInfo.model_validate(g) for g in json.loads(raw.get("gpus", "[]"))],
+                gpu_message=raw.get("gpu_message", ""),
+                version=raw.get("version", ""),
+                registered_at=float(raw.get("registered_at", 0)),
+                last_seen=float(raw.get("last_seen", 0)),
+                load=json.loads(raw.get("load", "{}")),
+            ))
+        return out
+
+    async def alive(self, worker_ids: Iterable[str]) -> set[str]:
+        ids = list(worker_ids)
+        if not ids:
+            return set()
+        flags = await self.r.mget([self.k.worker_alive(w) for w in ids])
+        return {w for w, f in zip(ids, flags, strict=True) if f is not None}
