@@ -20,6 +20,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
 SEED = 1234
 VOCAB_TARGET = 1536
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
@@ -35,7 +45,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-_WORDS = """
+_WORD_TEXT = """
 the a an and or but if then else when while because so of to in on at by for with from into
 over under about after before between through during without within along across behind
 i you he she it we they me him her us them my your his its our their this that these those
@@ -53,7 +63,8 @@ good new first last long great little own other old big high different small lar
 young important few public bad same able red blue green white black bright dark quiet loud
 one two three four five six seven eight nine ten hundred thousand
 hello hi thanks please yes no maybe sure okay well very really just also only still even
-""".split()
+"""
+_WORDS = _WORD_TEXT.split()
 
 
 def corpus(lines: int = 4000) -> Iterator[str]:
@@ -67,9 +78,6 @@ def corpus(lines: int = 4000) -> Iterator[str]:
 
 def make_tokenizer(out: Path) -> int:
     """Train and save the tokenizer; return its vocabulary size (the model's must match)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=UNK))
     # Byte-level: every input string encodes (no <unk>), and every id decodes.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -91,9 +99,6 @@ def make_tokenizer(out: Path) -> int:
 
 
 def make_model(out: Path, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> None:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(SEED)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -126,8 +131,6 @@ def main(argv: list[str]) -> int:
     out = Path(argv[1]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     vocab = make_tokenizer(out)
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(out))
     make_model(out, vocab, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     # A quick self-check that the chat template renders, so a broken model fails here and not

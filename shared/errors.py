@@ -74,6 +74,13 @@ class NoCapacity(ApiError):
         super().__init__(message, code=code, headers={"Retry-After": retry})
 
 
+class QueueFull(ApiError):
+    status, type, code = 429, "rate_limit_error", "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
 class StoreUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "store_unavailable"
 

@@ -29,7 +29,7 @@ class Nudger:
                 return  # events disabled
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any Redis failure: resubscribe later
                 logger.warning("event subscription lost (%s); retrying", e)
                 # Anything could have changed while we were deaf: look again.
                 self.event.set()

@@ -5,6 +5,7 @@ Nothing reads the environment at import time; tests build their own settings obj
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,17 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.models import NAME_PATTERN
+
+
+def _mem_total_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
 
 
 class CommonSettings(BaseSettings):
@@ -43,6 +55,11 @@ class RouterSettings(CommonSettings):
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     no_replica_retry_after_s: int = 5
+    router_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Requests held for a cold or sleeping model, per model across all routers; then 429.
+    hold_queue_max: int = Field(default=256, ge=1)
+    # A held streamed request gets an SSE comment this often, so proxies do not cut it.
+    hold_keepalive_s: float = Field(default=5.0, gt=0)
 
 
 class ManagerSettings(CommonSettings):
@@ -73,6 +90,13 @@ class WorkerSettings(CommonSettings):
     engine_retry_base_s: float = Field(default=5.0, gt=0)
     engine_retry_max_s: float = Field(default=300.0, gt=0)
     state_dir: Path = Path("/tmp/svllm")
+    # Host RAM that level-1 sleeping instances may hold (their weights); default: half of RAM.
+    sleep_ram_budget_mb: int | None = Field(default=None, ge=0)
+
+    def sleep_ram_budget(self) -> int:
+        if self.sleep_ram_budget_mb is not None:
+            return self.sleep_ram_budget_mb
+        return _mem_total_mb() // 2
 
     def advertised_url(self) -> str:
         if self.worker_url:

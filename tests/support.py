@@ -56,7 +56,7 @@ def wait_until(
             value = check()
             if value:
                 return value
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the condition may not be checkable yet
             last_exc = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last_exc}")
@@ -227,6 +227,9 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+_USAGE_FIELDS = ("updated_at", "inflight", "last_request_at")
+
+
 def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
     """The pool's desired and observed state, minus what heartbeats rewrite all the time."""
     r = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -236,7 +239,14 @@ def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
             if ":worker:" in key or key.endswith((":workers", ":lease")):
                 continue
             kind = r.type(key)
-            state[key] = {"hash": r.hgetall, "set": r.smembers, "string": r.get}[kind](key)
+            readers: dict[str, Callable[[str], Any]] = {
+                "hash": r.hgetall, "set": r.smembers, "string": r.get,
+                "list": lambda k: r.lrange(k, 0, -1), "zset": lambda k: r.zrange(k, 0, -1)}
+            value = readers[kind](key)
+            if ":instance:" in key:
+                # Request accounting moves with traffic sent before the snapshot; not state.
+                value = {k: v for k, v in value.items() if k not in _USAGE_FIELDS}
+            state[key] = value
     finally:
         r.close()
     return state

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from services.manager.placement import Choice, choose_worker
+from services.manager.residency import Decision, Usage, decide
 from shared.events import Nudger
 from shared.models import Assignment, WorkerView
 from shared.settings import ManagerSettings
@@ -51,7 +53,7 @@ class Scheduler:
             except NotLeader:
                 logger.warning("lost the scheduler lease mid-pass (epoch %s)", self.state.epoch)
                 self.state.epoch = 0
-            except Exception:
+            except Exception:  # a failed pass is retried on the next tick
                 logger.exception("scheduler pass failed")
             await self.nudger.wait(self.settings.schedule_interval_s)
 
@@ -82,17 +84,43 @@ class Scheduler:
                 if alias not in models:
                     await self.store.unassign(self.token, w.worker_id, alias)
                     del assigns[w.worker_id][alias]
-        for model in models.values():
+        aliases = list(models)
+        demands = await self.store.demands(aliases)
+        usage = await self.store.instances_by_alias(aliases)
+        now = time.time()
+        for alias, model in models.items():
             if model.hold is None:
-                await self._converge_model(model, workers, assigns)
+                assigned = {w: mine[alias] for w, mine in assigns.items() if alias in mine}
+                observed = {w: Usage.from_record(r) for w, r in usage[alias].items()}
+                decision = decide(model.spec, assigned, observed, alias in demands, now)
+                await self._apply_residency(alias, decision, assigns)
+                await self._converge_model(model, decision.desired, workers, assigns)
 
     async def _forget(self, w: WorkerView, aliases: list[str]) -> None:
         logger.warning("worker %s is dead (heartbeat expired); re-placing its models", w.worker_id)
         await self.store.forget_dead_worker(self.token, w.worker_id, aliases)
 
+    async def _apply_residency(
+        self, alias: str, decision: Decision, assigns: dict[str, dict[str, Assignment]]
+    ) -> None:
+        if decision.stop_all:
+            for w, mine in assigns.items():
+                if alias in mine and mine[alias].source == "scheduler":
+                    await self.store.unassign(self.token, w, alias)
+                    del mine[alias]
+            logger.info("stopped %s: %s", alias, decision.reason)
+        for w, target in decision.targets.items():
+            updated = assigns[w][alias].model_copy(update={"target": target})
+            await self.store.assign(self.token, updated)
+            assigns[w][alias] = updated
+        if decision.targets:
+            logger.info("%s -> %s on %s (%s)", alias, ", ".join(set(decision.targets.values())),
+                        ", ".join(decision.targets), decision.reason)
+
     async def _converge_model(
         self,
         model: StoredModel,
+        desired: int,
         workers: list[WorkerView],
         assigns: dict[str, dict[str, Assignment]],
     ) -> None:
@@ -101,7 +129,7 @@ class Scheduler:
         # scheduler counts, adds and removes only its own.
         holders = [w for w, mine in assigns.items()
                    if spec.alias in mine and mine[spec.alias].source == "scheduler"]
-        for _ in range(spec.replicas - len(holders)):
+        for _ in range(desired - len(holders)):
             choice = choose_worker(spec, workers, assigns)
             if not isinstance(choice, Choice):
                 await self._note_unplaced(spec.alias, choice.text())
@@ -118,7 +146,7 @@ class Scheduler:
             assigns[choice.worker_id][spec.alias] = a
             self._reasons.pop(spec.alias, None)
             logger.info("placed %s on %s (gpus %s)", spec.alias, choice.worker_id, choice.gpus)
-        for w in sorted(holders, reverse=True)[: max(0, len(holders) - spec.replicas)]:
+        for w in sorted(holders, reverse=True)[: max(0, len(holders) - desired)]:
             await self.store.unassign(self.token, w, spec.alias)
             del assigns[w][spec.alias]
 

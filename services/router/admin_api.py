@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.router.routes import RouteTable
-from shared.errors import BadRequest, ModelNotFound
+from shared.errors import BadRequest, Conflict, ModelNotFound
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import RegisterModelRequest, is_valid_name
 from shared.settings import RouterSettings
@@ -18,16 +18,32 @@ from shared.store import Store, StoredModel
 logger = logging.getLogger(__name__)
 
 
+def _summary(m: StoredModel, states: list[str]) -> str:
+    """One word for the model: its instances' states, or why it has none."""
+    if m.hold is not None:
+        return "STOPPED"
+    if not states:
+        return "COLD" if m.spec.min_replicas == 0 else "PENDING"
+    for s in ("RUNNING", "WARMING", "STARTING", "SLEEPING", "FAILED"):
+        if s in states:
+            return s
+    return states[0]
+
+
 async def _model_view(store: Store, m: StoredModel) -> dict[str, Any]:
-    instances = await store.instances_of(m.spec.alias)
+    alias = m.spec.alias
+    instances = await store.instances_of(alias)
     return {
-        "alias": m.spec.alias,
+        "alias": alias,
         "engine": m.spec.engine,
         "model_name": m.spec.model_name,
+        "state": _summary(m, [i.get("state", "") for i in instances.values()]),
         "spec": m.spec.model_dump(),
         "created_at": m.created_at,
         "held": m.hold is not None,
-        "placement": await store.placement_reason(m.spec.alias),
+        "placement": await store.placement_reason(alias),
+        "waiting_requests": await store.queue_length(alias),
+        "stats": await store.timings(alias),
         "instances": [{"worker_id": w} | rec for w, rec in instances.items()],
     }
 
@@ -61,6 +77,38 @@ def build_routes(store: Store, settings: RouterSettings, table: RouteTable) -> A
             raise ModelNotFound(f"model '{alias}' is not registered")
         await table.refresh()
         return json_response({"alias": alias, "deleted": True})
+
+    async def registered(alias: str) -> StoredModel:
+        model = await store.get_model(alias) if is_valid_name(alias) else None
+        if model is None:
+            raise ModelNotFound(f"model '{alias}' is not registered")
+        return model
+
+    @api.post("/models/{alias}/wake", status_code=202)
+    async def wake(alias: str) -> Response:
+        model = await registered(alias)
+        await store.release_hold(alias)
+        await store.want(alias, min(10.0, model.spec.cold_start_timeout_s))
+        await store.set_target_manual(alias, "running")
+        await table.refresh()
+        return json_response({"alias": alias, "status": "waking"}, 202)
+
+    @api.post("/models/{alias}/sleep", status_code=202)
+    async def sleep(alias: str) -> Response:
+        model = await registered(alias)
+        if not model.spec.sleep_mode:
+            raise BadRequest(f"model '{alias}' has no sleep policy: register it with "
+                             "idle_sleep_s so its engines start with sleep mode", param="alias")
+        if not await store.set_target_manual(alias, "sleeping"):
+            raise Conflict(f"model '{alias}' has no awake instance to put to sleep")
+        return json_response({"alias": alias, "status": "sleeping"}, 202)
+
+    @api.post("/models/{alias}/stop", status_code=202)
+    async def stop(alias: str) -> Response:
+        await registered(alias)
+        await store.hold_model(alias, "stopped by an operator")
+        await table.refresh()
+        return json_response({"alias": alias, "status": "stopping"}, 202)
 
     @api.get("/workers")
     async def workers() -> Response:

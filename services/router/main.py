@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from services.router import admin_api, openai_api
 from services.router.forward import Forwarder
+from services.router.hold import Holder
 from services.router.routes import RouteTable
 from shared.events import Nudger
 from shared.http import json_response, make_client, serve
@@ -26,8 +27,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     nudger = Nudger(store)
     table = RouteTable(store, nudger, settings.route_refresh_s)
     client = make_client(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
-    forwarder = Forwarder(table, store, client, settings.internal_token,
-                          settings.no_replica_retry_after_s)
+    holder = Holder(table, store, settings)
+    forwarder = Forwarder(table, store, client, holder, settings.internal_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -20,13 +20,16 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
     async def handle(request: Request, path: str) -> Response:
         body = await read_body(request, limit)
         # Only `model` is needed to route; the body itself is forwarded untouched.
-        model = parse_object(body).get("model")
-        if not isinstance(model, str) or not model:
+        data = parse_object(body)
+        name = data.get("model")
+        if not isinstance(name, str) or not name:
             raise BadRequest("model: a model alias is required", param="model")
-        if not is_valid_name(model) or await table.model(model) is None:
-            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        model = await table.model(name) if is_valid_name(name) else None
+        if model is None:
+            raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        return await forwarder.forward(model, path, body, request_id)
+        stream = data.get("stream") is True
+        return await forwarder.handle(model, path, body, request_id, stream)
 
     @api.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

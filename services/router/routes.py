@@ -7,6 +7,7 @@ a router that loses Redis keeps serving from the last copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -30,6 +31,7 @@ class RouteTable:
         self._versions: tuple[str, str] | None = None
         self._last_refresh = 0.0
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
 
     async def refresh(self) -> None:
         async with self._lock:
@@ -48,6 +50,15 @@ class RouteTable:
                 for a, r in self._all_routes.items()
             }
             self._last_refresh = time.monotonic()
+            # Wake everything waiting for a replica to appear, then arm a fresh event.
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def changed(self, timeout_s: float) -> None:
+        """Return after the next refresh, or after ``timeout_s``."""
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
 
     async def run(self) -> None:
         while True:
@@ -55,7 +66,7 @@ class RouteTable:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - keep serving from the cache
                 logger.warning("route refresh failed (serving from cache): %s", e)
             await self.nudger.wait(self.refresh_s)
 
@@ -66,7 +77,7 @@ class RouteTable:
         if found is None and time.monotonic() - self._last_refresh > _MISS_REFRESH_S:
             try:
                 await self.refresh()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - Redis down: answer from the cache
                 logger.warning("refresh on miss failed: %s", e)
             found = self.models.get(alias)
         return found

@@ -107,7 +107,7 @@ class Agent:
                 await self.heartbeat_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - keep beating through Redis/manager outages
                 logger.warning("heartbeat failed: %s", e)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
@@ -126,6 +126,6 @@ class Agent:
                 await self.supervisor.reconcile(await self.wanted())
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - converge on the next pass
                 logger.warning("reconcile failed: %s", e)
             await self.nudger.wait(self.settings.reconcile_interval_s)

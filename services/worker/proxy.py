@@ -36,5 +36,11 @@ async def forward(
                          code="replica_not_ready")
     body = await read_body(request, limit) if method == "POST" else b""
     headers = {h: v for h in _FORWARD_HEADERS if (v := request.headers.get(h))}
-    upstream = await open_upstream(client, method, f"{engine.base_url}/{path}", body, headers)
-    return relay(upstream)
+    # In flight from here until the response is over: the idle clock must not run meanwhile.
+    supervisor.begin(alias)
+    try:
+        upstream = await open_upstream(client, method, f"{engine.base_url}/{path}", body, headers)
+    except BaseException:
+        supervisor.end(alias)
+        raise
+    return relay(upstream, on_close=lambda: supervisor.end(alias))

@@ -1,21 +1,23 @@
 """The sole owner of this worker's engine instances.
 
-Only the supervisor starts, watches and stops engine processes; the API and the agent ask it
-(through :meth:`Supervisor.reconcile`). It writes the observed state of each instance and its
-route to Redis, and withdraws a route *before* stopping the engine behind it.
+Only the supervisor starts, sleeps, wakes and stops engine processes; the API and the agent ask
+it (through :meth:`Supervisor.reconcile`). Each instance runs at most one transition at a time
+(:mod:`services.worker.flows`); the supervisor decides which, from the assignment's target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from typing import Any
 
 import httpx
 
-from services.worker.engines.base import EngineDriver, EngineExited, EngineProcess
+from services.worker.engines.base import EngineDriver, EngineProcess
+from services.worker.flows import Flows
+from services.worker.instance import Instance, host_ram_mb
 from shared.models import Assignment, InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store, StoredModel
@@ -23,50 +25,6 @@ from shared.store import Store, StoredModel
 logger = logging.getLogger(__name__)
 
 S = InstanceState
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Instance:
-    alias: str
-    assignment: Assignment
-    model: StoredModel
-    state: InstanceState = S.PENDING
-    engine: EngineProcess | None = None
-    error: str = ""
-    log_tail: str = ""
-    failures: int = 0
-    retry_at: float = 0.0
-    started_at: float = field(default_factory=time.time)
-    ready_at: float = 0.0
-    task: asyncio.Task[None] | None = None
-
-    def record(self) -> dict[str, str]:
-        e = self.engine
-        return {
-            "state": self.state.value,
-            "engine": self.model.spec.engine,
-            "model_name": self.model.spec.model_name,
-            "port": str(e.port if e else 0),
-            "pid": str(e.pid if e and e.pid else 0),
-            "gpus": ",".join(str(g) for g in self.assignment.gpus),
-            "source": self.assignment.source,
-            "epoch": str(self.assignment.epoch),
-            "started_at": repr(self.started_at),
-            "ready_at": repr(self.ready_at),
-            "updated_at": repr(time.time()),
-            "error": self.error,
-            "log_tail": self.log_tail,
-            "failures": str(self.failures),
-            "retry_at": repr(self.retry_at),
-        }
-
-
 Wanted = dict[str, tuple[Assignment, StoredModel]]
 
 
@@ -81,10 +39,11 @@ class Supervisor:
         self.store = store
         self.settings = settings
         self.drivers = drivers
-        self.client = client
         self.instances: dict[str, Instance] = {}
-        self.url = settings.advertised_url()
+        self.flows = Flows(store, settings, drivers, client, self.sleeping_ram_mb)
+        self.url = self.flows.url
         self._lock = asyncio.Lock()
+        self._reported: dict[str, tuple[int, float]] = {}
 
     @property
     def worker_id(self) -> str:
@@ -94,6 +53,24 @@ class Supervisor:
         inst = self.instances.get(alias)
         return inst.engine if inst is not None and inst.state is S.RUNNING else None
 
+    def sleeping_ram_mb(self) -> int:
+        return sum(host_ram_mb(i) for i in self.instances.values()
+                   if i.state is S.SLEEPING and i.sleep_level == 1)
+
+    # ------------------------------------------------------------------ request accounting
+    def begin(self, alias: str) -> None:
+        inst = self.instances.get(alias)
+        if inst is not None:
+            inst.inflight += 1
+            inst.last_request_at = time.time()
+
+    def end(self, alias: str) -> None:
+        inst = self.instances.get(alias)
+        if inst is not None:
+            inst.inflight = max(0, inst.inflight - 1)
+            inst.last_request_at = time.time()
+
+    # ------------------------------------------------------------------ reconcile
     async def reconcile(self, wanted: Wanted) -> None:
         """Converge local instances to ``wanted`` (alias -> assignment and model)."""
         async with self._lock:
@@ -104,84 +81,68 @@ class Supervisor:
             for alias, (a, m) in wanted.items():
                 current = self.instances.get(alias)
                 if current is None:
-                    self._launch(Instance(alias, a, m))
+                    inst = Instance(alias, a, m)
+                    self.instances[alias] = inst
+                    self._run(inst, self.flows.start(inst))
                 else:
-                    await self._check(current)
+                    current.assignment = a
+                    await self._converge(current)
+            await self._report_usage()
 
-    async def _check(self, inst: Instance) -> None:
-        if inst.state is S.RUNNING and inst.engine and inst.engine.exit_code() is not None:
-            code = inst.engine.exit_code()
-            await self._failed(inst, f"engine exited with code {code} while serving")
+    async def _converge(self, inst: Instance) -> None:
+        if inst.busy:
+            return
+        target = inst.assignment.target
+        engine_gone = inst.engine is not None and inst.engine.exit_code() is not None
+        if inst.state in (S.RUNNING, S.SLEEPING) and engine_gone:
+            assert inst.engine is not None
+            why = f"engine exited with code {inst.engine.exit_code()} while {inst.state.value}"
+            await self.flows.fail(inst, why)
         elif inst.state is S.FAILED and time.time() >= inst.retry_at:
             logger.info("retrying %s (failure %d)", inst.alias, inst.failures)
-            self._launch(inst)
+            self._run(inst, self.flows.start(inst))
+        elif inst.state is S.RUNNING and target == "sleeping":
+            self._run(inst, self.flows.sleep(inst))
+        elif inst.state is S.SLEEPING and target == "running":
+            self._run(inst, self.flows.wake(inst))
+        elif inst.state is S.STOPPED and target == "running":
+            self._run(inst, self.flows.start(inst))
 
-    def _launch(self, inst: Instance) -> None:
-        self.instances[inst.alias] = inst
-        inst.task = asyncio.create_task(self._start_guarded(inst))
+    def _run(self, inst: Instance, flow: Coroutine[Any, Any, None]) -> None:
+        inst.task = asyncio.create_task(self._guarded(inst, flow))
 
-    async def _start_guarded(self, inst: Instance) -> None:
+    async def _guarded(self, inst: Instance, flow: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._start(inst)
+            await flow
         except asyncio.CancelledError:
             raise
-        except Exception as e:
-            logger.exception("start of %s failed", inst.alias)
-            inst.state, inst.error = S.FAILED, f"start failed: {e}"
+        except Exception as e:  # e.g. Redis gone mid-flow: fail, retry later
+            logger.exception("transition of %s failed", inst.alias)
+            inst.state, inst.error = S.FAILED, f"transition failed: {e}"
             inst.retry_at = time.time() + self.settings.engine_retry_base_s
             if inst.engine is not None:
                 await inst.engine.stop(self.settings.engine_stop_grace_s)
 
-    async def _start(self, inst: Instance) -> None:
-        spec = inst.model.spec
-        inst.state, inst.error, inst.log_tail = S.STARTING, "", ""
-        inst.started_at = time.time()
-        port = free_port()
-        log_path = self.settings.state_dir / self.worker_id / f"{inst.alias}.log"
-        try:
-            launch = self.drivers[spec.engine].launch(spec, port, inst.assignment.gpus)
-        except (KeyError, RuntimeError) as e:
-            await self._failed(inst, f"cannot launch engine '{spec.engine}' here: {e}")
-            return
-        inst.engine = EngineProcess(launch, port, log_path)
-        logger.info("starting %s (%s) on port %d: %s", inst.alias, spec.engine, port, launch.argv)
-        inst.engine.start()
-        await self._publish(inst)
-        try:
-            await inst.engine.wait_ready(self.client, self.settings.engine_start_timeout_s)
-        except (EngineExited, TimeoutError) as e:
-            await self._failed(inst, str(e))
-            return
-        inst.state, inst.ready_at, inst.failures = S.RUNNING, time.time(), 0
-        await self._publish(inst)
-        await self.store.set_route(inst.alias, self.worker_id, self.url)
-        logger.info("%s is serving after %.2fs", inst.alias, inst.ready_at - inst.started_at)
+    async def _report_usage(self) -> None:
+        """Write in-flight counts and last-request times that changed (the idle clock)."""
+        for alias, inst in self.instances.items():
+            usage = inst.usage()
+            if self._reported.get(alias) != usage and not inst.busy:
+                await self.flows.publish(inst)
+                self._reported[alias] = usage
 
-    async def _failed(self, inst: Instance, why: str) -> None:
-        await self.store.set_route(inst.alias, self.worker_id, None)
-        if inst.engine is not None:
-            await inst.engine.stop(self.settings.engine_stop_grace_s)
-            inst.log_tail = inst.engine.log_tail()
-        inst.failures += 1
-        backoff = self.settings.engine_retry_base_s * 2 ** (inst.failures - 1)
-        inst.retry_at = time.time() + min(backoff, self.settings.engine_retry_max_s)
-        inst.state, inst.error = S.FAILED, why
-        logger.error("%s failed: %s\n%s", inst.alias, why, inst.log_tail)
-        await self._publish(inst)
-
-    async def _publish(self, inst: Instance) -> None:
-        await self.store.put_instance(inst.alias, self.worker_id, inst.record())
-
+    # ------------------------------------------------------------------ stop
     async def _stop(self, alias: str) -> None:
         inst = self.instances.pop(alias)
+        self._reported.pop(alias, None)
         if inst.task is not None and not inst.task.done():
             inst.task.cancel()
             await asyncio.gather(inst.task, return_exceptions=True)
         inst.state = S.STOPPING
         try:
             # Routers must stop choosing this replica before the engine goes away.
-            await self.store.set_route(alias, self.worker_id, None)
-            await self._publish(inst)
+            await self.flows.route(inst, False)
+            await self.flows.publish(inst)
         finally:
             if inst.engine is not None:
                 code = await inst.engine.stop(self.settings.engine_stop_grace_s)
@@ -191,14 +152,14 @@ class Supervisor:
     async def republish(self) -> None:
         """Write every instance record and route again (after Redis lost them)."""
         for inst in list(self.instances.values()):
-            await self._publish(inst)
+            await self.flows.publish(inst)
             if inst.state is S.RUNNING:
-                await self.store.set_route(inst.alias, self.worker_id, self.url)
+                await self.flows.route(inst, True)
 
     async def stop_all(self) -> None:
         async with self._lock:
             for alias in list(self.instances):
                 try:
                     await self._stop(alias)
-                except Exception:
+                except Exception:  # Redis may be gone; the engine is stopped
                     logger.exception("could not record the stop of %s", alias)

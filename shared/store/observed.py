@@ -56,3 +56,20 @@ class ObservedStore(StoreBase):
             raws = await pipe.execute()
         return dict(zip(names, raws, strict=True))
 
+
+    async def instances_by_alias(self, aliases: list[str]) -> dict[str, dict[str, dict[str, str]]]:
+        """alias -> worker -> instance record, for many aliases in two round trips."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            for a in aliases:
+                pipe.smembers(self.k.instances(a))
+            members = await pipe.execute()
+        pairs = [(a, w) for a, ws in zip(aliases, members, strict=True) for w in sorted(ws)]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for a, w in pairs:
+                pipe.hgetall(self.k.instance(a, w))
+            raws = await pipe.execute()
+        out: dict[str, dict[str, dict[str, str]]] = {a: {} for a in aliases}
+        for (a, w), raw in zip(pairs, raws, strict=True):
+            if raw:
+                out[a][w] = raw
+        return out

@@ -64,7 +64,7 @@ def test_unplaceable_model_explains_why(cluster: Cluster) -> None:
     assert "engine 'vllm' not available" in text
     r = chat(router, "big")
     assert r.status_code == 503 and r.headers["retry-after"]
-    assert "not placed" in r.json()["error"]["message"]
+    assert "cannot be placed" in r.json()["error"]["message"]
 
 
 def test_internal_token_and_registration_through_manager(cluster: Cluster) -> None:

@@ -74,7 +74,8 @@ def test_same_spec_is_idempotent_and_different_spec_conflicts(pool) -> None:
 
 def test_failed_start_shows_reason_and_log(pool) -> None:
     _, router = pool
-    r = register(router, "broken", engine="sim", extra_args=["--fail-startup"])
+    r = register(router, "broken", engine="sim", extra_args=["--fail-startup"],
+                 cold_start_timeout_s=1)
     assert r.status_code == 201
 
     def failed():

@@ -89,5 +89,34 @@ class EngineProcess:
             return None
         return await asyncio.to_thread(procs.stop, self.proc, grace_s)
 
+    async def _post(self, client: httpx.AsyncClient, path: str, timeout_s: float,
+                    json: dict[str, object] | None = None) -> httpx.Response:
+        return await client.post(f"{self.base_url}{path}", json=json, timeout=timeout_s)
+
+    async def sleep(self, client: httpx.AsyncClient, level: int, timeout_s: float) -> None:
+        """vLLM sleep mode: level 1 offloads weights to host RAM, level 2 discards them."""
+        r = await self._post(client, f"/sleep?level={level}", timeout_s)
+        r.raise_for_status()
+        if not await self.is_sleeping(client):
+            raise RuntimeError("engine accepted /sleep but does not report sleeping")
+
+    async def wake(self, client: httpx.AsyncClient, timeout_s: float) -> None:
+        r = await self._post(client, "/wake_up", timeout_s)
+        r.raise_for_status()
+        if await self.is_sleeping(client):
+            raise RuntimeError("engine accepted /wake_up but still reports sleeping")
+
+    async def is_sleeping(self, client: httpx.AsyncClient) -> bool:
+        r = await client.get(f"{self.base_url}/is_sleeping", timeout=10.0)
+        r.raise_for_status()
+        return bool(r.json().get("is_sleeping"))
+
+    async def warm_up(self, client: httpx.AsyncClient, served_name: str, timeout_s: float) -> str:
+        """One one-token request before the instance takes traffic. Returns '' or a note
+        (an embedding-only model refuses completions; that is not a failure)."""
+        body: dict[str, object] = {"model": served_name, "prompt": "Hi", "max_tokens": 1}
+        r = await self._post(client, "/v1/completions", timeout_s, json=body)
+        return "" if r.status_code < 400 else f"warm-up answered {r.status_code}"
+
     def log_tail(self, lines: int = 30) -> str:
         return procs.tail(self.log_path, lines)

@@ -24,4 +24,6 @@ class SimDriver:
         ]
         if spec.max_model_len is not None:
             argv += ["--max-model-len", str(spec.max_model_len)]
+        if spec.sleep_mode and "--enable-sleep-mode" not in spec.extra_args:
+            argv.append("--enable-sleep-mode")
         return Launch(argv + spec.extra_args, {})

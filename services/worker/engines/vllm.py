@@ -37,6 +37,8 @@ def build_vllm_args(prefix: list[str], spec: ModelSpec, port: int) -> list[str]:
         argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.sleep_mode and "--enable-sleep-mode" not in spec.extra_args:
+        argv.append("--enable-sleep-mode")
     return argv + spec.extra_args
 
 
@@ -60,4 +62,8 @@ class VllmDriver:
     def launch(self, spec: ModelSpec, port: int, gpus: list[int]) -> Launch:
         if self.prefix is None:
             raise RuntimeError(self.unavailable_reason())
-        return Launch(build_vllm_args(self.prefix, spec, port), cuda_env(gpus))
+        env = cuda_env(gpus)
+        if spec.sleep_mode:
+            # vLLM serves /sleep, /wake_up and /is_sleeping only in dev mode.
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        return Launch(build_vllm_args(self.prefix, spec, port), env)

@@ -1,0 +1,181 @@
+"""The transitions of one instance: start, warm-up, sleep, wake, failure.
+
+Run only by the supervisor, one at a time per instance. Each ends in a state written to Redis;
+a route is published only once the engine has answered a warm-up request, and withdrawn
+before the engine stops serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+
+from services.worker.engines.base import EngineDriver, EngineExited, EngineProcess
+from services.worker.instance import Instance, host_ram_mb
+from shared.models import InstanceState
+from shared.settings import WorkerSettings
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+S = InstanceState
+_SLEEP_TIMEOUT_S = 300.0
+_DRAIN_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Flows:
+    def __init__(
+        self,
+        store: Store,
+        settings: WorkerSettings,
+        drivers: dict[str, EngineDriver],
+        client: httpx.AsyncClient,
+        ram_in_use: Callable[[], int],
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.drivers = drivers
+        self.client = client
+        self.ram_in_use = ram_in_use
+        self.worker_id = settings.worker_id
+        self.url = settings.advertised_url()
+
+    async def publish(self, inst: Instance) -> None:
+        await self.store.put_instance(inst.alias, self.worker_id, inst.record())
+
+    async def route(self, inst: Instance, serving: bool) -> None:
+        await self.store.set_route(inst.alias, self.worker_id, self.url if serving else None)
+
+    # ------------------------------------------------------------------ start
+    async def start(self, inst: Instance) -> None:
+        spec = inst.model.spec
+        inst.state, inst.error, inst.note, inst.log_tail = S.STARTING, "", "", ""
+        inst.started_at = time.time()
+        port = free_port()
+        log_path = self.settings.state_dir / self.worker_id / f"{inst.alias}.log"
+        try:
+            launch = self.drivers[spec.engine].launch(spec, port, inst.assignment.gpus)
+        except (KeyError, RuntimeError) as e:
+            await self.fail(inst, f"cannot launch engine '{spec.engine}' here: {e}")
+            return
+        inst.engine = EngineProcess(launch, port, log_path)
+        logger.info("starting %s (%s) on port %d: %s", inst.alias, spec.engine, port, launch.argv)
+        inst.engine.start()
+        await self.publish(inst)
+        try:
+            await inst.engine.wait_ready(self.client, self.settings.engine_start_timeout_s)
+        except (EngineExited, TimeoutError) as e:
+            await self.fail(inst, str(e))
+            return
+        inst.healthy_at = time.time()
+        await self._warm_and_serve(inst)
+        inst.failures = 0
+        inst.ready_at = inst.active_at
+        await self.store.record_duration(inst.alias, "cold_start", inst.ready_at - inst.started_at)
+        logger.info("%s is serving after %.2fs", inst.alias, inst.ready_at - inst.started_at)
+
+    async def _warm_and_serve(self, inst: Instance) -> None:
+        assert inst.engine is not None
+        inst.state = S.WARMING
+        await self.publish(inst)
+        t0 = time.monotonic()
+        try:
+            inst.note = await inst.engine.warm_up(self.client, inst.alias, 120.0)
+        except httpx.HTTPError as e:
+            inst.note = f"warm-up failed: {type(e).__name__}"
+        inst.warmup_s = time.monotonic() - t0
+        inst.state, inst.active_at, inst.sleep_level = S.RUNNING, time.time(), 0
+        await self.publish(inst)
+        await self.route(inst, True)
+
+    # ------------------------------------------------------------------ sleep and wake
+    async def sleep(self, inst: Instance) -> None:
+        assert inst.engine is not None
+        level = inst.model.spec.sleep_level
+        if level == 1:
+            need, used = host_ram_mb(inst), self.ram_in_use()
+            budget = self.settings.sleep_ram_budget()
+            if used + need > budget:
+                await self.stop_for_ram(inst, need, used, budget)
+                return
+        await self.route(inst, False)
+        await self._drain(inst)
+        try:
+            await inst.engine.sleep(self.client, level, _SLEEP_TIMEOUT_S)
+        except (httpx.HTTPError, RuntimeError) as e:
+            await self._transition_failed(inst, f"sleep failed: {e}")
+            return
+        inst.state, inst.sleep_level = S.SLEEPING, level
+        await self.publish(inst)
+        logger.info("%s is asleep (level %d)", inst.alias, level)
+
+    async def stop_for_ram(self, inst: Instance, need: int, used: int, budget: int) -> None:
+        """Level-1 sleep would exceed the host RAM budget: stop the engine instead."""
+        await self.route(inst, False)
+        assert inst.engine is not None
+        await inst.engine.stop(self.settings.engine_stop_grace_s)
+        inst.engine = None
+        inst.state = S.STOPPED
+        inst.note = (f"level-1 sleep refused: needs {need} MB of host RAM, {used} of "
+                     f"{budget} MB in use by sleeping instances; stopped instead")
+        logger.warning("%s: %s", inst.alias, inst.note)
+        await self.publish(inst)
+
+    async def wake(self, inst: Instance) -> None:
+        assert inst.engine is not None
+        t0 = time.time()
+        try:
+            await inst.engine.wake(self.client, _SLEEP_TIMEOUT_S)
+        except (httpx.HTTPError, RuntimeError) as e:
+            await self._transition_failed(inst, f"wake failed: {e}")
+            return
+        inst.awake_at = time.time()
+        await self._warm_and_serve(inst)
+        await self.store.record_duration(inst.alias, "wake", inst.active_at - t0)
+        logger.info("%s woke in %.3fs", inst.alias, inst.active_at - t0)
+
+    async def _drain(self, inst: Instance) -> None:
+        """Let requests already sent to the engine finish before it sleeps."""
+        deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+        while inst.inflight > 0 and time.monotonic() < deadline:
+            await _tick()
+
+    async def _transition_failed(self, inst: Instance, why: str) -> None:
+        assert inst.engine is not None
+        if inst.engine.exit_code() is not None:
+            await self.fail(inst, f"{why}; engine exited with code {inst.engine.exit_code()}")
+            return
+        # The engine still serves: keep it in service and say what went wrong.
+        inst.note = why
+        logger.warning("%s: %s", inst.alias, why)
+        await self.publish(inst)
+        if inst.state is S.RUNNING:
+            await self.route(inst, True)
+
+    # ------------------------------------------------------------------ failure
+    async def fail(self, inst: Instance, why: str) -> None:
+        await self.route(inst, False)
+        if inst.engine is not None:
+            await inst.engine.stop(self.settings.engine_stop_grace_s)
+            inst.log_tail = inst.engine.log_tail()
+        inst.failures += 1
+        backoff = self.settings.engine_retry_base_s * 2 ** (inst.failures - 1)
+        inst.retry_at = time.time() + min(backoff, self.settings.engine_retry_max_s)
+        inst.state, inst.error = S.FAILED, why
+        logger.error("%s failed: %s\n%s", inst.alias, why, inst.log_tail)
+        await self.publish(inst)
+
+
+async def _tick() -> None:
+    await asyncio.sleep(0.02)
