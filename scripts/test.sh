@@ -6,5 +6,5 @@ ensure_venv
 ensure_redis
 cd "$ROOT"
 "$PY" -m ruff check .
-"$PY" -m mypy shared services
+"$PY" -m mypy shared services scripts tests
 exec "$PY" -m pytest "$@"

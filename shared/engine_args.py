@@ -26,6 +26,7 @@ _VLLM: dict[str, ArgKind] = {
     "--kv-cache-dtype": ArgKind.TEXT,
     "--max-num-seqs": ArgKind.NUMBER,
     "--max-num-batched-tokens": ArgKind.NUMBER,
+    "--kv-cache-memory-bytes": ArgKind.NUMBER,
     "--seed": ArgKind.NUMBER,
     "--swap-space": ArgKind.NUMBER,
     "--block-size": ArgKind.NUMBER,

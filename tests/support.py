@@ -238,7 +238,7 @@ def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
         for key in r.scan_iter(f"{prefix}:*"):
             if ":worker:" in key or key.endswith((":workers", ":lease")):
                 continue
-            kind = r.type(key)
+            kind = str(r.type(key))
             readers: dict[str, Callable[[str], Any]] = {
                 "hash": r.hgetall, "set": r.smembers, "string": r.get,
                 "list": lambda k: r.lrange(k, 0, -1), "zset": lambda k: r.zrange(k, 0, -1)}

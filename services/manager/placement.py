@@ -89,6 +89,9 @@ def choose_worker(
                 f"{w.worker_id}: engine '{spec.engine}' not available "
                 f"(has {', '.join(w.engines) or 'none'})"
             )
+        elif spec.engine == "vllm" and spec.sleep_mode and not w.gpus:
+            # vLLM's sleep mode needs CUDA memory pools: a CPU-only vLLM would fail to start.
+            refusal.reasons.append(f"{w.worker_id}: vLLM sleep mode (idle_sleep_s) needs a GPU")
         else:
             fit = _fit_gpus(spec, w, list(mine.values()))
             if isinstance(fit, str):

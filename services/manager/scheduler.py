@@ -92,7 +92,12 @@ class Scheduler:
             if model.hold is None:
                 assigned = {w: mine[alias] for w, mine in assigns.items() if alias in mine}
                 observed = {w: Usage.from_record(r) for w, r in usage[alias].items()}
-                decision = decide(model.spec, assigned, observed, alias in demands, now)
+                demand = alias in demands
+                if demand and any(u.state == "RUNNING" for u in observed.values()):
+                    # Served: the waiting requests go through; the idle clock may run again.
+                    await self.store.clear_demand(alias)
+                    demand = False
+                decision = decide(model.spec, assigned, observed, demand, now)
                 await self._apply_residency(alias, decision, assigns)
                 await self._converge_model(model, decision.desired, workers, assigns)
 

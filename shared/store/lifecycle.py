@@ -33,6 +33,9 @@ class LifecycleStore(StoreBase):
         await self.r.set(self.k.demand(alias), repr(time.time()), px=max(1, int(ttl_s * 1000)))
         await self.publish("demand", alias=alias)
 
+    async def clear_demand(self, alias: str) -> None:
+        await self.r.delete(self.k.demand(alias))
+
     async def demands(self, aliases: list[str]) -> set[str]:
         if not aliases:
             return set()

@@ -40,7 +40,7 @@ def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert proc.wait(timeout=60) == 0
         assert "stopped redis" in out.read_text()
-        for pid in services:
-            wait_until(lambda p=pid: not procs.group_alive(p), 10, what=f"pid {pid} gone")
+        wait_until(lambda: not any(procs.group_alive(p) for p in services), 10,
+                   what=f"service processes {services} gone")
     finally:
         procs.stop(proc)

@@ -52,6 +52,13 @@ def test_pinned_worker_only() -> None:
     assert isinstance(r, Refusal) and "pinned worker 'zz'" in r.text()
 
 
+def test_vllm_sleep_mode_needs_a_gpu() -> None:
+    r = choose_worker(spec(idle_sleep_s=60), [worker("cpu")], {"cpu": {}})
+    assert isinstance(r, Refusal) and "sleep mode" in r.text()
+    ok = choose_worker(spec(idle_sleep_s=60), [worker("g", gpus=[gpu(0)])], {"g": {}})
+    assert isinstance(ok, Choice)
+
+
 def test_gpu_memory_fit_and_tensor_parallel() -> None:
     w = worker("a", gpus=[gpu(0, free=10_000), gpu(1), gpu(2)])
     c = choose_worker(spec(tensor_parallel_size=2), [w], {"a": {}})
