@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
-ENGINES: tuple[str, ...] = ("vllm", "sim")
+ENGINES: tuple[str, ...] = ("vllm", "sim", "llamacpp", "sglang")
+# Engines that implement vLLM's sleep mode endpoints (/sleep, /wake_up, /is_sleeping).
+SLEEP_ENGINES: tuple[str, ...] = ("vllm", "sim")
 
 
 class ArgKind(StrEnum):
@@ -52,6 +54,7 @@ _SIM: dict[str, ArgKind] = {
     "--itl": ArgKind.NUMBER,
     "--fail-rate": ArgKind.NUMBER,
     "--fail-startup": ArgKind.FLAG,
+    "--spawn-child": ArgKind.FLAG,
     "--sleep-delay": ArgKind.NUMBER,
     "--wake-delay-l1": ArgKind.NUMBER,
     "--wake-delay-l2": ArgKind.NUMBER,
@@ -65,7 +68,34 @@ _SIM: dict[str, ArgKind] = {
     "--trust-remote-code": ArgKind.FLAG,
 }
 
-ALLOWED_ARGS: dict[str, dict[str, ArgKind]] = {"vllm": _VLLM, "sim": _SIM}
+# llama-server's flags (llama-cpp-python's server spells some differently: see README).
+_LLAMACPP: dict[str, ArgKind] = {
+    "--threads": ArgKind.NUMBER,
+    "--parallel": ArgKind.NUMBER,
+    "--batch-size": ArgKind.NUMBER,
+    "--n-gpu-layers": ArgKind.NUMBER,
+    "--flash-attn": ArgKind.FLAG,
+    "--mlock": ArgKind.FLAG,
+    "--cont-batching": ArgKind.FLAG,
+    "--chat-template": ArgKind.TEXT,
+    "--seed": ArgKind.NUMBER,
+}
+
+_SGLANG: dict[str, ArgKind] = {
+    "--dtype": ArgKind.TEXT,
+    "--quantization": ArgKind.TEXT,
+    "--kv-cache-dtype": ArgKind.TEXT,
+    "--trust-remote-code": ArgKind.FLAG,
+    "--chunked-prefill-size": ArgKind.NUMBER,
+    "--max-running-requests": ArgKind.NUMBER,
+    "--disable-radix-cache": ArgKind.FLAG,
+    "--tokenizer-path": ArgKind.PATH,
+    "--random-seed": ArgKind.NUMBER,
+}
+
+ALLOWED_ARGS: dict[str, dict[str, ArgKind]] = {
+    "vllm": _VLLM, "sim": _SIM, "llamacpp": _LLAMACPP, "sglang": _SGLANG,
+}
 
 _TEXT_RE = re.compile(r"^[A-Za-z0-9_.:/+=,@-]{1,256}$")
 _NUMBER_RE = re.compile(r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")

@@ -69,6 +69,11 @@ class Keys:
         """hash: alias -> assignment JSON (epoch, source, gpus)."""
         return f"{self.prefix}:assign:{worker_id}"
 
+    def ledger(self, worker_id: str) -> str:
+        """hash: alias -> reservation JSON (GPUs, MB per GPU). Written with the assignment;
+        deleted by the worker only once the engine is confirmed gone."""
+        return f"{self.prefix}:ledger:{worker_id}"
+
     # --- observed state (written by workers) ----------------------------------------------
     def instance(self, alias: str, worker_id: str) -> str:
         """hash: state, port, pid, engine, timestamps, error, log tail."""

@@ -9,7 +9,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.engine_args import ENGINES, ExtraArgsError, has_path_escape, normalize_extra_args
+from shared.engine_args import (
+    ENGINES,
+    SLEEP_ENGINES,
+    ExtraArgsError,
+    has_path_escape,
+    normalize_extra_args,
+)
 
 # Aliases and worker ids become Redis key parts and URL path segments: no ':' '/' or spaces,
 # and they start with a letter or digit so they can never read as a command-line flag.
@@ -44,8 +50,10 @@ class ModelSpec(Strict):
 
     alias: Name
     model_name: str = Field(min_length=1, max_length=512)
-    engine: Literal["vllm", "sim"]
+    engine: Literal["vllm", "sim", "llamacpp", "sglang"]
     gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Absolute GPU memory per GPU to reserve, instead of a fraction of the GPU's total.
+    gpu_memory_mb: int | None = Field(default=None, ge=64, le=10_000_000)
     max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     replicas: int = Field(default=1, ge=1, le=64)
@@ -85,6 +93,14 @@ class ModelSpec(Strict):
             self.extra_args = normalize_extra_args(self.engine, self.extra_args)
         except ExtraArgsError as e:
             raise ValueError(str(e)) from e
+        if self.engine == "llamacpp" and not self.model_name.endswith(".gguf"):
+            raise ValueError("engine 'llamacpp' serves a local .gguf file: model_name must be "
+                             "its path")
+        if self.sleep_mode and self.engine not in SLEEP_ENGINES:
+            raise ValueError(f"engine '{self.engine}' has no sleep mode: drop idle_sleep_s "
+                             "(idle_stop_s still scales it to zero)")
+        if self.gpu_memory_mb is not None and self.gpu_memory_utilization is not None:
+            raise ValueError("give gpu_memory_mb or gpu_memory_utilization, not both")
         if self.min_replicas > self.replicas:
             raise ValueError("min_replicas must not exceed replicas")
         if self.idle_stop_s is not None and self.min_replicas > 0:
@@ -102,6 +118,7 @@ class RegisterModelRequest(Strict):
     model_name: str
     engine: str | None = None
     gpu_memory_utilization: float | None = None
+    gpu_memory_mb: int | None = None
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     replicas: int = 1
@@ -122,6 +139,12 @@ class RegisterModelRequest(Strict):
         return ModelSpec.model_validate(data)
 
 
+class GpuProcess(BaseModel):
+    pid: int
+    used_mb: int = 0
+    ours: bool = False  # one of this worker's engines
+
+
 class GpuInfo(BaseModel):
     index: int
     uuid: str = ""
@@ -130,6 +153,18 @@ class GpuInfo(BaseModel):
     memory_used_mb: int = 0
     memory_free_mb: int = 0
     utilization_pct: int | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+    # Memory held by processes that are not this worker's engines (None: not known).
+    foreign_used_mb: int | None = None
+
+
+class Reservation(BaseModel):
+    """A ledger entry: GPU memory held for one instance until its engine is confirmed gone."""
+
+    alias: str
+    gpus: list[int]
+    mb_per_gpu: int
+    epoch: int = 0
 
 
 class WorkerRegistration(Strict):
@@ -159,7 +194,9 @@ class Assignment(BaseModel):
     # What the engine should be doing: serving, or asleep at the spec's sleep level.
     target: Literal["running", "sleeping"] = "running"
     gpus: list[int] = Field(default_factory=list)
-    reserved_mb: int = 0
+    mb_per_gpu: int = 0
+    # Computed from the reservation: what the engine is told it may use of each GPU.
+    gpu_memory_utilization: float | None = None
     spec_version: str = ""
     assigned_at: float = Field(default_factory=time.time)
 

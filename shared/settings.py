@@ -51,7 +51,7 @@ class RouterSettings(CommonSettings):
     route_refresh_s: float = Field(default=1.0, gt=0)
     # Engine used when a registration names none. Choosing "sim" is explicit: it is logged
     # and shown as the model's engine everywhere.
-    default_engine: Literal["vllm", "sim"] = "vllm"
+    default_engine: Literal["vllm", "sim", "llamacpp", "sglang"] = "vllm"
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     no_replica_retry_after_s: int = 5
@@ -83,7 +83,9 @@ class WorkerSettings(CommonSettings):
     # How vLLM is launched, split on spaces: "vllm serve" or
     # "python -m vllm.entrypoints.openai.api_server"; "auto" picks whichever is installed.
     vllm_command: str = "auto"
-    gpu_backend: Literal["nvml", "none"] = "nvml"
+    gpu_backend: Literal["nvml", "none", "fake"] = "nvml"
+    # GPU_BACKEND=fake: a JSON list of GPUs (index, memory_total_mb, memory_used_mb, ...).
+    fake_gpus: str = "[]"
     reconcile_interval_s: float = Field(default=1.0, gt=0)
     engine_start_timeout_s: float = Field(default=900.0, gt=0)
     engine_stop_grace_s: float = Field(default=15.0, gt=0)

@@ -1,20 +1,33 @@
-"""Pure placement decisions: inputs in, a choice (or the reasons for none) out. No I/O."""
+"""Pure placement decisions: inputs in, a choice (or the reasons for none) out. No I/O.
+
+GPU memory is accounted per GPU from the ledger (reservations of every instance the pool put
+on a worker, released only once its engine is confirmed gone) plus the memory used by
+processes the pool does not own. Several models share a GPU when their reservations fit;
+``tensor_parallel_size`` GPUs of one worker are taken for a sharded model.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.models import Assignment, GpuInfo, ModelSpec, WorkerView
+from shared.models import Assignment, GpuInfo, ModelSpec, Reservation, WorkerView
 
 # vLLM's own default when the spec sets no --gpu-memory-utilization.
 DEFAULT_GPU_UTILIZATION = 0.9
+
+Ledger = Mapping[str, Reservation]
 
 
 @dataclass(frozen=True)
 class Choice:
     worker_id: str
     gpus: list[int]
-    reserved_mb: int
+    mb_per_gpu: int
+    # The fraction of each chosen GPU's total the engine may use: the reservation, so that
+    # instances packed on one GPU all start.
+    utilization: float | None
 
 
 @dataclass
@@ -27,77 +40,87 @@ class Refusal:
         return "; ".join(self.reasons) if self.reasons else "no worker fits"
 
 
-def _available_mb(gpu: GpuInfo, reserved_mb: int) -> int:
-    # free memory already excludes running engines; reservations also cover engines that
-    # are still starting. Either bound may be the tighter one, so take the smaller.
-    return max(0, min(gpu.memory_free_mb, gpu.memory_total_mb - reserved_mb))
+def need_mb(spec: ModelSpec, gpu: GpuInfo) -> int:
+    if spec.gpu_memory_mb is not None:
+        return spec.gpu_memory_mb
+    return int(gpu.memory_total_mb * (spec.gpu_memory_utilization or DEFAULT_GPU_UTILIZATION))
 
 
-def _reserved_by_gpu(assigned: list[Assignment]) -> dict[int, int]:
+def reserved_by_gpu(ledger: Ledger) -> dict[int, int]:
     out: dict[int, int] = {}
-    for a in assigned:
-        for g in a.gpus:
-            out[g] = out.get(g, 0) + a.reserved_mb // max(1, len(a.gpus))
+    for r in ledger.values():
+        for g in r.gpus:
+            out[g] = out.get(g, 0) + r.mb_per_gpu
     return out
 
 
-def _fit_gpus(spec: ModelSpec, w: WorkerView, assigned: list[Assignment]) -> Choice | str:
+def available_mb(gpu: GpuInfo, reserved: int) -> int:
+    """Memory left on ``gpu`` for a new reservation."""
+    foreign = gpu.foreign_used_mb
+    if foreign is None:
+        # No per-process view: what is used beyond our reservations belongs to others.
+        foreign = max(0, gpu.memory_used_mb - reserved)
+    return max(0, gpu.memory_total_mb - reserved - foreign)
+
+
+def _fit_gpus(spec: ModelSpec, w: WorkerView, ledger: Ledger) -> Choice | str:
     """GPUs of ``w`` for ``spec``, or why there are none."""
     if not w.gpus:
-        return Choice(w.worker_id, [], 0)
-    util = spec.gpu_memory_utilization or DEFAULT_GPU_UTILIZATION
-    reserved = _reserved_by_gpu(assigned)
-    fitting = []
-    for g in w.gpus:
-        need = int(g.memory_total_mb * util)
-        avail = _available_mb(g, reserved.get(g.index, 0))
-        if avail >= need:
-            fitting.append((avail, g.index, need))
+        return Choice(w.worker_id, [], 0, spec.gpu_memory_utilization)
+    reserved = reserved_by_gpu(ledger)
+    free = {g.index: available_mb(g, reserved.get(g.index, 0)) for g in w.gpus}
+    # Most free first: spreads load and keeps room for big models on the emptier GPUs.
+    fitting = sorted((g for g in w.gpus if free[g.index] >= need_mb(spec, g)),
+                     key=lambda g: (-free[g.index], g.index))
     tp = spec.tensor_parallel_size
     if len(fitting) < tp:
-        return (
-            f"{w.worker_id}: needs {tp} GPU(s) with {util:.0%} of memory free, "
-            f"{len(fitting)} of {len(w.gpus)} have it"
-        )
-    fitting.sort(key=lambda t: (-t[0], t[1]))
+        need = min(need_mb(spec, g) for g in w.gpus)
+        return (f"{w.worker_id}: needs {tp} GPU(s) with {need} MB free, {len(fitting)} of "
+                f"{len(w.gpus)} have it (most free: {max(free.values())} MB)")
     chosen = fitting[:tp]
-    return Choice(w.worker_id, sorted(i for _, i, _ in chosen), sum(n for _, _, n in chosen))
+    mb = max(need_mb(spec, g) for g in chosen)
+    total = min(g.memory_total_mb for g in chosen)
+    util = math.floor(mb / total * 1000) / 1000 if total else None
+    return Choice(w.worker_id, sorted(g.index for g in chosen), mb, util)
+
+
+def _unfit_reason(spec: ModelSpec, w: WorkerView, mine: Mapping[str, Assignment]) -> str | None:
+    if not w.alive:
+        return f"{w.worker_id}: not alive"
+    if spec.alias in mine:
+        return f"{w.worker_id}: already runs it"
+    if spec.engine not in w.engines:
+        return (f"{w.worker_id}: engine '{spec.engine}' not available "
+                f"(has {', '.join(w.engines) or 'none'})")
+    if spec.engine == "vllm" and spec.sleep_mode and not w.gpus:
+        # vLLM's sleep mode needs CUDA memory pools: a CPU-only vLLM would fail to start.
+        return f"{w.worker_id}: vLLM sleep mode (idle_sleep_s) needs a GPU"
+    return None
 
 
 def choose_worker(
     spec: ModelSpec,
     workers: list[WorkerView],
-    assignments: dict[str, dict[str, Assignment]],
+    assignments: Mapping[str, Mapping[str, Assignment]],
+    ledgers: Mapping[str, Ledger] | None = None,
 ) -> Choice | Refusal:
     """Pick a live worker for one more replica of ``spec``.
 
     Skips workers that already run the alias (replicas spread over machines), honours a pinned
-    ``worker_id``, requires the engine, and prefers the least loaded worker.
+    ``worker_id``, requires the engine and the GPU memory, and prefers the least loaded worker.
     """
     refusal = Refusal()
     candidates: list[tuple[int, str, Choice]] = []
     for w in workers:
-        mine = assignments.get(w.worker_id, {})
         if spec.worker_id and w.worker_id != spec.worker_id:
             continue
-        if not w.alive:
-            refusal.reasons.append(f"{w.worker_id}: not alive")
-        elif spec.alias in mine:
-            refusal.reasons.append(f"{w.worker_id}: already runs it")
-        elif spec.engine not in w.engines:
-            refusal.reasons.append(
-                f"{w.worker_id}: engine '{spec.engine}' not available "
-                f"(has {', '.join(w.engines) or 'none'})"
-            )
-        elif spec.engine == "vllm" and spec.sleep_mode and not w.gpus:
-            # vLLM's sleep mode needs CUDA memory pools: a CPU-only vLLM would fail to start.
-            refusal.reasons.append(f"{w.worker_id}: vLLM sleep mode (idle_sleep_s) needs a GPU")
+        mine = assignments.get(w.worker_id, {})
+        reason = _unfit_reason(spec, w, mine)
+        fit = reason or _fit_gpus(spec, w, (ledgers or {}).get(w.worker_id, {}))
+        if isinstance(fit, str):
+            refusal.reasons.append(fit)
         else:
-            fit = _fit_gpus(spec, w, list(mine.values()))
-            if isinstance(fit, str):
-                refusal.reasons.append(fit)
-            else:
-                candidates.append((len(mine), w.worker_id, fit))
+            candidates.append((len(mine), w.worker_id, fit))
     if candidates:
         return min(candidates, key=lambda c: (c[0], c[1]))[2]
     if spec.worker_id and not refusal.reasons:

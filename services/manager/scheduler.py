@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from services.manager.placement import Choice, choose_worker
 from services.manager.residency import Decision, Usage, decide
 from shared.events import Nudger
-from shared.models import Assignment, WorkerView
+from shared.models import Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import NotLeader, Store, StoredModel
 
@@ -75,6 +75,7 @@ class Scheduler:
         workers = await self.store.list_workers()
         models = {m.spec.alias: m for m in await self.store.list_models()}
         assigns = await self.store.assignments(w.worker_id for w in workers)
+        ledgers = await self.store.ledgers(w.worker_id for w in workers)
         for w in workers:
             if not w.alive and assigns[w.worker_id]:
                 await self._forget(w, list(models))
@@ -99,7 +100,7 @@ class Scheduler:
                     demand = False
                 decision = decide(model.spec, assigned, observed, demand, now)
                 await self._apply_residency(alias, decision, assigns)
-                await self._converge_model(model, decision.desired, workers, assigns)
+                await self._converge_model(model, decision.desired, workers, assigns, ledgers)
 
     async def _forget(self, w: WorkerView, aliases: list[str]) -> None:
         logger.warning("worker %s is dead (heartbeat expired); re-placing its models", w.worker_id)
@@ -128,6 +129,7 @@ class Scheduler:
         desired: int,
         workers: list[WorkerView],
         assigns: dict[str, dict[str, Assignment]],
+        ledgers: dict[str, dict[str, Reservation]],
     ) -> None:
         spec = model.spec
         # An operator's manual placements are extra to `replicas` and never undone: the
@@ -135,7 +137,7 @@ class Scheduler:
         holders = [w for w, mine in assigns.items()
                    if spec.alias in mine and mine[spec.alias].source == "scheduler"]
         for _ in range(desired - len(holders)):
-            choice = choose_worker(spec, workers, assigns)
+            choice = choose_worker(spec, workers, assigns, ledgers)
             if not isinstance(choice, Choice):
                 await self._note_unplaced(spec.alias, choice.text())
                 return
@@ -144,13 +146,18 @@ class Scheduler:
                 worker_id=choice.worker_id,
                 epoch=self.state.epoch,
                 gpus=choice.gpus,
-                reserved_mb=choice.reserved_mb,
+                mb_per_gpu=choice.mb_per_gpu,
+                gpu_memory_utilization=choice.utilization,
                 spec_version=model.version,
             )
             await self.store.assign(self.token, a)
             assigns[choice.worker_id][spec.alias] = a
+            if a.gpus:
+                ledgers.setdefault(choice.worker_id, {})[spec.alias] = Reservation(
+                    alias=spec.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
             self._reasons.pop(spec.alias, None)
-            logger.info("placed %s on %s (gpus %s)", spec.alias, choice.worker_id, choice.gpus)
+            logger.info("placed %s on %s (gpus %s, %d MB each, utilization %s)", spec.alias,
+                        choice.worker_id, choice.gpus, choice.mb_per_gpu, choice.utilization)
         for w in sorted(holders, reverse=True)[: max(0, len(holders) - desired)]:
             await self.store.unassign(self.token, w, spec.alias)
             del assigns[w][spec.alias]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -44,11 +45,23 @@ def serve(config: EngineConfig) -> int:
     return 0 if server.started else 1
 
 
+def spawn_engine_core() -> subprocess.Popen[bytes]:
+    """A child in the same process group that outlives a SIGKILLed parent, like vLLM's."""
+    code = "import time\nwhile True: time.sleep(60)"
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     if not load_model(config):
         return 1
-    return serve(config)
+    core = spawn_engine_core() if config.spawn_child else None
+    try:
+        return serve(config)
+    finally:
+        if core is not None:
+            core.terminate()
+            core.wait(timeout=5)
 
 
 if __name__ == "__main__":

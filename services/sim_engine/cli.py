@@ -35,6 +35,7 @@ class EngineConfig:
     wake_delay_l2: float
     embedding_dim: int
     max_tokens_default: int
+    spawn_child: bool = False
 
 
 def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,9 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wake-delay-l2", type=float, default=1.0)
     parser.add_argument("--embedding-dim", type=int, default=32)
     parser.add_argument("--max-tokens-default", type=int, default=16)
+    # vLLM runs its engine core in a child process of the API server; this mimics that
+    # layout so process-group and orphan handling are tested against it.
+    parser.add_argument("--spawn-child", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineConfig:
         wake_delay_l1=ns.wake_delay_l1,
         wake_delay_l2=ns.wake_delay_l2,
         embedding_dim=ns.embedding_dim,
+        spawn_child=ns.spawn_child,
         max_tokens_default=ns.max_tokens_default,
     )
 

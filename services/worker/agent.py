@@ -7,11 +7,12 @@ import logging
 
 import httpx
 
-from services.worker.gpu import GpuInventory
+from services.worker.gpu import GpuInventory, account
+from services.worker.orphans import kill_orphans
 from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
-from shared.models import Heartbeat, WorkerRegistration
+from shared.models import GpuInfo, Heartbeat, WorkerRegistration
 from shared.settings import WorkerSettings
 from shared.store import Store
 
@@ -42,8 +43,13 @@ class Agent:
     def worker_id(self) -> str:
         return self.settings.worker_id
 
-    def registration(self) -> WorkerRegistration:
+    def read_gpus(self) -> tuple[list[GpuInfo], str]:
         gpus, message = self.gpus.read()
+        sup = self.supervisor
+        return account(gpus, sup.engine_pgids(), sup.reserved_by_gpu()), message
+
+    def registration(self) -> WorkerRegistration:
+        gpus, message = self.read_gpus()
         return WorkerRegistration(
             worker_id=self.worker_id,
             url=self.supervisor.url,
@@ -54,7 +60,7 @@ class Agent:
         )
 
     def heartbeat_body(self) -> Heartbeat:
-        gpus, message = self.gpus.read()
+        gpus, message = self.read_gpus()
         states: dict[str, float] = {"instances": float(len(self.supervisor.instances))}
         return Heartbeat(gpus=gpus, gpu_message=message, load=states)
 
@@ -111,19 +117,37 @@ class Agent:
                 logger.warning("heartbeat failed: %s", e)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
-    async def wanted(self) -> Wanted:
-        assigned = await self.store.worker_assignments(self.worker_id)
+    async def recover(self) -> None:
+        """Before anything starts: end engines a crashed predecessor left running, and drop
+        its instance records and routes (the reconcile loop starts afresh what is assigned)."""
+        grace = self.settings.engine_stop_grace_s
+        killed = await asyncio.to_thread(kill_orphans, self.worker_id, grace)
+        try:
+            aliases = [m.spec.alias for m in await self.store.list_models()]
+            records = await self.store.instances_by_alias(aliases)
+            for alias, by_worker in records.items():
+                if self.worker_id in by_worker:
+                    await self.store.delete_instance(alias, self.worker_id)
+        except Exception as e:  # noqa: BLE001 - Redis down: records are rewritten on start
+            logger.warning("could not clear stale instance records: %s", e)
+        if killed:
+            logger.warning("recovered from a crash: ended %d orphaned engine process(es)",
+                           len(killed))
+
+    async def wanted(self) -> tuple[Wanted, set[str]]:
+        """What is assigned here (with each model), and the aliases reserved in the ledger."""
+        assigned, reserved = await self.store.worker_state(self.worker_id)
         out: Wanted = {}
         for alias, a in assigned.items():
             model = await self.store.get_model(alias)
             if model is not None:
                 out[alias] = (a, model)
-        return out
+        return out, reserved
 
     async def reconcile_loop(self) -> None:
         while True:
             try:
-                await self.supervisor.reconcile(await self.wanted())
+                await self.supervisor.reconcile(*await self.wanted())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - converge on the next pass

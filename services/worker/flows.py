@@ -65,13 +65,13 @@ class Flows:
         port = free_port()
         log_path = self.settings.state_dir / self.worker_id / f"{inst.alias}.log"
         try:
-            launch = self.drivers[spec.engine].launch(spec, port, inst.assignment.gpus)
+            launch = self.drivers[spec.engine].launch(spec, port, inst.assignment)
         except (KeyError, RuntimeError) as e:
             await self.fail(inst, f"cannot launch engine '{spec.engine}' here: {e}")
             return
         inst.engine = EngineProcess(launch, port, log_path)
         logger.info("starting %s (%s) on port %d: %s", inst.alias, spec.engine, port, launch.argv)
-        inst.engine.start()
+        inst.engine.start(f"{self.worker_id}/{inst.alias}")
         await self.publish(inst)
         try:
             await inst.engine.wait_ready(self.client, self.settings.engine_start_timeout_s)

@@ -94,4 +94,4 @@ def host_ram_mb(inst: Instance) -> int:
     if spec.weights_mb is not None:
         return spec.weights_mb
     size = dir_size_mb(spec.model_name)
-    return size if size is not None else inst.assignment.reserved_mb
+    return size if size is not None else inst.assignment.mb_per_gpu * len(inst.assignment.gpus)

@@ -28,12 +28,15 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     drivers = available_drivers(settings.worker_engines, settings.vllm_command)
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)
-    agent = Agent(store, settings, supervisor, open_inventory(settings.gpu_backend), nudger, client)
+    inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
+    agent = Agent(store, settings, supervisor, inventory, nudger, client)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if "vllm" not in drivers:
-            logger.warning("vLLM is not available on this worker; it runs engine 'sim' only")
+            logger.warning("vLLM is not available on this worker; it runs engines: %s",
+                           ", ".join(sorted(drivers)))
+        await agent.recover()
         async with background(nudger.run(), agent.heartbeat_loop(), agent.reconcile_loop()):
             yield
         await supervisor.stop_all()

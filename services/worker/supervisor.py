@@ -44,6 +44,8 @@ class Supervisor:
         self.url = self.flows.url
         self._lock = asyncio.Lock()
         self._reported: dict[str, tuple[int, float]] = {}
+        # Stopped engines whose GPU reservation waits for their processes to be gone.
+        self._releasing: dict[str, EngineProcess | None] = {}
 
     @property
     def worker_id(self) -> str:
@@ -56,6 +58,25 @@ class Supervisor:
     def sleeping_ram_mb(self) -> int:
         return sum(host_ram_mb(i) for i in self.instances.values()
                    if i.state is S.SLEEPING and i.sleep_level == 1)
+
+    # ------------------------------------------------------------------ GPU accounting
+    def _live(self) -> list[Instance]:
+        return [i for i in self.instances.values()
+                if i.engine is not None and i.engine.exit_code() is None]
+
+    def engine_pgids(self) -> set[int]:
+        return {i.engine.pid for i in self._live() if i.engine and i.engine.pid}
+
+    def engine_uses(self) -> list[tuple[int, int, int]]:
+        """(pid, GPU, MB) of each live engine: what a real GPU would show as its processes."""
+        return [(i.engine.pid, g, i.assignment.mb_per_gpu) for i in self._live()
+                if i.engine and i.engine.pid for g in i.assignment.gpus]
+
+    def reserved_by_gpu(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for _, g, mb in self.engine_uses():
+            out[g] = out.get(g, 0) + mb
+        return out
 
     # ------------------------------------------------------------------ request accounting
     def begin(self, alias: str) -> None:
@@ -71,8 +92,9 @@ class Supervisor:
             inst.last_request_at = time.time()
 
     # ------------------------------------------------------------------ reconcile
-    async def reconcile(self, wanted: Wanted) -> None:
-        """Converge local instances to ``wanted`` (alias -> assignment and model)."""
+    async def reconcile(self, wanted: Wanted, reserved: set[str] | None = None) -> None:
+        """Converge local instances to ``wanted`` (alias -> assignment and model), and release
+        the ledger entries in ``reserved`` that no engine of this worker holds any more."""
         async with self._lock:
             for alias, inst in list(self.instances.items()):
                 want = wanted.get(alias)
@@ -88,6 +110,16 @@ class Supervisor:
                     current.assignment = a
                     await self._converge(current)
             await self._report_usage()
+            await self._release(set(reserved or ()) - set(wanted) - set(self.instances))
+
+    async def _release(self, aliases: set[str]) -> None:
+        """Give back GPU reservations, each only once its engine's processes are all gone."""
+        for alias in aliases | set(self._releasing):
+            engine = self._releasing.get(alias)
+            if alias in self.instances or (engine is not None and not engine.gone()):
+                continue
+            await self.store.release_reservation(self.worker_id, alias)
+            self._releasing.pop(alias, None)
 
     async def _converge(self, inst: Instance) -> None:
         if inst.busy:
@@ -147,6 +179,7 @@ class Supervisor:
             if inst.engine is not None:
                 code = await inst.engine.stop(self.settings.engine_stop_grace_s)
                 logger.info("stopped %s (exit code %s)", alias, code)
+            self._releasing[alias] = inst.engine
         await self.store.delete_instance(alias, self.worker_id)
 
     async def republish(self) -> None:

@@ -9,7 +9,7 @@ from typing import cast
 
 from redis.asyncio.client import Pipeline
 
-from shared.models import Assignment
+from shared.models import Assignment, Reservation
 from shared.store.base import StoreBase
 
 # Renews the lease when this holder has it, takes it when nobody does (with a new epoch).
@@ -31,6 +31,12 @@ return e
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+
+_RELEASE_RESERVATION_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+return redis.call('HDEL', KEYS[2], ARGV[1])
 """
 
 
@@ -63,8 +69,15 @@ class SchedulingStore(StoreBase):
         return (await self.assignments([worker_id]))[worker_id]
 
     async def assign(self, token: str, a: Assignment) -> None:
+        """Write (or update) an assignment and, for GPU instances, its ledger reservation,
+        in one fenced transaction."""
+
         def build(p: Pipeline) -> None:
             p.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
+            if a.gpus:
+                r = Reservation(alias=a.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu,
+                                epoch=a.epoch)
+                p.hset(self.k.ledger(a.worker_id), a.alias, r.model_dump_json())
             p.delete(self.k.placement(a.alias))
 
         await self._fenced(token, build)
@@ -91,6 +104,33 @@ class SchedulingStore(StoreBase):
 
         await self._fenced(token, build)
         await self.publish("route", worker=worker_id)
+
+    async def ledgers(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Reservation]]:
+        ids = list(worker_ids)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for w in ids:
+                pipe.hgetall(self.k.ledger(w))
+            raws = await pipe.execute()
+        return {
+            w: {a: Reservation.model_validate_json(v) for a, v in raw.items()}
+            for w, raw in zip(ids, raws, strict=True)
+        }
+
+    async def worker_state(self, worker_id: str) -> tuple[dict[str, Assignment], set[str]]:
+        """A worker's assignments and the aliases of its ledger, read in one snapshot (so an
+        assignment and its reservation are never seen apart)."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.k.assign(worker_id))
+            pipe.hkeys(self.k.ledger(worker_id))
+            raw, reserved = await pipe.execute()
+        return {a: Assignment.model_validate_json(v) for a, v in raw.items()}, set(reserved)
+
+    async def release_reservation(self, worker_id: str, alias: str) -> bool:
+        """Drop a ledger entry once its engine is confirmed gone, unless the alias has been
+        assigned to this worker again meanwhile (the entry then belongs to the new one)."""
+        res = await self.r.eval(_RELEASE_RESERVATION_LUA, 2, self.k.assign(worker_id),
+                                self.k.ledger(worker_id), alias)
+        return bool(res)
 
     async def manual_assign(self, a: Assignment) -> None:
         """An operator's placement: not fenced (it is not the scheduler's decision), and it

@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from services.worker.engines.llamacpp import build_llama_cpp_python_args, build_llama_server_args
+from services.worker.engines.sglang import build_sglang_args
 from services.worker.engines.vllm import build_vllm_args, cuda_env
 from shared.engine_args import ExtraArgsError, normalize_extra_args
 from shared.models import ModelSpec, RegisterModelRequest
@@ -69,3 +71,31 @@ def test_vllm_argument_list() -> None:
     assert "--gpu-memory-utilization" not in minimal and "--max-model-len" not in minimal
     assert cuda_env([2, 3]) == {"CUDA_VISIBLE_DEVICES": "2,3"}
     assert cuda_env([]) == {}
+
+
+def test_llamacpp_and_sglang_argument_lists() -> None:
+    gguf = ModelSpec.model_validate({"alias": "g", "model_name": "/models/tiny.gguf",
+                                     "engine": "llamacpp", "max_model_len": 2048,
+                                     "extra_args": ["--threads", "4"]})
+    assert build_llama_server_args("llama-server", gguf, 9000, [0]) == [
+        "llama-server", "--model", "/models/tiny.gguf", "--alias", "g", "--host", "127.0.0.1",
+        "--port", "9000", "--n-gpu-layers", "999", "--ctx-size", "2048", "--threads", "4"]
+    py = build_llama_cpp_python_args(gguf, 9000, [])
+    assert py[1:3] == ["-m", "llama_cpp.server"] and "--n_ctx" in py
+    assert py[py.index("--n_gpu_layers") + 1] == "0"
+    with pytest.raises(ValidationError, match=r"\.gguf"):
+        ModelSpec.model_validate({"alias": "g", "model_name": "org/m", "engine": "llamacpp"})
+    sg = ModelSpec.model_validate({"alias": "s", "model_name": "org/m", "engine": "sglang",
+                                   "tensor_parallel_size": 2})
+    argv = build_sglang_args(sg, 9001, 0.45)
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    assert argv[argv.index("--mem-fraction-static") + 1] == "0.45"
+    assert argv[argv.index("--tp") + 1] == "2"
+    with pytest.raises(ValidationError, match="no sleep mode"):
+        ModelSpec.model_validate({"alias": "s", "model_name": "org/m", "engine": "sglang",
+                                  "idle_sleep_s": 10})
+
+
+def test_vllm_gets_the_reserved_share() -> None:
+    argv = build_vllm_args(["vllm", "serve"], make(gpu_memory_mb=30_000), 1, gpu_util=0.375)
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.375"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from services.worker.engines.base import EngineDriver
+from services.worker.engines.llamacpp import LlamaCppDriver
+from services.worker.engines.sglang import SglangDriver
 from services.worker.engines.sim import SimDriver
 from services.worker.engines.vllm import VllmDriver
 
@@ -12,7 +14,10 @@ def available_drivers(engines_setting: str, vllm_command: str) -> dict[str, Engi
 
     A named engine that cannot run here is an error at start-up, not a silent omission.
     """
-    all_drivers: dict[str, EngineDriver] = {"sim": SimDriver(), "vllm": VllmDriver(vllm_command)}
+    all_drivers: dict[str, EngineDriver] = {
+        "sim": SimDriver(), "vllm": VllmDriver(vllm_command),
+        "llamacpp": LlamaCppDriver(), "sglang": SglangDriver(),
+    }
     if engines_setting == "auto":
         return {n: d for n, d in all_drivers.items() if d.unavailable_reason() is None}
     out: dict[str, EngineDriver] = {}

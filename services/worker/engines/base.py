@@ -17,13 +17,15 @@ from typing import Protocol
 import httpx
 
 from shared import procs
-from shared.models import ModelSpec
+from shared.models import Assignment, ModelSpec
 
 
 @dataclass(frozen=True)
 class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # Answers 200 once the engine serves (llama-cpp-python's server has no /health).
+    health_path: str = "/health"
 
 
 class EngineDriver(Protocol):
@@ -32,8 +34,12 @@ class EngineDriver(Protocol):
     def unavailable_reason(self) -> str | None:
         """None when this machine can run the engine, else why not."""
 
-    def launch(self, spec: ModelSpec, port: int, gpus: list[int]) -> Launch:
-        """The argument list (never a shell string) and extra environment."""
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
+        """The argument list (never a shell string) and extra environment for ``spec`` on
+        the GPUs (and memory share) of its assignment."""
+
+
+ORPHAN_MARKER = "SVLLM_ENGINE_OF"
 
 
 class EngineExited(Exception):
@@ -54,8 +60,10 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> None:
-        env = {**os.environ, **self.launch.env}
+    def start(self, marker: str) -> None:
+        # The marker is inherited by every process the engine spawns, so a restarted worker
+        # can find what a crashed one left behind (see services.worker.orphans).
+        env = {**os.environ, **self.launch.env, ORPHAN_MARKER: marker}
         self.proc = procs.spawn(
             self.launch.argv, log_path=self.log_path, env=env, die_with_parent=True
         )
@@ -65,7 +73,7 @@ class EngineProcess:
 
     async def health(self, client: httpx.AsyncClient) -> bool:
         try:
-            r = await client.get(f"{self.base_url}/health", timeout=2.0)
+            r = await client.get(f"{self.base_url}{self.launch.health_path}", timeout=2.0)
         except httpx.HTTPError:
             return False
         return r.status_code == 200
@@ -88,6 +96,10 @@ class EngineProcess:
         if self.proc is None:
             return None
         return await asyncio.to_thread(procs.stop, self.proc, grace_s)
+
+    def gone(self) -> bool:
+        """True once no process of the engine's group is left (its GPU memory is free)."""
+        return self.proc is None or not procs.group_alive(self.proc.pid)
 
     async def _post(self, client: httpx.AsyncClient, path: str, timeout_s: float,
                     json: dict[str, object] | None = None) -> httpx.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from services.worker.engines.base import Launch
-from shared.models import ModelSpec
+from shared.models import Assignment, ModelSpec
 
 
 class SimDriver:
@@ -14,7 +14,7 @@ class SimDriver:
     def unavailable_reason(self) -> str | None:
         return None
 
-    def launch(self, spec: ModelSpec, port: int, gpus: list[int]) -> Launch:
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
         argv = [
             sys.executable, "-m", "services.sim_engine",
             "--model", spec.model_name,
@@ -22,6 +22,9 @@ class SimDriver:
             "--host", "127.0.0.1",
             "--port", str(port),
         ]
+        util = placed.gpu_memory_utilization or spec.gpu_memory_utilization
+        if util is not None:
+            argv += ["--gpu-memory-utilization", f"{util:g}"]
         if spec.max_model_len is not None:
             argv += ["--max-model-len", str(spec.max_model_len)]
         if spec.sleep_mode and "--enable-sleep-mode" not in spec.extra_args:

@@ -7,7 +7,7 @@ import shutil
 import sys
 
 from services.worker.engines.base import Launch
-from shared.models import ModelSpec
+from shared.models import Assignment, ModelSpec
 
 
 def resolve_command(setting: str) -> list[str] | None:
@@ -23,8 +23,11 @@ def resolve_command(setting: str) -> list[str] | None:
     return None
 
 
-def build_vllm_args(prefix: list[str], spec: ModelSpec, port: int) -> list[str]:
-    """The full argument list for one vLLM instance of ``spec`` (pure)."""
+def build_vllm_args(
+    prefix: list[str], spec: ModelSpec, port: int, gpu_util: float | None = None
+) -> list[str]:
+    """The full argument list for one vLLM instance of ``spec`` (pure). ``gpu_util``, the
+    share of each GPU the scheduler reserved, overrides the spec's own fraction."""
     argv = [
         *prefix,
         "--model", spec.model_name,
@@ -33,8 +36,9 @@ def build_vllm_args(prefix: list[str], spec: ModelSpec, port: int) -> list[str]:
         "--port", str(port),
         "--tensor-parallel-size", str(spec.tensor_parallel_size),
     ]
-    if spec.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+    util = gpu_util if gpu_util is not None else spec.gpu_memory_utilization
+    if util is not None:
+        argv += ["--gpu-memory-utilization", f"{util:g}"]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.sleep_mode and "--enable-sleep-mode" not in spec.extra_args:
@@ -59,11 +63,12 @@ class VllmDriver:
             return f"vLLM command not found: {self.prefix[0]}"
         return None
 
-    def launch(self, spec: ModelSpec, port: int, gpus: list[int]) -> Launch:
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
         if self.prefix is None:
             raise RuntimeError(self.unavailable_reason())
-        env = cuda_env(gpus)
+        env = cuda_env(placed.gpus)
         if spec.sleep_mode:
             # vLLM serves /sleep, /wake_up and /is_sleeping only in dev mode.
             env["VLLM_SERVER_DEV_MODE"] = "1"
-        return Launch(build_vllm_args(self.prefix, spec, port), env)
+        argv = build_vllm_args(self.prefix, spec, port, placed.gpu_memory_utilization)
+        return Launch(argv, env)

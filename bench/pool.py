@@ -1,0 +1,115 @@
+"""The pool under test: redis-server, manager, worker (with its sim engines) and router, each a
+real process pinned to the server core, plus helpers to register and find models."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.procset import (
+    PYTHON,
+    SERVER_CORE,
+    Children,
+    free_port,
+    need,
+    pinned,
+    wait_http,
+    wait_tcp,
+)
+
+# One alias per engine variant: zero-latency generation and 5 ms between tokens.
+ALIASES: dict[str, list[str]] = {"sim0": [], "sim5": ["--itl", "0.005"]}
+
+
+@dataclass(frozen=True)
+class Engine:
+    alias: str
+    url: str
+    pid: int
+
+
+@dataclass
+class Pool:
+    redis_url: str
+    urls: dict[str, str]  # service -> base URL
+    pids: dict[str, int]  # service -> pid (each leads its own process group)
+    engines: dict[str, Engine] = field(default_factory=dict)
+
+
+def start_redis(children: Children, data_dir: Path) -> tuple[str, int]:
+    """A throwaway redis-server: free port, no persistence (nothing to fsync mid-run)."""
+    binary = need("redis-server", "apt-get install redis-server")
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(data_dir)]
+    proc = children.start("redis", pinned(SERVER_CORE, argv))
+    wait_tcp(port, proc, children.log("redis"), 10)
+    return f"redis://127.0.0.1:{port}/0", proc.pid
+
+
+def service_env(redis_url: str, state_dir: Path) -> dict[str, str]:
+    return {
+        # A clean environment: REDIS_URL & co. from the caller's shell must not leak in.
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"),
+        "REDIS_URL": redis_url, "REDIS_PREFIX": "bench", "GPU_BACKEND": "none",
+        "WORKER_ENGINES": "sim", "DEFAULT_ENGINE": "sim", "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "text", "WORKER_ID": "bench-worker", "STATE_DIR": str(state_dir),
+    }
+
+
+def start_pool(children: Children, run_dir: Path) -> Pool:
+    redis_url, redis_pid = start_redis(children, run_dir / "redis")
+    env = service_env(redis_url, run_dir / "state")
+    pool = Pool(redis_url, {}, {"redis": redis_pid})
+    for name in ("manager", "worker", "router"):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env |= {f"{name.upper()}_HOST": "127.0.0.1", f"{name.upper()}_PORT": str(port)}
+        if name == "worker":
+            env["WORKER_URL"] = url
+        proc = children.start(
+            name, pinned(SERVER_CORE, [PYTHON, "-m", f"services.{name}.main"]), dict(env)
+        )
+        wait_http(f"{url}/health", proc, children.log(name), 60)
+        pool.urls[name], pool.pids[name] = url, proc.pid
+    return pool
+
+
+def register_models(pool: Pool, timeout_s: float = 60) -> None:
+    router = pool.urls["router"]
+    for alias, extra in ALIASES.items():
+        spec = {"alias": alias, "model_name": f"sim/{alias}", "engine": "sim",
+                "extra_args": extra}
+        httpx.post(f"{router}/admin/models/register", json=spec, timeout=10).raise_for_status()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pool.engines = _running_engines(router)
+        if set(pool.engines) == set(ALIASES) and all(_answers(router, a) for a in ALIASES):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"models not serving after {timeout_s:.0f}s: {sorted(pool.engines)}")
+
+
+def _running_engines(router: str) -> dict[str, Engine]:
+    """alias -> its engine's loopback URL and pid, from the pool's own status."""
+    status = httpx.get(f"{router}/admin/status", timeout=10).json()
+    out = {}
+    for model in status["models"]:
+        for inst in model["instances"]:
+            if inst.get("state") == "RUNNING" and int(inst.get("port", 0)):
+                out[model["alias"]] = Engine(model["alias"], f"http://127.0.0.1:{inst['port']}",
+                                             int(inst["pid"]))
+    return out
+
+
+def _answers(base: str, alias: str) -> bool:
+    body = {"model": alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    try:
+        return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).is_success
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,125 @@
+"""Repetitions -> medians and spreads, the goals, and the Markdown tables of the data plane."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+Samples = list[dict[str, Any]]  # one measured point per repetition
+# Services whose CPU is shown; the others (redis, manager) only idle along.
+CPU_SERVICES = ("engine", "worker", "router", "nginx", "vllm-router")
+
+
+def spread(samples: Samples, get: Callable[[dict[str, Any]], float]) -> dict[str, float]:
+    values = [get(s) for s in samples]
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(samples: Samples) -> dict[str, Any]:
+    """Median and min-max of every numeric metric, CPU per service included."""
+    out: dict[str, Any] = {}
+    for key, value in samples[0].items():
+        if isinstance(value, dict):
+            out[key] = {k: spread(samples, lambda s, key=key, k=k: s[key][k]) for k in value}
+        elif isinstance(value, int | float):
+            out[key] = spread(samples, lambda s, key=key: float(s[key]))
+    return out
+
+
+def med(summary: dict[str, Any], *path: str) -> float:
+    node: Any = summary
+    for p in path:
+        node = node[p]
+    return float(node["median"])
+
+
+def _fmt(v: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(v) else f"{v:,.{digits}f}"
+
+
+def _range(s: dict[str, float], digits: int = 0) -> str:
+    if s["min"] == s["max"]:
+        return _fmt(s["median"], digits)
+    return f"{_fmt(s['median'], digits)} ({_fmt(s['min'], digits)}–{_fmt(s['max'], digits)})"
+
+
+def _cpu_cells(summary: dict[str, Any]) -> list[str]:
+    cpu = summary["cpu_us"]
+    return [_fmt(cpu[n]["median"], 0) if cpu[n]["median"] >= 5 else "·" for n in CPU_SERVICES]
+
+
+def plain_table(plain: dict[str, dict[str, Any]]) -> str:
+    """``plain[point][config]`` -> summary; one row per point and configuration."""
+    head = ("| c | configuration | req/s median (min–max) | p50 ms | p99 ms | errors | "
+            + " | ".join(f"CPU µs/req {n}" for n in CPU_SERVICES) + " |")
+    rows = [head, "|" + "---|" * (6 + len(CPU_SERVICES))]
+    for point, configs in plain.items():
+        for config, s in configs.items():
+            rows.append(
+                f"| {point.removeprefix('c')} | {config} | {_range(s['rps'])} | "
+                f"{_fmt(med(s, 'p50_ms'), 2)} | {_fmt(med(s, 'p99_ms'), 2)} | "
+                f"{_fmt(s['errors']['max'], 0)} | " + " | ".join(_cpu_cells(s)) + " |")
+    return "\n".join(rows)
+
+
+def stream_table(streams: dict[str, dict[str, Any]]) -> str:
+    head = ("| point | configuration | chunks/s median (min–max) | TTFT p50 ms | TTFT p99 ms | "
+            "gap p99 ms | coalesced | errors | "
+            + " | ".join(f"CPU µs/stream {n}" for n in CPU_SERVICES) + " |")
+    rows = [head, "|" + "---|" * (8 + len(CPU_SERVICES))]
+    for point, configs in streams.items():
+        for config, s in configs.items():
+            rows.append(
+                f"| {point} | {config} | {_range(s['chunks_per_s'])} | "
+                f"{_fmt(med(s, 'ttft_p50_ms'), 2)} | {_fmt(med(s, 'ttft_p99_ms'), 2)} | "
+                f"{_fmt(med(s, 'gap_p99_ms'), 2)} | {med(s, 'coalesced_share'):.1%} | "
+                f"{_fmt(s['errors']['max'], 0)} | " + " | ".join(_cpu_cells(s)) + " |")
+    return "\n".join(rows)
+
+
+def goals(plain: dict[str, dict[str, Any]], streams: dict[str, dict[str, Any]]) -> list[dict]:
+    """The issue's targets, each with its measured value and whether it was met."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, limit: float, ok: bool, unit: str) -> None:
+        out.append({"goal": name, "value": value, "limit": limit, "met": ok, "unit": unit})
+
+    if "c1" in plain and {"direct", "router"} <= set(plain["c1"]):
+        added = med(plain["c1"]["router"], "p50_ms") - med(plain["c1"]["direct"], "p50_ms")
+        add("added p50 latency, router+worker vs direct, c=1", added, 1.0, added <= 1.0, "ms")
+    for point in ("c16", "c64"):
+        configs = plain.get(point, {})
+        if {"router", "vllm-router"} <= set(configs):
+            ratio = med(configs["router"], "rps") / med(configs["vllm-router"], "rps")
+            add(f"req/s router+worker / vllm-router, {point}", ratio, 0.5, ratio >= 0.5, "ratio")
+    for point, configs in streams.items():
+        if {"router", "direct"} <= set(configs):
+            r, d = configs["router"], configs["direct"]
+            ratio = med(r, "chunks_per_s") / med(d, "chunks_per_s")
+            add(f"chunks/s router / direct, {point}", ratio, 0.97, ratio >= 0.97, "ratio")
+            co_r, co_d = med(r, "coalesced_share"), med(d, "coalesced_share")
+            add(f"coalesced share router vs direct ({co_d:.1%}), {point}", co_r, co_d,
+                co_r <= co_d, "share")
+            ttft = med(r, "ttft_p50_ms") - med(d, "ttft_p50_ms")
+            add(f"added TTFT p50, {point}", ttft, 2.0, ttft <= 2.0, "ms")
+    if "router" in plain.get("c16", {}):
+        s = plain["c16"]["router"]
+        total = med(s, "cpu_us", "router") + med(s, "cpu_us", "worker")
+        add("CPU per request router + worker, c=16", total, 600.0, total <= 600.0, "µs")
+    return out
+
+
+def goals_table(items: list[dict[str, Any]]) -> str:
+    rows = ["| goal | measured | limit | met |", "|---|---|---|---|"]
+    for g in items:
+        fmt = "{:.1%}" if g["unit"] == "share" else "{:.2f}"
+        value, limit = fmt.format(g["value"]), fmt.format(g["limit"])
+        unit = "" if g["unit"] in ("ratio", "share") else f" {g['unit']}"
+        rows.append(f"| {g['goal']} | {value}{unit} | {limit}{unit} | "
+                    f"{'yes' if g['met'] else '**no**'} |")
+    return "\n".join(rows)

@@ -1,0 +1,53 @@
+"""GGUF models through llama.cpp's OpenAI-compatible server: the `llama-server` binary, or
+llama-cpp-python's `python -m llama_cpp.server`, whichever is installed (binary first)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+
+from services.worker.engines.base import Launch
+from shared.models import Assignment, ModelSpec
+
+
+def build_llama_server_args(binary: str, spec: ModelSpec, port: int, gpus: list[int]) -> list[str]:
+    argv = [binary, "--model", spec.model_name, "--alias", spec.alias,
+            "--host", "127.0.0.1", "--port", str(port),
+            # All layers on the GPU when one is assigned; none otherwise.
+            "--n-gpu-layers", "999" if gpus else "0"]
+    if spec.max_model_len is not None:
+        argv += ["--ctx-size", str(spec.max_model_len)]
+    return argv + spec.extra_args
+
+
+def build_llama_cpp_python_args(spec: ModelSpec, port: int, gpus: list[int]) -> list[str]:
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", spec.model_name,
+            "--model_alias", spec.alias, "--host", "127.0.0.1", "--port", str(port),
+            "--n_gpu_layers", "-1" if gpus else "0"]
+    if spec.max_model_len is not None:
+        argv += ["--n_ctx", str(spec.max_model_len)]
+    return argv + spec.extra_args
+
+
+class LlamaCppDriver:
+    name = "llamacpp"
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("llama-server")
+        self.module = importlib.util.find_spec("llama_cpp") is not None
+
+    def unavailable_reason(self) -> str | None:
+        if self.binary or self.module:
+            return None
+        return "llama.cpp is not installed (no `llama-server` on PATH, no llama_cpp module)"
+
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placed.gpus))} if placed.gpus else {}
+        if self.binary:
+            return Launch(build_llama_server_args(self.binary, spec, port, placed.gpus), env)
+        if self.module:
+            # llama-cpp-python's server has no /health; /v1/models answers once loaded.
+            argv = build_llama_cpp_python_args(spec, port, placed.gpus)
+            return Launch(argv, env, health_path="/v1/models")
+        raise RuntimeError(self.unavailable_reason())
