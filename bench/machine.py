@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.procset import SERVER_CORE, LOAD_CORE, need
+from bench.procset import LOAD_CORE, SERVER_CORE, need
 
 
 def _cpu_model() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,9 +15,17 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from shared.errors import BadRequest, PayloadTooLarge, Unauthorized, UpstreamError, UpstreamTimeout
+from shared.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 # Only these response headers of an upstream are worth passing on; hop-by-hop ones
 # (connection, transfer-encoding, content-length of a re-chunked body) must not be.
@@ -103,13 +112,20 @@ async def open_upstream(
         ) from e
 
 
+_STREAM_BROKEN = error_body(
+    "the replica serving this stream failed mid-way; the output above is incomplete",
+    "upstream_error", "stream_interrupted")
+
+
 async def _relay_chunks(upstream: httpx.Response) -> AsyncIterator[bytes]:
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
     except httpx.HTTPError:
-        # Bytes already reached the client: the only honest end is to stop the stream here.
-        return
+        # Bytes already reached the client: never glue a retry onto a partial answer. An
+        # event stream ends with an error event OpenAI clients raise; anything else is cut.
+        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            yield b"data: " + _STREAM_BROKEN + b"\n\n"
 
 
 def relay(upstream: httpx.Response, on_close: Callable[[], None] | None = None) -> Response:
@@ -153,3 +169,29 @@ def serve(app: FastAPI, host: str, port: int) -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (the request body must
+    have been read already). Cancelling closes the upstream connection, which is how an
+    abandoned generation is aborted hop by hop down to the engine."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGone()

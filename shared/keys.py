@@ -87,6 +87,10 @@ class Keys:
         """hash: worker id -> worker base URL, for instances that serve now."""
         return f"{self.prefix}:routes:{alias}"
 
+    def load(self, alias: str) -> str:
+        """hash: worker id -> the engine's running + waiting requests (from its /metrics)."""
+        return f"{self.prefix}:load:{alias}"
+
     # --- change counters: routers reload only what changed ---------------------------------
     @property
     def models_version(self) -> str:

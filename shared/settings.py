@@ -55,6 +55,12 @@ class RouterSettings(CommonSettings):
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     no_replica_retry_after_s: int = 5
+    # Failover: tries per request (on other replicas), and the pause before each retry.
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    retry_backoff_s: float = Field(default=0.05, ge=0)
+    # Circuit breaker: consecutive failures that eject a replica, and for how long.
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0)
     router_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Requests held for a cold or sleeping model, per model across all routers; then 429.
     hold_queue_max: int = Field(default=256, ge=1)

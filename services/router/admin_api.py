@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from services.router.breaker import Breaker
 from services.router.routes import RouteTable
 from shared.errors import BadRequest, Conflict, ModelNotFound
 from shared.http import bearer_guard, json_response, parse_body
@@ -48,7 +50,9 @@ async def _model_view(store: Store, m: StoredModel) -> dict[str, Any]:
     }
 
 
-def build_routes(store: Store, settings: RouterSettings, table: RouteTable) -> APIRouter:
+def build_routes(
+    store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker
+) -> APIRouter:
     api = APIRouter(prefix="/admin", dependencies=[Depends(bearer_guard(settings.admin_token))])
 
     @api.post("/models/register")
@@ -118,6 +122,9 @@ def build_routes(store: Store, settings: RouterSettings, table: RouteTable) -> A
     async def status() -> Response:
         return json_response({
             "scheduler": {"lease": await store.lease_holder()},
+            # This router's own view: replicas its circuit breaker ejected, seconds left.
+            "router": {"id": settings.router_id,
+                       "ejected": breaker.view(time.monotonic())},
             "workers": [w.model_dump() for w in await store.list_workers()],
             "models": [await _model_view(store, m) for m in await store.list_models()],
         })

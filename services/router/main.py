@@ -10,9 +10,11 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from services.router import admin_api, openai_api
+from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
 from services.router.routes import RouteTable
+from services.router.upstream import Upstreams
 from shared.events import Nudger
 from shared.http import json_response, make_client, serve
 from shared.logs import setup_logging
@@ -28,7 +30,10 @@ def create_app(settings: RouterSettings) -> FastAPI:
     table = RouteTable(store, nudger, settings.route_refresh_s)
     client = make_client(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
     holder = Holder(table, store, settings)
-    forwarder = Forwarder(table, store, client, holder, settings.internal_token)
+    breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
+    upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
+                          settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s)
+    forwarder = Forwarder(table, upstreams, holder)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -48,7 +53,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                               "serving": sum(1 for r in table.routes.values() if r)})
 
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes))
-    app.include_router(admin_api.build_routes(store, settings, table))
+    app.include_router(admin_api.build_routes(store, settings, table, breaker))
     return app
 
 

@@ -9,8 +9,9 @@ from starlette.responses import Response
 
 from services.router.forward import Forwarder
 from services.router.routes import RouteTable
+from services.router.upstream import Call
 from shared.errors import BadRequest, ModelNotFound
-from shared.http import json_response, parse_object, read_body
+from shared.http import ClientGone, cancel_on_disconnect, json_response, parse_object, read_body
 from shared.models import is_valid_name
 
 
@@ -29,7 +30,16 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
             raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         stream = data.get("stream") is True
-        return await forwarder.handle(model, path, body, request_id, stream)
+        user = data.get("user")
+        affinity = request.headers.get("x-session-id") or (user if isinstance(user, str) else None)
+        call = Call(name, path, body, request_id, stream, affinity or None)
+        if stream:
+            # Once streaming, Starlette cancels the relay when the client goes away.
+            return await forwarder.handle(model, call)
+        try:
+            return await cancel_on_disconnect(request, forwarder.handle(model, call))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; for the logs (nginx's code)
 
     @api.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

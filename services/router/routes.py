@@ -28,6 +28,7 @@ class RouteTable:
         self._all_routes: dict[str, dict[str, str]] = {}
         self.routes: dict[str, dict[str, str]] = {}
         self.alive: set[str] = set()
+        self.loads: dict[str, dict[str, float]] = {}
         self._versions: tuple[str, str] | None = None
         self._last_refresh = 0.0
         self._lock = asyncio.Lock()
@@ -49,6 +50,9 @@ class RouteTable:
                 a: {w: u for w, u in r.items() if w in self.alive}
                 for a, r in self._all_routes.items()
             }
+            # Engine load matters only where there is a choice to make.
+            multi = [a for a, r in self.routes.items() if len(r) > 1]
+            self.loads = await self.store.loads(multi) if multi else {}
             self._last_refresh = time.monotonic()
             # Wake everything waiting for a replica to appear, then arm a fresh event.
             self._changed.set()
@@ -84,3 +88,7 @@ class RouteTable:
 
     def replicas(self, alias: str) -> dict[str, str]:
         return self.routes.get(alias, {})
+
+    def load(self, alias: str) -> dict[str, float]:
+        """Running + waiting requests per replica, as workers last reported them."""
+        return self.loads.get(alias, {})

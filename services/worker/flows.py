@@ -104,16 +104,19 @@ class Flows:
         assert inst.engine is not None
         level = inst.model.spec.sleep_level
         if level == 1:
+            # Check and claim with no await in between: concurrent sleeps cannot both fit.
             need, used = host_ram_mb(inst), self.ram_in_use()
             budget = self.settings.sleep_ram_budget()
             if used + need > budget:
                 await self.stop_for_ram(inst, need, used, budget)
                 return
+            inst.ram_claim_mb = need
         await self.route(inst, False)
         await self._drain(inst)
         try:
             await inst.engine.sleep(self.client, level, _SLEEP_TIMEOUT_S)
         except (httpx.HTTPError, RuntimeError) as e:
+            inst.ram_claim_mb = 0
             await self._transition_failed(inst, f"sleep failed: {e}")
             return
         inst.state, inst.sleep_level = S.SLEEPING, level
@@ -141,6 +144,7 @@ class Flows:
             await self._transition_failed(inst, f"wake failed: {e}")
             return
         inst.awake_at = time.time()
+        inst.ram_claim_mb = 0
         await self._warm_and_serve(inst)
         await self.store.record_duration(inst.alias, "wake", inst.active_at - t0)
         logger.info("%s woke in %.3fs", inst.alias, inst.active_at - t0)
@@ -165,6 +169,7 @@ class Flows:
 
     # ------------------------------------------------------------------ failure
     async def fail(self, inst: Instance, why: str) -> None:
+        inst.ram_claim_mb = 0
         await self.route(inst, False)
         if inst.engine is not None:
             await inst.engine.stop(self.settings.engine_stop_grace_s)

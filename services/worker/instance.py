@@ -37,6 +37,8 @@ class Instance:
     # starts here when no request has come since.
     active_at: float = 0.0
     sleep_level: int = 0
+    # Host RAM held (or about to be) by this instance's level-1 sleep.
+    ram_claim_mb: int = 0
     warmup_s: float = 0.0
     inflight: int = 0
     last_request_at: float = 0.0

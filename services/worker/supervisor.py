@@ -17,7 +17,7 @@ import httpx
 
 from services.worker.engines.base import EngineDriver, EngineProcess
 from services.worker.flows import Flows
-from services.worker.instance import Instance, host_ram_mb
+from services.worker.instance import Instance
 from shared.models import Assignment, InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store, StoredModel
@@ -44,6 +44,7 @@ class Supervisor:
         self.url = self.flows.url
         self._lock = asyncio.Lock()
         self._reported: dict[str, tuple[int, float]] = {}
+        self._loads: dict[str, float | None] = {}
         # Stopped engines whose GPU reservation waits for their processes to be gone.
         self._releasing: dict[str, EngineProcess | None] = {}
 
@@ -56,8 +57,7 @@ class Supervisor:
         return inst.engine if inst is not None and inst.state is S.RUNNING else None
 
     def sleeping_ram_mb(self) -> int:
-        return sum(host_ram_mb(i) for i in self.instances.values()
-                   if i.state is S.SLEEPING and i.sleep_level == 1)
+        return sum(i.ram_claim_mb for i in self.instances.values())
 
     # ------------------------------------------------------------------ GPU accounting
     def _live(self) -> list[Instance]:
@@ -156,17 +156,24 @@ class Supervisor:
                 await inst.engine.stop(self.settings.engine_stop_grace_s)
 
     async def _report_usage(self) -> None:
-        """Write in-flight counts and last-request times that changed (the idle clock)."""
+        """Write in-flight counts and last-request times that changed (the idle clock), and
+        each serving engine's load for the routers' balancing."""
         for alias, inst in self.instances.items():
             usage = inst.usage()
             if self._reported.get(alias) != usage and not inst.busy:
                 await self.flows.publish(inst)
                 self._reported[alias] = usage
+            if inst.state is S.RUNNING and inst.engine is not None:
+                load = await inst.engine.load(self.flows.client)
+                if load != self._loads.get(alias):
+                    await self.store.set_load(alias, self.worker_id, load)
+                    self._loads[alias] = load
 
     # ------------------------------------------------------------------ stop
     async def _stop(self, alias: str) -> None:
         inst = self.instances.pop(alias)
         self._reported.pop(alias, None)
+        self._loads.pop(alias, None)
         if inst.task is not None and not inst.task.done():
             inst.task.cancel()
             await asyncio.gather(inst.task, return_exceptions=True)

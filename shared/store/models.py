@@ -94,7 +94,8 @@ class ModelsStore(StoreBase):
                     pipe.srem(self.k.models, alias)
                     pipe.delete(self.k.hold(alias), self.k.placement(alias), self.k.routes(alias),
                                 self.k.demand(alias), self.k.queue(alias), self.k.stats(alias),
-                                self.k.samples(alias, "cold_start"), self.k.samples(alias, "wake"))
+                                self.k.samples(alias, "cold_start"), self.k.samples(alias, "wake"),
+                                self.k.load(alias))
                     for w in workers:
                         pipe.hdel(self.k.assign(w), alias)
                     pipe.incr(self.k.models_version)

@@ -20,6 +20,7 @@ class ObservedStore(StoreBase):
             pipe.delete(self.k.instance(alias, worker_id))
             pipe.srem(self.k.instances(alias), worker_id)
             pipe.hdel(self.k.routes(alias), worker_id)
+            pipe.hdel(self.k.load(alias), worker_id)
             pipe.incr(self.k.routes_version)
             await pipe.execute()
         await self.publish("route", alias=alias, worker=worker_id)
@@ -56,6 +57,20 @@ class ObservedStore(StoreBase):
             raws = await pipe.execute()
         return dict(zip(names, raws, strict=True))
 
+
+    async def loads(self, aliases: list[str]) -> dict[str, dict[str, float]]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for a in aliases:
+                pipe.hgetall(self.k.load(a))
+            raws = await pipe.execute()
+        return {a: {w: float(v) for w, v in raw.items()}
+                for a, raw in zip(aliases, raws, strict=True)}
+
+    async def set_load(self, alias: str, worker_id: str, load: float | None) -> None:
+        if load is None:
+            await self.r.hdel(self.k.load(alias), worker_id)
+        else:
+            await self.r.hset(self.k.load(alias), worker_id, f"{load:g}")
 
     async def instances_by_alias(self, aliases: list[str]) -> dict[str, dict[str, dict[str, str]]]:
         """alias -> worker -> instance record, for many aliases in two round trips."""

@@ -130,5 +130,20 @@ class EngineProcess:
         r = await self._post(client, "/v1/completions", timeout_s, json=body)
         return "" if r.status_code < 400 else f"warm-up answered {r.status_code}"
 
+    async def load(self, client: httpx.AsyncClient) -> float | None:
+        """Running + waiting requests from the engine's Prometheus /metrics (vLLM's names)."""
+        try:
+            r = await client.get(f"{self.base_url}/metrics", timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        total, seen = 0.0, False
+        for line in r.text.splitlines():
+            if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                total += float(line.rsplit(" ", 1)[-1])
+                seen = True
+        return total if seen else None
+
     def log_tail(self, lines: int = 30) -> str:
         return procs.tail(self.log_path, lines)

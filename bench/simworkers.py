@@ -1,0 +1,98 @@
+"""Many simulated workers' control traffic against Redis, from one process.
+
+    python -m bench.simworkers --redis URL --prefix P --workers 500 --duration 10 --out F
+
+Each simulated worker does what an idle real worker's loops do (services/worker/agent.py):
+a heartbeat every HEARTBEAT_INTERVAL_S (2 s), and every RECONCILE_INTERVAL_S (1 s) a read of
+its assignments and of each assigned model. Ticks are spread evenly over the interval. The
+heartbeat TTL is generous (30 s) so a simulator that falls behind never makes the manager
+declare its workers dead. Every second it rewrites ``--out`` with the ticks done so far and
+the ticks due, so a caller can check it kept up while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import uvloop
+
+from shared.keys import Keys
+from shared.models import Heartbeat
+from shared.store import Store, connect
+
+HEARTBEAT_S = 2.0
+RECONCILE_S = 1.0
+TTL_S = 30.0
+
+
+async def beat(
+    store: Store, worker_id: str, offset: float, stop_at: float, done: Counter[str]
+) -> None:
+    await asyncio.sleep(offset * HEARTBEAT_S)
+    hb = Heartbeat(gpus=[], gpu_message="no GPU (simulated)", load={"instances": 10.0})
+    while time.monotonic() < stop_at:
+        await store.heartbeat(worker_id, hb, TTL_S)
+        done["heartbeats"] += 1
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+async def reconcile(
+    store: Store, worker_id: str, offset: float, stop_at: float, done: Counter[str]
+) -> None:
+    await asyncio.sleep(offset * RECONCILE_S)
+    while time.monotonic() < stop_at:
+        # Agent.wanted(): the assignments, then each assigned model (one round trip each).
+        for alias in await store.worker_assignments(worker_id):
+            await store.get_model(alias)
+        done["reconciles"] += 1
+        await asyncio.sleep(RECONCILE_S)
+
+
+async def report(out: Path, workers: int, done: Counter[str], stop_at: float) -> None:
+    start = time.monotonic()
+    while time.monotonic() < stop_at:
+        await asyncio.sleep(1.0)
+        elapsed = time.monotonic() - start
+        text = json.dumps({
+            "elapsed_s": elapsed, "heartbeats": done["heartbeats"],
+            "heartbeats_due": workers * elapsed / HEARTBEAT_S,
+            "reconciles": done["reconciles"], "reconciles_due": workers * elapsed / RECONCILE_S,
+        })
+        out.write_text(text)  # noqa: ASYNC240 - a few hundred bytes once a second
+
+
+async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path) -> None:
+    store = Store(connect(url), Keys(prefix))
+    ids = [worker_id(i) for i in range(workers)]
+    stop_at = time.monotonic() + duration_s
+    done: Counter[str] = Counter()
+    try:
+        beats = [beat(store, w, i / workers, stop_at, done) for i, w in enumerate(ids)]
+        recs = [reconcile(store, w, i / workers, stop_at, done) for i, w in enumerate(ids)]
+        await asyncio.gather(*beats, *recs, report(out, workers, done, stop_at))
+    finally:
+        await store.close()
+
+
+def worker_id(i: int) -> str:
+    return f"sim-w{i:04d}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--redis", required=True)
+    ap.add_argument("--prefix", required=True)
+    ap.add_argument("--workers", type=int, required=True)
+    ap.add_argument("--duration", type=float, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    uvloop.run(run(args.redis, args.prefix, args.workers, args.duration, args.out))
+
+
+if __name__ == "__main__":
+    main()

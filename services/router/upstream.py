@@ -1,0 +1,132 @@
+"""Sending one request to the replicas of a model: choice, failover, circuit breaking.
+
+A request moves to another replica only while nothing has reached the client: on a connection
+error, a 502/503 from the worker, or (non-streamed) a failure while reading the answer, which
+is read whole before it is sent on. A streamed answer is relayed chunk by chunk; a failure
+after its first byte ends it with an error event, never with a retry glued onto it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+from starlette.responses import Response
+
+from services.router.balancer import order_replicas
+from services.router.breaker import Breaker
+from services.router.routes import RouteTable
+from shared.errors import ApiError, NoCapacity, UpstreamError
+from shared.http import auth_headers, open_upstream, relay
+
+logger = logging.getLogger(__name__)
+
+# A worker answering these has not started on the request: another replica may serve it.
+_RETRYABLE = (502, 503)
+_PASS_HEADERS = ("content-type", "retry-after", "x-request-id")
+
+
+@dataclass(frozen=True)
+class Call:
+    alias: str
+    path: str
+    body: bytes
+    request_id: str
+    stream: bool
+    affinity: str | None = None
+
+
+class Upstreams:
+    def __init__(
+        self, table: RouteTable, client: httpx.AsyncClient, internal_token: str | None,
+        max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
+    ) -> None:
+        self.table = table
+        self.client = client
+        self.max_attempts = max_attempts
+        self.backoff_s = retry_backoff_s
+        self.breaker = breaker
+        self.retry_after_s = retry_after_s
+        self.inflight: Counter[str] = Counter()
+        self._auth = auth_headers(internal_token)
+
+    def order(self, call: Call) -> list[str]:
+        replicas = self.table.replicas(call.alias)
+        allowed = self.breaker.allowed(sorted(replicas), time.monotonic())
+        return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity)
+
+    async def send(self, call: Call) -> Response:
+        """The response to ``call`` from the first replica that takes it."""
+        last: ApiError | None = None
+        for attempt, worker in enumerate(self.order(call)[: self.max_attempts]):
+            if attempt:
+                await asyncio.sleep(self.backoff_s * attempt)
+            url = self.table.replicas(call.alias).get(worker)
+            if url is None:  # the replica went away while we backed off
+                continue
+            try:
+                return await self._attempt(worker, f"{url}/proxy/{call.alias}/{call.path}", call)
+            except _Retry as e:
+                self.breaker.failure(worker, time.monotonic())
+                logger.warning("replica %s of %s failed before answering (%s); %s", worker,
+                               call.alias, e.error.message, "retrying" if attempt + 1 <
+                               self.max_attempts else "giving up")
+                last = e.error
+        raise last or NoCapacity(f"no replica of '{call.alias}' could take the request",
+                                 retry_after_s=self.retry_after_s)
+
+    async def _attempt(self, worker: str, url: str, call: Call) -> Response:
+        headers = {"content-type": "application/json", "x-request-id": call.request_id,
+                   **self._auth}
+        self.inflight[worker] += 1
+        handed_over = False
+        try:
+            try:
+                upstream = await open_upstream(self.client, "POST", url, call.body, headers)
+            except UpstreamError as e:
+                raise _Retry(e) from e
+            if upstream.status_code in _RETRYABLE:
+                body = (await _read_quietly(upstream))[:300].decode("utf-8", "replace")
+                if upstream.status_code == 503:
+                    raise _Retry(NoCapacity(f"replica {worker} is not ready: {body}",
+                                            retry_after_s=self.retry_after_s))
+                raise _Retry(UpstreamError(f"replica {worker} failed: {body}"))
+            self.breaker.success(worker)
+            if call.stream:
+                handed_over = True
+                return relay(upstream, on_close=lambda: self._done(worker))
+            try:
+                content = await upstream.aread()
+            except httpx.HTTPError as e:
+                raise _Retry(UpstreamError(f"reading the answer failed: {e!r}")) from e
+            finally:
+                await upstream.aclose()
+            headers_out = {k: v for k, v in upstream.headers.items() if k in _PASS_HEADERS}
+            return Response(content, upstream.status_code, headers=headers_out)
+        finally:
+            if not handed_over:
+                self._done(worker)
+
+    def _done(self, worker: str) -> None:
+        self.inflight[worker] -= 1
+        if self.inflight[worker] <= 0:
+            del self.inflight[worker]
+
+
+class _Retry(Exception):
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def _read_quietly(upstream: httpx.Response) -> bytes:
+    try:
+        return await upstream.aread()
+    except httpx.HTTPError:
+        return b""
+    finally:
+        await upstream.aclose()
