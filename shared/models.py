@@ -57,6 +57,10 @@ class ModelSpec(Strict):
     max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     replicas: int = Field(default=1, ge=1, le=64)
+    # Autoscaling: with target_inflight set, the replica count follows the outstanding
+    # requests (target per replica), between max(min_replicas, 1) and max_replicas.
+    max_replicas: int | None = Field(default=None, ge=1, le=64)
+    target_inflight: float | None = Field(default=None, gt=0, le=100_000)
     worker_id: Name | None = None
     extra_args: list[str] = Field(default_factory=list, max_length=64)
     # Residency: how many replicas stay when idle (0 = scale to zero), when to sleep and stop.
@@ -103,6 +107,8 @@ class ModelSpec(Strict):
             raise ValueError("give gpu_memory_mb or gpu_memory_utilization, not both")
         if self.min_replicas > self.replicas:
             raise ValueError("min_replicas must not exceed replicas")
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError("max_replicas must not be below replicas")
         if self.idle_stop_s is not None and self.min_replicas > 0:
             raise ValueError("idle_stop_s needs min_replicas 0 (min_replicas >= 1 stays resident)")
         if (self.idle_sleep_s is not None and self.idle_stop_s is not None
@@ -122,6 +128,8 @@ class RegisterModelRequest(Strict):
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     replicas: int = 1
+    max_replicas: int | None = None
+    target_inflight: float | None = None
     worker_id: Name | None = None
     extra_args: list[str] = Field(default_factory=list)
     min_replicas: int = 1

@@ -74,6 +74,10 @@ class ManagerSettings(CommonSettings):
     manager_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-manager")
     schedule_interval_s: float = Field(default=1.0, gt=0)
     lease_ttl_s: float = Field(default=5.0, gt=0)
+    # Autoscaling hysteresis: load must stay above (below) target this long to add (remove)
+    # a replica.
+    scale_out_s: float = Field(default=5.0, ge=0)
+    scale_in_s: float = Field(default=60.0, ge=0)
 
 
 class WorkerSettings(CommonSettings):

@@ -3,6 +3,7 @@ should serve or sleep. Inputs in, a decision out; no I/O."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -29,6 +30,44 @@ class Usage:
             last_request_at=float(rec.get("last_request_at", "0") or 0),
             active_at=float(rec.get("active_at", "0") or 0),
         )
+
+
+@dataclass
+class ScaleState:
+    """Since when the load has asked for more (or fewer) replicas than there are."""
+
+    above_since: float | None = None
+    below_since: float | None = None
+
+
+def autoscale(
+    spec: ModelSpec, current: int, inflight: int, state: ScaleState, now: float,
+    out_after_s: float, in_after_s: float,
+) -> int:
+    """The replica count for a model with ``target_inflight``: one step at a time, after the
+    load has stayed past the target for a while (so a burst does not start an engine)."""
+    low = max(spec.min_replicas, 1)
+    high = spec.max_replicas or spec.replicas
+    want = min(high, max(low, math.ceil(inflight / (spec.target_inflight or 1))))
+    if current < low:
+        return low
+    if want > current:
+        state.below_since = None
+        if state.above_since is None:
+            state.above_since = now
+        if now - state.above_since >= out_after_s:
+            state.above_since = None
+            return current + 1
+    elif want < current:
+        state.above_since = None
+        if state.below_since is None:
+            state.below_since = now
+        if now - state.below_since >= in_after_s:
+            state.below_since = None
+            return current - 1
+    else:
+        state.above_since = state.below_since = None
+    return min(high, current)
 
 
 @dataclass

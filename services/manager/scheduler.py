@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from services.manager.placement import Choice, choose_worker
-from services.manager.residency import Decision, Usage, decide
+from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
 from shared.events import Nudger
 from shared.models import Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
@@ -39,6 +39,7 @@ class Scheduler:
         self.nudger = nudger
         self.state = LeaderState()
         self._reasons: dict[str, str] = {}
+        self._scale: dict[str, ScaleState] = {}
 
     @property
     def token(self) -> str:
@@ -99,12 +100,31 @@ class Scheduler:
                     await self.store.clear_demand(alias)
                     demand = False
                 decision = decide(model.spec, assigned, observed, demand, now)
+                decision.desired = self._autoscaled(model, decision, assigned, observed, now)
                 await self._apply_residency(alias, decision, assigns)
                 await self._converge_model(model, decision.desired, workers, assigns, ledgers)
 
     async def _forget(self, w: WorkerView, aliases: list[str]) -> None:
         logger.warning("worker %s is dead (heartbeat expired); re-placing its models", w.worker_id)
         await self.store.forget_dead_worker(self.token, w.worker_id, aliases)
+
+    def _autoscaled(
+        self, model: StoredModel, decision: Decision, assigned: dict[str, Assignment],
+        observed: dict[str, Usage], now: float,
+    ) -> int:
+        spec = model.spec
+        own = sum(1 for a in assigned.values() if a.source == "scheduler")
+        if spec.target_inflight is None or decision.desired == 0 or decision.stop_all:
+            return decision.desired
+        state = self._scale.setdefault(spec.alias, ScaleState())
+        inflight = sum(u.inflight for u in observed.values())
+        settings = self.settings
+        want = autoscale(spec, own, inflight, state, now, settings.scale_out_s,
+                         settings.scale_in_s)
+        if want != own:
+            logger.info("autoscaling %s: %d -> %d replicas (%d requests in flight, target %g "
+                        "per replica)", spec.alias, own, want, inflight, spec.target_inflight)
+        return want
 
     async def _apply_residency(
         self, alias: str, decision: Decision, assigns: dict[str, dict[str, Assignment]]

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from services.worker.supervisor import Supervisor
 from shared.errors import NoCapacity, NotFound
-from shared.http import open_upstream, read_body, relay
+from shared.http import ClientGone, cancel_on_disconnect, open_upstream, read_body, relay
 
 # The engine's other endpoints (/sleep, /wake_up, /collective_rpc ...) are not for clients:
 # vLLM leaves them unauthenticated, so only these pass.
@@ -39,7 +39,13 @@ async def forward(
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
     try:
-        upstream = await open_upstream(client, method, f"{engine.base_url}/{path}", body, headers)
+        # A non-streamed answer comes whole after the generation: if the router hangs up
+        # meanwhile, closing the engine connection is what aborts the generation.
+        upstream = await cancel_on_disconnect(
+            request, open_upstream(client, method, f"{engine.base_url}/{path}", body, headers))
+    except ClientGone:
+        supervisor.end(alias)
+        return Response(status_code=499)
     except BaseException:
         supervisor.end(alias)
         raise

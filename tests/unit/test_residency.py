@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.manager.residency import Usage, decide, idle_for
+from services.manager.residency import ScaleState, Usage, autoscale, decide, idle_for
 from shared.models import Assignment, ModelSpec
 
 NOW = 1000.0
@@ -83,3 +83,25 @@ def test_manual_replica_alone_does_not_activate_model() -> None:
 def test_residency_validation(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         spec(**bad)
+
+
+def test_autoscale_steps_with_hysteresis() -> None:
+    s = spec(replicas=1, max_replicas=3, target_inflight=2)
+    st = ScaleState()
+    # Load for 3 replicas, but only after it has lasted out_after_s, and one step at a time.
+    assert autoscale(s, 1, 6, st, now=0, out_after_s=5, in_after_s=30) == 1
+    assert autoscale(s, 1, 6, st, now=4, out_after_s=5, in_after_s=30) == 1
+    assert autoscale(s, 1, 6, st, now=5, out_after_s=5, in_after_s=30) == 2
+    assert autoscale(s, 2, 6, st, now=6, out_after_s=5, in_after_s=30) == 2
+    assert autoscale(s, 2, 6, st, now=11, out_after_s=5, in_after_s=30) == 3
+    assert autoscale(s, 3, 60, st, now=20, out_after_s=0, in_after_s=30) == 3  # max
+    # A burst that ends resets the clock.
+    st = ScaleState()
+    assert autoscale(s, 1, 6, st, now=0, out_after_s=5, in_after_s=30) == 1
+    assert autoscale(s, 1, 1, st, now=3, out_after_s=5, in_after_s=30) == 1
+    assert autoscale(s, 1, 6, st, now=6, out_after_s=5, in_after_s=30) == 1
+    # Scale in slowly, never below max(min_replicas, 1).
+    st = ScaleState()
+    assert autoscale(s, 3, 0, st, now=0, out_after_s=5, in_after_s=30) == 3
+    assert autoscale(s, 3, 0, st, now=30, out_after_s=5, in_after_s=30) == 2
+    assert autoscale(s, 1, 0, ScaleState(), now=99, out_after_s=5, in_after_s=0) == 1
