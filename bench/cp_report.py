@@ -58,4 +58,17 @@ def markdown(results: dict[str, Any]) -> str:
              for n, v in big["rss_mb"].items()]
     last = list(big["stages"])[-1]
     top = ", ".join(f"{c} {v:,.0f}/s" for c, v in big["stages"][last]["top_commands_per_s"].items())
-    return "\n".join(rows) + f"\n\nBusiest Redis commands at full scale: {top}."
+    kept = ", ".join(f"{st}: {s['simulator_kept_up']:.0%}" for st, s in big["stages"].items())
+    return "\n".join(rows) + (
+        f"\n\nBusiest Redis commands at full scale: {top}.\n\n"
+        f"Share of the simulated workers' due ticks done at full scale, per stage: {kept} "
+        "(below 100%: the simulator fell behind, so Redis saw fewer worker commands than 500 "
+        "real workers would send).\n\n" + goal(big))
+
+
+def goal(big: dict[str, Any]) -> str:
+    t = big["reconcile_pass_s"]
+    verdict = "met" if t < 1.0 else "**missed**"
+    return (f"Goal: a reconcile pass over {big['aliases']:,} aliases and {big['workers']} workers "
+            f"under 1 s: {t * 1000:,.0f} ms (steady), {verdict}; the first pass, which places "
+            f"every alias, took {big['placement_pass_s']:,.1f} s.")

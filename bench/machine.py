@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.procset import LOAD_CORE, SERVER_CORE, need
+from bench.procset import LOAD_CORE, ROOT, SERVER_CORE, need
 
 
 def _cpu_model() -> str:
@@ -35,10 +35,20 @@ def _version(argv: list[str], pattern: str) -> str:
     return found.group(1) if found else "?"
 
 
+def _tree() -> str:
+    """The commit measured, and whether the services' code differed from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = _version([*git, "rev-parse", "--short", "HEAD"], r"(\w+)")
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "services", "shared"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return head + (" with uncommitted changes in services/shared" if dirty else "")
+
+
 def describe() -> dict[str, str]:
     pip = str(Path(need("vllm-router", "see bench/README.md")).parent / "pip")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "code": _tree(),
         "cpu": f"{_cpu_model()}, {os.cpu_count()} vCPUs",
         "memory": f"{_mem_gb():.0f} GB",
         "kernel": platform.release(),

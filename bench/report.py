@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
 from typing import Any
 
 Samples = list[dict[str, Any]]  # one measured point per repetition
@@ -12,8 +11,8 @@ Samples = list[dict[str, Any]]  # one measured point per repetition
 CPU_SERVICES = ("engine", "worker", "router", "nginx", "vllm-router")
 
 
-def spread(samples: Samples, get: Callable[[dict[str, Any]], float]) -> dict[str, float]:
-    values = [get(s) for s in samples]
+def _values(samples: Samples, key: str, sub: str | None = None) -> dict[str, float]:
+    values = [float(s[key][sub] if sub else s[key]) for s in samples]
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
@@ -25,9 +24,9 @@ def summarize(samples: Samples) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in samples[0].items():
         if isinstance(value, dict):
-            out[key] = {k: spread(samples, lambda s, key=key, k=k: s[key][k]) for k in value}
+            out[key] = {k: _values(samples, key, k) for k in value}
         elif isinstance(value, int | float):
-            out[key] = spread(samples, lambda s, key=key: float(s[key]))
+            out[key] = _values(samples, key)
     return out
 
 
@@ -82,7 +81,9 @@ def stream_table(streams: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def goals(plain: dict[str, dict[str, Any]], streams: dict[str, dict[str, Any]]) -> list[dict]:
+def goals(
+    plain: dict[str, dict[str, Any]], streams: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """The issue's targets, each with its measured value and whether it was met."""
     out: list[dict[str, Any]] = []
 

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--configs", default=",".join(dataplane.CONFIGS),
                     help="comma list of data-plane configurations")
     ap.add_argument("--no-docs", action="store_true", help="leave docs/performance.md alone")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="measure nothing: render the tables (and docs) from a results file")
     return ap.parse_args(argv)
 
 
@@ -76,15 +78,27 @@ def header(info: dict[str, str], cmd: str) -> str:
     return f"Run of {info['date']}: `{cmd}`\n\nMachine: {machine.as_markdown(info)}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    info = machine.describe()
-    out: dict[str, Any] = {"machine": info, "command": command_line(args)}
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"machine": machine.describe(), "command": command_line(args)}
     with interruptible():
         if args.only in (None, "data"):
             out["data_plane"] = run_data(args)
+            _save(args.json, out)  # a later failure must not lose minutes of measurements
         if args.only in (None, "control"):
             out["control_plane"] = control_plane.run(quick=args.quick)
+    _save(args.json, out)
+    return out
+
+
+def _save(path: Path, out: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = json.loads(args.from_json.read_text()) if args.from_json else measure(args)
+    info = out["machine"]
     blocks: dict[str, str] = {}
     if "data_plane" in out:
         blocks["data-plane"] = header(info, out["command"]) + "\n\n" + data_markdown(
@@ -94,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             out["control_plane"])
     for text in blocks.values():
         print("\n" + text + "\n")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=1, default=str))
-    print(f"results: {args.json}")
+    print(f"results: {args.from_json or args.json}")
     if not (args.quick or args.no_docs):
         for name, text in blocks.items():
             docs.replace_block(name, text)

@@ -17,17 +17,33 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import redis.asyncio as aioredis
 import uvloop
 
 from shared.keys import Keys
 from shared.models import Heartbeat
-from shared.store import Store, connect
+from shared.store import Store
 
 HEARTBEAT_S = 2.0
 RECONCILE_S = 1.0
 TTL_S = 30.0
+
+
+_last_error: list[str] = []
+
+
+@contextmanager
+def failures(done: Counter[str]) -> Iterator[None]:
+    """Like the real worker's loops: a failed tick is counted and the loop goes on."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - reported in the output file
+        done["errors"] += 1
+        _last_error[:] = [f"{type(e).__name__}: {e}"]
 
 
 async def beat(
@@ -36,8 +52,9 @@ async def beat(
     await asyncio.sleep(offset * HEARTBEAT_S)
     hb = Heartbeat(gpus=[], gpu_message="no GPU (simulated)", load={"instances": 10.0})
     while time.monotonic() < stop_at:
-        await store.heartbeat(worker_id, hb, TTL_S)
-        done["heartbeats"] += 1
+        with failures(done):
+            await store.heartbeat(worker_id, hb, TTL_S)
+            done["heartbeats"] += 1
         await asyncio.sleep(HEARTBEAT_S)
 
 
@@ -46,10 +63,11 @@ async def reconcile(
 ) -> None:
     await asyncio.sleep(offset * RECONCILE_S)
     while time.monotonic() < stop_at:
-        # Agent.wanted(): the assignments, then each assigned model (one round trip each).
-        for alias in await store.worker_assignments(worker_id):
-            await store.get_model(alias)
-        done["reconciles"] += 1
+        with failures(done):
+            # Agent.wanted(): the assignments, then each assigned model (a round trip each).
+            for alias in await store.worker_assignments(worker_id):
+                await store.get_model(alias)
+            done["reconciles"] += 1
         await asyncio.sleep(RECONCILE_S)
 
 
@@ -62,12 +80,17 @@ async def report(out: Path, workers: int, done: Counter[str], stop_at: float) ->
             "elapsed_s": elapsed, "heartbeats": done["heartbeats"],
             "heartbeats_due": workers * elapsed / HEARTBEAT_S,
             "reconciles": done["reconciles"], "reconciles_due": workers * elapsed / RECONCILE_S,
+            "errors": done["errors"], "last_error": _last_error[0] if _last_error else None,
         })
         out.write_text(text)  # noqa: ASYNC240 - a few hundred bytes once a second
 
 
 async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path) -> None:
-    store = Store(connect(url), Keys(prefix))
+    # One process plays hundreds of workers: a blocking pool makes ticks queue for a
+    # connection instead of failing (redis-py's default pool raises past 100 in use).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=200, timeout=30, decode_responses=True)
+    store = Store(aioredis.Redis(connection_pool=pool), Keys(prefix))
     ids = [worker_id(i) for i in range(workers)]
     stop_at = time.monotonic() + duration_s
     done: Counter[str] = Counter()

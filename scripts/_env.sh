@@ -24,18 +24,23 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
-ensure_redis() {
-  if command -v redis-server >/dev/null 2>&1; then
+# ensure_cmd COMMAND PACKAGE: install PACKAGE with apt-get when COMMAND is missing.
+ensure_cmd() {
+  if command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; then
     return 0
   fi
   if command -v apt-get >/dev/null 2>&1; then
-    echo "==> installing redis-server with apt-get"
+    echo "==> installing $2 with apt-get"
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2" >/dev/null
   else
-    echo "redis-server is missing: install Redis 6.2+ (e.g. 'brew install redis') and retry" >&2
+    echo "$1 is missing: install $2 with your package manager and retry" >&2
     exit 1
   fi
+}
+
+ensure_redis() {
+  ensure_cmd redis-server redis-server
 }

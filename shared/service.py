@@ -18,8 +18,8 @@ Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
 
 
 def open_store(settings: CommonSettings) -> Store:
-    return Store(connect(settings.redis_url), Keys(settings.redis_prefix),
-                 events=settings.events_enabled)
+    client = connect(settings.redis_url, settings.redis_sentinels, settings.redis_sentinel_master)
+    return Store(client, Keys(settings.redis_prefix), events=settings.events_enabled)
 
 
 def make_app(title: str, lifespan: Lifespan) -> FastAPI:

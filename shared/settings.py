@@ -31,6 +31,10 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: "host:port,host:port,..." and the monitored primary's name. When set,
+    # REDIS_URL is not used for the connection.
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = "mymaster"
     redis_prefix: str = Field(default="svllm", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     # Bearer token for /admin/* and the worker's control endpoints; unset = open.
     admin_token: str | None = None

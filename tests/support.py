@@ -107,11 +107,17 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, appendonly: bool = False) -> RedisServer:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed (scripts/test.sh installs it)"
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if appendonly else "no", "--dir", str(self.dir)]
+    @staticmethod
+    def binary() -> str:
+        found = shutil.which("redis-server")
+        assert found, "redis-server is not installed (scripts/test.sh installs it)"
+        return found
+
+    def start(self, appendonly: bool = False, extra: list[str] | None = None) -> RedisServer:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        argv = [self.binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if appendonly else "no", "--dir", str(self.dir),
+                *(extra or [])]
         self.proc = Proc("redis", argv, dict(os.environ), self.dir / "redis.log").start()
         wait_until(self.ping, 10, what="redis-server")
         return self

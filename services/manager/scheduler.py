@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from services.manager.placement import Choice, choose_worker
 from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
 from shared.events import Nudger
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 class LeaderState:
     epoch: int = 0
     passes: int = 0
+    # Since when passes have reached Redis without failing (monotonic clock).
+    store_ok_since: float = 0.0
 
     @property
     def leader(self) -> bool:
@@ -54,6 +58,9 @@ class Scheduler:
             except NotLeader:
                 logger.warning("lost the scheduler lease mid-pass (epoch %s)", self.state.epoch)
                 self.state.epoch = 0
+            except RedisError as e:
+                logger.warning("scheduler pass failed, Redis unreachable: %s", e)
+                self.state.store_ok_since = time.monotonic()
             except Exception:  # a failed pass is retried on the next tick
                 logger.exception("scheduler pass failed")
             await self.nudger.wait(self.settings.schedule_interval_s)
@@ -77,8 +84,12 @@ class Scheduler:
         models = {m.spec.alias: m for m in await self.store.list_models()}
         assigns = await self.store.assignments(w.worker_id for w in workers)
         ledgers = await self.store.ledgers(w.worker_id for w in workers)
+        # Right after Redis comes back, heartbeat keys may have expired while workers could
+        # not reach it: wait one TTL for them to beat again before calling anyone dead.
+        since_ok = time.monotonic() - self.state.store_ok_since
+        trust_liveness = since_ok >= self.settings.heartbeat_ttl_s
         for w in workers:
-            if not w.alive and assigns[w.worker_id]:
+            if not w.alive and assigns[w.worker_id] and trust_liveness:
                 await self._forget(w, list(models))
                 assigns[w.worker_id] = {}
         for w in workers:

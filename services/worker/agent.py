@@ -104,7 +104,10 @@ class Agent:
             self._registered = True
         if not known:
             # Our heartbeat had lapsed or the record was lost: routes may have been wiped.
-            await self.supervisor.republish()
+            # Only what is still assigned here comes back (the manager may have moved the
+            # rest while we were away); publishing more would make routes flap.
+            assigned, _ = await self.store.worker_state(self.worker_id)
+            await self.supervisor.republish(set(assigned))
             self.nudger.event.set()
 
     async def heartbeat_loop(self) -> None:

@@ -189,9 +189,12 @@ class Supervisor:
             self._releasing[alias] = inst.engine
         await self.store.delete_instance(alias, self.worker_id)
 
-    async def republish(self) -> None:
-        """Write every instance record and route again (after Redis lost them)."""
+    async def republish(self, assigned: set[str]) -> None:
+        """Write the instance records and routes of ``assigned`` again (after Redis lost them
+        or our heartbeat lapsed)."""
         for inst in list(self.instances.values()):
+            if inst.alias not in assigned:
+                continue
             await self.flows.publish(inst)
             if inst.state is S.RUNNING:
                 await self.flows.route(inst, True)

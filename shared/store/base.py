@@ -17,6 +17,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import WatchError
 
 from shared.keys import Keys
@@ -39,11 +40,24 @@ def spec_fingerprint(spec: ModelSpec) -> str:
     return hashlib.sha256(orjson.dumps(spec.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A pooled client; short timeouts so a dead Redis gives a quick, clear error."""
-    return aioredis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=5.0
-    )
+_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+
+
+def connect(url: str, sentinels: str | None = None, master: str = "mymaster") -> aioredis.Redis:
+    """A pooled client; short timeouts so a dead Redis gives a quick, clear error.
+
+    With ``sentinels`` ("host:port,host:port"), the client asks Redis Sentinel for the current
+    primary of ``master`` and asks again after a connection fails, so a promoted replica is
+    found without restarting anything.
+    """
+    if not sentinels:
+        return aioredis.from_url(url, decode_responses=True, **_TIMEOUTS)
+    addrs = []
+    for item in sentinels.split(","):
+        host, _, port = item.strip().rpartition(":")
+        addrs.append((host or "127.0.0.1", int(port)))
+    sentinel = Sentinel(addrs, sentinel_kwargs=_TIMEOUTS, decode_responses=True, **_TIMEOUTS)
+    return cast(aioredis.Redis, sentinel.master_for(master, decode_responses=True, **_TIMEOUTS))
 
 
 class StoreBase:

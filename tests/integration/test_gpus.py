@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -42,7 +43,7 @@ def test_two_models_packed_on_one_gpu_third_refused_then_placed(cluster: Cluster
     # 30000/81920 floored to 3 places; 0.5 of the GPU.
     assert utils == {"m1": "0.366", "m2": "0.5"}
 
-    def gpu_view() -> dict | None:
+    def gpu_view() -> dict[str, Any] | None:
         (w,) = status(router)["workers"]
         return w["gpus"][0] if len(w["gpus"][0]["processes"]) == 3 else None
 
@@ -74,8 +75,11 @@ def test_kill9_worker_then_restart_leaves_no_orphan(cluster: Cluster) -> None:
 
     worker.kill9()
     # The engine leader dies with its worker; its child, like vLLM's engine core, does not.
-    left = wait_until(lambda: (o := find_orphans("crashy")) and len(o) == 1 and o, 10,
-                      what="leader gone, child orphaned")
+    def one_left() -> dict[int, str] | None:
+        found = find_orphans("crashy")
+        return found if len(found) == 1 else None
+
+    left = wait_until(one_left, 10, what="leader gone, child orphaned")
     try:
         restarted = cluster.worker("crashy")
         orphan = next(iter(left))
