@@ -63,7 +63,24 @@ def markdown(results: dict[str, Any]) -> str:
         f"\n\nBusiest Redis commands at full scale: {top}.\n\n"
         f"Share of the simulated workers' due ticks done at full scale, per stage: {kept} "
         "(below 100%: the simulator fell behind, so Redis saw fewer worker commands than 500 "
-        "real workers would send).\n\n" + goal(big))
+        "real workers would send).\n\n" + goal(big) + "\n\n"
+        "The same timings with workers and aliases varied one at a time (in process):\n\n"
+        + cross_table(results))
+
+
+def cross_table(results: dict[str, Any]) -> str:
+    """Each timing with one dimension at a time at 1/10: which one drives it."""
+    names = ("1/10", "workers/10", "aliases/10", "full")
+    if not all(n in results for n in names):
+        return ""
+    cols = [f"{results[n]['workers']} w × {results[n]['aliases']:,} a" for n in names]
+    rows = ["| measure (ms) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(names)]
+    for key, label in _TIMINGS.items():
+        if key == "populate_s":
+            continue
+        cells = " | ".join(f"{results[n][key] * 1000:,.1f}" for n in names)
+        rows.append(f"| {label} | {cells} |")
+    return "\n".join(rows)
 
 
 def goal(big: dict[str, Any]) -> str:

@@ -256,3 +256,13 @@ def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
     finally:
         r.close()
     return state
+
+
+def stays(check: Callable[[], object], seconds: float, interval: float = 0.05,
+          what: str = "") -> None:
+    """Assert ``check`` holds at every poll for ``seconds``: for claims that nothing changes
+    (a scheduler pass must not undo something, a route set must not flap)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert check(), f"stopped holding: {what or check}"
+        time.sleep(interval)

@@ -123,6 +123,12 @@ class Load:
             t.join(timeout=60)
         return self.outcomes
 
+    def until(self, more: int, timeout: float = 30.0) -> None:
+        """Wait until the load has completed ``more`` requests than it had so far."""
+        target = len(self.outcomes) + more
+        wait_until(lambda: len(self.outcomes) >= target, timeout,
+                   what=f"{more} more requests under load")
+
     def after(self, t: float, kind: str | None = None) -> list[Outcome]:
         return [o for o in self.outcomes if o.start >= t and (kind is None or o.kind == kind)]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from tests.support import (
@@ -15,6 +13,7 @@ from tests.support import (
     register,
     running_on,
     status,
+    stays,
     wait_serving,
     wait_until,
 )
@@ -33,14 +32,14 @@ def test_manual_start_and_stop_are_respected(cluster: Cluster) -> None:
     assert r.status_code == 202, r.text
     wait_until(lambda: sorted(running_on(router, "pinned")) == ["w1", "w2"], 20,
                what="manual replica on w2")
-    time.sleep(1.0)  # several scheduler passes (0.3 s each) must leave both in place
-    assert sorted(running_on(router, "pinned")) == ["w1", "w2"]
+    # Several scheduler passes (0.3 s each) must leave both in place.
+    stays(lambda: sorted(running_on(router, "pinned")) == ["w1", "w2"], 1.0, what="both kept")
 
     # A manual stop on both: the scheduler must not place it again.
     for w in (w1, w2):
         assert httpx.post(f"{w.url}/instances/pinned/stop").status_code == 202
     wait_until(lambda: running_on(router, "pinned") == [], 20, what="stopped everywhere")
-    time.sleep(1.0)
+    stays(lambda: running_on(router, "pinned") == [], 1.0, what="not placed again")
     m = model_status(router, "pinned")
     assert m is not None and m["held"] and m["instances"] == []
     r = chat(router, "pinned")

@@ -14,6 +14,7 @@ from tests.support import (
     register,
     running_on,
     status,
+    stays,
     wait_serving,
     wait_until,
 )
@@ -68,12 +69,11 @@ def test_two_managers_place_each_model_exactly_once(cluster: Cluster) -> None:
     ]
     assert sorted(leaders) == [False, True]
     # Hold the state for a few scheduler passes: still exactly one instance each.
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        for a in aliases:
-            m = model_status(router, a)
-            assert m is not None and len(m["instances"]) == 1, m
-        time.sleep(0.2)
+    def one_each() -> bool:
+        return all(len(model_status(router, a)["instances"]) == 1  # type: ignore[index]
+                   for a in aliases)
+
+    stays(one_each, 2.0, interval=0.2, what="exactly one instance per model")
 
 
 def test_standby_manager_takes_over(cluster: Cluster) -> None:
