@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -12,16 +12,12 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
-from starlette.background import BackgroundTask
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from shared.errors import (
     BadRequest,
     PayloadTooLarge,
     Unauthorized,
-    UpstreamError,
-    UpstreamTimeout,
-    error_body,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -91,63 +87,6 @@ async def parse_body(request: Request, cls: type[M], limit: int) -> M:
 
 def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
-
-
-async def open_upstream(
-    client: httpx.AsyncClient, method: str, url: str, body: bytes, headers: dict[str, str]
-) -> httpx.Response:
-    """Send a request and return the response with its body not yet read.
-
-    Connection failures raise :class:`UpstreamError` (nothing was sent to the client, so the
-    caller may retry elsewhere); timeouts raise :class:`UpstreamTimeout`.
-    """
-    req = client.build_request(method, url, content=body, headers=headers)
-    try:
-        return await client.send(req, stream=True)
-    except httpx.TimeoutException as e:
-        raise UpstreamTimeout(f"upstream timed out: {type(e).__name__}") from e
-    except httpx.HTTPError as e:
-        raise UpstreamError(
-            f"upstream unreachable: {type(e).__name__}", code="upstream_unreachable"
-        ) from e
-
-
-_STREAM_BROKEN = error_body(
-    "the replica serving this stream failed mid-way; the output above is incomplete",
-    "upstream_error", "stream_interrupted")
-
-
-async def _relay_chunks(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
-    except httpx.HTTPError:
-        # Bytes already reached the client: never glue a retry onto a partial answer. An
-        # event stream ends with an error event OpenAI clients raise; anything else is cut.
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            yield b"data: " + _STREAM_BROKEN + b"\n\n"
-
-
-def relay(upstream: httpx.Response, on_close: Callable[[], None] | None = None) -> Response:
-    """Pass an upstream response on, chunk by chunk as it arrives (never re-buffered).
-
-    ``on_close`` runs once the response is over, however it ended.
-    """
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() in _PASS_HEADERS}
-
-    async def close() -> None:
-        try:
-            await upstream.aclose()
-        finally:
-            if on_close is not None:
-                on_close()
-
-    return StreamingResponse(
-        _relay_chunks(upstream),
-        status_code=upstream.status_code,
-        headers=headers,
-        background=BackgroundTask(close),
-    )
 
 
 def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncClient:

@@ -109,6 +109,11 @@ class WorkerSettings(CommonSettings):
     # Host RAM that level-1 sleeping instances may hold (their weights); default: half of RAM.
     sleep_ram_budget_mb: int | None = Field(default=None, ge=0)
 
+    def engine_owner(self) -> str:
+        """Names this worker's engines in their environment (see services.worker.orphans):
+        the pool's key prefix and the worker id, so two pools on one machine never collide."""
+        return f"{self.redis_prefix}:{self.worker_id}"
+
     def sleep_ram_budget(self) -> int:
         if self.sleep_ram_budget_mb is not None:
             return self.sleep_ram_budget_mb

@@ -16,7 +16,8 @@ from services.router.hold import Holder
 from services.router.routes import RouteTable
 from services.router.upstream import Upstreams
 from shared.events import Nudger
-from shared.http import json_response, make_client, serve
+from shared.forwarding import UpstreamClient
+from shared.http import json_response, serve
 from shared.logs import setup_logging
 from shared.service import background, make_app, open_store
 from shared.settings import RouterSettings
@@ -28,7 +29,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     store = open_store(settings)
     nudger = Nudger(store)
     table = RouteTable(store, nudger, settings.route_refresh_s)
-    client = make_client(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
+    client = UpstreamClient(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
     holder = Holder(table, store, settings)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
@@ -42,7 +43,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                            "simulated engine, not vLLM")
         async with background(nudger.run(), table.run()):
             yield
-        await client.aclose()
+        await client.close()
         await store.close()
 
     app = make_app("svllm router", lifespan)

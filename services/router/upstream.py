@@ -14,20 +14,20 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from starlette.responses import Response
 
 from services.router.balancer import order_replicas
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, UpstreamError
-from shared.http import auth_headers, open_upstream, relay
+from shared.forwarding import PASS_HEADERS, Upstream, UpstreamClient, read_all, relay
+from shared.http import auth_headers
 
 logger = logging.getLogger(__name__)
 
 # A worker answering these has not started on the request: another replica may serve it.
 _RETRYABLE = (502, 503)
-_PASS_HEADERS = ("content-type", "retry-after", "x-request-id")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Call:
 
 class Upstreams:
     def __init__(
-        self, table: RouteTable, client: httpx.AsyncClient, internal_token: str | None,
+        self, table: RouteTable, client: UpstreamClient, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
     ) -> None:
         self.table = table
@@ -86,12 +86,12 @@ class Upstreams:
         handed_over = False
         try:
             try:
-                upstream = await open_upstream(self.client, "POST", url, call.body, headers)
+                upstream = await self.client.open("POST", url, call.body, headers)
             except UpstreamError as e:
                 raise _Retry(e) from e
-            if upstream.status_code in _RETRYABLE:
+            if upstream.status in _RETRYABLE:
                 body = (await _read_quietly(upstream))[:300].decode("utf-8", "replace")
-                if upstream.status_code == 503:
+                if upstream.status == 503:
                     raise _Retry(NoCapacity(f"replica {worker} is not ready: {body}",
                                             retry_after_s=self.retry_after_s))
                 raise _Retry(UpstreamError(f"replica {worker} failed: {body}"))
@@ -100,13 +100,12 @@ class Upstreams:
                 handed_over = True
                 return relay(upstream, on_close=lambda: self._done(worker))
             try:
-                content = await upstream.aread()
-            except httpx.HTTPError as e:
+                content = await read_all(upstream)
+            except (aiohttp.ClientError, TimeoutError) as e:
                 raise _Retry(UpstreamError(f"reading the answer failed: {e!r}")) from e
-            finally:
-                await upstream.aclose()
-            headers_out = {k: v for k, v in upstream.headers.items() if k in _PASS_HEADERS}
-            return Response(content, upstream.status_code, headers=headers_out)
+            headers_out = {k: v for k, v in upstream.headers.items()
+                           if k.lower() in PASS_HEADERS}
+            return Response(content, upstream.status, headers=headers_out)
         finally:
             if not handed_over:
                 self._done(worker)
@@ -123,10 +122,8 @@ class _Retry(Exception):
         self.error = error
 
 
-async def _read_quietly(upstream: httpx.Response) -> bytes:
+async def _read_quietly(upstream: Upstream) -> bytes:
     try:
-        return await upstream.aread()
-    except httpx.HTTPError:
+        return await read_all(upstream)
+    except (aiohttp.ClientError, TimeoutError):
         return b""
-    finally:
-        await upstream.aclose()

@@ -124,7 +124,7 @@ class Agent:
         """Before anything starts: end engines a crashed predecessor left running, and drop
         its instance records and routes (the reconcile loop starts afresh what is assigned)."""
         grace = self.settings.engine_stop_grace_s
-        killed = await asyncio.to_thread(kill_orphans, self.worker_id, grace)
+        killed = await asyncio.to_thread(kill_orphans, self.settings.engine_owner(), grace)
         try:
             aliases = [m.spec.alias for m in await self.store.list_models()]
             records = await self.store.instances_by_alias(aliases)

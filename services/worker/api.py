@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-import httpx
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.worker import proxy
 from services.worker.agent import Agent
 from shared.errors import BadRequest, ModelNotFound, NotFound
+from shared.forwarding import UpstreamClient
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import Assignment, ManualStartRequest, is_valid_name
 from shared.settings import WorkerSettings
@@ -18,7 +18,7 @@ from shared.store import Store
 
 
 def build_routes(
-    store: Store, settings: WorkerSettings, agent: Agent, client: httpx.AsyncClient
+    store: Store, settings: WorkerSettings, agent: Agent, upstream: UpstreamClient
 ) -> APIRouter:
     admin = Depends(bearer_guard(settings.admin_token))
     internal = Depends(bearer_guard(settings.internal_token))
@@ -69,6 +69,6 @@ def build_routes(
     @api.api_route("/proxy/{alias}/{path:path}", methods=["GET", "POST"],
                    dependencies=[internal])
     async def proxied(alias: str, path: str, request: Request) -> Response:
-        return await proxy.forward(request, alias, path, sup, client, settings.max_body_bytes)
+        return await proxy.forward(request, alias, path, sup, upstream, settings.max_body_bytes)
 
     return api

@@ -71,7 +71,7 @@ class Flows:
             return
         inst.engine = EngineProcess(launch, port, log_path)
         logger.info("starting %s (%s) on port %d: %s", inst.alias, spec.engine, port, launch.argv)
-        inst.engine.start(f"{self.worker_id}/{inst.alias}")
+        inst.engine.start(f"{self.settings.engine_owner()}/{inst.alias}")
         await self.publish(inst)
         try:
             await inst.engine.wait_ready(self.client, self.settings.engine_start_timeout_s)

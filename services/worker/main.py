@@ -14,6 +14,7 @@ from services.worker.engines import available_drivers
 from services.worker.gpu import open_inventory
 from services.worker.supervisor import Supervisor
 from shared.events import Nudger
+from shared.forwarding import UpstreamClient
 from shared.http import make_client, serve
 from shared.logs import setup_logging
 from shared.service import background, make_app, open_store
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: WorkerSettings) -> FastAPI:
     store = open_store(settings)
-    client = make_client(5.0, 3600.0)
+    client = make_client(5.0, 3600.0)  # control calls to engines: health, sleep, metrics
+    upstream = UpstreamClient(5.0, 3600.0)  # the request hot path
     drivers = available_drivers(settings.worker_engines, settings.vllm_command)
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)
@@ -43,10 +45,11 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         with contextlib.suppress(Exception):
             await store.unregister_worker_alive(settings.worker_id)
         await client.aclose()
+        await upstream.close()
         await store.close()
 
     app = make_app("svllm worker", lifespan)
-    app.include_router(build_routes(store, settings, agent, client))
+    app.include_router(build_routes(store, settings, agent, upstream))
     return app
 
 

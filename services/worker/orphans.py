@@ -1,9 +1,10 @@
 """Finding engines a crashed worker left behind, so none keeps GPU memory.
 
 Every engine process (and every process it spawns) inherits the environment variable
-``SVLLM_ENGINE_OF=<worker>/<alias>``. A worker starting up looks for processes carrying its own
-id and ends their process groups before it starts anything: the previous incarnation's engines
-are not its children, it cannot supervise them, and their assignments may have moved.
+``SVLLM_ENGINE_OF=<prefix>:<worker>/<alias>``. A worker starting up looks for processes
+carrying its own owner name (key prefix and worker id) and ends their process groups before it
+starts anything: the previous incarnation's engines are not its children, it cannot supervise
+them, and their assignments may have moved.
 """
 
 from __future__ import annotations
@@ -31,22 +32,22 @@ def _marker(pid: int) -> str | None:
     return None
 
 
-def find_orphans(worker_id: str) -> dict[int, str]:
-    """pid -> alias of every process marked as an engine of ``worker_id``."""
+def find_orphans(owner: str) -> dict[int, str]:
+    """pid -> alias of every process marked as an engine of ``owner``."""
     me = os.getpid()
     out: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         mark = _marker(int(entry.name))
-        if mark and mark.split("/", 1)[0] == worker_id:
+        if mark and mark.split("/", 1)[0] == owner:
             out[int(entry.name)] = mark.split("/", 1)[-1]
     return out
 
 
-def kill_orphans(worker_id: str, grace_s: float) -> dict[int, str]:
-    """End the process groups of ``worker_id``'s leftover engines; SIGKILL after ``grace_s``."""
-    found = find_orphans(worker_id)
+def kill_orphans(owner: str, grace_s: float) -> dict[int, str]:
+    """End the process groups of ``owner``'s leftover engines; SIGKILL after ``grace_s``."""
+    found = find_orphans(owner)
     groups = {g for g in (_pgid(p) for p in found) if g is not None}
     for g in groups:
         procs.signal_group(g, signal.SIGTERM)
@@ -57,7 +58,7 @@ def kill_orphans(worker_id: str, grace_s: float) -> dict[int, str]:
         procs.signal_group(g, signal.SIGKILL)
     for pid, alias in found.items():
         logger.warning("killed orphaned engine process %d of %s (left by a previous run of "
-                       "worker %s)", pid, alias, worker_id)
+                       "worker %s)", pid, alias, owner)
     return found
 
 

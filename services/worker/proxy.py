@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
 from fastapi import Request
 from starlette.responses import Response
 
 from services.worker.supervisor import Supervisor
 from shared.errors import NoCapacity, NotFound
-from shared.http import ClientGone, cancel_on_disconnect, open_upstream, read_body, relay
+from shared.forwarding import UpstreamClient, relay
+from shared.http import ClientGone, cancel_on_disconnect, read_body
 
 # The engine's other endpoints (/sleep, /wake_up, /collective_rpc ...) are not for clients:
 # vLLM leaves them unauthenticated, so only these pass.
@@ -23,7 +23,7 @@ _FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
 
 async def forward(
     request: Request, alias: str, path: str, supervisor: Supervisor,
-    client: httpx.AsyncClient, limit: int,
+    client: UpstreamClient, limit: int,
 ) -> Response:
     method = ALLOWED.get(path)
     if method is None or method != request.method:
@@ -42,7 +42,7 @@ async def forward(
         # A non-streamed answer comes whole after the generation: if the router hangs up
         # meanwhile, closing the engine connection is what aborts the generation.
         upstream = await cancel_on_disconnect(
-            request, open_upstream(client, method, f"{engine.base_url}/{path}", body, headers))
+            request, client.open(method, f"{engine.base_url}/{path}", body, headers))
     except ClientGone:
         supervisor.end(alias)
         return Response(status_code=499)

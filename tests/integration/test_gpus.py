@@ -70,13 +70,14 @@ def test_kill9_worker_then_restart_leaves_no_orphan(cluster: Cluster) -> None:
     router = cluster.router()
     assert register(router, "deep", engine="sim", extra_args=["--spawn-child"]).status_code == 201
     wait_until(lambda: running_on(router, "deep") == ["crashy"], 20, what="deep running")
-    before = find_orphans("crashy")
+    owner = f"{cluster.prefix}:crashy"  # the marker every engine of this worker carries
+    before = find_orphans(owner)
     assert len(before) == 2  # the engine and its engine-core child
 
     worker.kill9()
     # The engine leader dies with its worker; its child, like vLLM's engine core, does not.
     def one_left() -> dict[int, str] | None:
-        found = find_orphans("crashy")
+        found = find_orphans(owner)
         return found if len(found) == 1 else None
 
     left = wait_until(one_left, 10, what="leader gone, child orphaned")
@@ -86,6 +87,6 @@ def test_kill9_worker_then_restart_leaves_no_orphan(cluster: Cluster) -> None:
         wait_until(lambda: not procs.group_alive(orphan), 10, what="orphan killed on restart")
         assert "orphaned engine" in restarted.tail(200)
         wait_until(lambda: running_on(router, "deep") == ["crashy"], 20, what="deep back")
-        assert len(find_orphans("crashy")) == 2  # only the new engine and its child
+        assert len(find_orphans(owner)) == 2  # only the new engine and its child
     finally:
-        kill_orphans("crashy", 1.0)  # whatever happened above, leave nothing running
+        kill_orphans(owner, 1.0)  # whatever happened above, leave nothing running

@@ -83,6 +83,14 @@ def test_llamacpp_and_sglang_argument_lists() -> None:
     py = build_llama_cpp_python_args(gguf, 9000, [])
     assert py[1:3] == ["-m", "llama_cpp.server"] and "--n_ctx" in py
     assert py[py.index("--n_gpu_layers") + 1] == "0"
+    assert py[-2:] == ["--n_threads", "4"]  # llama-server's flag in the python server's words
+    flags = gguf.model_copy(update={"extra_args": ["--flash-attn", "--n-gpu-layers", "10"]})
+    py = build_llama_cpp_python_args(flags, 9000, [0])
+    assert py.count("--n_gpu_layers") == 1 and py[py.index("--n_gpu_layers") + 1] == "10"
+    assert py[-2:] == ["--flash_attn", "true"]
+    with pytest.raises(ValueError, match="--parallel has no equivalent"):
+        build_llama_cpp_python_args(gguf.model_copy(update={"extra_args": ["--parallel", "2"]}),
+                                    9000, [])
     with pytest.raises(ValidationError, match=r"\.gguf"):
         ModelSpec.model_validate({"alias": "g", "model_name": "org/m", "engine": "llamacpp"})
     sg = ModelSpec.model_validate({"alias": "s", "model_name": "org/m", "engine": "sglang",

@@ -21,13 +21,49 @@ def build_llama_server_args(binary: str, spec: ModelSpec, port: int, gpus: list[
     return argv + spec.extra_args
 
 
+# llama-server's flag -> llama-cpp-python's spelling (and, for switches, the value it needs).
+_PY_FLAGS: dict[str, tuple[str, str | None]] = {
+    "--threads": ("--n_threads", None),
+    "--batch-size": ("--n_batch", None),
+    "--n-gpu-layers": ("--n_gpu_layers", None),
+    "--seed": ("--seed", None),
+    "--flash-attn": ("--flash_attn", "true"),
+    "--mlock": ("--use_mlock", "true"),
+}
+
+
+def translate_for_python_server(extra: list[str]) -> list[str]:
+    """``extra_args`` (llama-server's flags) in llama_cpp.server's spelling; a flag it has no
+    equivalent for raises ValueError, naming it."""
+    out: list[str] = []
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        if flag not in _PY_FLAGS:
+            raise ValueError(f"{flag} has no equivalent in llama-cpp-python's server; install "
+                             "the llama-server binary on this worker or drop the flag")
+        name, switch_value = _PY_FLAGS[flag]
+        if switch_value is not None:
+            out += [name, switch_value]
+            i += 1
+        else:
+            out += [name, extra[i + 1]]
+            i += 2
+    return out
+
+
 def build_llama_cpp_python_args(spec: ModelSpec, port: int, gpus: list[int]) -> list[str]:
+    extra = translate_for_python_server(spec.extra_args)
+    layers = "-1" if gpus else "0"
+    if "--n_gpu_layers" in extra:  # the spec's own choice replaces the default
+        layers = extra.pop(extra.index("--n_gpu_layers") + 1)
+        extra.remove("--n_gpu_layers")
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", spec.model_name,
             "--model_alias", spec.alias, "--host", "127.0.0.1", "--port", str(port),
-            "--n_gpu_layers", "-1" if gpus else "0"]
+            "--n_gpu_layers", layers]
     if spec.max_model_len is not None:
         argv += ["--n_ctx", str(spec.max_model_len)]
-    return argv + spec.extra_args
+    return argv + extra
 
 
 class LlamaCppDriver:
@@ -48,6 +84,9 @@ class LlamaCppDriver:
             return Launch(build_llama_server_args(self.binary, spec, port, placed.gpus), env)
         if self.module:
             # llama-cpp-python's server has no /health; /v1/models answers once loaded.
-            argv = build_llama_cpp_python_args(spec, port, placed.gpus)
+            try:
+                argv = build_llama_cpp_python_args(spec, port, placed.gpus)
+            except ValueError as e:
+                raise RuntimeError(str(e)) from e
             return Launch(argv, env, health_path="/v1/models")
         raise RuntimeError(self.unavailable_reason())
