@@ -17,7 +17,11 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from shared.keys import Keys
@@ -41,6 +45,12 @@ def spec_fingerprint(spec: ModelSpec) -> str:
 
 
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+# A pooled connection broken by a Redis restart fails once; retrying on a fresh connection
+# turns that into a short delay instead of an error (a real outage still fails fast).
+_RETRY: dict[str, Any] = {
+    "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+    "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+}
 
 
 def connect(url: str, sentinels: str | None = None, master: str = "mymaster") -> aioredis.Redis:
@@ -51,13 +61,14 @@ def connect(url: str, sentinels: str | None = None, master: str = "mymaster") ->
     found without restarting anything.
     """
     if not sentinels:
-        return aioredis.from_url(url, decode_responses=True, **_TIMEOUTS)
+        return aioredis.from_url(url, decode_responses=True, **_TIMEOUTS, **_RETRY)
     addrs = []
     for item in sentinels.split(","):
         host, _, port = item.strip().rpartition(":")
         addrs.append((host or "127.0.0.1", int(port)))
     sentinel = Sentinel(addrs, sentinel_kwargs=_TIMEOUTS, decode_responses=True, **_TIMEOUTS)
-    return cast(aioredis.Redis, sentinel.master_for(master, decode_responses=True, **_TIMEOUTS))
+    client = sentinel.master_for(master, decode_responses=True, **_TIMEOUTS, **_RETRY)
+    return cast(aioredis.Redis, client)
 
 
 class StoreBase:
