@@ -39,7 +39,7 @@ from shared.events import Nudger
 from shared.keys import Keys
 from shared.models import ModelSpec, WorkerRegistration
 from shared.settings import ManagerSettings
-from shared.store import Store, connect
+from shared.store import NotLeader, Store, connect
 
 __all__ = ["SCALES", "markdown", "run"]
 
@@ -121,6 +121,29 @@ async def scheduler_passes(store: Store, scale: Scale, passes: int) -> dict[str,
             "reconcile_pass_max_s": max(steady)}
 
 
+async def default_lease_pass(redis_url: str, scale: Scale) -> dict[str, float]:
+    """The first pass again, on a fresh key prefix, with the default lease TTL: how much it
+    placed before the lease ran out (a real manager renews the lease only between passes)."""
+    store = Store(connect(redis_url), Keys(PREFIX + "-lease"))
+    settings = ManagerSettings(manager_id="bench-default-lease")
+    scheduler = Scheduler(store, settings, Nudger(store))
+    try:
+        await populate(store, scale)
+        t0 = time.perf_counter()
+        try:
+            await scheduler.tick()
+            lost = 0.0
+        except NotLeader:
+            lost = 1.0
+        elapsed = time.perf_counter() - t0
+        assigns = await store.assignments([worker_id(i) for i in range(scale.workers)])
+    finally:
+        await store.close()
+    return {"default_lease_ttl_s": settings.lease_ttl_s, "default_lease_lost": lost,
+            "default_lease_pass_s": elapsed,
+            "default_lease_placed": float(sum(len(a) for a in assigns.values()))}
+
+
 async def route_refreshes(store: Store, passes: int) -> dict[str, float]:
     table = RouteTable(store, Nudger(store), 1.0)
     first = await _timed(table.refresh, 1)
@@ -143,7 +166,7 @@ async def in_process(redis_url: str, scale: Scale, passes: int) -> dict[str, flo
         out |= await route_refreshes(store, passes)
     finally:
         await store.close()
-    return out
+    return out | await default_lease_pass(redis_url, scale)
 
 
 def _commands(r: redis.Redis) -> tuple[int, dict[str, int]]:

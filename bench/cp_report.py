@@ -86,6 +86,14 @@ def cross_table(results: dict[str, Any]) -> str:
 def goal(big: dict[str, Any]) -> str:
     t = big["reconcile_pass_s"]
     verdict = "met" if t < 1.0 else "**missed**"
-    return (f"Goal: a reconcile pass over {big['aliases']:,} aliases and {big['workers']} workers "
-            f"under 1 s: {t * 1000:,.0f} ms (steady), {verdict}; the first pass, which places "
-            f"every alias, took {big['placement_pass_s']:,.1f} s.")
+    text = (f"Goal: a reconcile pass over {big['aliases']:,} aliases and {big['workers']} "
+            f"workers under 1 s: {t * 1000:,.0f} ms (steady), {verdict}; the first pass, which "
+            f"places every alias, took {big['placement_pass_s']:,.1f} s.")
+    if "default_lease_lost" in big:
+        ttl, placed = big["default_lease_ttl_s"], int(big["default_lease_placed"])
+        text += (f" With the default LEASE_TTL_S ({ttl:g} s) the same first pass "
+                 + (f"**lost the lease** (NotLeader) after {big['default_lease_pass_s']:.1f} s, "
+                    f"having placed {placed:,} of {big['aliases']:,} aliases."
+                    if big["default_lease_lost"] else
+                    f"kept the lease ({big['default_lease_pass_s']:.1f} s)."))
+    return text

@@ -12,8 +12,8 @@ CPU_SERVICES = ("engine", "worker", "router", "nginx", "vllm-router")
 
 
 def _values(samples: Samples, key: str, sub: str | None = None) -> dict[str, float]:
-    values = [float(s[key][sub] if sub else s[key]) for s in samples]
-    values = [v for v in values if not math.isnan(v)]
+    raw = [s[key][sub] if sub else s[key] for s in samples]
+    values = [float(v) for v in raw if v is not None and not math.isnan(float(v))]
     if not values:
         return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -25,7 +25,7 @@ def summarize(samples: Samples) -> dict[str, Any]:
     for key, value in samples[0].items():
         if isinstance(value, dict):
             out[key] = {k: _values(samples, key, k) for k in value}
-        elif isinstance(value, int | float):
+        elif value is None or isinstance(value, int | float):
             out[key] = _values(samples, key)
     return out
 
@@ -34,10 +34,16 @@ def med(summary: dict[str, Any], *path: str) -> float:
     node: Any = summary
     for p in path:
         node = node[p]
-    return float(node["median"])
+    return _num(node["median"])
 
 
-def _fmt(v: float, digits: int = 1) -> str:
+def _num(v: float | None) -> float:
+    """Medians of nothing are NaN in memory and null once saved as JSON."""
+    return float("nan") if v is None else float(v)
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    v = _num(v)
     return "n/a" if math.isnan(v) else f"{v:,.{digits}f}"
 
 
@@ -49,7 +55,8 @@ def _range(s: dict[str, float], digits: int = 0) -> str:
 
 def _cpu_cells(summary: dict[str, Any]) -> list[str]:
     cpu = summary["cpu_us"]
-    return [_fmt(cpu[n]["median"], 0) if cpu[n]["median"] >= 5 else "·" for n in CPU_SERVICES]
+    return [_fmt(cpu[n]["median"], 0) if _num(cpu[n]["median"]) >= 5 else "·"
+            for n in CPU_SERVICES]
 
 
 def plain_table(plain: dict[str, dict[str, Any]]) -> str:

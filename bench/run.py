@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -90,9 +91,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _strict(value: Any) -> Any:
+    """NaN (a percentile of nothing, e.g. no gaps when each stream came in one read) is not
+    JSON: write null instead."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _save(path: Path, out: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str))
+    path.write_text(json.dumps(_strict(out), indent=1, default=str, allow_nan=False))
 
 
 def main(argv: list[str] | None = None) -> None:
