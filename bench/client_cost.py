@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def main() -> None:
                     rows.append(json.loads(out.strip().splitlines()[-1]))
         finally:
             children.stop_all()
+    shutil.rmtree(run_dir, ignore_errors=True)
     print("| concurrency | client | req/s | client CPU µs/request |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['lib']} | {r['rps']:,.0f} | "

@@ -100,10 +100,20 @@ class Scheduler:
         aliases = list(models)
         demands = await self.store.demands(aliases)
         usage = await self.store.instances_by_alias(aliases)
+        # alias -> worker -> assignment, built once: scanning every worker for every alias
+        # made a pass grow with workers x aliases.
+        by_alias: dict[str, dict[str, Assignment]] = {}
+        for wid, mine in assigns.items():
+            for alias, a in mine.items():
+                by_alias.setdefault(alias, {})[wid] = a
         now = time.time()
+        renewed = time.monotonic()
         for alias, model in models.items():
+            if time.monotonic() - renewed > self.settings.lease_ttl_s / 3:
+                await self._renew_lease()  # a long pass must not outlive the lease
+                renewed = time.monotonic()
             if model.hold is None:
-                assigned = {w: mine[alias] for w, mine in assigns.items() if alias in mine}
+                assigned = by_alias.setdefault(alias, {})
                 observed = {w: Usage.from_record(r) for w, r in usage[alias].items()}
                 demand = alias in demands
                 if demand and any(u.state == "RUNNING" for u in observed.values()):
@@ -112,8 +122,14 @@ class Scheduler:
                     demand = False
                 decision = decide(model.spec, assigned, observed, demand, now)
                 decision.desired = self._autoscaled(model, decision, assigned, observed, now)
-                await self._apply_residency(alias, decision, assigns)
-                await self._converge_model(model, decision.desired, workers, assigns, ledgers)
+                await self._apply_residency(alias, decision, assigns, assigned)
+                await self._converge_model(model, decision.desired, workers, assigns, ledgers,
+                                           assigned)
+
+    async def _renew_lease(self) -> None:
+        epoch = await self.store.acquire_lease(self.settings.manager_id, self.settings.lease_ttl_s)
+        if epoch != self.state.epoch:
+            raise NotLeader(self.token)
 
     async def _forget(self, w: WorkerView, aliases: list[str]) -> None:
         logger.warning("worker %s is dead (heartbeat expired); re-placing its models", w.worker_id)
@@ -138,18 +154,21 @@ class Scheduler:
         return want
 
     async def _apply_residency(
-        self, alias: str, decision: Decision, assigns: dict[str, dict[str, Assignment]]
+        self, alias: str, decision: Decision, assigns: dict[str, dict[str, Assignment]],
+        assigned: dict[str, Assignment],
     ) -> None:
+        """Carry out a residency decision; ``assigns`` and this alias's ``assigned`` view
+        are kept in step with what is written."""
         if decision.stop_all:
-            for w, mine in assigns.items():
-                if alias in mine and mine[alias].source == "scheduler":
+            for w, a in list(assigned.items()):
+                if a.source == "scheduler":
                     await self.store.unassign(self.token, w, alias)
-                    del mine[alias]
+                    del assigns[w][alias], assigned[w]
             logger.info("stopped %s: %s", alias, decision.reason)
         for w, target in decision.targets.items():
-            updated = assigns[w][alias].model_copy(update={"target": target})
+            updated = assigned[w].model_copy(update={"target": target})
             await self.store.assign(self.token, updated)
-            assigns[w][alias] = updated
+            assigns[w][alias] = assigned[w] = updated
         if decision.targets:
             logger.info("%s -> %s on %s (%s)", alias, ", ".join(set(decision.targets.values())),
                         ", ".join(decision.targets), decision.reason)
@@ -161,12 +180,12 @@ class Scheduler:
         workers: list[WorkerView],
         assigns: dict[str, dict[str, Assignment]],
         ledgers: dict[str, dict[str, Reservation]],
+        assigned: dict[str, Assignment],
     ) -> None:
         spec = model.spec
         # An operator's manual placements are extra to `replicas` and never undone: the
         # scheduler counts, adds and removes only its own.
-        holders = [w for w, mine in assigns.items()
-                   if spec.alias in mine and mine[spec.alias].source == "scheduler"]
+        holders = [w for w, a in assigned.items() if a.source == "scheduler"]
         for _ in range(desired - len(holders)):
             choice = choose_worker(spec, workers, assigns, ledgers)
             if not isinstance(choice, Choice):
@@ -182,7 +201,7 @@ class Scheduler:
                 spec_version=model.version,
             )
             await self.store.assign(self.token, a)
-            assigns[choice.worker_id][spec.alias] = a
+            assigns[choice.worker_id][spec.alias] = assigned[choice.worker_id] = a
             if a.gpus:
                 ledgers.setdefault(choice.worker_id, {})[spec.alias] = Reservation(
                     alias=spec.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
@@ -191,7 +210,7 @@ class Scheduler:
                         choice.worker_id, choice.gpus, choice.mb_per_gpu, choice.utilization)
         for w in sorted(holders, reverse=True)[: max(0, len(holders) - desired)]:
             await self.store.unassign(self.token, w, spec.alias)
-            del assigns[w][spec.alias]
+            del assigns[w][spec.alias], assigned[w]
 
     async def _note_unplaced(self, alias: str, reason: str) -> None:
         if self._reasons.get(alias) != reason:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from functools import partial
 
 from fastapi import APIRouter, Request
@@ -29,7 +29,7 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
         model = await table.model(name) if is_valid_name(name) else None
         if model is None:
             raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
         stream = data.get("stream") is True
         user = data.get("user")
         affinity = request.headers.get("x-session-id") or (user if isinstance(user, str) else None)

@@ -140,12 +140,8 @@ class Agent:
     async def wanted(self) -> tuple[Wanted, set[str]]:
         """What is assigned here (with each model), and the aliases reserved in the ledger."""
         assigned, reserved = await self.store.worker_state(self.worker_id)
-        out: Wanted = {}
-        for alias, a in assigned.items():
-            model = await self.store.get_model(alias)
-            if model is not None:
-                out[alias] = (a, model)
-        return out, reserved
+        models = await self.store.get_models(list(assigned))
+        return {a: (assigned[a], m) for a, m in models.items()}, reserved
 
     async def reconcile_loop(self) -> None:
         while True:

@@ -45,6 +45,7 @@ def spec_fingerprint(spec: ModelSpec) -> str:
 
 
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+_MAX_CONNECTIONS = 128
 # A pooled connection broken by a Redis restart fails once; retrying on a fresh connection
 # turns that into a short delay instead of an error (a real outage still fails fast).
 _RETRY: dict[str, Any] = {
@@ -61,7 +62,12 @@ def connect(url: str, sentinels: str | None = None, master: str = "mymaster") ->
     found without restarting anything.
     """
     if not sentinels:
-        return aioredis.from_url(url, decode_responses=True, **_TIMEOUTS, **_RETRY)
+        # A blocking pool: a burst (hundreds of held requests) waits for a connection instead
+        # of failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=_MAX_CONNECTIONS, timeout=10,
+            **_TIMEOUTS, **_RETRY)
+        return aioredis.Redis(connection_pool=pool)
     addrs = []
     for item in sentinels.split(","):
         host, _, port = item.strip().rpartition(":")

@@ -69,6 +69,20 @@ class ModelsStore(StoreBase):
             raw, hold = await pipe.execute()
         return self._parse_model(raw, hold)
 
+    async def get_models(self, aliases: list[str]) -> dict[str, StoredModel]:
+        """The registered ones among ``aliases``, in one round trip."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            for a in aliases:
+                pipe.hgetall(self.k.model(a))
+                pipe.get(self.k.hold(a))
+            flat = await pipe.execute()
+        out = {}
+        for i, a in enumerate(aliases):
+            m = self._parse_model(flat[2 * i], flat[2 * i + 1])
+            if m is not None:
+                out[a] = m
+        return out
+
     async def list_models(self) -> list[StoredModel]:
         aliases = await self._members(self.k.models)
         async with self.r.pipeline(transaction=False) as pipe:
