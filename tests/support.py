@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 import redis
 
 from shared import procs
@@ -266,3 +267,14 @@ def stays(check: Callable[[], object], seconds: float, interval: float = 0.05,
     while time.monotonic() < deadline:
         assert check(), f"stopped holding: {what or check}"
         time.sleep(interval)
+
+
+def running_or_failed(router: Proc, alias: str) -> dict[str, Any] | None:
+    """The alias's first instance once RUNNING; fails the test at once if it is FAILED (the
+    worker retries with back-off, but a real engine's start failure will not heal)."""
+    m = model_status(router, alias)
+    inst = m["instances"][0] if m and m["instances"] else None
+    if inst and inst["state"] == "FAILED":
+        # pytest.fail, not an assertion: wait_until retries on ordinary exceptions.
+        pytest.fail(f"engine FAILED: {inst.get('error')}\n--- log tail\n{inst.get('log_tail')}")
+    return dict(inst) if inst and inst["state"] == "RUNNING" else None

@@ -29,7 +29,8 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
         model = await table.model(name) if is_valid_name(name) else None
         if model is None:
             raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
-        request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
+        # 32 hex digits: a valid UUID, which llama-cpp-python's server insists on.
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         stream = data.get("stream") is True
         user = data.get("user")
         affinity = request.headers.get("x-session-id") or (user if isinstance(user, str) else None)

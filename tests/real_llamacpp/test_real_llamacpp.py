@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from shared import procs
-from tests.support import Cluster, Proc, free_port, model_status, register, wait_until
+from tests.support import Cluster, Proc, free_port, register, running_or_failed, wait_until
 
 pytestmark = [
     pytest.mark.real_llamacpp,
@@ -38,19 +38,6 @@ ENGINE_START_TIMEOUT_S = 300
 RUNNING_DEADLINE_S = ENGINE_START_TIMEOUT_S + 60
 MAX_MODEL_LEN = 256
 MAX_TOKENS = 8
-
-
-def _instance(router: Proc) -> dict[str, Any] | None:
-    m = model_status(router, ALIAS)
-    return m["instances"][0] if m and m["instances"] else None
-
-
-def _running_or_failed(router: Proc) -> dict[str, Any] | None:
-    inst = _instance(router)
-    if inst and inst["state"] == "FAILED":
-        # The worker retries with back-off, but a failure here will not heal by itself.
-        pytest.fail(f"engine FAILED: {inst.get('error')}\n--- log tail\n{inst.get('log_tail')}")
-    return inst if inst and inst["state"] == "RUNNING" else None
 
 
 def _llamacpp_worker(cluster: Cluster, python: str, worker_id: str, **env: str) -> Proc:
@@ -78,7 +65,8 @@ def test_real_llamacpp_register_chat_stream_unregister(
     assert r.status_code == 201, r.text
 
     try:
-        inst = wait_until(lambda: _running_or_failed(router), RUNNING_DEADLINE_S, interval=0.5,
+        inst = wait_until(lambda: running_or_failed(router, ALIAS), RUNNING_DEADLINE_S,
+                          interval=0.5,
                           what=f"{ALIAS} RUNNING")
     except AssertionError as e:
         # The services' logs are printed by the cluster fixture; the engine's is here.

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from shared import procs
-from tests.support import Cluster, model_status, register, wait_until
+from tests.support import Cluster, register, running_or_failed, wait_until
 
 pytestmark = [
     pytest.mark.real_vllm,
@@ -48,19 +48,6 @@ CPU_ENGINE_ENV = {
 # skips graph compilation, which costs minutes on 2 cores and buys nothing for this test.
 EXTRA_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4"]
 MAX_MODEL_LEN = 512
-
-
-def _instance(router: Any) -> dict[str, Any] | None:
-    m = model_status(router, ALIAS)
-    return m["instances"][0] if m and m["instances"] else None
-
-
-def _running_or_failed(router: Any) -> dict[str, Any] | None:
-    inst = _instance(router)
-    if inst and inst["state"] == "FAILED":
-        # The worker retries with back-off, but a failure here will not heal by itself.
-        pytest.fail(f"engine FAILED: {inst.get('error')}\n--- log tail\n{inst.get('log_tail')}")
-    return inst if inst and inst["state"] == "RUNNING" else None
 
 
 def _proc_stat(pid: int) -> tuple[int, int, int] | None:
@@ -122,7 +109,8 @@ def test_real_vllm_register_chat_stream_unregister(
     assert r.status_code == 201, r.text
 
     try:
-        inst = wait_until(lambda: _running_or_failed(router), RUNNING_DEADLINE_S, interval=1.0,
+        inst = wait_until(lambda: running_or_failed(router, ALIAS), RUNNING_DEADLINE_S,
+                          interval=1.0,
                           what=f"{ALIAS} RUNNING")
     except AssertionError as e:
         # The services' logs are printed by the cluster fixture; the engine's is here.
