@@ -25,6 +25,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     setattr(item, f"rep_{rep.when}", rep)
 
 
+# Timings tests record (the opt-in real-engine tests), printed in pytest's terminal summary:
+# captured output is shown only on failure, and these numbers are wanted on success too.
+TIMINGS = pytest.StashKey[dict[str, float]]()
+
+
+@pytest.fixture(scope="session")
+def timings(request: pytest.FixtureRequest) -> dict[str, float]:
+    return request.config.stash.setdefault(TIMINGS, {})
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    recorded = terminalreporter.config.stash.get(TIMINGS, {})
+    if recorded:
+        terminalreporter.section("recorded timings")
+        for name, seconds in recorded.items():
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+
+
 @pytest.fixture
 def cluster(
     request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path

@@ -82,20 +82,20 @@ class Forwarder:
 
 
 async def _body(response: Response) -> AsyncIterator[bytes]:
-    """The bytes of a response already committed to an event stream; an error status becomes
-    an error event, since the stream's own status line has been sent."""
-    failed = response.status_code >= 400
+    """The relayed answer of a streamed call, inside an event stream already begun: an error
+    status becomes one error event, since the stream's own status line has been sent."""
+    assert isinstance(response, StreamingResponse)  # send() relays every streamed call
     try:
-        if isinstance(response, StreamingResponse):
-            parts = [c async for c in response.body_iterator] if failed else None
-            if parts is None:
-                async for chunk in response.body_iterator:
-                    yield chunk if isinstance(chunk, bytes) else str(chunk).encode()
-                return
-            body = b"".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+        if response.status_code < 400:
+            async for chunk in response.body_iterator:
+                yield _as_bytes(chunk)
         else:
-            body = bytes(response.body)
-        yield b"data: " + body.strip() + b"\n\n" if failed else body
+            body = b"".join([_as_bytes(c) async for c in response.body_iterator])
+            yield b"data: " + body.strip() + b"\n\n"
     finally:
         if response.background is not None:
             await response.background()
+
+
+def _as_bytes(chunk: str | bytes | memoryview) -> bytes:
+    return chunk.encode() if isinstance(chunk, str) else bytes(chunk)

@@ -89,8 +89,12 @@ class StoreBase:
     async def _members(self, key: str) -> list[str]:
         return sorted(cast(set[str], await self.r.smembers(key)))
 
-    async def ping(self) -> bool:
-        return bool(await self.r.ping())
+    async def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
+        """HGETALL of every key, in one round trip (empty dicts for missing keys)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            return list(await pipe.execute())
 
     # ------------------------------------------------------------------ events (hints only)
     async def publish(self, kind: str, **fields: str) -> None:

@@ -27,10 +27,7 @@ class ObservedStore(StoreBase):
 
     async def instances_of(self, alias: str) -> dict[str, dict[str, str]]:
         ids = await self._members(self.k.instances(alias))
-        async with self.r.pipeline(transaction=False) as pipe:
-            for w in ids:
-                pipe.hgetall(self.k.instance(alias, w))
-            raws = await pipe.execute()
+        raws = await self._hashes([self.k.instance(alias, w) for w in ids])
         return {w: raw for w, raw in zip(ids, raws, strict=True) if raw}
 
     async def set_route(self, alias: str, worker_id: str, url: str | None) -> None:
@@ -51,18 +48,12 @@ class ObservedStore(StoreBase):
 
     async def all_routes(self, aliases: Iterable[str]) -> dict[str, dict[str, str]]:
         names = list(aliases)
-        async with self.r.pipeline(transaction=False) as pipe:
-            for a in names:
-                pipe.hgetall(self.k.routes(a))
-            raws = await pipe.execute()
+        raws = await self._hashes([self.k.routes(a) for a in names])
         return dict(zip(names, raws, strict=True))
 
 
     async def loads(self, aliases: list[str]) -> dict[str, dict[str, float]]:
-        async with self.r.pipeline(transaction=False) as pipe:
-            for a in aliases:
-                pipe.hgetall(self.k.load(a))
-            raws = await pipe.execute()
+        raws = await self._hashes([self.k.load(a) for a in aliases])
         return {a: {w: float(v) for w, v in raw.items()}
                 for a, raw in zip(aliases, raws, strict=True)}
 
@@ -79,10 +70,7 @@ class ObservedStore(StoreBase):
                 pipe.smembers(self.k.instances(a))
             members = await pipe.execute()
         pairs = [(a, w) for a, ws in zip(aliases, members, strict=True) for w in sorted(ws)]
-        async with self.r.pipeline(transaction=False) as pipe:
-            for a, w in pairs:
-                pipe.hgetall(self.k.instance(a, w))
-            raws = await pipe.execute()
+        raws = await self._hashes([self.k.instance(a, w) for a, w in pairs])
         out: dict[str, dict[str, dict[str, str]]] = {a: {} for a in aliases}
         for (a, w), raw in zip(pairs, raws, strict=True):
             if raw:

@@ -56,10 +56,7 @@ class SchedulingStore(StoreBase):
 
     async def assignments(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Assignment]]:
         ids = list(worker_ids)
-        async with self.r.pipeline(transaction=False) as pipe:
-            for w in ids:
-                pipe.hgetall(self.k.assign(w))
-            raws = await pipe.execute()
+        raws = await self._hashes([self.k.assign(w) for w in ids])
         return {
             w: {a: Assignment.model_validate_json(v) for a, v in raw.items()}
             for w, raw in zip(ids, raws, strict=True)
@@ -107,10 +104,7 @@ class SchedulingStore(StoreBase):
 
     async def ledgers(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Reservation]]:
         ids = list(worker_ids)
-        async with self.r.pipeline(transaction=False) as pipe:
-            for w in ids:
-                pipe.hgetall(self.k.ledger(w))
-            raws = await pipe.execute()
+        raws = await self._hashes([self.k.ledger(w) for w in ids])
         return {
             w: {a: Reservation.model_validate_json(v) for a, v in raw.items()}
             for w, raw in zip(ids, raws, strict=True)

@@ -1,5 +1,5 @@
-"""Fixtures for the real llama.cpp tests: the llama.cpp venv's python, a generated tiny GGUF,
-timings. The marker is registered here (pyproject's list is not this folder's to edit)."""
+"""Fixtures for the real llama.cpp tests: the llama.cpp venv's python and a generated tiny
+GGUF; without the venv the tests are skipped."""
 
 from __future__ import annotations
 
@@ -12,18 +12,9 @@ import pytest
 
 from tests.support import ROOT
 
-# Timings the tests record, printed in pytest's terminal summary: captured output is shown
-# only on failure, and these numbers are wanted on success too.
-TIMINGS = pytest.StashKey[dict[str, float]]()
 # Writing the GGUF takes a second; the self-check loads it with llama_cpp. Bounded anyway.
 MAKE_GGUF_TIMEOUT_S = 300
 ENV_VAR = "SVLLM_LLAMACPP_PYTHON"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "real_llamacpp: starts a real llama.cpp engine (llama-cpp-python's server); "
-        f"opt in with scripts/llamacpp_test.sh ({ENV_VAR} set)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -35,19 +26,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("real_llamacpp"):
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def timings(request: pytest.FixtureRequest) -> dict[str, float]:
-    return request.config.stash.setdefault(TIMINGS, {})
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    recorded = terminalreporter.config.stash.get(TIMINGS, {})
-    if recorded:
-        terminalreporter.section("real llama.cpp timings")
-        for name, seconds in recorded.items():
-            terminalreporter.write_line(f"{name}: {seconds:.1f} s")
 
 
 @pytest.fixture(scope="session")

@@ -11,24 +11,8 @@ import pytest
 
 from tests.support import ROOT
 
-# Timings the tests record, printed in pytest's terminal summary: captured output is shown
-# only on failure, and these numbers are wanted on success too.
-TIMINGS = pytest.StashKey[dict[str, float]]()
 # Generating the model imports torch and transformers: slow on 2 busy cores, but bounded.
 MAKE_MODEL_TIMEOUT_S = 600
-
-
-@pytest.fixture(scope="session")
-def timings(request: pytest.FixtureRequest) -> dict[str, float]:
-    return request.config.stash.setdefault(TIMINGS, {})
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    recorded = terminalreporter.config.stash.get(TIMINGS, {})
-    if recorded:
-        terminalreporter.section("real vLLM timings")
-        for name, seconds in recorded.items():
-            terminalreporter.write_line(f"{name}: {seconds:.1f} s")
 
 
 @pytest.fixture(scope="session")
