@@ -11,8 +11,9 @@ from starlette.responses import Response, StreamingResponse
 
 from services.router.hold import Holder, Ticket
 from services.router.routes import RouteTable
-from services.router.upstream import Call, Upstreams
+from services.router.upstream import Answer, Call, Upstreams
 from shared.errors import ApiError, NoCapacity, error_body
+from shared.fastlane import STREAM_BROKEN
 from shared.store import StoredModel
 
 logger = logging.getLogger(__name__)
@@ -73,29 +74,25 @@ class Forwarder:
                     yield sse_error(await self.holder.timeout_error(ticket))
                     return
             await ticket.release()
-            response = await self.upstreams.send(call)
+            answer = await self.upstreams.open(call)
         except ApiError as e:
             yield sse_error(e)
             return
-        async for chunk in _body(response):
+        async for chunk in self._body(answer):
             yield chunk
 
-
-async def _body(response: Response) -> AsyncIterator[bytes]:
-    """The relayed answer of a streamed call, inside an event stream already begun: an error
-    status becomes one error event, since the stream's own status line has been sent."""
-    assert isinstance(response, StreamingResponse)  # send() relays every streamed call
-    try:
-        if response.status_code < 400:
-            async for chunk in response.body_iterator:
-                yield _as_bytes(chunk)
-        else:
-            body = b"".join([_as_bytes(c) async for c in response.body_iterator])
-            yield b"data: " + body.strip() + b"\n\n"
-    finally:
-        if response.background is not None:
-            await response.background()
-
-
-def _as_bytes(chunk: str | bytes | memoryview) -> bytes:
-    return chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+    async def _body(self, answer: Answer) -> AsyncIterator[bytes]:
+        """The relayed answer of a streamed call, inside an event stream already begun: an
+        error status becomes one error event, since the stream's own status line was sent."""
+        ex = answer.exchange
+        try:
+            if ex.status < 400:
+                async for chunk in ex.chunks():
+                    yield chunk
+            else:
+                yield b"data: " + (await ex.read_all()).strip() + b"\n\n"
+        except ApiError:
+            yield STREAM_BROKEN
+        finally:
+            ex.close()
+            self.upstreams.finished(answer.worker)

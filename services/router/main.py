@@ -16,11 +16,11 @@ from services.router.hold import Holder
 from services.router.routes import RouteTable
 from services.router.upstream import Upstreams
 from shared.events import Nudger
-from shared.forwarding import UpstreamClient
 from shared.http import json_response, serve
 from shared.logs import setup_logging
 from shared.service import background, make_app, open_store
 from shared.settings import RouterSettings
+from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     store = open_store(settings)
     nudger = Nudger(store)
     table = RouteTable(store, nudger, settings.route_refresh_s)
-    client = UpstreamClient(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
+    client = Pool(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
     holder = Holder(table, store, settings)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
@@ -55,13 +55,15 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes))
     app.include_router(admin_api.build_routes(store, settings, table, breaker))
+    app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes)
     return app
 
 
 def main() -> None:
     settings = RouterSettings()
     setup_logging("router", settings.log_level, settings.log_format)
-    serve(create_app(settings), settings.router_host, settings.router_port)
+    app = create_app(settings)
+    serve(app, settings.router_host, settings.router_port, app.state.fast_lane)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 from fastapi import APIRouter, Request
@@ -10,10 +9,65 @@ from starlette.responses import Response
 
 from services.router.forward import Forwarder
 from services.router.routes import RouteTable
-from services.router.upstream import Call
+from services.router.upstream import Call, Upstreams
 from shared.errors import BadRequest, ModelNotFound
+from shared.fastlane import Handler, Lane, Picker, new_request_id, pass_headers
 from shared.http import ClientGone, cancel_on_disconnect, json_response, parse_object, read_body
 from shared.models import is_valid_name
+from shared.store import StoredModel
+
+_HOT = {f"/{p}": p for p in ("v1/chat/completions", "v1/completions", "v1/embeddings")}
+
+
+async def _prepare(
+    table: RouteTable, body: bytes, path: str, request_id: str | None, session: str | None,
+) -> tuple[StoredModel, Call]:
+    # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
+    data = parse_object(body)
+    name = data.get("model")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("model: a model alias is required", param="model")
+    model = await table.model(name) if is_valid_name(name) else None
+    if model is None:
+        raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
+    user = data.get("user")
+    affinity = session or (user if isinstance(user, str) else None)
+    call = Call(name, path, body, request_id or new_request_id(), data.get("stream") is True,
+                affinity or None)
+    return model, call
+
+
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int) -> Picker:
+    """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
+    serving. A cold, sleeping or stopped model, and a body the lane does not take, go to the
+    ASGI routes below, which hold the request or explain the error."""
+
+    async def handle(lane: Lane) -> bool:
+        body = await lane.read_body(limit)
+        if body is None:
+            return False
+        request_id = lane.header(b"x-request-id")
+        session = lane.header(b"x-session-id")
+        model, call = await _prepare(
+            table, body, _HOT[lane.path], request_id.decode("latin-1") if request_id else None,
+            session.decode("latin-1") if session else None)
+        if model.hold is not None or not table.replicas(call.alias):
+            return False
+        answer = await upstreams.open(call)
+        ex = answer.exchange
+        if answer.body is not None:
+            lane.respond(ex.status, pass_headers(ex.headers), answer.body)
+            return True
+        try:
+            await lane.relay(ex)
+        finally:
+            upstreams.finished(answer.worker)
+        return True
+
+    def pick(method: str, path: str) -> Handler | None:
+        return handle if method == "POST" and path in _HOT else None
+
+    return pick
 
 
 def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRouter:
@@ -21,21 +75,9 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
 
     async def handle(request: Request, *, path: str) -> Response:
         body = await read_body(request, limit)
-        # Only `model` is needed to route; the body itself is forwarded untouched.
-        data = parse_object(body)
-        name = data.get("model")
-        if not isinstance(name, str) or not name:
-            raise BadRequest("model: a model alias is required", param="model")
-        model = await table.model(name) if is_valid_name(name) else None
-        if model is None:
-            raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
-        # 32 hex digits: a valid UUID, which llama-cpp-python's server insists on.
-        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
-        stream = data.get("stream") is True
-        user = data.get("user")
-        affinity = request.headers.get("x-session-id") or (user if isinstance(user, str) else None)
-        call = Call(name, path, body, request_id, stream, affinity or None)
-        if stream:
+        model, call = await _prepare(table, body, path, request.headers.get("x-request-id"),
+                                     request.headers.get("x-session-id"))
+        if call.stream:
             # Once streaming, Starlette cancels the relay when the client goes away.
             return await forwarder.handle(model, call)
         try:
@@ -45,7 +87,7 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
 
     # The hot routes are plain Starlette routes: FastAPI's dependency machinery costs tens of
     # microseconds per request and these need none of it (docs/performance.md).
-    for path in ("v1/chat/completions", "v1/completions", "v1/embeddings"):
+    for path in _HOT.values():
         api.add_route(f"/{path}", partial(handle, path=path), methods=["POST"])
 
     @api.get("/v1/models")

@@ -14,15 +14,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import aiohttp
 from starlette.responses import Response
 
 from services.router.balancer import order_replicas
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, UpstreamError
-from shared.forwarding import PASS_HEADERS, Upstream, UpstreamClient, read_all, relay
-from shared.http import auth_headers
+from shared.forwarding import headers_of, relay
+from shared.wire import Exchange, Pool
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ logger = logging.getLogger(__name__)
 _RETRYABLE = (502, 503)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Call:
     alias: str
     path: str
@@ -40,19 +39,30 @@ class Call:
     affinity: str | None = None
 
 
+@dataclass(slots=True)
+class Answer:
+    """A replica's answer: read whole (``body``) or, for a streamed call, still arriving on
+    ``exchange``; then :meth:`Upstreams.finished` must be called once it is over."""
+
+    worker: str
+    exchange: Exchange
+    body: bytes | None
+
+
 class Upstreams:
     def __init__(
-        self, table: RouteTable, client: UpstreamClient, internal_token: str | None,
+        self, table: RouteTable, pool: Pool, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
     ) -> None:
         self.table = table
-        self.client = client
+        self.pool = pool
         self.max_attempts = max_attempts
         self.backoff_s = retry_backoff_s
         self.breaker = breaker
         self.retry_after_s = retry_after_s
         self.inflight: Counter[str] = Counter()
-        self._auth = auth_headers(internal_token)
+        self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
+            if internal_token else b""
 
     def order(self, call: Call) -> list[str]:
         replicas = self.table.replicas(call.alias)
@@ -60,7 +70,15 @@ class Upstreams:
         return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity)
 
     async def send(self, call: Call) -> Response:
-        """The response to ``call`` from the first replica that takes it."""
+        """The answer to ``call`` as an ASGI response (the path for held requests)."""
+        answer = await self.open(call)
+        ex = answer.exchange
+        if answer.body is not None:
+            return Response(answer.body, ex.status, headers=headers_of(ex))
+        return relay(ex, on_close=lambda: self.finished(answer.worker))
+
+    async def open(self, call: Call) -> Answer:
+        """The answer to ``call`` from the first replica that takes it."""
         last: ApiError | None = None
         for attempt, worker in enumerate(self.order(call)[: self.max_attempts]):
             if attempt:
@@ -69,7 +87,7 @@ class Upstreams:
             if url is None:  # the replica went away while we backed off
                 continue
             try:
-                return await self._attempt(worker, f"{url}/proxy/{call.alias}/{call.path}", call)
+                return await self._attempt(worker, url, call)
             except _Retry as e:
                 self.breaker.failure(worker, time.monotonic())
                 logger.warning("replica %s of %s failed before answering (%s); %s", worker,
@@ -79,38 +97,40 @@ class Upstreams:
         raise last or NoCapacity(f"no replica of '{call.alias}' could take the request",
                                  retry_after_s=self.retry_after_s)
 
-    async def _attempt(self, worker: str, url: str, call: Call) -> Response:
-        headers = {"content-type": "application/json", "x-request-id": call.request_id,
-                   **self._auth}
+    async def _attempt(self, worker: str, url: str, call: Call) -> Answer:
+        headers = b"content-type: application/json\r\nx-request-id: %s\r\n%s" % (
+            call.request_id.encode("latin-1"), self._auth)
+        path = f"/proxy/{call.alias}/{call.path}".encode()
         self.inflight[worker] += 1
         handed_over = False
+        ex: Exchange | None = None
         try:
             try:
-                upstream = await self.client.open("POST", url, call.body, headers)
+                ex = await self.pool.send(url, b"POST", path, headers, call.body)
             except UpstreamError as e:
                 raise _Retry(e) from e
-            if upstream.status in _RETRYABLE:
-                body = (await _read_quietly(upstream))[:300].decode("utf-8", "replace")
-                if upstream.status == 503:
+            if ex.status in _RETRYABLE:
+                body = (await _read_quietly(ex))[:300].decode("utf-8", "replace")
+                if ex.status == 503:
                     raise _Retry(NoCapacity(f"replica {worker} is not ready: {body}",
                                             retry_after_s=self.retry_after_s))
                 raise _Retry(UpstreamError(f"replica {worker} failed: {body}"))
             self.breaker.success(worker)
             if call.stream:
                 handed_over = True
-                return relay(upstream, on_close=lambda: self._done(worker))
+                return Answer(worker, ex, None)
             try:
-                content = await read_all(upstream)
-            except (aiohttp.ClientError, TimeoutError) as e:
-                raise _Retry(UpstreamError(f"reading the answer failed: {e!r}")) from e
-            headers_out = {k: v for k, v in upstream.headers.items()
-                           if k.lower() in PASS_HEADERS}
-            return Response(content, upstream.status, headers=headers_out)
+                content = await ex.read_all()
+            except UpstreamError as e:
+                raise _Retry(UpstreamError(f"reading the answer failed: {e.message}")) from e
+            return Answer(worker, ex, content)
         finally:
             if not handed_over:
-                self._done(worker)
+                self.finished(worker)
+                if ex is not None:
+                    ex.close()  # cancelled mid-read: closing aborts the generation
 
-    def _done(self, worker: str) -> None:
+    def finished(self, worker: str) -> None:
         self.inflight[worker] -= 1
         if self.inflight[worker] <= 0:
             del self.inflight[worker]
@@ -122,8 +142,10 @@ class _Retry(Exception):
         self.error = error
 
 
-async def _read_quietly(upstream: Upstream) -> bytes:
+async def _read_quietly(ex: Exchange) -> bytes:
     try:
-        return await read_all(upstream)
-    except (aiohttp.ClientError, TimeoutError):
+        return await ex.read_all()
+    except ApiError:
         return b""
+    finally:
+        ex.close()

@@ -10,15 +10,15 @@ from starlette.responses import Response
 from services.worker import proxy
 from services.worker.agent import Agent
 from shared.errors import BadRequest, ModelNotFound, NotFound
-from shared.forwarding import UpstreamClient
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import Assignment, ManualStartRequest, is_valid_name
 from shared.settings import WorkerSettings
 from shared.store import Store
+from shared.wire import Pool
 
 
 def build_routes(
-    store: Store, settings: WorkerSettings, agent: Agent, upstream: UpstreamClient
+    store: Store, settings: WorkerSettings, agent: Agent, upstream: Pool
 ) -> APIRouter:
     admin = Depends(bearer_guard(settings.admin_token))
     sup = agent.supervisor

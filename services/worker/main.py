@@ -8,17 +8,18 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from services.worker import proxy
 from services.worker.agent import Agent
 from services.worker.api import build_routes
 from services.worker.engines import available_drivers
 from services.worker.gpu import open_inventory
 from services.worker.supervisor import Supervisor
 from shared.events import Nudger
-from shared.forwarding import UpstreamClient
 from shared.http import make_client, serve
 from shared.logs import setup_logging
 from shared.service import background, make_app, open_store
 from shared.settings import WorkerSettings
+from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: WorkerSettings) -> FastAPI:
     store = open_store(settings)
     client = make_client(5.0, 3600.0)  # control calls to engines: health, sleep, metrics
-    upstream = UpstreamClient(5.0, 3600.0)  # the request hot path
+    upstream = Pool(5.0, 3600.0)  # the request hot path
     drivers = available_drivers(settings.worker_engines, settings.vllm_command)
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)
@@ -50,13 +51,16 @@ def create_app(settings: WorkerSettings) -> FastAPI:
 
     app = make_app("svllm worker", lifespan)
     app.include_router(build_routes(store, settings, agent, upstream))
+    app.state.fast_lane = proxy.picker(proxy.fast_handler(
+        supervisor, upstream, settings.internal_token, settings.max_body_bytes))
     return app
 
 
 def main() -> None:
     settings = WorkerSettings()
     setup_logging(f"worker {settings.worker_id}", settings.log_level, settings.log_format)
-    serve(create_app(settings), settings.worker_host, settings.worker_port)
+    app = create_app(settings)
+    serve(app, settings.worker_host, settings.worker_port, app.state.fast_lane)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,24 @@
-"""Forwarding /proxy/{alias}/{path} to the local engine, for the engine paths clients need."""
+"""Forwarding /proxy/{alias}/{path} to the local engine, for the engine paths clients need.
+
+Two entrances, one behaviour: :func:`fast_handler` serves the common case on the fast lane
+(:mod:`shared.fastlane`) and hands anything else (a wrong token, a path not proxied, a model
+not serving here, a chunked or oversized body) to :func:`forward` in the ASGI app, which
+explains the error.
+"""
 
 from __future__ import annotations
+
+import hmac
 
 from fastapi import Request
 from starlette.responses import Response
 
 from services.worker.supervisor import Supervisor
 from shared.errors import NoCapacity, NotFound
-from shared.forwarding import UpstreamClient, relay
+from shared.fastlane import Handler, Lane, Picker
+from shared.forwarding import relay
 from shared.http import ClientGone, cancel_on_disconnect, read_body
+from shared.wire import Pool
 
 # The engine's other endpoints (/sleep, /wake_up, /collective_rpc ...) are not for clients:
 # vLLM leaves them unauthenticated, so only these pass.
@@ -18,12 +28,12 @@ ALLOWED: dict[str, str] = {
     "v1/embeddings": "POST",
     "v1/models": "GET",
 }
-_FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
+_FORWARD_HEADERS = (b"content-type", b"accept", b"x-request-id")
+PREFIX = "/proxy/"
 
 
 async def forward(
-    request: Request, alias: str, path: str, supervisor: Supervisor,
-    client: UpstreamClient, limit: int,
+    request: Request, alias: str, path: str, supervisor: Supervisor, pool: Pool, limit: int,
 ) -> Response:
     method = ALLOWED.get(path)
     if method is None or method != request.method:
@@ -35,18 +45,58 @@ async def forward(
         raise NoCapacity(f"model '{alias}' is not serving on this worker ({state})",
                          code="replica_not_ready")
     body = await read_body(request, limit) if method == "POST" else b""
-    headers = {h: v for h in _FORWARD_HEADERS if (v := request.headers.get(h))}
+    headers = b"".join(h + b": " + v.encode("latin-1") + b"\r\n" for h in _FORWARD_HEADERS
+                       if (v := request.headers.get(h.decode())))
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
     try:
         # A non-streamed answer comes whole after the generation: if the router hangs up
         # meanwhile, closing the engine connection is what aborts the generation.
-        upstream = await cancel_on_disconnect(
-            request, client.open(method, f"{engine.base_url}/{path}", body, headers))
+        ex = await cancel_on_disconnect(
+            request, pool.send(engine.base_url, method.encode(), b"/" + path.encode(),
+                               headers, body))
     except ClientGone:
         supervisor.end(alias)
         return Response(status_code=499)
     except BaseException:
         supervisor.end(alias)
         raise
-    return relay(upstream, on_close=lambda: supervisor.end(alias))
+    return relay(ex, on_close=lambda: supervisor.end(alias))
+
+
+def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int) -> Handler:
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def handle(lane: Lane) -> bool:
+        alias, _, path = lane.path[len(PREFIX):].partition("/")
+        method = ALLOWED.get(path)
+        if method != lane.method:
+            return False
+        if expected is not None and not hmac.compare_digest(
+                lane.header(b"authorization") or b"", expected):
+            return False
+        engine = supervisor.serving(alias)
+        if engine is None:
+            return False
+        body = await lane.read_body(limit) if method == "POST" else b""
+        if body is None:
+            return False
+        headers = b"".join([h + b": " + v + b"\r\n" for h in _FORWARD_HEADERS
+                            if (v := lane.header(h)) is not None])
+        supervisor.begin(alias)
+        try:
+            ex = await pool.send(engine.base_url, lane.method.encode(), b"/" + path.encode(),
+                                 headers, body)
+            await lane.relay(ex)
+        finally:
+            supervisor.end(alias)
+        return True
+
+    return handle
+
+
+def picker(handler: Handler) -> Picker:
+    def pick(method: str, path: str) -> Handler | None:
+        return handler if path.startswith(PREFIX) else None
+
+    return pick

@@ -1,0 +1,270 @@
+"""The fast lane: hot requests served on uvicorn's connection protocol, below ASGI.
+
+A service names its hot requests (method and path) and gives a handler for them. The handler
+runs as the request's task, reads the head and body uvicorn parsed, and writes its response
+straight to the socket: a buffered answer in one write, a relayed one as each upstream read
+arrives (:mod:`shared.wire`). Anything unusual (an error to explain, a request to hold while
+a model starts, a body that is too large or chunked) the handler hands back by returning
+False, and the request then runs through the ASGI app as any other, body included. So every
+error path keeps its one implementation in the app, and the common case skips Starlette, its
+middleware and the ASGI message exchange, most of a hop's CPU (docs/performance.md).
+
+This subclasses uvicorn's httptools protocol and overrides one internal method
+(``_start_asgi_task``); :func:`supported` checks for it and the services fall back to plain
+ASGI, with a warning, where a uvicorn release lacks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http import httptools_impl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from shared.errors import ApiError, error_body
+from shared.wire import Exchange
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[["Lane"], Awaitable[bool]]
+# (method, path) -> the handler for it, or None for the ASGI app.
+Picker = Callable[[str, str], Handler | None]
+
+_STATUS_LINE: dict[int, bytes] = httptools_impl.STATUS_LINE
+# Only these upstream response headers pass on; hop-by-hop ones must not.
+PASS_HEADERS = frozenset((b"content-type", b"retry-after", b"x-request-id"))
+STREAM_BROKEN = b"data: " + error_body(
+    "the replica serving this stream failed mid-way; the output above is incomplete",
+    "upstream_error", "stream_interrupted") + b"\n\n"
+_JSON = b"content-type: application/json\r\n"
+
+
+def supported() -> bool:
+    return callable(getattr(HttpToolsProtocol, "_start_asgi_task", None))
+
+
+def new_request_id() -> str:
+    # 32 hex digits: a valid UUID, which llama-cpp-python's server insists on.
+    return os.urandom(16).hex()
+
+
+def pass_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([k + b": " + v + b"\r\n" for k, v in headers if k in PASS_HEADERS])
+
+
+class Lane:
+    """One request on the fast lane: its head and body, and a writer for its response."""
+
+    __slots__ = (
+        "_chunked",
+        "_exchange",
+        "_over",
+        "_sse",
+        "cycle",
+        "finished",
+        "method",
+        "path",
+        "proto",
+        "started",
+        "task",
+    )
+
+    def __init__(self, proto: FastProtocol, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+        self.proto = proto
+        self.method: str = cycle.scope["method"]
+        self.path: str = cycle.scope["path"]
+        self.started = False
+        self.finished = False
+        self.task: asyncio.Task[None] | None = None
+        self._exchange: Exchange | None = None
+        self._chunked = False
+        self._sse = False
+        self._over: asyncio.Future[None] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.cycle.scope["headers"]:
+            if k == name:
+                return v
+        return None
+
+    async def read_body(self, limit: int) -> bytes | None:
+        """The body, or None when the ASGI app should take the request: no Content-Length
+        (chunked upload), or more than ``limit`` bytes declared."""
+        declared = self.header(b"content-length")
+        if declared is None or not declared.isdigit() or int(declared) > limit:
+            return None
+        cycle = self.cycle
+        while cycle.more_body and not cycle.disconnected:
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if cycle.disconnected:
+            raise asyncio.CancelledError("client gone")
+        # Left in place: the ASGI app reads it again if the request is handed back.
+        return bytes(cycle.body)
+
+    # -- responses ----------------------------------------------------------------------------
+
+    def _head(self, status: int, headers: bytes, framing: bytes) -> bytes:
+        close = b"" if self.cycle.keep_alive else b"connection: close\r\n"
+        return _STATUS_LINE[status] + headers + framing + close + b"\r\n"
+
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A whole response in one write."""
+        self.started = True
+        head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
+        self.proto.transport.write(head + body)
+        self._finish()
+
+    def respond_error(self, err: ApiError) -> None:
+        extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in err.headers.items())
+        self.respond(err.status, _JSON + extra,
+                     error_body(err.message, err.type, err.code, err.param))
+
+    async def relay(self, ex: Exchange) -> None:
+        """Pass ``ex``'s response on as it arrives: one write per upstream read, the body
+        bytes untouched (a chunked answer is re-framed per read, never merged or split)."""
+        length = ex.length
+        self._chunked = length is None
+        self._sse = (ex.header(b"content-type") or b"").startswith(b"text/event-stream")
+        framing = b"transfer-encoding: chunked\r\n" if length is None else \
+            b"content-length: %d\r\n" % length
+        self.started = True
+        self.proto.transport.write(self._head(ex.status, pass_headers(ex.headers), framing))
+        self._over = asyncio.get_running_loop().create_future()
+        self._exchange = ex
+        try:
+            ex.pipe(self)
+            await self._over
+        finally:
+            self._exchange = None
+            ex.close()
+
+    # -- Sink: called by the upstream connection as its reads arrive ---------------------------
+
+    def body(self, data: bytes) -> None:
+        if self._chunked:
+            self.proto.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.proto.transport.write(data)
+
+    def end(self, error: Exception | None) -> None:
+        transport = self.proto.transport
+        if error is not None:
+            logger.warning("upstream failed mid-response: %s", error)
+            if self._chunked and self._sse:
+                # Bytes already reached the client: never glue a retry onto a partial answer.
+                # The event stream ends with an error event OpenAI clients raise.
+                transport.write(b"%x\r\n%b\r\n" % (len(STREAM_BROKEN), STREAM_BROKEN))
+            else:
+                # Anything else is cut short, so the client sees an incomplete message.
+                self.cycle.keep_alive = False
+        if self._chunked and self.cycle.keep_alive:
+            transport.write(b"0\r\n\r\n")
+        self._finish()
+        if self._over is not None and not self._over.done():
+            self._over.set_result(None)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        cycle = self.cycle
+        cycle.response_started = True
+        cycle.response_complete = True
+        if not cycle.keep_alive:
+            self.proto.transport.close()
+        cycle.on_response()
+
+    # -- called by the protocol ----------------------------------------------------------------
+
+    def gone(self) -> None:
+        """The client disconnected: stop the work (which closes the upstream connection)."""
+        if not self.finished and self.task is not None:
+            self.task.cancel()
+
+    def pause(self) -> None:
+        if self._exchange is not None:
+            self._exchange.pause()
+
+    def resume(self) -> None:
+        if self._exchange is not None:
+            self._exchange.resume()
+
+
+class FastProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with hot requests taken before they become ASGI."""
+
+    # In a tuple so that it is not bound as a method.
+    picker: ClassVar[tuple[Picker]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lane: Lane | None = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        handler = self.picker[0](cycle.scope["method"], cycle.scope["path"])
+        if handler is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        lane = Lane(self, cycle)
+        task = self.loop.create_task(self._run(lane, handler, app))
+        lane.task = task
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _run(self, lane: Lane, handler: Handler, app: Any) -> None:
+        self.lane = lane
+        handled = True
+        try:
+            handled = await handler(lane)
+        except asyncio.CancelledError:
+            # The client went away (see connection_lost); the handler's cleanup has run.
+            lane.cycle.keep_alive = False
+            lane._finish()
+        except ApiError as e:
+            self._fail(lane, e)
+        except Exception as e:
+            logger.exception("unhandled error on the fast lane", exc_info=e)
+            self._fail(lane, ApiError("internal error"))
+        finally:
+            if self.lane is lane:
+                self.lane = None
+        if not handled:
+            lane.cycle.message_event.set()  # the body is all there: don't wait for more
+            await lane.cycle.run_asgi(app)
+
+    @staticmethod
+    def _fail(lane: Lane, err: ApiError) -> None:
+        if lane.finished:
+            return
+        if not lane.started:
+            lane.respond_error(err)
+        else:
+            lane.cycle.keep_alive = False
+            lane._finish()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lane is not None:
+            self.lane.gone()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.lane is not None:
+            self.lane.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.lane is not None:
+            self.lane.resume()
+
+
+def protocol_for(picker: Picker) -> type[HttpToolsProtocol]:
+    """The protocol class to give uvicorn for a service with these hot requests."""
+    return type("FastLaneProtocol", (FastProtocol,), {"picker": (picker,)})

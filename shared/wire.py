@@ -1,0 +1,379 @@
+"""The hot path's HTTP/1.1 client: pooled keep-alive connections on plain asyncio protocols,
+responses parsed with httptools.
+
+Not aiohttp or httpx, by measurement (docs/performance.md): both wrap every request in
+several objects, tasks and timers, which on the router -> worker -> engine path cost more CPU
+than everything else together. Here a request is one write on a pooled connection and one
+future resolved by the parser; a streamed answer goes to a :class:`Sink` from the connection's
+``data_received``, one call per socket read, so an event is never re-buffered or delayed by a
+task switch.
+
+Timeouts: connecting is bounded by ``connect_timeout_s``; a response that sends nothing for
+``read_timeout_s`` (before its headers or between body reads) fails with
+:class:`UpstreamTimeout`, checked by one sweeper task per pool instead of a timer per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from shared.errors import UpstreamError, UpstreamTimeout
+
+# A consumer that lags this far behind pauses reading from the upstream socket.
+_HIGH_WATER = 1 << 20
+
+
+class Sink(Protocol):
+    """Where a piped answer goes, synchronously, as it arrives."""
+
+    def body(self, data: bytes) -> None: ...
+
+    def end(self, error: Exception | None) -> None: ...
+
+
+@functools.lru_cache(maxsize=4096)
+def _target(base_url: str) -> tuple[str, int, bytes]:
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"only http:// upstreams are supported, not {base_url!r}")
+    port = parts.port or 80
+    return parts.hostname, port, f"{parts.hostname}:{port}".encode()
+
+
+class Exchange:
+    """One request and its response on one connection. The response headers are there when
+    :meth:`Pool.send` returns; the body is read whole, iterated, or piped to a sink."""
+
+    __slots__ = (
+        "_conn",
+        "_error",
+        "_head",
+        "_parts",
+        "_sink",
+        "_size",
+        "_wake",
+        "activity",
+        "complete",
+        "got_bytes",
+        "headers",
+        "status",
+    )
+
+    def __init__(self, conn: _Conn, head: asyncio.Future[None]) -> None:
+        self._conn: _Conn | None = conn
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.complete = False
+        self._error: Exception | None = None
+        self._sink: Sink | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._head = head
+        self.activity = time.monotonic()
+        self.got_bytes = False
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def length(self) -> int | None:
+        """The declared Content-Length; None for a chunked or close-delimited body."""
+        value = self.header(b"content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    async def read_all(self) -> bytes:
+        """The whole body; the connection then goes back to the pool."""
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            await self._waiter()
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, one piece per socket read (or what accumulated since the
+        last one); an upstream failure raises :class:`UpstreamError`."""
+        while True:
+            if self._parts:
+                data = b"".join(self._parts)
+                self._parts.clear()
+                self._size = 0
+                if self._conn is not None:
+                    self._conn.resume()
+                yield data
+                continue
+            if self.complete:
+                return
+            if self._error is not None:
+                raise self._error
+            await self._waiter()
+
+    def pipe(self, sink: Sink) -> None:
+        """Hand the body to ``sink`` from now on; what already arrived goes first."""
+        self._sink = sink
+        self._flush()
+
+    def pause(self) -> None:
+        if self._conn is not None:
+            self._conn.pause()
+
+    def resume(self) -> None:
+        if self._conn is not None:
+            self._conn.resume()
+
+    def close(self) -> None:
+        """Abandon the exchange. Unless the response was complete this closes the connection,
+        which is what tells the upstream to stop generating."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not self.complete:
+            conn.abort()
+        self._sink = None
+
+    # -- fed by the connection --------------------------------------------------------------
+
+    def _waiter(self) -> asyncio.Future[None]:
+        self._wake = asyncio.get_running_loop().create_future()
+        return self._wake
+
+    def _flush(self) -> None:
+        sink = self._sink
+        if sink is not None:
+            if self._parts:
+                parts = self._parts
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
+                sink.body(data)
+            if self.complete or self._error is not None:
+                self._sink = None
+                sink.end(self._error)
+            return
+        wake = self._wake
+        if wake is not None and (self._parts or self.complete or self._error is not None):
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)
+        if self._size > _HIGH_WATER and self._conn is not None:
+            self._conn.pause()
+
+    def _fail(self, error: Exception) -> None:
+        if self.complete or self._error is not None:
+            return
+        self._error = error
+        if not self._head.done():
+            self._head.set_exception(error)
+            self._head.exception()  # retrieved: nobody may be waiting any more
+        self._flush()
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection to an upstream; serves one exchange at a time."""
+
+    def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self._paused = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:  # bytes nobody asked for: the connection is out of step
+            self.abort()
+            return
+        ex.activity = time.monotonic()
+        ex.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            ex._fail(UpstreamError(f"upstream sent an invalid response: {e}"))
+            self.abort()
+            return
+        if ex.complete:
+            self.exchange = None
+            self.pool._done(ex)
+            ex._conn = None
+            if self.parser.should_keep_alive() and not self.closed:
+                self.pool._release(self)
+            else:
+                self.abort()
+        ex._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        ex, self.exchange = self.exchange, None
+        if ex is None:
+            return
+        self.pool._done(ex)
+        if ex.status and ex.length is None and ex.header(b"transfer-encoding") is None:
+            ex.complete = True  # a close-delimited body ends with the connection
+            ex._flush()
+        else:
+            ex._fail(UpstreamError("upstream closed the connection before the response ended",
+                                   code="upstream_unreachable"))
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        ex.status = self.parser.get_status_code()
+        if not ex._head.done():
+            ex._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        assert ex is not None
+        ex._parts.append(body)
+        ex._size += len(body)
+
+    def on_message_complete(self) -> None:
+        assert self.exchange is not None
+        self.exchange.complete = True
+
+    # flow control
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.pool._forget(self)
+            self.transport.abort()
+
+
+class Pool:
+    """Keep-alive connections per upstream address, reused last-in first-out."""
+
+    def __init__(self, connect_timeout_s: float, read_timeout_s: float) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._active: set[Exchange] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def send(
+        self, base_url: str, method: bytes, path: bytes, headers: bytes, body: bytes
+    ) -> Exchange:
+        """Send a request; return once the response headers arrived.
+
+        ``headers`` are complete ``name: value\\r\\n`` lines (Host and Content-Length are
+        added). Failing before any response byte raises :class:`UpstreamError` (nothing was
+        answered, so the caller may try elsewhere); silence raises :class:`UpstreamTimeout`.
+        A reused connection that turns out closed is retried once on a fresh one.
+        """
+        host, port, hostport = _target(base_url)
+        request = b"%s %s HTTP/1.1\r\nhost: %s\r\ncontent-length: %d\r\n%s\r\n%s" % (
+            method, path, hostport, len(body), headers, body)
+        idle = self._idle.get((host, port))
+        if idle:
+            ex = self._start(idle.pop(), request)
+            try:
+                await ex._head
+                return ex
+            except UpstreamError:
+                if ex.got_bytes:
+                    raise
+            except BaseException:
+                ex.close()
+                raise
+        ex = self._start(await self._connect(host, port), request)
+        try:
+            await ex._head
+        except BaseException:
+            ex.close()
+            raise
+        return ex
+
+    def _start(self, conn: _Conn, request: bytes) -> Exchange:
+        loop = asyncio.get_running_loop()
+        ex = Exchange(conn, loop.create_future())
+        conn.exchange = ex
+        self._active.add(ex)
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+        assert conn.transport is not None
+        conn.transport.write(request)
+        return ex
+
+    async def _connect(self, host: str, port: int) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: _Conn(self, (host, port)),
+                                                       host, port)
+        except TimeoutError as e:
+            raise UpstreamTimeout(f"connecting to {host}:{port} timed out") from e
+        except OSError as e:
+            raise UpstreamError(f"upstream {host}:{port} unreachable: {e.strerror or e}",
+                                code="upstream_unreachable") from e
+        return conn
+
+    def _release(self, conn: _Conn) -> None:
+        conn.resume()
+        self._idle.setdefault(conn.key, []).append(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def _done(self, ex: Exchange) -> None:
+        self._active.discard(ex)
+
+    async def _sweep(self) -> None:
+        every = max(0.05, min(1.0, self.read_timeout_s / 4))
+        while True:
+            await asyncio.sleep(every)
+            limit = time.monotonic() - self.read_timeout_s
+            for ex in [e for e in self._active if e.activity < limit]:
+                self._active.discard(ex)
+                conn = ex._conn
+                ex._fail(UpstreamTimeout(
+                    f"upstream sent nothing for {self.read_timeout_s:g} s"))
+                if conn is not None:
+                    conn.abort()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                conn.abort()
+        self._idle.clear()
