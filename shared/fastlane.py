@@ -63,6 +63,7 @@ class Lane:
         "_chunked",
         "_exchange",
         "_over",
+        "_pending",
         "_sse",
         "cycle",
         "finished",
@@ -85,6 +86,7 @@ class Lane:
         self._chunked = False
         self._sse = False
         self._over: asyncio.Future[None] | None = None
+        self._pending: bytes | None = None  # the response head, until it can leave with data
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.cycle.scope["headers"]:
@@ -135,11 +137,14 @@ class Lane:
         framing = b"transfer-encoding: chunked\r\n" if length is None else \
             b"content-length: %d\r\n" % length
         self.started = True
-        self.proto.transport.write(self._head(ex.status, pass_headers(ex.headers), framing))
+        self._pending = self._head(ex.status, pass_headers(ex.headers), framing)
         self._over = asyncio.get_running_loop().create_future()
         self._exchange = ex
         try:
-            ex.pipe(self)
+            ex.pipe(self)  # what already arrived leaves with the head, in one write
+            if self._pending is not None:  # nothing yet: the head goes now, not later
+                self.proto.transport.write(self._pending)
+                self._pending = None
             await self._over
         finally:
             self._exchange = None
@@ -147,25 +152,31 @@ class Lane:
 
     # -- Sink: called by the upstream connection as its reads arrive ---------------------------
 
-    def body(self, data: bytes) -> None:
-        if self._chunked:
-            self.proto.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.proto.transport.write(data)
+    def _framed(self, data: bytes) -> bytes:
+        if self._chunked and data:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._pending is not None:
+            data, self._pending = self._pending + data, None
+        return data
 
-    def end(self, error: Exception | None) -> None:
-        transport = self.proto.transport
+    def body(self, data: bytes) -> None:
+        self.proto.transport.write(self._framed(data))
+
+    def end(self, data: bytes, error: Exception | None) -> None:
+        out = self._framed(data)
         if error is not None:
             logger.warning("upstream failed mid-response: %s", error)
             if self._chunked and self._sse:
                 # Bytes already reached the client: never glue a retry onto a partial answer.
                 # The event stream ends with an error event OpenAI clients raise.
-                transport.write(b"%x\r\n%b\r\n" % (len(STREAM_BROKEN), STREAM_BROKEN))
+                out += b"%x\r\n%b\r\n" % (len(STREAM_BROKEN), STREAM_BROKEN)
             else:
                 # Anything else is cut short, so the client sees an incomplete message.
                 self.cycle.keep_alive = False
         if self._chunked and self.cycle.keep_alive:
-            transport.write(b"0\r\n\r\n")
+            out += b"0\r\n\r\n"
+        if out:
+            self.proto.transport.write(out)
         self._finish()
         if self._over is not None and not self._over.done():
             self._over.set_result(None)

@@ -32,11 +32,12 @@ _HIGH_WATER = 1 << 20
 
 
 class Sink(Protocol):
-    """Where a piped answer goes, synchronously, as it arrives."""
+    """Where a piped answer goes, synchronously, as it arrives: ``body`` once per socket
+    read, and ``end`` once with the last read's bytes (so the end costs no extra write)."""
 
     def body(self, data: bytes) -> None: ...
 
-    def end(self, error: Exception | None) -> None: ...
+    def end(self, data: bytes, error: Exception | None) -> None: ...
 
 
 @functools.lru_cache(maxsize=4096)
@@ -151,14 +152,14 @@ class Exchange:
     def _flush(self) -> None:
         sink = self._sink
         if sink is not None:
-            if self._parts:
-                parts = self._parts
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                parts.clear()
-                sink.body(data)
+            parts = self._parts
+            data = (parts[0] if len(parts) == 1 else b"".join(parts)) if parts else b""
+            parts.clear()
             if self.complete or self._error is not None:
                 self._sink = None
-                sink.end(self._error)
+                sink.end(data, self._error)
+            elif data:
+                sink.body(data)
             return
         wake = self._wake
         if wake is not None and (self._parts or self.complete or self._error is not None):
@@ -188,6 +189,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
         self.closed = False
+        self.keep_alive = False
         self._paused = False
 
     # asyncio.Protocol
@@ -213,7 +215,7 @@ class _Conn(asyncio.Protocol):
             self.exchange = None
             self.pool._done(ex)
             ex._conn = None
-            if self.parser.should_keep_alive() and not self.closed:
+            if self.keep_alive and not self.closed:
                 self.pool._release(self)
             else:
                 self.abort()
@@ -255,6 +257,8 @@ class _Conn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         assert self.exchange is not None
         self.exchange.complete = True
+        # Asked here: once feed_data returns, the parser has reset and always says no.
+        self.keep_alive = self.parser.should_keep_alive()
 
     # flow control
 
