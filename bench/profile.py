@@ -1,7 +1,9 @@
 """Where the router and the worker spend their CPU under load: py-spy on both while wrk sends
-non-streamed requests through router + worker.
+non-streamed requests through router + worker (or, with ``--streams N``, while the stream
+client keeps N streams of ``--alias`` open).
 
     .venv/bin/python -m bench.profile [--connections 16] [--duration 10] [--top 15]
+    .venv/bin/python -m bench.profile --streams 64 --alias sim5
 
 Writes py-spy's collapsed stacks and flame graphs to bench/results/profile-*.{txt,svg} and
 prints each service's top functions by own time ("self") and by time below them ("total").
@@ -15,6 +17,7 @@ other process (engine, the other service, redis, manager, wrk, py-spy) moved to 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -22,7 +25,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from bench.points import body
+from bench.points import Target, body, stream_point
 from bench.pool import register_models, start_pool
 from bench.procset import LOAD_CORE, ROOT, SERVER_CORE, Children, interruptible, need, pinned
 from bench.wrkload import run_wrk, write_script
@@ -115,6 +118,10 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--streams", type=int, default=0,
+                    help="profile N concurrent streams instead of wrk's plain requests")
+    ap.add_argument("--alias", default="sim5", choices=("sim0", "sim5"),
+                    help="with --streams: the engine (sim5: 5 ms between tokens)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="svllm-profile-"))
@@ -124,6 +131,8 @@ def main() -> None:
             pool = start_pool(children, run_dir)
             register_models(pool)
             script = write_script(run_dir / "chat.lua", body("sim0", stream=False))
+            stream_body = run_dir / "stream.json"
+            stream_body.write_text(json.dumps(body(args.alias, stream=True)))
             url = pool.urls["router"] + "/v1/chat/completions"
             groups = [*pool.pids.values(), *(e.pid for e in pool.engines.values())]
             run_wrk(children, url, script, args.connections, 2)  # warm up
@@ -133,9 +142,17 @@ def main() -> None:
                 for ext in ("txt", "svg"):
                     record(children, name, pool.pids[name], args.duration,
                            RESULTS / f"profile-{name}.{ext}")
-                result = run_wrk(children, url, script, args.connections, args.duration + 1)
-                print(f"{name} alone on core {SERVER_CORE}: c={args.connections} through "
-                      f"router + worker: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms")
+                if args.streams:
+                    r = stream_point(children, Target("router", {args.alias: url}, {}),
+                                     args.alias, stream_body, args.streams,
+                                     args.duration + 1, run_dir)
+                    print(f"{name} alone on core {SERVER_CORE}: {args.streams} streams of "
+                          f"{args.alias} through router + worker: {r['chunks_per_s']:,.0f} "
+                          f"chunks/s, TTFT p50 {r['ttft_p50_ms']:.2f} ms")
+                else:
+                    result = run_wrk(children, url, script, args.connections, args.duration + 1)
+                    print(f"{name} alone on core {SERVER_CORE}: c={args.connections} through "
+                          f"router + worker: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms")
                 for pname, proc in list(children.procs):
                     if pname.startswith("py-spy-"):
                         proc.wait(timeout=30)  # py-spy writes its file when it ends
