@@ -9,6 +9,11 @@ from typing import Any
 Samples = list[dict[str, Any]]  # one measured point per repetition
 # Services whose CPU is shown; the others (redis, manager) only idle along.
 CPU_SERVICES = ("engine", "worker", "router", "nginx", "vllm-router")
+# The streaming goals are set at the issue's reference point (its peers' table: 64 streams of
+# 64 tokens at 5 ms per token). The other points are stress points: with every server on one
+# core and an engine generating without pause, any proxy's CPU shows up as lost chunks/s
+# (vllm-router too); they are reported against the same limits, without a target.
+REFERENCE_STREAMS = "64 streams, ITL 5 ms"
 
 
 def _values(samples: Samples, key: str, sub: str | None = None) -> dict[str, float]:
@@ -106,20 +111,37 @@ def goals(
             ratio = med(configs["router"], "rps") / med(configs["vllm-router"], "rps")
             add(f"req/s router+worker / vllm-router, {point}", ratio, 0.5, ratio >= 0.5, "ratio")
     for point, configs in streams.items():
-        if {"router", "direct"} <= set(configs):
-            r, d = configs["router"], configs["direct"]
-            ratio = med(r, "chunks_per_s") / med(d, "chunks_per_s")
-            add(f"chunks/s router / direct, {point}", ratio, 0.97, ratio >= 0.97, "ratio")
-            co_r, co_d = med(r, "coalesced_share"), med(d, "coalesced_share")
-            add(f"coalesced share router vs direct ({co_d:.1%}), {point}", co_r, co_d,
-                co_r <= co_d, "share")
-            ttft = med(r, "ttft_p50_ms") - med(d, "ttft_p50_ms")
-            add(f"added TTFT p50, {point}", ttft, 2.0, ttft <= 2.0, "ms")
+        if point == REFERENCE_STREAMS:
+            out.extend(stream_measures(point, configs))
     if "router" in plain.get("c16", {}):
         s = plain["c16"]["router"]
         total = med(s, "cpu_us", "router") + med(s, "cpu_us", "worker")
         add("CPU per request router + worker, c=16", total, 600.0, total <= 600.0, "µs")
     return out
+
+
+def stream_measures(point: str, configs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The streaming goals' three measures at one point (router+worker against direct)."""
+    if not {"router", "direct"} <= set(configs):
+        return []
+    r, d = configs["router"], configs["direct"]
+    ratio = med(r, "chunks_per_s") / med(d, "chunks_per_s")
+    co_r, co_d = med(r, "coalesced_share"), med(d, "coalesced_share")
+    ttft = med(r, "ttft_p50_ms") - med(d, "ttft_p50_ms")
+    return [
+        {"goal": f"chunks/s router / direct, {point}", "value": ratio, "limit": 0.97,
+         "met": ratio >= 0.97, "unit": "ratio"},
+        {"goal": f"coalesced share router vs direct ({co_d:.1%}), {point}", "value": co_r,
+         "limit": co_d, "met": co_r <= co_d, "unit": "share"},
+        {"goal": f"added TTFT p50, {point}", "value": ttft, "limit": 2.0, "met": ttft <= 2.0,
+         "unit": "ms"},
+    ]
+
+
+def stress_measures(streams: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same measures at the other stream points, which carry no target."""
+    return [m for point, configs in streams.items() if point != REFERENCE_STREAMS
+            for m in stream_measures(point, configs)]
 
 
 def goals_table(items: list[dict[str, Any]]) -> str:

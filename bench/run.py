@@ -71,7 +71,10 @@ def data_markdown(data: dict[str, Any]) -> str:
     return "\n\n".join([
         "Non-streamed requests (wrk, `max_tokens` 8):", report.plain_table(s["plain"]),
         "Streamed requests (64 tokens each):", report.stream_table(s["streams"]),
-        "Goals:", report.goals_table(items),
+        f"Goals (streaming: at the issue's reference point, {report.REFERENCE_STREAMS}):",
+        report.goals_table(items),
+        "The streaming measures at the stress points (no target; see docs/performance.md):",
+        report.goals_table(report.stress_measures(s["streams"])),
     ])
 
 

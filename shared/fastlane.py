@@ -101,6 +101,10 @@ class Lane:
         if declared is None or not declared.isdigit() or int(declared) > limit:
             return None
         cycle = self.cycle
+        if cycle.waiting_for_100_continue and cycle.more_body:
+            # curl and others send `Expect: 100-continue` before a larger body, then wait.
+            self.proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
         while cycle.more_body and not cycle.disconnected:
             cycle.flow.resume_reading()
             await cycle.message_event.wait()

@@ -1,0 +1,277 @@
+"""The hot path's HTTP client (shared/wire.py) against real sockets: small asyncio servers
+that script each upstream behaviour byte by byte."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from shared.errors import UpstreamError, UpstreamTimeout
+from shared.wire import Pool
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Upstream:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(r, w)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+
+
+@contextlib.asynccontextmanager
+async def upstream(script: Script) -> AsyncIterator[Upstream]:
+    up = Upstream(script)
+    up.server = await asyncio.start_server(up._handle, "127.0.0.1", 0)
+    up.url = f"http://127.0.0.1:{up.server.sockets[0].getsockname()[1]}"
+    try:
+        yield up
+    finally:
+        up.server.close()
+        await up.server.wait_closed()
+
+
+async def read_request(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await r.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await r.readexactly(length)
+
+
+def sized(body: bytes, extra: bytes = b"") -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+    return head % len(body) + extra + b"\r\n" + body
+
+
+async def echo_forever(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while True:
+        _, body = await read_request(r)
+        w.write(sized(body))
+        await w.drain()
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self.error: Exception | None = None
+        self.ended = asyncio.Event()
+
+    def body(self, data: bytes) -> None:
+        self.reads.append(data)
+
+    def end(self, data: bytes, error: Exception | None) -> None:
+        if data:
+            self.reads.append(data)
+        self.error = error
+        self.ended.set()
+
+
+async def send(pool: Pool, url: str, body: bytes = b"{}") -> bytes:
+    ex = await pool.send(url, b"POST", b"/x", b"content-type: application/json\r\n", body)
+    return await ex.read_all()
+
+
+async def test_keep_alive_connection_is_reused() -> None:
+    async with upstream(echo_forever) as up:
+        pool = Pool(2, 5)
+        for i in range(20):
+            assert await send(pool, up.url, b'{"i": %d}' % i) == b'{"i": %d}' % i
+        await pool.close()
+    assert up.connections == 1
+
+
+async def test_request_carries_host_length_and_headers() -> None:
+    seen: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head, body = await read_request(r)
+        seen.append(head + body)
+        w.write(sized(b"ok"))
+        await w.drain()
+
+    async with upstream(script) as up:
+        pool = Pool(2, 5)
+        await send(pool, up.url, b'{"model": "m"}')
+        await pool.close()
+    request = seen[0]
+    assert request.startswith(b"POST /x HTTP/1.1\r\n")
+    assert f"host: {up.url.removeprefix('http://')}".encode() in request
+    assert b"content-length: 14\r\n" in request and b"content-type: application/json" in request
+    assert request.endswith(b'\r\n\r\n{"model": "m"}')
+
+
+async def test_connection_close_is_not_reused() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(sized(b"ok", b"connection: close\r\n"))
+        await w.drain()
+
+    async with upstream(script) as up:
+        pool = Pool(2, 5)
+        for _ in range(3):
+            assert await send(pool, up.url) == b"ok"
+        await pool.close()
+    assert up.connections == 3
+
+
+async def test_idle_connection_closed_by_upstream_is_retried_on_a_fresh_one() -> None:
+    async def one_then_hang_up(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(sized(b"ok"))  # keep-alive promised, then the upstream closes anyway
+        await w.drain()
+
+    async with upstream(one_then_hang_up) as up:
+        pool = Pool(2, 5)
+        assert await send(pool, up.url) == b"ok"
+        await asyncio.sleep(0.05)  # the close reaches the idle connection
+        assert await send(pool, up.url) == b"ok"
+        await pool.close()
+    assert up.connections == 2
+
+
+async def test_chunked_answer_is_piped_one_call_per_read() -> None:
+    release = asyncio.Event()
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n")
+        await w.drain()
+        for i in range(3):
+            await release.wait()
+            release.clear()
+            event = b"data: %d\n\n" % i
+            w.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(1)
+
+    async with upstream(script) as up:
+        pool = Pool(2, 5)
+        ex = await pool.send(up.url, b"POST", b"/x", b"", b"{}")
+        assert ex.status == 200 and ex.length is None
+        sink = Collect()
+        ex.pipe(sink)
+        for i in range(3):
+            release.set()
+            for _ in range(100):
+                if len(sink.reads) > i:
+                    break
+                await asyncio.sleep(0.01)
+            assert sink.reads[i] == b"data: %d\n\n" % i  # as it arrived, not batched
+        await asyncio.wait_for(sink.ended.wait(), 5)
+        assert sink.error is None
+        await pool.close()
+
+
+async def test_upstream_dying_mid_body_ends_the_pipe_with_an_error() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await w.drain()
+
+    async with upstream(script) as up:
+        pool = Pool(2, 5)
+        ex = await pool.send(up.url, b"POST", b"/x", b"", b"{}")
+        sink = Collect()
+        ex.pipe(sink)
+        await asyncio.wait_for(sink.ended.wait(), 5)
+        assert b"".join(sink.reads) == b"hello"
+        assert isinstance(sink.error, UpstreamError)
+        await pool.close()
+
+
+async def test_unreachable_upstream_is_an_upstream_error() -> None:
+    async with upstream(echo_forever) as up:
+        url = up.url
+    pool = Pool(2, 5)
+    with pytest.raises(UpstreamError) as e:
+        await send(pool, url)
+    assert e.value.code == "upstream_unreachable"
+    await pool.close()
+
+
+async def test_silent_upstream_times_out() -> None:
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        await asyncio.sleep(10)
+
+    async with upstream(silent) as up:
+        pool = Pool(2, 0.3)
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(send(pool, up.url), 5)
+        await pool.close()
+
+
+async def test_closing_an_unfinished_exchange_closes_the_connection() -> None:
+    peer_saw_eof = asyncio.Event()
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await w.drain()
+        if await r.read(1) == b"":
+            peer_saw_eof.set()  # how the engine learns nobody reads its generation
+
+    async with upstream(script) as up:
+        pool = Pool(2, 5)
+        ex = await pool.send(up.url, b"POST", b"/x", b"", b"{}")
+        ex.close()
+        await asyncio.wait_for(peer_saw_eof.wait(), 5)
+        await pool.close()
+
+
+async def test_cancelled_request_closes_its_connection() -> None:
+    peer_saw_eof = asyncio.Event()
+
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        if await r.read(1) == b"":
+            peer_saw_eof.set()
+
+    async with upstream(slow) as up:
+        pool = Pool(2, 5)
+        task = asyncio.ensure_future(send(pool, up.url))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(peer_saw_eof.wait(), 5)
+        await pool.close()
+
+
+async def test_invalid_response_is_an_upstream_error() -> None:
+    async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(1)
+
+    async with upstream(garbage) as up:
+        pool = Pool(2, 5)
+        with pytest.raises(UpstreamError):
+            await send(pool, up.url)
+        await pool.close()
+
+
+def test_only_http_urls() -> None:
+    pool = Pool(2, 5)
+    with pytest.raises(ValueError, match="only http://"):
+        asyncio.run(send(pool, "https://example.invalid"))
