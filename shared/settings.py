@@ -47,6 +47,9 @@ class CommonSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # Serve the hot requests below ASGI (shared/fastlane.py). Off: every request goes through
+    # the ASGI app; same answers, about five times the CPU per request (docs/performance.md).
+    fast_lane: bool = True
 
 
 class RouterSettings(CommonSettings):

@@ -63,7 +63,8 @@ def main() -> None:
     settings = RouterSettings()
     setup_logging("router", settings.log_level, settings.log_format)
     app = create_app(settings)
-    serve(app, settings.router_host, settings.router_port, app.state.fast_lane)
+    serve(app, settings.router_host, settings.router_port,
+          app.state.fast_lane if settings.fast_lane else None)
 
 
 if __name__ == "__main__":

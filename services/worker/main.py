@@ -60,7 +60,8 @@ def main() -> None:
     settings = WorkerSettings()
     setup_logging(f"worker {settings.worker_id}", settings.log_level, settings.log_format)
     app = create_app(settings)
-    serve(app, settings.worker_host, settings.worker_port, app.state.fast_lane)
+    serve(app, settings.worker_host, settings.worker_port,
+          app.state.fast_lane if settings.fast_lane else None)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ def pool(cluster: Cluster):
     return cluster, router
 
 
-def test_register_chat_stream_unregister(pool) -> None:
-    _cluster, router = pool
+@pytest.mark.parametrize("fast_lane", ["true", "false"])
+def test_register_chat_stream_unregister(cluster: Cluster, fast_lane: str) -> None:
+    # The same answers with the fast lane (the default) and through the ASGI app alone.
+    cluster.extra_env["FAST_LANE"] = fast_lane
+    cluster.manager()
+    cluster.worker("w1")
+    router = cluster.router()
     r = register(router, "demo", engine="sim", extra_args=["--itl", "0.001"])
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["engine"] == "sim"
@@ -29,6 +34,10 @@ def test_register_chat_stream_unregister(pool) -> None:
     assert models["data"][0]["engine"] == "sim"
 
     wait_serving(router, "demo")
+    # uvicorn stamps `server: uvicorn` on what the ASGI app answers; the lane writes its own.
+    raw = chat(router, "demo")
+    assert raw.status_code == 200, raw.text
+    assert ("server" in raw.headers) == (fast_lane == "false")
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused")
     plain = client.chat.completions.create(
         model="demo", messages=[{"role": "user", "content": "tell me a story"}], max_tokens=8)
