@@ -59,6 +59,8 @@ def service_env(redis_url: str, state_dir: Path) -> dict[str, str]:
         "REDIS_URL": redis_url, "REDIS_PREFIX": "bench", "GPU_BACKEND": "none",
         "WORKER_ENGINES": "sim", "DEFAULT_ENGINE": "sim", "LOG_LEVEL": "WARNING",
         "LOG_FORMAT": "text", "WORKER_ID": "bench-worker", "STATE_DIR": str(state_dir),
+        # FAST_LANE=false in the caller's shell measures the ASGI-only path (an ablation).
+        "FAST_LANE": os.environ.get("FAST_LANE", "true"),
     }
 
 
