@@ -1,5 +1,6 @@
-"""Which HTTP client the proxies should use: CPU per request of httpx (what shared.http uses
-now) and of aiohttp, each as a plain client of one sim engine, at 1, 16 and 64 concurrent.
+"""Which HTTP client the proxies should use: CPU per request of httpx, of aiohttp and of the
+project's own shared/wire.py (what the hot path uses now), each as a plain client of one sim
+engine, at 1, 16 and 64 concurrent.
 
     .venv/bin/python -m bench.client_cost [--requests 4000]
 
@@ -28,7 +29,7 @@ from bench.procset import (
     wait_tcp,
 )
 
-_INTERPRETER = {"httpx": PYTHON, "aiohttp": str(BENCH_VENV / "python")}
+_INTERPRETER = {"httpx": PYTHON, "aiohttp": str(BENCH_VENV / "python"), "wire": PYTHON}
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """CPU cost of one HTTP client library per proxied request (the hop router -> worker -> engine).
 
-    python -m bench.clientload --lib httpx|aiohttp --url URL --concurrency 16 --requests 4000
+    python -m bench.clientload --lib httpx|aiohttp|wire --url URL --concurrency 16 --requests 4000
 
-Run by bench.client_cost with the interpreter that has the library: httpx from the project's
-.venv, aiohttp from .venv-bench. Imports nothing from the project, so either venv can run it.
+Run by bench.client_cost with the interpreter that has the library: httpx and wire (the
+project's own shared/wire.py, what the services use) from the project's .venv, aiohttp from
+.venv-bench. Imports the project only for ``--lib wire``, so either venv can run the others.
 Prints one JSON line: req/s and this process's CPU microseconds per request.
 """
 
@@ -52,8 +53,25 @@ async def _aiohttp_sender(url: str) -> tuple[Send, Callable[[], Awaitable[None]]
     return send, session.close
 
 
+async def _wire_sender(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    from shared.wire import Pool  # noqa: PLC0415 - the project's venv only
+
+    pool = Pool(5.0, 60.0)
+    base, _, path = url.partition("/v1/")
+    headers = b"".join(f"{k}: {v}\r\n".encode() for k, v in HEADERS.items())
+
+    async def send() -> None:
+        ex = await pool.send(base, b"POST", b"/v1/" + path.encode(), headers, BODY)
+        await ex.read_all()
+
+    return send, pool.close
+
+
+_SENDERS = {"httpx": _httpx_sender, "aiohttp": _aiohttp_sender, "wire": _wire_sender}
+
+
 async def measure(lib: str, url: str, concurrency: int, requests: int) -> dict[str, object]:
-    make = _httpx_sender if lib == "httpx" else _aiohttp_sender
+    make = _SENDERS[lib]
     send, close = await make(url)
     each = max(1, requests // concurrency)
 
@@ -74,7 +92,7 @@ async def measure(lib: str, url: str, concurrency: int, requests: int) -> dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lib", choices=("httpx", "aiohttp"), required=True)
+    ap.add_argument("--lib", choices=tuple(_SENDERS), required=True)
     ap.add_argument("--url", required=True)
     ap.add_argument("--concurrency", type=int, required=True)
     ap.add_argument("--requests", type=int, default=4000)
