@@ -8,8 +8,9 @@ processes the pool does not own. Several models share a GPU when their reservati
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shared.models import Assignment, GpuInfo, ModelSpec, Reservation, WorkerView
@@ -63,11 +64,15 @@ def available_mb(gpu: GpuInfo, reserved: int) -> int:
     return max(0, gpu.memory_total_mb - reserved - foreign)
 
 
-def _fit_gpus(spec: ModelSpec, w: WorkerView, ledger: Ledger) -> Choice | str:
-    """GPUs of ``w`` for ``spec``, or why there are none."""
+def _fit_gpus(
+    spec: ModelSpec, w: WorkerView, ledger: Ledger, reserved: Mapping[int, int] | None = None
+) -> Choice | str:
+    """GPUs of ``w`` for ``spec``, or why there are none. ``reserved``: the ledger's
+    :func:`reserved_by_gpu`, when the caller already has it."""
     if not w.gpus:
         return Choice(w.worker_id, [], 0, spec.gpu_memory_utilization)
-    reserved = reserved_by_gpu(ledger)
+    if reserved is None:
+        reserved = reserved_by_gpu(ledger)
     free = {g.index: available_mb(g, reserved.get(g.index, 0)) for g in w.gpus}
     # Most free first: spreads load and keeps room for big models on the emptier GPUs.
     fitting = sorted((g for g in w.gpus if free[g.index] >= need_mb(spec, g)),
@@ -98,17 +103,110 @@ def _unfit_reason(spec: ModelSpec, w: WorkerView, mine: Mapping[str, Assignment]
     return None
 
 
+class WorkerOrder:
+    """The workers of one scheduling pass in the order :func:`choose_worker` prefers them:
+    least loaded (fewest assignments) first, ties by worker id, then by position in the list.
+
+    With it, a choice stops at the first worker that fits instead of scanning every worker
+    (a pass placing every alias grew with workers x aliases). It reads ``assignments`` and
+    ``ledgers`` as they are when a worker is (re)ranked: after changing a worker's
+    assignments or ledger, call :meth:`touch` with its id before the next choice.
+    """
+
+    def __init__(
+        self,
+        workers: Sequence[WorkerView],
+        assignments: Mapping[str, Mapping[str, Assignment]],
+        ledgers: Mapping[str, Ledger] | None = None,
+    ) -> None:
+        self.workers = workers
+        self.assignments = assignments
+        self.ledgers = ledgers
+        # The caller's own mapping, even empty: it may fill it in later.
+        self._ledgers: Mapping[str, Ledger] = {} if ledgers is None else ledgers
+        self._positions: dict[str, list[int]] = {}
+        for pos, w in enumerate(workers):
+            self._positions.setdefault(w.worker_id, []).append(pos)
+        # (load, worker id, position), kept sorted.
+        self._ranked = sorted(self._key(pos) for pos in range(len(workers)))
+        self._keys = {key[2]: key for key in self._ranked}
+        self._reserved: dict[str, dict[int, int]] = {}
+
+    def _key(self, pos: int) -> tuple[int, str, int]:
+        wid = self.workers[pos].worker_id
+        return len(self.assignments.get(wid, {})), wid, pos
+
+    def touch(self, worker_id: str) -> None:
+        """Re-rank ``worker_id`` after its assignments or ledger changed."""
+        self._reserved.pop(worker_id, None)
+        for pos in self._positions.get(worker_id, ()):
+            old, new = self._keys[pos], self._key(pos)
+            if old != new:
+                del self._ranked[bisect.bisect_left(self._ranked, old)]
+                bisect.insort(self._ranked, new)
+                self._keys[pos] = new
+
+    def reserved(self, worker_id: str) -> dict[int, int]:
+        """:func:`reserved_by_gpu` of the worker's ledger, computed once until it is touched."""
+        out = self._reserved.get(worker_id)
+        if out is None:
+            out = self._reserved[worker_id] = reserved_by_gpu(self._ledgers.get(worker_id, {}))
+        return out
+
+    def current(self) -> bool:
+        """Whether every rank and cached reservation matches the inputs now (for tests)."""
+        return (self._ranked == sorted(self._key(pos) for pos in range(len(self.workers)))
+                and all(r == reserved_by_gpu(self._ledgers.get(w, {}))
+                        for w, r in self._reserved.items()))
+
+    def ranked(self, worker_id: str | None = None) -> Iterator[tuple[int, WorkerView]]:
+        """(load, worker) in preference order; only the workers named ``worker_id`` if set."""
+        if worker_id is None:
+            keys: Sequence[tuple[int, str, int]] = self._ranked
+        else:
+            keys = sorted(self._keys[pos] for pos in self._positions.get(worker_id, ()))
+        for load, _, pos in keys:
+            yield load, self.workers[pos]
+
+    def first_fit(self, spec: ModelSpec) -> Choice | None:
+        """The worker a full scan would choose, or None when none fits (or, defensively,
+        when a worker's rank is found out of date: the full scan then decides)."""
+        for load, w in self.ranked(spec.worker_id or None):
+            mine = self.assignments.get(w.worker_id, {})
+            if len(mine) != load:
+                return None
+            if _unfit_reason(spec, w, mine) is not None:
+                continue
+            fit = _fit_gpus(spec, w, self._ledgers.get(w.worker_id, {}),
+                            self.reserved(w.worker_id))
+            if isinstance(fit, Choice):
+                return fit
+        return None
+
+
 def choose_worker(
     spec: ModelSpec,
     workers: list[WorkerView],
     assignments: Mapping[str, Mapping[str, Assignment]],
     ledgers: Mapping[str, Ledger] | None = None,
+    order: WorkerOrder | None = None,
 ) -> Choice | Refusal:
     """Pick a live worker for one more replica of ``spec``.
 
     Skips workers that already run the alias (replicas spread over machines), honours a pinned
     ``worker_id``, requires the engine and the GPU memory, and prefers the least loaded worker.
+
+    ``order``, built over these same ``workers``, ``assignments`` and ``ledgers`` and kept
+    up to date by the caller, finds the same worker without scanning them all; when none fits,
+    every worker is still scanned for the reasons.
     """
+    if order is not None:
+        if (order.workers is not workers or order.assignments is not assignments
+                or order.ledgers is not ledgers):
+            raise ValueError("the worker order was built over other workers or assignments")
+        found = order.first_fit(spec)
+        if found is not None:
+            return found
     refusal = Refusal()
     candidates: list[tuple[int, str, Choice]] = []
     for w in workers:

@@ -14,14 +14,42 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from services.manager.placement import Choice, choose_worker
+from services.manager.placement import Choice, WorkerOrder, choose_worker
 from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
 from shared.events import Nudger
 from shared.models import Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import NotLeader, Store, StoredModel
+from shared.store.scheduling import Unassign
 
 logger = logging.getLogger(__name__)
+
+# The most fenced writes held back to share one transaction.
+WRITE_BATCH = 200
+
+
+class FencedWrites:
+    """The pass's assignment writes, sent in fenced transactions of up to ``limit``: a
+    transaction per placement made a first pass over thousands of aliases cost thousands of
+    round trips. Fencing is unchanged (a transaction lands only while the token holds the
+    lease). The scheduler's other writes :meth:`flush` first, so Redis sees every write in
+    the order it was decided; only the moment changes, by at most one batch.
+    """
+
+    def __init__(self, store: Store, token: str, limit: int = WRITE_BATCH) -> None:
+        self.store = store
+        self.token = token
+        self.limit = limit
+        self.pending: list[Assignment | Unassign] = []
+
+    async def add(self, write: Assignment | Unassign) -> None:
+        self.pending.append(write)
+        if len(self.pending) >= self.limit:
+            await self.flush()
+
+    async def flush(self) -> None:
+        writes, self.pending = self.pending, []
+        await self.store.write_fenced(self.token, writes)
 
 
 @dataclass
@@ -108,23 +136,37 @@ class Scheduler:
                 by_alias.setdefault(alias, {})[wid] = a
         now = time.time()
         renewed = time.monotonic()
-        for alias, model in models.items():
-            if time.monotonic() - renewed > self.settings.lease_ttl_s / 3:
-                await self._renew_lease()  # a long pass must not outlive the lease
-                renewed = time.monotonic()
-            if model.hold is None:
-                assigned = by_alias.setdefault(alias, {})
-                observed = {w: Usage.from_record(r) for w, r in usage[alias].items()}
-                demand = alias in demands
-                if demand and any(u.state == "RUNNING" for u in observed.values()):
-                    # Served: the waiting requests go through; the idle clock may run again.
-                    await self.store.clear_demand(alias)
-                    demand = False
-                decision = decide(model.spec, assigned, observed, demand, now)
-                decision.desired = self._autoscaled(model, decision, assigned, observed, now)
-                await self._apply_residency(alias, decision, assigns, assigned)
-                await self._converge_model(model, decision.desired, workers, assigns, ledgers,
-                                           assigned)
+        # Workers least loaded first, kept in step with every change below: a placement
+        # stops at the first worker that fits instead of scanning them all.
+        order = WorkerOrder(workers, assigns, ledgers)
+        writes = FencedWrites(self.store, self.token)
+        try:
+            for alias, model in models.items():
+                if time.monotonic() - renewed > self.settings.lease_ttl_s / 3:
+                    await writes.flush()
+                    await self._renew_lease()  # a long pass must not outlive the lease
+                    renewed = time.monotonic()
+                if model.hold is None:
+                    assigned = by_alias.setdefault(alias, {})
+                    observed = {w: Usage.from_record(r) for w, r in usage[alias].items()}
+                    demand = alias in demands
+                    if demand and any(u.state == "RUNNING" for u in observed.values()):
+                        # Served: the waiting requests go through; the idle clock may run again.
+                        await writes.flush()
+                        await self.store.clear_demand(alias)
+                        demand = False
+                    decision = decide(model.spec, assigned, observed, demand, now)
+                    decision.desired = self._autoscaled(model, decision, assigned, observed, now)
+                    await self._apply_residency(alias, decision, assigns, assigned, order,
+                                                writes)
+                    await self._converge_model(model, decision.desired, workers, assigns,
+                                               ledgers, assigned, order, writes)
+        except (NotLeader, RedisError):
+            raise  # the held-back writes could not land either
+        except Exception:
+            await writes.flush()  # what was decided before the failure lands, as it did unbatched
+            raise
+        await writes.flush()
 
     async def _renew_lease(self) -> None:
         epoch = await self.store.acquire_lease(self.settings.manager_id, self.settings.lease_ttl_s)
@@ -155,19 +197,20 @@ class Scheduler:
 
     async def _apply_residency(
         self, alias: str, decision: Decision, assigns: dict[str, dict[str, Assignment]],
-        assigned: dict[str, Assignment],
+        assigned: dict[str, Assignment], order: WorkerOrder, writes: FencedWrites,
     ) -> None:
-        """Carry out a residency decision; ``assigns`` and this alias's ``assigned`` view
-        are kept in step with what is written."""
+        """Carry out a residency decision; ``assigns``, this alias's ``assigned`` view and
+        the worker ``order`` are kept in step with what is written."""
         if decision.stop_all:
             for w, a in list(assigned.items()):
                 if a.source == "scheduler":
-                    await self.store.unassign(self.token, w, alias)
+                    await writes.add(Unassign(w, alias))
                     del assigns[w][alias], assigned[w]
+                    order.touch(w)
             logger.info("stopped %s: %s", alias, decision.reason)
         for w, target in decision.targets.items():
             updated = assigned[w].model_copy(update={"target": target})
-            await self.store.assign(self.token, updated)
+            await writes.add(updated)
             assigns[w][alias] = assigned[w] = updated
         if decision.targets:
             logger.info("%s -> %s on %s (%s)", alias, ", ".join(set(decision.targets.values())),
@@ -181,15 +224,17 @@ class Scheduler:
         assigns: dict[str, dict[str, Assignment]],
         ledgers: dict[str, dict[str, Reservation]],
         assigned: dict[str, Assignment],
+        order: WorkerOrder,
+        writes: FencedWrites,
     ) -> None:
         spec = model.spec
         # An operator's manual placements are extra to `replicas` and never undone: the
         # scheduler counts, adds and removes only its own.
         holders = [w for w, a in assigned.items() if a.source == "scheduler"]
         for _ in range(desired - len(holders)):
-            choice = choose_worker(spec, workers, assigns, ledgers)
+            choice = choose_worker(spec, workers, assigns, ledgers, order)
             if not isinstance(choice, Choice):
-                await self._note_unplaced(spec.alias, choice.text())
+                await self._note_unplaced(spec.alias, choice.text(), writes)
                 return
             a = Assignment(
                 alias=spec.alias,
@@ -200,20 +245,23 @@ class Scheduler:
                 gpu_memory_utilization=choice.utilization,
                 spec_version=model.version,
             )
-            await self.store.assign(self.token, a)
+            await writes.add(a)
             assigns[choice.worker_id][spec.alias] = assigned[choice.worker_id] = a
             if a.gpus:
                 ledgers.setdefault(choice.worker_id, {})[spec.alias] = Reservation(
                     alias=spec.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
+            order.touch(choice.worker_id)
             self._reasons.pop(spec.alias, None)
             logger.info("placed %s on %s (gpus %s, %d MB each, utilization %s)", spec.alias,
                         choice.worker_id, choice.gpus, choice.mb_per_gpu, choice.utilization)
         for w in sorted(holders, reverse=True)[: max(0, len(holders) - desired)]:
-            await self.store.unassign(self.token, w, spec.alias)
+            await writes.add(Unassign(w, spec.alias))
             del assigns[w][spec.alias], assigned[w]
+            order.touch(w)
 
-    async def _note_unplaced(self, alias: str, reason: str) -> None:
+    async def _note_unplaced(self, alias: str, reason: str, writes: FencedWrites) -> None:
         if self._reasons.get(alias) != reason:
             logger.warning("cannot place %s: %s", alias, reason)
+            await writes.flush()  # an earlier placement of the alias clears the reason
             await self.store.set_placement_reason(alias, reason)
             self._reasons[alias] = reason

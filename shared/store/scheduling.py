@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
+import orjson
 from redis.asyncio.client import Pipeline
 
 from shared.models import Assignment, Reservation
@@ -40,6 +42,14 @@ return redis.call('HDEL', KEYS[2], ARGV[1])
 """
 
 
+@dataclass(frozen=True)
+class Unassign:
+    """One assignment to remove, as a write of :meth:`SchedulingStore.write_fenced`."""
+
+    worker_id: str
+    alias: str
+
+
 class SchedulingStore(StoreBase):
     async def acquire_lease(self, holder: str, ttl_s: float) -> int:
         """Take or renew the scheduler lease. Returns the epoch held, 0 if another holds it."""
@@ -65,19 +75,17 @@ class SchedulingStore(StoreBase):
     async def worker_assignments(self, worker_id: str) -> dict[str, Assignment]:
         return (await self.assignments([worker_id]))[worker_id]
 
+    def _add_assign(self, p: Pipeline, a: Assignment) -> None:
+        p.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
+        if a.gpus:
+            r = Reservation(alias=a.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
+            p.hset(self.k.ledger(a.worker_id), a.alias, r.model_dump_json())
+        p.delete(self.k.placement(a.alias))
+
     async def assign(self, token: str, a: Assignment) -> None:
         """Write (or update) an assignment and, for GPU instances, its ledger reservation,
         in one fenced transaction."""
-
-        def build(p: Pipeline) -> None:
-            p.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
-            if a.gpus:
-                r = Reservation(alias=a.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu,
-                                epoch=a.epoch)
-                p.hset(self.k.ledger(a.worker_id), a.alias, r.model_dump_json())
-            p.delete(self.k.placement(a.alias))
-
-        await self._fenced(token, build)
+        await self._fenced(token, lambda p: self._add_assign(p, a))
         await self.publish("assign", alias=a.alias, worker=a.worker_id)
 
     async def unassign(self, token: str, worker_id: str, alias: str) -> None:
@@ -86,6 +94,34 @@ class SchedulingStore(StoreBase):
 
         await self._fenced(token, build)
         await self.publish("assign", alias=alias, worker=worker_id)
+
+    async def write_fenced(self, token: str, writes: Sequence[Assignment | Unassign]) -> None:
+        """Several :meth:`assign` / :meth:`unassign` writes, in order, in one fenced
+        transaction: all are made, and the hint published, only if ``token`` holds the lease
+        when it runs (none otherwise: :class:`NotLeader`). Three round trips in all instead
+        of about four per write.
+
+        One hint for the lot (hints only wake loops, which then read everything): it names
+        the alias and the worker where all the writes share them, as :meth:`assign` does."""
+        if not writes:
+            return
+        hint = {"kind": "assign"}
+        for field in ("alias", "worker_id"):
+            values = {getattr(w, field) for w in writes}
+            if len(values) == 1:
+                hint[field.removesuffix("_id")] = values.pop()
+
+        def build(p: Pipeline) -> None:
+            for w in writes:
+                if isinstance(w, Unassign):
+                    p.hdel(self.k.assign(w.worker_id), w.alias)
+                else:
+                    self._add_assign(p, w)
+            if self.events_enabled:
+                # Inside the transaction, after the writes: published exactly when they land.
+                p.publish(self.k.events, orjson.dumps(hint))
+
+        await self._fenced(token, build)
 
     async def forget_dead_worker(self, token: str, worker_id: str, aliases: Iterable[str]) -> None:
         """Drop a dead worker's assignments, routes and instance records in one step."""
