@@ -38,6 +38,7 @@ class Totals:
     errors: int = 0
     events: int = 0  # completed inside the window
     coalesced: int = 0  # of those, arrived in a read that completed more than one
+    coalesced_final: int = 0  # of those, in the read that ended the stream ([DONE])
     reads: int = 0
 
 
@@ -144,7 +145,8 @@ class Stream:
         if not n:
             return
         cut = self.pending.rfind(b"\n\n") + 2
-        self.done_seen = self.done_seen or b"[DONE]" in self.pending[:cut]
+        final = b"[DONE]" in self.pending[:cut]
+        self.done_seen = self.done_seen or final
         self.pending = self.pending[cut:]
         if self.first:
             self.gaps.append(now - self.last)
@@ -155,6 +157,7 @@ class Stream:
             totals.reads += 1
             totals.events += n
             totals.coalesced += n if n > 1 else 0
+            totals.coalesced_final += n if n > 1 and final else 0
 
 
 class Connection(asyncio.Protocol):
@@ -266,6 +269,10 @@ async def run(url: str, body: bytes, streams: int, duration_s: float) -> dict[st
         "gap_p50_ms": percentile(totals.gaps, 50) * 1000,
         "gap_p99_ms": percentile(totals.gaps, 99) * 1000,
         "coalesced_share": totals.coalesced / totals.events if totals.events else 0.0,
+        # Which part of that share is the streams' last read: the engine writes its last
+        # events back to back, so they often arrive together even when read directly.
+        "coalesced_final_share": totals.coalesced_final / totals.events if totals.events
+        else 0.0,
         "events_per_read": totals.events / totals.reads if totals.reads else 0.0,
         # Near 1.0 would mean the client, not the servers, limits the rate.
         "client_cpu_busy": client_cpu / wall,
