@@ -1,0 +1,34 @@
+"""What the worker's proxy passes to an engine: only the headers engines need, with the
+request id made acceptable to engines that insist on UUIDs (llama-cpp-python's server)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.worker.proxy import forward_headers
+
+
+def _get(headers: dict[bytes, bytes]) -> Callable[[bytes], bytes | None]:
+    return headers.get
+
+
+def test_only_needed_headers_pass() -> None:
+    got = forward_headers(_get({b"content-type": b"application/json", b"cookie": b"x",
+                                b"authorization": b"Bearer t", b"x-request-id": b"abc"}), "vllm")
+    assert got == b"content-type: application/json\r\nx-request-id: abc\r\n"
+
+
+def test_a_client_request_id_reaches_engines_that_take_any() -> None:
+    for engine in ("vllm", "sim", "sglang"):
+        assert forward_headers(_get({b"x-request-id": b"my-trace-7"}), engine) == \
+            b"x-request-id: my-trace-7\r\n"
+
+
+def test_llamacpp_gets_a_uuid_request_id() -> None:
+    got = forward_headers(_get({b"x-request-id": b"my-trace-7"}), "llamacpp")
+    rid = got.removeprefix(b"x-request-id: ").removesuffix(b"\r\n")
+    assert len(rid) == 32 and int(rid, 16) >= 0
+    uuid_id = b"0f8fad5b-d9cb-469f-a165-70867728950e"
+    assert forward_headers(_get({b"x-request-id": uuid_id}), "llamacpp") == \
+        b"x-request-id: " + uuid_id + b"\r\n"
+    assert forward_headers(_get({}), "llamacpp") == b""
