@@ -91,8 +91,9 @@ class WorkerSettings(CommonSettings):
     worker_id: str = Field(default_factory=socket.gethostname, pattern=NAME_PATTERN)
     worker_host: str = "0.0.0.0"
     worker_port: int = 7000
-    # URL other services use to reach this worker; default http://<hostname>:<port>.
-    worker_url: str | None = None
+    # URL other services use to reach this worker; default http://<hostname>:<port>. Plain
+    # http: routers speak HTTP/1.1 to workers (shared/wire.py); put TLS on the network layer.
+    worker_url: str | None = Field(default=None, pattern=r"^http://[^/\s]+/?$")
     # When set, registration and heartbeats go through the manager's HTTP API.
     manager_url: str | None = None
     # "auto": sim always, vllm when its command is found. Or a comma list, e.g. "vllm".

@@ -299,7 +299,10 @@ class Pool:
         answered, so the caller may try elsewhere); silence raises :class:`UpstreamTimeout`.
         A reused connection that turns out closed is retried once on a fresh one.
         """
-        host, port, hostport = _target(base_url)
+        try:
+            host, port, hostport = _target(base_url)
+        except ValueError as e:
+            raise UpstreamError(str(e), code="upstream_unsupported") from e
         request = b"%s %s HTTP/1.1\r\nhost: %s\r\ncontent-length: %d\r\n%s\r\n%s" % (
             method, path, hostport, len(body), headers, body)
         idle = self._idle.get((host, port))

@@ -8,6 +8,7 @@ from services.worker.engines.sglang import build_sglang_args
 from services.worker.engines.vllm import build_vllm_args, cuda_env
 from shared.engine_args import ExtraArgsError, normalize_extra_args
 from shared.models import ModelSpec, RegisterModelRequest
+from shared.settings import WorkerSettings
 
 
 def make(**kw) -> ModelSpec:
@@ -107,3 +108,10 @@ def test_llamacpp_and_sglang_argument_lists() -> None:
 def test_vllm_gets_the_reserved_share() -> None:
     argv = build_vllm_args(["vllm", "serve"], make(gpu_memory_mb=30_000), 1, gpu_util=0.375)
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.375"
+
+
+def test_worker_url_must_be_plain_http() -> None:
+    assert WorkerSettings(worker_url="http://gpu-1:7000/").advertised_url() == "http://gpu-1:7000"
+    for bad in ("https://gpu-1:7000", "http://gpu-1:7000/base", "gpu-1:7000"):
+        with pytest.raises(ValidationError):
+            WorkerSettings(worker_url=bad)

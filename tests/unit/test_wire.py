@@ -273,5 +273,6 @@ async def test_invalid_response_is_an_upstream_error() -> None:
 
 def test_only_http_urls() -> None:
     pool = Pool(2, 5)
-    with pytest.raises(ValueError, match="only http://"):
+    with pytest.raises(UpstreamError, match="only http://") as e:
         asyncio.run(send(pool, "https://example.invalid"))
+    assert e.value.code == "upstream_unsupported"
