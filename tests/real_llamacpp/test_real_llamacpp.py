@@ -107,6 +107,13 @@ def test_real_llamacpp_register_chat_stream_unregister(
     # Greedy decoding of the same prompt: the stream says what the plain answer said.
     assert "".join(pieces) == plain.choices[0].message.content
 
+    # A client's own request id that is not a UUID: llama-cpp-python's server would answer
+    # 400 to it, so the worker hands that engine a fresh one.
+    traced = httpx.post(f"{router.url}/v1/chat/completions", timeout=120,
+                        headers={"x-request-id": "my-trace-7"},
+                        json={"model": ALIAS, "messages": messages, "max_tokens": 2})
+    assert traced.status_code == 200, traced.text
+
     d = httpx.delete(f"{router.url}/admin/models/{ALIAS}", timeout=10)
     assert d.status_code == 200, d.text
     # Grace (ENGINE_STOP_GRACE_S=3 in tests) then SIGKILL of the group: well within 60 s.
