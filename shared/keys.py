@@ -100,6 +100,13 @@ class Keys:
     def routes_version(self) -> str:
         return f"{self.prefix}:version:routes"
 
+    @property
+    def routes_log(self) -> str:
+        """stream, capped: one entry (field ``alias``) per bump of the routes version, so a
+        router re-reads only the aliases named since its last pass. Not ``routes:log``: that
+        is the routes hash of an alias named "log"."""
+        return f"{self.prefix}:log:routes"
+
     # --- scheduler leadership ------------------------------------------------------------
     @property
     def lease(self) -> str:

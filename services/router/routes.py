@@ -1,7 +1,10 @@
 """The router's in-memory copy of models and routes: the hot path reads only this.
 
-Refreshed on pub/sub hints and on a short timer, and only what changed (version counters);
-a router that loses Redis keeps serving from the last copy.
+Refreshed on pub/sub hints and on a short timer, and only what changed: nothing when the
+version counters did not move; on a route change, only the aliases named in the routes log
+since the last pass (``ObservedStore.route_changes``); everything when the models changed or
+the log does not account for every bump of the routes version. Liveness is re-read every
+pass. A router that loses Redis keeps serving from the last copy.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import time
 
 from shared.events import Nudger
 from shared.store import Store, StoredModel
+from shared.store.observed import RouteChanges
 
 logger = logging.getLogger(__name__)
 
 _MISS_REFRESH_S = 0.2
+# Route changes read from the log in one pass; more than that and a full reload is as cheap.
+_LOG_READ_MAX = 1000
 
 
 class RouteTable:
@@ -26,37 +32,102 @@ class RouteTable:
         self.refresh_s = refresh_s
         self.models: dict[str, StoredModel] = {}
         self._all_routes: dict[str, dict[str, str]] = {}
+        self._workers: set[str] = set()
         self.routes: dict[str, dict[str, str]] = {}
+        self._multi: list[str] = []
         self.alive: set[str] = set()
         self.loads: dict[str, dict[str, float]] = {}
         self._versions: tuple[str, str] | None = None
+        self._log_id: str | None = None
+        # Aliases whose serving routes must be rebuilt from ``_all_routes`` (None: all). Kept
+        # across a pass that fails after re-reading routes, so the next one still rebuilds.
+        self._stale: set[str] | None = None
+        # How the routes were last brought up to date, for tests and operators.
+        self.full_reloads = 0
+        self.partial_reloads = 0
         self._last_refresh = 0.0
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
 
     async def refresh(self) -> None:
         async with self._lock:
-            versions = await self.store.versions()
-            if versions != self._versions:
-                if self._versions is None or versions[0] != self._versions[0]:
-                    self.models = {m.spec.alias: m for m in await self.store.list_models()}
-                self._all_routes = await self.store.all_routes(self.models)
-                self._versions = versions
-            workers = {w for r in self._all_routes.values() for w in r}
+            if await self.store.versions() != self._versions:
+                changed = await self._reload()
+                self._stale = None if changed is None or self._stale is None else (
+                    self._stale | changed)
             # Liveness is re-read every pass: a dead worker's routes stop being used within
             # one refresh, before the manager gets round to removing them.
-            self.alive = await self.store.alive(workers)
-            self.routes = {
-                a: {w: u for w, u in r.items() if w in self.alive}
-                for a, r in self._all_routes.items()
-            }
+            alive = await self.store.alive(self._workers)
+            if self._stale is None or alive != self.alive:
+                self.alive = alive
+                self.routes = {a: self._serving(r) for a, r in self._all_routes.items()}
+                self._multi = [a for a, r in self.routes.items() if len(r) > 1]
+            elif self._stale:
+                routes = dict(self.routes)
+                for a in self._stale:
+                    raw = self._all_routes.get(a)
+                    if raw is None:
+                        routes.pop(a, None)
+                    else:
+                        routes[a] = self._serving(raw)
+                self.routes = routes
+                self._multi = [a for a, r in routes.items() if len(r) > 1]
+            self._stale = set()
             # Engine load matters only where there is a choice to make.
-            multi = [a for a, r in self.routes.items() if len(r) > 1]
-            self.loads = await self.store.loads(multi) if multi else {}
+            self.loads = await self.store.loads(self._multi) if self._multi else {}
             self._last_refresh = time.monotonic()
             # Wake everything waiting for a replica to appear, then arm a fresh event.
             self._changed.set()
             self._changed = asyncio.Event()
+
+    async def _reload(self) -> set[str] | None:
+        """Bring models and routes up to the versions now in Redis. Returns the aliases whose
+        routes were re-read, or None when everything was."""
+        log = await self.store.route_changes(self._log_id, _LOG_READ_MAX)
+        changed = self._logged(log)
+        if self._versions is None or log.versions[0] != self._versions[0]:
+            self.models = {m.spec.alias: m for m in await self.store.list_models()}
+            changed = None
+        if changed is None:
+            self._all_routes = await self.store.all_routes(self.models)
+            self.full_reloads += 1
+        elif changed:
+            # Routes of an alias not registered (any more) are not served, as in a full load.
+            changed = {a for a in changed if a in self.models}
+            if changed:
+                fresh = await self.store.all_routes(sorted(changed))
+                self._all_routes = self._all_routes | fresh
+                self.partial_reloads += 1
+        if changed is None or changed:
+            self._workers = {w for r in self._all_routes.values() for w in r}
+        # Only once everything above was read: a failed pass leaves the old marks, and the
+        # next one starts over from them.
+        self._versions = log.versions
+        self._log_id = log.last_id
+        return changed
+
+    def _logged(self, log: RouteChanges) -> set[str] | None:
+        """The aliases whose routes changed since the last pass, if the log accounts for every
+        bump of the routes version since then; None (reload everything) otherwise."""
+        if self._versions is None or log.aliases is None:
+            return None
+        try:
+            moved = int(log.versions[1]) - int(self._versions[1])
+        except ValueError:
+            return None
+        # Fewer entries: trimmed, or a writer that bumps the version without logging (older
+        # code, a dead worker's cleanup, a model deletion). More, or a version that went
+        # back: Redis was flushed or failed over. Either way the log cannot be trusted.
+        if moved < 0 or len(log.aliases) != moved:
+            return None
+        return set(log.aliases)
+
+    def _serving(self, raw: dict[str, str]) -> dict[str, str]:
+        """The routes of ``raw`` whose worker is alive (``raw`` itself when all are: no copy
+        per alias and pass, which the cyclic GC would have to sweep)."""
+        if all(w in self.alive for w in raw):
+            return raw
+        return {w: u for w, u in raw.items() if w in self.alive}
 
     async def changed(self, timeout_s: float) -> None:
         """Return after the next refresh, or after ``timeout_s``."""

@@ -1,11 +1,38 @@
-"""Observed state written by workers (instances, routes) and what routers read."""
+"""Observed state written by workers (instances, routes) and what routers read.
+
+Every route change runs in one transaction that INCRs the routes version *and* appends the
+alias to the capped routes log, so the version moves by exactly the number of log entries
+written. A router that finds as many new entries as the version moved re-reads only those
+aliases; anything else (entries trimmed away, a writer that bumps the version without an
+entry, a Redis that lost data) and it reloads every alias, as it did before the log existed.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
+from redis.asyncio.client import Pipeline
+
 from shared.store.base import StoreBase
+
+# Approximate cap of the routes log (Redis trims whole nodes, so it keeps at least this many).
+# It only has to cover the route changes between two passes of a router (about a second);
+# a router that fell further behind reloads everything.
+ROUTES_LOG_MAXLEN = 5000
+
+
+@dataclass(frozen=True)
+class RouteChanges:
+    """One consistent read of the version counters and the routes log (one MULTI/EXEC)."""
+
+    versions: tuple[str, str]
+    last_id: str
+    """The newest entry of the log now ("0-0" when it is empty): where the next read starts."""
+    aliases: list[str] | None
+    """The alias of each entry after the ``after`` id asked for, oldest first, at most
+    ``limit + 1`` of them; None when none were asked for or an entry has no alias."""
 
 
 class ObservedStore(StoreBase):
@@ -21,7 +48,7 @@ class ObservedStore(StoreBase):
             pipe.srem(self.k.instances(alias), worker_id)
             pipe.hdel(self.k.routes(alias), worker_id)
             pipe.hdel(self.k.load(alias), worker_id)
-            pipe.incr(self.k.routes_version)
+            self._route_changed(pipe, alias)
             await pipe.execute()
         await self.publish("route", alias=alias, worker=worker_id)
 
@@ -37,20 +64,49 @@ class ObservedStore(StoreBase):
                 pipe.hdel(self.k.routes(alias), worker_id)
             else:
                 pipe.hset(self.k.routes(alias), worker_id, url)
-            pipe.incr(self.k.routes_version)
+            self._route_changed(pipe, alias)
             await pipe.execute()
         await self.publish("route", alias=alias, worker=worker_id)
+
+    def _route_changed(self, pipe: Pipeline, alias: str) -> None:
+        """Inside a route-changing transaction: bump the routes version by one and log the
+        alias with it (always both: routers count entries against the version's move)."""
+        pipe.incr(self.k.routes_version)
+        pipe.xadd(self.k.routes_log, {"alias": alias}, maxlen=ROUTES_LOG_MAXLEN,
+                  approximate=True)
 
     # ------------------------------------------------------------------ router reads
     async def versions(self) -> tuple[str, str]:
         m, r = await self.r.mget([self.k.models_version, self.k.routes_version])
         return (str(m or "0"), str(r or "0"))
 
+    async def route_changes(self, after: str | None, limit: int) -> RouteChanges:
+        """The versions, the log's newest id and the aliases logged after ``after`` (an id an
+        earlier call returned; None: only the versions and the newest id), read atomically."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.mget([self.k.models_version, self.k.routes_version])
+            pipe.xrevrange(self.k.routes_log, "+", "-", count=1)
+            if after is not None:
+                pipe.xrange(self.k.routes_log, f"({after}", "+", count=limit + 1)
+            replies = await pipe.execute()
+        m, r = replies[0]
+        newest = replies[1]
+        aliases: list[str] | None = None
+        if after is not None:
+            aliases = []
+            for _, fields in replies[2]:
+                alias = fields.get("alias")
+                if not alias:
+                    aliases = None
+                    break
+                aliases.append(str(alias))
+        return RouteChanges(versions=(str(m or "0"), str(r or "0")),
+                            last_id=str(newest[0][0]) if newest else "0-0", aliases=aliases)
+
     async def all_routes(self, aliases: Iterable[str]) -> dict[str, dict[str, str]]:
         names = list(aliases)
         raws = await self._hashes([self.k.routes(a) for a in names])
         return dict(zip(names, raws, strict=True))
-
 
     async def loads(self, aliases: list[str]) -> dict[str, dict[str, float]]:
         raws = await self._hashes([self.k.load(a) for a in aliases])
