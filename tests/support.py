@@ -248,7 +248,8 @@ def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
             kind = str(r.type(key))
             readers: dict[str, Callable[[str], Any]] = {
                 "hash": r.hgetall, "set": r.smembers, "string": r.get,
-                "list": lambda k: r.lrange(k, 0, -1), "zset": lambda k: r.zrange(k, 0, -1)}
+                "list": lambda k: r.lrange(k, 0, -1), "zset": lambda k: r.zrange(k, 0, -1),
+                "stream": r.xrange}
             value = readers[kind](key)
             if ":instance:" in key:
                 # Request accounting moves with traffic sent before the snapshot; not state.
