@@ -100,6 +100,12 @@ def error_body(
     return orjson.dumps({"error": err})
 
 
+def sse_error(err: ApiError) -> bytes:
+    """An error inside an event stream that has already begun (its status line is sent):
+    one event carrying the error body, which OpenAI clients raise."""
+    return b"data: " + error_body(err.message, err.type, err.code, err.param) + b"\n\n"
+
+
 def error_response(err: ApiError) -> Response:
     return Response(
         error_body(err.message, err.type, err.code, err.param),

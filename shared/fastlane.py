@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from shared.errors import ApiError, error_body
+from shared.errors import ApiError, UpstreamError, error_body, sse_error
 from shared.wire import Exchange
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ Picker = Callable[[str, str], Handler | None]
 _STATUS_LINE: dict[int, bytes] = httptools_impl.STATUS_LINE
 # Only these upstream response headers pass on; hop-by-hop ones must not.
 PASS_HEADERS = frozenset((b"content-type", b"retry-after", b"x-request-id"))
-STREAM_BROKEN = b"data: " + error_body(
+STREAM_BROKEN = sse_error(UpstreamError(
     "the replica serving this stream failed mid-way; the output above is incomplete",
-    "upstream_error", "stream_interrupted") + b"\n\n"
+    code="stream_interrupted"))
 _JSON = b"content-type: application/json\r\n"
 
 

@@ -12,18 +12,13 @@ from starlette.responses import Response, StreamingResponse
 from services.router.hold import Holder, Ticket
 from services.router.routes import RouteTable
 from services.router.upstream import Answer, Call, Upstreams
-from shared.errors import ApiError, NoCapacity, error_body
+from shared.errors import ApiError, NoCapacity, sse_error
 from shared.fastlane import STREAM_BROKEN
 from shared.store import StoredModel
 
 logger = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-def sse_error(err: ApiError) -> bytes:
-    """An error inside an event stream that has already begun (the status line is sent)."""
-    return b"data: " + error_body(err.message, err.type, err.code, err.param) + b"\n\n"
 
 
 class Forwarder:
