@@ -54,6 +54,7 @@ class Exchange:
     :meth:`Pool.send` returns; the body is read whole, iterated, or piped to a sink."""
 
     __slots__ = (
+        "_bounded",
         "_conn",
         "_error",
         "_head",
@@ -74,6 +75,9 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self._parts: list[bytes] = []
         self._size = 0
+        # Only an iterating reader is kept within _HIGH_WATER: read_all wants the whole body,
+        # and a piped sink is paused by its own transport's flow control.
+        self._bounded = False
         self.complete = False
         self._error: Exception | None = None
         self._sink: Sink | None = None
@@ -107,6 +111,7 @@ class Exchange:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, one piece per socket read (or what accumulated since the
         last one); an upstream failure raises :class:`UpstreamError`."""
+        self._bounded = True
         while True:
             if self._parts:
                 data = b"".join(self._parts)
@@ -166,7 +171,7 @@ class Exchange:
             self._wake = None
             if not wake.done():
                 wake.set_result(None)
-        if self._size > _HIGH_WATER and self._conn is not None:
+        if self._bounded and self._size > _HIGH_WATER and self._conn is not None:
             self._conn.pause()
 
     def _fail(self, error: Exception) -> None:

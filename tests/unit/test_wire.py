@@ -96,6 +96,48 @@ async def test_keep_alive_connection_is_reused() -> None:
     assert up.connections == 1
 
 
+async def test_large_answer_is_read_whole() -> None:
+    big = b"x" * (3 << 20)  # several MB: a large embeddings answer
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(sized(big))
+        await w.drain()
+        await r.read()  # keep the connection until the client is done
+
+    async with upstream(script) as up:
+        pool = Pool(2, 2)
+        assert await asyncio.wait_for(send(pool, up.url), 10) == big
+        await pool.close()
+
+
+async def test_iterated_answer_larger_than_the_high_water_mark_arrives_whole() -> None:
+    piece = b"y" * (64 << 10)
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(48):  # 3 MB: reading pauses and resumes on the way
+            w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    async def slow_reader(pool: Pool, url: str) -> int:
+        ex = await pool.send(url, b"POST", b"/x", b"", b"{}")
+        total = 0
+        async for chunk in ex.chunks():
+            total += len(chunk)
+            await asyncio.sleep(0)  # a consumer that lets data pile up between reads
+        return total
+
+    async with upstream(script) as up:
+        pool = Pool(2, 2)
+        assert await asyncio.wait_for(slow_reader(pool, up.url), 10) == 48 * len(piece)
+        await pool.close()
+
+
 async def test_request_carries_host_length_and_headers() -> None:
     seen: list[bytes] = []
 
