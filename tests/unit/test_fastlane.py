@@ -41,7 +41,7 @@ class Lanes:
         if body == b"hang":
             self.started.set()
             try:
-                await asyncio.sleep(30)
+                await asyncio.Event().wait()  # until the disconnect cancels it
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
@@ -71,8 +71,9 @@ async def server(lanes: Lanes) -> AsyncIterator[str]:
     config = uvicorn.Config(app, http=protocol_for(lanes.pick), log_config=None, lifespan="off")
     srv = uvicorn.Server(config)
     task = asyncio.ensure_future(srv.serve(sockets=[sock]))
-    while not srv.started:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        while not srv.started:
+            await asyncio.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
@@ -155,7 +156,6 @@ async def _sse_upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Non
         event = b"data: %d\n\n" % i
         w.write(b"%x\r\n%s\r\n" % (len(event), event))
         await w.drain()
-        await asyncio.sleep(0.01)
     w.close()  # dies before the final chunk
 
 

@@ -71,15 +71,24 @@ class Collect:
         self.reads: list[bytes] = []
         self.error: Exception | None = None
         self.ended = asyncio.Event()
+        self.grew = asyncio.Event()
 
     def body(self, data: bytes) -> None:
         self.reads.append(data)
+        self.grew.set()
+
+    async def reads_at_least(self, n: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.reads) < n:
+                self.grew.clear()
+                await self.grew.wait()
 
     def end(self, data: bytes, error: Exception | None) -> None:
         if data:
             self.reads.append(data)
         self.error = error
         self.ended.set()
+        self.grew.set()
 
 
 async def send(pool: Pool, url: str, body: bytes = b"{}") -> bytes:
@@ -212,7 +221,7 @@ async def test_chunked_answer_is_piped_one_call_per_read() -> None:
             await w.drain()
         w.write(b"0\r\n\r\n")
         await w.drain()
-        await asyncio.sleep(1)
+        await r.read()  # keep the connection until the client is done
 
     async with upstream(script) as up:
         pool = Pool(2, 5)
@@ -222,10 +231,7 @@ async def test_chunked_answer_is_piped_one_call_per_read() -> None:
         ex.pipe(sink)
         for i in range(3):
             release.set()
-            for _ in range(100):
-                if len(sink.reads) > i:
-                    break
-                await asyncio.sleep(0.01)
+            await sink.reads_at_least(i + 1)
             assert sink.reads[i] == b"data: %d\n\n" % i  # as it arrived, not batched
         await asyncio.wait_for(sink.ended.wait(), 5)
         assert sink.error is None
@@ -262,7 +268,7 @@ async def test_unreachable_upstream_is_an_upstream_error() -> None:
 async def test_silent_upstream_times_out() -> None:
     async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
-        await asyncio.sleep(10)
+        await r.read()  # answers nothing; returns when the client gives up
 
     async with upstream(silent) as up:
         pool = Pool(2, 0.3)
@@ -315,7 +321,7 @@ async def test_invalid_response_is_an_upstream_error() -> None:
         await read_request(r)
         w.write(b"NOT HTTP AT ALL\r\n\r\n")
         await w.drain()
-        await asyncio.sleep(1)
+        await r.read()
 
     async with upstream(garbage) as up:
         pool = Pool(2, 5)
