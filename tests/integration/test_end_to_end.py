@@ -81,8 +81,12 @@ def test_same_spec_is_idempotent_and_different_spec_conflicts(pool) -> None:
     assert clash.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_failed_start_shows_reason_and_log(pool) -> None:
-    _, router = pool
+def test_failed_start_shows_reason_and_log(cluster: Cluster) -> None:
+    cluster.manager()
+    # A long retry back-off keeps the instance FAILED while the request waits (the suite's
+    # 0.5 s would restart it meanwhile, and the answer would say STARTING).
+    cluster.worker("w1", ENGINE_RETRY_BASE_S="60")
+    router = cluster.router()
     r = register(router, "broken", engine="sim", extra_args=["--fail-startup"],
                  cold_start_timeout_s=1)
     assert r.status_code == 201
