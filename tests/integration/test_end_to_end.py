@@ -25,7 +25,8 @@ def test_register_chat_stream_unregister(cluster: Cluster, fast_lane: str) -> No
     cluster.manager()
     cluster.worker("w1")
     router = cluster.router()
-    r = register(router, "demo", engine="sim", extra_args=["--itl", "0.001"])
+    r = register(router, "demo", engine="sim",
+                 extra_args=["--itl", "0.001", "--embedding-dim", "1024"])
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["engine"] == "sim"
 
@@ -56,6 +57,10 @@ def test_register_chat_stream_unregister(cluster: Cluster, fast_lane: str) -> No
     assert comp.model == "demo" and comp.choices[0].text
     emb = client.embeddings.create(model="demo", input=["a", "b"])
     assert len(emb.data) == 2
+    # An answer of several MB crosses both hops whole (it once stalled past 1 MB).
+    many = client.embeddings.create(model="demo", input=["word"] * 150,
+                                    encoding_format="float", timeout=30)
+    assert len(many.data) == 150 and len(many.data[-1].embedding) == 1024
 
     inst = model_status(router, "demo")
     assert inst is not None
