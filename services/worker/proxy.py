@@ -31,17 +31,15 @@ ALLOWED: dict[str, str] = {
     "v1/models": "GET",
 }
 _FORWARD_HEADERS = (b"content-type", b"accept")
-# llama-cpp-python's server answers 400 to an X-Request-ID that is not a UUID.
-_UUID_IDS_ONLY = frozenset({"llamacpp"})
 
 
-def forward_headers(get: Callable[[bytes], bytes | None], engine: str) -> bytes:
+def forward_headers(get: Callable[[bytes], bytes | None], uuid_ids: bool) -> bytes:
     """The request headers the engine gets: content type, accept, and the request id (a
     client's own id replaced by a fresh one where the engine insists on UUIDs)."""
     out = [h + b": " + v + b"\r\n" for h in _FORWARD_HEADERS if (v := get(h)) is not None]
     rid = get(b"x-request-id")
     if rid is not None:
-        if engine in _UUID_IDS_ONLY and not _is_uuid(rid):
+        if uuid_ids and not _is_uuid(rid):
             rid = new_request_id().encode()
         out.append(b"x-request-id: " + rid + b"\r\n")
     return b"".join(out)
@@ -68,14 +66,13 @@ async def forward(
         state = inst.state.value if inst else "not assigned here"
         raise NoCapacity(f"model '{alias}' is not serving on this worker ({state})",
                          code="replica_not_ready")
-    kind = supervisor.instances[alias].model.spec.engine  # serving: the instance exists
     body = await read_body(request, limit) if method == "POST" else b""
 
     def get(name: bytes) -> bytes | None:
         value = request.headers.get(name.decode())
         return value.encode("latin-1") if value else None
 
-    headers = forward_headers(get, kind)
+    headers = forward_headers(get, engine.launch.uuid_request_ids)
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
     try:
@@ -107,11 +104,10 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
         engine = supervisor.serving(alias)
         if engine is None:
             return False
-        kind = supervisor.instances[alias].model.spec.engine  # serving: the instance exists
         body = await lane.read_body(limit) if method == "POST" else b""
         if body is None:
             return False
-        headers = forward_headers(lane.header, kind)
+        headers = forward_headers(lane.header, engine.launch.uuid_request_ids)
         supervisor.begin(alias)
         try:
             ex = await pool.send(engine.base_url, lane.method.encode(), b"/" + path.encode(),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from services.worker.engines.llamacpp import LlamaCppDriver
 from services.worker.proxy import forward_headers
+from shared.models import Assignment, ModelSpec
 
 
 def _get(headers: dict[bytes, bytes]) -> Callable[[bytes], bytes | None]:
@@ -14,21 +16,29 @@ def _get(headers: dict[bytes, bytes]) -> Callable[[bytes], bytes | None]:
 
 def test_only_needed_headers_pass() -> None:
     got = forward_headers(_get({b"content-type": b"application/json", b"cookie": b"x",
-                                b"authorization": b"Bearer t", b"x-request-id": b"abc"}), "vllm")
+                                b"authorization": b"Bearer t", b"x-request-id": b"abc"}), False)
     assert got == b"content-type: application/json\r\nx-request-id: abc\r\n"
 
 
 def test_a_client_request_id_reaches_engines_that_take_any() -> None:
-    for engine in ("vllm", "sim", "sglang"):
-        assert forward_headers(_get({b"x-request-id": b"my-trace-7"}), engine) == \
-            b"x-request-id: my-trace-7\r\n"
+    assert forward_headers(_get({b"x-request-id": b"my-trace-7"}), False) == \
+        b"x-request-id: my-trace-7\r\n"
 
 
 def test_llamacpp_gets_a_uuid_request_id() -> None:
-    got = forward_headers(_get({b"x-request-id": b"my-trace-7"}), "llamacpp")
+    # Only llama-cpp-python's server launch asks for UUIDs; llama-server takes any id.
+    spec = ModelSpec.model_validate({"alias": "m", "model_name": "/m.gguf", "engine": "llamacpp"})
+    placed = Assignment(alias="m", worker_id="w", source="scheduler", spec_version="1",
+                        assigned_at=0.0)
+    driver = LlamaCppDriver()
+    driver.binary, driver.module = None, True  # llama-cpp-python's server
+    assert driver.launch(spec, 9000, placed).uuid_request_ids
+    driver.binary = "/usr/bin/llama-server"
+    assert not driver.launch(spec, 9000, placed).uuid_request_ids
+    got = forward_headers(_get({b"x-request-id": b"my-trace-7"}), True)
     rid = got.removeprefix(b"x-request-id: ").removesuffix(b"\r\n")
     assert len(rid) == 32 and int(rid, 16) >= 0
     uuid_id = b"0f8fad5b-d9cb-469f-a165-70867728950e"
-    assert forward_headers(_get({b"x-request-id": uuid_id}), "llamacpp") == \
+    assert forward_headers(_get({b"x-request-id": uuid_id}), True) == \
         b"x-request-id: " + uuid_id + b"\r\n"
-    assert forward_headers(_get({}), "llamacpp") == b""
+    assert forward_headers(_get({}), True) == b""

@@ -26,6 +26,9 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
     # Answers 200 once the engine serves (llama-cpp-python's server has no /health).
     health_path: str = "/health"
+    # The engine refuses an X-Request-ID that is not a UUID (llama-cpp-python's server answers
+    # 400): the proxy then gives it a fresh one instead of the client's.
+    uuid_request_ids: bool = False
 
 
 class EngineDriver(Protocol):

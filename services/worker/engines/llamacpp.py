@@ -88,5 +88,5 @@ class LlamaCppDriver:
                 argv = build_llama_cpp_python_args(spec, port, placed.gpus)
             except ValueError as e:
                 raise RuntimeError(str(e)) from e
-            return Launch(argv, env, health_path="/v1/models")
+            return Launch(argv, env, health_path="/v1/models", uuid_request_ids=True)
         raise RuntimeError(self.unavailable_reason())
