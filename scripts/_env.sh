@@ -1,5 +1,7 @@
 # Sourced by the other scripts: make sure the virtual environment and redis-server exist.
-# Idempotent and quick once done: the venv is rebuilt only when a requirements file changes.
+# Idempotent and quick once done: the venv is reinstalled only when a lock file changes.
+# Installs come from the lock files (exact versions, hashes checked): two installs a month apart
+# run the same code, the fast lane's uvicorn internals included. scripts/lock.sh updates them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SVLLM_VENV:-$ROOT/.venv}"
@@ -8,7 +10,7 @@ PY="$VENV/bin/python"
 ensure_venv() {
   local stamp="$VENV/.requirements.sha"
   local want
-  want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+  want="$(cat "$ROOT/requirements.lock" "$ROOT/requirements-dev.lock" | sha256sum | cut -d' ' -f1)"
   if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
@@ -20,7 +22,7 @@ ensure_venv() {
     }
   fi
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  "$PY" -m pip install -q --require-hashes -r "$ROOT/requirements-dev.lock"
   echo "$want" > "$stamp"
 }
 

@@ -9,9 +9,10 @@ False, and the request then runs through the ASGI app as any other, body include
 error path keeps its one implementation in the app, and the common case skips Starlette, its
 middleware and the ASGI message exchange, most of a hop's CPU (docs/performance.md).
 
-This subclasses uvicorn's httptools protocol and overrides one internal method
-(``_start_asgi_task``); :func:`supported` checks for it and the services fall back to plain
-ASGI, with a warning, where a uvicorn release lacks it.
+This subclasses uvicorn's httptools protocol, overrides one internal method
+(``_start_asgi_task``) and uses some of uvicorn's internal attributes; :func:`missing_internals`
+checks for every one of them and the services fall back to plain ASGI, with a warning naming
+what is missing, where a uvicorn release lacks any.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ Handler = Callable[["Lane"], Awaitable[bool]]
 # (method, path) -> the handler for it, or None for the ASGI app.
 Picker = Callable[[str, str], Handler | None]
 
-_STATUS_LINE: dict[int, bytes] = httptools_impl.STATUS_LINE
+_STATUS_LINE: dict[int, bytes] = getattr(httptools_impl, "STATUS_LINE", {})
 # Only these upstream response headers pass on; hop-by-hop ones must not.
 PASS_HEADERS = frozenset((b"content-type", b"retry-after", b"x-request-id"))
 STREAM_BROKEN = sse_error(UpstreamError(
@@ -43,8 +44,47 @@ STREAM_BROKEN = sse_error(UpstreamError(
 _JSON = b"content-type: application/json\r\n"
 
 
+# Every uvicorn internal the lane relies on. uvicorn is pinned (requirements.lock), and this
+# list is checked at start-up so that a release that renames any of them turns the lane off
+# with a warning instead of failing requests (tests/unit/test_lock.py checks the pinned one).
+_PROTOCOL_METHODS = ("_start_asgi_task", "connection_lost", "pause_writing", "resume_writing")
+_PROTOCOL_ATTRS = ("tasks", "loop", "transport")
+_CYCLE_METHODS = ("run_asgi",)
+_CYCLE_ATTRS = ("scope", "keep_alive", "waiting_for_100_continue", "more_body", "disconnected",
+                "flow", "message_event", "body", "response_started", "response_complete",
+                "on_response")
+
+
+def _attribute_names(cls: type) -> set[str]:
+    """Attribute names ``cls``'s own methods read or assign (instance attributes are set in
+    ``__init__`` or ``connection_made``, so they are not visible on the class itself)."""
+    out: set[str] = set()
+    for klass in cls.__mro__:
+        for value in vars(klass).values():
+            code = getattr(value, "__code__", None)
+            if code is not None:
+                out.update(code.co_names)
+    return out
+
+
+def missing_internals(protocol: type = HttpToolsProtocol,
+                      cycle: type = RequestResponseCycle) -> list[str]:
+    """The uvicorn internals the lane uses that this uvicorn lacks (empty: the lane can run)."""
+    missing = [f"{protocol.__name__}.{m}" for m in _PROTOCOL_METHODS
+               if not callable(getattr(protocol, m, None))]
+    missing += [f"{cycle.__name__}.{m}" for m in _CYCLE_METHODS
+                if not callable(getattr(cycle, m, None))]
+    seen = _attribute_names(protocol)
+    missing += [f"{protocol.__name__}.{a}" for a in _PROTOCOL_ATTRS if a not in seen]
+    seen = _attribute_names(cycle)
+    missing += [f"{cycle.__name__}.{a}" for a in _CYCLE_ATTRS if a not in seen]
+    if not isinstance(getattr(httptools_impl, "STATUS_LINE", None), dict):
+        missing.append("httptools_impl.STATUS_LINE")
+    return missing
+
+
 def supported() -> bool:
-    return callable(getattr(HttpToolsProtocol, "_start_asgi_task", None))
+    return not missing_internals()
 
 
 def new_request_id() -> str:

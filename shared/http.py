@@ -95,12 +95,14 @@ def serve(app: FastAPI, host: str, port: int, fast: Picker | None = None) -> Non
     """Run ``app`` with uvicorn; ``fast`` picks the requests served on the fast lane."""
     http: type[asyncio.Protocol] | Literal["httptools"] = "httptools"
     if fast is not None:
-        if fastlane.supported():
+        missing = fastlane.missing_internals()
+        if not missing:
             http = fastlane.protocol_for(fast)
         else:
             logging.getLogger(__name__).warning(
-                "this uvicorn release has no _start_asgi_task: the fast lane is off and every "
-                "request goes through ASGI (slower, same answers)")
+                "this uvicorn release lacks internals the fast lane uses (%s): the lane is off "
+                "and every request goes through ASGI (slower, same answers); install from "
+                "requirements.lock", ", ".join(missing))
     uvicorn.run(
         app,
         host=host,

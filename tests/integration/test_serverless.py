@@ -39,8 +39,10 @@ def test_fifty_requests_over_two_routers_start_the_model_once(cluster: Cluster) 
     cluster.manager()
     cluster.worker("w1")
     routers = [cluster.router("ra"), cluster.router("rb")]
-    r = register(routers[0], "cold", engine="sim", min_replicas=0, extra_args=SLOW_START,
-                 cold_start_timeout_s=60)
+    # A start long enough that all 50 requests are held even on a loaded machine (with 1.5 s
+    # some arrived after the model served, and were not counted as waited).
+    r = register(routers[0], "cold", engine="sim", min_replicas=0,
+                 extra_args=["--startup-delay", "5"], cold_start_timeout_s=60)
     assert r.status_code == 201, r.text
     assert admin_model(routers[0], "cold")["state"] == "COLD"
     # Several scheduler passes: nothing may start without a request.
