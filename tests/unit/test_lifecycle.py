@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
 
 import fakeredis
 import httpx
@@ -42,8 +44,9 @@ def instance(state: InstanceState) -> Instance:
 async def seen(store: Store) -> tuple[str | None, str | None, str | None]:
     """(state in the record, this worker's route, routes version) as Redis has them."""
     r = store.r
-    return (await r.hget(store.k.instance("m", "w1"), "state"),
-            await r.hget(store.k.routes("m"), "w1"), await r.get(store.k.routes_version))
+    got = (await r.hget(store.k.instance("m", "w1"), "state"),
+           await r.hget(store.k.routes("m"), "w1"), await r.get(store.k.routes_version))
+    return cast(tuple[str | None, str | None, str | None], got)
 
 
 def test_table_covers_every_state_and_stopping_is_terminal() -> None:
@@ -129,12 +132,12 @@ async def test_failed_write_leaves_the_instance_unsynced_then_sync_converges(
 
 
 async def test_stop_keeps_the_instance_until_redis_has_it(
-    server_store: tuple[fakeredis.FakeServer, Store], tmp_path: object,
+    server_store: tuple[fakeredis.FakeServer, Store], tmp_path: Path,
 ) -> None:
     """A Redis error while stopping used to forget the instance with its route still
     published, for good. Now the instance stays (STOPPING) and the next pass finishes."""
     server, store = server_store
-    settings = WorkerSettings(worker_id="w1", worker_url=URL, state_dir=str(tmp_path))
+    settings = WorkerSettings(worker_id="w1", worker_url=URL, state_dir=tmp_path)
     async with httpx.AsyncClient() as client:
         sup = Supervisor(store, settings, {}, client)
         inst = instance(S.WARMING)
