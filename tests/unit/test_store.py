@@ -74,10 +74,38 @@ async def test_heartbeat_reports_expiry_and_unknown(store: Store) -> None:
 
 async def test_manual_stop_holds_until_manual_start(store: Store) -> None:
     await store.register_model(spec())
-    await store.manual_assign(Assignment(alias="m", worker_id="w1", source="manual"))
-    assert await store.manual_unassign("w1", "m") is True
+    await store.request_manual_start("m", "w1")
+    assert (await store.intents(["m"]))["m"].manual == {"w1"}
+    await store.request_manual_stop("m", "w1")
     model = await store.get_model("m")
     assert model is not None and model.hold is not None
-    await store.manual_assign(Assignment(alias="m", worker_id="w1", source="manual"))
+    assert await store.intents(["m"]) == {}
+    await store.request_manual_start("m", "w1")
     model = await store.get_model("m")
     assert model is not None and model.hold is None
+
+
+async def test_operator_requests_never_write_assignments(store: Store) -> None:
+    """Only the scheduler writes assign:* (fenced); operators' actions are requests."""
+    await store.register_model(spec())
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    epoch = await store.acquire_lease("mgr", 5)
+    placed = Assignment(alias="m", worker_id="w1", epoch=epoch)
+    await store.assign(f"mgr|{epoch}", placed)
+    await store.request_manual_start("m", "w2")
+    await store.request_sleep("m")
+    await store.request_wake("m", 5)
+    await store.request_manual_stop("m", "w2")
+    await store.hold_model("m", "test")
+    assert await store.worker_assignments("w1") == {"m": placed}
+    assert await store.worker_assignments("w2") == {}
+
+
+async def test_sleep_intent_cleared_only_if_unchanged(store: Store) -> None:
+    await store.request_sleep("m")
+    applied = (await store.intents(["m"]))["m"].sleep
+    assert applied is not None
+    await store.clear_intent("m", "something newer")
+    assert (await store.intents(["m"]))["m"].sleep == applied
+    await store.clear_intent("m", applied)
+    assert await store.intents(["m"]) == {}
