@@ -13,6 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -54,6 +55,9 @@ class Flows:
         self.url = settings.advertised_url()
         self.life = Lifecycle(store, self.worker_id, self.url)
 
+    def log_path(self, alias: str) -> Path:
+        return self.settings.state_dir / self.worker_id / f"{alias}.log"
+
     async def publish(self, inst: Instance) -> None:
         """The record as it is now (ports, counts, notes); the state and route are unchanged."""
         await self.life.record_only(inst)
@@ -66,7 +70,7 @@ class Flows:
         inst.draining, inst.health_failures = False, 0
         await self.life.transition(inst, S.STARTING)
         port = free_port()
-        log_path = self.settings.state_dir / self.worker_id / f"{inst.alias}.log"
+        log_path = self.log_path(inst.alias)
         try:
             launch = self.drivers[spec.engine].launch(spec, port, inst.assignment)
         except (KeyError, RuntimeError) as e:

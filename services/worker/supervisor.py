@@ -99,14 +99,18 @@ class Supervisor:
         """Converge local instances to ``wanted`` (alias -> assignment and model), and release
         the ledger entries in ``reserved`` that no engine of this worker holds any more."""
         async with self._lock:
+            stopped = set()
             for alias, inst in list(self.instances.items()):
                 want = wanted.get(alias)
                 if (want is None or want[1].version != inst.model.version
                         or inst.state is S.STOPPING):
                     try:
                         await self._stop(alias)
+                        stopped.add(alias)
                     except Exception as e:  # noqa: BLE001 - kept, and stopped again next pass
                         logger.warning("could not record the stop of %s: %s", alias, e)
+            if stopped - set(wanted):
+                await self.forget_deleted(stopped - set(wanted))
             for alias, (a, m) in wanted.items():
                 current = self.instances.get(alias)
                 if current is None:
@@ -118,6 +122,21 @@ class Supervisor:
                     await self._converge(current)
             await self._report_usage()
             await self._release(set(reserved or ()) - set(wanted) - set(self.instances))
+
+    async def forget_deleted(self, aliases: set[str]) -> None:
+        """Remove the engine logs of those of ``aliases`` whose model is deleted (nothing of
+        a deleted model is kept; its records went with its spec)."""
+        registered = await self.store.get_models(sorted(aliases))
+        for alias in aliases - set(registered) - set(self.instances):
+            path = self.flows.log_path(alias)
+            if path.exists():
+                path.unlink(missing_ok=True)
+                logger.info("removed the engine log of deleted model %s", alias)
+
+    def logged_aliases(self) -> set[str]:
+        """Aliases that have an engine log in this worker's state dir."""
+        folder = self.flows.log_path("x").parent
+        return {p.stem for p in folder.glob("*.log")} if folder.is_dir() else set()
 
     async def _release(self, aliases: set[str]) -> None:
         """Give back GPU reservations, each only once its engine's processes are all gone."""
