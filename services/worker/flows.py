@@ -102,6 +102,7 @@ class Flows:
             inst.note = f"warm-up failed: {type(e).__name__}"
         inst.warmup_s = time.monotonic() - t0
         inst.active_at, inst.sleep_level = time.time(), 0
+        inst.health_failures = 0  # a verdict from before a sleep says nothing of the engine now
         await self.life.transition(inst, S.RUNNING)
 
     # ------------------------------------------------------------------ sleep and wake

@@ -107,7 +107,8 @@ class ModelsStore(StoreBase):
                     pipe.multi()
                     pipe.delete(key)
                     pipe.srem(self.k.models, alias)
-                    pipe.delete(self.k.hold(alias), self.k.placement(alias), self.k.routes(alias),
+                    pipe.delete(self.k.hold(alias), self.k.manual(alias), self.k.intent(alias),
+                                self.k.placement(alias), self.k.routes(alias),
                                 self.k.demand(alias), self.k.queue(alias), self.k.stats(alias),
                                 self.k.samples(alias, "cold_start"), self.k.samples(alias, "wake"),
                                 self.k.load(alias))

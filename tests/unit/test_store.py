@@ -43,6 +43,20 @@ async def test_delete_removes_assignments_and_routes(store: Store) -> None:
     assert await store.delete_model("m") is False
 
 
+async def test_delete_leaves_no_records_or_requests(store: Store) -> None:
+    """A FAILED record (even a dead worker's) and operators' requests go with the model: a
+    re-registration starts clean."""
+    await store.register_model(spec())
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    await store.put_instance("m", "w1", {"state": "FAILED", "error": "boom"})
+    await store.request_manual_start("m", "w1")
+    await store.request_sleep("m")
+    assert await store.delete_model("m") is True
+    assert await store.instances_of("m") == {}
+    assert not await store.r.exists(store.k.instance("m", "w1"), store.k.instances("m"))
+    assert await store.intents(["m"]) == {}
+
+
 async def test_lease_is_exclusive_and_epochs_grow(store: Store) -> None:
     e1 = await store.acquire_lease("a", 5)
     assert e1 >= 1
