@@ -3,6 +3,7 @@ route in one transaction; and a supervisor that keeps an instance until Redis ha
 
 from __future__ import annotations
 
+import ast
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -152,3 +153,17 @@ async def test_stop_keeps_the_instance_until_redis_has_it(
         assert "m" not in sup.instances
         assert (await seen(store))[:2] == (None, None)
         assert await store.r.smembers(store.k.instances("m")) == set()
+
+
+def test_nothing_else_sets_an_instance_state() -> None:
+    """Only the state machine assigns ``.state`` in the worker (the table is the whole story)."""
+    root = Path(__file__).resolve().parents[2] / "services" / "worker"
+    setters = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for t in targets:
+                elts = t.elts if isinstance(t, ast.Tuple) else [t]
+                setters += [f"{path.name}:{node.lineno}" for e in elts
+                            if isinstance(e, ast.Attribute) and e.attr == "state"]
+    assert setters and all(s.startswith("lifecycle.py:") for s in setters), setters
