@@ -161,8 +161,9 @@ def test_nothing_else_sets_an_instance_state() -> None:
     setters = []
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            targets = node.targets if isinstance(node, ast.Assign) else []
-            for t in targets:
+            if not isinstance(node, ast.Assign):
+                continue
+            for t in node.targets:
                 elts = t.elts if isinstance(t, ast.Tuple) else [t]
                 setters += [f"{path.name}:{node.lineno}" for e in elts
                             if isinstance(e, ast.Attribute) and e.attr == "state"]
