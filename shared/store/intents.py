@@ -102,9 +102,11 @@ class IntentsStore(StoreBase):
             raws = await pipe.execute()
         out = {}
         for w, raw in zip(workers, raws, strict=True):
-            if raw:
-                out[w] = str(json.loads(raw).get("target", "running"))
-        return out
+            try:
+                out[w] = str(json.loads(raw).get("target", "running")) if raw else None
+            except (ValueError, AttributeError):  # a corrupt entry: not this check's problem
+                out[w] = None
+        return {w: t for w, t in out.items() if t is not None}
 
     async def intents(self, aliases: list[str]) -> dict[str, Intents]:
         """Every alias's operator requests, in one round trip (for the scheduler's pass)."""

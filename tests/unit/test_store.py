@@ -123,3 +123,12 @@ async def test_sleep_intent_cleared_only_if_unchanged(store: Store) -> None:
     assert (await store.intents(["m"]))["m"].sleep == applied
     await store.clear_intent("m", applied)
     assert await store.intents(["m"]) == {}
+
+
+async def test_targets_of_reads_every_worker_and_skips_corrupt_entries(store: Store) -> None:
+    for w in ("w1", "w2", "w3"):
+        await store.register_worker(WorkerRegistration(worker_id=w, url=f"http://{w}:1"), 5)
+    epoch = await store.acquire_lease("mgr", 5)
+    await store.assign(f"mgr|{epoch}", Assignment(alias="m", worker_id="w1", target="sleeping"))
+    await store.r.hset(store.k.assign("w2"), "m", "garbage{")
+    assert await store.targets_of("m") == {"w1": "sleeping"}
