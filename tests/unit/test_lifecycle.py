@@ -168,3 +168,26 @@ def test_nothing_else_sets_an_instance_state() -> None:
                 setters += [f"{path.name}:{node.lineno}" for e in elts
                             if isinstance(e, ast.Attribute) and e.attr == "state"]
     assert setters and all(s.startswith("lifecycle.py:") for s in setters), setters
+
+
+async def test_a_flow_that_raises_fails_the_instance_and_withdraws_its_route(
+    server_store: tuple[fakeredis.FakeServer, Store], tmp_path: Path,
+) -> None:
+    """A transition that raised used to set FAILED in memory only: the record said RUNNING
+    and the route kept drawing traffic to an engine being stopped."""
+    _, store = server_store
+    settings = WorkerSettings(worker_id="w1", worker_url=URL, state_dir=tmp_path)
+    async with httpx.AsyncClient() as client:
+        sup = Supervisor(store, settings, {}, client)
+        inst = instance(S.WARMING)
+        sup.instances["m"] = inst
+        await sup.life.transition(inst, S.RUNNING)
+
+        async def broken_flow() -> None:
+            raise RuntimeError("unexpected")
+
+        sup._run(inst, broken_flow())
+        assert inst.task is not None
+        await inst.task
+        assert inst.state is S.FAILED and "unexpected" in inst.error
+        assert (await seen(store))[:2] == ("FAILED", None)
