@@ -44,6 +44,16 @@ class Keys:
         """string: present when an operator stopped the alias by hand; the scheduler leaves it."""
         return f"{self.prefix}:hold:{alias}"
 
+    def manual(self, alias: str) -> str:
+        """hash: worker id -> request JSON: operators' manual placements of the alias, which
+        the scheduler carries out (it alone writes assignments)."""
+        return f"{self.prefix}:manual:{alias}"
+
+    def intent(self, alias: str) -> str:
+        """string with TTL: an operator's pending request for the alias ({"action": "sleep"}),
+        applied and deleted by the scheduler."""
+        return f"{self.prefix}:intent:{alias}"
+
     def placement(self, alias: str) -> str:
         """hash: the scheduler's last word on an alias it could not place (reason, at)."""
         return f"{self.prefix}:placement:{alias}"
@@ -64,7 +74,7 @@ class Keys:
         """list: the latest durations (seconds) of one kind ('cold_start', 'wake')."""
         return f"{self.prefix}:samples:{alias}:{kind}"
 
-    # --- assignments (written by the scheduler, or by a manual placement) -------------------
+    # --- assignments (written by the scheduler alone, fenced) -----------------------------
     def assign(self, worker_id: str) -> str:
         """hash: alias -> assignment JSON (epoch, source, gpus)."""
         return f"{self.prefix}:assign:{worker_id}"

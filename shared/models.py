@@ -193,7 +193,8 @@ class Heartbeat(Strict):
 
 
 class Assignment(BaseModel):
-    """The scheduler's (or an operator's) decision that ``worker_id`` runs ``alias``."""
+    """The scheduler's decision that ``worker_id`` runs ``alias`` (source "manual": carrying
+    out an operator's request for a manual placement)."""
 
     alias: str
     worker_id: str

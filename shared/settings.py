@@ -109,6 +109,10 @@ class WorkerSettings(CommonSettings):
     engine_stop_grace_s: float = Field(default=15.0, gt=0)
     engine_retry_base_s: float = Field(default=5.0, gt=0)
     engine_retry_max_s: float = Field(default=300.0, gt=0)
+    # Health of RUNNING engines: checked this often; the first failure withdraws the route,
+    # this many in a row fail the instance (restarted with the retry back-off).
+    engine_health_interval_s: float = Field(default=2.0, gt=0)
+    engine_health_failures: int = Field(default=3, ge=1)
     state_dir: Path = Path("/tmp/svllm")
     # Host RAM that level-1 sleeping instances may hold (their weights); default: half of RAM.
     sleep_ram_budget_mb: int | None = Field(default=None, ge=0)

@@ -103,6 +103,13 @@ def _unfit_reason(spec: ModelSpec, w: WorkerView, mine: Mapping[str, Assignment]
     return None
 
 
+def fit_on(spec: ModelSpec, w: WorkerView, ledger: Ledger) -> Choice | str:
+    """GPUs of the one worker an operator placed ``spec`` on by hand, or why it does not fit:
+    the same checks and memory reservation as any placement (a manual placement that skipped
+    the ledger let the scheduler overcommit the GPU)."""
+    return _unfit_reason(spec, w, {}) or _fit_gpus(spec, w, ledger)
+
+
 class WorkerOrder:
     """The workers of one scheduling pass in the order :func:`choose_worker` prefers them:
     least loaded (fewest assignments) first, ties by worker id, then by position in the list.

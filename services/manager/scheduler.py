@@ -2,7 +2,9 @@
 
 Level-triggered: each pass reads the whole desired and observed state and fixes differences,
 so lost pub/sub hints or a crashed manager cost only latency. Only the lease holder acts, and
-each of its writes is fenced by the lease token (see :mod:`shared.store`).
+each of its writes is fenced by the lease token (see :mod:`shared.store`). It alone writes
+assignments: operators' requests (holds, manual placements, demand, sleep) are read each pass
+and carried out here (see :mod:`shared.store.intents`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from services.manager.placement import Choice, WorkerOrder, choose_worker
+from services.manager.placement import Choice, WorkerOrder, choose_worker, fit_on
 from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
 from shared.events import Nudger
 from shared.models import Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
-from shared.store import NotLeader, Store, StoredModel
+from shared.store import Intents, NotLeader, Store, StoredModel
 from shared.store.scheduling import Unassign
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,17 @@ class LeaderState:
     @property
     def leader(self) -> bool:
         return self.epoch > 0
+
+
+@dataclass(frozen=True)
+class _AliasPass:
+    """What one pass knows of one alias."""
+
+    model: StoredModel
+    assigned: dict[str, Assignment]
+    records: dict[str, dict[str, str]]
+    demand: bool
+    sleep: str | None
 
 
 class Scheduler:
@@ -127,6 +140,8 @@ class Scheduler:
                     del assigns[w.worker_id][alias]
         aliases = list(models)
         demands = await self.store.demands(aliases)
+        intents = await self.store.intents(aliases)
+        views = {w.worker_id: w for w in workers}
         usage = await self.store.instances_by_alias(aliases)
         # alias -> worker -> assignment, built once: scanning every worker for every alias
         # made a pass grow with workers x aliases.
@@ -146,27 +161,50 @@ class Scheduler:
                     await writes.flush()
                     await self._renew_lease()  # a long pass must not outlive the lease
                     renewed = time.monotonic()
-                if model.hold is None:
-                    assigned = by_alias.setdefault(alias, {})
-                    observed = {w: Usage.from_record(r) for w, r in usage[alias].items()}
-                    demand = alias in demands
-                    if demand and any(u.state == "RUNNING" for u in observed.values()):
-                        # Served: the waiting requests go through; the idle clock may run again.
-                        await writes.flush()
-                        await self.store.clear_demand(alias)
-                        demand = False
-                    decision = decide(model.spec, assigned, observed, demand, now)
-                    decision.desired = self._autoscaled(model, decision, assigned, observed, now)
-                    await self._apply_residency(alias, decision, assigns, assigned, order,
-                                                writes)
-                    await self._converge_model(model, decision.desired, workers, assigns,
-                                               ledgers, assigned, order, writes)
+                assigned = by_alias.setdefault(alias, {})
+                wants = intents.get(alias, Intents())
+                await self._apply_manual(model, wants.manual, views, assigns, ledgers, assigned,
+                                         order, writes)
+                if model.hold is not None:
+                    # Stopped by an operator: none of the scheduler's own replicas stays.
+                    await self._unassign_own(alias, assigns, assigned, order, writes)
+                else:
+                    ctx = _AliasPass(model, assigned, usage[alias], alias in demands, wants.sleep)
+                    await self._schedule(ctx, workers, assigns, ledgers, order, writes, now)
         except (NotLeader, RedisError):
             raise  # the held-back writes could not land either
         except Exception:
             await writes.flush()  # what was decided before the failure lands, as it did unbatched
             raise
         await writes.flush()
+
+    async def _schedule(
+        self, ctx: _AliasPass, workers: list[WorkerView],
+        assigns: dict[str, dict[str, Assignment]], ledgers: dict[str, dict[str, Reservation]],
+        order: WorkerOrder, writes: FencedWrites, now: float,
+    ) -> None:
+        """Residency, autoscaling, an operator's sleep request and placement of one alias
+        that is not held."""
+        model, assigned, alias = ctx.model, ctx.assigned, ctx.model.spec.alias
+        observed = {w: Usage.from_record(r) for w, r in ctx.records.items()}
+        demand = ctx.demand
+        if demand and any(u.state == "RUNNING" for u in observed.values()):
+            # Served: the waiting requests go through; the idle clock may run again.
+            await writes.flush()
+            await self.store.clear_demand(alias)
+            demand = False
+        decision = decide(model.spec, assigned, observed, demand, now)
+        decision.desired = self._autoscaled(model, decision, assigned, observed, now)
+        if ctx.sleep is not None:
+            decision.targets = {w: "sleeping" for w, a in assigned.items()
+                                if a.target != "sleeping"}
+            decision.reason = "an operator asked"
+        await self._apply_residency(alias, decision, assigns, assigned, order, writes)
+        await self._converge_model(model, decision.desired, workers, assigns, ledgers,
+                                   assigned, order, writes)
+        if ctx.sleep is not None:
+            await writes.flush()
+            await self.store.clear_intent(alias, ctx.sleep)
 
     async def _renew_lease(self) -> None:
         epoch = await self.store.acquire_lease(self.settings.manager_id, self.settings.lease_ttl_s)
@@ -202,11 +240,7 @@ class Scheduler:
         """Carry out a residency decision; ``assigns``, this alias's ``assigned`` view and
         the worker ``order`` are kept in step with what is written."""
         if decision.stop_all:
-            for w, a in list(assigned.items()):
-                if a.source == "scheduler":
-                    await writes.add(Unassign(w, alias))
-                    del assigns[w][alias], assigned[w]
-                    order.touch(w)
+            await self._unassign_own(alias, assigns, assigned, order, writes)
             logger.info("stopped %s: %s", alias, decision.reason)
         for w, target in decision.targets.items():
             updated = assigned[w].model_copy(update={"target": target})
@@ -215,6 +249,56 @@ class Scheduler:
         if decision.targets:
             logger.info("%s -> %s on %s (%s)", alias, ", ".join(set(decision.targets.values())),
                         ", ".join(decision.targets), decision.reason)
+
+    async def _unassign_own(
+        self, alias: str, assigns: dict[str, dict[str, Assignment]],
+        assigned: dict[str, Assignment], order: WorkerOrder, writes: FencedWrites,
+    ) -> None:
+        """Remove the scheduler's own assignments of ``alias`` (manual ones stay)."""
+        for w, a in list(assigned.items()):
+            if a.source == "scheduler":
+                await writes.add(Unassign(w, alias))
+                del assigns[w][alias], assigned[w]
+                order.touch(w)
+
+    async def _apply_manual(
+        self, model: StoredModel, manual: frozenset[str], views: dict[str, WorkerView],
+        assigns: dict[str, dict[str, Assignment]], ledgers: dict[str, dict[str, Reservation]],
+        assigned: dict[str, Assignment], order: WorkerOrder, writes: FencedWrites,
+    ) -> None:
+        """Make the manual assignments of ``model`` those operators asked for (``manual``:
+        worker ids), each with its GPU reservation in the ledger like any placement."""
+        alias = model.spec.alias
+        for w, a in list(assigned.items()):
+            if a.source == "manual" and w not in manual:
+                await writes.add(Unassign(w, alias))
+                del assigns[w][alias], assigned[w]
+                order.touch(w)
+        for w in sorted(manual):
+            current = assigned.get(w)
+            if current is not None:
+                if current.source != "manual":  # the scheduler's replica becomes the operator's
+                    updated = current.model_copy(update={"source": "manual"})
+                    await writes.add(updated)
+                    assigns[w][alias] = assigned[w] = updated
+                continue
+            view = views.get(w)
+            fit = fit_on(model.spec, view, ledgers.get(w, {})) if view else f"{w}: unknown"
+            if isinstance(fit, str):
+                await self._note_unplaced(alias, f"manual placement refused: {fit}", writes)
+                continue
+            a = Assignment(alias=alias, worker_id=w, epoch=self.state.epoch, source="manual",
+                           gpus=fit.gpus, mb_per_gpu=fit.mb_per_gpu,
+                           gpu_memory_utilization=fit.utilization, spec_version=model.version)
+            await writes.add(a)
+            assigns.setdefault(w, {})[alias] = assigned[w] = a
+            if a.gpus:
+                ledgers.setdefault(w, {})[alias] = Reservation(
+                    alias=alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
+            order.touch(w)
+            self._reasons.pop(alias, None)
+            logger.info("placed %s on %s by an operator's request (gpus %s, %d MB each)",
+                        alias, w, a.gpus, a.mb_per_gpu)
 
     async def _converge_model(
         self,

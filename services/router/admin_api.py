@@ -91,9 +91,8 @@ def build_routes(
     @api.post("/models/{alias}/wake", status_code=202)
     async def wake(alias: str) -> Response:
         model = await registered(alias)
-        await store.release_hold(alias)
-        await store.want(alias, min(10.0, model.spec.cold_start_timeout_s))
-        await store.set_target_manual(alias, "running")
+        # Requests the scheduler carries out: it alone writes assignments (docs/redis.md).
+        await store.request_wake(alias, min(10.0, model.spec.cold_start_timeout_s))
         await table.refresh()
         return json_response({"alias": alias, "status": "waking"}, 202)
 
@@ -103,8 +102,9 @@ def build_routes(
         if not model.spec.sleep_mode:
             raise BadRequest(f"model '{alias}' has no sleep policy: register it with "
                              "idle_sleep_s so its engines start with sleep mode", param="alias")
-        if not await store.set_target_manual(alias, "sleeping"):
+        if "running" not in (await store.targets_of(alias)).values():
             raise Conflict(f"model '{alias}' has no awake instance to put to sleep")
+        await store.request_sleep(alias)
         return json_response({"alias": alias, "status": "sleeping"}, 202)
 
     @api.post("/models/{alias}/stop", status_code=202)

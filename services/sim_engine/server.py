@@ -138,6 +138,7 @@ class SimEngine:
         self.config = config
         self.stats = Stats()
         self.sleep_level: int | None = None
+        self.health_failing = False
         self._sleep_lock = asyncio.Lock()
         self._rng = random.Random(config.seed)
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
@@ -315,6 +316,13 @@ class SimEngine:
         return JSONResponse({"is_sleeping": self.sleep_level is not None})
 
     async def health(self, request: Request) -> Response:
+        return Response(status_code=503 if self.health_failing else 200)
+
+    async def fail_health(self, request: Request) -> Response:
+        """Test knob: /health answers 503 from now on while requests are still served (an
+        engine core dead behind a live API server, as seen with vLLM)."""
+        self.health_failing = True
+        log("health check set to fail")
         return Response(status_code=200)
 
     async def version(self, request: Request) -> Response:
@@ -374,6 +382,7 @@ def create_app(config: EngineConfig) -> Starlette:
         Route("/wake_up", engine.wake_up, methods=["POST"]),
         Route("/is_sleeping", engine.is_sleeping, methods=["GET"]),
         Route("/sim/stats", engine.sim_stats, methods=["GET"]),
+        Route("/sim/fail_health", engine.fail_health, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})

@@ -131,6 +131,8 @@ class Agent:
             for alias, by_worker in records.items():
                 if self.worker_id in by_worker:
                     await self.store.delete_instance(alias, self.worker_id)
+            # Logs of models deleted while this worker was down.
+            await self.supervisor.forget_deleted(self.supervisor.logged_aliases())
         except Exception as e:  # noqa: BLE001 - Redis down: records are rewritten on start
             logger.warning("could not clear stale instance records: %s", e)
         if killed:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
@@ -11,9 +9,9 @@ from services.worker import proxy
 from services.worker.agent import Agent
 from shared.errors import BadRequest, ModelNotFound, NotFound
 from shared.http import bearer_guard, json_response, parse_body
-from shared.models import Assignment, ManualStartRequest, is_valid_name
+from shared.models import ManualStartRequest, is_valid_name
 from shared.settings import WorkerSettings
-from shared.store import Store
+from shared.store import Intents, Store
 from shared.wire import Pool
 
 
@@ -47,21 +45,22 @@ def build_routes(
             raise BadRequest(
                 f"this worker cannot run engine '{model.spec.engine}' "
                 f"(it has {', '.join(sorted(sup.drivers))})", param="alias")
-        await store.manual_assign(Assignment(
-            alias=body.alias, worker_id=settings.worker_id, source="manual",
-            spec_version=model.version, assigned_at=time.time()))
-        agent.nudger.event.set()
+        # A request the scheduler carries out (it alone writes assignments, and reserves the
+        # GPU memory as for any placement): 202, then the placement or its refusal shows in
+        # /admin/status.
+        await store.request_manual_start(body.alias, settings.worker_id)
         return json_response({"alias": body.alias, "worker_id": settings.worker_id,
-                              "status": "assigned"}, 202)
+                              "status": "requested"}, 202)
 
     @api.post("/instances/{alias}/stop", dependencies=[admin], status_code=202)
     async def stop(alias: str) -> Response:
         if not is_valid_name(alias) or await store.get_model(alias) is None:
             raise ModelNotFound(f"model '{alias}' is not registered")
-        if alias not in await store.worker_assignments(settings.worker_id):
+        manual = (await store.intents([alias])).get(alias, Intents()).manual
+        if (alias not in await store.worker_assignments(settings.worker_id)
+                and settings.worker_id not in manual):
             raise NotFound(f"model '{alias}' is not assigned to this worker")
-        await store.manual_unassign(settings.worker_id, alias)
-        agent.nudger.event.set()
+        await store.request_manual_stop(alias, settings.worker_id)
         return json_response({"alias": alias, "worker_id": settings.worker_id,
                               "status": "stopping"}, 202)
 

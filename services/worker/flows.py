@@ -1,6 +1,7 @@
 """The transitions of one instance: start, warm-up, sleep, wake, failure.
 
-Run only by the supervisor, one at a time per instance. Each ends in a state written to Redis;
+Run only by the supervisor, one at a time per instance. Every state change goes through
+:class:`services.worker.lifecycle.Lifecycle`, which writes the record and the route together:
 a route is published only once the engine has answered a warm-up request, and withdrawn
 before the engine stops serving.
 """
@@ -12,11 +13,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
 from services.worker.engines.base import EngineDriver, EngineExited, EngineProcess
 from services.worker.instance import Instance, host_ram_mb
+from services.worker.lifecycle import Lifecycle
 from shared.models import InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store
@@ -50,20 +53,24 @@ class Flows:
         self.ram_in_use = ram_in_use
         self.worker_id = settings.worker_id
         self.url = settings.advertised_url()
+        self.life = Lifecycle(store, self.worker_id, self.url)
+
+    def log_path(self, alias: str) -> Path:
+        return self.settings.state_dir / self.worker_id / f"{alias}.log"
 
     async def publish(self, inst: Instance) -> None:
-        await self.store.put_instance(inst.alias, self.worker_id, inst.record())
-
-    async def route(self, inst: Instance, serving: bool) -> None:
-        await self.store.set_route(inst.alias, self.worker_id, self.url if serving else None)
+        """The record as it is now (ports, counts, notes); the state and route are unchanged."""
+        await self.life.record_only(inst)
 
     # ------------------------------------------------------------------ start
     async def start(self, inst: Instance) -> None:
         spec = inst.model.spec
-        inst.state, inst.error, inst.note, inst.log_tail = S.STARTING, "", "", ""
+        inst.error, inst.note, inst.log_tail = "", "", ""
         inst.started_at = time.time()
+        inst.draining, inst.health_failures = False, 0
+        await self.life.transition(inst, S.STARTING)
         port = free_port()
-        log_path = self.settings.state_dir / self.worker_id / f"{inst.alias}.log"
+        log_path = self.log_path(inst.alias)
         try:
             launch = self.drivers[spec.engine].launch(spec, port, inst.assignment)
         except (KeyError, RuntimeError) as e:
@@ -87,17 +94,16 @@ class Flows:
 
     async def _warm_and_serve(self, inst: Instance) -> None:
         assert inst.engine is not None
-        inst.state = S.WARMING
-        await self.publish(inst)
+        await self.life.transition(inst, S.WARMING)
         t0 = time.monotonic()
         try:
             inst.note = await inst.engine.warm_up(self.client, inst.alias, 120.0)
         except httpx.HTTPError as e:
             inst.note = f"warm-up failed: {type(e).__name__}"
         inst.warmup_s = time.monotonic() - t0
-        inst.state, inst.active_at, inst.sleep_level = S.RUNNING, time.time(), 0
-        await self.publish(inst)
-        await self.route(inst, True)
+        inst.active_at, inst.sleep_level = time.time(), 0
+        inst.health_failures = 0  # a verdict from before a sleep says nothing of the engine now
+        await self.life.transition(inst, S.RUNNING)
 
     # ------------------------------------------------------------------ sleep and wake
     async def sleep(self, inst: Instance) -> None:
@@ -111,7 +117,8 @@ class Flows:
                 await self.stop_for_ram(inst, need, used, budget)
                 return
             inst.ram_claim_mb = need
-        await self.route(inst, False)
+        inst.draining = True
+        await self.life.sync(inst)  # routers stop choosing it; the record still says RUNNING
         await self._drain(inst)
         try:
             await inst.engine.sleep(self.client, level, _SLEEP_TIMEOUT_S)
@@ -119,20 +126,22 @@ class Flows:
             inst.ram_claim_mb = 0
             await self._transition_failed(inst, f"sleep failed: {e}")
             return
-        inst.state, inst.sleep_level = S.SLEEPING, level
-        await self.publish(inst)
+        inst.draining, inst.sleep_level = False, level
+        await self.life.transition(inst, S.SLEEPING)
         logger.info("%s is asleep (level %d)", inst.alias, level)
 
     async def stop_for_ram(self, inst: Instance, need: int, used: int, budget: int) -> None:
         """Level-1 sleep would exceed the host RAM budget: stop the engine instead."""
-        await self.route(inst, False)
         assert inst.engine is not None
-        await inst.engine.stop(self.settings.engine_stop_grace_s)
-        inst.engine = None
-        inst.state = S.STOPPED
         inst.note = (f"level-1 sleep refused: needs {need} MB of host RAM, {used} of "
                      f"{budget} MB in use by sleeping instances; stopped instead")
         logger.warning("%s: %s", inst.alias, inst.note)
+        engine = inst.engine
+        try:
+            await self.life.transition(inst, S.STOPPED)  # the route goes first
+        finally:
+            await engine.stop(self.settings.engine_stop_grace_s)
+            inst.engine = None
         await self.publish(inst)
 
     async def wake(self, inst: Instance) -> None:
@@ -160,24 +169,27 @@ class Flows:
         if inst.engine.exit_code() is not None:
             await self.fail(inst, f"{why}; engine exited with code {inst.engine.exit_code()}")
             return
-        # The engine still serves: keep it in service and say what went wrong.
-        inst.note = why
+        # The engine still serves: keep it in service (its route back, if it was drained)
+        # and say what went wrong.
+        inst.note, inst.draining = why, False
         logger.warning("%s: %s", inst.alias, why)
-        await self.publish(inst)
-        if inst.state is S.RUNNING:
-            await self.route(inst, True)
+        await self.life.sync(inst)
 
     # ------------------------------------------------------------------ failure
     async def fail(self, inst: Instance, why: str) -> None:
-        inst.ram_claim_mb = 0
-        await self.route(inst, False)
-        if inst.engine is not None:
-            await inst.engine.stop(self.settings.engine_stop_grace_s)
-            inst.log_tail = inst.engine.log_tail()
+        """FAILED with ``why``: the route goes in the same write, then the engine is stopped
+        (even when Redis is down) and retried after the back-off."""
+        inst.ram_claim_mb, inst.draining = 0, False
         inst.failures += 1
         backoff = self.settings.engine_retry_base_s * 2 ** (inst.failures - 1)
         inst.retry_at = time.time() + min(backoff, self.settings.engine_retry_max_s)
-        inst.state, inst.error = S.FAILED, why
+        inst.error = why
+        try:
+            await self.life.transition(inst, S.FAILED)
+        finally:
+            if inst.engine is not None:
+                await inst.engine.stop(self.settings.engine_stop_grace_s)
+                inst.log_tail = inst.engine.log_tail()
         logger.error("%s failed: %s\n%s", inst.alias, why, inst.log_tail)
         await self.publish(inst)
 

@@ -43,6 +43,17 @@ class Instance:
     inflight: int = 0
     last_request_at: float = 0.0
     task: asyncio.Task[None] | None = None
+    # Route withdrawn while requests already sent finish (before a sleep).
+    draining: bool = False
+    # Consecutive failed health checks while RUNNING; any takes the route away.
+    health_failures: int = 0
+    # The last write of record and route failed: the supervisor writes them again.
+    unsynced: bool = False
+
+    @property
+    def serving(self) -> bool:
+        """Whether routers may send requests here: what the route in Redis says."""
+        return self.state is S.RUNNING and not self.draining and self.health_failures == 0
 
     @property
     def busy(self) -> bool:

@@ -40,7 +40,8 @@ def create_app(settings: WorkerSettings) -> FastAPI:
             logger.warning("vLLM is not available on this worker; it runs engines: %s",
                            ", ".join(sorted(drivers)))
         await agent.recover()
-        async with background(nudger.run(), agent.heartbeat_loop(), agent.reconcile_loop()):
+        async with background(nudger.run(), agent.heartbeat_loop(), agent.reconcile_loop(),
+                              supervisor.health_loop()):
             yield
         await supervisor.stop_all()
         with contextlib.suppress(Exception):

@@ -3,6 +3,7 @@
 Only the supervisor starts, sleeps, wakes and stops engine processes; the API and the agent ask
 it (through :meth:`Supervisor.reconcile`). Each instance runs at most one transition at a time
 (:mod:`services.worker.flows`); the supervisor decides which, from the assignment's target.
+States change only through :mod:`services.worker.lifecycle`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 from services.worker.engines.base import EngineDriver, EngineProcess
 from services.worker.flows import Flows
 from services.worker.instance import Instance
+from services.worker.lifecycle import allowed
 from shared.models import Assignment, InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store, StoredModel
@@ -41,6 +43,7 @@ class Supervisor:
         self.drivers = drivers
         self.instances: dict[str, Instance] = {}
         self.flows = Flows(store, settings, drivers, client, self.sleeping_ram_mb)
+        self.life = self.flows.life
         self.url = self.flows.url
         self._lock = asyncio.Lock()
         self._reported: dict[str, tuple[int, float]] = {}
@@ -96,21 +99,44 @@ class Supervisor:
         """Converge local instances to ``wanted`` (alias -> assignment and model), and release
         the ledger entries in ``reserved`` that no engine of this worker holds any more."""
         async with self._lock:
+            stopped = set()
             for alias, inst in list(self.instances.items()):
                 want = wanted.get(alias)
-                if want is None or want[1].version != inst.model.version:
-                    await self._stop(alias)
+                if (want is None or want[1].version != inst.model.version
+                        or inst.state is S.STOPPING):
+                    try:
+                        await self._stop(alias)
+                        stopped.add(alias)
+                    except Exception as e:  # noqa: BLE001 - kept, and stopped again next pass
+                        logger.warning("could not record the stop of %s: %s", alias, e)
+            if stopped - set(wanted):
+                await self.forget_deleted(stopped - set(wanted))
             for alias, (a, m) in wanted.items():
                 current = self.instances.get(alias)
                 if current is None:
                     inst = Instance(alias, a, m)
                     self.instances[alias] = inst
                     self._run(inst, self.flows.start(inst))
-                else:
+                elif current.state is not S.STOPPING:
                     current.assignment = a
                     await self._converge(current)
             await self._report_usage()
             await self._release(set(reserved or ()) - set(wanted) - set(self.instances))
+
+    async def forget_deleted(self, aliases: set[str]) -> None:
+        """Remove the engine logs of those of ``aliases`` whose model is deleted (nothing of
+        a deleted model is kept; its records went with its spec)."""
+        registered = await self.store.get_models(sorted(aliases))
+        for alias in aliases - set(registered) - set(self.instances):
+            path = self.flows.log_path(alias)
+            if path.exists():
+                path.unlink(missing_ok=True)
+                logger.info("removed the engine log of deleted model %s", alias)
+
+    def logged_aliases(self) -> set[str]:
+        """Aliases that have an engine log in this worker's state dir."""
+        folder = self.flows.log_path("x").parent
+        return {p.stem for p in folder.glob("*.log")} if folder.is_dir() else set()
 
     async def _release(self, aliases: set[str]) -> None:
         """Give back GPU reservations, each only once its engine's processes are all gone."""
@@ -124,6 +150,8 @@ class Supervisor:
     async def _converge(self, inst: Instance) -> None:
         if inst.busy:
             return
+        if inst.unsynced:  # an earlier write of record and route failed: write them again
+            await self.life.sync(inst)
         target = inst.assignment.target
         engine_gone = inst.engine is not None and inst.engine.exit_code() is not None
         if inst.state in (S.RUNNING, S.SLEEPING) and engine_gone:
@@ -150,17 +178,23 @@ class Supervisor:
             raise
         except Exception as e:  # e.g. Redis gone mid-flow: fail, retry later
             logger.exception("transition of %s failed", inst.alias)
-            inst.state, inst.error = S.FAILED, f"transition failed: {e}"
+            inst.error = f"transition failed: {e}"
             inst.retry_at = time.time() + self.settings.engine_retry_base_s
-            if inst.engine is not None:
-                await inst.engine.stop(self.settings.engine_stop_grace_s)
+            try:
+                if allowed(inst.state, S.FAILED):
+                    await self.life.transition(inst, S.FAILED)
+            except Exception as e2:  # noqa: BLE001 - unsynced: written on the next pass
+                logger.warning("could not record the failure of %s: %s", inst.alias, e2)
+            finally:
+                if inst.engine is not None:
+                    await inst.engine.stop(self.settings.engine_stop_grace_s)
 
     async def _report_usage(self) -> None:
         """Write in-flight counts and last-request times that changed (the idle clock), and
         each serving engine's load for the routers' balancing."""
         for alias, inst in self.instances.items():
             usage = inst.usage()
-            if self._reported.get(alias) != usage and not inst.busy:
+            if self._reported.get(alias) != usage and not inst.busy and not inst.unsynced:
                 await self.flows.publish(inst)
                 self._reported[alias] = usage
             if inst.state is S.RUNNING and inst.engine is not None:
@@ -169,35 +203,83 @@ class Supervisor:
                     await self.store.set_load(alias, self.worker_id, load)
                     self._loads[alias] = load
 
+    # ------------------------------------------------------------------ health
+    async def health_loop(self) -> None:
+        """Check every serving engine's health each ``ENGINE_HEALTH_INTERVAL_S``, on its own
+        timer so that a long reconcile does not delay it."""
+        while True:
+            await asyncio.sleep(self.settings.engine_health_interval_s)
+            try:
+                await self.check_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Redis down: next time
+                logger.warning("health check pass failed: %s", e)
+
+    async def check_health(self) -> None:
+        """One health check of each RUNNING engine, all at once; then the verdicts."""
+        insts = [i for i in self.instances.values()
+                 if i.state is S.RUNNING and not i.busy and i.engine is not None]
+        results = await asyncio.gather(
+            *(i.engine.health(self.flows.client) for i in insts if i.engine is not None))
+        async with self._lock:
+            for inst, ok in zip(insts, results, strict=True):
+                # Skip what changed while we waited (stopped, failed, started to sleep).
+                if self.instances.get(inst.alias) is inst and inst.state is S.RUNNING \
+                        and not inst.busy:
+                    await self._health_verdict(inst, ok)
+
+    async def _health_verdict(self, inst: Instance, ok: bool) -> None:
+        """The first failed check takes the route away at once; ``ENGINE_HEALTH_FAILURES``
+        in a row fail the instance (restarted after the back-off); a pass brings it back."""
+        if ok:
+            if inst.health_failures:
+                logger.info("%s: engine health check passes again", inst.alias)
+                inst.health_failures, inst.note = 0, ""
+                await self.life.sync(inst)
+            return
+        inst.health_failures += 1
+        limit = self.settings.engine_health_failures
+        if inst.health_failures >= limit:
+            why = f"engine health check failed {inst.health_failures} times in a row"
+            self._run(inst, self.flows.fail(inst, why))
+        elif inst.health_failures == 1:
+            inst.note = "engine health check failing: withdrawn from the routes"
+            logger.warning("%s: %s", inst.alias, inst.note)
+            await self.life.sync(inst)
+
     # ------------------------------------------------------------------ stop
     async def _stop(self, alias: str) -> None:
-        inst = self.instances.pop(alias)
-        self._reported.pop(alias, None)
-        self._loads.pop(alias, None)
+        """Withdraw the route (with a STOPPING record), stop the engine, delete the record.
+        The instance is forgotten only once Redis has all of it: when a write fails it stays
+        here, STOPPING, and the next pass tries again (a stale route cannot outlive it)."""
+        inst = self.instances[alias]
         if inst.task is not None and not inst.task.done():
             inst.task.cancel()
             await asyncio.gather(inst.task, return_exceptions=True)
-        inst.state = S.STOPPING
-        try:
-            # Routers must stop choosing this replica before the engine goes away.
-            await self.flows.route(inst, False)
-            await self.flows.publish(inst)
-        finally:
-            if inst.engine is not None:
-                code = await inst.engine.stop(self.settings.engine_stop_grace_s)
-                logger.info("stopped %s (exit code %s)", alias, code)
-            self._releasing[alias] = inst.engine
+        if inst.state is not S.STOPPING:
+            try:
+                # Routers must stop choosing this replica before the engine goes away.
+                await self.life.transition(inst, S.STOPPING)
+            finally:
+                if inst.engine is not None:
+                    code = await inst.engine.stop(self.settings.engine_stop_grace_s)
+                    logger.info("stopped %s (exit code %s)", alias, code)
+                self._releasing[alias] = inst.engine
+        elif inst.unsynced:
+            await self.life.sync(inst)
         await self.store.delete_instance(alias, self.worker_id)
+        del self.instances[alias]
+        self._reported.pop(alias, None)
+        self._loads.pop(alias, None)
 
     async def republish(self, assigned: set[str]) -> None:
         """Write the instance records and routes of ``assigned`` again (after Redis lost them
         or our heartbeat lapsed)."""
         for inst in list(self.instances.values()):
-            if inst.alias not in assigned:
+            if inst.alias not in assigned or inst.state is S.STOPPING:
                 continue
-            await self.flows.publish(inst)
-            if inst.state is S.RUNNING:
-                await self.flows.route(inst, True)
+            await self.life.sync(inst)
 
     async def stop_all(self) -> None:
         async with self._lock:

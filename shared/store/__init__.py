@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
+from shared.store.intents import Intents, IntentsStore
 from shared.store.lifecycle import LifecycleStore
 from shared.store.models import ModelsStore
 from shared.store.observed import ObservedStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
-__all__ = ["NotLeader", "Store", "StoredModel", "connect", "spec_fingerprint"]
+__all__ = ["Intents", "NotLeader", "Store", "StoredModel", "connect", "spec_fingerprint"]
 
 
-class Store(ModelsStore, WorkersStore, SchedulingStore, ObservedStore, LifecycleStore):
+class Store(ModelsStore, WorkersStore, SchedulingStore, ObservedStore, LifecycleStore,
+            IntentsStore):
     """Everything the services read and write in Redis."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from typing import Any, cast
+from typing import Any
 
-from shared.models import Assignment
 from shared.store.base import StoreBase
 
 # Admits one held request unless the alias's queue is full; expired entries (a router that
@@ -86,42 +84,3 @@ class LifecycleStore(StoreBase):
         out["waited_requests"] = int(raw.get("waited_requests", 0))
         out["wait_total_s"] = round(float(raw.get("wait_total_s", 0.0)), 4)
         return out
-
-    # ------------------------------------------------------------------ operator actions
-    async def set_target_manual(self, alias: str, target: str) -> int:
-        """Point every assignment of ``alias`` at ``target`` ('running'/'sleeping').
-        Returns how many assignments changed."""
-        workers = await self._members(self.k.workers)
-        changed = 0
-        for w in workers:
-            raw = cast(str | None, await self.r.hget(self.k.assign(w), alias))
-            if raw is None:
-                continue
-            a = Assignment.model_validate_json(raw)
-            if a.target != target:
-                a.target = target  # type: ignore[assignment]
-                await self.r.hset(self.k.assign(w), alias, a.model_dump_json())
-                changed += 1
-        if changed:
-            await self.publish("assign", alias=alias)
-        return changed
-
-    async def hold_model(self, alias: str, reason: str) -> None:
-        """Stop every instance of ``alias`` and keep it stopped until it is woken."""
-        workers = await self._members(self.k.workers)
-        note = json.dumps({"at": time.time(), "reason": reason})
-        async with self.r.pipeline(transaction=True) as pipe:
-            for w in workers:
-                pipe.hdel(self.k.assign(w), alias)
-            pipe.set(self.k.hold(alias), note)
-            pipe.delete(self.k.demand(alias))
-            pipe.incr(self.k.models_version)
-            await pipe.execute()
-        await self.publish("assign", alias=alias)
-
-    async def release_hold(self, alias: str) -> bool:
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self.k.hold(alias))
-            pipe.incr(self.k.models_version)
-            removed, _ = await pipe.execute()
-        return bool(removed)

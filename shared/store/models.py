@@ -94,7 +94,8 @@ class ModelsStore(StoreBase):
         return [m for m in out if m is not None]
 
     async def delete_model(self, alias: str) -> bool:
-        """Remove the alias, its routes and every assignment of it. False if unknown."""
+        """Remove the alias, its routes, instance records and every assignment of it.
+        False if unknown."""
         workers = await self._members(self.k.workers)
         key = self.k.model(alias)
         async with self.r.pipeline(transaction=True) as pipe:
@@ -106,12 +107,17 @@ class ModelsStore(StoreBase):
                     pipe.multi()
                     pipe.delete(key)
                     pipe.srem(self.k.models, alias)
-                    pipe.delete(self.k.hold(alias), self.k.placement(alias), self.k.routes(alias),
+                    pipe.delete(self.k.hold(alias), self.k.manual(alias), self.k.intent(alias),
+                                self.k.placement(alias), self.k.routes(alias),
                                 self.k.demand(alias), self.k.queue(alias), self.k.stats(alias),
                                 self.k.samples(alias, "cold_start"), self.k.samples(alias, "wake"),
                                 self.k.load(alias))
                     for w in workers:
                         pipe.hdel(self.k.assign(w), alias)
+                        # FAILED (or any) records of the alias must not outlive it, even
+                        # those of a worker that is dead and will never clean up.
+                        pipe.delete(self.k.instance(alias, w))
+                    pipe.delete(self.k.instances(alias))
                     pipe.incr(self.k.models_version)
                     pipe.incr(self.k.routes_version)
                     await pipe.execute()

@@ -42,6 +42,23 @@ class ObservedStore(StoreBase):
             pipe.sadd(self.k.instances(alias), worker_id)
             await pipe.execute()
 
+    async def write_instance(self, alias: str, worker_id: str, fields: dict[str, str],
+                             url: str | None) -> None:
+        """An instance's record and its route (``url``: published; None: withdrawn) in one
+        transaction, so no reader sees a record and a route that disagree (a FAILED record
+        with a live route). Used by the worker's instance state machine only."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.k.instance(alias, worker_id), mapping=cast(Mapping[Any, Any], fields))
+            pipe.sadd(self.k.instances(alias), worker_id)
+            if url is None:
+                pipe.hdel(self.k.routes(alias), worker_id)
+                pipe.hdel(self.k.load(alias), worker_id)
+            else:
+                pipe.hset(self.k.routes(alias), worker_id, url)
+            self._route_changed(pipe, alias)
+            await pipe.execute()
+        await self.publish("route", alias=alias, worker=worker_id)
+
     async def delete_instance(self, alias: str, worker_id: str) -> None:
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(self.k.instance(alias, worker_id))

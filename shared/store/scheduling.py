@@ -1,8 +1,7 @@
-"""The scheduler's lease and the assignments it (or an operator) makes."""
+"""The scheduler's lease and the assignments it alone writes (fenced by the lease)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -161,28 +160,6 @@ class SchedulingStore(StoreBase):
         res = await self.r.eval(_RELEASE_RESERVATION_LUA, 2, self.k.assign(worker_id),
                                 self.k.ledger(worker_id), alias)
         return bool(res)
-
-    async def manual_assign(self, a: Assignment) -> None:
-        """An operator's placement: not fenced (it is not the scheduler's decision), and it
-        lifts a manual stop."""
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
-            pipe.delete(self.k.hold(a.alias), self.k.placement(a.alias))
-            pipe.incr(self.k.models_version)
-            await pipe.execute()
-        await self.publish("assign", alias=a.alias, worker=a.worker_id)
-
-    async def manual_unassign(self, worker_id: str, alias: str) -> bool:
-        """An operator's stop: removes the assignment and holds the alias so the scheduler
-        does not place it again until someone starts it. False if it was not assigned here."""
-        note = json.dumps({"by": worker_id, "at": time.time(), "reason": "stopped manually"})
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.k.assign(worker_id), alias)
-            pipe.set(self.k.hold(alias), note)
-            pipe.incr(self.k.models_version)
-            removed, _, _ = await pipe.execute()
-        await self.publish("assign", alias=alias, worker=worker_id)
-        return bool(removed)
 
     async def set_placement_reason(self, alias: str, reason: str) -> None:
         await self.r.hset(self.k.placement(alias), mapping={"reason": reason, "at": time.time()})

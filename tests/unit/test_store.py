@@ -43,6 +43,20 @@ async def test_delete_removes_assignments_and_routes(store: Store) -> None:
     assert await store.delete_model("m") is False
 
 
+async def test_delete_leaves_no_records_or_requests(store: Store) -> None:
+    """A FAILED record (even a dead worker's) and operators' requests go with the model: a
+    re-registration starts clean."""
+    await store.register_model(spec())
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    await store.put_instance("m", "w1", {"state": "FAILED", "error": "boom"})
+    await store.request_manual_start("m", "w1")
+    await store.request_sleep("m")
+    assert await store.delete_model("m") is True
+    assert await store.instances_of("m") == {}
+    assert not await store.r.exists(store.k.instance("m", "w1"), store.k.instances("m"))
+    assert await store.intents(["m"]) == {}
+
+
 async def test_lease_is_exclusive_and_epochs_grow(store: Store) -> None:
     e1 = await store.acquire_lease("a", 5)
     assert e1 >= 1
@@ -74,10 +88,47 @@ async def test_heartbeat_reports_expiry_and_unknown(store: Store) -> None:
 
 async def test_manual_stop_holds_until_manual_start(store: Store) -> None:
     await store.register_model(spec())
-    await store.manual_assign(Assignment(alias="m", worker_id="w1", source="manual"))
-    assert await store.manual_unassign("w1", "m") is True
+    await store.request_manual_start("m", "w1")
+    assert (await store.intents(["m"]))["m"].manual == {"w1"}
+    await store.request_manual_stop("m", "w1")
     model = await store.get_model("m")
     assert model is not None and model.hold is not None
-    await store.manual_assign(Assignment(alias="m", worker_id="w1", source="manual"))
+    assert await store.intents(["m"]) == {}
+    await store.request_manual_start("m", "w1")
     model = await store.get_model("m")
     assert model is not None and model.hold is None
+
+
+async def test_operator_requests_never_write_assignments(store: Store) -> None:
+    """Only the scheduler writes assign:* (fenced); operators' actions are requests."""
+    await store.register_model(spec())
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    epoch = await store.acquire_lease("mgr", 5)
+    placed = Assignment(alias="m", worker_id="w1", epoch=epoch)
+    await store.assign(f"mgr|{epoch}", placed)
+    await store.request_manual_start("m", "w2")
+    await store.request_sleep("m")
+    await store.request_wake("m", 5)
+    await store.request_manual_stop("m", "w2")
+    await store.hold_model("m", "test")
+    assert await store.worker_assignments("w1") == {"m": placed}
+    assert await store.worker_assignments("w2") == {}
+
+
+async def test_sleep_intent_cleared_only_if_unchanged(store: Store) -> None:
+    await store.request_sleep("m")
+    applied = (await store.intents(["m"]))["m"].sleep
+    assert applied is not None
+    await store.clear_intent("m", "something newer")
+    assert (await store.intents(["m"]))["m"].sleep == applied
+    await store.clear_intent("m", applied)
+    assert await store.intents(["m"]) == {}
+
+
+async def test_targets_of_reads_every_worker_and_skips_corrupt_entries(store: Store) -> None:
+    for w in ("w1", "w2", "w3"):
+        await store.register_worker(WorkerRegistration(worker_id=w, url=f"http://{w}:1"), 5)
+    epoch = await store.acquire_lease("mgr", 5)
+    await store.assign(f"mgr|{epoch}", Assignment(alias="m", worker_id="w1", target="sleeping"))
+    await store.r.hset(store.k.assign("w2"), "m", "garbage{")
+    assert await store.targets_of("m") == {"w1": "sleeping"}
