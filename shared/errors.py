@@ -85,6 +85,12 @@ class StoreUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "store_unavailable"
 
 
+class StoreCorrupt(ApiError):
+    """A Redis key holds something the pool did not write (wrong type): nothing was changed."""
+
+    status, type, code = 500, "internal_error", "store_corrupt"
+
+
 class UpstreamError(ApiError):
     status, type, code = 502, "upstream_error", "upstream_error"
 

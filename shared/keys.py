@@ -101,6 +101,12 @@ class Keys:
         return f"{self.prefix}:version:routes"
 
     @property
+    def models_log(self) -> str:
+        """stream, capped: one entry (field ``alias``) per bump of the models version, so a
+        router re-reads only the models named since its last pass."""
+        return f"{self.prefix}:log:models"
+
+    @property
     def routes_log(self) -> str:
         """stream, capped: one entry (field ``alias``) per bump of the routes version, so a
         router re-reads only the aliases named since its last pass. Not ``routes:log``: that

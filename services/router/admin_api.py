@@ -15,7 +15,7 @@ from shared.errors import BadRequest, Conflict, ModelNotFound
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import RegisterModelRequest, is_valid_name
 from shared.settings import RouterSettings
-from shared.store import Store, StoredModel
+from shared.store import ModelDetails, Store, StoredModel
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +32,27 @@ def _summary(m: StoredModel, states: list[str]) -> str:
     return states[0]
 
 
-async def _model_view(store: Store, m: StoredModel) -> dict[str, Any]:
-    alias = m.spec.alias
-    instances = await store.instances_of(alias)
+def _model_view(m: StoredModel, d: ModelDetails) -> dict[str, Any]:
     return {
-        "alias": alias,
+        "alias": m.spec.alias,
         "engine": m.spec.engine,
         "model_name": m.spec.model_name,
-        "state": _summary(m, [i.get("state", "") for i in instances.values()]),
+        "state": _summary(m, [i.get("state", "") for i in d.instances.values()]),
         "spec": m.spec.model_dump(),
         "created_at": m.created_at,
         "held": m.hold is not None,
-        "placement": await store.placement_reason(alias),
-        "waiting_requests": await store.queue_length(alias),
-        "stats": await store.timings(alias),
-        "instances": [{"worker_id": w} | rec for w, rec in instances.items()],
+        "placement": d.placement,
+        "waiting_requests": d.waiting_requests,
+        "stats": d.stats,
+        "instances": [{"worker_id": w} | rec for w, rec in d.instances.items()],
     }
+
+
+async def _model_views(store: Store) -> list[dict[str, Any]]:
+    """Every registered model's view, in a fixed number of round trips."""
+    models = await store.list_models()
+    details = await store.model_details([m.spec.alias for m in models])
+    return [_model_view(m, details[m.spec.alias]) for m in models]
 
 
 def build_routes(
@@ -72,8 +77,7 @@ def build_routes(
 
     @api.get("/models")
     async def models() -> Response:
-        return json_response({"models": [await _model_view(store, m)
-                                         for m in await store.list_models()]})
+        return json_response({"models": await _model_views(store)})
 
     @api.delete("/models/{alias}")
     async def delete(alias: str) -> Response:
@@ -120,13 +124,20 @@ def build_routes(
 
     @api.get("/status")
     async def status() -> Response:
+        began = time.monotonic()
+        workers = await store.list_workers()
+        models = await _model_views(store)
+        # Records this view does not show are read too, so that a bad one is named below.
+        await store.check_records(await store.worker_ids())
         return json_response({
             "scheduler": {"lease": await store.lease_holder()},
             # This router's own view: replicas its circuit breaker ejected, seconds left.
             "router": {"id": settings.router_id,
                        "ejected": breaker.view(time.monotonic())},
-            "workers": [w.model_dump() for w in await store.list_workers()],
-            "models": [await _model_view(store, m) for m in await store.list_models()],
+            "workers": [w.model_dump() for w in workers],
+            "models": models,
+            # Records that do not parse, skipped by every reader (key and what is wrong).
+            "problems": store.problems.since(began),
         })
 
     return api

@@ -1,73 +1,126 @@
-"""Desired state: model specs, written by the admin API."""
+"""Desired state: model specs, written by the admin API.
+
+Registration and deletion are Lua scripts: a MULTI/EXEC does not roll back a command that
+fails at run time, so a key of the wrong type (say ``svllm:models`` made a string) used to
+leave half a registration behind (the model hash without its set entry). The scripts check
+every key's type before writing anything.
+"""
 
 from __future__ import annotations
 
 import time
 
-from redis.exceptions import WatchError
-
-from shared.errors import Conflict
+from shared.errors import Conflict, StoreCorrupt
 from shared.models import ModelSpec
-from shared.store.base import StoreBase, StoredModel, spec_fingerprint
+from shared.records import BadRecord, parse_created_at, parse_model_spec
+from shared.store.base import (
+    BUMP_FN_LUA,
+    ROUTES_LOG_MAXLEN,
+    StoreBase,
+    StoredModel,
+    spec_fingerprint,
+)
+
+# KEYS: model, models, hold, placement, models version, models log
+# ARGV: alias, fingerprint, spec, model_name, engine, version, created_at, log maxlen
+_REGISTER_LUA = BUMP_FN_LUA + """
+local function kind(k) return redis.call('TYPE', k)['ok'] end
+for _, c in ipairs({{1, 'hash'}, {2, 'set'}, {6, 'stream'}}) do
+  local t = kind(KEYS[c[1]])
+  if t ~= c[2] and t ~= 'none' then return {'wrongtype', KEYS[c[1]], t} end
+end
+local existing = redis.call('HGET', KEYS[1], 'fingerprint')
+if existing and existing ~= ARGV[2] then return {'conflict'} end
+if existing and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return {'same'} end
+redis.call('HSET', KEYS[1], 'spec', ARGV[3], 'model_name', ARGV[4], 'engine', ARGV[5],
+           'fingerprint', ARGV[2], 'version', ARGV[6], 'created_at', ARGV[7])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3], KEYS[4])
+bump(KEYS[5])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'alias', ARGV[1])
+return {'created'}
+"""
+
+# KEYS: model, models, models version, models log, routes version, routes log, then the keys
+# deleted outright, then assign:{worker} of every worker (after ARGV[3] keys to delete).
+# ARGV: alias, log maxlen, number of keys to delete
+_DELETE_LUA = BUMP_FN_LUA + """
+local function kind(k) return redis.call('TYPE', k)['ok'] end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for _, c in ipairs({{2, 'set'}, {4, 'stream'}, {6, 'stream'}}) do
+  local t = kind(KEYS[c[1]])
+  if t ~= c[2] and t ~= 'none' then return {'wrongtype', KEYS[c[1]], t} end
+end
+local ndel = tonumber(ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+for i = 7, 6 + ndel do redis.call('DEL', KEYS[i]) end
+for i = 7 + ndel, #KEYS do
+  -- an assign hash of the wrong type is a bad record of its own, reported by its readers
+  if kind(KEYS[i]) == 'hash' then redis.call('HDEL', KEYS[i], ARGV[1]) end
+end
+bump(KEYS[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'alias', ARGV[1])
+bump(KEYS[5])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'alias', ARGV[1])
+return 1
+"""
+
+
+def _wrong_type(reply: list[str]) -> StoreCorrupt:
+    return StoreCorrupt(f"Redis key {reply[1]} is a {reply[2]}, not what the pool keeps there; "
+                        "fix or delete it (see docs/redis.md)")
 
 
 class ModelsStore(StoreBase):
     async def register_model(self, spec: ModelSpec) -> bool:
         """Store ``spec``; True if new, False if the same spec was already there.
 
-        Raises :class:`Conflict` when the alias exists with a different spec.
+        Raises :class:`Conflict` when the alias exists with a different spec, and
+        :class:`StoreCorrupt` (writing nothing) when a key it writes has the wrong type.
         """
-        key = self.k.model(spec.alias)
         fp = spec_fingerprint(spec)
-        async with self.r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    existing = await pipe.hget(key, "fingerprint")
-                    if existing == fp:
-                        return False
-                    if existing is not None:
-                        raise Conflict(
-                            f"model '{spec.alias}' is already registered with a different "
-                            "spec; delete it first",
-                            param="alias",
-                        )
-                    now = time.time()
-                    pipe.multi()
-                    pipe.hset(key, mapping={
-                        "spec": spec.model_dump_json(),
-                        "model_name": spec.model_name,
-                        "engine": spec.engine,
-                        "fingerprint": fp,
-                        "version": f"{fp[:12]}-{now:.6f}",
-                        "created_at": repr(now),
-                    })
-                    pipe.sadd(self.k.models, spec.alias)
-                    pipe.delete(self.k.hold(spec.alias), self.k.placement(spec.alias))
-                    pipe.incr(self.k.models_version)
-                    await pipe.execute()
-                    break
-                except WatchError:
-                    continue
+        now = time.time()
+        k = self.k
+        reply = await self.r.eval(
+            _REGISTER_LUA, 6, k.model(spec.alias), k.models, k.hold(spec.alias),
+            k.placement(spec.alias), k.models_version, k.models_log,
+            spec.alias, fp, spec.model_dump_json(), spec.model_name, spec.engine,
+            f"{fp[:12]}-{now:.6f}", repr(now), ROUTES_LOG_MAXLEN)
+        if reply[0] == "wrongtype":
+            raise _wrong_type(reply)
+        if reply[0] == "conflict":
+            raise Conflict(f"model '{spec.alias}' is already registered with a different "
+                           "spec; delete it first", param="alias")
+        if reply[0] == "same":
+            return False
         await self.publish("model", alias=spec.alias)
         return True
 
-    def _parse_model(self, raw: dict[str, str], hold: str | None) -> StoredModel | None:
-        if not raw.get("spec"):
+    def _parse_model(self, alias: str, raw: dict[str, str] | Exception,
+                     hold: str | Exception | None) -> StoredModel | None:
+        key = self.k.model(alias)
+        fields: dict[str, str] = self._checked(key, raw, {})
+        held: str | None = self._checked(self.k.hold(alias), hold, None)
+        if not fields:
             return None
-        return StoredModel(
-            spec=ModelSpec.model_validate_json(raw["spec"]),
-            version=raw.get("version", ""),
-            created_at=float(raw.get("created_at", "0")),
-            hold=hold,
-        )
+        try:
+            if not fields.get("spec"):
+                raise BadRecord(key, "no field 'spec'")
+            return StoredModel(spec=parse_model_spec(key, alias, fields["spec"]),
+                               version=fields.get("version", ""),
+                               created_at=parse_created_at(key, fields), hold=held)
+        except BadRecord as e:
+            self._skip(e)
+            return None
 
     async def get_model(self, alias: str) -> StoredModel | None:
+        """The model, or None when it is not registered or its record does not parse."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.k.model(alias))
             pipe.get(self.k.hold(alias))
-            raw, hold = await pipe.execute()
-        return self._parse_model(raw, hold)
+            raw, hold = await pipe.execute(raise_on_error=False)
+        return self._parse_model(alias, raw, hold)
 
     async def get_models(self, aliases: list[str]) -> dict[str, StoredModel]:
         """The registered ones among ``aliases``, in one round trip."""
@@ -75,49 +128,33 @@ class ModelsStore(StoreBase):
             for a in aliases:
                 pipe.hgetall(self.k.model(a))
                 pipe.get(self.k.hold(a))
-            flat = await pipe.execute()
+            flat = await pipe.execute(raise_on_error=False)
         out = {}
         for i, a in enumerate(aliases):
-            m = self._parse_model(flat[2 * i], flat[2 * i + 1])
+            m = self._parse_model(a, flat[2 * i], flat[2 * i + 1])
             if m is not None:
                 out[a] = m
         return out
 
     async def list_models(self) -> list[StoredModel]:
         aliases = await self._members(self.k.models)
-        async with self.r.pipeline(transaction=False) as pipe:
-            for a in aliases:
-                pipe.hgetall(self.k.model(a))
-                pipe.get(self.k.hold(a))
-            flat = await pipe.execute()
-        out = [self._parse_model(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-        return [m for m in out if m is not None]
+        return list((await self.get_models(aliases)).values())
 
     async def delete_model(self, alias: str) -> bool:
-        """Remove the alias, its routes and every assignment of it. False if unknown."""
+        """Remove the alias, its routes and every assignment of it, in one script. False if
+        unknown (no model hash: a hash with a bad spec can still be deleted)."""
         workers = await self._members(self.k.workers)
-        key = self.k.model(alias)
-        async with self.r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    if not await pipe.exists(key):
-                        return False
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.srem(self.k.models, alias)
-                    pipe.delete(self.k.hold(alias), self.k.placement(alias), self.k.routes(alias),
-                                self.k.demand(alias), self.k.queue(alias), self.k.stats(alias),
-                                self.k.samples(alias, "cold_start"), self.k.samples(alias, "wake"),
-                                self.k.load(alias))
-                    for w in workers:
-                        pipe.hdel(self.k.assign(w), alias)
-                    pipe.incr(self.k.models_version)
-                    pipe.incr(self.k.routes_version)
-                    await pipe.execute()
-                    break
-                except WatchError:
-                    continue
+        k = self.k
+        gone = [k.hold(alias), k.placement(alias), k.routes(alias), k.demand(alias),
+                k.queue(alias), k.stats(alias), k.samples(alias, "cold_start"),
+                k.samples(alias, "wake"), k.load(alias)]
+        reply = await self.r.eval(
+            _DELETE_LUA, 6 + len(gone) + len(workers), k.model(alias), k.models,
+            k.models_version, k.models_log, k.routes_version, k.routes_log, *gone,
+            *(k.assign(w) for w in workers), alias, ROUTES_LOG_MAXLEN, len(gone))
+        if isinstance(reply, list):
+            raise _wrong_type(reply)
+        if not reply:
+            return False
         await self.publish("model", alias=alias)
         return True
-

@@ -15,12 +15,10 @@ from typing import Any, cast
 
 from redis.asyncio.client import Pipeline
 
-from shared.store.base import StoreBase
+from shared.records import BadRecord, parse_instance, parse_load
+from shared.store.base import ROUTES_LOG_MAXLEN, StoreBase
 
-# Approximate cap of the routes log (Redis trims whole nodes, so it keeps at least this many).
-# It only has to cover the route changes between two passes of a router (about a second);
-# a router that fell further behind reloads everything.
-ROUTES_LOG_MAXLEN = 5000
+__all__ = ["ROUTES_LOG_MAXLEN", "ObservedStore", "RouteChanges"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,18 @@ class ObservedStore(StoreBase):
     async def instances_of(self, alias: str) -> dict[str, dict[str, str]]:
         ids = await self._members(self.k.instances(alias))
         raws = await self._hashes([self.k.instance(alias, w) for w in ids])
-        return {w: raw for w, raw in zip(ids, raws, strict=True) if raw}
+        return {w: raw for w, raw in zip(ids, raws, strict=True)
+                if raw and self._instance_ok(alias, w, raw)}
+
+    def _instance_ok(self, alias: str, worker_id: str, raw: dict[str, str]) -> bool:
+        """Whether an instance record parses; one that does not is reported and skipped
+        (its worker rewrites the whole record at its next change)."""
+        try:
+            parse_instance(self.k.instance(alias, worker_id), raw)
+        except BadRecord as e:
+            self._skip(e)
+            return False
+        return True
 
     async def set_route(self, alias: str, worker_id: str, url: str | None) -> None:
         """Publish (url) or withdraw (None) this worker's route for ``alias``."""
@@ -71,9 +80,7 @@ class ObservedStore(StoreBase):
     def _route_changed(self, pipe: Pipeline, alias: str) -> None:
         """Inside a route-changing transaction: bump the routes version by one and log the
         alias with it (always both: routers count entries against the version's move)."""
-        pipe.incr(self.k.routes_version)
-        pipe.xadd(self.k.routes_log, {"alias": alias}, maxlen=ROUTES_LOG_MAXLEN,
-                  approximate=True)
+        self._routes_changed(pipe, alias)
 
     # ------------------------------------------------------------------ router reads
     async def versions(self) -> tuple[str, str]:
@@ -110,8 +117,16 @@ class ObservedStore(StoreBase):
 
     async def loads(self, aliases: list[str]) -> dict[str, dict[str, float]]:
         raws = await self._hashes([self.k.load(a) for a in aliases])
-        return {a: {w: float(v) for w, v in raw.items()}
-                for a, raw in zip(aliases, raws, strict=True)}
+        return {a: self._parse_load(a, raw) for a, raw in zip(aliases, raws, strict=True)}
+
+    def _parse_load(self, alias: str, raw: dict[str, str]) -> dict[str, float]:
+        out = {}
+        for w, v in raw.items():
+            try:
+                out[w] = parse_load(self.k.load(alias), w, v)
+            except BadRecord as e:
+                self._skip(e)
+        return out
 
     async def set_load(self, alias: str, worker_id: str, load: float | None) -> None:
         if load is None:
@@ -129,6 +144,6 @@ class ObservedStore(StoreBase):
         raws = await self._hashes([self.k.instance(a, w) for a, w in pairs])
         out: dict[str, dict[str, dict[str, str]]] = {a: {} for a in aliases}
         for (a, w), raw in zip(pairs, raws, strict=True):
-            if raw:
+            if raw and self._instance_ok(a, w, raw):
                 out[a][w] = raw
         return out
