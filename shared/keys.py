@@ -74,6 +74,11 @@ class Keys:
         deleted by the worker only once the engine is confirmed gone."""
         return f"{self.prefix}:ledger:{worker_id}"
 
+    @property
+    def autoscale(self) -> str:
+        """hash: alias -> the autoscaler's clocks (JSON), so a new leader keeps them."""
+        return f"{self.prefix}:autoscale"
+
     # --- observed state (written by workers) ----------------------------------------------
     def instance(self, alias: str, worker_id: str) -> str:
         """hash: state, port, pid, engine, timestamps, error, log tail."""

@@ -187,6 +187,11 @@ def parse_timings(key: str, raw: Mapping[str, str]) -> dict[str, float]:
     return {field: float(v or 0) for field, v in raw.items()}
 
 
+def parse_scale_mark(key: str, alias: str, raw: str, cls: type[M]) -> M:
+    """One field of the ``autoscale`` hash."""
+    return _json_model(f"{key} {alias}", cls, raw, "the scale mark")
+
+
 def parse_counter(key: str, raw: str | None) -> int:
     """A version counter (``version:models``, ``version:routes``): absent reads as 0."""
     if raw is None:

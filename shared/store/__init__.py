@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shared.store.admin import AdminReads, ModelDetails
+from shared.store.autoscale import AutoscaleStore, ScaleMark
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
 from shared.store.lifecycle import LifecycleStore
 from shared.store.models import ModelsStore
@@ -10,9 +11,10 @@ from shared.store.observed import ObservedStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
-__all__ = ["ModelDetails", "NotLeader", "Store", "StoredModel", "connect", "spec_fingerprint"]
+__all__ = ["ModelDetails", "NotLeader", "ScaleMark", "Store", "StoredModel", "connect",
+           "spec_fingerprint"]
 
 
-class Store(ModelsStore, WorkersStore, AdminReads, SchedulingStore, ObservedStore,
-            LifecycleStore):
+class Store(ModelsStore, WorkersStore, AdminReads, AutoscaleStore, SchedulingStore,
+            ObservedStore, LifecycleStore):
     """Everything the services read and write in Redis."""

@@ -67,6 +67,17 @@ local function bump(k)
 end
 """
 _BUMP_LUA = BUMP_FN_LUA + "return bump(KEYS[1])"
+# Bump KEYS[1] and log ARGV[1] in the stream KEYS[2] (capped at about ARGV[2] entries); a log
+# key of another type is replaced (readers then reload everything: the count is off).
+LOG_CHANGE_FN_LUA = BUMP_FN_LUA + """
+local function log_change(counter, log, alias, maxlen)
+  local t = redis.call('TYPE', log)['ok']
+  if t ~= 'none' and t ~= 'stream' then redis.call('DEL', log) end
+  redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'alias', alias)
+  return bump(counter)
+end
+"""
+_LOG_CHANGE_LUA = LOG_CHANGE_FN_LUA + "return log_change(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 _MAX_CONNECTIONS = 128
@@ -143,8 +154,7 @@ class StoreBase:
     def _log_change(self, pipe: Pipeline, counter: str, log: str, alias: str) -> None:
         """Inside a transaction: bump ``counter`` by one and log ``alias`` with it (always
         both: routers count a log's new entries against its counter's move)."""
-        self._bump(pipe, counter)
-        pipe.xadd(log, {"alias": alias}, maxlen=ROUTES_LOG_MAXLEN, approximate=True)
+        pipe.eval(_LOG_CHANGE_LUA, 2, counter, log, alias, ROUTES_LOG_MAXLEN)
 
     def _model_changed(self, pipe: Pipeline, alias: str) -> None:
         """Inside a transaction that changes a model or its hold: bump and log."""

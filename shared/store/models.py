@@ -14,7 +14,7 @@ from shared.errors import Conflict, StoreCorrupt
 from shared.models import ModelSpec
 from shared.records import BadRecord, parse_created_at, parse_model_spec
 from shared.store.base import (
-    BUMP_FN_LUA,
+    LOG_CHANGE_FN_LUA,
     ROUTES_LOG_MAXLEN,
     StoreBase,
     StoredModel,
@@ -23,9 +23,9 @@ from shared.store.base import (
 
 # KEYS: model, models, hold, placement, models version, models log
 # ARGV: alias, fingerprint, spec, model_name, engine, version, created_at, log maxlen
-_REGISTER_LUA = BUMP_FN_LUA + """
+_REGISTER_LUA = LOG_CHANGE_FN_LUA + """
 local function kind(k) return redis.call('TYPE', k)['ok'] end
-for _, c in ipairs({{1, 'hash'}, {2, 'set'}, {6, 'stream'}}) do
+for _, c in ipairs({{1, 'hash'}, {2, 'set'}}) do
   local t = kind(KEYS[c[1]])
   if t ~= c[2] and t ~= 'none' then return {'wrongtype', KEYS[c[1]], t} end
 end
@@ -36,21 +36,18 @@ redis.call('HSET', KEYS[1], 'spec', ARGV[3], 'model_name', ARGV[4], 'engine', AR
            'fingerprint', ARGV[2], 'version', ARGV[6], 'created_at', ARGV[7])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3], KEYS[4])
-bump(KEYS[5])
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'alias', ARGV[1])
+log_change(KEYS[5], KEYS[6], ARGV[1], ARGV[8])
 return {'created'}
 """
 
 # KEYS: model, models, models version, models log, routes version, routes log, then the keys
-# deleted outright, then assign:{worker} of every worker (after ARGV[3] keys to delete).
+# deleted outright (ARGV[3] of them), then the hashes the alias is a field of.
 # ARGV: alias, log maxlen, number of keys to delete
-_DELETE_LUA = BUMP_FN_LUA + """
+_DELETE_LUA = LOG_CHANGE_FN_LUA + """
 local function kind(k) return redis.call('TYPE', k)['ok'] end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for _, c in ipairs({{2, 'set'}, {4, 'stream'}, {6, 'stream'}}) do
-  local t = kind(KEYS[c[1]])
-  if t ~= c[2] and t ~= 'none' then return {'wrongtype', KEYS[c[1]], t} end
-end
+local t = kind(KEYS[2])
+if t ~= 'set' and t ~= 'none' then return {'wrongtype', KEYS[2], t} end
 local ndel = tonumber(ARGV[3])
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
@@ -59,10 +56,8 @@ for i = 7 + ndel, #KEYS do
   -- an assign hash of the wrong type is a bad record of its own, reported by its readers
   if kind(KEYS[i]) == 'hash' then redis.call('HDEL', KEYS[i], ARGV[1]) end
 end
-bump(KEYS[3])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'alias', ARGV[1])
-bump(KEYS[5])
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'alias', ARGV[1])
+log_change(KEYS[3], KEYS[4], ARGV[1], ARGV[2])
+log_change(KEYS[5], KEYS[6], ARGV[1], ARGV[2])
 return 1
 """
 
@@ -148,10 +143,12 @@ class ModelsStore(StoreBase):
         gone = [k.hold(alias), k.placement(alias), k.routes(alias), k.demand(alias),
                 k.queue(alias), k.stats(alias), k.samples(alias, "cold_start"),
                 k.samples(alias, "wake"), k.load(alias)]
+        # Hashes the alias is a field of: every worker's assignments, the autoscaler's clocks.
+        fields_of = [k.assign(w) for w in workers] + [k.autoscale]
         reply = await self.r.eval(
-            _DELETE_LUA, 6 + len(gone) + len(workers), k.model(alias), k.models,
-            k.models_version, k.models_log, k.routes_version, k.routes_log, *gone,
-            *(k.assign(w) for w in workers), alias, ROUTES_LOG_MAXLEN, len(gone))
+            _DELETE_LUA, 6 + len(gone) + len(fields_of), k.model(alias), k.models,
+            k.models_version, k.models_log, k.routes_version, k.routes_log, *gone, *fields_of,
+            alias, ROUTES_LOG_MAXLEN, len(gone))
         if isinstance(reply, list):
             raise _wrong_type(reply)
         if not reply:

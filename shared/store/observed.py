@@ -31,6 +31,23 @@ class RouteChanges:
     aliases: list[str] | None
     """The alias of each entry after the ``after`` id asked for, oldest first, at most
     ``limit + 1`` of them; None when none were asked for or an entry has no alias."""
+    models_last_id: str = "0-0"
+    """The same for the models log (bumps of the models version)."""
+    models: list[str] | None = None
+
+
+def _logged_aliases(entries: list[tuple[str, dict[str, str]]]) -> list[str] | None:
+    aliases = []
+    for _, fields in entries:
+        alias = fields.get("alias")
+        if not alias:
+            return None
+        aliases.append(str(alias))
+    return aliases
+
+
+def _newest(entries: list[tuple[str, dict[str, str]]]) -> str:
+    return str(entries[0][0]) if entries else "0-0"
 
 
 class ObservedStore(StoreBase):
@@ -87,28 +104,29 @@ class ObservedStore(StoreBase):
         m, r = await self.r.mget([self.k.models_version, self.k.routes_version])
         return (str(m or "0"), str(r or "0"))
 
-    async def route_changes(self, after: str | None, limit: int) -> RouteChanges:
-        """The versions, the log's newest id and the aliases logged after ``after`` (an id an
-        earlier call returned; None: only the versions and the newest id), read atomically."""
+    async def route_changes(self, after: str | None, limit: int,
+                            models_after: str | None = None) -> RouteChanges:
+        """The versions, each log's newest id and the aliases logged after ``after`` in the
+        routes log and after ``models_after`` in the models log (ids an earlier call
+        returned; None: only the newest id), read atomically."""
+        logs = ((self.k.routes_log, after), (self.k.models_log, models_after))
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.mget([self.k.models_version, self.k.routes_version])
-            pipe.xrevrange(self.k.routes_log, "+", "-", count=1)
-            if after is not None:
-                pipe.xrange(self.k.routes_log, f"({after}", "+", count=limit + 1)
-            replies = await pipe.execute()
-        m, r = replies[0]
-        newest = replies[1]
-        aliases: list[str] | None = None
-        if after is not None:
-            aliases = []
-            for _, fields in replies[2]:
-                alias = fields.get("alias")
-                if not alias:
-                    aliases = None
-                    break
-                aliases.append(str(alias))
+            for log, since in logs:
+                pipe.xrevrange(log, "+", "-", count=1)
+                if since is not None:
+                    pipe.xrange(log, f"({since}", "+", count=limit + 1)
+            replies = iter(await pipe.execute(raise_on_error=False))
+        m, r = self._checked(self.k.models_version, next(replies), [None, None])
+        found: list[tuple[str, list[str] | None]] = []
+        for log, since in logs:
+            # A log of the wrong type reads as one that cannot account for the changes.
+            newest = _newest(self._checked(log, next(replies), []))
+            listed = None if since is None else self._checked(log, next(replies), None)
+            found.append((newest, None if listed is None else _logged_aliases(listed)))
         return RouteChanges(versions=(str(m or "0"), str(r or "0")),
-                            last_id=str(newest[0][0]) if newest else "0-0", aliases=aliases)
+                            last_id=found[0][0], aliases=found[0][1],
+                            models_last_id=found[1][0], models=found[1][1])
 
     async def all_routes(self, aliases: Iterable[str]) -> dict[str, dict[str, str]]:
         names = list(aliases)
