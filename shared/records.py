@@ -26,11 +26,13 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class BadRecord(ValueError):
-    """A Redis record that cannot be read: its ``key`` and what is wrong with it."""
+    """A Redis record that cannot be read: its ``key`` (and ``field``, for one entry of a
+    hash such as an assignment) and what is wrong with it."""
 
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
+    def __init__(self, key: str, reason: str, field: str | None = None) -> None:
+        super().__init__(f"{key}{f' [{field}]' if field else ''}: {reason}")
         self.key = key
+        self.field = field
         self.reason = reason
 
 
@@ -40,18 +42,18 @@ class Problems:
     def __init__(self, log_every_s: float = 60.0, keep: int = 10_000) -> None:
         self.log_every_s = log_every_s
         self.keep = keep
-        self._seen: dict[str, tuple[str, float]] = {}
-        self._logged: dict[tuple[str, str], float] = {}
+        self._seen: dict[tuple[str, str], tuple[str, float]] = {}
+        self._logged: dict[tuple[str, str, str], float] = {}
 
     def report(self, err: BadRecord) -> None:
         now = time.monotonic()
-        self._seen[err.key] = (err.reason, now)
-        mark = (err.key, err.reason)
+        self._seen[(err.key, err.field or "")] = (err.reason, now)
+        mark = (err.key, err.field or "", err.reason)
         last = self._logged.get(mark)
         if last is None or now - last >= self.log_every_s:
             # Once per key and reason per period: a pass every second over a bad record
             # must not flood the log (it did: ~24 traceback lines/s).
-            logger.warning("skipping bad record %s: %s", err.key, err.reason)
+            logger.warning("skipping bad record: %s", err)
             self._logged[mark] = now
         if len(self._seen) > self.keep:
             self._prune(now)
@@ -61,9 +63,11 @@ class Problems:
         self._seen = {k: v for k, v in self._seen.items() if v[1] >= old}
         self._logged = {k: t for k, t in self._logged.items() if t >= old}
 
-    def since(self, t: float) -> list[dict[str, str]]:
-        """The records reported at or after ``t`` (``time.monotonic()``), by key."""
-        return [{"key": k, "reason": r} for k, (r, at) in sorted(self._seen.items()) if at >= t]
+    def since(self, t: float) -> list[dict[str, str | None]]:
+        """The records reported at or after ``t`` (``time.monotonic()``), by key: ``key``,
+        ``field`` (the hash field, for an entry of a hash; else None) and ``reason``."""
+        return [{"key": k, "field": f or None, "reason": r}
+                for (k, f), (r, at) in sorted(self._seen.items()) if at >= t]
 
 
 def _short(e: Exception) -> str:
@@ -74,18 +78,19 @@ def _short(e: Exception) -> str:
     return str(e).split("\n")[0][:200]
 
 
-def _json_model(key: str, cls: type[M], raw: str, what: str) -> M:
+def _json_model(key: str, cls: type[M], raw: str, what: str, field: str | None = None) -> M:
     try:
         return cls.model_validate_json(raw)
     except ValidationError as e:
-        raise BadRecord(key, f"{what} is not a valid {cls.__name__}: {_short(e)}") from None
+        raise BadRecord(key, f"{what} is not a valid {cls.__name__}: {_short(e)}",
+                        field) from None
 
 
-def _json(key: str, raw: str, what: str) -> Any:
+def _json(key: str, raw: str, field: str) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise BadRecord(key, f"{what} is not JSON: {_short(e)}") from None
+        raise BadRecord(key, f"not JSON: {_short(e)}", field) from None
 
 
 def _number(key: str, field: str, raw: str, kind: type[int] | type[float]) -> None:
@@ -94,15 +99,15 @@ def _number(key: str, field: str, raw: str, kind: type[int] | type[float]) -> No
     try:
         value = kind(raw)
     except ValueError:
-        raise BadRecord(key, f"field '{field}' is not a number: {raw[:40]!r}") from None
+        raise BadRecord(key, f"not a number: {raw[:40]!r}", field) from None
     if not math.isfinite(value):
-        raise BadRecord(key, f"field '{field}' is not finite: {raw[:40]!r}")
+        raise BadRecord(key, f"not finite: {raw[:40]!r}", field)
 
 
 def parse_model_spec(key: str, alias: str, raw: str) -> ModelSpec:
-    spec = _json_model(key, ModelSpec, raw, "field 'spec'")
+    spec = _json_model(key, ModelSpec, raw, "the spec", "spec")
     if spec.alias != alias:
-        raise BadRecord(key, f"field 'spec' is for alias '{spec.alias}', not '{alias}'")
+        raise BadRecord(key, f"the spec is for alias '{spec.alias}', not '{alias}'", "spec")
     return spec
 
 
@@ -119,13 +124,13 @@ WORKER_FIELDS = ("url", *WORKER_JSON_FIELDS, "gpu_message", "version", "register
 
 def parse_worker(key: str, worker_id: str, raw: Mapping[str, str], alive: bool) -> WorkerView:
     """A ``worker:{id}`` hash (every field optional, as a registration in progress has few)."""
-    engines = _json(key, raw.get("engines", "[]"), "field 'engines'")
-    gpus = _json(key, raw.get("gpus", "[]"), "field 'gpus'")
-    load = _json(key, raw.get("load", "{}"), "field 'load'")
+    engines = _json(key, raw.get("engines", "[]"), "engines")
+    gpus = _json(key, raw.get("gpus", "[]"), "gpus")
+    load = _json(key, raw.get("load", "{}"), "load")
     for field in ("registered_at", "last_seen"):
         _number(key, field, raw.get(field, "0"), float)
     if not isinstance(gpus, list):
-        raise BadRecord(key, "field 'gpus' is not a list")
+        raise BadRecord(key, "not a list", "gpus")
     try:
         return WorkerView(
             worker_id=worker_id, url=raw.get("url", ""), alive=alive, engines=engines,
@@ -139,18 +144,17 @@ def parse_worker(key: str, worker_id: str, raw: Mapping[str, str], alive: bool) 
 
 def parse_assignment(key: str, worker_id: str, alias: str, raw: str) -> Assignment:
     """One field of an ``assign:{worker}`` hash."""
-    a = _json_model(f"{key} {alias}", Assignment, raw, "the assignment")
+    a = _json_model(key, Assignment, raw, "the assignment", alias)
     if a.alias != alias or a.worker_id != worker_id:
-        raise BadRecord(f"{key} {alias}",
-                        f"the assignment names {a.alias} on {a.worker_id}")
+        raise BadRecord(key, f"the assignment names {a.alias} on {a.worker_id}", alias)
     return a
 
 
 def parse_reservation(key: str, alias: str, raw: str) -> Reservation:
     """One field of a ``ledger:{worker}`` hash."""
-    r = _json_model(f"{key} {alias}", Reservation, raw, "the reservation")
+    r = _json_model(key, Reservation, raw, "the reservation", alias)
     if r.alias != alias:
-        raise BadRecord(f"{key} {alias}", f"the reservation names {r.alias}")
+        raise BadRecord(key, f"the reservation names {r.alias}", alias)
     return r
 
 
@@ -164,7 +168,7 @@ def parse_instance(key: str, raw: dict[str, str]) -> dict[str, str]:
     """An ``instance:{alias}:{worker}`` hash, returned as is once its numbers and state read."""
     state = raw.get("state")
     if state is not None and state not in _STATES:
-        raise BadRecord(key, f"field 'state' is not a state: {state[:40]!r}")
+        raise BadRecord(key, f"not a state: {state[:40]!r}", "state")
     for field in INSTANCE_INTS:
         if field in raw:
             _number(key, field, raw[field], int)
@@ -176,7 +180,7 @@ def parse_instance(key: str, raw: dict[str, str]) -> dict[str, str]:
 
 def parse_load(key: str, worker_id: str, raw: str) -> float:
     """One field of a ``load:{alias}`` hash: the engine's running + waiting requests."""
-    _number(f"{key} {worker_id}", "load", raw, float)
+    _number(key, worker_id, raw, float)
     return float(raw or 0)
 
 
@@ -189,7 +193,7 @@ def parse_timings(key: str, raw: Mapping[str, str]) -> dict[str, float]:
 
 def parse_scale_mark(key: str, alias: str, raw: str, cls: type[M]) -> M:
     """One field of the ``autoscale`` hash."""
-    return _json_model(f"{key} {alias}", cls, raw, "the scale mark")
+    return _json_model(key, cls, raw, "the scale mark", alias)
 
 
 def parse_counter(key: str, raw: str | None) -> int:
@@ -203,6 +207,6 @@ def parse_counter(key: str, raw: str | None) -> int:
 
 
 def parse_samples(key: str, raw: list[str]) -> list[float]:
-    for v in raw:
-        _number(key, "sample", v, float)
+    for i, v in enumerate(raw):
+        _number(key, f"#{i}", v, float)
     return [float(v) for v in raw]

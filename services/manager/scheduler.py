@@ -115,7 +115,8 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         workers = await self.store.list_workers()
-        models = {m.spec.alias: m for m in await self.store.list_models()}
+        listed, unreadable = await self.store.list_models_checked()
+        models = {m.spec.alias: m for m in listed}
         self._reasons = {a: r for a, r in self._reasons.items() if a in models}
         marks = await self.store.scale_marks()
         self._scale = {a: m for a, m in marks.items()
@@ -132,7 +133,9 @@ class Scheduler:
                 assigns[w.worker_id] = {}
         for w in workers:
             for alias in list(assigns[w.worker_id]):
-                if alias not in models:
+                # A model whose record does not parse is left as it is (reported), not
+                # taken for deleted: a corrupt record must not stop what serves.
+                if alias not in models and alias not in unreadable:
                     await self.store.unassign(self.token, w.worker_id, alias)
                     del assigns[w.worker_id][alias]
         aliases = list(models)

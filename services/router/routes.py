@@ -104,7 +104,10 @@ class RouteTable:
         if self._versions is None or log.versions[0] != self._versions[0]:
             touched = self._logged_models(log)
             if touched is None:
-                self.models = {m.spec.alias: m for m in await self.store.list_models()}
+                listed, unreadable = await self.store.list_models_checked()
+                # One whose record does not parse keeps serving from what was read before.
+                kept = {a: self.models[a] for a in unreadable if a in self.models}
+                self.models = kept | {m.spec.alias: m for m in listed}
                 changed = None
             else:
                 await self._reload_models(touched)
@@ -134,12 +137,12 @@ class RouteTable:
         """Re-read only the models named in the models log (registered, deleted, held or
         released): a register or delete re-read the whole table, so 1,000 of them took
         minutes."""
-        fresh = await self.store.get_models(sorted(touched))
+        fresh, unreadable = await self.store.get_models_checked(sorted(touched))
         models = dict(self.models)
         for a in touched:
             if a in fresh:
                 models[a] = fresh[a]
-            else:
+            elif a not in unreadable:
                 models.pop(a, None)
         self.models = models
         self.model_reloads += 1

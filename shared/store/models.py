@@ -94,46 +94,57 @@ class ModelsStore(StoreBase):
 
     def _parse_model(self, alias: str, raw: dict[str, str] | Exception,
                      hold: str | Exception | None) -> StoredModel | None:
+        """The model; None when there is no record; :class:`BadRecord` when it does not
+        parse (a bad hold reads as none, reported)."""
         key = self.k.model(alias)
-        fields: dict[str, str] = self._checked(key, raw, {})
+        if isinstance(raw, Exception):
+            raise BadRecord(key, str(raw))
         held: str | None = self._checked(self.k.hold(alias), hold, None)
-        if not fields:
+        if not raw:
             return None
-        try:
-            if not fields.get("spec"):
-                raise BadRecord(key, "no field 'spec'")
-            return StoredModel(spec=parse_model_spec(key, alias, fields["spec"]),
-                               version=fields.get("version", ""),
-                               created_at=parse_created_at(key, fields), hold=held)
-        except BadRecord as e:
-            self._skip(e)
-            return None
+        if not raw.get("spec"):
+            raise BadRecord(key, "missing", "spec")
+        return StoredModel(spec=parse_model_spec(key, alias, raw["spec"]),
+                           version=raw.get("version", ""),
+                           created_at=parse_created_at(key, raw), hold=held)
 
     async def get_model(self, alias: str) -> StoredModel | None:
         """The model, or None when it is not registered or its record does not parse."""
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.k.model(alias))
-            pipe.get(self.k.hold(alias))
-            raw, hold = await pipe.execute(raise_on_error=False)
-        return self._parse_model(alias, raw, hold)
+        return (await self.get_models([alias])).get(alias)
 
     async def get_models(self, aliases: list[str]) -> dict[str, StoredModel]:
         """The registered ones among ``aliases``, in one round trip."""
+        return (await self.get_models_checked(aliases))[0]
+
+    async def get_models_checked(self, aliases: list[str]
+                                 ) -> tuple[dict[str, StoredModel], set[str]]:
+        """The registered ones among ``aliases``, and the aliases whose record does not
+        parse (reported): callers leave those as they are, neither placed nor stopped, since
+        a corrupt record says nothing about what the operator wants."""
         async with self.r.pipeline(transaction=False) as pipe:
             for a in aliases:
                 pipe.hgetall(self.k.model(a))
                 pipe.get(self.k.hold(a))
             flat = await pipe.execute(raise_on_error=False)
-        out = {}
+        out, bad = {}, set()
         for i, a in enumerate(aliases):
-            m = self._parse_model(a, flat[2 * i], flat[2 * i + 1])
+            try:
+                m = self._parse_model(a, flat[2 * i], flat[2 * i + 1])
+            except BadRecord as e:
+                self._skip(e)
+                bad.add(a)
+                continue
             if m is not None:
                 out[a] = m
-        return out
+        return out, bad
 
     async def list_models(self) -> list[StoredModel]:
-        aliases = await self._members(self.k.models)
-        return list((await self.get_models(aliases)).values())
+        return (await self.list_models_checked())[0]
+
+    async def list_models_checked(self) -> tuple[list[StoredModel], set[str]]:
+        """Every registered model that parses, and the aliases of those that do not."""
+        models, bad = await self.get_models_checked(await self._members(self.k.models))
+        return list(models.values()), bad
 
     async def delete_model(self, alias: str) -> bool:
         """Remove the alias, its routes and every assignment of it, in one script. False if
