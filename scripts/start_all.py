@@ -183,6 +183,10 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Launched from a script in the background (`setsid start_all.sh &`, nohup, a CI
+    # runner), SIGINT arrives ignored and Python keeps it so: Ctrl-C (or a kill -INT) did
+    # nothing. Restore the default handler explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(stack)
     except KeyboardInterrupt:
