@@ -70,8 +70,12 @@ def build_routes(
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)
-        created = await store.register_model(spec)
-        await table.refresh()
+        stored = await store.register(spec)
+        created = stored is not None
+        if stored is not None:
+            await table.learn(stored)  # no reload: the next refresh re-reads just this one
+        else:
+            await table.refresh()
         return json_response({"alias": spec.alias, "created": created, "spec": spec.model_dump()},
                              201 if created else 200)
 
@@ -83,7 +87,7 @@ def build_routes(
     async def delete(alias: str) -> Response:
         if not is_valid_name(alias) or not await store.delete_model(alias):
             raise ModelNotFound(f"model '{alias}' is not registered")
-        await table.refresh()
+        await table.forget(alias)
         return json_response({"alias": alias, "deleted": True})
 
     async def registered(alias: str) -> StoredModel:

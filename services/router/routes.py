@@ -67,13 +67,18 @@ class RouteTable:
 
     async def _refresh(self) -> None:
         async with self._lock:
-            if await self.store.versions() != self._versions:
-                changed = await self._reload()
+            # One round trip when nothing changed: versions, logs and liveness together.
+            workers = self._workers
+            log = await self.store.route_changes(self._log_id, _LOG_READ_MAX,
+                                                 self._models_log_id, workers)
+            if log.versions != self._versions:
+                changed = await self._reload(log)
                 self._stale = None if changed is None or self._stale is None else (
                     self._stale | changed)
             # Liveness is re-read every pass: a dead worker's routes stop being used within
             # one refresh, before the manager gets round to removing them.
-            alive = await self.store.alive(self._workers)
+            alive = log.alive if self._workers == workers else await self.store.alive(
+                self._workers)
             if self._stale is None or alive != self.alive:
                 self.alive = alive
                 self.routes = {a: self._serving(r) for a, r in self._all_routes.items()}
@@ -96,10 +101,9 @@ class RouteTable:
             self._changed.set()
             self._changed = asyncio.Event()
 
-    async def _reload(self) -> set[str] | None:
-        """Bring models and routes up to the versions now in Redis. Returns the aliases whose
-        routes were re-read, or None when everything was."""
-        log = await self.store.route_changes(self._log_id, _LOG_READ_MAX, self._models_log_id)
+    async def _reload(self, log: RouteChanges) -> set[str] | None:
+        """Bring models and routes up to the versions now in Redis (``log``). Returns the
+        aliases whose routes were re-read, or None when everything was."""
         changed = self._logged(log)
         if self._versions is None or log.versions[0] != self._versions[0]:
             touched = self._logged_models(log)
@@ -167,6 +171,19 @@ class RouteTable:
         if all(w in self.alive for w in raw):
             return raw
         return {w: u for w, u in raw.items() if w in self.alive}
+
+    async def learn(self, model: StoredModel) -> None:
+        """A model this router just registered: served at once, without a reload (the next
+        refresh re-reads it from the models log anyway)."""
+        async with self._lock:
+            self.models = self.models | {model.spec.alias: model}
+
+    async def forget(self, alias: str) -> None:
+        """A model this router just deleted: its requests get 404 at once."""
+        async with self._lock:
+            self.models = {a: m for a, m in self.models.items() if a != alias}
+            self.routes = {a: r for a, r in self.routes.items() if a != alias}
+            self._all_routes.pop(alias, None)
 
     async def changed(self, timeout_s: float) -> None:
         """Return after the next refresh, or after ``timeout_s``."""

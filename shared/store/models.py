@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import orjson
+
 from shared.errors import Conflict, StoreCorrupt
 from shared.models import ModelSpec
 from shared.records import BadRecord, parse_created_at, parse_model_spec
@@ -22,7 +24,8 @@ from shared.store.base import (
 )
 
 # KEYS: model, models, hold, placement, models version, models log
-# ARGV: alias, fingerprint, spec, model_name, engine, version, created_at, log maxlen
+# ARGV: alias, fingerprint, spec, model_name, engine, version, created_at, log maxlen,
+#       events channel and hint ('' for none: events off)
 _REGISTER_LUA = LOG_CHANGE_FN_LUA + """
 local function kind(k) return redis.call('TYPE', k)['ok'] end
 for _, c in ipairs({{1, 'hash'}, {2, 'set'}}) do
@@ -37,12 +40,13 @@ redis.call('HSET', KEYS[1], 'spec', ARGV[3], 'model_name', ARGV[4], 'engine', AR
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3], KEYS[4])
 log_change(KEYS[5], KEYS[6], ARGV[1], ARGV[8])
+if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
 return {'created'}
 """
 
 # KEYS: model, models, models version, models log, routes version, routes log, then the keys
 # deleted outright (ARGV[3] of them), then the hashes the alias is a field of.
-# ARGV: alias, log maxlen, number of keys to delete
+# ARGV: alias, log maxlen, number of keys to delete, events channel and hint ('' for none)
 _DELETE_LUA = LOG_CHANGE_FN_LUA + """
 local function kind(k) return redis.call('TYPE', k)['ok'] end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -58,6 +62,7 @@ for i = 7 + ndel, #KEYS do
 end
 log_change(KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 log_change(KEYS[5], KEYS[6], ARGV[1], ARGV[2])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
 """
 
@@ -68,29 +73,40 @@ def _wrong_type(reply: list[str]) -> StoreCorrupt:
 
 
 class ModelsStore(StoreBase):
+    def _hint(self, alias: str) -> tuple[str, str]:
+        """(channel, message) of a model change's hint, published by the script that makes
+        the change (one round trip, not two); an empty message when events are off."""
+        msg = orjson.dumps({"kind": "model", "alias": alias}).decode()
+        return self.k.events, msg if self.events_enabled else ""
+
     async def register_model(self, spec: ModelSpec) -> bool:
         """Store ``spec``; True if new, False if the same spec was already there.
 
         Raises :class:`Conflict` when the alias exists with a different spec, and
         :class:`StoreCorrupt` (writing nothing) when a key it writes has the wrong type.
         """
+        return await self.register(spec) is not None
+
+    async def register(self, spec: ModelSpec) -> StoredModel | None:
+        """:meth:`register_model`, answering the model as stored when it is new (None when
+        the same spec was already there), in one round trip."""
         fp = spec_fingerprint(spec)
         now = time.time()
+        version = f"{fp[:12]}-{now:.6f}"
         k = self.k
         reply = await self.r.eval(
             _REGISTER_LUA, 6, k.model(spec.alias), k.models, k.hold(spec.alias),
             k.placement(spec.alias), k.models_version, k.models_log,
             spec.alias, fp, spec.model_dump_json(), spec.model_name, spec.engine,
-            f"{fp[:12]}-{now:.6f}", repr(now), ROUTES_LOG_MAXLEN)
+            version, repr(now), ROUTES_LOG_MAXLEN, *self._hint(spec.alias))
         if reply[0] == "wrongtype":
             raise _wrong_type(reply)
         if reply[0] == "conflict":
             raise Conflict(f"model '{spec.alias}' is already registered with a different "
                            "spec; delete it first", param="alias")
         if reply[0] == "same":
-            return False
-        await self.publish("model", alias=spec.alias)
-        return True
+            return None
+        return StoredModel(spec=spec, version=version, created_at=now)
 
     def _parse_model(self, alias: str, raw: dict[str, str] | Exception,
                      hold: str | Exception | None) -> StoredModel | None:
@@ -159,10 +175,7 @@ class ModelsStore(StoreBase):
         reply = await self.r.eval(
             _DELETE_LUA, 6 + len(gone) + len(fields_of), k.model(alias), k.models,
             k.models_version, k.models_log, k.routes_version, k.routes_log, *gone, *fields_of,
-            alias, ROUTES_LOG_MAXLEN, len(gone))
+            alias, ROUTES_LOG_MAXLEN, len(gone), *self._hint(alias))
         if isinstance(reply, list):
             raise _wrong_type(reply)
-        if not reply:
-            return False
-        await self.publish("model", alias=alias)
-        return True
+        return bool(reply)

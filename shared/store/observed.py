@@ -10,7 +10,7 @@ entry, a Redis that lost data) and it reloads every alias, as it did before the 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio.client import Pipeline
@@ -34,6 +34,8 @@ class RouteChanges:
     models_last_id: str = "0-0"
     """The same for the models log (bumps of the models version)."""
     models: list[str] | None = None
+    alive: set[str] = field(default_factory=set)
+    """Those of the workers asked about whose heartbeat key exists."""
 
 
 def _logged_aliases(entries: list[tuple[str, dict[str, str]]]) -> list[str] | None:
@@ -105,18 +107,24 @@ class ObservedStore(StoreBase):
         return (str(m or "0"), str(r or "0"))
 
     async def route_changes(self, after: str | None, limit: int,
-                            models_after: str | None = None) -> RouteChanges:
+                            models_after: str | None = None,
+                            workers: Iterable[str] = ()) -> RouteChanges:
         """The versions, each log's newest id and the aliases logged after ``after`` in the
         routes log and after ``models_after`` in the models log (ids an earlier call
-        returned; None: only the newest id), read atomically."""
+        returned; None: only the newest id), and which of ``workers`` are alive, read
+        atomically in one round trip."""
         logs = ((self.k.routes_log, after), (self.k.models_log, models_after))
+        ids = sorted(workers)
         async with self.r.pipeline(transaction=True) as pipe:
+            if ids:
+                pipe.mget([self.k.worker_alive(w) for w in ids])
             pipe.mget([self.k.models_version, self.k.routes_version])
             for log, since in logs:
                 pipe.xrevrange(log, "+", "-", count=1)
                 if since is not None:
                     pipe.xrange(log, f"({since}", "+", count=limit + 1)
             replies = iter(await pipe.execute(raise_on_error=False))
+        flags = next(replies) if ids else []
         m, r = self._checked(self.k.models_version, next(replies), [None, None])
         found: list[tuple[str, list[str] | None]] = []
         for log, since in logs:
@@ -126,7 +134,8 @@ class ObservedStore(StoreBase):
             found.append((newest, None if listed is None else _logged_aliases(listed)))
         return RouteChanges(versions=(str(m or "0"), str(r or "0")),
                             last_id=found[0][0], aliases=found[0][1],
-                            models_last_id=found[1][0], models=found[1][1])
+                            models_last_id=found[1][0], models=found[1][1],
+                            alive={w for w, f in zip(ids, flags, strict=True) if f is not None})
 
     async def all_routes(self, aliases: Iterable[str]) -> dict[str, dict[str, str]]:
         names = list(aliases)

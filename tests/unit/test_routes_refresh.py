@@ -207,9 +207,9 @@ async def test_liveness_is_rechecked_every_pass(store: Recording) -> None:
 
 
 async def test_failed_pass_is_redone(store: Recording, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Routes re-read but the pass failed before they were applied: the next pass, with the
-    versions now unchanged, must still apply them."""
-    await store.set_route("m0", "w2", "http://w2:1")  # so the live workers stay the same
+    """Routes re-read but the pass failed before they were applied (re-reading liveness for
+    a worker the new routes brought in): the next pass, with the versions now unchanged,
+    must still apply them."""
     table = await fresh_table(store)
     await store.set_route("m1", "w2", "http://w2:1")
     real_alive = store.alive
