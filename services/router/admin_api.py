@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
@@ -38,7 +39,8 @@ def _model_view(m: StoredModel, d: ModelDetails) -> dict[str, Any]:
         "engine": m.spec.engine,
         "model_name": m.spec.model_name,
         "state": _summary(m, [i.get("state", "") for i in d.instances.values()]),
-        "spec": m.spec.model_dump(),
+        # As stored (the JSON registered), embedded without serialising it again.
+        "spec": orjson.Fragment(m.spec_json) if m.spec_json else m.spec.model_dump(),
         "created_at": m.created_at,
         "held": m.hold is not None,
         "placement": d.placement,
@@ -50,9 +52,7 @@ def _model_view(m: StoredModel, d: ModelDetails) -> dict[str, Any]:
 
 async def _model_views(store: Store) -> list[dict[str, Any]]:
     """Every registered model's view, in a fixed number of round trips."""
-    models = await store.list_models()
-    details = await store.model_details([m.spec.alias for m in models])
-    return [_model_view(m, details[m.spec.alias]) for m in models]
+    return [_model_view(m, d) for m, d in await store.model_views()]
 
 
 def build_routes(

@@ -15,6 +15,6 @@ __all__ = ["ModelDetails", "NotLeader", "ScaleMark", "Store", "StoredModel", "co
            "spec_fingerprint"]
 
 
-class Store(ModelsStore, WorkersStore, AdminReads, AutoscaleStore, SchedulingStore,
+class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,
             ObservedStore, LifecycleStore):
     """Everything the services read and write in Redis."""

@@ -39,6 +39,8 @@ class StoredModel:
     version: str
     created_at: float
     hold: str | None = None
+    # The spec's JSON as stored (what the admin views show, without serialising it again).
+    spec_json: str = ""
 
 
 def spec_fingerprint(spec: ModelSpec) -> str:
@@ -119,6 +121,8 @@ class StoreBase:
         self.events_enabled = events
         # Bad records this process has read (and skipped): see shared.records.
         self.problems = Problems()
+        # Parsed specs by alias, with the JSON they came from (ModelsStore._spec).
+        self._specs: dict[str, tuple[str, ModelSpec]] = {}
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -72,6 +72,9 @@ def _wrong_type(reply: list[str]) -> StoreCorrupt:
                         "fix or delete it (see docs/redis.md)")
 
 
+_SPEC_CACHE_MAX = 100_000
+
+
 class ModelsStore(StoreBase):
     def _hint(self, alias: str) -> tuple[str, str]:
         """(channel, message) of a model change's hint, published by the script that makes
@@ -106,7 +109,8 @@ class ModelsStore(StoreBase):
                            "spec; delete it first", param="alias")
         if reply[0] == "same":
             return None
-        return StoredModel(spec=spec, version=version, created_at=now)
+        return StoredModel(spec=spec, version=version, created_at=now,
+                           spec_json=spec.model_dump_json())
 
     def _parse_model(self, alias: str, raw: dict[str, str] | Exception,
                      hold: str | Exception | None) -> StoredModel | None:
@@ -120,9 +124,23 @@ class ModelsStore(StoreBase):
             return None
         if not raw.get("spec"):
             raise BadRecord(key, "missing", "spec")
-        return StoredModel(spec=parse_model_spec(key, alias, raw["spec"]),
+        return StoredModel(spec=self._spec(key, alias, raw["spec"]),
                            version=raw.get("version", ""),
-                           created_at=parse_created_at(key, raw), hold=held)
+                           created_at=parse_created_at(key, raw), hold=held,
+                           spec_json=raw["spec"])
+
+    def _spec(self, key: str, alias: str, raw: str) -> ModelSpec:
+        """The parsed spec, reused while its JSON is unchanged: every scheduler pass and
+        admin view reads every model, and validating thousands of specs each time cost
+        most of a view. Specs are treated as read-only everywhere (copied to change)."""
+        hit = self._specs.get(alias)
+        if hit is not None and hit[0] == raw:
+            return hit[1]
+        spec = parse_model_spec(key, alias, raw)
+        if len(self._specs) >= _SPEC_CACHE_MAX:
+            self._specs.clear()
+        self._specs[alias] = (raw, spec)
+        return spec
 
     async def get_model(self, alias: str) -> StoredModel | None:
         """The model, or None when it is not registered or its record does not parse."""

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -22,6 +23,7 @@ from shared.keys import Keys
 from shared.models import ModelSpec
 from shared.settings import RouterSettings
 from shared.store import Store, StoredModel, connect
+from shared.store.observed import RouteChanges
 from tests.support import RedisServer, free_port
 
 
@@ -84,14 +86,14 @@ async def test_unknown_model_does_not_wait_on_a_dead_redis(tmp_path: Path) -> No
     server = RedisServer(free_port(), tmp_path / "redis").start()
     store = Store(connect(server.url), Keys("t"), events=False)
     refreshes = 0
-    real = store.versions
+    real = store.route_changes
 
-    async def counted() -> tuple[str, str]:
+    async def counted(*args: Any) -> RouteChanges:
         nonlocal refreshes
-        refreshes += 1
-        return await real()
+        refreshes += 1  # each refresh starts with this read
+        return await real(*args)
 
-    store.versions = counted  # type: ignore[method-assign]
+    store.route_changes = counted  # type: ignore[method-assign,assignment]
     try:
         table = RouteTable(store, Nudger(store), 1.0)
         await table.refresh()
