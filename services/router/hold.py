@@ -41,7 +41,8 @@ class AliasWait:
         now = time.monotonic()
         self.demanded_at = now - _DEMAND_REFRESH_S  # the first request asks at once
         self.checked_at = now
-        self.failure: NoCapacity | None = None
+        # The scheduler's reason the alias cannot be placed, while it cannot.
+        self.unplaceable: str | None = None
         self._busy = False
 
     async def demand(self) -> None:
@@ -61,16 +62,15 @@ class AliasWait:
                 await self.demand()
             if now - self.checked_at >= _REASON_CHECK_S:
                 self.checked_at = now
-                self.failure = await self._unplaceable()
+                self.unplaceable = await self._unplaceable()
         finally:
             self._busy = False
 
-    async def _unplaceable(self) -> NoCapacity | None:
+    async def _unplaceable(self) -> str | None:
         store = self.holder.store
         reason = await store.placement_reason(self.alias)
         if reason and not await store.instances_of(self.alias):
-            return NoCapacity(f"model '{self.alias}' cannot be placed: {reason}",
-                              retry_after_s=self.holder.settings.no_replica_retry_after_s)
+            return reason
         return None
 
 
@@ -104,8 +104,10 @@ class Ticket:
             if now >= until:
                 return False
             await self.shared.poll()
-            if self.shared.failure is not None:
-                raise self.shared.failure
+            if self.shared.unplaceable is not None:
+                raise NoCapacity(
+                    f"model '{self.alias}' cannot be placed: {self.shared.unplaceable}",
+                    retry_after_s=self.holder.settings.no_replica_retry_after_s)
             await table.changed(min(until - now, _REASON_CHECK_S))
         return True
 
