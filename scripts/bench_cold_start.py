@@ -1,6 +1,8 @@
 """Benchmark: what the pool adds to a cold start and to a wake, as seen by a held client.
 
-Starts its own redis-server, manager, worker and router (simulated engine), then repeatedly:
+Starts its own redis-server (on a free port), manager, worker and router (simulated engine),
+with their data and logs in a temporary directory removed at the end (`--keep` keeps it), so
+a pool running on this machine is neither used nor touched. Then, repeatedly:
 - cold: the model is stopped (scale to zero); a request arrives and is held; measured from the
   moment the engine first answered /health to the first response byte at the client;
 - wake: the model sleeps; a request wakes it; measured from the moment the engine reported it
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -38,12 +41,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_pool(stack: Stack, run_dir: Path) -> str:
+def start_pool(stack: Stack) -> str:
+    run_dir = stack.run
     env = dict(os.environ) | {"LOG_FORMAT": "text", "LOG_LEVEL": "WARNING",
                               "GPU_BACKEND": "none", "WORKER_ENGINES": "sim",
-                              "DEFAULT_ENGINE": "sim", "STATE_DIR": str(run_dir / "state"),
-                              "SVLLM_REDIS_PORT": str(free_port())}
-    env["REDIS_URL"] = start_redis(stack)
+                              "DEFAULT_ENGINE": "sim", "STATE_DIR": str(run_dir / "state")}
+    # Its own Redis on a free port (the pool's SVLLM_REDIS_PORT and .run/ are left alone).
+    env["REDIS_URL"] = start_redis(stack, free_port())
     ports = {}
     for name in ("manager", "worker", "router"):
         port = str(free_port())
@@ -118,12 +122,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary run directory")
     args = ap.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="svllm-bench-"))
-    os.environ["SVLLM_RUN_DIR"] = str(run_dir)
-    stack = Stack()
+    stack = Stack(run_dir)
     try:
-        router = start_pool(stack, run_dir)
+        router = start_pool(stack)
         specs = [{"alias": "cold", "model_name": "sim/cold", "engine": "sim", "min_replicas": 0,
                   "idle_stop_s": 0.3, "extra_args": ["--startup-delay", "0.3"]},
                  {"alias": "wake", "model_name": "sim/wake", "engine": "sim",
@@ -134,6 +138,10 @@ def main() -> None:
                    for kind in ("cold", "wake")}
     finally:
         stack.stop()
+        if args.keep:
+            print(f"data and logs kept in {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
     print(f"\norchestration overhead, {args.rounds} rounds each (ms)")
     print(f"{'span':<34}{'p50':>9}{'p90':>9}{'max':>9}")
     for kind, spans in results.items():

@@ -62,12 +62,15 @@ def choose_engine() -> tuple[str, str]:
 
 
 class Stack:
-    def __init__(self) -> None:
+    """The processes started, with their logs under ``run_dir`` (default: the pool's)."""
+
+    def __init__(self, run_dir: Path = RUN) -> None:
+        self.run = run_dir
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
-        (RUN / "logs").mkdir(parents=True, exist_ok=True)
+        (self.run / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = RUN / "logs" / f"{name}.log"
+        log = self.run / "logs" / f"{name}.log"
         proc = procs.spawn(argv, log_path=log, env=env, cwd=ROOT)
         self.children.append((name, proc))
         print(f"  started {name} (pid {proc.pid}, log {log})", flush=True)
@@ -79,15 +82,18 @@ class Stack:
             print(f"  stopped {name}")
 
 
-def start_redis(stack: Stack) -> str:
+def start_redis(stack: Stack, port: int | None = None) -> str:
+    """A redis-server on ``port`` (default ``SVLLM_REDIS_PORT``, else 6380), its data under
+    the stack's run directory."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server not found: install it (apt-get install redis-server) "
                  "or set REDIS_URL")
-    port = int(os.environ.get("SVLLM_REDIS_PORT", "6380"))
+    if port is None:
+        port = int(os.environ.get("SVLLM_REDIS_PORT", "6380"))
     if not port_free(port):
         sys.exit(f"port {port} is taken: set SVLLM_REDIS_PORT or REDIS_URL")
-    data = RUN / "redis"
+    data = stack.run / "redis"
     data.mkdir(parents=True, exist_ok=True)
     # AOF on: registered models survive a restart of the whole stack.
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
@@ -102,7 +108,7 @@ def start_redis(stack: Stack) -> str:
                     return f"redis://127.0.0.1:{port}/0"
         except OSError:
             time.sleep(0.1)
-    sys.exit(f"redis-server did not start; see {RUN / 'logs' / 'redis.log'}")
+    sys.exit(f"redis-server did not start; see {stack.run / 'logs' / 'redis.log'}")
 
 
 def register_demo(router: str, engine: str, headers: dict[str, str]) -> str:
@@ -165,7 +171,7 @@ def run(stack: Stack) -> None:
         if not port_free(int(ports[name])):
             sys.exit(f"port {ports[name]} for the {name} is taken: set {name.upper()}_PORT")
         proc = stack.start(name, [sys.executable, "-m", f"services.{name}.main"], env)
-        wait_http(f"{url}/health", proc, RUN / "logs" / f"{name}.log", 60)
+        wait_http(f"{url}/health", proc, stack.run / "logs" / f"{name}.log", 60)
     router = f"http://127.0.0.1:{ports['router']}"
     token = env.get("ADMIN_TOKEN")
     alias = register_demo(router, engine, {"authorization": f"Bearer {token}"} if token else {})
@@ -183,6 +189,10 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Launched from a script in the background (`setsid start_all.sh &`, nohup, a CI
+    # runner), SIGINT arrives ignored and Python keeps it so: Ctrl-C (or a kill -INT) did
+    # nothing. Restore the default handler explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(stack)
     except KeyboardInterrupt:

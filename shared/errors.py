@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -85,6 +85,12 @@ class StoreUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "store_unavailable"
 
 
+class StoreCorrupt(ApiError):
+    """A Redis key holds something the pool did not write (wrong type): nothing was changed."""
+
+    status, type, code = 500, "internal_error", "store_corrupt"
+
+
 class UpstreamError(ApiError):
     status, type, code = 502, "upstream_error", "upstream_error"
 
@@ -145,7 +151,16 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return error_response(err)
 
 
+# Redis answered, but about the data (not its health): reported as such, not "unavailable".
+_DATA_ERRORS = ("WRONGTYPE", "ERR value is not", "ERR hash value is not")
+
+
 async def _redis_error(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, ResponseError) and str(exc).startswith(_DATA_ERRORS):
+        # Redis answered, with an error: a key holds something the pool did not write.
+        logger.warning("redis refused a command: %s", exc)
+        return error_response(StoreCorrupt(f"the pool's state store refused a command ({exc}); "
+                                           "a key may hold the wrong type (see docs/redis.md)"))
     logger.warning("redis unavailable: %s", exc)
     return error_response(StoreUnavailable("the pool's state store (Redis) is unavailable; retry"))
 

@@ -84,6 +84,11 @@ class Keys:
         deleted by the worker only once the engine is confirmed gone."""
         return f"{self.prefix}:ledger:{worker_id}"
 
+    @property
+    def autoscale(self) -> str:
+        """hash: alias -> the autoscaler's clocks (JSON), so a new leader keeps them."""
+        return f"{self.prefix}:autoscale"
+
     # --- observed state (written by workers) ----------------------------------------------
     def instance(self, alias: str, worker_id: str) -> str:
         """hash: state, port, pid, engine, timestamps, error, log tail."""
@@ -109,6 +114,12 @@ class Keys:
     @property
     def routes_version(self) -> str:
         return f"{self.prefix}:version:routes"
+
+    @property
+    def models_log(self) -> str:
+        """stream, capped: one entry (field ``alias``) per bump of the models version, so a
+        router re-reads only the models named since its last pass."""
+        return f"{self.prefix}:log:models"
 
     @property
     def routes_log(self) -> str:

@@ -21,7 +21,7 @@ from services.manager.residency import Decision, ScaleState, Usage, autoscale, d
 from shared.events import Nudger
 from shared.models import Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
-from shared.store import Intents, NotLeader, Store, StoredModel
+from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
 from shared.store.scheduling import Unassign
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,14 @@ class Scheduler:
         self.settings = settings
         self.nudger = nudger
         self.state = LeaderState()
-        self._reasons: dict[str, str] = {}
-        self._scale: dict[str, ScaleState] = {}
+        # alias -> (model version, reason) last written: a reason is written only when it
+        # changes. Keyed by version, since deleting and registering the alias again removes
+        # the reason from Redis (a cache by alias alone then never wrote it back, and the
+        # held requests waited out their timeout instead of failing at once).
+        self._reasons: dict[str, tuple[str, str]] = {}
+        # The autoscaler's clocks, loaded from Redis each pass and saved when they change,
+        # so a new leader (or this one after losing the lease) carries on from them.
+        self._scale: dict[str, ScaleMark] = {}
 
     @property
     def token(self) -> str:
@@ -122,7 +128,12 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         workers = await self.store.list_workers()
-        models = {m.spec.alias: m for m in await self.store.list_models()}
+        listed, unreadable = await self.store.list_models_checked()
+        models = {m.spec.alias: m for m in listed}
+        self._reasons = {a: r for a, r in self._reasons.items() if a in models}
+        marks = await self.store.scale_marks()
+        self._scale = {a: m for a, m in marks.items()
+                       if a in models and m.version == models[a].version}
         assigns = await self.store.assignments(w.worker_id for w in workers)
         ledgers = await self.store.ledgers(w.worker_id for w in workers)
         # Right after Redis comes back, heartbeat keys may have expired while workers could
@@ -135,7 +146,9 @@ class Scheduler:
                 assigns[w.worker_id] = {}
         for w in workers:
             for alias in list(assigns[w.worker_id]):
-                if alias not in models:
+                # A model whose record does not parse is left as it is (reported), not
+                # taken for deleted: a corrupt record must not stop what serves.
+                if alias not in models and alias not in unreadable:
                     await self.store.unassign(self.token, w.worker_id, alias)
                     del assigns[w.worker_id][alias]
         aliases = list(models)
@@ -177,6 +190,12 @@ class Scheduler:
             await writes.flush()  # what was decided before the failure lands, as it did unbatched
             raise
         await writes.flush()
+        await self._save_scale(marks)
+
+    async def _save_scale(self, loaded: dict[str, ScaleMark]) -> None:
+        changed = {a: m for a, m in self._scale.items() if loaded.get(a) != m}
+        gone = [a for a in loaded if a not in self._scale]
+        await self.store.save_scale_marks(self.token, changed, gone)
 
     async def _schedule(
         self, ctx: _AliasPass, workers: list[WorkerView],
@@ -223,11 +242,14 @@ class Scheduler:
         own = sum(1 for a in assigned.values() if a.source == "scheduler")
         if spec.target_inflight is None or decision.desired == 0 or decision.stop_all:
             return decision.desired
-        state = self._scale.setdefault(spec.alias, ScaleState())
+        mark = self._scale.get(spec.alias)
+        state = ScaleState(mark.above_since, mark.below_since) if mark else ScaleState()
         inflight = sum(u.inflight for u in observed.values())
         settings = self.settings
         want = autoscale(spec, own, inflight, state, now, settings.scale_out_s,
                          settings.scale_in_s)
+        self._scale[spec.alias] = ScaleMark(version=model.version, above_since=state.above_since,
+                                            below_since=state.below_since)
         if want != own:
             logger.info("autoscaling %s: %d -> %d replicas (%d requests in flight, target %g "
                         "per replica)", spec.alias, own, want, inflight, spec.target_inflight)
@@ -285,7 +307,7 @@ class Scheduler:
             view = views.get(w)
             fit = fit_on(model.spec, view, ledgers.get(w, {})) if view else f"{w}: unknown"
             if isinstance(fit, str):
-                await self._note_unplaced(alias, f"manual placement refused: {fit}", writes)
+                await self._note_unplaced(model, f"manual placement refused: {fit}", writes)
                 continue
             a = Assignment(alias=alias, worker_id=w, epoch=self.state.epoch, source="manual",
                            gpus=fit.gpus, mb_per_gpu=fit.mb_per_gpu,
@@ -318,7 +340,7 @@ class Scheduler:
         for _ in range(desired - len(holders)):
             choice = choose_worker(spec, workers, assigns, ledgers, order)
             if not isinstance(choice, Choice):
-                await self._note_unplaced(spec.alias, choice.text(), writes)
+                await self._note_unplaced(model, choice.text(), writes)
                 return
             a = Assignment(
                 alias=spec.alias,
@@ -335,7 +357,7 @@ class Scheduler:
                 ledgers.setdefault(choice.worker_id, {})[spec.alias] = Reservation(
                     alias=spec.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
             order.touch(choice.worker_id)
-            self._reasons.pop(spec.alias, None)
+            self._reasons.pop(spec.alias, None)  # placing it deleted the reason
             logger.info("placed %s on %s (gpus %s, %d MB each, utilization %s)", spec.alias,
                         choice.worker_id, choice.gpus, choice.mb_per_gpu, choice.utilization)
         for w in sorted(holders, reverse=True)[: max(0, len(holders) - desired)]:
@@ -343,9 +365,11 @@ class Scheduler:
             del assigns[w][spec.alias], assigned[w]
             order.touch(w)
 
-    async def _note_unplaced(self, alias: str, reason: str, writes: FencedWrites) -> None:
-        if self._reasons.get(alias) != reason:
+    async def _note_unplaced(self, model: StoredModel, reason: str, writes: FencedWrites
+                             ) -> None:
+        alias = model.spec.alias
+        if self._reasons.get(alias) != (model.version, reason):
             logger.warning("cannot place %s: %s", alias, reason)
             await writes.flush()  # an earlier placement of the alias clears the reason
             await self.store.set_placement_reason(alias, reason)
-            self._reasons[alias] = reason
+            self._reasons[alias] = (model.version, reason)

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
@@ -15,7 +16,7 @@ from shared.errors import BadRequest, Conflict, ModelNotFound
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import RegisterModelRequest, is_valid_name
 from shared.settings import RouterSettings
-from shared.store import Store, StoredModel
+from shared.store import ModelDetails, Store, StoredModel
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +33,26 @@ def _summary(m: StoredModel, states: list[str]) -> str:
     return states[0]
 
 
-async def _model_view(store: Store, m: StoredModel) -> dict[str, Any]:
-    alias = m.spec.alias
-    instances = await store.instances_of(alias)
+def _model_view(m: StoredModel, d: ModelDetails) -> dict[str, Any]:
     return {
-        "alias": alias,
+        "alias": m.spec.alias,
         "engine": m.spec.engine,
         "model_name": m.spec.model_name,
-        "state": _summary(m, [i.get("state", "") for i in instances.values()]),
-        "spec": m.spec.model_dump(),
+        "state": _summary(m, [i.get("state", "") for i in d.instances.values()]),
+        # As stored (the JSON registered), embedded without serialising it again.
+        "spec": orjson.Fragment(m.spec_json) if m.spec_json else m.spec.model_dump(),
         "created_at": m.created_at,
         "held": m.hold is not None,
-        "placement": await store.placement_reason(alias),
-        "waiting_requests": await store.queue_length(alias),
-        "stats": await store.timings(alias),
-        "instances": [{"worker_id": w} | rec for w, rec in instances.items()],
+        "placement": d.placement,
+        "waiting_requests": d.waiting_requests,
+        "stats": d.stats,
+        "instances": [{"worker_id": w} | rec for w, rec in d.instances.items()],
     }
+
+
+async def _model_views(store: Store) -> list[dict[str, Any]]:
+    """Every registered model's view, in a fixed number of round trips."""
+    return [_model_view(m, d) for m, d in await store.model_views()]
 
 
 def build_routes(
@@ -65,21 +70,24 @@ def build_routes(
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)
-        created = await store.register_model(spec)
-        await table.refresh()
+        stored = await store.register(spec)
+        created = stored is not None
+        if stored is not None:
+            await table.learn(stored)  # no reload: the next refresh re-reads just this one
+        else:
+            await table.refresh()
         return json_response({"alias": spec.alias, "created": created, "spec": spec.model_dump()},
                              201 if created else 200)
 
     @api.get("/models")
     async def models() -> Response:
-        return json_response({"models": [await _model_view(store, m)
-                                         for m in await store.list_models()]})
+        return json_response({"models": await _model_views(store)})
 
     @api.delete("/models/{alias}")
     async def delete(alias: str) -> Response:
         if not is_valid_name(alias) or not await store.delete_model(alias):
             raise ModelNotFound(f"model '{alias}' is not registered")
-        await table.refresh()
+        await table.forget(alias)
         return json_response({"alias": alias, "deleted": True})
 
     async def registered(alias: str) -> StoredModel:
@@ -120,13 +128,20 @@ def build_routes(
 
     @api.get("/status")
     async def status() -> Response:
+        began = time.monotonic()
+        workers = await store.list_workers()
+        models = await _model_views(store)
+        # Records this view does not show are read too, so that a bad one is named below.
+        await store.check_records(await store.worker_ids())
         return json_response({
             "scheduler": {"lease": await store.lease_holder()},
             # This router's own view: replicas its circuit breaker ejected, seconds left.
             "router": {"id": settings.router_id,
                        "ejected": breaker.view(time.monotonic())},
-            "workers": [w.model_dump() for w in await store.list_workers()],
-            "models": [await _model_view(store, m) for m in await store.list_models()],
+            "workers": [w.model_dump() for w in workers],
+            "models": models,
+            # Records that do not parse, skipped by every reader (key and what is wrong).
+            "problems": store.problems.since(began),
         })
 
     return api

@@ -2,9 +2,10 @@
 
 Refreshed on pub/sub hints and on a short timer, and only what changed: nothing when the
 version counters did not move; on a route change, only the aliases named in the routes log
-since the last pass (``ObservedStore.route_changes``); everything when the models changed or
-the log does not account for every bump of the routes version. Liveness is re-read every
-pass. A router that loses Redis keeps serving from the last copy.
+since the last pass (``ObservedStore.route_changes``); on a model change (register, delete,
+hold), only the models named in the models log, and their routes; everything when a log
+does not account for every bump of its version. Liveness is re-read every pass. A router
+that loses Redis keeps serving from the last copy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from shared.store.observed import RouteChanges
 
 logger = logging.getLogger(__name__)
 
+# At most one refresh for unknown models per this long, and none while Redis is failing:
+# a miss used to refresh per request, each waiting out the Redis timeout when it was down.
 _MISS_REFRESH_S = 0.2
 # Route changes read from the log in one pass; more than that and a full reload is as cheap.
 _LOG_READ_MAX = 1000
@@ -39,25 +42,43 @@ class RouteTable:
         self.loads: dict[str, dict[str, float]] = {}
         self._versions: tuple[str, str] | None = None
         self._log_id: str | None = None
+        self._models_log_id: str | None = None
         # Aliases whose serving routes must be rebuilt from ``_all_routes`` (None: all). Kept
         # across a pass that fails after re-reading routes, so the next one still rebuilds.
         self._stale: set[str] | None = None
         # How the routes were last brought up to date, for tests and operators.
         self.full_reloads = 0
         self.partial_reloads = 0
+        self.model_reloads = 0  # passes that re-read only the models named in the models log
         self._last_refresh = 0.0
+        self._miss_at = 0.0
+        self._store_ok = True
+        self._miss_refresh: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
 
     async def refresh(self) -> None:
+        try:
+            await self._refresh()
+        except Exception:
+            self._store_ok = False
+            raise
+        self._store_ok = True
+
+    async def _refresh(self) -> None:
         async with self._lock:
-            if await self.store.versions() != self._versions:
-                changed = await self._reload()
+            # One round trip when nothing changed: versions, logs and liveness together.
+            workers = self._workers
+            log = await self.store.route_changes(self._log_id, _LOG_READ_MAX,
+                                                 self._models_log_id, workers)
+            if log.versions != self._versions:
+                changed = await self._reload(log)
                 self._stale = None if changed is None or self._stale is None else (
                     self._stale | changed)
             # Liveness is re-read every pass: a dead worker's routes stop being used within
             # one refresh, before the manager gets round to removing them.
-            alive = await self.store.alive(self._workers)
+            alive = log.alive if self._workers == workers else await self.store.alive(
+                self._workers)
             if self._stale is None or alive != self.alive:
                 self.alive = alive
                 self.routes = {a: self._serving(r) for a, r in self._all_routes.items()}
@@ -80,47 +101,69 @@ class RouteTable:
             self._changed.set()
             self._changed = asyncio.Event()
 
-    async def _reload(self) -> set[str] | None:
-        """Bring models and routes up to the versions now in Redis. Returns the aliases whose
-        routes were re-read, or None when everything was."""
-        log = await self.store.route_changes(self._log_id, _LOG_READ_MAX)
+    async def _reload(self, log: RouteChanges) -> set[str] | None:
+        """Bring models and routes up to the versions now in Redis (``log``). Returns the
+        aliases whose routes were re-read, or None when everything was."""
         changed = self._logged(log)
         if self._versions is None or log.versions[0] != self._versions[0]:
-            self.models = {m.spec.alias: m for m in await self.store.list_models()}
-            changed = None
+            touched = self._logged_models(log)
+            if touched is None:
+                listed, unreadable = await self.store.list_models_checked()
+                # One whose record does not parse keeps serving from what was read before.
+                kept = {a: self.models[a] for a in unreadable if a in self.models}
+                self.models = kept | {m.spec.alias: m for m in listed}
+                changed = None
+            else:
+                await self._reload_models(touched)
+                changed = None if changed is None else changed | touched
         if changed is None:
             self._all_routes = await self.store.all_routes(self.models)
             self.full_reloads += 1
         elif changed:
             # Routes of an alias not registered (any more) are not served, as in a full load.
-            changed = {a for a in changed if a in self.models}
-            if changed:
-                fresh = await self.store.all_routes(sorted(changed))
-                self._all_routes = self._all_routes | fresh
+            gone = {a for a in changed if a not in self.models}
+            live = changed - gone
+            routes = {a: r for a, r in self._all_routes.items() if a not in gone}
+            if live:
+                routes |= await self.store.all_routes(sorted(live))
                 self.partial_reloads += 1
+            self._all_routes = routes
         if changed is None or changed:
             self._workers = {w for r in self._all_routes.values() for w in r}
         # Only once everything above was read: a failed pass leaves the old marks, and the
         # next one starts over from them.
         self._versions = log.versions
         self._log_id = log.last_id
+        self._models_log_id = log.models_last_id
         return changed
+
+    async def _reload_models(self, touched: set[str]) -> None:
+        """Re-read only the models named in the models log (registered, deleted, held or
+        released): a register or delete re-read the whole table, so 1,000 of them took
+        minutes."""
+        fresh, unreadable = await self.store.get_models_checked(sorted(touched))
+        models = dict(self.models)
+        for a in touched:
+            if a in fresh:
+                models[a] = fresh[a]
+            elif a not in unreadable:
+                models.pop(a, None)
+        self.models = models
+        self.model_reloads += 1
+
+    def _logged_models(self, log: RouteChanges) -> set[str] | None:
+        """The models changed since the last pass, if the models log accounts for every bump
+        of the models version; None (reload every model) otherwise."""
+        if self._versions is None or log.models is None:
+            return None
+        return _accounted(log.models, log.versions[0], self._versions[0])
 
     def _logged(self, log: RouteChanges) -> set[str] | None:
         """The aliases whose routes changed since the last pass, if the log accounts for every
         bump of the routes version since then; None (reload everything) otherwise."""
         if self._versions is None or log.aliases is None:
             return None
-        try:
-            moved = int(log.versions[1]) - int(self._versions[1])
-        except ValueError:
-            return None
-        # Fewer entries: trimmed, or a writer that bumps the version without logging (older
-        # code, a dead worker's cleanup, a model deletion). More, or a version that went
-        # back: Redis was flushed or failed over. Either way the log cannot be trusted.
-        if moved < 0 or len(log.aliases) != moved:
-            return None
-        return set(log.aliases)
+        return _accounted(log.aliases, log.versions[1], self._versions[1])
 
     def _serving(self, raw: dict[str, str]) -> dict[str, str]:
         """The routes of ``raw`` whose worker is alive (``raw`` itself when all are: no copy
@@ -128,6 +171,19 @@ class RouteTable:
         if all(w in self.alive for w in raw):
             return raw
         return {w: u for w, u in raw.items() if w in self.alive}
+
+    async def learn(self, model: StoredModel) -> None:
+        """A model this router just registered: served at once, without a reload (the next
+        refresh re-reads it from the models log anyway)."""
+        async with self._lock:
+            self.models = self.models | {model.spec.alias: model}
+
+    async def forget(self, alias: str) -> None:
+        """A model this router just deleted: its requests get 404 at once."""
+        async with self._lock:
+            self.models = {a: m for a, m in self.models.items() if a != alias}
+            self.routes = {a: r for a, r in self.routes.items() if a != alias}
+            self._all_routes.pop(alias, None)
 
     async def changed(self, timeout_s: float) -> None:
         """Return after the next refresh, or after ``timeout_s``."""
@@ -146,16 +202,30 @@ class RouteTable:
             await self.nudger.wait(self.refresh_s)
 
     async def model(self, alias: str) -> StoredModel | None:
-        """The model for ``alias``; an unknown alias triggers one rate-limited refresh, so a
-        model registered through another router is found at once."""
+        """The model for ``alias``; an unknown alias triggers a refresh, so a model
+        registered through another router is found at once. Misses share one refresh at a
+        time, at most one per ``_MISS_REFRESH_S``, and none while Redis is failing (the
+        timer's refresh finds out when it is back): an unknown model then gets its 404 at
+        once instead of waiting out the Redis timeout."""
         found = self.models.get(alias)
-        if found is None and time.monotonic() - self._last_refresh > _MISS_REFRESH_S:
-            try:
-                await self.refresh()
-            except Exception as e:  # noqa: BLE001 - Redis down: answer from the cache
-                logger.warning("refresh on miss failed: %s", e)
-            found = self.models.get(alias)
-        return found
+        if found is not None:
+            return found
+        pending = self._miss_refresh
+        if pending is None or pending.done():
+            now = time.monotonic()
+            if not self._store_ok or now - max(self._last_refresh, self._miss_at) <= (
+                    _MISS_REFRESH_S):
+                return None
+            self._miss_at = now
+            pending = self._miss_refresh = asyncio.ensure_future(self._refresh_on_miss())
+        await asyncio.shield(pending)
+        return self.models.get(alias)
+
+    async def _refresh_on_miss(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as e:  # noqa: BLE001 - Redis down: answer from the cache
+            logger.warning("refresh on miss failed (answering from the cache): %s", e)
 
     def replicas(self, alias: str) -> dict[str, str]:
         return self.routes.get(alias, {})
@@ -163,3 +233,18 @@ class RouteTable:
     def load(self, alias: str) -> dict[str, float]:
         """Running + waiting requests per replica, as workers last reported them."""
         return self.loads.get(alias, {})
+
+
+def _accounted(aliases: list[str], now: str, before: str) -> set[str] | None:
+    """``aliases`` (a log's entries since the last pass), if they account for every bump of
+    its version from ``before`` to ``now``; None when the log cannot be trusted."""
+    try:
+        moved = int(now) - int(before)
+    except ValueError:
+        return None
+    # Fewer entries: trimmed, or a writer that bumps the version without logging (older
+    # code, a dead worker's cleanup). More, or a version that went back: Redis was flushed
+    # or failed over, or a corrupt counter was repaired. Either way, reload everything.
+    if moved < 0 or len(aliases) != moved:
+        return None
+    return set(aliases)

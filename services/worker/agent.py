@@ -142,8 +142,15 @@ class Agent:
     async def wanted(self) -> tuple[Wanted, set[str]]:
         """What is assigned here (with each model), and the aliases reserved in the ledger."""
         assigned, reserved = await self.store.worker_state(self.worker_id)
-        models = await self.store.get_models(list(assigned))
-        return {a: (assigned[a], m) for a, m in models.items()}, reserved
+        models, unreadable = await self.store.get_models_checked(list(assigned))
+        wanted = {a: (assigned[a], m) for a, m in models.items()}
+        # A model whose record does not parse (reported by the store) keeps what runs here,
+        # with the spec it started with: a corrupt record must not stop a serving engine.
+        for a in unreadable:
+            inst = self.supervisor.instances.get(a)
+            if inst is not None:
+                wanted[a] = (assigned[a], inst.model)
+        return wanted, reserved
 
     async def reconcile_loop(self) -> None:
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shared.store.admin import AdminReads, ModelDetails
+from shared.store.autoscale import AutoscaleStore, ScaleMark
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
 from shared.store.intents import Intents, IntentsStore
 from shared.store.lifecycle import LifecycleStore
@@ -10,9 +12,10 @@ from shared.store.observed import ObservedStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
-__all__ = ["Intents", "NotLeader", "Store", "StoredModel", "connect", "spec_fingerprint"]
+__all__ = ["Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "StoredModel",
+           "connect", "spec_fingerprint"]
 
 
-class Store(ModelsStore, WorkersStore, SchedulingStore, ObservedStore, LifecycleStore,
-            IntentsStore):
+class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,
+            ObservedStore, LifecycleStore, IntentsStore):
     """Everything the services read and write in Redis."""

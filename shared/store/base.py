@@ -26,6 +26,7 @@ from redis.exceptions import WatchError
 
 from shared.keys import Keys
 from shared.models import ModelSpec
+from shared.records import BadRecord, Problems
 
 
 class NotLeader(Exception):
@@ -38,11 +39,47 @@ class StoredModel:
     version: str
     created_at: float
     hold: str | None = None
+    # The spec's JSON as stored (what the admin views show, without serialising it again).
+    spec_json: str = ""
 
 
 def spec_fingerprint(spec: ModelSpec) -> str:
     return hashlib.sha256(orjson.dumps(spec.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
+
+# Approximate cap of the change logs (Redis trims whole nodes, so it keeps at least this many).
+# A log only has to cover the changes between two passes of a router (about a second); a
+# router that fell further behind reloads everything.
+ROUTES_LOG_MAXLEN = 5000
+
+# INCR of a version counter, which first repairs a counter someone corrupted (a string that
+# is not an integer, a key of another type): the counter restarts from Redis's clock in
+# microseconds, above any count it had, so every reader sees it move and reloads everything.
+# Without it one `SET svllm:version:routes abc` made every route change fail for good.
+BUMP_FN_LUA = """
+local function bump(k)
+  local t = redis.call('TYPE', k)['ok']
+  if t ~= 'none' and t ~= 'string' then redis.call('DEL', k) end
+  local v = redis.call('GET', k)
+  if v and (#v > 17 or not string.match(v, '^%-?[1-9]%d*$')) and v ~= '0' then
+    local now = redis.call('TIME')
+    redis.call('SET', k, now[1] .. string.format('%06d', tonumber(now[2])))
+  end
+  return redis.call('INCR', k)
+end
+"""
+_BUMP_LUA = BUMP_FN_LUA + "return bump(KEYS[1])"
+# Bump KEYS[1] and log ARGV[1] in the stream KEYS[2] (capped at about ARGV[2] entries); a log
+# key of another type is replaced (readers then reload everything: the count is off).
+LOG_CHANGE_FN_LUA = BUMP_FN_LUA + """
+local function log_change(counter, log, alias, maxlen)
+  local t = redis.call('TYPE', log)['ok']
+  if t ~= 'none' and t ~= 'stream' then redis.call('DEL', log) end
+  redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'alias', alias)
+  return bump(counter)
+end
+"""
+_LOG_CHANGE_LUA = LOG_CHANGE_FN_LUA + "return log_change(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 _MAX_CONNECTIONS = 128
@@ -82,6 +119,10 @@ class StoreBase:
         self.r = client
         self.k = keys
         self.events_enabled = events
+        # Bad records this process has read (and skipped): see shared.records.
+        self.problems = Problems()
+        # Parsed specs by alias, with the JSON they came from (ModelsStore._spec).
+        self._specs: dict[str, tuple[str, ModelSpec]] = {}
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -90,11 +131,42 @@ class StoreBase:
         return sorted(cast(set[str], await self.r.smembers(key)))
 
     async def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
-        """HGETALL of every key, in one round trip (empty dicts for missing keys)."""
+        """HGETALL of every key, in one round trip (empty dicts for missing keys, and for
+        keys of another type, which are reported)."""
         async with self.r.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hgetall(key)
-            return list(await pipe.execute())
+            replies = await pipe.execute(raise_on_error=False)
+        return [self._checked(k, r, {}) for k, r in zip(keys, replies, strict=True)]
+
+    def _checked(self, key: str, reply: Any, default: Any) -> Any:
+        """A pipelined reply, or ``default`` (the key reported) when Redis refused the
+        command: a key of the wrong type must not take a whole read down."""
+        if isinstance(reply, Exception):
+            self._skip(BadRecord(key, str(reply)))
+            return default
+        return reply
+
+    def _skip(self, err: BadRecord) -> None:
+        """A record that does not parse: reported, left out of the answer."""
+        self.problems.report(err)
+
+    def _bump(self, pipe: Pipeline, counter: str) -> None:
+        """Inside a transaction: INCR ``counter``, repairing it first if it was corrupted."""
+        pipe.eval(_BUMP_LUA, 1, counter)
+
+    def _log_change(self, pipe: Pipeline, counter: str, log: str, alias: str) -> None:
+        """Inside a transaction: bump ``counter`` by one and log ``alias`` with it (always
+        both: routers count a log's new entries against its counter's move)."""
+        pipe.eval(_LOG_CHANGE_LUA, 2, counter, log, alias, ROUTES_LOG_MAXLEN)
+
+    def _model_changed(self, pipe: Pipeline, alias: str) -> None:
+        """Inside a transaction that changes a model or its hold: bump and log."""
+        self._log_change(pipe, self.k.models_version, self.k.models_log, alias)
+
+    def _routes_changed(self, pipe: Pipeline, alias: str) -> None:
+        """Inside a transaction that changes an alias's routes: bump and log."""
+        self._log_change(pipe, self.k.routes_version, self.k.routes_log, alias)
 
     # ------------------------------------------------------------------ events (hints only)
     async def publish(self, kind: str, **fields: str) -> None:
@@ -126,6 +198,10 @@ class StoreBase:
             await pubsub.subscribe(self.k.events)
             async for msg in pubsub.listen():
                 if msg.get("type") == "message":
-                    on_event(orjson.loads(msg["data"]))
+                    try:
+                        hint = orjson.loads(msg["data"])
+                    except orjson.JSONDecodeError:
+                        hint = {}  # not ours, but a hint all the same: look again
+                    on_event(hint if isinstance(hint, dict) else {})
         finally:
             await pubsub.aclose()

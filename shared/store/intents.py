@@ -45,7 +45,7 @@ class IntentsStore(StoreBase):
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(self.k.manual(alias), worker_id, note)
             pipe.delete(self.k.hold(alias), self.k.placement(alias))
-            pipe.incr(self.k.models_version)
+            self._model_changed(pipe, alias)
             await pipe.execute()
         await self.publish("intent", alias=alias, worker=worker_id)
 
@@ -58,7 +58,7 @@ class IntentsStore(StoreBase):
             pipe.hdel(self.k.manual(alias), worker_id)
             pipe.set(self.k.hold(alias), note)
             pipe.delete(self.k.demand(alias), self.k.intent(alias))
-            pipe.incr(self.k.models_version)
+            self._model_changed(pipe, alias)
             await pipe.execute()
         await self.publish("intent", alias=alias, worker=worker_id)
 
@@ -69,7 +69,7 @@ class IntentsStore(StoreBase):
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.set(self.k.hold(alias), note)
             pipe.delete(self.k.manual(alias), self.k.demand(alias), self.k.intent(alias))
-            pipe.incr(self.k.models_version)
+            self._model_changed(pipe, alias)
             await pipe.execute()
         await self.publish("intent", alias=alias)
 
@@ -80,7 +80,7 @@ class IntentsStore(StoreBase):
             pipe.delete(self.k.hold(alias), self.k.intent(alias))
             pipe.set(self.k.demand(alias), repr(time.time()),
                      px=max(1, int(demand_ttl_s * 1000)))
-            pipe.incr(self.k.models_version)
+            self._model_changed(pipe, alias)
             await pipe.execute()
         await self.publish("intent", alias=alias)
 

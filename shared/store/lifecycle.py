@@ -6,6 +6,7 @@ import statistics
 import time
 from typing import Any
 
+from shared.records import BadRecord, parse_samples, parse_timings
 from shared.store.base import StoreBase
 
 # Admits one held request unless the alias's queue is full; expired entries (a router that
@@ -74,13 +75,26 @@ class LifecycleStore(StoreBase):
             for kind in TIMING_KINDS:
                 pipe.lrange(self.k.samples(alias, kind), 0, -1)
             raw, *samples = await pipe.execute()
+        return self._timings(alias, raw, samples)
+
+    def _timings(self, alias: str, raw: dict[str, str], samples: list[list[str]]
+                 ) -> dict[str, Any]:
+        """What :meth:`timings` returns, from its reads; bad stats read as none recorded."""
+        try:
+            stats = parse_timings(self.k.stats(alias), raw)
+        except BadRecord as e:
+            self._skip(e)
+            stats = {}
         out: dict[str, Any] = {}
         for kind, values in zip(TIMING_KINDS, samples, strict=True):
-            nums = [float(v) for v in values]
-            out[f"{kind}s"] = int(raw.get(f"{kind}s", 0))
-            last = raw.get(f"last_{kind}_s")
-            out[f"last_{kind}_s"] = float(last) if last is not None else None
+            try:
+                nums = parse_samples(self.k.samples(alias, kind), values)
+            except BadRecord as e:
+                self._skip(e)
+                nums = []
+            out[f"{kind}s"] = int(stats.get(f"{kind}s", 0))
+            out[f"last_{kind}_s"] = stats.get(f"last_{kind}_s")
             out[f"median_{kind}_s"] = statistics.median(nums) if nums else None
-        out["waited_requests"] = int(raw.get("waited_requests", 0))
-        out["wait_total_s"] = round(float(raw.get("wait_total_s", 0.0)), 4)
+        out["waited_requests"] = int(stats.get("waited_requests", 0))
+        out["wait_total_s"] = round(stats.get("wait_total_s", 0.0), 4)
         return out

@@ -10,17 +10,15 @@ entry, a Redis that lost data) and it reloads every alias, as it did before the 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio.client import Pipeline
 
-from shared.store.base import StoreBase
+from shared.records import BadRecord, parse_instance, parse_load
+from shared.store.base import ROUTES_LOG_MAXLEN, StoreBase
 
-# Approximate cap of the routes log (Redis trims whole nodes, so it keeps at least this many).
-# It only has to cover the route changes between two passes of a router (about a second);
-# a router that fell further behind reloads everything.
-ROUTES_LOG_MAXLEN = 5000
+__all__ = ["ROUTES_LOG_MAXLEN", "ObservedStore", "RouteChanges"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,25 @@ class RouteChanges:
     aliases: list[str] | None
     """The alias of each entry after the ``after`` id asked for, oldest first, at most
     ``limit + 1`` of them; None when none were asked for or an entry has no alias."""
+    models_last_id: str = "0-0"
+    """The same for the models log (bumps of the models version)."""
+    models: list[str] | None = None
+    alive: set[str] = field(default_factory=set)
+    """Those of the workers asked about whose heartbeat key exists."""
+
+
+def _logged_aliases(entries: list[tuple[str, dict[str, str]]]) -> list[str] | None:
+    aliases = []
+    for _, fields in entries:
+        alias = fields.get("alias")
+        if not alias:
+            return None
+        aliases.append(str(alias))
+    return aliases
+
+
+def _newest(entries: list[tuple[str, dict[str, str]]]) -> str:
+    return str(entries[0][0]) if entries else "0-0"
 
 
 class ObservedStore(StoreBase):
@@ -72,7 +89,18 @@ class ObservedStore(StoreBase):
     async def instances_of(self, alias: str) -> dict[str, dict[str, str]]:
         ids = await self._members(self.k.instances(alias))
         raws = await self._hashes([self.k.instance(alias, w) for w in ids])
-        return {w: raw for w, raw in zip(ids, raws, strict=True) if raw}
+        return {w: raw for w, raw in zip(ids, raws, strict=True)
+                if raw and self._instance_ok(alias, w, raw)}
+
+    def _instance_ok(self, alias: str, worker_id: str, raw: dict[str, str]) -> bool:
+        """Whether an instance record parses; one that does not is reported and skipped
+        (its worker rewrites the whole record at its next change)."""
+        try:
+            parse_instance(self.k.instance(alias, worker_id), raw)
+        except BadRecord as e:
+            self._skip(e)
+            return False
+        return True
 
     async def set_route(self, alias: str, worker_id: str, url: str | None) -> None:
         """Publish (url) or withdraw (None) this worker's route for ``alias``."""
@@ -88,37 +116,43 @@ class ObservedStore(StoreBase):
     def _route_changed(self, pipe: Pipeline, alias: str) -> None:
         """Inside a route-changing transaction: bump the routes version by one and log the
         alias with it (always both: routers count entries against the version's move)."""
-        pipe.incr(self.k.routes_version)
-        pipe.xadd(self.k.routes_log, {"alias": alias}, maxlen=ROUTES_LOG_MAXLEN,
-                  approximate=True)
+        self._routes_changed(pipe, alias)
 
     # ------------------------------------------------------------------ router reads
     async def versions(self) -> tuple[str, str]:
         m, r = await self.r.mget([self.k.models_version, self.k.routes_version])
         return (str(m or "0"), str(r or "0"))
 
-    async def route_changes(self, after: str | None, limit: int) -> RouteChanges:
-        """The versions, the log's newest id and the aliases logged after ``after`` (an id an
-        earlier call returned; None: only the versions and the newest id), read atomically."""
+    async def route_changes(self, after: str | None, limit: int,
+                            models_after: str | None = None,
+                            workers: Iterable[str] = ()) -> RouteChanges:
+        """The versions, each log's newest id and the aliases logged after ``after`` in the
+        routes log and after ``models_after`` in the models log (ids an earlier call
+        returned; None: only the newest id), and which of ``workers`` are alive, read
+        atomically in one round trip."""
+        logs = ((self.k.routes_log, after), (self.k.models_log, models_after))
+        ids = sorted(workers)
         async with self.r.pipeline(transaction=True) as pipe:
+            if ids:
+                pipe.mget([self.k.worker_alive(w) for w in ids])
             pipe.mget([self.k.models_version, self.k.routes_version])
-            pipe.xrevrange(self.k.routes_log, "+", "-", count=1)
-            if after is not None:
-                pipe.xrange(self.k.routes_log, f"({after}", "+", count=limit + 1)
-            replies = await pipe.execute()
-        m, r = replies[0]
-        newest = replies[1]
-        aliases: list[str] | None = None
-        if after is not None:
-            aliases = []
-            for _, fields in replies[2]:
-                alias = fields.get("alias")
-                if not alias:
-                    aliases = None
-                    break
-                aliases.append(str(alias))
+            for log, since in logs:
+                pipe.xrevrange(log, "+", "-", count=1)
+                if since is not None:
+                    pipe.xrange(log, f"({since}", "+", count=limit + 1)
+            replies = iter(await pipe.execute(raise_on_error=False))
+        flags = next(replies) if ids else []
+        m, r = self._checked(self.k.models_version, next(replies), [None, None])
+        found: list[tuple[str, list[str] | None]] = []
+        for log, since in logs:
+            # A log of the wrong type reads as one that cannot account for the changes.
+            newest = _newest(self._checked(log, next(replies), []))
+            listed = None if since is None else self._checked(log, next(replies), None)
+            found.append((newest, None if listed is None else _logged_aliases(listed)))
         return RouteChanges(versions=(str(m or "0"), str(r or "0")),
-                            last_id=str(newest[0][0]) if newest else "0-0", aliases=aliases)
+                            last_id=found[0][0], aliases=found[0][1],
+                            models_last_id=found[1][0], models=found[1][1],
+                            alive={w for w, f in zip(ids, flags, strict=True) if f is not None})
 
     async def all_routes(self, aliases: Iterable[str]) -> dict[str, dict[str, str]]:
         names = list(aliases)
@@ -127,8 +161,16 @@ class ObservedStore(StoreBase):
 
     async def loads(self, aliases: list[str]) -> dict[str, dict[str, float]]:
         raws = await self._hashes([self.k.load(a) for a in aliases])
-        return {a: {w: float(v) for w, v in raw.items()}
-                for a, raw in zip(aliases, raws, strict=True)}
+        return {a: self._parse_load(a, raw) for a, raw in zip(aliases, raws, strict=True)}
+
+    def _parse_load(self, alias: str, raw: dict[str, str]) -> dict[str, float]:
+        out = {}
+        for w, v in raw.items():
+            try:
+                out[w] = parse_load(self.k.load(alias), w, v)
+            except BadRecord as e:
+                self._skip(e)
+        return out
 
     async def set_load(self, alias: str, worker_id: str, load: float | None) -> None:
         if load is None:
@@ -146,6 +188,6 @@ class ObservedStore(StoreBase):
         raws = await self._hashes([self.k.instance(a, w) for a, w in pairs])
         out: dict[str, dict[str, dict[str, str]]] = {a: {} for a in aliases}
         for (a, w), raw in zip(pairs, raws, strict=True):
-            if raw:
+            if raw and self._instance_ok(a, w, raw):
                 out[a][w] = raw
         return out

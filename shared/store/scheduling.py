@@ -11,6 +11,7 @@ import orjson
 from redis.asyncio.client import Pipeline
 
 from shared.models import Assignment, Reservation
+from shared.records import BadRecord, parse_assignment, parse_reservation
 from shared.store.base import StoreBase
 
 # Renews the lease when this holder has it, takes it when nobody does (with a new epoch).
@@ -66,10 +67,19 @@ class SchedulingStore(StoreBase):
     async def assignments(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Assignment]]:
         ids = list(worker_ids)
         raws = await self._hashes([self.k.assign(w) for w in ids])
-        return {
-            w: {a: Assignment.model_validate_json(v) for a, v in raw.items()}
-            for w, raw in zip(ids, raws, strict=True)
-        }
+        return {w: self._parse_assigns(w, raw) for w, raw in zip(ids, raws, strict=True)}
+
+    def _parse_assigns(self, worker_id: str, raw: dict[str, str]) -> dict[str, Assignment]:
+        """An ``assign:{worker}`` hash; an entry that does not parse is skipped (so the
+        scheduler places the alias again, overwriting it)."""
+        key = self.k.assign(worker_id)
+        out = {}
+        for alias, v in raw.items():
+            try:
+                out[alias] = parse_assignment(key, worker_id, alias, v)
+            except BadRecord as e:
+                self._skip(e)
+        return out
 
     async def worker_assignments(self, worker_id: str) -> dict[str, Assignment]:
         return (await self.assignments([worker_id]))[worker_id]
@@ -132,7 +142,7 @@ class SchedulingStore(StoreBase):
                 p.hdel(self.k.routes(alias), worker_id)
                 p.delete(self.k.instance(alias, worker_id))
                 p.srem(self.k.instances(alias), worker_id)
-            p.incr(self.k.routes_version)
+            self._bump(p, self.k.routes_version)  # unlogged: routers reload every alias
 
         await self._fenced(token, build)
         await self.publish("route", worker=worker_id)
@@ -140,10 +150,17 @@ class SchedulingStore(StoreBase):
     async def ledgers(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Reservation]]:
         ids = list(worker_ids)
         raws = await self._hashes([self.k.ledger(w) for w in ids])
-        return {
-            w: {a: Reservation.model_validate_json(v) for a, v in raw.items()}
-            for w, raw in zip(ids, raws, strict=True)
-        }
+        return {w: self._parse_ledger(w, raw) for w, raw in zip(ids, raws, strict=True)}
+
+    def _parse_ledger(self, worker_id: str, raw: dict[str, str]) -> dict[str, Reservation]:
+        key = self.k.ledger(worker_id)
+        out = {}
+        for alias, v in raw.items():
+            try:
+                out[alias] = parse_reservation(key, alias, v)
+            except BadRecord as e:
+                self._skip(e)
+        return out
 
     async def worker_state(self, worker_id: str) -> tuple[dict[str, Assignment], set[str]]:
         """A worker's assignments and the aliases of its ledger, read in one snapshot (so an
@@ -152,7 +169,7 @@ class SchedulingStore(StoreBase):
             pipe.hgetall(self.k.assign(worker_id))
             pipe.hkeys(self.k.ledger(worker_id))
             raw, reserved = await pipe.execute()
-        return {a: Assignment.model_validate_json(v) for a, v in raw.items()}, set(reserved)
+        return self._parse_assigns(worker_id, raw), set(reserved)
 
     async def release_reservation(self, worker_id: str, alias: str) -> bool:
         """Drop a ledger entry once its engine is confirmed gone, unless the alias has been

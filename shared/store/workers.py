@@ -7,7 +7,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
-from shared.models import GpuInfo, Heartbeat, WorkerRegistration, WorkerView
+from shared.models import Heartbeat, WorkerRegistration, WorkerView
+from shared.records import BadRecord, parse_worker
 from shared.store.base import StoreBase
 
 
@@ -52,28 +53,26 @@ class WorkersStore(StoreBase):
         await self.r.delete(self.k.worker_alive(worker_id))
         await self.publish("worker", worker=worker_id)
 
+    async def worker_ids(self) -> list[str]:
+        """Every registered worker id, including those whose record does not parse."""
+        return await self._members(self.k.workers)
+
     async def list_workers(self) -> list[WorkerView]:
         ids = await self._members(self.k.workers)
         async with self.r.pipeline(transaction=False) as pipe:
             for w in ids:
                 pipe.hgetall(self.k.worker(w))
                 pipe.exists(self.k.worker_alive(w))
-            flat = await pipe.execute()
+            flat = await pipe.execute(raise_on_error=False)
         out = []
         for i, w in enumerate(ids):
-            raw, alive = flat[2 * i], flat[2 * i + 1]
-            out.append(WorkerView(
-                worker_id=w,
-                url=raw.get("url", ""),
-                alive=bool(alive),
-                engines=json.loads(raw.get("engines", "[]")),
-                gpus=[GpuInfo.model_validate(g) for g in json.loads(raw.get("gpus", "[]"))],
-                gpu_message=raw.get("gpu_message", ""),
-                version=raw.get("version", ""),
-                registered_at=float(raw.get("registered_at", 0)),
-                last_seen=float(raw.get("last_seen", 0)),
-                load=json.loads(raw.get("load", "{}")),
-            ))
+            raw, alive = self._checked(self.k.worker(w), flat[2 * i], {}), flat[2 * i + 1]
+            try:
+                out.append(parse_worker(self.k.worker(w), w, raw, bool(alive)))
+            except BadRecord as e:
+                # Left out: nothing new is placed there and its assignments are not read;
+                # it still serves what it runs (its own loops do not read this record).
+                self._skip(e)
         return out
 
     async def alive(self, worker_ids: Iterable[str]) -> set[str]:

@@ -21,8 +21,14 @@ def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
     env |= ports | {"SVLLM_RUN_DIR": str(tmp_path), "GPU_BACKEND": "none",
                     "WORKER_ID": "qs-worker"}
     out = tmp_path / "start_all.out"
-    proc = procs.spawn([sys.executable, "-m", "scripts.start_all"], log_path=out, env=env,
-                       cwd=ROOT)
+    # Started the way a script in the background starts it (`setsid ... &`): with SIGINT
+    # ignored, which the child inherits. Ctrl-C must still stop everything.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = procs.spawn([sys.executable, "-m", "scripts.start_all"], log_path=out,
+                           env=env, cwd=ROOT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         wait_until(lambda: "The pool is up" in out.read_text(), 60, interval=0.2,
                    what=f"quick start output:\n{procs.tail(out)}")
