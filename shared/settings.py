@@ -68,6 +68,10 @@ class RouterSettings(CommonSettings):
     # Circuit breaker: consecutive failures that eject a replica, and for how long.
     breaker_failures: int = Field(default=3, ge=1)
     breaker_cooldown_s: float = Field(default=10.0, gt=0)
+    # Non-streamed answers up to this size are read whole before they are sent on, so a
+    # replica failing mid-answer costs nothing (failover); larger ones are relayed as they
+    # arrive, with back-pressure, so a slow reader holds no more than this in the router.
+    buffer_answer_max_bytes: int = Field(default=1 << 20, ge=0)
     router_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Requests held for a cold or sleeping model, per model across all routers; then 429.
     hold_queue_max: int = Field(default=256, ge=1)

@@ -108,6 +108,22 @@ class Exchange:
         self._parts.clear()
         return data
 
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body if it is at most ``limit`` bytes (the connection then goes back to
+        the pool), else None as soon as it is known to be larger: what arrived stays queued
+        for :meth:`chunks` or :meth:`pipe`, so the caller can relay the rest instead of
+        holding an answer of any size in memory."""
+        declared = self.length
+        if declared is not None and declared > limit:
+            return None
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            if self._size > limit:
+                return None
+            await self._waiter()
+        return await self.read_all()
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, one piece per socket read (or what accumulated since the
         last one); an upstream failure raises :class:`UpstreamError`."""

@@ -33,7 +33,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     holder = Holder(table, store, settings)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
-                          settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s)
+                          settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
+                          settings.buffer_answer_max_bytes)
     forwarder = Forwarder(table, upstreams, holder)
 
     @contextlib.asynccontextmanager
