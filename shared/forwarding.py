@@ -44,6 +44,10 @@ def relay(
         if on_close is not None:
             on_close()
 
-    return StreamingResponse(_chunks(ex, sse), status_code=ex.status,
-                             headers=headers_of(ex, request_id),
+    headers = headers_of(ex, request_id)
+    if ex.length is not None:
+        # Kept, so a relayed answer is framed as the engine framed it; one that ends short
+        # is then cut (the connection closes), never passed off as complete.
+        headers["content-length"] = str(ex.length)
+    return StreamingResponse(_chunks(ex, sse), status_code=ex.status, headers=headers,
                              background=BackgroundTask(close))

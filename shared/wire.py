@@ -27,8 +27,9 @@ import httptools
 
 from shared.errors import UpstreamError, UpstreamTimeout
 
-# A consumer that lags this far behind pauses reading from the upstream socket.
-_HIGH_WATER = 1 << 20
+# A consumer that lags this far behind pauses reading from the upstream socket. Small, so a
+# slow reader of a large answer costs the process little (and leaves little behind).
+_HIGH_WATER = 1 << 18
 
 
 class Sink(Protocol):
@@ -125,15 +126,16 @@ class Exchange:
         return await self.read_all()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, one piece per socket read (or what accumulated since the
-        last one); an upstream failure raises :class:`UpstreamError`."""
+        """The body as it arrives, one piece per socket read, never joined: a large answer
+        then never needs one large allocation (which the allocator would keep after); an
+        upstream failure raises :class:`UpstreamError`."""
         self._bounded = True
+        parts = self._parts
         while True:
-            if self._parts:
-                data = b"".join(self._parts)
-                self._parts.clear()
-                self._size = 0
-                if self._conn is not None:
+            if parts:
+                data = parts.pop(0)
+                self._size -= len(data)
+                if self._size <= _HIGH_WATER and self._conn is not None:
                     self._conn.resume()
                 yield data
                 continue

@@ -1,0 +1,124 @@
+"""Bounded memory per request: slow readers of large non-streamed answers must not make the
+router (or the worker) hold those answers, during or after.
+
+Before: the router read every non-streamed answer whole before sending it, so 20 slow readers
+of multi-MB embeddings answers held all of them in the router's memory (issue 10: 158 -> 401
+MB, 347 MB kept). Now an answer above BUFFER_ANSWER_MAX_BYTES is relayed as it arrives, and a
+reader that does not read pauses the upstream read (back-pressure).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import Cluster, Proc, register, wait_until
+
+READERS = 20
+INPUTS = 240  # base64 embeddings of 4096 floats: about 5.3 MB per answer
+MB = 1 << 20
+
+
+def rss_mb(proc: Proc) -> float:
+    assert proc.popen is not None
+    for line in Path(f"/proc/{proc.popen.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def request_bytes(port: int) -> bytes:
+    body = json.dumps({"model": "big", "input": ["word"] * INPUTS,
+                       "encoding_format": "base64"}).encode()
+    return (b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (port, len(body), body))
+
+
+def open_reader(port: int) -> socket.socket:
+    """A client that sends its request and then reads nothing until told to."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A small receive window, so the kernel cannot absorb the answer on the reader's behalf.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.connect(("127.0.0.1", port))
+    s.sendall(request_bytes(port))
+    return s
+
+
+def drain(s: socket.socket) -> bytes:
+    s.settimeout(60)
+    parts = []
+    with s:
+        while chunk := s.recv(1 << 16):
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+def check_answer(raw: bytes) -> None:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    assert b"transfer-encoding: chunked" not in head.lower()  # the engine's length is kept
+    data = json.loads(body)
+    assert len(data["data"]) == INPUTS
+
+
+def fast_read(port: int) -> int:
+    s = open_reader(port)
+    raw = drain(s)
+    check_answer(raw)
+    return len(raw)
+
+
+@pytest.mark.parametrize("fast_lane", ["true", "false"])
+def test_slow_readers_of_large_answers_do_not_grow_the_router(
+    cluster: Cluster, fast_lane: str
+) -> None:
+    cluster.manager()
+    worker = cluster.worker("w1", FAST_LANE=fast_lane)
+    router = cluster.router(FAST_LANE=fast_lane)
+    r = register(router, "big", engine="sim", extra_args=["--embedding-dim", "4096"])
+    assert r.status_code == 201, r.text
+    port = int(router.url.rsplit(":", 1)[1])
+    size = wait_until(lambda: fast_read(port), 30, interval=0.2, what="big serving")
+    assert size > 4 * MB  # well above BUFFER_ANSWER_MAX_BYTES (1 MB)
+    for _ in range(2):  # warm: what one served answer leaves behind is the baseline
+        fast_read(port)
+    base = {"router": rss_mb(router), "worker": rss_mb(worker)}
+
+    readers = [open_reader(port) for _ in range(READERS)]
+    # The answers are produced and arrive while nobody reads: back-pressure must hold them
+    # in the engine (or the kernel), not in the router or the worker.
+    peak = dict(base)
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        for name, proc in (("router", router), ("worker", worker)):
+            peak[name] = max(peak[name], rss_mb(proc))
+        time.sleep(0.1)
+    answers: list[bytes] = [b""] * READERS
+
+    def read(i: int) -> None:
+        answers[i] = drain(readers[i])
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(READERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for raw in answers:
+        check_answer(raw)
+    for name, proc in (("router", router), ("worker", worker)):
+        peak[name] = max(peak[name], rss_mb(proc))
+
+    held = READERS * size / MB
+    # Buffered whole, the router would hold all answers (about 100 MB here) while they wait;
+    # relayed, each reader costs at most the buffer limit plus a socket read or two.
+    assert peak["router"] - base["router"] < held / 4, (base, peak, held)
+    assert peak["worker"] - base["worker"] < held / 4, (base, peak, held)
+    # And afterwards the router is back within 10% of its baseline.
+    wait_until(lambda: rss_mb(router) <= base["router"] * 1.10, 10,
+               what=f"router RSS back near {base['router']:.0f} MB (peak {peak['router']:.0f})")
