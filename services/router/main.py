@@ -18,7 +18,7 @@ from services.router.upstream import Upstreams
 from shared.events import Nudger
 from shared.http import json_response, serve
 from shared.logs import setup_logging
-from shared.service import background, make_app, open_store
+from shared.service import background, make_app, open_store, pin_mmap_threshold
 from shared.settings import RouterSettings
 from shared.wire import Pool
 
@@ -63,6 +63,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
 def main() -> None:
     settings = RouterSettings()
     setup_logging("router", settings.log_level, settings.log_format)
+    pin_mmap_threshold()  # large relayed reads go back to the system once sent
     app = create_app(settings)
     serve(app, settings.router_host, settings.router_port,
           app.state.fast_lane if settings.fast_lane else None)
