@@ -89,6 +89,10 @@ class ManagerSettings(CommonSettings):
     # a replica.
     scale_out_s: float = Field(default=5.0, ge=0)
     scale_in_s: float = Field(default=60.0, ge=0)
+    # Largest register/heartbeat body (413 beyond): a real worker's record is a few KB.
+    worker_record_max_bytes: int = Field(default=256 * 1024, gt=0)
+    # Records of a worker dead (no heartbeat) this long are deleted by the scheduler.
+    worker_gc_grace_s: float = Field(default=600.0, gt=0)
 
 
 class WorkerSettings(CommonSettings):
