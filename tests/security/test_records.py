@@ -92,8 +92,11 @@ def post(manager: Proc, path: str, body: Any, **kw: Any) -> httpx.Response:
 def records(cluster: Cluster) -> dict[str, dict[str, str]]:
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
     try:
-        ids = r.smembers(f"{cluster.prefix}:workers")
-        return {w: r.hgetall(f"{cluster.prefix}:worker:{w}") for w in ids}
+        ids: set[str] = r.smembers(f"{cluster.prefix}:workers")  # type: ignore[assignment]
+        out: dict[str, dict[str, str]] = {}
+        for w in ids:
+            out[w] = r.hgetall(f"{cluster.prefix}:worker:{w}")  # type: ignore[assignment]
+        return out
     finally:
         r.close()
 
