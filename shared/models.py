@@ -224,6 +224,9 @@ class WorkerRegistration(Strict):
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_GPUS)
     gpu_message: str = Field(default="", max_length=MAX_MESSAGE)
     version: str = Field(default="", max_length=64)
+    # The most engines without GPUs the worker runs at once (MAX_CPU_ENGINES); None: no cap
+    # reported (a worker from before the setting).
+    max_cpu_engines: int | None = Field(default=None, ge=0, le=1024)
 
     @model_validator(mode="after")
     def _bounded(self) -> WorkerRegistration:
@@ -278,3 +281,4 @@ class WorkerView(BaseModel):
     registered_at: float = 0.0
     last_seen: float = 0.0
     load: dict[str, Any] = Field(default_factory=dict)
+    max_cpu_engines: int | None = None

@@ -120,6 +120,9 @@ class WorkerSettings(CommonSettings):
     state_dir: Path = Path("/tmp/svllm")
     # Host RAM that level-1 sleeping instances may hold (their weights); default: half of RAM.
     sleep_ram_budget_mb: int | None = Field(default=None, ge=0)
+    # The most engines without GPUs (on a worker without GPUs: every engine) this worker
+    # runs at once; reported in its record, and the scheduler places no more.
+    max_cpu_engines: int = Field(default=8, ge=0, le=1024)
 
     def engine_owner(self) -> str:
         """Names this worker's engines in their environment (see services.worker.orphans):

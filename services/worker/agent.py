@@ -58,6 +58,7 @@ class Agent:
             gpus=gpus,
             gpu_message=message,
             version=VERSION,
+            max_cpu_engines=self.settings.max_cpu_engines,
         )
 
     def heartbeat_body(self) -> Heartbeat:

@@ -46,6 +46,7 @@ class WorkersStore(StoreBase):
             "gpus": json.dumps([g.model_dump() for g in reg.gpus]),
             "gpu_message": reg.gpu_message,
             "version": reg.version,
+            "max_cpu_engines": "" if reg.max_cpu_engines is None else str(reg.max_cpu_engines),
             "registered_at": now,
             "last_seen": now,
         })
@@ -117,6 +118,7 @@ class WorkersStore(StoreBase):
                 registered_at=float(raw.get("registered_at", 0)),
                 last_seen=float(raw.get("last_seen", 0)),
                 load=json.loads(raw.get("load", "{}")),
+                max_cpu_engines=_int_or_none(raw.get("max_cpu_engines")),
             ))
         return out
 
@@ -136,3 +138,7 @@ def _gpus(raw: Mapping[str, str]) -> tuple[list[GpuInfo], str]:
                 raw.get("gpu_message", ""))
     except ValueError as e:
         return [], f"invalid GPU report in the worker record: {str(e)[:200]}"
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None

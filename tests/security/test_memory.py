@@ -19,7 +19,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Cluster, Proc, model_status, register, wait_until
+from tests.support import (
+    Cluster,
+    Proc,
+    child_pids,
+    model_status,
+    register,
+    status,
+    stays,
+    wait_until,
+)
 
 READERS = 20
 INPUTS = 240  # base64 embeddings of 4096 floats: about 5.3 MB per answer
@@ -147,3 +156,37 @@ def test_slow_readers_of_large_answers_do_not_grow_the_router(
     # And afterwards the router is back within 10% of its baseline.
     wait_until(lambda: rss_mb(router) <= base["router"] * 1.10, 10,
                what=f"router RSS back near {base['router']:.0f} MB (peak {peak['router']:.0f})")
+
+
+def test_engines_without_gpus_are_capped_per_worker(cluster: Cluster) -> None:
+    """Before: 25 registrations started 31 simulated engines on one worker (~1 GB)."""
+    cluster.manager()
+    worker = cluster.worker("w1", MAX_CPU_ENGINES="2")
+    router = cluster.router()
+    aliases = [f"m{i}" for i in range(4)]
+    for a in aliases:
+        assert register(router, a, engine="sim").status_code == 201
+
+    def placed() -> tuple[list[str], dict[str, str]]:
+        st = {m["alias"]: m for m in status(router)["models"]}
+        run = sorted(a for a in aliases if any(i["state"] == "RUNNING"
+                                               for i in st[a]["instances"]))
+        why = {a: st[a]["placement"] or "" for a in aliases if not st[a]["instances"]}
+        return run, why
+
+    def capped() -> bool:
+        run, why = placed()
+        return len(run) == 2 and len(why) == 2 and all(
+            "MAX_CPU_ENGINES=2" in reason for reason in why.values())
+
+    wait_until(capped, 30, interval=0.2, what="two engines, two refused with the reason")
+    assert worker.popen is not None
+    pid = worker.popen.pid
+    stays(lambda: capped() and len(child_pids(pid)) == 2, 2.0, interval=0.2,
+          what="no more than two engine processes")
+    # A slot freed is taken by a waiting model.
+    gone = placed()[0][0]
+    assert httpx.delete(f"{router.url}/admin/models/{gone}", timeout=10).status_code == 200
+    aliases.remove(gone)
+    wait_until(lambda: len(placed()[0]) == 2 and len(placed()[1]) == 1, 30, interval=0.2,
+               what="a waiting model placed in the freed slot")
