@@ -59,13 +59,20 @@ def _is_uuid(value: bytes) -> bool:
 PREFIX = "/proxy/"
 
 
+def tag(request: Request) -> bytes:
+    """The request's id, from the caller's valid ``x-request-id`` or new; kept on the
+    request so that every answer carries it, errors included (shared/errors.py)."""
+    given = request.headers.get("x-request-id")
+    rid = request_id_of(given.encode("latin-1") if given else None)
+    request.state.request_id = rid.decode("latin-1")
+    return rid
+
+
 async def forward(
     request: Request, alias: str, path: str, supervisor: Supervisor, pool: Pool, limit: int,
 ) -> Response:
     method = ALLOWED.get(path)
-    given = request.headers.get("x-request-id")
-    rid = request_id_of(given.encode("latin-1") if given else None)
-    request.state.request_id = rid.decode("latin-1")  # error answers carry it too
+    rid = tag(request)
     if method is None or method != request.method:
         raise NotFound(f"path '/{path}' is not proxied")
     engine = supervisor.serving(alias)

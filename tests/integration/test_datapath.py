@@ -85,6 +85,7 @@ def test_every_replica_failing_gives_a_502_with_the_reason(cluster: Cluster) -> 
 
 @pytest.mark.parametrize("fast_lane", ["true", "false"])
 def test_every_answer_carries_the_request_id(cluster: Cluster, fast_lane: str) -> None:
+    cluster.extra_env["INTERNAL_TOKEN"] = "inner"
     cluster.manager()
     worker = cluster.worker("w1", FAST_LANE=fast_lane)
     router = cluster.router(FAST_LANE=fast_lane)
@@ -114,8 +115,11 @@ def test_every_answer_carries_the_request_id(cluster: Cluster, fast_lane: str) -
         assert r.status_code in (400, 404) and r.headers["x-request-id"] == "err-1", r.text
     # The worker's proxy answers with it as well, errors included.
     wurl = f"{worker.url}/proxy/rid/v1/chat/completions"
-    r = httpx.post(wurl, json=body, headers={"x-request-id": "direct-1"}, timeout=30)
+    auth = {"authorization": "Bearer inner"}
+    r = httpx.post(wurl, json=body, headers={"x-request-id": "direct-1"} | auth, timeout=30)
     assert r.status_code == 200 and r.headers["x-request-id"] == "direct-1"
     r = httpx.post(f"{worker.url}/proxy/other/v1/chat/completions", json=body,
-                   headers={"x-request-id": "direct-2"}, timeout=30)
+                   headers={"x-request-id": "direct-2"} | auth, timeout=30)
     assert r.status_code == 503 and r.headers["x-request-id"] == "direct-2"
+    r = httpx.post(wurl, json=body, headers={"x-request-id": "direct-3"}, timeout=30)
+    assert r.status_code == 401 and r.headers["x-request-id"] == "direct-3"
