@@ -7,6 +7,7 @@ code that builds an error body: ``{"error": {"message", "type", "param", "code"}
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -170,9 +171,26 @@ async def _unexpected(_: Request, exc: Exception) -> Response:
     return error_response(ApiError("internal error"))
 
 
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def _with_request_id(handler: Handler) -> Handler:
+    """An error answer carries the request's id too, once a route has set
+    ``request.state.request_id`` (the OpenAI routes and the worker's proxy do)."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        response = await handler(request, exc)
+        rid = getattr(request.state, "request_id", None)
+        if rid:
+            response.headers["x-request-id"] = rid
+        return response
+
+    return handle
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RedisError, _redis_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(ApiError, _with_request_id(_api_error))
+    app.add_exception_handler(RequestValidationError, _with_request_id(_validation_error))
+    app.add_exception_handler(StarletteHTTPException, _with_request_id(_http_error))
+    app.add_exception_handler(RedisError, _with_request_id(_redis_error))
+    app.add_exception_handler(Exception, _with_request_id(_unexpected))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -87,13 +88,32 @@ def supported() -> bool:
     return not missing_internals()
 
 
+# A client's own request id is kept when it is this plain; anything else (too long, spaces,
+# control or non-ASCII bytes) is replaced, so it is safe in headers and logs downstream.
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
 def new_request_id() -> str:
     # 32 hex digits: a valid UUID, which llama-cpp-python's server insists on.
     return os.urandom(16).hex()
 
 
-def pass_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([k + b": " + v + b"\r\n" for k, v in headers if k in PASS_HEADERS])
+def request_id_of(given: bytes | None) -> bytes:
+    """The id of a request: the client's ``x-request-id`` when it is valid, else a new one."""
+    if given is not None and _VALID_REQUEST_ID.fullmatch(given):
+        return given
+    return new_request_id().encode()
+
+
+def pass_headers(headers: list[tuple[bytes, bytes]], request_id: bytes | None = None) -> bytes:
+    """The upstream headers that pass on; with ``request_id``, that id replaces the
+    upstream's own, so every answer carries the id the client knows."""
+    if request_id is None:
+        return b"".join([k + b": " + v + b"\r\n" for k, v in headers if k in PASS_HEADERS])
+    out = [k + b": " + v + b"\r\n" for k, v in headers
+           if k in PASS_HEADERS and k != b"x-request-id"]
+    out.append(b"x-request-id: " + request_id + b"\r\n")
+    return b"".join(out)
 
 
 class Lane:
@@ -110,6 +130,7 @@ class Lane:
         "method",
         "path",
         "proto",
+        "request_id",
         "started",
         "task",
     )
@@ -127,6 +148,8 @@ class Lane:
         self._sse = False
         self._over: asyncio.Future[None] | None = None
         self._pending: bytes | None = None  # the response head, until it can leave with data
+        # Set by the handler once known: every answer of this request then carries it.
+        self.request_id: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.cycle.scope["headers"]:
@@ -169,6 +192,8 @@ class Lane:
 
     def respond_error(self, err: ApiError) -> None:
         extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in err.headers.items())
+        if self.request_id is not None:
+            extra += b"x-request-id: " + self.request_id + b"\r\n"
         self.respond(err.status, _JSON + extra,
                      error_body(err.message, err.type, err.code, err.param))
 
@@ -181,7 +206,8 @@ class Lane:
         framing = b"transfer-encoding: chunked\r\n" if length is None else \
             b"content-length: %d\r\n" % length
         self.started = True
-        self._pending = self._head(ex.status, pass_headers(ex.headers), framing)
+        self._pending = self._head(ex.status, pass_headers(ex.headers, self.request_id),
+                                   framing)
         self._over = asyncio.get_running_loop().create_future()
         self._exchange = ex
         try:

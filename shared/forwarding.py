@@ -13,8 +13,12 @@ from shared.fastlane import PASS_HEADERS, STREAM_BROKEN
 from shared.wire import Exchange
 
 
-def headers_of(ex: Exchange) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in ex.headers if k in PASS_HEADERS}
+def headers_of(ex: Exchange, request_id: bytes | None = None) -> dict[str, str]:
+    """The upstream headers that pass on; ``request_id`` replaces the upstream's own."""
+    out = {k.decode("latin-1"): v.decode("latin-1") for k, v in ex.headers if k in PASS_HEADERS}
+    if request_id is not None:
+        out["x-request-id"] = request_id.decode("latin-1")
+    return out
 
 
 async def _chunks(ex: Exchange, sse: bool) -> AsyncIterator[bytes]:
@@ -28,7 +32,9 @@ async def _chunks(ex: Exchange, sse: bool) -> AsyncIterator[bytes]:
             yield STREAM_BROKEN
 
 
-def relay(ex: Exchange, on_close: Callable[[], None] | None = None) -> StreamingResponse:
+def relay(
+    ex: Exchange, on_close: Callable[[], None] | None = None, request_id: bytes | None = None,
+) -> StreamingResponse:
     """Pass an upstream response on as it arrives, never re-buffered or re-chunked.
     ``on_close`` runs once the response is over, however it ended."""
     sse = (ex.header(b"content-type") or b"").startswith(b"text/event-stream")
@@ -38,5 +44,10 @@ def relay(ex: Exchange, on_close: Callable[[], None] | None = None) -> Streaming
         if on_close is not None:
             on_close()
 
-    return StreamingResponse(_chunks(ex, sse), status_code=ex.status, headers=headers_of(ex),
+    headers = headers_of(ex, request_id)
+    if ex.length is not None:
+        # Kept, so a relayed answer is framed as the engine framed it; one that ends short
+        # is then cut (the connection closes), never passed off as complete.
+        headers["content-length"] = str(ex.length)
+    return StreamingResponse(_chunks(ex, sse), status_code=ex.status, headers=headers,
                              background=BackgroundTask(close))

@@ -148,19 +148,19 @@ class RegisterModelRequest(Strict):
 
 
 class GpuProcess(BaseModel):
-    pid: int
-    used_mb: int = 0
+    pid: int = Field(ge=0)
+    used_mb: int = Field(default=0, ge=0)
     ours: bool = False  # one of this worker's engines
 
 
 class GpuInfo(BaseModel):
-    index: int
+    index: int = Field(ge=0, lt=1024)
     uuid: str = ""
     name: str = ""
-    memory_total_mb: int = 0
-    memory_used_mb: int = 0
-    memory_free_mb: int = 0
-    utilization_pct: int | None = None
+    memory_total_mb: int = Field(default=0, ge=0)
+    memory_used_mb: int = Field(default=0, ge=0)
+    memory_free_mb: int = Field(default=0, ge=0)
+    utilization_pct: int | None = Field(default=None, ge=0, le=100)
     processes: list[GpuProcess] = Field(default_factory=list)
     # Memory held by processes that are not this worker's engines (None: not known).
     foreign_used_mb: int | None = None
@@ -175,21 +175,74 @@ class Reservation(BaseModel):
     epoch: int = 0
 
 
+# Bounds of a worker's record (register and heartbeat bodies, and what a worker writes to
+# Redis itself): every scheduler pass and /admin/status read every record, so one worker
+# must not be able to make them slow (seven 4.5 MB records once cut passes from 20 to 3 per
+# 20 s). A real worker stays far inside them: it caps its own report with cap_gpus.
+MAX_GPUS = 64
+MAX_GPU_PROCESSES = 64
+MAX_GPU_TEXT = 128  # a GPU's uuid and name
+MAX_MESSAGE = 1024  # gpu_message
+MAX_LOAD_KEYS = 64
+
+EngineName = Annotated[str, Field(min_length=1, max_length=32)]
+LoadKey = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+def _check_gpus(gpus: list[GpuInfo] | None) -> None:
+    """Bounds that GpuInfo itself does not carry (the worker builds it from NVML, then caps
+    it): raised with the field's path, for the 400 that names it."""
+    for i, g in enumerate(gpus or ()):
+        where = f"gpus.{i}"
+        if len(g.processes) > MAX_GPU_PROCESSES:
+            raise ValueError(f"{where}.processes: at most {MAX_GPU_PROCESSES} entries "
+                             f"(got {len(g.processes)})")
+        for name in ("uuid", "name"):
+            if len(getattr(g, name)) > MAX_GPU_TEXT:
+                raise ValueError(f"{where}.{name}: at most {MAX_GPU_TEXT} characters")
+
+
+def cap_gpus(gpus: list[GpuInfo], message: str) -> tuple[list[GpuInfo], str]:
+    """A worker's own GPU report within the record bounds: the first MAX_GPUS GPUs, the
+    largest processes (this worker's engines first) and truncated texts. Memory sums such as
+    ``foreign_used_mb`` were computed before, from every process."""
+    out = []
+    for g in gpus[:MAX_GPUS]:
+        procs = sorted(g.processes, key=lambda p: (not p.ours, -p.used_mb))
+        out.append(g.model_copy(update={"processes": procs[:MAX_GPU_PROCESSES],
+                                        "uuid": g.uuid[:MAX_GPU_TEXT],
+                                        "name": g.name[:MAX_GPU_TEXT]}))
+    return out, message[:MAX_MESSAGE]
+
+
 class WorkerRegistration(Strict):
     """What a worker says about itself: on register, and refreshed by each heartbeat."""
 
     worker_id: Name
     url: str = Field(min_length=1, max_length=512, pattern=r"^https?://[^\s]+$")
-    engines: list[str] = Field(default_factory=list, max_length=16)
-    gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
-    gpu_message: str = ""
-    version: str = ""
+    engines: list[EngineName] = Field(default_factory=list, max_length=16)
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_GPUS)
+    gpu_message: str = Field(default="", max_length=MAX_MESSAGE)
+    version: str = Field(default="", max_length=64)
+    # The most engines without GPUs the worker runs at once (MAX_CPU_ENGINES); None: no cap
+    # reported (a worker from before the setting).
+    max_cpu_engines: int | None = Field(default=None, ge=0, le=1024)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> WorkerRegistration:
+        _check_gpus(self.gpus)
+        return self
 
 
 class Heartbeat(Strict):
-    gpus: list[GpuInfo] | None = None
-    gpu_message: str | None = None
-    load: dict[str, float] = Field(default_factory=dict)
+    gpus: list[GpuInfo] | None = Field(default=None, max_length=MAX_GPUS)
+    gpu_message: str | None = Field(default=None, max_length=MAX_MESSAGE)
+    load: dict[LoadKey, float] = Field(default_factory=dict, max_length=MAX_LOAD_KEYS)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Heartbeat:
+        _check_gpus(self.gpus)
+        return self
 
 
 class Assignment(BaseModel):
@@ -229,3 +282,4 @@ class WorkerView(BaseModel):
     registered_at: float = 0.0
     last_seen: float = 0.0
     load: dict[str, Any] = Field(default_factory=dict)
+    max_cpu_engines: int | None = None

@@ -118,8 +118,8 @@ def parse_created_at(key: str, raw: Mapping[str, str]) -> float:
 
 
 WORKER_JSON_FIELDS = ("engines", "gpus", "load")
-WORKER_FIELDS = ("url", *WORKER_JSON_FIELDS, "gpu_message", "version", "registered_at",
-                 "last_seen")
+WORKER_FIELDS = ("url", *WORKER_JSON_FIELDS, "gpu_message", "version", "max_cpu_engines",
+                 "registered_at", "last_seen")
 
 
 def parse_worker(key: str, worker_id: str, raw: Mapping[str, str], alive: bool) -> WorkerView:
@@ -137,9 +137,18 @@ def parse_worker(key: str, worker_id: str, raw: Mapping[str, str], alive: bool) 
             gpus=[GpuInfo.model_validate(g) for g in gpus],
             gpu_message=raw.get("gpu_message", ""), version=raw.get("version", ""),
             registered_at=float(raw.get("registered_at", 0)),
-            last_seen=float(raw.get("last_seen", 0)), load=load)
+            last_seen=float(raw.get("last_seen", 0)), load=load,
+            max_cpu_engines=_cap(key, raw.get("max_cpu_engines", "")))
     except ValidationError as e:
         raise BadRecord(key, f"not a valid worker record: {_short(e)}") from None
+
+
+def _cap(key: str, value: str) -> int | None:
+    """A worker's reported cap on engines without GPUs ('' or absent: none reported)."""
+    if value == "":
+        return None
+    _number(key, "max_cpu_engines", value, int)
+    return int(value)
 
 
 def parse_assignment(key: str, worker_id: str, alias: str, raw: str) -> Assignment:

@@ -68,6 +68,10 @@ class RouterSettings(CommonSettings):
     # Circuit breaker: consecutive failures that eject a replica, and for how long.
     breaker_failures: int = Field(default=3, ge=1)
     breaker_cooldown_s: float = Field(default=10.0, gt=0)
+    # Non-streamed answers up to this size are read whole before they are sent on, so a
+    # replica failing mid-answer costs nothing (failover); larger ones are relayed as they
+    # arrive, with back-pressure, so a slow reader holds no more than this in the router.
+    buffer_answer_max_bytes: int = Field(default=1 << 20, ge=0)
     router_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Requests held for a cold or sleeping model, per model across all routers; then 429.
     hold_queue_max: int = Field(default=256, ge=1)
@@ -85,6 +89,10 @@ class ManagerSettings(CommonSettings):
     # a replica.
     scale_out_s: float = Field(default=5.0, ge=0)
     scale_in_s: float = Field(default=60.0, ge=0)
+    # Largest register/heartbeat body (413 beyond): a real worker's record is a few KB.
+    worker_record_max_bytes: int = Field(default=256 * 1024, gt=0)
+    # Records of a worker dead (no heartbeat) this long are deleted by the scheduler.
+    worker_gc_grace_s: float = Field(default=600.0, gt=0)
 
 
 class WorkerSettings(CommonSettings):
@@ -116,6 +124,9 @@ class WorkerSettings(CommonSettings):
     state_dir: Path = Path("/tmp/svllm")
     # Host RAM that level-1 sleeping instances may hold (their weights); default: half of RAM.
     sleep_ram_budget_mb: int | None = Field(default=None, ge=0)
+    # The most engines without GPUs (on a worker without GPUs: every engine) this worker
+    # runs at once; reported in its record, and the scheduler places no more.
+    max_cpu_engines: int = Field(default=8, ge=0, le=1024)
 
     def engine_owner(self) -> str:
         """Names this worker's engines in their environment (see services.worker.orphans):

@@ -27,8 +27,9 @@ import httptools
 
 from shared.errors import UpstreamError, UpstreamTimeout
 
-# A consumer that lags this far behind pauses reading from the upstream socket.
-_HIGH_WATER = 1 << 20
+# A consumer that lags this far behind pauses reading from the upstream socket. Small, so a
+# slow reader of a large answer costs the process little (and leaves little behind).
+_HIGH_WATER = 1 << 18
 
 
 class Sink(Protocol):
@@ -108,16 +109,33 @@ class Exchange:
         self._parts.clear()
         return data
 
+    async def read_at_most(self, limit: int) -> bytes | None:
+        """The whole body if it is at most ``limit`` bytes (the connection then goes back to
+        the pool), else None as soon as it is known to be larger: what arrived stays queued
+        for :meth:`chunks` or :meth:`pipe`, so the caller can relay the rest instead of
+        holding an answer of any size in memory."""
+        declared = self.length
+        if declared is not None and declared > limit:
+            return None
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            if self._size > limit:
+                return None
+            await self._waiter()
+        return await self.read_all()
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, one piece per socket read (or what accumulated since the
-        last one); an upstream failure raises :class:`UpstreamError`."""
+        """The body as it arrives, one piece per socket read, never joined: a large answer
+        then never needs one large allocation (which the allocator would keep after); an
+        upstream failure raises :class:`UpstreamError`."""
         self._bounded = True
+        parts = self._parts
         while True:
-            if self._parts:
-                data = b"".join(self._parts)
-                self._parts.clear()
-                self._size = 0
-                if self._conn is not None:
+            if parts:
+                data = parts.pop(0)
+                self._size -= len(data)
+                if self._size <= _HIGH_WATER and self._conn is not None:
                     self._conn.resume()
                 yield data
                 continue

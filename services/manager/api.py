@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.manager.scheduler import Scheduler
-from shared.errors import NotFound
+from shared.errors import Conflict, NotFound
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import Heartbeat, WorkerRegistration, is_valid_name
 from shared.settings import ManagerSettings
@@ -16,7 +16,9 @@ from shared.store import Store
 def build_routes(store: Store, settings: ManagerSettings, scheduler: Scheduler) -> APIRouter:
     internal = Depends(bearer_guard(settings.internal_token))
     api = APIRouter()
-    limit = settings.max_body_bytes
+    # Worker records are small (shared.models bounds them); a larger body is refused (413)
+    # before it is parsed.
+    limit = settings.worker_record_max_bytes
 
     @api.get("/health")
     async def health() -> Response:
@@ -31,7 +33,10 @@ def build_routes(store: Store, settings: ManagerSettings, scheduler: Scheduler) 
     @api.post("/workers/register", dependencies=[internal])
     async def register(request: Request) -> Response:
         reg = await parse_body(request, WorkerRegistration, limit)
-        await store.register_worker(reg, settings.heartbeat_ttl_s)
+        if not await store.register_worker(reg, settings.heartbeat_ttl_s):
+            raise Conflict(f"worker '{reg.worker_id}' is registered and alive at another URL; "
+                           "a worker that moved registers again once its heartbeat lapses",
+                           param="worker_id")
         return json_response({
             "ok": True,
             "heartbeat_interval_s": settings.heartbeat_interval_s,

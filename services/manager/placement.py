@@ -100,6 +100,19 @@ def _unfit_reason(spec: ModelSpec, w: WorkerView, mine: Mapping[str, Assignment]
     if spec.engine == "vllm" and spec.sleep_mode and not w.gpus:
         # vLLM's sleep mode needs CUDA memory pools: a CPU-only vLLM would fail to start.
         return f"{w.worker_id}: vLLM sleep mode (idle_sleep_s) needs a GPU"
+    return _cpu_cap_reason(w, mine)
+
+
+def _cpu_cap_reason(w: WorkerView, mine: Mapping[str, Assignment]) -> str | None:
+    """On a worker without GPUs every engine runs on its CPUs and RAM, and nothing else
+    bounds how many: its MAX_CPU_ENGINES does (25 registrations once started 31 engines)."""
+    cap = w.max_cpu_engines
+    if w.gpus or cap is None:
+        return None
+    running = sum(1 for a in mine.values() if not a.gpus)
+    if running >= cap:
+        return (f"{w.worker_id}: runs {running} engine(s) without GPUs, its cap "
+                f"(MAX_CPU_ENGINES={cap})")
     return None
 
 

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from services.manager.placement import Choice, WorkerOrder, choose_worker, fit_on
 from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
+from services.manager.worker_gc import gc_workers
 from shared.events import Nudger
 from shared.models import Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
@@ -144,6 +145,7 @@ class Scheduler:
             if not w.alive and assigns[w.worker_id] and trust_liveness:
                 await self._forget(w, list(models))
                 assigns[w.worker_id] = {}
+        workers = await gc_workers(self.store, self.token, workers, self.settings, trust_liveness)
         for w in workers:
             for alias in list(assigns[w.worker_id]):
                 # A model whose record does not parse is left as it is (reported), not

@@ -135,7 +135,8 @@ def build_routes(
         await store.check_records(await store.worker_ids())
         return json_response({
             "scheduler": {"lease": await store.lease_holder()},
-            # This router's own view: replicas its circuit breaker ejected, seconds left.
+            # This router's own view: replicas (model, worker) its circuit breaker ejected,
+            # with the seconds left.
             "router": {"id": settings.router_id,
                        "ejected": breaker.view(time.monotonic())},
             "workers": [w.model_dump() for w in workers],

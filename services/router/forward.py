@@ -12,13 +12,15 @@ from starlette.responses import Response, StreamingResponse
 from services.router.hold import Holder, Ticket
 from services.router.routes import RouteTable
 from services.router.upstream import Answer, Call, Upstreams
-from shared.errors import ApiError, NoCapacity, sse_error
+from shared.errors import ApiError, NoCapacity, UpstreamError, sse_error
 from shared.fastlane import STREAM_BROKEN
 from shared.store import StoredModel
 
 logger = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# An error answer passed on inside an event stream is read whole: never a large one.
+_ERROR_MAX = 1 << 16
 
 
 class Forwarder:
@@ -85,7 +87,10 @@ class Forwarder:
                 async for chunk in ex.chunks():
                     yield chunk
             else:
-                yield b"data: " + (await ex.read_all()).strip() + b"\n\n"
+                error = await ex.read_at_most(_ERROR_MAX)
+                yield b"data: " + error.strip() + b"\n\n" if error is not None else \
+                    sse_error(UpstreamError(f"the replica answered {ex.status} with an error "
+                                            f"of over {_ERROR_MAX} bytes"))
         except ApiError:
             yield STREAM_BROKEN
         finally:

@@ -18,7 +18,7 @@ from services.router.upstream import Upstreams
 from shared.events import Nudger
 from shared.http import json_response, serve
 from shared.logs import setup_logging
-from shared.service import background, make_app, open_store
+from shared.service import background, make_app, open_store, pin_mmap_threshold
 from shared.settings import RouterSettings
 from shared.wire import Pool
 
@@ -33,7 +33,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     holder = Holder(table, store, settings)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
-                          settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s)
+                          settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
+                          settings.buffer_answer_max_bytes)
     forwarder = Forwarder(table, upstreams, holder)
 
     @contextlib.asynccontextmanager
@@ -62,6 +63,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
 def main() -> None:
     settings = RouterSettings()
     setup_logging("router", settings.log_level, settings.log_format)
+    pin_mmap_threshold()  # large relayed reads go back to the system once sent
     app = create_app(settings)
     serve(app, settings.router_host, settings.router_port,
           app.state.fast_lane if settings.fast_lane else None)

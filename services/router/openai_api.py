@@ -11,7 +11,7 @@ from services.router.forward import Forwarder
 from services.router.routes import RouteTable
 from services.router.upstream import Call, Upstreams
 from shared.errors import BadRequest, ModelNotFound
-from shared.fastlane import Handler, Lane, Picker, new_request_id, pass_headers
+from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
 from shared.http import ClientGone, cancel_on_disconnect, json_response, parse_object, read_body
 from shared.models import is_valid_name
 from shared.store import StoredModel
@@ -20,7 +20,7 @@ _HOT = {f"/{p}": p for p in ("v1/chat/completions", "v1/completions", "v1/embedd
 
 
 async def _prepare(
-    table: RouteTable, body: bytes, path: str, request_id: str | None, session: str | None,
+    table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
 ) -> tuple[StoredModel, Call]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
@@ -32,7 +32,7 @@ async def _prepare(
         raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
     user = data.get("user")
     affinity = session or (user if isinstance(user, str) else None)
-    call = Call(name, path, body, request_id or new_request_id(), data.get("stream") is True,
+    call = Call(name, path, body, request_id, data.get("stream") is True,
                 affinity or None)
     return model, call
 
@@ -46,17 +46,18 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int) -> Picker:
         body = await lane.read_body(limit)
         if body is None:
             return False
-        request_id = lane.header(b"x-request-id")
+        # The id every answer carries (errors included) and the worker and engine get.
+        lane.request_id = rid = request_id_of(lane.header(b"x-request-id"))
         session = lane.header(b"x-session-id")
         model, call = await _prepare(
-            table, body, _HOT[lane.path], request_id.decode("latin-1") if request_id else None,
+            table, body, _HOT[lane.path], rid.decode("latin-1"),
             session.decode("latin-1") if session else None)
         if model.hold is not None or not table.replicas(call.alias):
             return False
         answer = await upstreams.open(call)
         ex = answer.exchange
         if answer.body is not None:
-            lane.respond(ex.status, pass_headers(ex.headers), answer.body)
+            lane.respond(ex.status, pass_headers(ex.headers, rid), answer.body)
             return True
         try:
             await lane.relay(ex)
@@ -74,16 +75,22 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
     api = APIRouter()
 
     async def handle(request: Request, *, path: str) -> Response:
+        given = request.headers.get("x-request-id")
+        rid = request_id_of(given.encode("latin-1") if given else None).decode("latin-1")
+        request.state.request_id = rid  # error answers carry it too (shared/errors.py)
         body = await read_body(request, limit)
-        model, call = await _prepare(table, body, path, request.headers.get("x-request-id"),
+        model, call = await _prepare(table, body, path, rid,
                                      request.headers.get("x-session-id"))
         if call.stream:
             # Once streaming, Starlette cancels the relay when the client goes away.
-            return await forwarder.handle(model, call)
-        try:
-            return await cancel_on_disconnect(request, forwarder.handle(model, call))
-        except ClientGone:
-            return Response(status_code=499)  # nobody reads it; for the logs (nginx's code)
+            response = await forwarder.handle(model, call)
+        else:
+            try:
+                response = await cancel_on_disconnect(request, forwarder.handle(model, call))
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it; for the logs (nginx's)
+        response.headers["x-request-id"] = rid
+        return response
 
     # The hot routes are plain Starlette routes: FastAPI's dependency machinery costs tens of
     # microseconds per request and these need none of it (docs/performance.md).

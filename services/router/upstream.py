@@ -1,9 +1,12 @@
 """Sending one request to the replicas of a model: choice, failover, circuit breaking.
 
 A request moves to another replica only while nothing has reached the client: on a connection
-error, a 502/503 from the worker, or (non-streamed) a failure while reading the answer, which
-is read whole before it is sent on. A streamed answer is relayed chunk by chunk; a failure
-after its first byte ends it with an error event, never with a retry glued onto it.
+error, a 500 from the engine or a 502/503/504 from the worker (streamed or not: the status
+comes before any byte is sent on), or (non-streamed) a failure while reading an answer of at
+most ``buffer_max`` bytes, which is read whole before it is sent on. A larger non-streamed
+answer is relayed as it arrives, with back-pressure, so memory per request stays bounded;
+it has no failover once its first byte is sent. A streamed answer is relayed chunk by chunk;
+a failure after its first byte ends it with an error event, never with a retry glued onto it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from shared.wire import Exchange, Pool
 
 logger = logging.getLogger(__name__)
 
-# A worker answering these has not started on the request: another replica may serve it.
-_RETRYABLE = (502, 503)
+# Nothing of these answers reaches the client, so another replica may serve the request: an
+# engine 500 (its core died while its API server still answers), the worker's 502/504
+# (engine unreachable or silent) and 503 (replica not ready).
+_RETRYABLE = frozenset((500, 502, 503, 504))
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +46,9 @@ class Call:
 
 @dataclass(slots=True)
 class Answer:
-    """A replica's answer: read whole (``body``) or, for a streamed call, still arriving on
-    ``exchange``; then :meth:`Upstreams.finished` must be called once it is over."""
+    """A replica's answer: read whole (``body``) or, for a streamed call or a large answer,
+    still arriving on ``exchange``; then :meth:`Upstreams.finished` must be called once it
+    is over."""
 
     worker: str
     exchange: Exchange
@@ -53,6 +59,7 @@ class Upstreams:
     def __init__(
         self, table: RouteTable, pool: Pool, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
+        buffer_max: int = 1 << 20,
     ) -> None:
         self.table = table
         self.pool = pool
@@ -60,13 +67,14 @@ class Upstreams:
         self.backoff_s = retry_backoff_s
         self.breaker = breaker
         self.retry_after_s = retry_after_s
+        self.buffer_max = buffer_max
         self.inflight: Counter[str] = Counter()
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
 
     def order(self, call: Call) -> list[str]:
         replicas = self.table.replicas(call.alias)
-        allowed = self.breaker.allowed(sorted(replicas), time.monotonic())
+        allowed = self.breaker.allowed(call.alias, sorted(replicas), time.monotonic())
         return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity)
 
     async def send(self, call: Call) -> Response:
@@ -89,7 +97,7 @@ class Upstreams:
             try:
                 return await self._attempt(worker, url, call)
             except _Retry as e:
-                self.breaker.failure(worker, time.monotonic())
+                self.breaker.failure(call.alias, worker, time.monotonic())
                 logger.warning("replica %s of %s failed before answering (%s); %s", worker,
                                call.alias, e.error.message, "retrying" if attempt + 1 <
                                self.max_attempts else "giving up")
@@ -110,25 +118,29 @@ class Upstreams:
             except UpstreamError as e:
                 raise _Retry(e) from e
             if ex.status in _RETRYABLE:
-                body = (await _read_quietly(ex))[:300].decode("utf-8", "replace")
-                if ex.status == 503:
-                    raise _Retry(NoCapacity(f"replica {worker} is not ready: {body}",
-                                            retry_after_s=self.retry_after_s))
-                raise _Retry(UpstreamError(f"replica {worker} failed: {body}"))
-            self.breaker.success(worker)
-            if call.stream:
-                handed_over = True
-                return Answer(worker, ex, None)
-            try:
-                content = await ex.read_all()
-            except UpstreamError as e:
-                raise _Retry(UpstreamError(f"reading the answer failed: {e.message}")) from e
+                raise _Retry(await self._refusal(worker, ex))
+            content = None
+            if not call.stream:
+                try:
+                    content = await ex.read_at_most(self.buffer_max)
+                except UpstreamError as e:
+                    raise _Retry(UpstreamError(f"reading the answer failed: {e.message}")) \
+                        from e
+            self.breaker.success(call.alias, worker)
+            handed_over = content is None
             return Answer(worker, ex, content)
         finally:
             if not handed_over:
                 self.finished(worker)
                 if ex is not None:
                     ex.close()  # cancelled mid-read: closing aborts the generation
+
+    async def _refusal(self, worker: str, ex: Exchange) -> ApiError:
+        body = (await _read_quietly(ex))[:300].decode("utf-8", "replace")
+        if ex.status == 503:
+            return NoCapacity(f"replica {worker} is not ready: {body}",
+                              retry_after_s=self.retry_after_s)
+        return UpstreamError(f"replica {worker} failed ({ex.status}): {body}")
 
     def finished(self, worker: str) -> None:
         self.inflight[worker] -= 1
@@ -143,8 +155,9 @@ class _Retry(Exception):
 
 
 async def _read_quietly(ex: Exchange) -> bytes:
+    """The start of a refusal's body, for the log and the error; never a large one whole."""
     try:
-        return await ex.read_all()
+        return await ex.read_at_most(4096) or b""
     except ApiError:
         return b""
     finally:

@@ -141,6 +141,11 @@ class SimEngine:
         self.health_failing = False
         self._sleep_lock = asyncio.Lock()
         self._rng = random.Random(config.seed)
+        # Starts at --fail-rate; tests change it on one replica with POST /sim/faults.
+        self.fail_rate = config.fail_rate
+        # The x-request-id of the latest API request, in /sim/stats: tests check that the id
+        # an answer carries is the one that reached the engine.
+        self.last_request_id: str | None = None
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._paced = config.ttft > 0 or config.itl > 0
         label = config.served_model_name.replace("\\", "\\\\").replace('"', '\\"')
@@ -161,6 +166,7 @@ class SimEngine:
             if not self._authorized(request):
                 return error_response(401, "Unauthorized")
             self.stats.requests += 1
+            self.last_request_id = request.headers.get("x-request-id")
             try:
                 body = await read_json(request)
                 model = body.get("model")
@@ -208,7 +214,7 @@ class SimEngine:
         return await self._generate(request, gen_spec(body, False, prompts, self.config))
 
     async def _generate(self, request: Request, spec: GenSpec) -> Response:
-        if self.config.fail_rate > 0 and self._rng.random() < self.config.fail_rate:
+        if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
             raise ApiError(500, "simulated engine failure")
         if spec.stream:
             return EventStream(self._events(spec), watch=self._paced)
@@ -334,7 +340,19 @@ class SimEngine:
                              "aborted": s.aborted, "running": s.running,
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
-                             "wakes": s.wakes})
+                             "wakes": s.wakes, "last_request_id": self.last_request_id})
+
+    async def sim_faults(self, request: Request) -> Response:
+        """Test hook: set this engine's failure rate at run time (``{"fail_rate": 1.0}``),
+        so one replica of a model can fail while the others do not."""
+        try:
+            rate = float((await request.json())["fail_rate"])
+        except (ValueError, KeyError, TypeError):
+            return error_response(400, 'body must be {"fail_rate": <0..1>}')
+        if not 0.0 <= rate <= 1.0:
+            return error_response(400, "fail_rate must be between 0 and 1")
+        self.fail_rate = rate
+        return JSONResponse({"fail_rate": rate})
 
     async def metrics(self, request: Request) -> Response:
         s = self.stats
@@ -383,6 +401,7 @@ def create_app(config: EngineConfig) -> Starlette:
         Route("/is_sleeping", engine.is_sleeping, methods=["GET"]),
         Route("/sim/stats", engine.sim_stats, methods=["GET"]),
         Route("/sim/fail_health", engine.fail_health, methods=["POST"]),
+        Route("/sim/faults", engine.sim_faults, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})

@@ -12,7 +12,7 @@ from services.worker.orphans import kill_orphans
 from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
-from shared.models import GpuInfo, Heartbeat, WorkerRegistration
+from shared.models import GpuInfo, Heartbeat, WorkerRegistration, cap_gpus
 from shared.settings import WorkerSettings
 from shared.store import Store
 
@@ -46,7 +46,8 @@ class Agent:
     def read_gpus(self) -> tuple[list[GpuInfo], str]:
         gpus, message = self.gpus.read()
         sup = self.supervisor
-        return account(gpus, sup.engine_pgids(), sup.reserved_by_gpu()), message
+        # Capped to the record bounds the manager and every reader rely on (shared.models).
+        return cap_gpus(account(gpus, sup.engine_pgids(), sup.reserved_by_gpu()), message)
 
     def registration(self) -> WorkerRegistration:
         gpus, message = self.read_gpus()
@@ -57,6 +58,7 @@ class Agent:
             gpus=gpus,
             gpu_message=message,
             version=VERSION,
+            max_cpu_engines=self.settings.max_cpu_engines,
         )
 
     def heartbeat_body(self) -> Heartbeat:
@@ -73,8 +75,9 @@ class Agent:
                 headers={"content-type": "application/json", **self._auth()},
             )
             r.raise_for_status()
-        else:
-            await self.store.register_worker(reg, self.settings.heartbeat_ttl_s)
+        elif not await self.store.register_worker(reg, self.settings.heartbeat_ttl_s):
+            raise RuntimeError(f"worker id {reg.worker_id} is held by a live worker at another "
+                               "URL; retrying until its heartbeat lapses")
         logger.info("registered worker %s at %s (engines: %s; %s)", reg.worker_id, reg.url,
                     ", ".join(reg.engines), reg.gpu_message or f"{len(reg.gpus)} GPU(s)")
 

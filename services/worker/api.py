@@ -68,6 +68,7 @@ def build_routes(
 
     async def proxied(request: Request) -> Response:
         # A plain Starlette route: the hot path skips FastAPI's dependency machinery.
+        proxy.tag(request)  # before anything can fail: every answer carries the id
         await check_internal(request)
         params = request.path_params
         return await proxy.forward(request, params["alias"], params["path"], sup, upstream,

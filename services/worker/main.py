@@ -17,7 +17,7 @@ from services.worker.supervisor import Supervisor
 from shared.events import Nudger
 from shared.http import make_client, serve
 from shared.logs import setup_logging
-from shared.service import background, make_app, open_store
+from shared.service import background, make_app, open_store, pin_mmap_threshold
 from shared.settings import WorkerSettings
 from shared.wire import Pool
 
@@ -60,6 +60,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
 def main() -> None:
     settings = WorkerSettings()
     setup_logging(f"worker {settings.worker_id}", settings.log_level, settings.log_format)
+    pin_mmap_threshold()  # large relayed reads go back to the system once sent
     app = create_app(settings)
     serve(app, settings.worker_host, settings.worker_port,
           app.state.fast_lane if settings.fast_lane else None)

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from services.worker.supervisor import Supervisor
 from shared.errors import NoCapacity, NotFound
-from shared.fastlane import Handler, Lane, Picker, new_request_id
+from shared.fastlane import Handler, Lane, Picker, new_request_id, request_id_of
 from shared.forwarding import relay
 from shared.http import ClientGone, cancel_on_disconnect, read_body
 from shared.wire import Pool
@@ -33,15 +33,20 @@ ALLOWED: dict[str, str] = {
 _FORWARD_HEADERS = (b"content-type", b"accept")
 
 
-def forward_headers(get: Callable[[bytes], bytes | None], uuid_ids: bool) -> bytes:
-    """The request headers the engine gets: content type, accept, and the request id (a
-    client's own id replaced by a fresh one where the engine insists on UUIDs)."""
+def engine_request_id(given: bytes | None, uuid_ids: bool) -> bytes:
+    """The id the engine gets and the answer carries: the caller's valid id (the router's,
+    which is its client's), else a fresh one; also fresh where the engine insists on UUIDs
+    and the caller's is not one."""
+    rid = request_id_of(given)
+    if uuid_ids and not _is_uuid(rid):
+        rid = new_request_id().encode()
+    return rid
+
+
+def forward_headers(get: Callable[[bytes], bytes | None], request_id: bytes) -> bytes:
+    """The request headers the engine gets: content type, accept, and the request id."""
     out = [h + b": " + v + b"\r\n" for h in _FORWARD_HEADERS if (v := get(h)) is not None]
-    rid = get(b"x-request-id")
-    if rid is not None:
-        if uuid_ids and not _is_uuid(rid):
-            rid = new_request_id().encode()
-        out.append(b"x-request-id: " + rid + b"\r\n")
+    out.append(b"x-request-id: " + request_id + b"\r\n")
     return b"".join(out)
 
 
@@ -54,10 +59,20 @@ def _is_uuid(value: bytes) -> bool:
 PREFIX = "/proxy/"
 
 
+def tag(request: Request) -> bytes:
+    """The request's id, from the caller's valid ``x-request-id`` or new; kept on the
+    request so that every answer carries it, errors included (shared/errors.py)."""
+    given = request.headers.get("x-request-id")
+    rid = request_id_of(given.encode("latin-1") if given else None)
+    request.state.request_id = rid.decode("latin-1")
+    return rid
+
+
 async def forward(
     request: Request, alias: str, path: str, supervisor: Supervisor, pool: Pool, limit: int,
 ) -> Response:
     method = ALLOWED.get(path)
+    rid = tag(request)
     if method is None or method != request.method:
         raise NotFound(f"path '/{path}' is not proxied")
     engine = supervisor.serving(alias)
@@ -72,7 +87,9 @@ async def forward(
         value = request.headers.get(name.decode())
         return value.encode("latin-1") if value else None
 
-    headers = forward_headers(get, engine.launch.uuid_request_ids)
+    rid = engine_request_id(rid, engine.launch.uuid_request_ids)
+    request.state.request_id = rid.decode("latin-1")
+    headers = forward_headers(get, rid)
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
     try:
@@ -87,7 +104,7 @@ async def forward(
     except BaseException:
         supervisor.end(alias)
         raise
-    return relay(ex, on_close=lambda: supervisor.end(alias))
+    return relay(ex, on_close=lambda: supervisor.end(alias), request_id=rid)
 
 
 def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int) -> Handler:
@@ -107,7 +124,9 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
         body = await lane.read_body(limit) if method == "POST" else b""
         if body is None:
             return False
-        headers = forward_headers(lane.header, engine.launch.uuid_request_ids)
+        lane.request_id = rid = engine_request_id(lane.header(b"x-request-id"),
+                                                  engine.launch.uuid_request_ids)
+        headers = forward_headers(lane.header, rid)
         supervisor.begin(alias)
         try:
             ex = await pool.send(engine.base_url, lane.method.encode(), b"/" + path.encode(),

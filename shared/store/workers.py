@@ -7,28 +7,72 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
 from shared.models import Heartbeat, WorkerRegistration, WorkerView
 from shared.records import BadRecord, parse_worker
-from shared.store.base import StoreBase
+from shared.store.base import NotLeader, StoreBase
 
 
 class WorkersStore(StoreBase):
-    async def register_worker(self, reg: WorkerRegistration, ttl_s: float) -> None:
+    async def register_worker(self, reg: WorkerRegistration, ttl_s: float) -> bool:
+        """Record a worker and its first heartbeat. False, and nothing written, when a live
+        worker holds ``reg.worker_id`` at another URL: a registration may not take over a
+        live worker's identity (a worker that moved waits out its old heartbeat's TTL)."""
+        wid = reg.worker_id
+        alive_key, record = self.k.worker_alive(wid), self.k.worker(wid)
+        for _ in range(5):  # a concurrent heartbeat of the same worker restarts the check
+            async with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(alive_key, record)
+                    if await pipe.exists(alive_key) and \
+                            await pipe.hget(record, "url") not in (None, reg.url):
+                        return False
+                    pipe.multi()
+                    self._write_registration(pipe, reg, ttl_s)
+                    await pipe.execute()
+                except WatchError:
+                    continue
+            await self.publish("worker", worker=wid)
+            return True
+        return False
+
+    def _write_registration(self, pipe: Pipeline, reg: WorkerRegistration, ttl_s: float) -> None:
         now = repr(time.time())
+        pipe.sadd(self.k.workers, reg.worker_id)
+        pipe.hset(self.k.worker(reg.worker_id), mapping={
+            "url": reg.url,
+            "engines": json.dumps(reg.engines),
+            "gpus": json.dumps([g.model_dump() for g in reg.gpus]),
+            "gpu_message": reg.gpu_message,
+            "version": reg.version,
+            "max_cpu_engines": "" if reg.max_cpu_engines is None else str(reg.max_cpu_engines),
+            "registered_at": now,
+            "last_seen": now,
+        })
+        pipe.set(self.k.worker_alive(reg.worker_id), now, px=int(ttl_s * 1000))
+
+    async def remove_dead_worker(self, token: str, worker_id: str) -> bool:
+        """Delete every record of a worker that is dead (no heartbeat) and holds no
+        assignment, only while ``token`` holds the scheduler lease. False when the worker
+        came back or got an assignment meanwhile (checked in the transaction)."""
+        alive_key, assign = self.k.worker_alive(worker_id), self.k.assign(worker_id)
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.sadd(self.k.workers, reg.worker_id)
-            pipe.hset(self.k.worker(reg.worker_id), mapping={
-                "url": reg.url,
-                "engines": json.dumps(reg.engines),
-                "gpus": json.dumps([g.model_dump() for g in reg.gpus]),
-                "gpu_message": reg.gpu_message,
-                "version": reg.version,
-                "registered_at": now,
-                "last_seen": now,
-            })
-            pipe.set(self.k.worker_alive(reg.worker_id), now, px=int(ttl_s * 1000))
-            await pipe.execute()
-        await self.publish("worker", worker=reg.worker_id)
+            try:
+                await pipe.watch(self.k.lease, alive_key, assign)
+                if await pipe.get(self.k.lease) != token:
+                    raise NotLeader(token)
+                if await pipe.exists(alive_key) or await pipe.hlen(assign):
+                    return False
+                pipe.multi()
+                pipe.srem(self.k.workers, worker_id)
+                pipe.delete(self.k.worker(worker_id), assign, self.k.ledger(worker_id))
+                await pipe.execute()
+            except WatchError:
+                return False
+        await self.publish("worker", worker=worker_id)
+        return True
 
     async def heartbeat(self, worker_id: str, hb: Heartbeat, ttl_s: float) -> bool | None:
         """Refresh liveness. None: unknown worker (register first). False: the alive key had

@@ -68,7 +68,8 @@ def test_dead_replica_is_retried_around_and_ejected(two) -> None:
     codes = [chat(router, "fo").status_code for _ in range(20)]
     assert codes == [200] * 20
     st = httpx.get(f"{router.url}/admin/status").json()
-    assert "w1" in st["router"]["ejected"]
+    assert {"model": "fo", "worker": "w1"} in [
+        {k: e[k] for k in ("model", "worker")} for e in st["router"]["ejected"]]
 
 
 def sse_events(resp: httpx.Response) -> list[dict[str, Any]]:

@@ -48,14 +48,26 @@ def test_affinity_is_stable_and_consistent() -> None:
 
 def test_breaker_ejects_then_half_opens() -> None:
     b = Breaker(threshold=2, cooldown_s=10)
-    b.failure("a", now=0)
-    assert b.allowed(["a", "b"], now=1) == ["a", "b"]
-    b.failure("a", now=1)
-    assert b.allowed(["a", "b"], now=2) == ["b"]
-    assert b.view(now=2) == {"a": 9.0}
-    assert b.allowed(["a"], now=2) == ["a"]  # all ejected: try anyway
-    assert b.allowed(["a", "b"], now=12) == ["a", "b"]  # cool-down over: half-open
-    b.failure("a", now=12)
-    assert b.allowed(["a", "b"], now=13) == ["b"]  # one failure ejects again
-    b.success("b")
-    assert "b" not in b.failures
+    b.failure("m", "a", now=0)
+    assert b.allowed("m", ["a", "b"], now=1) == ["a", "b"]
+    b.failure("m", "a", now=1)
+    assert b.allowed("m", ["a", "b"], now=2) == ["b"]
+    assert b.view(now=2) == [{"model": "m", "worker": "a", "seconds_left": 9.0}]
+    assert b.allowed("m", ["a"], now=2) == ["a"]  # all ejected: try anyway
+    assert b.allowed("m", ["a", "b"], now=12) == ["a", "b"]  # cool-down over: half-open
+    b.failure("m", "a", now=12)
+    assert b.allowed("m", ["a", "b"], now=13) == ["b"]  # one failure ejects again
+    b.success("m", "b")
+    assert ("m", "b") not in b.failures
+
+
+def test_breaker_is_per_model_on_a_worker() -> None:
+    """Model A failing on worker w1 ejects A's replica there, not w1 for every model."""
+    b = Breaker(threshold=2, cooldown_s=10)
+    for t in (0, 1):
+        b.failure("A", "w1", now=t)
+    assert b.allowed("A", ["w1", "w2"], now=2) == ["w2"]
+    assert b.allowed("B", ["w1", "w2"], now=2) == ["w1", "w2"]
+    b.success("B", "w1")  # B succeeding on w1 does not close A's breaker there
+    assert b.allowed("A", ["w1", "w2"], now=3) == ["w2"]
+    assert [(e["model"], e["worker"]) for e in b.view(now=3)] == [("A", "w1")]

@@ -147,6 +147,44 @@ async def test_iterated_answer_larger_than_the_high_water_mark_arrives_whole() -
         await pool.close()
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_read_at_most_gives_up_on_a_large_answer_and_leaves_it_to_relay(
+    chunked: bool,
+) -> None:
+    piece = b"z" * (64 << 10)
+    pieces = 32  # 2 MB
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:  # keep-alive: the second request comes on the same connection
+            await read_request(r)
+            if chunked:
+                w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for _ in range(pieces):
+                    w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    await w.drain()
+                w.write(b"0\r\n\r\n")
+            else:
+                w.write(sized(piece * pieces))
+            await w.drain()
+
+    async def read(pool: Pool, url: str) -> tuple[bytes | None, int]:
+        ex = await pool.send(url, b"POST", b"/x", b"", b"{}")
+        first = await ex.read_at_most(1 << 20)
+        total = 0
+        async for chunk in ex.chunks():  # nothing lost: what was read first comes first
+            total += len(chunk)
+        return first, total
+
+    async with upstream(script) as up:
+        pool = Pool(2, 2)
+        first, total = await asyncio.wait_for(read(pool, up.url), 10)
+        assert first is None and total == pieces * len(piece)
+        ex = await pool.send(up.url, b"POST", b"/x", b"", b"{}")
+        # An answer within the limit is read whole.
+        assert await asyncio.wait_for(ex.read_at_most(4 << 20), 10) == piece * pieces
+        await pool.close()
+
+
 async def test_request_carries_host_length_and_headers() -> None:
     seen: list[bytes] = []
 
