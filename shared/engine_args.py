@@ -55,6 +55,7 @@ _SIM: dict[str, ArgKind] = {
     "--fail-rate": ArgKind.NUMBER,
     "--fail-startup": ArgKind.FLAG,
     "--spawn-child": ArgKind.FLAG,
+    "--fail-health-after": ArgKind.NUMBER,
     "--sleep-delay": ArgKind.NUMBER,
     "--wake-delay-l1": ArgKind.NUMBER,
     "--wake-delay-l2": ArgKind.NUMBER,

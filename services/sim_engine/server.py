@@ -121,6 +121,8 @@ class Stats:
 
 
 _NO_SLEEP_MODE = "Sleep mode is not enabled: start the engine with --enable-sleep-mode."
+_ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+_WAITING_REASONS = ("capacity", "deferred")
 _METRICS = (
     ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches."),
     ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed."),
@@ -144,6 +146,11 @@ class SimEngine:
         self._paced = config.ttft > 0 or config.itl > 0
         label = config.served_model_name.replace("\\", "\\\\").replace('"', '\\"')
         self._label = f'{{model_name="{label}"}}'
+        self._label_inner = f'model_name="{label}"'
+        # The simulated engine core dies at this monotonic time (None: never).
+        self._dies_at = (time.monotonic() + config.fail_health_after
+                         if config.fail_health_after is not None else None)
+        self._dead = False
 
     # --- request plumbing -------------------------------------------------------------------
 
@@ -165,6 +172,8 @@ class SimEngine:
                 model = body.get("model")
                 if model is not None and model != self.config.served_model_name:
                     raise ApiError(404, f"The model `{model}` does not exist.")
+                if self.engine_dead():
+                    raise ApiError(500, _ENGINE_DEAD)
                 if self.sleep_level is not None:
                     raise ApiError(503, "engine is sleeping")
                 return await handler(request, body)
@@ -314,8 +323,30 @@ class SimEngine:
     async def is_sleeping(self, request: Request) -> Response:
         return JSONResponse({"is_sleeping": self.sleep_level is not None})
 
+    def engine_dead(self) -> bool:
+        """The simulated engine core is gone (API server still up), as after vLLM's
+        EngineDeadError: /health 503, generation 500."""
+        if self._dies_at is not None and time.monotonic() >= self._dies_at:
+            self._dead, self._dies_at = True, None
+            log("EngineCore died (--fail-health-after)", "ERROR")
+        return self._dead
+
     async def health(self, request: Request) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=503 if self.engine_dead() else 200)
+
+    async def sim_fault(self, request: Request) -> Response:
+        """POST /sim/fault {"dead": true|false}: kill or revive the simulated engine core."""
+        try:
+            body = await read_json(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.message)
+        dead = body.get("dead")
+        if not isinstance(dead, bool):
+            return error_response(400, "`dead` must be a boolean.")
+        self._dead, self._dies_at = dead, None
+        log(f"EngineCore {'died' if dead else 'revived'} (POST /sim/fault)",
+            "ERROR" if dead else "INFO")
+        return JSONResponse({"dead": dead})
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": "0.0.0+sim"})
@@ -332,12 +363,23 @@ class SimEngine:
         s = self.stats
         # A sleeping engine has released its KV cache.
         asleep = self.sleep_level is not None
-        usage = 0.0 if asleep else min(1.0, s.running / self.config.max_num_seqs)
-        values = (s.running, 0, usage, s.prompt_tokens, s.generation_tokens, s.completed)
+        # Requests past --max-num-seqs count as waiting (for capacity), as vLLM reports them.
+        running = min(s.running, self.config.max_num_seqs)
+        waiting = s.running - running
+        usage = 0.0 if asleep else min(1.0, running / self.config.max_num_seqs)
+        values = (running, waiting, usage, s.prompt_tokens, s.generation_tokens, s.completed)
         lines: list[str] = []
         for (name, kind, text), value in zip(_METRICS, values, strict=True):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
                       f"{name}{self._label} {float(value)}"]
+        # vLLM 0.32's breakdown of the waiting requests; a prefix match on
+        # vllm:num_requests_waiting would count them twice.
+        name = "vllm:num_requests_waiting_by_reason"
+        lines += [f"# HELP {name} Number of requests waiting to be processed, by reason.",
+                  f"# TYPE {name} gauge"]
+        for reason in _WAITING_REASONS:
+            value = waiting if reason == "capacity" else 0
+            lines.append(f'{name}{{{self._label_inner},reason="{reason}"}} {float(value)}')
         return Response("\n".join(lines) + "\n", media_type=_PROMETHEUS)
 
 
@@ -374,6 +416,7 @@ def create_app(config: EngineConfig) -> Starlette:
         Route("/wake_up", engine.wake_up, methods=["POST"]),
         Route("/is_sleeping", engine.is_sleeping, methods=["GET"]),
         Route("/sim/stats", engine.sim_stats, methods=["GET"]),
+        Route("/sim/fault", engine.sim_fault, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})

@@ -17,6 +17,7 @@ import httpx
 
 from services.worker.engines.base import EngineDriver, EngineExited, EngineProcess
 from services.worker.instance import Instance, host_ram_mb
+from services.worker.ownership import Owner, keeper_options
 from shared.models import InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store
@@ -50,6 +51,9 @@ class Flows:
         self.ram_in_use = ram_in_use
         self.worker_id = settings.worker_id
         self.url = settings.advertised_url()
+        # Set once the worker knows its pool (services.worker.agent); engines start after.
+        self.owner: Owner | None = None
+        self.keeping = keeper_options(settings)
 
     async def publish(self, inst: Instance) -> None:
         await self.store.put_instance(inst.alias, self.worker_id, inst.record())
@@ -71,9 +75,11 @@ class Flows:
             return
         inst.engine = EngineProcess(launch, port, log_path)
         logger.info("starting %s (%s) on port %d: %s", inst.alias, spec.engine, port, launch.argv)
-        inst.engine.start(f"{self.settings.engine_owner()}/{inst.alias}")
-        await self.publish(inst)
         try:
+            if self.owner is None:
+                raise EngineExited("this worker does not know its pool yet (Redis unreachable)")
+            await inst.engine.start(self.owner, inst.alias, self.keeping)
+            await self.publish(inst)
             await inst.engine.wait_ready(self.client, self.settings.engine_start_timeout_s)
         except (EngineExited, TimeoutError) as e:
             await self.fail(inst, str(e))

@@ -47,6 +47,17 @@ class WorkersStore(StoreBase):
             previous, _, _ = await pipe.execute()
         return previous is not None
 
+    async def pool_id(self, candidate: str) -> str:
+        """The pool's id: ``candidate`` when none exists yet (SET NX), else the existing one.
+
+        A worker passes the id it already uses, so a flushed Redis gets it back rather than a
+        new one that would disown the engines running now."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(self.k.pool_id, candidate, nx=True)
+            pipe.get(self.k.pool_id)
+            _, value = await pipe.execute()
+        return str(value)
+
     async def unregister_worker_alive(self, worker_id: str) -> None:
         """A worker leaving cleanly drops its heartbeat so the manager re-places at once."""
         await self.r.delete(self.k.worker_alive(worker_id))
