@@ -16,8 +16,9 @@ from collections.abc import Callable
 import httpx
 
 from services.worker.engines.base import EngineDriver, EngineExited, EngineProcess
+from services.worker.engines.environment import parse_passthrough
 from services.worker.instance import Instance, host_ram_mb
-from services.worker.ownership import Owner, keeper_options
+from services.worker.ownership import ORPHAN_GRACE_S, KeeperOptions, Owner
 from shared.models import InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store
@@ -186,6 +187,14 @@ class Flows:
         inst.state, inst.error = S.FAILED, why
         logger.error("%s failed: %s\n%s", inst.alias, why, inst.log_tail)
         await self.publish(inst)
+
+
+def keeper_options(settings: WorkerSettings) -> KeeperOptions:
+    return KeeperOptions(
+        stop_grace_s=settings.engine_stop_grace_s,
+        orphan_grace_s=min(ORPHAN_GRACE_S, settings.engine_stop_grace_s),
+        env_passthrough=parse_passthrough(settings.engine_env_passthrough),
+    )
 
 
 async def _tick() -> None:

@@ -19,9 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from services.worker.engines.environment import parse_passthrough
 from shared.procs import proc_start
-from shared.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +127,3 @@ class KeeperOptions:
 # A worker that died cannot wait for a graceful engine shutdown: its engines get this long.
 ORPHAN_GRACE_S = 5.0
 
-
-def keeper_options(settings: WorkerSettings) -> KeeperOptions:
-    return KeeperOptions(
-        stop_grace_s=settings.engine_stop_grace_s,
-        orphan_grace_s=min(ORPHAN_GRACE_S, settings.engine_stop_grace_s),
-        env_passthrough=parse_passthrough(settings.engine_env_passthrough),
-    )
