@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
+from shared.engine_policy import PolicyError, Sandbox, check_known_flags, vllm_flags_used
 from shared.errors import BadRequest, Conflict, ModelNotFound
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import RegisterModelRequest, is_valid_name
@@ -54,12 +55,18 @@ def build_routes(
     store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker
 ) -> APIRouter:
     api = APIRouter(prefix="/admin", dependencies=[Depends(bearer_guard(settings.admin_token))])
+    sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
 
     @api.post("/models/register")
     async def register(request: Request) -> Response:
         req = await parse_body(request, RegisterModelRequest, settings.max_body_bytes)
         try:
-            spec = req.to_spec(settings.default_engine)
+            spec = req.to_spec(settings.default_engine, sandbox)
+            if spec.engine == "vllm":
+                check_known_flags(vllm_flags_used(spec), await store.live_vllm_flags())
+        except PolicyError as e:
+            param = "model_name" if str(e).startswith("model_name") else "extra_args"
+            raise BadRequest(str(e), param=param) from None
         except ValueError as e:
             raise BadRequest(str(e).split("\n")[-1].strip() or "invalid model spec") from None
         if req.engine is None:

@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 
+from services.worker.engines.vllm import VllmDriver
 from services.worker.gpu import GpuInventory, account
 from services.worker.orphans import sweep
 from services.worker.ownership import ORPHAN_GRACE_S, Launcher, Owner
@@ -40,6 +41,8 @@ class Agent:
         self.nudger = nudger
         self.client = client
         self._registered = False
+        self._flags_reported = False
+        self._preparing: asyncio.Future[list[None]] | None = None
 
     @property
     def worker_id(self) -> str:
@@ -104,7 +107,9 @@ class Agent:
                 logger.warning("worker record is gone (Redis restarted?): registering again")
             await self.register()
             self._registered = True
+            self._flags_reported = False
             await self._keep_pool_id()
+        await self._report_engine_flags()
         if not known:
             # Our heartbeat had lapsed or the record was lost: routes may have been wiped.
             # Only what is still assigned here comes back (the manager may have moved the
@@ -113,7 +118,25 @@ class Agent:
             await self.supervisor.republish(set(assigned))
             self.nudger.event.set()
 
+    async def _report_engine_flags(self) -> None:
+        """Once the installed vLLM's flags are read, put them in the worker record (again
+        after a re-registration): routers check new registrations against them."""
+        driver = self.supervisor.drivers.get("vllm")
+        if self._flags_reported or not isinstance(driver, VllmDriver) or driver.info is None:
+            return
+        await self.store.set_engine_flags(self.worker_id, driver.info.version,
+                                          sorted(driver.info.flags))
+        self._flags_reported = True
+
     async def heartbeat_loop(self) -> None:
+        # Drivers learn what they need (vLLM's flags: seconds) while the worker serves.
+        self._preparing = asyncio.gather(*(d.prepare() for d in self.supervisor.drivers.values()))
+        try:
+            await self._beat_forever()
+        finally:
+            self._preparing.cancel()
+
+    async def _beat_forever(self) -> None:
         while True:
             try:
                 await self.heartbeat_once()

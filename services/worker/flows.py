@@ -19,6 +19,7 @@ from services.worker.engines.base import EngineDriver, EngineExited, EngineProce
 from services.worker.engines.environment import parse_passthrough
 from services.worker.instance import Instance, host_ram_mb
 from services.worker.ownership import ORPHAN_GRACE_S, KeeperOptions, Owner
+from shared.engine_policy import PolicyError, Sandbox, check_sandbox
 from shared.models import InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store
@@ -55,6 +56,8 @@ class Flows:
         # Set once the worker knows its pool (services.worker.agent); engines start after.
         self.owner: Owner | None = None
         self.keeping = keeper_options(settings)
+        self.sandbox = Sandbox.from_settings(settings.allow_trust_remote_code,
+                                             settings.model_roots)
 
     async def publish(self, inst: Instance) -> None:
         await self.store.put_instance(inst.alias, self.worker_id, inst.record())
@@ -70,8 +73,13 @@ class Flows:
         port = free_port()
         log_path = self.settings.state_dir / self.worker_id / f"{inst.alias}.log"
         try:
-            launch = self.drivers[spec.engine].launch(spec, port, inst.assignment)
-        except (KeyError, RuntimeError) as e:
+            # The operator's sandbox, again here: the spec may predate it, or not come
+            # through a router.
+            check_sandbox(spec.engine, spec.model_name, spec.extra_args, self.sandbox)
+            driver = self.drivers[spec.engine]
+            await driver.prepare()
+            launch = driver.launch(spec, port, inst.assignment)
+        except (KeyError, RuntimeError, PolicyError) as e:
             await self.fail(inst, f"cannot launch engine '{spec.engine}' here: {e}")
             return
         inst.engine = EngineProcess(launch, port, log_path)

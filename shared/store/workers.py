@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
+from shared.engine_policy import EngineFlags
 from shared.models import GpuInfo, Heartbeat, WorkerRegistration, WorkerView
 from shared.store.base import StoreBase
 
@@ -58,6 +59,32 @@ class WorkersStore(StoreBase):
             _, value = await pipe.execute()
         return str(value)
 
+    async def set_engine_flags(self, worker_id: str, version: str, flags: list[str]) -> None:
+        """What the worker's installed vLLM accepts (its version and its parser's flags), for
+        the routers' check of new registrations."""
+        await self.r.hset(self.k.worker(worker_id), mapping={
+            "vllm_version": version, "vllm_flags": json.dumps(sorted(flags))})
+
+    async def live_vllm_flags(self) -> list[EngineFlags]:
+        """The vLLM flag sets reported by live workers (those that have reported one)."""
+        ids = await self._members(self.k.workers)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for w in ids:
+                pipe.hmget(self.k.worker(w), ["vllm_version", "vllm_flags"])
+                pipe.exists(self.k.worker_alive(w))
+            flat = await pipe.execute()
+        out = []
+        for i, w in enumerate(ids):
+            (version, flags), alive = flat[2 * i], flat[2 * i + 1]
+            if not alive or not version or not flags:
+                continue
+            try:
+                names = frozenset(str(f) for f in json.loads(flags))
+            except (ValueError, TypeError):
+                continue  # a garbled record must not block registrations
+            out.append(EngineFlags(w, version, names))
+        return out
+
     async def unregister_worker_alive(self, worker_id: str) -> None:
         """A worker leaving cleanly drops its heartbeat so the manager re-places at once."""
         await self.r.delete(self.k.worker_alive(worker_id))
@@ -81,6 +108,7 @@ class WorkersStore(StoreBase):
                 gpus=[GpuInfo.model_validate(g) for g in json.loads(raw.get("gpus", "[]"))],
                 gpu_message=raw.get("gpu_message", ""),
                 version=raw.get("version", ""),
+                vllm_version=raw.get("vllm_version", ""),
                 registered_at=float(raw.get("registered_at", 0)),
                 last_seen=float(raw.get("last_seen", 0)),
                 load=json.loads(raw.get("load", "{}")),

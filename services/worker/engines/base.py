@@ -49,6 +49,10 @@ class EngineDriver(Protocol):
     def unavailable_reason(self) -> str | None:
         """None when this machine can run the engine, else why not."""
 
+    async def prepare(self) -> None:
+        """Learn what the installed engine needs known before a launch (vLLM: its version
+        and flags). Awaited before every launch; cheap once done."""
+
     def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
         """The argument list (never a shell string) and extra environment for ``spec`` on
         the GPUs (and memory share) of its assignment."""
