@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from services.worker.engines.vllm_flags import ProbeError, parse_probe_output, python_of
+from services.worker.engines.vllm import VllmDriver
+from services.worker.engines.vllm_flags import (
+    ProbeError,
+    VllmInfo,
+    parse_probe_output,
+    python_of,
+)
 from shared.engine_args import ExtraArgsError, normalize_extra_args
 from shared.engine_policy import (
     EngineFlags,
@@ -15,7 +21,7 @@ from shared.engine_policy import (
     check_known_flags,
     is_local_path,
 )
-from shared.models import RegisterModelRequest
+from shared.models import Assignment, ModelSpec, RegisterModelRequest
 
 STRICT = Sandbox()
 ROOTS = Sandbox.from_settings(False, "/models, /srv/weights/")
@@ -133,3 +139,19 @@ def test_python_of_launch_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     script.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert python_of(["vllm", "serve"]) == "/opt/v/bin/python3"
+
+
+def test_vllm_launch_checks_flags_and_quiets_polling() -> None:
+    driver = VllmDriver("/venv/bin/python -m vllm.entrypoints.openai.api_server")
+    placed = Assignment(alias="a", worker_id="w1")
+    good = ModelSpec(alias="a", model_name="org/m", engine="vllm", extra_args=["--dtype", "half"])
+    assert "--disable-access-log-for-endpoints" not in driver.launch(good, 8000, placed).argv
+    driver.info = VllmInfo("0.32.0", frozenset({"--dtype", "--disable-access-log-for-endpoints",
+                                                "--disable-uvicorn-access-log"}))
+    argv = driver.launch(good, 8000, placed).argv
+    assert argv[-2:] == ["--disable-access-log-for-endpoints", "/metrics,/health"]
+    driver.info = VllmInfo("0.9.0", frozenset({"--dtype", "--disable-uvicorn-access-log"}))
+    assert driver.launch(good, 8000, placed).argv[-1] == "--disable-uvicorn-access-log"
+    old = good.model_copy(update={"extra_args": ["--disable-log-requests"]})
+    with pytest.raises(RuntimeError, match=r"'--disable-log-requests' is not a flag of vLLM 0\.9"):
+        driver.launch(old, 8000, placed)
