@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.sim_engine import textgen
 from services.sim_engine.cli import EngineConfig, log
+from services.sim_engine.metrics import PROMETHEUS, Gauges, render
 from services.sim_engine.protocol import (
     DONE_EVENT,
     ApiError,
@@ -122,17 +123,6 @@ class Stats:
 
 _NO_SLEEP_MODE = "Sleep mode is not enabled: start the engine with --enable-sleep-mode."
 _ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
-_WAITING_REASONS = ("capacity", "deferred")
-_METRICS = (
-    ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches."),
-    ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed."),
-    ("vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage. 1 means 100 percent usage."),
-    ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed."),
-    ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed."),
-    ("vllm:request_success_total", "counter", "Count of successfully processed requests."),
-)
-
-
 class SimEngine:
     """The engine's state and its request handlers."""
 
@@ -145,7 +135,6 @@ class SimEngine:
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._paced = config.ttft > 0 or config.itl > 0
         label = config.served_model_name.replace("\\", "\\\\").replace('"', '\\"')
-        self._label = f'{{model_name="{label}"}}'
         self._label_inner = f'model_name="{label}"'
         # The simulated engine core dies at this monotonic time (None: never).
         self._dies_at = (time.monotonic() + config.fail_health_after
@@ -361,29 +350,13 @@ class SimEngine:
 
     async def metrics(self, request: Request) -> Response:
         s = self.stats
-        # A sleeping engine has released its KV cache.
-        asleep = self.sleep_level is not None
         # Requests past --max-num-seqs count as waiting (for capacity), as vLLM reports them.
         running = min(s.running, self.config.max_num_seqs)
-        waiting = s.running - running
-        usage = 0.0 if asleep else min(1.0, running / self.config.max_num_seqs)
-        values = (running, waiting, usage, s.prompt_tokens, s.generation_tokens, s.completed)
-        lines: list[str] = []
-        for (name, kind, text), value in zip(_METRICS, values, strict=True):
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
-                      f"{name}{self._label} {float(value)}"]
-        # vLLM 0.32's breakdown of the waiting requests; a prefix match on
-        # vllm:num_requests_waiting would count them twice.
-        name = "vllm:num_requests_waiting_by_reason"
-        lines += [f"# HELP {name} Number of requests waiting to be processed, by reason.",
-                  f"# TYPE {name} gauge"]
-        for reason in _WAITING_REASONS:
-            value = waiting if reason == "capacity" else 0
-            lines.append(f'{name}{{{self._label_inner},reason="{reason}"}} {float(value)}')
-        return Response("\n".join(lines) + "\n", media_type=_PROMETHEUS)
-
-
-_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+        gauges = Gauges(running=running, waiting=s.running - running,
+                        max_num_seqs=self.config.max_num_seqs,
+                        asleep=self.sleep_level is not None, prompt_tokens=s.prompt_tokens,
+                        generation_tokens=s.generation_tokens, completed=s.completed)
+        return Response(render(gauges, self._label_inner), media_type=PROMETHEUS)
 
 
 
