@@ -14,9 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from services.worker.engines.base import KEEPER_PATH
+from services.worker.engines.base import KEEPER_PATH, EngineExited, EngineProcess, Launch
+from services.worker.ownership import KeeperOptions, Launcher, Owner
 from shared import procs
 from tests.support import wait_until
 
@@ -152,3 +154,31 @@ def test_engine_that_cannot_start(tmp_path: Path) -> None:
     ours.settimeout(5)
     assert ours.recv(100) == b""  # no "started" report: the worker sees EOF
     ours.close()
+
+
+async def test_engine_process_lifecycle_and_record(tmp_path: Path) -> None:
+    owner = Owner("pool1", "w1", Launcher.this_process(), tmp_path)
+    sleeper = [sys.executable, "-c", "import time\nwhile True: time.sleep(60)"]
+    engine = EngineProcess(Launch(sleeper), 1, tmp_path / "e.log")
+    await engine.start(owner, "a", KeeperOptions(stop_grace_s=1.0))
+    assert engine.record is not None and engine.pid == engine.record.pgid
+    assert engine.exit_code() is None and not engine.gone()
+    assert [r.alias for r in owner.records()] == ["a"]
+    assert owner.records()[0].launcher == owner.launcher
+    assert await engine.stop(1.0) == 128 + signal.SIGTERM
+    assert engine.gone() and owner.records() == []
+    assert await engine.stop(1.0) == 128 + signal.SIGTERM  # twice is fine
+
+
+async def test_engine_that_exits_at_once_reports_its_code(tmp_path: Path) -> None:
+    owner = Owner("pool1", "w1", Launcher.this_process(), tmp_path)
+    engine = EngineProcess(Launch([str(tmp_path / "no-such-engine")]), 1, tmp_path / "e.log")
+    try:
+        await engine.start(owner, "a", KeeperOptions(stop_grace_s=1.0))
+    except EngineExited as e:  # no setpriv here: the keeper itself could not start it
+        assert "code 127" in str(e)
+        return
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(EngineExited, match="exited with code 127"):
+            await engine.wait_ready(client, 10)
+    await engine.stop(1.0)

@@ -126,7 +126,12 @@ class EngineProcess:
         finally:
             self._sock.settimeout(None)
         if not data.endswith(b"\n"):
-            code = self.keeper.poll()
+            try:  # end-of-file: the keeper is exiting (it could not start the engine)
+                code: int | None = self.keeper.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # silent: it must not linger either
+                code = None
+                self.keeper.kill()
+                self.keeper.wait(timeout=10)
             raise EngineExited(f"engine keeper exited with code {code} before the engine ran"
                                if code is not None else "engine keeper did not report")
         report: dict[str, int] = json.loads(data)
