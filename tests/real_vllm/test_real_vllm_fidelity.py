@@ -184,5 +184,5 @@ def test_kill9_engine_core_leaves_routes_no_500(
         left = routes.hgetall(f"{cluster.prefix}:routes:two")
     finally:
         routes.close()
-    assert "w1" not in left, left
-    assert failures == [], failures
+    assert "w1" not in left and failures == [], (
+        f"routes 10 s after the kill: {left}; non-200 answers: {failures}")
