@@ -16,8 +16,9 @@ instead of init, and is found and ended as well: vLLM's EngineCore and Worker pr
 rename themselves and ignore their parent's death, cannot outlive the keeper.
 
 The keeper reports ``{"event": "started", "pid", "pgid", "start"}`` (one JSON line) on the
-socket once the engine runs, and exits with the engine's exit code (128 + signal number when a
-signal ended it). Standard library only, so it starts fast and from any directory.
+socket once the engine runs, ``{"event": "exited", "code"}`` as soon as the engine leader exits
+on its own, and exits with the engine's exit code (128 + signal number when a signal ended it)
+once nothing of the engine is left. Standard library only, so it starts fast and from any directory.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ class Keeper:
         self.stop_requested = False
 
     def report_started(self) -> None:
-        msg = {"event": "started", "pid": self.engine.pid, "pgid": self.pgid,
-               "start": proc_start(self.engine.pid) or 0}
+        self.send({"event": "started", "pid": self.engine.pid, "pgid": self.pgid,
+                   "start": proc_start(self.engine.pid) or 0})
+
+    def send(self, msg: dict[str, int | str]) -> None:
         with contextlib.suppress(OSError):
             self.sock.sendall(json.dumps(msg).encode() + b"\n")
 
@@ -153,7 +156,7 @@ class Keeper:
         self.reap()
         if self.code is None:  # ended by us: the group is gone, so is the leader
             self.code = self.engine.wait()
-        return self.code if self.code >= 0 else 128 - self.code
+        return _exit_status(self.code)
 
     def _on_stop_signal(self, *_: object) -> None:
         self.stop_requested = True
@@ -163,6 +166,9 @@ class Keeper:
         while True:
             self.reap()
             if self.code is not None:
+                # Tell the worker at once: it withdraws the route before the leftovers are
+                # ended (which may take the grace).
+                self.send({"event": "exited", "code": _exit_status(self.code)})
                 log(f"engine exited with code {self.code}; ending what it left behind")
                 return grace_s
             if self.stop_requested:
@@ -182,6 +188,11 @@ class Keeper:
                     return orphan_grace_s
                 if b"stop" in data:
                     return grace_s
+
+
+def _exit_status(code: int) -> int:
+    """A Popen return code as an exit status: 128 + N for a process ended by signal N."""
+    return code if code >= 0 else 128 - code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -182,3 +182,21 @@ async def test_engine_that_exits_at_once_reports_its_code(tmp_path: Path) -> Non
         with pytest.raises(EngineExited, match="exited with code 127"):
             await engine.wait_ready(client, 10)
     await engine.stop(1.0)
+
+
+async def test_leader_exit_is_known_before_the_leftovers_are_gone(tmp_path: Path) -> None:
+    """The keeper says the leader exited at once; ending a leftover that ignores SIGTERM
+    takes the grace, and only then is the engine gone."""
+    owner = Owner("pool1", "w1", Launcher.this_process(), tmp_path)
+    pidfile = tmp_path / "grandchild"
+    argv = [sys.executable, "-c", ENGINE, str(pidfile), "-", "3"]
+    engine = EngineProcess(Launch(argv), 1, tmp_path / "e.log")
+    await engine.start(owner, "a", KeeperOptions(stop_grace_s=3.0))
+    try:
+        wait_until(lambda: engine.exit_code() == 3, 10, what="leader exit reported")
+        assert engine.keeper is not None and engine.keeper.poll() is None
+        assert not engine.gone()  # the grandchild ignores SIGTERM: it waits out the grace
+        wait_until(engine.gone, 15, what="leftovers ended after the grace")
+        assert engine.exit_code() == 3
+    finally:
+        await engine.stop(1.0)

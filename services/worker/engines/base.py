@@ -80,6 +80,9 @@ class EngineProcess:
         self.record: EngineRecord | None = None
         self._owner: Owner | None = None
         self._sock: socket.socket | None = None
+        self._inbox = b""
+        # Set from the keeper's "exited" message: the leader is gone, its leftovers may not be.
+        self._leader_code: int | None = None
         self.base_url = f"http://127.0.0.1:{port}"
 
     @property
@@ -104,42 +107,72 @@ class EngineProcess:
                                       pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()  # the keeper holds the only other end: EOF there = we are gone
-        self._sock, self._owner = ours, owner
-        report = self._read_report()
+        self._owner = owner
+        # Only this thread reads the socket until the report is in: a read from the event
+        # loop (exit_code) on a socket with a timeout would wait for data, not return.
+        report = self._read_report(ours)
+        self._sock = ours
         keeper_id = Launcher(self.keeper.pid, procs.proc_start(self.keeper.pid) or 0)
         engine_id = Launcher(int(report["pid"]), int(report["start"]))
         self.record = owner.record(alias, keeper_id, int(report["pgid"]), engine_id)
         owner.write(self.record)
 
-    def _read_report(self) -> dict[str, int]:
-        assert self._sock is not None and self.keeper is not None
-        self._sock.settimeout(_KEEPER_REPORT_TIMEOUT_S)
+    def _read_report(self, sock: socket.socket) -> dict[str, int]:
+        assert self.keeper is not None
+        sock.settimeout(_KEEPER_REPORT_TIMEOUT_S)
         data = b""
         try:
-            while not data.endswith(b"\n"):
-                chunk = self._sock.recv(4096)
+            while b"\n" not in data:
+                chunk = sock.recv(4096)
                 if not chunk:
                     break
                 data += chunk
         except TimeoutError:
             pass
         finally:
-            self._sock.settimeout(None)
-        if not data.endswith(b"\n"):
+            sock.settimeout(None)
+        if b"\n" not in data:
             try:  # end-of-file: the keeper is exiting (it could not start the engine)
                 code: int | None = self.keeper.wait(timeout=5)
             except subprocess.TimeoutExpired:  # silent: it must not linger either
                 code = None
                 self.keeper.kill()
                 self.keeper.wait(timeout=10)
+            sock.close()
             raise EngineExited(f"engine keeper exited with code {code} before the engine ran"
                                if code is not None else "engine keeper did not report")
-        report: dict[str, int] = json.loads(data)
+        first, self._inbox = data.split(b"\n", 1)
+        self._parse_inbox()  # the engine may have exited already
+        report: dict[str, int] = json.loads(first)
         return report
 
     def exit_code(self) -> int | None:
-        """The engine's exit code (128 + N for signal N) once it and its tree are gone."""
-        return self.keeper.poll() if self.keeper else None
+        """The engine's exit code (128 + N for signal N) once its leader has exited (the
+        keeper says so at once, then ends what is left). One non-blocking read."""
+        if self.keeper is None:
+            return None
+        code = self.keeper.poll()
+        if code is not None:
+            return code
+        if self._leader_code is None and self._sock is not None:
+            self._read_events()
+        return self._leader_code
+
+    def _read_events(self) -> None:
+        assert self._sock is not None
+        try:
+            self._inbox += self._sock.recv(4096, socket.MSG_DONTWAIT)
+        except OSError:  # nothing to read (BlockingIOError) or the keeper is gone
+            return
+        self._parse_inbox()
+
+    def _parse_inbox(self) -> None:
+        *lines, self._inbox = self._inbox.split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "exited":
+                    self._leader_code = int(event["code"])
 
     async def health(self, client: httpx.AsyncClient) -> bool:
         try:
@@ -171,9 +204,12 @@ class EngineProcess:
 
     def _stop(self, grace_s: float) -> int | None:
         assert self.keeper is not None
-        if self.keeper.poll() is None and self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.sendall(b"stop\n")
+        if self.keeper.poll() is None:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.sendall(b"stop\n")
+            else:  # still starting: SIGTERM is a stop to the keeper too
+                self.keeper.send_signal(signal.SIGTERM)
             try:
                 self.keeper.wait(timeout=grace_s + 10)
             except subprocess.TimeoutExpired:
