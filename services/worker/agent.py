@@ -135,6 +135,9 @@ class Agent:
             await self._beat_forever()
         finally:
             self._preparing.cancel()
+            driver = self.supervisor.drivers.get("vllm")
+            if isinstance(driver, VllmDriver):
+                driver.end_probe()
 
     async def _beat_forever(self) -> None:
         while True:

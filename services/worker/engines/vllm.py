@@ -6,11 +6,13 @@ import asyncio
 import importlib.util
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from services.worker.engines.base import Launch
 from services.worker.engines.vllm_flags import ProbeError, VllmInfo, probe
+from shared import procs
 from shared.engine_policy import EngineFlags, PolicyError, check_known_flags, vllm_flags_used
 from shared.models import Assignment, ModelSpec
 
@@ -84,6 +86,7 @@ class VllmDriver:
         self.info: VllmInfo | None = None
         self.probe_error = ""
         self._probe: asyncio.Future[None] | None = None
+        self._probe_proc: subprocess.Popen[bytes] | None = None
 
     async def prepare(self) -> None:
         """Read the installed vLLM's flags (once per worker process; later calls wait for the
@@ -95,9 +98,18 @@ class VllmDriver:
             self._probe = asyncio.ensure_future(self._read_flags(self.prefix, self.probe_log))
         await asyncio.shield(self._probe)
 
+    def end_probe(self) -> None:
+        """A worker shutting down does not wait for the reading (seconds): end it."""
+        if self._probe_proc is not None and self._probe_proc.poll() is None:
+            procs.stop(self._probe_proc, 1.0)
+
+    def _spawned(self, proc: subprocess.Popen[bytes]) -> None:
+        self._probe_proc = proc
+
     async def _read_flags(self, prefix: list[str], log: Path) -> None:
         try:
-            self.info = await asyncio.to_thread(probe, prefix, log, self.env_passthrough)
+            self.info = await asyncio.to_thread(probe, prefix, log, self.env_passthrough,
+                                                on_spawn=self._spawned)
         except (ProbeError, OSError, ValueError) as e:
             self.probe_error = str(e)
             logger.warning("cannot read the installed vLLM's flags: %s", e)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +66,10 @@ def python_of(prefix: list[str]) -> str | None:
 
 
 def probe(prefix: list[str], log_path: Path, env_passthrough: tuple[str, ...],
-          timeout_s: float = 300.0) -> VllmInfo:
-    """Run vLLM's parser builder once; raises ProbeError (its output is in ``log_path``)."""
+          timeout_s: float = 300.0,
+          on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None) -> VllmInfo:
+    """Run vLLM's parser builder once; raises ProbeError (its output is in ``log_path``).
+    ``on_spawn`` gets the process, so that a worker shutting down can end it."""
     python = python_of(prefix)
     if python is None:
         raise ProbeError(f"cannot tell which Python runs {prefix[0]!r}")
@@ -76,6 +79,8 @@ def probe(prefix: list[str], log_path: Path, env_passthrough: tuple[str, ...],
     # Dies with the worker (an interpreter exiting mid-reading leaves nothing behind).
     proc = procs.spawn([python, "-c", PROBE_CODE], log_path=log_path, env=env,
                        die_with_parent=True)
+    if on_spawn is not None:
+        on_spawn(proc)
     try:
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -89,7 +94,10 @@ def probe(prefix: list[str], log_path: Path, env_passthrough: tuple[str, ...],
 def parse_probe_output(output: str, code: int, log_path: Path) -> VllmInfo:
     for line in output.splitlines():
         if line.startswith(_MARK):
-            data = json.loads(line[len(_MARK):])
-            return VllmInfo(str(data["version"]), frozenset(map(str, data["flags"])))
+            try:
+                data = json.loads(line[len(_MARK):])
+                return VllmInfo(str(data["version"]), frozenset(map(str, data["flags"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ProbeError(f"garbled reading of vLLM's arguments: {e}") from None
     raise ProbeError(f"vLLM's argument parser could not be read (exit code {code}); "
                      f"see {log_path}")
