@@ -50,3 +50,28 @@ def test_flags_read_from_vllm_refuse_unknown_ones_and_quiet_the_access_log(
     assert "--enable-log-requests" in started and "Traceback" not in log
     # Sim specs are not checked against vLLM's flags.
     assert register(router, "s", engine="sim", extra_args=["--ttft", "0"]).status_code == 201
+
+
+def test_sandbox_at_registration_and_again_at_launch(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.manager()
+    cluster.worker("w1")  # its own MODEL_ROOTS: none
+    router = cluster.router(MODEL_ROOTS=str(tmp_path))
+    refused = register(router, "root", model_name="/root")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "model_name"
+    assert "MODEL_ROOTS" in refused.json()["error"]["message"]
+    trust = register(router, "trust", extra_args=["--trust-remote-code"])
+    assert trust.status_code == 400 and "ALLOW_TRUST_REMOTE_CODE" in trust.text
+    models = httpx.get(f"{router.url}/admin/models", timeout=10).json()["models"]
+    assert models == []  # nothing stored
+
+    # The router allows this directory, the worker does not: it refuses to launch.
+    assert register(router, "local", model_name=str(tmp_path / "m")).status_code == 201
+
+    def failed() -> dict[str, str] | None:
+        m = model_status(router, "local")
+        inst = m["instances"][0] if m and m["instances"] else None
+        return inst if inst and inst["state"] == "FAILED" else None
+
+    inst = wait_until(failed, 20, what="launch refused")
+    assert "MODEL_ROOTS" in inst["error"] and inst["pid"] == "0", inst
