@@ -19,7 +19,21 @@ class ArgKind(StrEnum):
     FLAG = "flag"  # takes no value
     TEXT = "text"  # one token value
     NUMBER = "number"
-    PATH = "path"  # a hub id or local path: no '..' segment
+    PATH = "path"  # a hub id or local path: no '..' segment; local ones under MODEL_ROOTS
+    LOCAL_PATH = "local_path"  # a local path: under MODEL_ROOTS
+    LORA = "lora"  # name=path (a hub id or local path, as PATH)
+
+
+# Flags the pool sets itself (or that would hand an engine to someone else: another address,
+# a TLS identity, code to import, a file of further arguments): never from a spec.
+RESERVED: frozenset[str] = frozenset({
+    "--model", "--served-model-name", "--host", "--port", "--uds", "--api-key",
+    "--tensor-parallel-size", "-tp", "--gpu-memory-utilization", "--max-model-len",
+    "--disable-access-log-for-endpoints", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs",
+    "--root-path", "--middleware", "--config", "--allowed-origins", "--log-config-file",
+    "--alias", "--model-path", "--tp-size", "--mem-fraction-static", "--context-length",
+    "--model_alias", "--n_ctx",
+})
 
 
 _VLLM: dict[str, ArgKind] = {
@@ -37,15 +51,27 @@ _VLLM: dict[str, ArgKind] = {
     "--enable-chunked-prefill": ArgKind.FLAG,
     "--enforce-eager": ArgKind.FLAG,
     "--trust-remote-code": ArgKind.FLAG,
-    "--disable-log-requests": ArgKind.FLAG,
-    "--disable-log-stats": ArgKind.FLAG,
     "--enable-sleep-mode": ArgKind.FLAG,
     "--tokenizer": ArgKind.PATH,
     "--revision": ArgKind.TEXT,
     "--tokenizer-mode": ArgKind.TEXT,
-    "--generation-config": ArgKind.TEXT,
+    "--generation-config": ArgKind.PATH,
     "--chat-template": ArgKind.PATH,
     "--load-format": ArgKind.TEXT,
+    "--download-dir": ArgKind.LOCAL_PATH,
+    "--enable-lora": ArgKind.FLAG,
+    "--lora-modules": ArgKind.LORA,
+    "--max-loras": ArgKind.NUMBER,
+    "--max-lora-rank": ArgKind.NUMBER,
+    # Logging: harmless. Which of them the installed vLLM knows is checked against its own
+    # parser at registration (vLLM 0.32 dropped --disable-log-requests).
+    "--disable-log-requests": ArgKind.FLAG,
+    "--enable-log-requests": ArgKind.FLAG,
+    "--enable-log-outputs": ArgKind.FLAG,
+    "--disable-log-stats": ArgKind.FLAG,
+    "--disable-uvicorn-access-log": ArgKind.FLAG,
+    "--max-log-len": ArgKind.NUMBER,
+    "--uvicorn-log-level": ArgKind.TEXT,
 }
 
 _SIM: dict[str, ArgKind] = {
@@ -55,6 +81,7 @@ _SIM: dict[str, ArgKind] = {
     "--fail-rate": ArgKind.NUMBER,
     "--fail-startup": ArgKind.FLAG,
     "--spawn-child": ArgKind.FLAG,
+    "--fail-health-after": ArgKind.NUMBER,
     "--sleep-delay": ArgKind.NUMBER,
     "--wake-delay-l1": ArgKind.NUMBER,
     "--wake-delay-l2": ArgKind.NUMBER,
@@ -114,11 +141,11 @@ def has_path_escape(value: str) -> bool:
 def _check_value(flag: str, kind: ArgKind, value: str) -> None:
     if value.startswith("-") and kind is not ArgKind.NUMBER:
         raise ExtraArgsError(f"value for {flag} must not start with '-': {value!r}")
-    if kind is ArgKind.NUMBER and not _NUMBER_RE.match(value):
+    if kind is ArgKind.NUMBER and not _NUMBER_RE.fullmatch(value):
         raise ExtraArgsError(f"value for {flag} must be a number: {value!r}")
-    if kind in (ArgKind.TEXT, ArgKind.PATH) and not _TEXT_RE.match(value):
+    if kind is not ArgKind.NUMBER and not _TEXT_RE.fullmatch(value):
         raise ExtraArgsError(f"value for {flag} has characters that are not allowed: {value!r}")
-    if kind is ArgKind.PATH and has_path_escape(value):
+    if kind in (ArgKind.PATH, ArgKind.LOCAL_PATH, ArgKind.LORA) and has_path_escape(value):
         raise ExtraArgsError(f"value for {flag} must not contain a '..' segment: {value!r}")
 
 
@@ -139,6 +166,8 @@ def normalize_extra_args(engine: str, args: list[str]) -> list[str]:
         item = args[i]
         flag, eq, inline = item.partition("=")
         kind = allowed.get(flag)
+        if kind is None and flag in RESERVED:
+            raise ExtraArgsError(f"extra argument {flag!r} is set by the pool itself")
         if kind is None:
             raise ExtraArgsError(f"extra argument {flag!r} is not allowed for engine {engine!r}")
         if kind is ArgKind.FLAG:
@@ -155,4 +184,21 @@ def normalize_extra_args(engine: str, args: list[str]) -> list[str]:
             raise ExtraArgsError(f"{flag} needs a value")
         _check_value(flag, kind, value)
         out += [flag, value]
+    return out
+
+
+def arg_pairs(engine: str, normalized: list[str]) -> list[tuple[str, ArgKind, str | None]]:
+    """(flag, kind, value or None) of arguments already passed through
+    :func:`normalize_extra_args`."""
+    allowed = ALLOWED_ARGS[engine]
+    out: list[tuple[str, ArgKind, str | None]] = []
+    i = 0
+    while i < len(normalized):
+        kind = allowed[normalized[i]]
+        if kind is ArgKind.FLAG:
+            out.append((normalized[i], kind, None))
+            i += 1
+        else:
+            out.append((normalized[i], kind, normalized[i + 1]))
+            i += 2
     return out

@@ -16,6 +16,13 @@ DEFAULT_PREFIX = "svllm"
 class Keys:
     prefix: str = DEFAULT_PREFIX
 
+    # --- the pool ------------------------------------------------------------------------
+    @property
+    def pool_id(self) -> str:
+        """string: this pool's id, created once (SET NX) by the first worker that asks. Names
+        the pool in its engines' records, so pools sharing a machine never end each other's."""
+        return f"{self.prefix}:pool:id"
+
     # --- workers -------------------------------------------------------------------------
     @property
     def workers(self) -> str:

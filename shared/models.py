@@ -16,6 +16,7 @@ from shared.engine_args import (
     has_path_escape,
     normalize_extra_args,
 )
+from shared.engine_policy import Sandbox, check_sandbox
 
 # Aliases and worker ids become Redis key parts and URL path segments: no ':' '/' or spaces,
 # and they start with a letter or digit so they can never read as a command-line flag.
@@ -139,12 +140,16 @@ class RegisterModelRequest(Strict):
     cold_start_timeout_s: float = 300.0
     weights_mb: int | None = None
 
-    def to_spec(self, default_engine: str) -> ModelSpec:
+    def to_spec(self, default_engine: str, sandbox: Sandbox | None = None) -> ModelSpec:
+        """The validated spec; also checked against the operator's ``sandbox`` (the strict
+        default when None): raises ValueError (PolicyError) naming the setting to change."""
         data = self.model_dump()
         data["engine"] = self.engine or default_engine
         if data["engine"] not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
-        return ModelSpec.model_validate(data)
+        spec = ModelSpec.model_validate(data)
+        check_sandbox(spec.engine, spec.model_name, spec.extra_args, sandbox or Sandbox())
+        return spec
 
 
 class GpuProcess(BaseModel):
@@ -279,6 +284,8 @@ class WorkerView(BaseModel):
     gpus: list[GpuInfo] = Field(default_factory=list)
     gpu_message: str = ""
     version: str = ""
+    # The installed vLLM's version, once the worker has read its argument parser.
+    vllm_version: str = ""
     registered_at: float = 0.0
     last_seen: float = 0.0
     load: dict[str, Any] = Field(default_factory=dict)

@@ -35,11 +35,13 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     die_with_parent: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (no shell) as the leader of a new process group.
 
     stdout and stderr go to ``log_path`` (appended) or are discarded. ``env`` replaces the
     environment when given. ``die_with_parent``: see :func:`die_with_parent_prefix`.
+    ``pass_fds``: descriptors the child inherits (every other one is closed in it).
     """
     if not argv:
         raise ValueError("empty argument list")
@@ -58,6 +60,7 @@ def spawn(
             env=dict(env) if env is not None else None,
             cwd=str(cwd) if cwd is not None else None,
             start_new_session=True,  # own session => own process group, pgid == pid
+            pass_fds=tuple(pass_fds),
         )
     finally:
         if handle is not None:
@@ -73,6 +76,11 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -96,17 +104,29 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> int | None:
     # The leader may have exited while children of its group live on: end them too.
     if group_alive(pgid):
         signal_group(pgid, signal.SIGKILL)
-        _wait_group_gone(pgid, 5.0)
+        wait_group_gone(pgid, 5.0)
     return proc.returncode
 
 
-def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+def wait_group_gone(pgid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not group_alive(pgid):
             return True
         time.sleep(0.02)
     return not group_alive(pgid)
+
+
+def proc_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22); None when
+    there is no such process. With the pid it names one process for good: pids are reused,
+    (pid, start time) pairs are not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and ')': the fields after the last ')' are fixed.
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -119,7 +119,7 @@ def parse_created_at(key: str, raw: Mapping[str, str]) -> float:
 
 WORKER_JSON_FIELDS = ("engines", "gpus", "load")
 WORKER_FIELDS = ("url", *WORKER_JSON_FIELDS, "gpu_message", "version", "max_cpu_engines",
-                 "registered_at", "last_seen")
+                 "registered_at", "last_seen", "vllm_version", "vllm_flags")
 
 
 def parse_worker(key: str, worker_id: str, raw: Mapping[str, str], alive: bool) -> WorkerView:
@@ -138,7 +138,8 @@ def parse_worker(key: str, worker_id: str, raw: Mapping[str, str], alive: bool) 
             gpu_message=raw.get("gpu_message", ""), version=raw.get("version", ""),
             registered_at=float(raw.get("registered_at", 0)),
             last_seen=float(raw.get("last_seen", 0)), load=load,
-            max_cpu_engines=_cap(key, raw.get("max_cpu_engines", "")))
+            max_cpu_engines=_cap(key, raw.get("max_cpu_engines", "")),
+            vllm_version=raw.get("vllm_version", ""))
     except ValidationError as e:
         raise BadRecord(key, f"not a valid worker record: {_short(e)}") from None
 
@@ -167,7 +168,8 @@ def parse_reservation(key: str, alias: str, raw: str) -> Reservation:
     return r
 
 
-INSTANCE_INTS = ("port", "pid", "sleep_level", "inflight", "failures", "epoch")
+INSTANCE_INTS = ("port", "pid", "pgid", "keeper_pid", "sleep_level", "inflight", "failures",
+                 "epoch")
 INSTANCE_FLOATS = ("started_at", "healthy_at", "ready_at", "awake_at", "active_at", "warmup_s",
                    "last_request_at", "updated_at", "retry_at")
 _STATES = frozenset(s.value for s in InstanceState)

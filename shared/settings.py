@@ -47,6 +47,11 @@ class CommonSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # Engine sandboxing (checked at registration by routers, and again by workers at launch):
+    # allow --trust-remote-code (and weight formats that unpickle), and the directories under
+    # which local model paths and file arguments may point (comma-separated; empty = none).
+    allow_trust_remote_code: bool = False
+    model_roots: str = ""
     # Serve the hot requests below ASGI (shared/fastlane.py). Off: every request goes through
     # the ASGI app; same answers, about five times the CPU per request (docs/performance.md).
     fast_lane: bool = True
@@ -127,11 +132,10 @@ class WorkerSettings(CommonSettings):
     # The most engines without GPUs (on a worker without GPUs: every engine) this worker
     # runs at once; reported in its record, and the scheduler places no more.
     max_cpu_engines: int = Field(default=8, ge=0, le=1024)
-
-    def engine_owner(self) -> str:
-        """Names this worker's engines in their environment (see services.worker.orphans):
-        the pool's key prefix and the worker id, so two pools on one machine never collide."""
-        return f"{self.redis_prefix}:{self.worker_id}"
+    # Environment variables engines may see beyond the built-in allowlist: comma-separated
+    # names, or prefixes ending in '*' (services/worker/engines/environment.py). The pool's
+    # tokens and Redis URL never pass.
+    engine_env_passthrough: str = ""
 
     def sleep_ram_budget(self) -> int:
         if self.sleep_ram_budget_mb is not None:

@@ -12,9 +12,10 @@ from starlette.responses import Response
 
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
+from shared.engine_policy import PolicyError, Sandbox, check_known_flags, vllm_flags_used
 from shared.errors import BadRequest, Conflict, ModelNotFound
 from shared.http import bearer_guard, json_response, parse_body
-from shared.models import RegisterModelRequest, is_valid_name
+from shared.models import ModelSpec, RegisterModelRequest, is_valid_name
 from shared.settings import RouterSettings
 from shared.store import ModelDetails, Store, StoredModel
 
@@ -55,18 +56,32 @@ async def _model_views(store: Store) -> list[dict[str, Any]]:
     return [_model_view(m, d) for m, d in await store.model_views()]
 
 
+async def _validated_spec(req: RegisterModelRequest, store: Store, settings: RouterSettings,
+                          sandbox: Sandbox) -> ModelSpec:
+    """The spec of a registration, checked against the operator's sandbox and (vLLM) the
+    flags of the live workers' vLLM; every refusal is a 400 naming the field."""
+    try:
+        spec = req.to_spec(settings.default_engine, sandbox)
+        if spec.engine == "vllm":
+            check_known_flags(vllm_flags_used(spec), await store.live_vllm_flags())
+    except PolicyError as e:
+        param = "model_name" if str(e).startswith("model_name") else "extra_args"
+        raise BadRequest(str(e), param=param) from None
+    except ValueError as e:
+        raise BadRequest(str(e).split("\n")[-1].strip() or "invalid model spec") from None
+    return spec
+
+
 def build_routes(
     store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker
 ) -> APIRouter:
     api = APIRouter(prefix="/admin", dependencies=[Depends(bearer_guard(settings.admin_token))])
+    sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
 
     @api.post("/models/register")
     async def register(request: Request) -> Response:
         req = await parse_body(request, RegisterModelRequest, settings.max_body_bytes)
-        try:
-            spec = req.to_spec(settings.default_engine)
-        except ValueError as e:
-            raise BadRequest(str(e).split("\n")[-1].strip() or "invalid model spec") from None
+        spec = await _validated_spec(req, store, settings, sandbox)
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)

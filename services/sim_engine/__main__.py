@@ -45,10 +45,24 @@ def serve(config: EngineConfig) -> int:
     return 0 if server.started else 1
 
 
+# The child renames itself (what /proc/PID/comm and ps show) like vLLM's EngineCore, then
+# waits forever: it does not watch its parent, so it outlives a SIGKILLed API server.
+_CORE_CODE = """
+import ctypes, time
+ctypes.CDLL(None).prctl(15, b"SIM::EngineCore", 0, 0, 0)  # PR_SET_NAME
+while True:
+    time.sleep(60)
+"""
+
+
 def spawn_engine_core() -> subprocess.Popen[bytes]:
-    """A child in the same process group that outlives a SIGKILLed parent, like vLLM's."""
-    code = "import time\nwhile True: time.sleep(60)"
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+    """A child in the same process group that outlives a SIGKILLed parent, like vLLM's.
+
+    Its environment is empty (vLLM's setproctitle overwrites the environment area, so
+    /proc/PID/environ of an EngineCore shows nothing): markers in the environment cannot
+    find it."""
+    return subprocess.Popen([sys.executable, "-c", _CORE_CODE], stdin=subprocess.DEVNULL,
+                            env={})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

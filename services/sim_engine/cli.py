@@ -36,6 +36,7 @@ class EngineConfig:
     embedding_dim: int
     max_tokens_default: int
     spawn_child: bool = False
+    fail_health_after: float | None = None
 
 
 def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +68,13 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dim", type=int, default=32)
     parser.add_argument("--max-tokens-default", type=int, default=16)
     # vLLM runs its engine core in a child process of the API server; this mimics that
-    # layout so process-group and orphan handling are tested against it.
+    # layout so process-group and orphan handling are tested against it: the child ignores
+    # its parent's death, renames itself and has an empty environment, as vLLM's EngineCore
+    # (setproctitle) does.
     parser.add_argument("--spawn-child", action="store_true")
+    # After this many seconds the simulated engine core "dies" behind a live API server, as
+    # vLLM's does: /health answers 503 and generation requests 500 (also: POST /sim/fault).
+    parser.add_argument("--fail-health-after", type=float, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
-    delays = ("startup_delay", "ttft", "itl", "sleep_delay", "wake_delay_l1", "wake_delay_l2")
+    delays = ("startup_delay", "ttft", "itl", "sleep_delay", "wake_delay_l1", "wake_delay_l2",
+              "fail_health_after")
     for name in delays:
-        if getattr(ns, name) < 0:
+        if (getattr(ns, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if not 0.0 <= ns.fail_rate <= 1.0:
         parser.error("--fail-rate must be between 0 and 1")
@@ -123,6 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineConfig:
         wake_delay_l2=ns.wake_delay_l2,
         embedding_dim=ns.embedding_dim,
         spawn_child=ns.spawn_child,
+        fail_health_after=ns.fail_health_after,
         max_tokens_default=ns.max_tokens_default,
     )
 

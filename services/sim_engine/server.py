@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.sim_engine import textgen
 from services.sim_engine.cli import EngineConfig, log
+from services.sim_engine.metrics import PROMETHEUS, Gauges, render
 from services.sim_engine.protocol import (
     DONE_EVENT,
     ApiError,
@@ -121,16 +122,7 @@ class Stats:
 
 
 _NO_SLEEP_MODE = "Sleep mode is not enabled: start the engine with --enable-sleep-mode."
-_METRICS = (
-    ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches."),
-    ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed."),
-    ("vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage. 1 means 100 percent usage."),
-    ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed."),
-    ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed."),
-    ("vllm:request_success_total", "counter", "Count of successfully processed requests."),
-)
-
-
+_ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 class SimEngine:
     """The engine's state and its request handlers."""
 
@@ -149,7 +141,11 @@ class SimEngine:
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._paced = config.ttft > 0 or config.itl > 0
         label = config.served_model_name.replace("\\", "\\\\").replace('"', '\\"')
-        self._label = f'{{model_name="{label}"}}'
+        self._label_inner = f'model_name="{label}"'
+        # The simulated engine core dies at this monotonic time (None: never).
+        self._dies_at = (time.monotonic() + config.fail_health_after
+                         if config.fail_health_after is not None else None)
+        self._dead = False
 
     # --- request plumbing -------------------------------------------------------------------
 
@@ -172,6 +168,8 @@ class SimEngine:
                 model = body.get("model")
                 if model is not None and model != self.config.served_model_name:
                     raise ApiError(404, f"The model `{model}` does not exist.")
+                if self.engine_dead():
+                    raise ApiError(500, _ENGINE_DEAD)
                 if self.sleep_level is not None:
                     raise ApiError(503, "engine is sleeping")
                 return await handler(request, body)
@@ -321,8 +319,16 @@ class SimEngine:
     async def is_sleeping(self, request: Request) -> Response:
         return JSONResponse({"is_sleeping": self.sleep_level is not None})
 
+    def engine_dead(self) -> bool:
+        """The simulated engine core is gone (API server still up), as after vLLM's
+        EngineDeadError: /health 503, generation 500."""
+        if self._dies_at is not None and time.monotonic() >= self._dies_at:
+            self._dead, self._dies_at = True, None
+            log("EngineCore died (--fail-health-after)", "ERROR")
+        return self._dead
+
     async def health(self, request: Request) -> Response:
-        return Response(status_code=503 if self.health_failing else 200)
+        return Response(status_code=503 if self.health_failing or self.engine_dead() else 200)
 
     async def fail_health(self, request: Request) -> Response:
         """Test knob: /health answers 503 from now on while requests are still served (an
@@ -330,6 +336,20 @@ class SimEngine:
         self.health_failing = True
         log("health check set to fail")
         return Response(status_code=200)
+
+    async def sim_fault(self, request: Request) -> Response:
+        """POST /sim/fault {"dead": true|false}: kill or revive the simulated engine core."""
+        try:
+            body = await read_json(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.message)
+        dead = body.get("dead")
+        if not isinstance(dead, bool):
+            return error_response(400, "`dead` must be a boolean.")
+        self._dead, self._dies_at = dead, None
+        log(f"EngineCore {'died' if dead else 'revived'} (POST /sim/fault)",
+            "ERROR" if dead else "INFO")
+        return JSONResponse({"dead": dead})
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": "0.0.0+sim"})
@@ -356,18 +376,13 @@ class SimEngine:
 
     async def metrics(self, request: Request) -> Response:
         s = self.stats
-        # A sleeping engine has released its KV cache.
-        asleep = self.sleep_level is not None
-        usage = 0.0 if asleep else min(1.0, s.running / self.config.max_num_seqs)
-        values = (s.running, 0, usage, s.prompt_tokens, s.generation_tokens, s.completed)
-        lines: list[str] = []
-        for (name, kind, text), value in zip(_METRICS, values, strict=True):
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
-                      f"{name}{self._label} {float(value)}"]
-        return Response("\n".join(lines) + "\n", media_type=_PROMETHEUS)
-
-
-_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+        # Requests past --max-num-seqs count as waiting (for capacity), as vLLM reports them.
+        running = min(s.running, self.config.max_num_seqs)
+        gauges = Gauges(running=running, waiting=s.running - running,
+                        max_num_seqs=self.config.max_num_seqs,
+                        asleep=self.sleep_level is not None, prompt_tokens=s.prompt_tokens,
+                        generation_tokens=s.generation_tokens, completed=s.completed)
+        return Response(render(gauges, self._label_inner), media_type=PROMETHEUS)
 
 
 
@@ -402,6 +417,7 @@ def create_app(config: EngineConfig) -> Starlette:
         Route("/sim/stats", engine.sim_stats, methods=["GET"]),
         Route("/sim/fail_health", engine.fail_health, methods=["POST"]),
         Route("/sim/faults", engine.sim_faults, methods=["POST"]),
+        Route("/sim/fault", engine.sim_fault, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import httpx
 
+from services.worker.engines.vllm import VllmDriver
 from services.worker.gpu import GpuInventory, account
-from services.worker.orphans import kill_orphans
+from services.worker.orphans import sweep
+from services.worker.ownership import ORPHAN_GRACE_S, Launcher, Owner
 from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
@@ -38,6 +41,8 @@ class Agent:
         self.nudger = nudger
         self.client = client
         self._registered = False
+        self._flags_reported = False
+        self._preparing: asyncio.Future[list[None]] | None = None
 
     @property
     def worker_id(self) -> str:
@@ -105,6 +110,9 @@ class Agent:
                 logger.warning("worker record is gone (Redis restarted?): registering again")
             await self.register()
             self._registered = True
+            self._flags_reported = False
+            await self._keep_pool_id()
+        await self._report_engine_flags()
         if not known:
             # Our heartbeat had lapsed or the record was lost: routes may have been wiped.
             # Only what is still assigned here comes back (the manager may have moved the
@@ -113,7 +121,28 @@ class Agent:
             await self.supervisor.republish(set(assigned))
             self.nudger.event.set()
 
+    async def _report_engine_flags(self) -> None:
+        """Once the installed vLLM's flags are read, put them in the worker record (again
+        after a re-registration): routers check new registrations against them."""
+        driver = self.supervisor.drivers.get("vllm")
+        if self._flags_reported or not isinstance(driver, VllmDriver) or driver.info is None:
+            return
+        await self.store.set_engine_flags(self.worker_id, driver.info.version,
+                                          sorted(driver.info.flags))
+        self._flags_reported = True
+
     async def heartbeat_loop(self) -> None:
+        # Drivers learn what they need (vLLM's flags: seconds) while the worker serves.
+        self._preparing = asyncio.gather(*(d.prepare() for d in self.supervisor.drivers.values()))
+        try:
+            await self._beat_forever()
+        finally:
+            self._preparing.cancel()
+            driver = self.supervisor.drivers.get("vllm")
+            if isinstance(driver, VllmDriver):
+                driver.end_probe()
+
+    async def _beat_forever(self) -> None:
         while True:
             try:
                 await self.heartbeat_once()
@@ -123,11 +152,21 @@ class Agent:
                 logger.warning("heartbeat failed: %s", e)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
-    async def recover(self) -> None:
-        """Before anything starts: end engines a crashed predecessor left running, and drop
-        its instance records and routes (the reconcile loop starts afresh what is assigned)."""
-        grace = self.settings.engine_stop_grace_s
-        killed = await asyncio.to_thread(kill_orphans, self.settings.engine_owner(), grace)
+    async def recover(self) -> bool:
+        """Before any engine starts: learn the pool's id, end engines a dead predecessor of
+        this pool left running (services.worker.orphans), and drop its instance records and
+        routes (the reconcile loop starts afresh what is assigned). False while Redis does not
+        answer: then nothing starts, and the reconcile loop asks again."""
+        if self.supervisor.flows.owner is not None:
+            return True
+        try:
+            pool = await self.store.pool_id(uuid.uuid4().hex)
+        except Exception as e:  # noqa: BLE001 - Redis down: engines wait for the pool id
+            logger.warning("cannot read the pool id (%s); no engine starts until Redis answers", e)
+            return False
+        owner = Owner(pool, self.worker_id, Launcher.this_process(), self.settings.state_dir)
+        grace = min(ORPHAN_GRACE_S, self.settings.engine_stop_grace_s)
+        swept = await asyncio.to_thread(sweep, owner, grace)
         try:
             aliases = [m.spec.alias for m in await self.store.list_models()]
             records = await self.store.instances_by_alias(aliases)
@@ -138,9 +177,19 @@ class Agent:
             await self.supervisor.forget_deleted(self.supervisor.logged_aliases())
         except Exception as e:  # noqa: BLE001 - Redis down: records are rewritten on start
             logger.warning("could not clear stale instance records: %s", e)
-        if killed:
-            logger.warning("recovered from a crash: ended %d orphaned engine process(es)",
-                           len(killed))
+        if swept:
+            logger.warning("recovered from a crash: ended %d orphaned engine(s)", len(swept))
+        self.supervisor.flows.owner = owner
+        logger.info("pool %s; engines of worker %s are launched by process %s", pool,
+                    self.worker_id, owner.launcher)
+        return True
+
+    async def _keep_pool_id(self) -> None:
+        """After re-registering (Redis flushed?): put our pool id back if none is there."""
+        owner = self.supervisor.flows.owner
+        if owner is not None and await self.store.pool_id(owner.pool) != owner.pool:
+            logger.warning("the pool id in Redis changed from %s: a restart of this worker "
+                           "will not sweep the engines it runs now", owner.pool)
 
     async def wanted(self) -> tuple[Wanted, set[str]]:
         """What is assigned here (with each model), and the aliases reserved in the ledger."""
@@ -158,7 +207,8 @@ class Agent:
     async def reconcile_loop(self) -> None:
         while True:
             try:
-                await self.supervisor.reconcile(*await self.wanted())
+                if await self.recover():
+                    await self.supervisor.reconcile(*await self.wanted())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - converge on the next pass

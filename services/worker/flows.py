@@ -18,8 +18,11 @@ from pathlib import Path
 import httpx
 
 from services.worker.engines.base import EngineDriver, EngineExited, EngineProcess
+from services.worker.engines.environment import parse_passthrough
 from services.worker.instance import Instance, host_ram_mb
 from services.worker.lifecycle import Lifecycle
+from services.worker.ownership import ORPHAN_GRACE_S, KeeperOptions, Owner
+from shared.engine_policy import PolicyError, Sandbox, check_sandbox
 from shared.models import InstanceState
 from shared.settings import WorkerSettings
 from shared.store import Store
@@ -54,6 +57,11 @@ class Flows:
         self.worker_id = settings.worker_id
         self.url = settings.advertised_url()
         self.life = Lifecycle(store, self.worker_id, self.url)
+        # Set once the worker knows its pool (services.worker.agent); engines start after.
+        self.owner: Owner | None = None
+        self.keeping = keeper_options(settings)
+        self.sandbox = Sandbox.from_settings(settings.allow_trust_remote_code,
+                                             settings.model_roots)
 
     def log_path(self, alias: str) -> Path:
         return self.settings.state_dir / self.worker_id / f"{alias}.log"
@@ -72,15 +80,22 @@ class Flows:
         port = free_port()
         log_path = self.log_path(inst.alias)
         try:
-            launch = self.drivers[spec.engine].launch(spec, port, inst.assignment)
-        except (KeyError, RuntimeError) as e:
+            # The operator's sandbox, again here: the spec may predate it, or not come
+            # through a router.
+            check_sandbox(spec.engine, spec.model_name, spec.extra_args, self.sandbox)
+            driver = self.drivers[spec.engine]
+            await driver.prepare()
+            launch = driver.launch(spec, port, inst.assignment)
+        except (KeyError, RuntimeError, PolicyError) as e:
             await self.fail(inst, f"cannot launch engine '{spec.engine}' here: {e}")
             return
         inst.engine = EngineProcess(launch, port, log_path)
         logger.info("starting %s (%s) on port %d: %s", inst.alias, spec.engine, port, launch.argv)
-        inst.engine.start(f"{self.settings.engine_owner()}/{inst.alias}")
-        await self.publish(inst)
         try:
+            if self.owner is None:
+                raise EngineExited("this worker does not know its pool yet (Redis unreachable)")
+            await inst.engine.start(self.owner, inst.alias, self.keeping)
+            await self.publish(inst)
             await inst.engine.wait_ready(self.client, self.settings.engine_start_timeout_s)
         except (EngineExited, TimeoutError) as e:
             await self.fail(inst, str(e))
@@ -192,6 +207,14 @@ class Flows:
                 inst.log_tail = inst.engine.log_tail()
         logger.error("%s failed: %s\n%s", inst.alias, why, inst.log_tail)
         await self.publish(inst)
+
+
+def keeper_options(settings: WorkerSettings) -> KeeperOptions:
+    return KeeperOptions(
+        stop_grace_s=settings.engine_stop_grace_s,
+        orphan_grace_s=min(ORPHAN_GRACE_S, settings.engine_stop_grace_s),
+        env_passthrough=parse_passthrough(settings.engine_env_passthrough),
+    )
 
 
 async def _tick() -> None:

@@ -65,6 +65,7 @@ class Instance:
 
     def record(self) -> dict[str, str]:
         e = self.engine
+        rec = e.record if e else None
         return {
             "state": self.state.value,
             "target": self.assignment.target,
@@ -72,6 +73,10 @@ class Instance:
             "model_name": self.model.spec.model_name,
             "port": str(e.port if e else 0),
             "pid": str(e.pid if e and e.pid else 0),
+            # The engine's process tree as the worker owns it (services.worker.ownership).
+            "pgid": str(rec.pgid if rec else 0),
+            "keeper_pid": str(rec.keeper_pid if rec else 0),
+            "launcher": f"{rec.pool}/{rec.launcher}" if rec else "",
             "gpus": ",".join(str(g) for g in self.assignment.gpus),
             "source": self.assignment.source,
             "epoch": str(self.assignment.epoch),

@@ -12,6 +12,7 @@ from services.worker import proxy
 from services.worker.agent import Agent
 from services.worker.api import build_routes
 from services.worker.engines import available_drivers
+from services.worker.engines.environment import parse_passthrough
 from services.worker.gpu import open_inventory
 from services.worker.supervisor import Supervisor
 from shared.events import Nudger
@@ -28,7 +29,10 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     store = open_store(settings)
     client = make_client(5.0, 3600.0)  # control calls to engines: health, sleep, metrics
     upstream = Pool(5.0, 3600.0)  # the request hot path
-    drivers = available_drivers(settings.worker_engines, settings.vllm_command)
+    drivers = available_drivers(
+        settings.worker_engines, settings.vllm_command,
+        probe_log=settings.state_dir / settings.worker_id / "vllm-flags.log",
+        env_passthrough=parse_passthrough(settings.engine_env_passthrough))
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)

@@ -1,69 +1,70 @@
-"""Finding engines a crashed worker left behind, so none keeps GPU memory.
+"""The restart sweep: ending engines that a dead worker process of this pool left behind.
 
-Every engine process (and every process it spawns) inherits the environment variable
-``SVLLM_ENGINE_OF=<prefix>:<worker>/<alias>``. A worker starting up looks for processes
-carrying its own owner name (key prefix and worker id) and ends their process groups before it
-starts anything: the previous incarnation's engines are not its children, it cannot supervise
-them, and their assignments may have moved.
+The keeper of each engine (services.worker.keeper) already ends it when its worker dies; the
+sweep is the backstop for what a keeper could not end (the keeper itself was killed, or the
+machine was too loaded to finish). It works from the engine records in the state dir
+(services.worker.ownership), never from process names or environments, which vLLM's engine
+processes rewrite. A record is swept only when it belongs to this pool and its launcher (worker
+pid and start time) is gone: another pool's engines, and those of a live worker process, are
+left alone.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
 
-from services.worker.engines.base import ORPHAN_MARKER
+from services.worker.ownership import EngineRecord, Owner
 from shared import procs
 
 logger = logging.getLogger(__name__)
 
 
-def _marker(pid: int) -> str | None:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:  # gone, or not ours to read
-        return None
-    for item in env.split(b"\0"):
-        if item.startswith(ORPHAN_MARKER.encode() + b"="):
-            return item.split(b"=", 1)[1].decode("utf-8", "replace")
-    return None
+def group_is_the_engines(rec: EngineRecord) -> bool:
+    """The recorded group still exists and is the engine's, not a reuse of its number.
+
+    Linux does not hand out a pid that is in use as a process group id, so a live group with
+    that id is the engine's unless its leader is a different, later process.
+    """
+    if not procs.group_alive(rec.pgid):
+        return False
+    leader = procs.proc_start(rec.pgid)
+    return leader is None or rec.pgid != rec.engine_pid or leader == rec.engine_start
 
 
-def find_orphans(owner: str) -> dict[int, str]:
-    """pid -> alias of every process marked as an engine of ``owner``."""
-    me = os.getpid()
-    out: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        mark = _marker(int(entry.name))
-        if mark and mark.split("/", 1)[0] == owner:
-            out[int(entry.name)] = mark.split("/", 1)[-1]
-    return out
-
-
-def kill_orphans(owner: str, grace_s: float) -> dict[int, str]:
-    """End the process groups of ``owner``'s leftover engines; SIGKILL after ``grace_s``."""
-    found = find_orphans(owner)
-    groups = {g for g in (_pgid(p) for p in found) if g is not None}
+def _end(recs: list[EngineRecord], grace_s: float) -> None:
+    keepers = [r.keeper for r in recs if r.keeper.alive()]
+    groups = [r.pgid for r in recs if group_is_the_engines(r)]
+    for k in keepers:  # a live keeper ends its tree itself, descendants outside the group too
+        procs.signal_pid(k.pid, signal.SIGTERM)
     for g in groups:
         procs.signal_group(g, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(procs.group_alive(g) for g in groups):
+    while time.monotonic() < deadline and (
+            any(procs.group_alive(g) for g in groups) or any(k.alive() for k in keepers)):
         time.sleep(0.05)
     for g in groups:
         procs.signal_group(g, signal.SIGKILL)
-    for pid, alias in found.items():
-        logger.warning("killed orphaned engine process %d of %s (left by a previous run of "
-                       "worker %s)", pid, alias, owner)
-    return found
+    for k in keepers:
+        if k.alive():
+            procs.signal_pid(k.pid, signal.SIGKILL)
+    for g in groups:
+        procs.wait_group_gone(g, 5.0)
 
 
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+def sweep(owner: Owner, grace_s: float) -> list[EngineRecord]:
+    """End the engines of records of ``owner``'s pool whose launcher is gone (SIGKILL after
+    ``grace_s``) and drop their records. Returns the records whose processes were still there.
+    """
+    mine = [r for r in owner.records() if r.pool == owner.pool and not r.launcher.alive()]
+    live = [r for r in mine if r.keeper.alive() or group_is_the_engines(r)]
+    _end(live, grace_s)
+    for rec in mine:
+        Path(owner.path(rec.alias, rec.pool)).unlink(missing_ok=True)
+    for rec in live:
+        logger.warning("ended orphaned engine of %s (process group %d, keeper %d), left by "
+                       "worker process %s of this pool, which is gone", rec.alias, rec.pgid,
+                       rec.keeper_pid, rec.launcher)
+    return live

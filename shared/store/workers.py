@@ -10,6 +10,7 @@ from typing import Any, cast
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
+from shared.engine_policy import EngineFlags
 from shared.models import Heartbeat, WorkerRegistration, WorkerView
 from shared.records import BadRecord, parse_worker
 from shared.store.base import NotLeader, StoreBase
@@ -91,6 +92,43 @@ class WorkersStore(StoreBase):
             pipe.sadd(self.k.workers, worker_id)
             previous, _, _ = await pipe.execute()
         return previous is not None
+
+    async def pool_id(self, candidate: str) -> str:
+        """The pool's id: ``candidate`` when none exists yet (SET NX), else the existing one.
+
+        A worker passes the id it already uses, so a flushed Redis gets it back rather than a
+        new one that would disown the engines running now."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(self.k.pool_id, candidate, nx=True)
+            pipe.get(self.k.pool_id)
+            _, value = await pipe.execute()
+        return str(value)
+
+    async def set_engine_flags(self, worker_id: str, version: str, flags: list[str]) -> None:
+        """What the worker's installed vLLM accepts (its version and its parser's flags), for
+        the routers' check of new registrations."""
+        await self.r.hset(self.k.worker(worker_id), mapping={
+            "vllm_version": version, "vllm_flags": json.dumps(sorted(flags))})
+
+    async def live_vllm_flags(self) -> list[EngineFlags]:
+        """The vLLM flag sets reported by live workers (those that have reported one)."""
+        ids = await self._members(self.k.workers)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for w in ids:
+                pipe.hmget(self.k.worker(w), ["vllm_version", "vllm_flags"])
+                pipe.exists(self.k.worker_alive(w))
+            flat = await pipe.execute()
+        out = []
+        for i, w in enumerate(ids):
+            (version, flags), alive = flat[2 * i], flat[2 * i + 1]
+            if not alive or not version or not flags:
+                continue
+            try:
+                names = frozenset(str(f) for f in json.loads(flags))
+            except (ValueError, TypeError):
+                continue  # a garbled record must not block registrations
+            out.append(EngineFlags(w, version, names))
+        return out
 
     async def unregister_worker_alive(self, worker_id: str) -> None:
         """A worker leaving cleanly drops its heartbeat so the manager re-places at once."""

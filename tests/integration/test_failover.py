@@ -32,7 +32,7 @@ def test_kill9_worker_moves_model_to_other_worker(cluster: Cluster) -> None:
 
     killed_at = time.monotonic()
     workers[victim].kill9()
-    # The engine was started to die with its worker: no orphan keeps (GPU) memory.
+    # The engine's keeper ends it when its worker dies: no orphan keeps (GPU) memory.
     wait_until(lambda: not procs.group_alive(pid), 5, what="orphaned engine gone")
 
     def moved() -> bool:

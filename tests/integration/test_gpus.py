@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 
-from services.worker.orphans import find_orphans, kill_orphans
 from shared import procs
 from tests.support import Cluster, model_status, register, running_on, status, wait_until
 
@@ -62,31 +61,3 @@ def test_two_models_packed_on_one_gpu_third_refused_then_placed(cluster: Cluster
     # The reservation is released only once m1's engine is gone; then m3 fits.
     wait_until(lambda: running_on(router, "m3") == ["gpu1"], 20, what="m3 placed after m1")
     assert not procs.group_alive(m1_pid)
-
-
-def test_kill9_worker_then_restart_leaves_no_orphan(cluster: Cluster) -> None:
-    cluster.manager()
-    worker = cluster.worker("crashy")
-    router = cluster.router()
-    assert register(router, "deep", engine="sim", extra_args=["--spawn-child"]).status_code == 201
-    wait_until(lambda: running_on(router, "deep") == ["crashy"], 20, what="deep running")
-    owner = f"{cluster.prefix}:crashy"  # the marker every engine of this worker carries
-    before = find_orphans(owner)
-    assert len(before) == 2  # the engine and its engine-core child
-
-    worker.kill9()
-    # The engine leader dies with its worker; its child, like vLLM's engine core, does not.
-    def one_left() -> dict[int, str] | None:
-        found = find_orphans(owner)
-        return found if len(found) == 1 else None
-
-    left = wait_until(one_left, 10, what="leader gone, child orphaned")
-    try:
-        restarted = cluster.worker("crashy")
-        orphan = next(iter(left))
-        wait_until(lambda: not procs.group_alive(orphan), 10, what="orphan killed on restart")
-        assert "orphaned engine" in restarted.tail(200)
-        wait_until(lambda: running_on(router, "deep") == ["crashy"], 20, what="deep back")
-        assert len(find_orphans(owner)) == 2  # only the new engine and its child
-    finally:
-        kill_orphans(owner, 1.0)  # whatever happened above, leave nothing running

@@ -54,6 +54,8 @@ def test_real_llamacpp_register_chat_stream_unregister(
     cluster: Cluster, llamacpp_python: str, tiny_gguf: Path, timings: dict[str, float]
 ) -> None:
     test_started = time.monotonic()
+    # A .gguf file is a local path: the operator allows its directory (routers and workers).
+    cluster.extra_env["MODEL_ROOTS"] = str(tiny_gguf.parent)
     cluster.manager()
     _llamacpp_worker(cluster, llamacpp_python, "w1", WORKER_ENGINES="llamacpp",
                      ENGINE_START_TIMEOUT_S=str(ENGINE_START_TIMEOUT_S))

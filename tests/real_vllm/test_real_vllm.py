@@ -93,6 +93,8 @@ def test_real_vllm_register_chat_stream_unregister(
     cluster: Cluster, vllm_python: str, tiny_model: Path, timings: dict[str, float]
 ) -> None:
     test_started = time.monotonic()
+    # The model is a local directory: the operator allows it (routers and workers).
+    cluster.extra_env["MODEL_ROOTS"] = str(tiny_model)
     cluster.manager()
     cluster.worker(
         "w1",
@@ -137,6 +139,11 @@ def test_real_vllm_register_chat_stream_unregister(
                                 "extra_body": {"ignore_eos": True}}
 
     plain = client.chat.completions.create(model=ALIAS, messages=messages, **sampling)
+    # The worker polls /metrics and /health every second; vLLM must not log those.
+    engine_log = cluster.tmp / "state" / "w1" / f"{ALIAS}.log"
+    polled = [ln for ln in engine_log.read_text().splitlines()
+              if "GET /metrics" in ln or "GET /health" in ln]
+    assert not polled, polled[-3:]
     assert plain.model == ALIAS
     assert plain.choices[0].message.content
     assert plain.usage is not None and plain.usage.completion_tokens == 8

@@ -79,6 +79,7 @@ async def written_fields(store: Store) -> dict[str, set[str]]:
     await store.register_model(spec)
     await store.register_worker(WorkerRegistration(worker_id="w", url="http://w:1"), 60)
     await store.heartbeat("w", Heartbeat(gpus=[], gpu_message="none", load={"x": 1}), 60)
+    await store.set_engine_flags("w", "0.32.0", ["--max-num-seqs"])
     await store.set_placement_reason("m", "no room")
     for kind in ("cold_start", "wake"):
         await store.record_duration("m", kind, 1.0)

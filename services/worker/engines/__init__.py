@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.worker.engines.base import EngineDriver
 from services.worker.engines.llamacpp import LlamaCppDriver
 from services.worker.engines.sglang import SglangDriver
@@ -9,13 +11,17 @@ from services.worker.engines.sim import SimDriver
 from services.worker.engines.vllm import VllmDriver
 
 
-def available_drivers(engines_setting: str, vllm_command: str) -> dict[str, EngineDriver]:
+def available_drivers(
+    engines_setting: str, vllm_command: str, probe_log: Path | None = None,
+    env_passthrough: tuple[str, ...] = (),
+) -> dict[str, EngineDriver]:
     """The drivers this worker advertises. 'auto': sim always, vllm when it is installed.
 
     A named engine that cannot run here is an error at start-up, not a silent omission.
+    ``probe_log``: where vLLM's flag reading writes its output (None: no reading).
     """
     all_drivers: dict[str, EngineDriver] = {
-        "sim": SimDriver(), "vllm": VllmDriver(vllm_command),
+        "sim": SimDriver(), "vllm": VllmDriver(vllm_command, probe_log, env_passthrough),
         "llamacpp": LlamaCppDriver(), "sglang": SglangDriver(),
     }
     if engines_setting == "auto":

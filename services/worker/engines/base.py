@@ -7,8 +7,14 @@ launch (argument list and environment); :class:`EngineProcess` runs it the same 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import os
+import signal
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +22,14 @@ from typing import Protocol
 
 import httpx
 
+from services.worker import keeper
+from services.worker.engines.environment import engine_env
+from services.worker.engines.metrics import engine_load
+from services.worker.ownership import EngineRecord, KeeperOptions, Launcher, Owner
 from shared import procs
 from shared.models import Assignment, ModelSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,42 +49,130 @@ class EngineDriver(Protocol):
     def unavailable_reason(self) -> str | None:
         """None when this machine can run the engine, else why not."""
 
+    async def prepare(self) -> None:
+        """Learn what the installed engine needs known before a launch (vLLM: its version
+        and flags). Awaited before every launch; cheap once done."""
+
     def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
         """The argument list (never a shell string) and extra environment for ``spec`` on
         the GPUs (and memory share) of its assignment."""
-
-
-ORPHAN_MARKER = "SVLLM_ENGINE_OF"
 
 
 class EngineExited(Exception):
     """The engine process ended while we waited for it to become healthy."""
 
 
+KEEPER_PATH = str(Path(keeper.__file__).resolve())
+# How long a keeper may take to start its engine and say so (a Python start on a busy host).
+_KEEPER_REPORT_TIMEOUT_S = 60.0
+
+
 class EngineProcess:
-    """One engine process in its own process group, bound to 127.0.0.1."""
+    """One engine, in a process group of its own under its keeper (services.worker.keeper),
+    bound to 127.0.0.1. The keeper ends the engine's whole process tree when asked, when the
+    engine leader exits, and when this worker process dies."""
 
     def __init__(self, launch: Launch, port: int, log_path: Path) -> None:
         self.launch = launch
         self.port = port
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.keeper: subprocess.Popen[bytes] | None = None
+        self.record: EngineRecord | None = None
+        self._owner: Owner | None = None
+        self._sock: socket.socket | None = None
+        self._inbox = b""
+        # Set from the keeper's "exited" message: the leader is gone, its leftovers may not be.
+        self._leader_code: int | None = None
         self.base_url = f"http://127.0.0.1:{port}"
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        """The engine's pid, which is also its process group id."""
+        return self.record.engine_pid if self.record else None
 
-    def start(self, marker: str) -> None:
-        # The marker is inherited by every process the engine spawns, so a restarted worker
-        # can find what a crashed one left behind (see services.worker.orphans).
-        env = {**os.environ, **self.launch.env, ORPHAN_MARKER: marker}
-        self.proc = procs.spawn(
-            self.launch.argv, log_path=self.log_path, env=env, die_with_parent=True
-        )
+    async def start(self, owner: Owner, alias: str, opts: KeeperOptions) -> None:
+        """Start the keeper and through it the engine; record the engine's processes in the
+        state dir. Raises EngineExited when the keeper cannot start the engine."""
+        await asyncio.to_thread(self._start, owner, alias, opts)
+
+    def _start(self, owner: Owner, alias: str, opts: KeeperOptions) -> None:
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-I", KEEPER_PATH, "--fd", str(theirs.fileno()),
+                "--grace", f"{opts.stop_grace_s:g}", "--orphan-grace", f"{opts.orphan_grace_s:g}",
+                # The engine leader also dies with its keeper (SIGKILL), should that be killed.
+                "--", *procs.die_with_parent_prefix(), *self.launch.argv]
+        env = engine_env(os.environ, self.launch.env, opts.env_passthrough)
+        try:
+            self.keeper = procs.spawn(argv, log_path=self.log_path, env=env,
+                                      pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()  # the keeper holds the only other end: EOF there = we are gone
+        self._owner = owner
+        # Only this thread reads the socket until the report is in: a read from the event
+        # loop (exit_code) on a socket with a timeout would wait for data, not return.
+        report = self._read_report(ours)
+        self._sock = ours
+        keeper_id = Launcher(self.keeper.pid, procs.proc_start(self.keeper.pid) or 0)
+        engine_id = Launcher(int(report["pid"]), int(report["start"]))
+        self.record = owner.record(alias, keeper_id, int(report["pgid"]), engine_id)
+        owner.write(self.record)
+
+    def _read_report(self, sock: socket.socket) -> dict[str, int]:
+        assert self.keeper is not None
+        sock.settimeout(_KEEPER_REPORT_TIMEOUT_S)
+        data = b""
+        try:
+            while b"\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+        finally:
+            sock.settimeout(None)
+        if b"\n" not in data:
+            try:  # end-of-file: the keeper is exiting (it could not start the engine)
+                code: int | None = self.keeper.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # silent: it must not linger either
+                code = None
+                self.keeper.kill()
+                self.keeper.wait(timeout=10)
+            sock.close()
+            raise EngineExited(f"engine keeper exited with code {code} before the engine ran"
+                               if code is not None else "engine keeper did not report")
+        first, self._inbox = data.split(b"\n", 1)
+        self._parse_inbox()  # the engine may have exited already
+        report: dict[str, int] = json.loads(first)
+        return report
 
     def exit_code(self) -> int | None:
-        return self.proc.poll() if self.proc else None
+        """The engine's exit code (128 + N for signal N) once its leader has exited (the
+        keeper says so at once, then ends what is left). One non-blocking read."""
+        if self.keeper is None:
+            return None
+        code = self.keeper.poll()
+        if code is not None:
+            return code
+        if self._leader_code is None and self._sock is not None:
+            self._read_events()
+        return self._leader_code
+
+    def _read_events(self) -> None:
+        assert self._sock is not None
+        try:
+            self._inbox += self._sock.recv(4096, socket.MSG_DONTWAIT)
+        except OSError:  # nothing to read (BlockingIOError) or the keeper is gone
+            return
+        self._parse_inbox()
+
+    def _parse_inbox(self) -> None:
+        *lines, self._inbox = self._inbox.split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "exited":
+                    self._leader_code = int(event["code"])
 
     async def health(self, client: httpx.AsyncClient) -> bool:
         try:
@@ -96,13 +196,44 @@ class EngineProcess:
         raise TimeoutError(f"engine not healthy after {timeout_s:.0f}s")
 
     async def stop(self, grace_s: float) -> int | None:
-        if self.proc is None:
+        """Have the keeper end the engine's tree (SIGTERM, SIGKILL after its grace); returns
+        the engine's exit code. Safe to call twice."""
+        if self.keeper is None:
             return None
-        return await asyncio.to_thread(procs.stop, self.proc, grace_s)
+        return await asyncio.to_thread(self._stop, grace_s)
+
+    def _stop(self, grace_s: float) -> int | None:
+        assert self.keeper is not None
+        if self.keeper.poll() is None:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.sendall(b"stop\n")
+            else:  # still starting: SIGTERM is a stop to the keeper too
+                self.keeper.send_signal(signal.SIGTERM)
+            try:
+                self.keeper.wait(timeout=grace_s + 10)
+            except subprocess.TimeoutExpired:
+                # A keeper that does not answer: do its work from here.
+                logger.warning("engine keeper %d did not stop in time: killing", self.keeper.pid)
+                if self.pid:
+                    procs.signal_group(self.pid, signal.SIGKILL)
+                self.keeper.kill()
+                self.keeper.wait(timeout=10)
+        if self.pid and procs.group_alive(self.pid):
+            procs.signal_group(self.pid, signal.SIGKILL)
+            procs.wait_group_gone(self.pid, 5.0)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._owner is not None and self.record is not None and self.gone():
+            self._owner.remove(self.record.alias)
+        return self.keeper.returncode
 
     def gone(self) -> bool:
-        """True once no process of the engine's group is left (its GPU memory is free)."""
-        return self.proc is None or not procs.group_alive(self.proc.pid)
+        """True once no process of the engine is left (its GPU memory is free)."""
+        if self.keeper is None:
+            return True
+        return self.keeper.poll() is not None and not (self.pid and procs.group_alive(self.pid))
 
     async def _post(self, client: httpx.AsyncClient, path: str, timeout_s: float,
                     json: dict[str, object] | None = None) -> httpx.Response:
@@ -134,19 +265,19 @@ class EngineProcess:
         return "" if r.status_code < 400 else f"warm-up answered {r.status_code}"
 
     async def load(self, client: httpx.AsyncClient) -> float | None:
-        """Running + waiting requests from the engine's Prometheus /metrics (vLLM's names)."""
+        """Running + waiting requests from the engine's Prometheus /metrics (exact names of
+        vLLM's, llama.cpp's or SGLang's gauges; see engines.metrics)."""
         try:
             r = await client.get(f"{self.base_url}/metrics", timeout=2.0)
         except httpx.HTTPError:
             return None
         if r.status_code != 200:
             return None
-        total, seen = 0.0, False
-        for line in r.text.splitlines():
-            if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-                total += float(line.rsplit(" ", 1)[-1])
-                seen = True
-        return total if seen else None
+        try:
+            return engine_load(r.text)
+        except ValueError:
+            logger.warning("unparsable /metrics from the engine on port %d", self.port)
+            return None
 
     def log_tail(self, lines: int = 30) -> str:
         return procs.tail(self.log_path, lines)

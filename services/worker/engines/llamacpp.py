@@ -69,6 +69,9 @@ def build_llama_cpp_python_args(spec: ModelSpec, port: int, gpus: list[int]) -> 
 class LlamaCppDriver:
     name = "llamacpp"
 
+    async def prepare(self) -> None:
+        return None
+
     def __init__(self) -> None:
         self.binary = shutil.which("llama-server")
         self.module = importlib.util.find_spec("llama_cpp") is not None

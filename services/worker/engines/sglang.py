@@ -27,6 +27,9 @@ def build_sglang_args(spec: ModelSpec, port: int, gpu_util: float | None) -> lis
 class SglangDriver:
     name = "sglang"
 
+    async def prepare(self) -> None:
+        return None
+
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("sglang") is None:
             return "SGLang is not installed (no importable sglang module)"

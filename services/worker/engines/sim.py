@@ -11,6 +11,9 @@ from shared.models import Assignment, ModelSpec
 class SimDriver:
     name = "sim"
 
+    async def prepare(self) -> None:
+        return None
+
     def unavailable_reason(self) -> str | None:
         return None
 
