@@ -114,9 +114,9 @@ def has_path_escape(value: str) -> bool:
 def _check_value(flag: str, kind: ArgKind, value: str) -> None:
     if value.startswith("-") and kind is not ArgKind.NUMBER:
         raise ExtraArgsError(f"value for {flag} must not start with '-': {value!r}")
-    if kind is ArgKind.NUMBER and not _NUMBER_RE.match(value):
+    if kind is ArgKind.NUMBER and not _NUMBER_RE.fullmatch(value):
         raise ExtraArgsError(f"value for {flag} must be a number: {value!r}")
-    if kind in (ArgKind.TEXT, ArgKind.PATH) and not _TEXT_RE.match(value):
+    if kind in (ArgKind.TEXT, ArgKind.PATH) and not _TEXT_RE.fullmatch(value):
         raise ExtraArgsError(f"value for {flag} has characters that are not allowed: {value!r}")
     if kind is ArgKind.PATH and has_path_escape(value):
         raise ExtraArgsError(f"value for {flag} must not contain a '..' segment: {value!r}")

@@ -18,6 +18,17 @@ from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
 
+# Values from the request echoed in a message are cut to this; whole messages to _MESSAGE_MAX.
+_ECHO_MAX = 64
+_MESSAGE_MAX = 1024
+
+
+def clip(value: object, limit: int = _ECHO_MAX) -> str:
+    """``value`` as text for an error message, cut short: a client's 10,000-character model
+    name is not sent back to it (or written to a log) whole."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
+
 
 class ApiError(Exception):
     status = 500
@@ -96,6 +107,10 @@ class UpstreamTimeout(ApiError):
 def error_body(
     message: str, type_: str, code: str | int | None, param: str | None = None
 ) -> bytes:
+    if len(message) > _MESSAGE_MAX:  # the net under every message that echoes input
+        message = clip(message, _MESSAGE_MAX)
+    if param is not None and len(param) > _ECHO_MAX:
+        param = clip(param)
     err = {"message": message, "type": type_, "param": param, "code": code}
     return orjson.dumps({"error": err})
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from shared.edge import GuardedProtocol, Limits
 from shared.errors import ApiError, UpstreamError, error_body, sse_error
 from shared.wire import Exchange
 
@@ -212,8 +213,9 @@ class Lane:
             self._exchange.resume()
 
 
-class FastProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with hot requests taken before they become ASGI."""
+class FastProtocol(GuardedProtocol):
+    """uvicorn's httptools protocol with the edge limits (:mod:`shared.edge`), and hot
+    requests taken before they become ASGI."""
 
     # In a tuple so that it is not bound as a method.
     picker: ClassVar[tuple[Picker]]
@@ -280,6 +282,6 @@ class FastProtocol(HttpToolsProtocol):
             self.lane.resume()
 
 
-def protocol_for(picker: Picker) -> type[HttpToolsProtocol]:
+def protocol_for(picker: Picker, limits: Limits) -> type[FastProtocol]:
     """The protocol class to give uvicorn for a service with these hot requests."""
-    return type("FastLaneProtocol", (FastProtocol,), {"picker": (picker,)})
+    return type("FastLaneProtocol", (FastProtocol,), {"picker": (picker,), "limits": limits})

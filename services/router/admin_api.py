@@ -7,12 +7,13 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
-from shared.errors import BadRequest, Conflict, ModelNotFound
-from shared.http import bearer_guard, json_response, parse_body
+from shared.errors import BadRequest, Conflict, ModelNotFound, clip
+from shared.http import bearer_guard, invalid, json_response, parse_body
 from shared.models import RegisterModelRequest, is_valid_name
 from shared.settings import RouterSettings
 from shared.store import Store, StoredModel
@@ -51,7 +52,8 @@ async def _model_view(store: Store, m: StoredModel) -> dict[str, Any]:
 
 
 def build_routes(
-    store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker
+    store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker,
+    security: dict[str, Any],
 ) -> APIRouter:
     api = APIRouter(prefix="/admin", dependencies=[Depends(bearer_guard(settings.admin_token))])
 
@@ -60,8 +62,10 @@ def build_routes(
         req = await parse_body(request, RegisterModelRequest, settings.max_body_bytes)
         try:
             spec = req.to_spec(settings.default_engine)
+        except ValidationError as e:
+            raise invalid(e) from None
         except ValueError as e:
-            raise BadRequest(str(e).split("\n")[-1].strip() or "invalid model spec") from None
+            raise BadRequest(str(e) or "invalid model spec", param="engine") from None
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)
@@ -78,14 +82,14 @@ def build_routes(
     @api.delete("/models/{alias}")
     async def delete(alias: str) -> Response:
         if not is_valid_name(alias) or not await store.delete_model(alias):
-            raise ModelNotFound(f"model '{alias}' is not registered")
+            raise ModelNotFound(f"model '{clip(alias)}' is not registered")
         await table.refresh()
         return json_response({"alias": alias, "deleted": True})
 
     async def registered(alias: str) -> StoredModel:
         model = await store.get_model(alias) if is_valid_name(alias) else None
         if model is None:
-            raise ModelNotFound(f"model '{alias}' is not registered")
+            raise ModelNotFound(f"model '{clip(alias)}' is not registered")
         return model
 
     @api.post("/models/{alias}/wake", status_code=202)
@@ -121,6 +125,7 @@ def build_routes(
     @api.get("/status")
     async def status() -> Response:
         return json_response({
+            "security": security,
             "scheduler": {"lease": await store.lease_holder()},
             # This router's own view: replicas its circuit breaker ejected, seconds left.
             "router": {"id": settings.router_id,
