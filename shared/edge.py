@@ -109,6 +109,7 @@ class _Throttle:
 
 
 _busy_log = _Throttle(_BUSY_LOG_S)
+_junk_log = _Throttle(_BUSY_LOG_S)
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -172,8 +173,12 @@ class GuardedProtocol(HttpToolsProtocol):
                 self._reject(_Reject(431, "request headers are too large", "headers_too_large"))
 
     def _bad_request(self) -> None:
-        self.logger.warning("Invalid HTTP request received.")
-        self.send_400_response("Invalid HTTP request received.")
+        # uvicorn's own answer is plain text and logged each time; a client that sends junk
+        # gets the one error shape, and the log a line per burst.
+        n = _junk_log.tick()
+        if n:
+            logger.warning("answered %d malformed HTTP request(s) with 400", n)
+        self._close_with(error_head(400, "malformed HTTP request", "invalid_http"))
 
     def _reject(self, r: _Reject) -> None:
         if self.cycle is None or self.cycle.response_complete:
