@@ -164,9 +164,9 @@ class GuardedProtocol(HttpToolsProtocol):
             self._bad_request()
             return
         except httptools.HttpParserUpgrade:
-            # No WebSocket endpoints here: refuse plainly instead of leaving it hanging.
-            self._bad_request()
-            return
+            # An upgrade request (h2c, WebSocket) is served as the HTTP/1.1 request it also
+            # is, as uvicorn does; its WebSocket support is off (shared/http.serve).
+            pass
         if self._phase == _HEAD:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.header_bytes + self.limits.url_bytes + _HEAD_SLACK:

@@ -123,6 +123,7 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
         port=port,
         loop="uvloop",
         http=http,
+        ws="none",  # no WebSocket endpoints: an upgrade must not leave the guarded protocol
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -174,3 +174,18 @@ def test_connection_cap_answers_503_and_logs_once(cluster: Cluster) -> None:
             s.close()
     wait_until(lambda: exchange(port, ONE_GET, 2).status == 200, 10,
                what="a connection accepted again")
+
+
+@pytest.mark.parametrize("name", ["router", "router_asgi", "manager"])
+def test_upgrade_request_is_served_as_http11(pool: SecurePool, name: str) -> None:
+    """curl --http2 on http:// asks for h2c: answered as HTTP/1.1, never switched away from
+    the guarded protocol (WebSocket support is off)."""
+    reply = exchange(port_of(pool.by_name(name)),
+                     GET_HEALTH + b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+                     b"http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", 5)
+    assert reply.status == 200, reply.raw[:200]
+    reply = exchange(port_of(pool.by_name(name)),
+                     GET_HEALTH + b"connection: upgrade\r\nupgrade: websocket\r\n"
+                     b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"sec-websocket-version: 13\r\n\r\n", 5)
+    assert reply.status == 200, reply.raw[:200]
