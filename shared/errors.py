@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,12 @@ async def _redis_error(_: Request, exc: Exception) -> Response:
     return error_response(StoreUnavailable("the pool's state store (Redis) is unavailable; retry"))
 
 
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    # The client left (or was cut for a slow body) before its body was read: nobody reads an
+    # answer, and it is no error of ours to log with a traceback.
+    return Response(status_code=499)  # nginx's code, for whoever counts
+
+
 async def _unexpected(_: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", exc_info=exc)
     return error_response(ApiError("internal error"))
@@ -175,4 +182,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisError, _redis_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
