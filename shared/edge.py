@@ -172,6 +172,11 @@ class GuardedProtocol(HttpToolsProtocol):
             if self._head_bytes > self.limits.header_bytes + self.limits.url_bytes + _HEAD_SLACK:
                 self._reject(_Reject(431, "request headers are too large", "headers_too_large"))
 
+    def end_connection(self) -> None:
+        """Close, unless an error answer is lingering (its timer closes it then)."""
+        if self._phase != _LINGER:
+            self.transport.close()
+
     def _bad_request(self) -> None:
         # uvicorn's own answer is plain text and logged each time; a client that sends junk
         # gets the one error shape, and the log a line per burst.

@@ -194,7 +194,7 @@ class Lane:
         cycle.response_started = True
         cycle.response_complete = True
         if not cycle.keep_alive:
-            self.proto.transport.close()
+            self.proto.end_connection()
         cycle.on_response()
 
     # -- called by the protocol ----------------------------------------------------------------
