@@ -263,7 +263,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._phase == _OTHER or self.transport.is_closing():
+        if self._phase == _OTHER:
             return
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
@@ -271,17 +271,26 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._phase == _LINGER:
             self.transport.close()
             return
-        what, limit = ("headers", self.limits.header_timeout_s) if self._phase == _HEAD else \
-            ("body", self.limits.body_timeout_s)
+        if self.transport.is_closing():
+            return
         cycle = self.cycle
-        if self._phase == _BODY and cycle is not None:
+        if self._phase == _HEAD:
+            if cycle is not None and not cycle.response_complete:
+                # A next head sent while this connection still answers: the wait is ours.
+                self._expect(_HEAD, self.limits.header_timeout_s)
+                return
+            self._timed_out("headers", self.limits.header_timeout_s)
+            return
+        if cycle is not None:
             # The request waiting for this body sees the client gone and sends nothing.
-            started = cycle.response_started
             cycle.disconnected = True
             cycle.message_event.set()
-            if started:
+            if cycle.response_started:
                 self.transport.close()
                 return
+        self._timed_out("body", self.limits.body_timeout_s)
+
+    def _timed_out(self, what: str, limit: float) -> None:
         self._close_with(error_head(
             408, f"request {what} not received within {limit:g} s", "request_timeout"))
 
