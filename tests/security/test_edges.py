@@ -3,6 +3,7 @@ attacks against real processes, answered with the right status and the connectio
 
 from __future__ import annotations
 
+import resource
 import select
 import socket
 import time
@@ -192,3 +193,22 @@ def test_upgrade_request_is_served_as_http11(pool: SecurePool, name: str) -> Non
                      b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                      b"sec-websocket-version: 13\r\n\r\n", 5)
     assert reply.status == 200, reply.raw[:200]
+
+
+def test_open_file_limit_raised_to_hard(cluster: Cluster) -> None:
+    """Before: the soft limit a service inherited (often 1,024) ran out under 1,100 idle
+    connections, and a normal request failed with an empty reply."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(1024, hard // 2)
+    assert low < hard, "the hard limit is too low to tell a raise"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # what the service inherits
+    try:
+        router = cluster.router()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert router.popen is not None
+    with open(f"/proc/{router.popen.pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard), str(hard)], line
+    # The connection cap follows: half the raised limit, not half the inherited one.
+    assert f"connections={min(8192, hard // 2)})" in router.tail(200)
