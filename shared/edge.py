@@ -279,6 +279,11 @@ class GuardedProtocol(HttpToolsProtocol):
                 # A next head sent while this connection still answers: the wait is ours.
                 self._expect(_HEAD, self.limits.header_timeout_s)
                 return
+            if self._head_bytes == 0:
+                # Opened and never used (a pre-connected client): closed like an idle
+                # keep-alive connection, with no answer it could take for another request's.
+                self.transport.close()
+                return
             self._timed_out("headers", self.limits.header_timeout_s)
             return
         if cycle is not None:

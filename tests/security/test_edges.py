@@ -96,6 +96,15 @@ def test_slow_headers_get_408_and_close(pool: SecurePool, name: str) -> None:
     assert time.monotonic() - started < 6
 
 
+@pytest.mark.parametrize("name", ["router", "manager"])
+def test_connection_never_used_is_closed_quietly(pool: SecurePool, name: str) -> None:
+    started = time.monotonic()
+    with connect(port_of(pool.by_name(name))) as s:
+        reply = read_reply(s, 6)
+    assert reply.closed and reply.raw == b""  # no 408 a client could take for an answer
+    assert time.monotonic() - started < 5  # HEADER_TIMEOUT_S=1
+
+
 SLOW_BODY = {
     "router": b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
               + API.encode() + b"\r\ncontent-type: application/json\r\n",
