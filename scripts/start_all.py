@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -48,6 +49,30 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
             pass
         time.sleep(0.2)
     sys.exit(f"{url} not healthy after {timeout:.0f}s; see {log}")
+
+
+TOKENS = ("ADMIN_TOKEN", "INTERNAL_TOKEN", "API_TOKEN")
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """The pool's tokens, generated on the first run and kept in ``path`` (mode 0600) so that
+    clients keep working across restarts. A token set in the environment wins."""
+    saved: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name in TOKENS and value:
+                saved[name] = value
+    missing = [n for n in TOKENS if n not in saved]
+    if missing:
+        saved |= {n: secrets.token_urlsafe(32) for n in missing}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{n}={saved[n]}\n" for n in TOKENS)
+        print(f"  generated tokens in {path} (mode 0600)")
+    os.chmod(path, 0o600)
+    return {n: os.environ.get(n) or saved[n] for n in TOKENS}
 
 
 def choose_engine() -> tuple[str, str]:
@@ -122,12 +147,14 @@ def register_demo(router: str, engine: str, headers: dict[str, str]) -> str:
     return alias
 
 
-def wait_serving(router: str, alias: str, timeout: float) -> bool:
+def wait_serving(router: str, alias: str, api_token: str, timeout: float) -> bool:
     body = {"model": alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    headers = {"authorization": f"Bearer {api_token}"}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.post(f"{router}/v1/chat/completions", json=body, timeout=30).is_success:
+            if httpx.post(f"{router}/v1/chat/completions", json=body, headers=headers,
+                          timeout=30).is_success:
                 return True
         except httpx.HTTPError:
             pass
@@ -135,27 +162,35 @@ def wait_serving(router: str, alias: str, timeout: float) -> bool:
     return False
 
 
-def print_examples(router: str, alias: str) -> None:
+def print_examples(router: str, alias: str, tokens_file: Path) -> None:
     print(f"""
-The pool is up. Try:
+The pool is up. Its tokens are in {tokens_file} (mode 0600): API_TOKEN for /v1,
+ADMIN_TOKEN for /admin. Try:
 
-  curl -s {router}/v1/chat/completions -H 'content-type: application/json' \\
+  set -a; . {tokens_file}; set +a
+
+  curl -s {router}/v1/chat/completions -H "authorization: Bearer $API_TOKEN" \\
+    -H 'content-type: application/json' \\
     -d '{{"model": "{alias}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
   python - <<'PY'
+  import os
   from openai import OpenAI
-  client = OpenAI(base_url="{router}/v1", api_key="unused")
+  client = OpenAI(base_url="{router}/v1", api_key=os.environ["API_TOKEN"])
   for chunk in client.chat.completions.create(model="{alias}", stream=True,
           messages=[{{"role": "user", "content": "Hello!"}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
   PY
 
-  curl -s {router}/admin/status      # workers, models, instances
+  curl -s {router}/admin/status -H "authorization: Bearer $ADMIN_TOKEN"   # workers, models
 Press Ctrl-C to stop everything.""", flush=True)
 
 
 def run(stack: Stack) -> None:
     env = dict(os.environ)
+    tokens_file = RUN / "tokens.env"
+    tokens = load_tokens(tokens_file)
+    env |= tokens
     env.setdefault("LOG_FORMAT", "text")
     if "REDIS_URL" not in env:
         env["REDIS_URL"] = start_redis(stack)
@@ -173,12 +208,11 @@ def run(stack: Stack) -> None:
         proc = stack.start(name, [sys.executable, "-m", f"services.{name}.main"], env)
         wait_http(f"{url}/health", proc, stack.run / "logs" / f"{name}.log", 60)
     router = f"http://127.0.0.1:{ports['router']}"
-    token = env.get("ADMIN_TOKEN")
-    alias = register_demo(router, engine, {"authorization": f"Bearer {token}"} if token else {})
+    alias = register_demo(router, engine, {"authorization": f"Bearer {tokens['ADMIN_TOKEN']}"})
     timeout = 900.0 if engine == "vllm" else 60.0
-    if not wait_serving(router, alias, timeout):
+    if not wait_serving(router, alias, tokens["API_TOKEN"], timeout):
         print(f"  the demo model is not serving yet; see {router}/admin/status")
-    print_examples(router, alias)
+    print_examples(router, alias, tokens_file)
     signal.pause()
 
 

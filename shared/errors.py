@@ -15,9 +15,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError, ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
+
+# Values from the request echoed in a message are cut to this; whole messages to _MESSAGE_MAX.
+_ECHO_MAX = 64
+_MESSAGE_MAX = 1024
+
+
+def clip(value: object, limit: int = _ECHO_MAX) -> str:
+    """``value`` as text for an error message, cut short: a client's 10,000-character model
+    name is not sent back to it (or written to a log) whole."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
 
 
 class ApiError(Exception):
@@ -103,6 +115,10 @@ class UpstreamTimeout(ApiError):
 def error_body(
     message: str, type_: str, code: str | int | None, param: str | None = None
 ) -> bytes:
+    if len(message) > _MESSAGE_MAX:  # the net under every message that echoes input
+        message = clip(message, _MESSAGE_MAX)
+    if param is not None and len(param) > _ECHO_MAX:
+        param = clip(param)
     err = {"message": message, "type": type_, "param": param, "code": code}
     return orjson.dumps({"error": err})
 
@@ -166,6 +182,12 @@ async def _redis_error(_: Request, exc: Exception) -> Response:
     return error_response(StoreUnavailable("the pool's state store (Redis) is unavailable; retry"))
 
 
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    # The client left (or was cut for a slow body) before its body was read: nobody reads an
+    # answer, and it is no error of ours to log with a traceback.
+    return Response(status_code=499)  # nginx's code, for whoever counts
+
+
 async def _unexpected(_: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", exc_info=exc)
     return error_response(ApiError("internal error"))
@@ -193,4 +215,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _with_request_id(_validation_error))
     app.add_exception_handler(StarletteHTTPException, _with_request_id(_http_error))
     app.add_exception_handler(RedisError, _with_request_id(_redis_error))
+    app.add_exception_handler(ClientDisconnect, _with_request_id(_client_gone))
     app.add_exception_handler(Exception, _with_request_id(_unexpected))

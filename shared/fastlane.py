@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from shared.edge import GuardedProtocol, Limits, attribute_names
 from shared.errors import ApiError, UpstreamError, error_body, sse_error
 from shared.wire import Exchange
 
@@ -56,18 +57,6 @@ _CYCLE_ATTRS = ("scope", "keep_alive", "waiting_for_100_continue", "more_body", 
                 "on_response")
 
 
-def _attribute_names(cls: type) -> set[str]:
-    """Attribute names ``cls``'s own methods read or assign (instance attributes are set in
-    ``__init__`` or ``connection_made``, so they are not visible on the class itself)."""
-    out: set[str] = set()
-    for klass in cls.__mro__:
-        for value in vars(klass).values():
-            code = getattr(value, "__code__", None)
-            if code is not None:
-                out.update(code.co_names)
-    return out
-
-
 def missing_internals(protocol: type = HttpToolsProtocol,
                       cycle: type = RequestResponseCycle) -> list[str]:
     """The uvicorn internals the lane uses that this uvicorn lacks (empty: the lane can run)."""
@@ -75,9 +64,9 @@ def missing_internals(protocol: type = HttpToolsProtocol,
                if not callable(getattr(protocol, m, None))]
     missing += [f"{cycle.__name__}.{m}" for m in _CYCLE_METHODS
                 if not callable(getattr(cycle, m, None))]
-    seen = _attribute_names(protocol)
+    seen = attribute_names(protocol)
     missing += [f"{protocol.__name__}.{a}" for a in _PROTOCOL_ATTRS if a not in seen]
-    seen = _attribute_names(cycle)
+    seen = attribute_names(cycle)
     missing += [f"{cycle.__name__}.{a}" for a in _CYCLE_ATTRS if a not in seen]
     if not isinstance(getattr(httptools_impl, "STATUS_LINE", None), dict):
         missing.append("httptools_impl.STATUS_LINE")
@@ -259,7 +248,7 @@ class Lane:
         cycle.response_started = True
         cycle.response_complete = True
         if not cycle.keep_alive:
-            self.proto.transport.close()
+            self.proto.end_connection()
         cycle.on_response()
 
     # -- called by the protocol ----------------------------------------------------------------
@@ -278,8 +267,9 @@ class Lane:
             self._exchange.resume()
 
 
-class FastProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with hot requests taken before they become ASGI."""
+class FastProtocol(GuardedProtocol):
+    """uvicorn's httptools protocol with the edge limits (:mod:`shared.edge`), and hot
+    requests taken before they become ASGI."""
 
     # In a tuple so that it is not bound as a method.
     picker: ClassVar[tuple[Picker]]
@@ -346,6 +336,6 @@ class FastProtocol(HttpToolsProtocol):
             self.lane.resume()
 
 
-def protocol_for(picker: Picker) -> type[HttpToolsProtocol]:
+def protocol_for(picker: Picker, limits: Limits) -> type[FastProtocol]:
     """The protocol class to give uvicorn for a service with these hot requests."""
-    return type("FastLaneProtocol", (FastProtocol,), {"picker": (picker,)})
+    return type("FastLaneProtocol", (FastProtocol,), {"picker": (picker,), "limits": limits})

@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -15,22 +15,32 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from shared import fastlane
+from shared import edge, fastlane
+from shared.edge import Limits
 from shared.errors import BadRequest, PayloadTooLarge, Unauthorized
 from shared.fastlane import Picker
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
-def bearer_guard(token: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that requires ``Authorization: Bearer <token>`` when a token is set."""
+def bearer_ok(header: bytes, expected: bytes) -> bool:
+    """Whether an Authorization header value carries the bearer token ``expected``. Bytes on
+    both sides: any byte a client sends is a wrong token (401), never an error."""
+    scheme, _, given = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), expected)
+
+
+def bearer_guard(*tokens: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that requires ``Authorization: Bearer <token>``, one of ``tokens``, when
+    any is set (unset ones are skipped; none set: open)."""
+    expected = [t.encode() for t in tokens if t]
 
     async def check(request: Request) -> None:
-        if not token:
+        if not expected:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        # Starlette decodes header bytes as latin-1, so this gives back the bytes sent.
+        header = request.headers.get("authorization", "").encode("latin-1")
+        if not any([bearer_ok(header, e) for e in expected]):
             raise Unauthorized("missing or invalid bearer token")
 
     return check
@@ -65,14 +75,19 @@ def parse_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+def invalid(e: ValidationError) -> BadRequest:
+    """A 400 that names the first invalid field and says why (never pydantic's link alone)."""
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return BadRequest(f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+
 def parse_as(cls: type[M], data: Any) -> M:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise BadRequest(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+        raise invalid(e) from None
 
 
 async def parse_body(request: Request, cls: type[M], limit: int) -> M:
@@ -91,13 +106,20 @@ def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncC
     )
 
 
-def serve(app: FastAPI, host: str, port: int, fast: Picker | None = None) -> None:
-    """Run ``app`` with uvicorn; ``fast`` picks the requests served on the fast lane."""
-    http: type[asyncio.Protocol] | Literal["httptools"] = "httptools"
+def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | None = None) -> None:
+    """Run ``app`` with uvicorn behind the edge ``limits`` (:mod:`shared.edge`); ``fast``
+    picks the requests served on the fast lane."""
+    unguarded = edge.missing_internals()
+    if unguarded:
+        # Fail closed: without them the header, timeout and connection limits cannot hold.
+        raise SystemExit(
+            "this uvicorn release lacks internals the edge limits use ("
+            + ", ".join(unguarded) + "); install the pinned versions from requirements.lock")
+    http: type[asyncio.Protocol] = edge.guarded(limits)
     if fast is not None:
         missing = fastlane.missing_internals()
         if not missing:
-            http = fastlane.protocol_for(fast)
+            http = fastlane.protocol_for(fast, limits)
         else:
             logging.getLogger(__name__).warning(
                 "this uvicorn release lacks internals the fast lane uses (%s): the lane is off "
@@ -109,9 +131,11 @@ def serve(app: FastAPI, host: str, port: int, fast: Picker | None = None) -> Non
         port=port,
         loop="uvloop",
         http=http,
+        ws="none",  # no WebSocket endpoints: an upgrade must not leave the guarded protocol
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=max(1, round(limits.keep_alive_s)),
     )
 
 

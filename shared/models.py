@@ -28,7 +28,7 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 def is_valid_name(value: str) -> bool:
-    return bool(_NAME_RE.match(value))
+    return bool(_NAME_RE.fullmatch(value))
 
 
 class Strict(BaseModel):
@@ -85,7 +85,7 @@ class ModelSpec(Strict):
             raise ValueError("model_name must not start with '-'")
         if has_path_escape(v):
             raise ValueError("model_name must not contain a '..' segment")
-        if not _MODEL_NAME_RE.match(v):
+        if not _MODEL_NAME_RE.fullmatch(v):
             raise ValueError(
                 "model_name must be a hub id (org/name) or a local path of letters, digits "
                 "and ._/+=@-"

@@ -11,7 +11,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from shared.edge import Limits, raise_open_files
 from shared.errors import install_error_handlers
+from shared.fastlane import Picker
+from shared.http import serve
 from shared.keys import Keys
 from shared.settings import CommonSettings
 from shared.store import Store, connect
@@ -29,9 +32,21 @@ def open_store(settings: CommonSettings) -> Store:
 
 
 def make_app(title: str, lifespan: Lifespan) -> FastAPI:
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, lifespan=lifespan)
+    # No /openapi.json or docs pages: they map every endpoint for whoever asks. No redirect
+    # for a trailing slash either: Starlette builds it from the client's Host header.
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False, lifespan=lifespan)
     install_error_handlers(app)
     return app
+
+
+def run(app: FastAPI, settings: CommonSettings, host: str, port: int,
+        fast: Picker | None = None) -> None:
+    """Serve ``app`` behind the edge limits of ``settings`` (shared/edge.py), with the
+    open-file limit raised first so that the connection cap, not the kernel, says no."""
+    limits = Limits.of(settings, raise_open_files())
+    logger.info("edge limits: %s", limits)
+    serve(app, host, port, limits, fast if settings.fast_lane else None)
 
 
 @contextlib.asynccontextmanager

@@ -40,6 +40,19 @@ class CommonSettings(BaseSettings):
     admin_token: str | None = None
     # Bearer token between services (router -> worker proxy, worker -> manager); unset = open.
     internal_token: str | None = None
+    # A service bound to a non-loopback address refuses to start without its tokens, unless
+    # this is set (then it warns once and /admin/status shows "insecure": true). docs/security.md
+    allow_insecure: bool = False
+    # Edge limits, on the fast lane and the ASGI path alike (shared/edge.py, docs/security.md).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+    max_url_bytes: int = Field(default=8 * 1024, ge=256)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    # Open client connections per process; more get a 503 and are closed. The effective cap is
+    # also kept to half the open-file limit (raised to its hard limit at start).
+    max_connections: int = Field(default=8192, ge=1)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # Pub/sub hints speed convergence; with them off every loop still converges on its timer.
@@ -60,6 +73,10 @@ class CommonSettings(BaseSettings):
 class RouterSettings(CommonSettings):
     router_host: str = "0.0.0.0"
     router_port: int = 8000
+    # Bearer token for the OpenAI API (/v1/*); unset = open. A router on a non-loopback
+    # address needs it, or API_OPEN=true to serve /v1 without one on purpose.
+    api_token: str | None = None
+    api_open: bool = False
     route_refresh_s: float = Field(default=1.0, gt=0)
     # Engine used when a registration names none. Choosing "sim" is explicit: it is logged
     # and shown as the model's engine everywhere.

@@ -144,7 +144,8 @@ class Cluster:
     procs: list[Proc] = field(default_factory=list)
 
     def env(self, **over: str) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "ADMIN_"))}
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("REDIS_", "ADMIN_", "INTERNAL_", "API_", "ALLOW_"))}
         return base | FAST_ENV | {"REDIS_URL": self.redis_url, "REDIS_PREFIX": self.prefix,
                                   "STATE_DIR": str(self.tmp / "state")} | self.extra_env | over
 

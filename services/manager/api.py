@@ -6,14 +6,16 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.manager.scheduler import Scheduler
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, clip
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import Heartbeat, WorkerRegistration, is_valid_name
 from shared.settings import ManagerSettings
 from shared.store import Store
 
 
-def build_routes(store: Store, settings: ManagerSettings, scheduler: Scheduler) -> APIRouter:
+def build_routes(
+    store: Store, settings: ManagerSettings, scheduler: Scheduler, insecure: bool
+) -> APIRouter:
     internal = Depends(bearer_guard(settings.internal_token))
     api = APIRouter()
     # Worker records are small (shared.models bounds them); a larger body is refused (413)
@@ -28,6 +30,7 @@ def build_routes(store: Store, settings: ManagerSettings, scheduler: Scheduler) 
             "leader": scheduler.state.leader,
             "epoch": scheduler.state.epoch,
             "passes": scheduler.state.passes,
+            "insecure": insecure,
         })
 
     @api.post("/workers/register", dependencies=[internal])
@@ -50,7 +53,7 @@ def build_routes(store: Store, settings: ManagerSettings, scheduler: Scheduler) 
         if is_valid_name(worker_id):
             known = await store.heartbeat(worker_id, hb, settings.heartbeat_ttl_s)
         if known is None:
-            raise NotFound(f"worker '{worker_id}' is not registered; register first")
+            raise NotFound(f"worker '{clip(worker_id)}' is not registered; register first")
         return json_response({"ok": True, "revived": not known})
 
     @api.get("/workers", dependencies=[internal])

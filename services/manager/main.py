@@ -11,12 +11,17 @@ from fastapi import FastAPI
 from services.manager.api import build_routes
 from services.manager.scheduler import Scheduler
 from shared.events import Nudger
-from shared.http import serve
+from shared.exposure import Exposure, enforce, exposure
 from shared.logs import setup_logging
-from shared.service import background, make_app, open_store
+from shared.service import background, make_app, open_store, run
 from shared.settings import ManagerSettings
 
 logger = logging.getLogger(__name__)
+
+
+def manager_exposure(settings: ManagerSettings) -> Exposure:
+    return exposure("manager", settings.manager_host, settings.manager_port,
+                    {"INTERNAL_TOKEN": settings.internal_token}, settings.allow_insecure)
 
 
 def create_app(settings: ManagerSettings) -> FastAPI:
@@ -35,14 +40,16 @@ def create_app(settings: ManagerSettings) -> FastAPI:
         await store.close()
 
     app = make_app("svllm manager", lifespan)
-    app.include_router(build_routes(store, settings, scheduler))
+    app.include_router(build_routes(store, settings, scheduler,
+                                    manager_exposure(settings).insecure))
     return app
 
 
 def main() -> None:
     settings = ManagerSettings()
     setup_logging("manager", settings.log_level, settings.log_format)
-    serve(create_app(settings), settings.manager_host, settings.manager_port)
+    enforce(manager_exposure(settings))
+    run(create_app(settings), settings, settings.manager_host, settings.manager_port)
 
 
 if __name__ == "__main__":

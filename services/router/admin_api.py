@@ -8,13 +8,14 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
 from shared.engine_policy import PolicyError, Sandbox, check_known_flags, vllm_flags_used
-from shared.errors import BadRequest, Conflict, ModelNotFound
-from shared.http import bearer_guard, json_response, parse_body
+from shared.errors import BadRequest, Conflict, ModelNotFound, clip
+from shared.http import bearer_guard, invalid, json_response, parse_body
 from shared.models import ModelSpec, RegisterModelRequest, is_valid_name
 from shared.settings import RouterSettings
 from shared.store import ModelDetails, Store, StoredModel
@@ -64,16 +65,19 @@ async def _validated_spec(req: RegisterModelRequest, store: Store, settings: Rou
         spec = req.to_spec(settings.default_engine, sandbox)
         if spec.engine == "vllm":
             check_known_flags(vllm_flags_used(spec), await store.live_vllm_flags())
+    except ValidationError as e:
+        raise invalid(e) from None
     except PolicyError as e:
         param = "model_name" if str(e).startswith("model_name") else "extra_args"
         raise BadRequest(str(e), param=param) from None
     except ValueError as e:
-        raise BadRequest(str(e).split("\n")[-1].strip() or "invalid model spec") from None
+        raise BadRequest(str(e) or "invalid model spec", param="engine") from None
     return spec
 
 
 def build_routes(
-    store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker
+    store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker,
+    security: dict[str, Any],
 ) -> APIRouter:
     api = APIRouter(prefix="/admin", dependencies=[Depends(bearer_guard(settings.admin_token))])
     sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
@@ -101,14 +105,14 @@ def build_routes(
     @api.delete("/models/{alias}")
     async def delete(alias: str) -> Response:
         if not is_valid_name(alias) or not await store.delete_model(alias):
-            raise ModelNotFound(f"model '{alias}' is not registered")
+            raise ModelNotFound(f"model '{clip(alias)}' is not registered")
         await table.forget(alias)
         return json_response({"alias": alias, "deleted": True})
 
     async def registered(alias: str) -> StoredModel:
         model = await store.get_model(alias) if is_valid_name(alias) else None
         if model is None:
-            raise ModelNotFound(f"model '{alias}' is not registered")
+            raise ModelNotFound(f"model '{clip(alias)}' is not registered")
         return model
 
     @api.post("/models/{alias}/wake", status_code=202)
@@ -149,6 +153,7 @@ def build_routes(
         # Records this view does not show are read too, so that a bad one is named below.
         await store.check_records(await store.worker_ids())
         return json_response({
+            "security": security,
             "scheduler": {"lease": await store.lease_holder()},
             # This router's own view: replicas (model, worker) its circuit breaker ejected,
             # with the seconds left.

@@ -16,13 +16,22 @@ from services.router.hold import Holder
 from services.router.routes import RouteTable
 from services.router.upstream import Upstreams
 from shared.events import Nudger
-from shared.http import json_response, serve
+from shared.exposure import Exposure, enforce, exposure
+from shared.http import json_response
 from shared.logs import setup_logging
-from shared.service import background, make_app, open_store, pin_mmap_threshold
+from shared.service import background, make_app, open_store, pin_mmap_threshold, run
 from shared.settings import RouterSettings
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
+
+
+def router_exposure(settings: RouterSettings) -> Exposure:
+    tokens = {"ADMIN_TOKEN": settings.admin_token, "INTERNAL_TOKEN": settings.internal_token}
+    if not settings.api_open:
+        tokens["API_TOKEN"] = settings.api_token
+    return exposure("router", settings.router_host, settings.router_port, tokens,
+                    settings.allow_insecure)
 
 
 def create_app(settings: RouterSettings) -> FastAPI:
@@ -54,9 +63,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
         return json_response({"status": "ok", "models": len(table.models),
                               "serving": sum(1 for r in table.routes.values() if r)})
 
-    app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes))
-    app.include_router(admin_api.build_routes(store, settings, table, breaker))
-    app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes)
+    # Shown in /admin/status: what this router leaves open, on purpose or not.
+    security = router_exposure(settings).view() | {
+        "openai_api": "token" if settings.api_token else "open"}
+    app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
+                                               settings.api_token))
+    app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
+    app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
+                                               settings.api_token)
     return app
 
 
@@ -64,9 +78,9 @@ def main() -> None:
     settings = RouterSettings()
     setup_logging("router", settings.log_level, settings.log_format)
     pin_mmap_threshold()  # large relayed reads go back to the system once sent
+    enforce(router_exposure(settings))
     app = create_app(settings)
-    serve(app, settings.router_host, settings.router_port,
-          app.state.fast_lane if settings.fast_lane else None)
+    run(app, settings, settings.router_host, settings.router_port, app.state.fast_lane)
 
 
 if __name__ == "__main__":

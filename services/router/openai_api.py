@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from functools import partial
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.router.forward import Forwarder
 from services.router.routes import RouteTable
 from services.router.upstream import Call, Upstreams
-from shared.errors import BadRequest, ModelNotFound
+from shared.errors import BadRequest, ModelNotFound, clip
 from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
-from shared.http import ClientGone, cancel_on_disconnect, json_response, parse_object, read_body
+from shared.http import (
+    ClientGone,
+    bearer_guard,
+    bearer_ok,
+    cancel_on_disconnect,
+    json_response,
+    parse_object,
+    read_body,
+)
 from shared.models import is_valid_name
 from shared.store import StoredModel
 
@@ -29,7 +37,7 @@ async def _prepare(
         raise BadRequest("model: a model alias is required", param="model")
     model = await table.model(name) if is_valid_name(name) else None
     if model is None:
-        raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
+        raise ModelNotFound(f"The model `{clip(name)}` does not exist.", param="model")
     user = data.get("user")
     affinity = session or (user if isinstance(user, str) else None)
     call = Call(name, path, body, request_id, data.get("stream") is True,
@@ -37,12 +45,16 @@ async def _prepare(
     return model, call
 
 
-def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int) -> Picker:
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
-    serving. A cold, sleeping or stopped model, and a body the lane does not take, go to the
-    ASGI routes below, which hold the request or explain the error."""
+    serving. A cold, sleeping or stopped model, a wrong API token, and a body the lane does
+    not take, go to the ASGI routes below, which hold the request or explain the error."""
+    expected = token.encode() if token else None
 
     async def handle(lane: Lane) -> bool:
+        if expected is not None and not bearer_ok(lane.header(b"authorization") or b"",
+                                                  expected):
+            return False
         body = await lane.read_body(limit)
         if body is None:
             return False
@@ -71,13 +83,17 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int) -> Picker:
     return pick
 
 
-def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRouter:
+def build_routes(
+    table: RouteTable, forwarder: Forwarder, limit: int, token: str | None
+) -> APIRouter:
     api = APIRouter()
+    check = bearer_guard(token)
 
     async def handle(request: Request, *, path: str) -> Response:
         given = request.headers.get("x-request-id")
         rid = request_id_of(given.encode("latin-1") if given else None).decode("latin-1")
         request.state.request_id = rid  # error answers carry it too (shared/errors.py)
+        await check(request)
         body = await read_body(request, limit)
         model, call = await _prepare(table, body, path, rid,
                                      request.headers.get("x-session-id"))
@@ -97,7 +113,7 @@ def build_routes(table: RouteTable, forwarder: Forwarder, limit: int) -> APIRout
     for path in _HOT.values():
         api.add_route(f"/{path}", partial(handle, path=path), methods=["POST"])
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", dependencies=[Depends(check)])
     async def models() -> Response:
         data = [
             {

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from services.worker import proxy
 from services.worker.agent import Agent
-from shared.errors import BadRequest, ModelNotFound, NotFound
+from shared.errors import BadRequest, ModelNotFound, NotFound, clip
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import ManualStartRequest, is_valid_name
 from shared.settings import WorkerSettings
@@ -16,17 +16,20 @@ from shared.wire import Pool
 
 
 def build_routes(
-    store: Store, settings: WorkerSettings, agent: Agent, upstream: Pool
+    store: Store, settings: WorkerSettings, agent: Agent, upstream: Pool, insecure: bool
 ) -> APIRouter:
     admin = Depends(bearer_guard(settings.admin_token))
+    # Ports and pids of the engines: for the pool's services and operators, not for anyone.
+    either = Depends(bearer_guard(settings.admin_token, settings.internal_token))
     sup = agent.supervisor
     api = APIRouter()
 
     @api.get("/health")
     async def health() -> Response:
-        return json_response({"status": "ok", "worker_id": settings.worker_id})
+        return json_response({"status": "ok", "worker_id": settings.worker_id,
+                              "insecure": insecure})
 
-    @api.get("/info")
+    @api.get("/info", dependencies=[either])
     async def info() -> Response:
         reg = agent.registration()
         instances = [
@@ -40,7 +43,7 @@ def build_routes(
         body = await parse_body(request, ManualStartRequest, settings.max_body_bytes)
         model = await store.get_model(body.alias)
         if model is None:
-            raise ModelNotFound(f"model '{body.alias}' is not registered", param="alias")
+            raise ModelNotFound(f"model '{clip(body.alias)}' is not registered", param="alias")
         if model.spec.engine not in sup.drivers:
             raise BadRequest(
                 f"this worker cannot run engine '{model.spec.engine}' "
@@ -55,7 +58,7 @@ def build_routes(
     @api.post("/instances/{alias}/stop", dependencies=[admin], status_code=202)
     async def stop(alias: str) -> Response:
         if not is_valid_name(alias) or await store.get_model(alias) is None:
-            raise ModelNotFound(f"model '{alias}' is not registered")
+            raise ModelNotFound(f"model '{clip(alias)}' is not registered")
         manual = (await store.intents([alias])).get(alias, Intents()).manual
         if (alias not in await store.worker_assignments(settings.worker_id)
                 and settings.worker_id not in manual):

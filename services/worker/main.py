@@ -16,13 +16,20 @@ from services.worker.engines.environment import parse_passthrough
 from services.worker.gpu import open_inventory
 from services.worker.supervisor import Supervisor
 from shared.events import Nudger
-from shared.http import make_client, serve
+from shared.exposure import Exposure, enforce, exposure
+from shared.http import make_client
 from shared.logs import setup_logging
-from shared.service import background, make_app, open_store, pin_mmap_threshold
+from shared.service import background, make_app, open_store, pin_mmap_threshold, run
 from shared.settings import WorkerSettings
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
+
+
+def worker_exposure(settings: WorkerSettings) -> Exposure:
+    return exposure("worker", settings.worker_host, settings.worker_port,
+                    {"ADMIN_TOKEN": settings.admin_token,
+                     "INTERNAL_TOKEN": settings.internal_token}, settings.allow_insecure)
 
 
 def create_app(settings: WorkerSettings) -> FastAPI:
@@ -55,7 +62,8 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         await store.close()
 
     app = make_app("svllm worker", lifespan)
-    app.include_router(build_routes(store, settings, agent, upstream))
+    app.include_router(build_routes(store, settings, agent, upstream,
+                                    worker_exposure(settings).insecure))
     app.state.fast_lane = proxy.picker(proxy.fast_handler(
         supervisor, upstream, settings.internal_token, settings.max_body_bytes))
     return app
@@ -65,9 +73,9 @@ def main() -> None:
     settings = WorkerSettings()
     setup_logging(f"worker {settings.worker_id}", settings.log_level, settings.log_format)
     pin_mmap_threshold()  # large relayed reads go back to the system once sent
+    enforce(worker_exposure(settings))
     app = create_app(settings)
-    serve(app, settings.worker_host, settings.worker_port,
-          app.state.fast_lane if settings.fast_lane else None)
+    run(app, settings, settings.worker_host, settings.worker_port, app.state.fast_lane)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from tests.support import ROOT, child_pids, free_port, wait_until
 def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
     ports = {n: str(free_port()) for n in ("ROUTER_PORT", "MANAGER_PORT", "WORKER_PORT",
                                            "SVLLM_REDIS_PORT")}
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ADMIN_TOKEN")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "ADMIN_TOKEN", "INTERNAL_TOKEN", "API_TOKEN", "API_OPEN",
+                        "ALLOW_INSECURE")}
     env |= ports | {"SVLLM_RUN_DIR": str(tmp_path), "GPU_BACKEND": "none",
                     "WORKER_ID": "qs-worker"}
     out = tmp_path / "start_all.out"
@@ -34,13 +36,25 @@ def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
                    what=f"quick start output:\n{procs.tail(out)}")
         text = out.read_text()
         assert "SIMULATED engine" in text
+        # Secure by default: tokens generated on the first run, kept private, required.
+        tokens_file = tmp_path / "tokens.env"
+        assert tokens_file.stat().st_mode & 0o777 == 0o600
+        tokens = dict(line.split("=", 1) for line in tokens_file.read_text().splitlines())
+        assert set(tokens) == {"ADMIN_TOKEN", "INTERNAL_TOKEN", "API_TOKEN"}
+        assert str(tokens_file) in text and "authorization: Bearer $API_TOKEN" in text
         router = f"http://127.0.0.1:{ports['ROUTER_PORT']}"
-        client = openai.OpenAI(base_url=f"{router}/v1", api_key="unused")
+        assert httpx.get(f"{router}/v1/models").status_code == 401
+        assert httpx.get(f"{router}/admin/status").status_code == 401
+        client = openai.OpenAI(base_url=f"{router}/v1", api_key=tokens["API_TOKEN"])
         reply = client.chat.completions.create(
             model="demo", messages=[{"role": "user", "content": "Hello!"}])
         assert reply.model == "demo" and reply.choices[0].message.content
-        models = httpx.get(f"{router}/v1/models").json()["data"]
+        auth = {"authorization": f"Bearer {tokens['API_TOKEN']}"}
+        models = httpx.get(f"{router}/v1/models", headers=auth).json()["data"]
         assert models[0]["id"] == "demo" and models[0]["engine"] == "sim"
+        admin = {"authorization": f"Bearer {tokens['ADMIN_TOKEN']}"}
+        security = httpx.get(f"{router}/admin/status", headers=admin).json()["security"]
+        assert security["insecure"] is False and security["openai_api"] == "token"
         services = child_pids(proc.pid)
         assert len(services) == 4  # redis, manager, worker, router
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does

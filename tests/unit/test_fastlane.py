@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from shared.edge import Limits
 from shared.errors import BadRequest
 from shared.fastlane import Handler, Lane, protocol_for
 from shared.wire import Pool
@@ -63,12 +64,17 @@ async def _echo(request: Request) -> Response:
     return Response(b"asgi:" + await request.body(), media_type="text/plain")
 
 
+LIMITS = Limits(header_bytes=32768, header_count=100, url_bytes=8192, header_timeout_s=10,
+                body_timeout_s=60, keep_alive_s=5, connections=1000)
+
+
 @contextlib.asynccontextmanager
 async def server(lanes: Lanes) -> AsyncIterator[str]:
     app = Starlette(routes=[Route("/hot", _echo, methods=["POST"])])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, http=protocol_for(lanes.pick), log_config=None, lifespan="off")
+    config = uvicorn.Config(app, http=protocol_for(lanes.pick, LIMITS), log_config=None,
+                            lifespan="off")
     srv = uvicorn.Server(config)
     task = asyncio.ensure_future(srv.serve(sockets=[sock]))
     async with asyncio.timeout(10):

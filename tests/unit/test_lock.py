@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from shared import fastlane
+from shared import edge, fastlane
 
 ROOT = Path(__file__).resolve().parents[2]
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)")
@@ -58,9 +58,10 @@ def test_installed_uvicorn_is_the_locked_one() -> None:
     assert metadata.version("uvicorn") == pins("requirements.lock")["uvicorn"]
 
 
-def test_fast_lane_runs_on_the_locked_uvicorn() -> None:
+def test_fast_lane_and_edge_limits_run_on_the_locked_uvicorn() -> None:
     assert fastlane.missing_internals() == []
     assert fastlane.supported()
+    assert edge.missing_internals() == []
 
 
 def test_a_missing_internal_turns_the_lane_off() -> None:
@@ -76,3 +77,9 @@ def test_a_missing_internal_turns_the_lane_off() -> None:
     assert "Renamed.pause_writing" in missing
     assert "Cycle.message_event" in missing
     assert fastlane.missing_internals(HttpToolsProtocol, RequestResponseCycle) == []
+    assert "Renamed.pause_writing" not in edge.missing_internals(Renamed)
+
+    class NoParser(HttpToolsProtocol):
+        on_header = None  # type: ignore[assignment]
+
+    assert edge.missing_internals(NoParser) == ["NoParser.on_header"]
