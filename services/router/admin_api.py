@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
+from shared import models_file
 from shared.errors import BadRequest, Conflict, ModelNotFound
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import RegisterModelRequest, is_valid_name
@@ -58,10 +59,7 @@ def build_routes(
     @api.post("/models/register")
     async def register(request: Request) -> Response:
         req = await parse_body(request, RegisterModelRequest, settings.max_body_bytes)
-        try:
-            spec = req.to_spec(settings.default_engine)
-        except ValueError as e:
-            raise BadRequest(str(e).split("\n")[-1].strip() or "invalid model spec") from None
+        spec = models_file.to_spec(req.model_dump(), settings.default_engine)
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)

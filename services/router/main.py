@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from services.router import admin_api, openai_api
+from services.router import admin_api, console_api, openai_api
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
@@ -55,6 +55,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes))
     app.include_router(admin_api.build_routes(store, settings, table, breaker))
+    console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes)
     return app
 

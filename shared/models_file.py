@@ -1,0 +1,162 @@
+"""The declarative models file: which models the pool should serve, and how to get there.
+
+One module for the three users of the format: the router's ``POST /admin/models/apply`` (what
+``svllm apply`` calls), ``svllm export``, and a manager's ``MODELS_FILE``. Entries carry the
+register API's fields and are validated by the register API's own models
+(:class:`RegisterModelRequest` then :class:`ModelSpec`), so a file entry and a registration
+fail with the same message.
+
+A changed spec is applied as delete + register (the store refuses to overwrite a spec: a
+running engine would no longer match its record), so the model's instances restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from pydantic import ValidationError
+
+from shared.errors import BadRequest
+from shared.http import parse_as
+from shared.models import ModelSpec, RegisterModelRequest
+from shared.store.base import StoredModel
+
+_REQUEST_DEFAULTS = RegisterModelRequest(alias="x", model_name="x").model_dump()
+
+
+class ModelsStoreLike(Protocol):
+    """What applying needs from :class:`shared.store.Store`."""
+
+    async def list_models(self) -> list[StoredModel]: ...
+    async def register_model(self, spec: ModelSpec) -> bool: ...
+    async def delete_model(self, alias: str) -> bool: ...
+
+
+@dataclass
+class Diff:
+    """What applying a file changes: per alias, added, changed (field -> [old, new]), removed
+    (present in the pool, absent from the file; only acted on with prune)."""
+
+    added: list[str] = field(default_factory=list)
+    changed: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def empty(self, prune: bool) -> bool:
+        return not (self.added or self.changed or (prune and self.removed))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"added": self.added, "changed": self.changed, "removed": self.removed,
+                "unchanged": self.unchanged}
+
+
+def to_spec(entry: Any, default_engine: str) -> ModelSpec:
+    """One entry validated exactly as ``POST /admin/models/register`` validates a body."""
+    req = parse_as(RegisterModelRequest, entry)
+    try:
+        return req.to_spec(default_engine)
+    except ValidationError as e:
+        # The first error's own message: pydantic's str() ends with a help URL line.
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        raise BadRequest(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+    except ValueError as e:
+        raise BadRequest(str(e) or "invalid model spec") from None
+
+
+def desired_specs(entries: Any, default_engine: str) -> dict[str, ModelSpec]:
+    """The file's entries as specs by alias; a bad entry fails the whole file, naming it."""
+    if not isinstance(entries, list):
+        raise BadRequest("models must be a list of entries (one per alias)", param="models")
+    specs: dict[str, ModelSpec] = {}
+    for i, entry in enumerate(entries):
+        name = entry.get("alias") if isinstance(entry, dict) else None
+        where = f"models[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+        try:
+            spec = to_spec(entry, default_engine)
+        except BadRequest as e:
+            raise BadRequest(f"{where}: {e.message}", param=e.param) from None
+        if spec.alias in specs:
+            raise BadRequest(f"{where}: alias '{spec.alias}' appears twice", param="alias")
+        specs[spec.alias] = spec
+    return specs
+
+
+def parse_yaml(text: str, source: str = "models file") -> list[Any]:
+    """The ``models:`` list of a YAML document (``{models: [...]}``; an empty file is [])."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise BadRequest(f"{source} is not valid YAML: {e}") from None
+    if doc is None:
+        return []
+    if not isinstance(doc, dict) or set(doc) - {"models"}:
+        raise BadRequest(f"{source} must be a mapping with one key, 'models' (a list)")
+    models = doc.get("models") or []
+    if not isinstance(models, list):
+        raise BadRequest(f"{source}: 'models' must be a list of entries")
+    return models
+
+
+def read_file(path: Path) -> list[Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BadRequest(f"cannot read {path}: {e.strerror}") from None
+    return parse_yaml(text, str(path))
+
+
+def diff(desired: dict[str, ModelSpec], current: dict[str, ModelSpec]) -> Diff:
+    d = Diff()
+    for alias, spec in desired.items():
+        old = current.get(alias)
+        if old is None:
+            d.added.append(alias)
+            continue
+        new_fields, old_fields = spec.model_dump(), old.model_dump()
+        changes = {k: [old_fields.get(k), v] for k, v in new_fields.items()
+                   if old_fields.get(k) != v}
+        if changes:
+            d.changed[alias] = changes
+        else:
+            d.unchanged.append(alias)
+    d.removed = sorted(set(current) - set(desired))
+    return d
+
+
+async def apply(store: ModelsStoreLike, desired: dict[str, ModelSpec], *, prune: bool,
+                dry_run: bool) -> Diff:
+    """Make the pool's specs match ``desired``; returns the diff (applied unless dry_run)."""
+    current = {m.spec.alias: m.spec for m in await store.list_models()}
+    d = diff(desired, current)
+    if dry_run:
+        return d
+    for alias in d.changed:
+        await store.delete_model(alias)
+        await store.register_model(desired[alias])
+    for alias in d.added:
+        await store.register_model(desired[alias])
+    if prune:
+        for alias in d.removed:
+            await store.delete_model(alias)
+    return d
+
+
+def export_entry(spec: ModelSpec) -> dict[str, Any]:
+    """A spec as a file entry: alias, model_name, engine, and the fields that differ from the
+    register API's defaults (applying it gives the same spec back)."""
+    data = spec.model_dump()
+    out: dict[str, Any] = {k: data[k] for k in ("alias", "model_name", "engine")}
+    for k, v in data.items():
+        if k not in out and _REQUEST_DEFAULTS.get(k) != v:
+            out[k] = v
+    return out
+
+
+def export_yaml(specs: list[ModelSpec]) -> str:
+    entries = [export_entry(s) for s in sorted(specs, key=lambda s: s.alias)]
+    return str(yaml.safe_dump({"models": entries}, sort_keys=False, default_flow_style=False))
