@@ -14,15 +14,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 from pydantic import ValidationError
 
-from shared.errors import BadRequest
-from shared.http import parse_as
 from shared.models import ModelSpec, RegisterModelRequest
-from shared.store.base import StoredModel
+
+if TYPE_CHECKING:
+    from shared.store.base import StoredModel
+
+class SpecError(ValueError):
+    """A bad file or entry; the HTTP edge answers 400 with this message. (Not an ApiError:
+    the CLI imports this module and should not pay for the web framework's import.)"""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
 
 _REQUEST_DEFAULTS = RegisterModelRequest(alias="x", model_name="x").model_dump()
 
@@ -54,36 +64,49 @@ class Diff:
 
 
 def to_spec(entry: Any, default_engine: str) -> ModelSpec:
-    """One entry validated exactly as ``POST /admin/models/register`` validates a body."""
-    req = parse_as(RegisterModelRequest, entry)
+    """One entry validated as ``POST /admin/models/register`` validates a body (it calls
+    this)."""
     try:
-        return req.to_spec(default_engine)
+        return RegisterModelRequest.model_validate(entry).to_spec(default_engine)
     except ValidationError as e:
-        # The first error's own message: pydantic's str() ends with a help URL line.
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise BadRequest(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+        raise _first_error(e) from None
     except ValueError as e:
-        raise BadRequest(str(e) or "invalid model spec") from None
+        raise SpecError(str(e) or "invalid model spec") from None
+
+
+def _first_error(e: ValidationError) -> SpecError:
+    """The first error's own message, as shared.http.parse_as words it (pydantic's str()
+    spans lines and ends with a help URL)."""
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return SpecError(f"{loc}: {msg}" if loc else msg, param=loc or None)
 
 
 def desired_specs(entries: Any, default_engine: str) -> dict[str, ModelSpec]:
     """The file's entries as specs by alias; a bad entry fails the whole file, naming it."""
     if not isinstance(entries, list):
-        raise BadRequest("models must be a list of entries (one per alias)", param="models")
+        raise SpecError("models must be a list of entries (one per alias)", param="models")
     specs: dict[str, ModelSpec] = {}
     for i, entry in enumerate(entries):
         name = entry.get("alias") if isinstance(entry, dict) else None
         where = f"models[{i}]" + (f" ({name})" if isinstance(name, str) else "")
         try:
             spec = to_spec(entry, default_engine)
-        except BadRequest as e:
-            raise BadRequest(f"{where}: {e.message}", param=e.param) from None
+        except SpecError as e:
+            raise SpecError(f"{where}: {e.message}", param=e.param) from None
         if spec.alias in specs:
-            raise BadRequest(f"{where}: alias '{spec.alias}' appears twice", param="alias")
+            raise SpecError(f"{where}: alias '{spec.alias}' appears twice", param="alias")
         specs[spec.alias] = spec
     return specs
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own text spans several lines)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        return f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
 
 
 def parse_yaml(text: str, source: str = "models file") -> list[Any]:
@@ -91,14 +114,14 @@ def parse_yaml(text: str, source: str = "models file") -> list[Any]:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise BadRequest(f"{source} is not valid YAML: {e}") from None
+        raise SpecError(f"{source} is not valid YAML: {_yaml_problem(e)}") from None
     if doc is None:
         return []
     if not isinstance(doc, dict) or set(doc) - {"models"}:
-        raise BadRequest(f"{source} must be a mapping with one key, 'models' (a list)")
+        raise SpecError(f"{source} must be a mapping with one key, 'models' (a list)")
     models = doc.get("models") or []
     if not isinstance(models, list):
-        raise BadRequest(f"{source}: 'models' must be a list of entries")
+        raise SpecError(f"{source}: 'models' must be a list of entries")
     return models
 
 
@@ -106,7 +129,7 @@ def read_file(path: Path) -> list[Any]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise BadRequest(f"cannot read {path}: {e.strerror}") from None
+        raise SpecError(f"cannot read {path}: {e.strerror}") from None
     return parse_yaml(text, str(path))
 
 

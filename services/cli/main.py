@@ -21,7 +21,6 @@ from services.cli import render
 from services.cli.client import Client, CliError
 from services.cli.waiting import wait_serving
 from shared import models_file
-from shared.errors import BadRequest
 from shared.models import ModelSpec
 
 app = typer.Typer(help="Operate a Serverless vLLM pool through its router's admin API.",
@@ -208,7 +207,7 @@ def apply_file(
     """Make the pool's models match FILE; shows the diff (added, changed fields, removed)."""
     try:
         entries = models_file.read_file(file)
-    except BadRequest as e:
+    except models_file.SpecError as e:
         raise CliError(e.message) from None
     diff = client(ctx).post("/admin/models/apply",
                             {"models": entries, "prune": prune, "dry_run": dry_run})

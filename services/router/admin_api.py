@@ -59,7 +59,10 @@ def build_routes(
     @api.post("/models/register")
     async def register(request: Request) -> Response:
         req = await parse_body(request, RegisterModelRequest, settings.max_body_bytes)
-        spec = models_file.to_spec(req.model_dump(), settings.default_engine)
+        try:
+            spec = models_file.to_spec(req.model_dump(), settings.default_engine)
+        except models_file.SpecError as e:
+            raise BadRequest(e.message, param=e.param) from None
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)

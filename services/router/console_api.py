@@ -67,7 +67,10 @@ def build_routes(store: Store, settings: RouterSettings, table: RouteTable) -> A
     @api.post("/models/apply")
     async def apply(request: Request) -> Response:
         req = await parse_body(request, ApplyRequest, settings.max_body_bytes)
-        desired = models_file.desired_specs(req.models, settings.default_engine)
+        try:
+            desired = models_file.desired_specs(req.models, settings.default_engine)
+        except models_file.SpecError as e:
+            raise BadRequest(e.message, param=e.param) from None
         diff = await models_file.apply(store, desired, prune=req.prune, dry_run=req.dry_run)
         if not req.dry_run:
             await table.refresh()
