@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shared import models_file as mf
@@ -102,3 +104,10 @@ async def test_apply_dry_run_changes_nothing_and_apply_converges() -> None:
     assert store.specs == desired
     d = await mf.apply(store, desired, prune=True, dry_run=False)  # type: ignore[arg-type]
     assert d.empty(prune=True) and d.unchanged == ["a", "b"]
+
+
+def test_the_example_file_in_deploy_is_valid() -> None:
+    path = Path(__file__).resolve().parents[2] / "deploy" / "models.example.yaml"
+    specs = mf.desired_specs(mf.read_file(path), "vllm")
+    assert sorted(specs) == ["demo-chat", "demo-cold"]
+    assert specs["demo-cold"].min_replicas == 0
