@@ -104,6 +104,18 @@ def test_register_status_show_logs_control_and_remove(router: Proc) -> None:
     assert state(router, "m1") is None
 
 
+def test_wait_reports_a_failed_start_with_exit_code_1(router: Proc) -> None:
+    r = svllm(router, "models", "register", "broken", "sim/broken", "--engine", "sim",
+              "--extra-arg=--fail-startup", "--wait", "--timeout", "60", token=TOKEN)
+    assert r.code == 1, r.out + r.err
+    assert "broken: registered" in r.out
+    assert r.err.startswith("svllm: error: broken failed on w1: ") and r.err.count("\n") == 1
+    # A scale-to-zero model: the wait ends at once, saying why, instead of waiting it out.
+    r = svllm(router, "models", "register", "lazy", "sim/lazy", "--engine", "sim",
+              "--min-replicas", "0", "--wait", token=TOKEN)
+    assert r.code == 0 and "lazy is COLD (min_replicas 0)" in r.out, r.out + r.err
+
+
 def test_errors_are_one_line_with_the_apis_message_and_change_nothing(
         router: Proc, cluster: Cluster) -> None:
     before = snapshot(cluster.redis_url, cluster.prefix)
