@@ -67,3 +67,20 @@ def test_no_file_outside_the_engine_logs(pool: tuple[Cluster, Proc, Proc]) -> No
     assert r.status_code == 404 and "unknown worker 'w9'" in r.json()["error"]["message"]
     r = get(f"{router.url}/admin/models/m/log", ADMIN, lines=0)
     assert r.status_code == 400
+
+
+def test_console_page_is_public_and_its_api_is_not(pool: tuple[Cluster, Proc, Proc]) -> None:
+    _, router, _ = pool
+    r = httpx.get(f"{router.url}/console", timeout=10)
+    assert r.status_code == 307 and r.headers["location"] == "/console/"
+    page = httpx.get(f"{router.url}/console/", timeout=10)
+    assert page.status_code == 200 and "Admin token" in page.text
+    assert httpx.get(f"{router.url}/console/console.js", timeout=10).status_code == 200
+    # Only the static directory: the router's own sources are not reachable through it.
+    for path in ("/console/%2e%2e/console_api.py", "/console/../console_api.py",
+                 "/console/..%2Fconsole_api.py"):
+        r = httpx.get(f"{router.url}{path}", timeout=10)
+        assert r.status_code == 404 and "STATIC_DIR" not in r.text, path
+    r = httpx.post(f"{router.url}/admin/models/apply", json={"models": []}, timeout=10)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
