@@ -12,6 +12,7 @@ ensure_venv() {
   local want
   want="$(cat "$ROOT/requirements.lock" "$ROOT/requirements-dev.lock" | sha256sum | cut -d' ' -f1)"
   if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    ensure_project
     return 0
   fi
   echo "==> setting up $VENV (first run; later runs skip this)"
@@ -24,6 +25,15 @@ ensure_venv() {
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q --require-hashes -r "$ROOT/requirements-dev.lock"
   echo "$want" > "$stamp"
+  ensure_project
+}
+
+# The project itself, editable and without dependencies (the lock installed them): puts the
+# `svllm` console script in $VENV/bin. pip fetches the build backend (setuptools) for it.
+ensure_project() {
+  if [ ! -x "$VENV/bin/svllm" ]; then
+    "$PY" -m pip install -q --no-deps -e "$ROOT"
+  fi
 }
 
 # ensure_cmd COMMAND PACKAGE: install PACKAGE with apt-get when COMMAND is missing.

@@ -5,6 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 ensure_venv
 ensure_redis
 ensure_cmd nginx nginx  # the fault-injection suite puts nginx in front of the routers
+ensure_cmd chromium chromium  # the console's browser tests (tests/browser) drive it
 cd "$ROOT"
 "$PY" -m ruff check .
 "$PY" -m mypy shared services scripts tests

@@ -115,6 +115,13 @@ class ManagerSettings(CommonSettings):
     worker_record_max_bytes: int = Field(default=256 * 1024, gt=0)
     # Records of a worker dead (no heartbeat) this long are deleted by the scheduler.
     worker_gc_grace_s: float = Field(default=600.0, gt=0)
+    # A declarative models file (svllm apply's format) the scheduling manager applies at
+    # start and on change; with models_file_prune, models not in it are deleted.
+    models_file: Path | None = None
+    models_file_prune: bool = False
+    models_file_poll_s: float = Field(default=2.0, gt=0)
+    # Engine for the file's entries that name none (the router's DEFAULT_ENGINE, for the file).
+    default_engine: Literal["vllm", "sim", "llamacpp", "sglang"] = "vllm"
 
 
 class WorkerSettings(CommonSettings):

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from services.manager.api import build_routes
+from services.manager.models_watch import ModelsFileWatcher
 from services.manager.scheduler import Scheduler
+from shared.engine_policy import Sandbox
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.logs import setup_logging
@@ -32,7 +34,15 @@ def create_app(settings: ManagerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         logger.info("manager %s started", settings.manager_id)
-        async with background(nudger.run(), scheduler.run()):
+        loops = [nudger.run(), scheduler.run()]
+        if settings.models_file is not None:
+            loops.append(ModelsFileWatcher(
+                settings.models_file, store, default_engine=settings.default_engine,
+                prune=settings.models_file_prune, poll_s=settings.models_file_poll_s,
+                is_leader=lambda: scheduler.state.leader,
+                sandbox=Sandbox.from_settings(settings.allow_trust_remote_code,
+                                              settings.model_roots)).run())
+        async with background(*loops):
             yield
         # Hand the lease over at once instead of making the standby wait out the TTL.
         with contextlib.suppress(Exception):

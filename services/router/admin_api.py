@@ -8,14 +8,14 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
-from shared.engine_policy import PolicyError, Sandbox, check_known_flags, vllm_flags_used
+from shared import models_file
+from shared.engine_policy import Sandbox
 from shared.errors import BadRequest, Conflict, ModelNotFound, clip
-from shared.http import bearer_guard, invalid, json_response, parse_body
+from shared.http import bearer_guard, json_response, parse_body
 from shared.models import ModelSpec, RegisterModelRequest, is_valid_name
 from shared.settings import RouterSettings
 from shared.store import ModelDetails, Store, StoredModel
@@ -59,19 +59,14 @@ async def _model_views(store: Store) -> list[dict[str, Any]]:
 
 async def _validated_spec(req: RegisterModelRequest, store: Store, settings: RouterSettings,
                           sandbox: Sandbox) -> ModelSpec:
-    """The spec of a registration, checked against the operator's sandbox and (vLLM) the
-    flags of the live workers' vLLM; every refusal is a 400 naming the field."""
+    """The spec of a registration, validated as a models-file entry is (shared.models_file):
+    the operator's sandbox and (vLLM) the live workers' vLLM flags included; every refusal is
+    a 400 naming the field and the reason."""
     try:
-        spec = req.to_spec(settings.default_engine, sandbox)
-        if spec.engine == "vllm":
-            check_known_flags(vllm_flags_used(spec), await store.live_vllm_flags())
-    except ValidationError as e:
-        raise invalid(e) from None
-    except PolicyError as e:
-        param = "model_name" if str(e).startswith("model_name") else "extra_args"
-        raise BadRequest(str(e), param=param) from None
-    except ValueError as e:
-        raise BadRequest(str(e) or "invalid model spec", param="engine") from None
+        spec = models_file.to_spec(req.model_dump(), settings.default_engine, sandbox)
+        await models_file.check_flags([spec], store)
+    except models_file.SpecError as e:
+        raise BadRequest(e.message, param=e.param) from None
     return spec
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from services.router import admin_api, openai_api
+from services.router import admin_api, console_api, openai_api
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
@@ -67,8 +67,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
     security = router_exposure(settings).view() | {
         "openai_api": "token" if settings.api_token else "open"}
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
-                                               settings.api_token))
+                                               settings.api_token, settings.admin_token))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
+    console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
                                                settings.api_token)
     return app

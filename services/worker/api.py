@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
-from services.worker import proxy
+from services.worker import enginelog, proxy
 from services.worker.agent import Agent
 from shared.errors import BadRequest, ModelNotFound, NotFound, clip
 from shared.http import bearer_guard, json_response, parse_body
@@ -68,6 +68,14 @@ def build_routes(
                               "status": "stopping"}, 202)
 
     check_internal = bearer_guard(settings.internal_token)
+
+    @api.get("/instances/{alias}/log", dependencies=[Depends(check_internal)])
+    async def log(alias: str, lines: int = Query(100, ge=1, le=5000),
+                  since: int | None = Query(None, ge=0)) -> Response:
+        # Internal token: routers forward the operators' reads (GET /admin/models/{alias}/log).
+        path = enginelog.log_path(settings.state_dir, settings.worker_id, alias)
+        return json_response(enginelog.read(path, alias, lines, since)
+                             | {"worker_id": settings.worker_id})
 
     async def proxied(request: Request) -> Response:
         # A plain Starlette route: the hot path skips FastAPI's dependency machinery.
