@@ -29,10 +29,11 @@ ensure_venv() {
 }
 
 # The project itself, editable and without dependencies (the lock installed them): puts the
-# `svllm` console script in $VENV/bin. pip fetches the build backend (setuptools) for it.
+# `svllm` console script in $VENV/bin. Built with the locked setuptools (no build isolation,
+# so nothing unpinned is fetched). Reinstalled when the venv's project is another checkout.
 ensure_project() {
-  if [ ! -x "$VENV/bin/svllm" ]; then
-    "$PY" -m pip install -q --no-deps -e "$ROOT"
+  if [ ! -x "$VENV/bin/svllm" ] || ! "$PY" -I -c 'import sys, services; sys.exit(services.__file__ != sys.argv[1])' "$ROOT/services/__init__.py" 2>/dev/null; then
+    PYTHONWARNINGS=ignore "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   fi
 }
 
