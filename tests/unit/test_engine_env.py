@@ -9,7 +9,7 @@ WORKER_ENV = {
     "CUDA_VISIBLE_DEVICES": "0", "NVIDIA_VISIBLE_DEVICES": "all", "VLLM_CPU_KVCACHE_SPACE": "1",
     "HF_TOKEN": "hf_x", "HF_HOME": "/hf", "TORCH_HOME": "/t", "OMP_NUM_THREADS": "2",
     "PYTHONPATH": "/src", "LD_LIBRARY_PATH": "/lib", "XDG_CACHE_HOME": "/c", "TMPDIR": "/tmp",
-    "ADMIN_TOKEN": "a", "INTERNAL_TOKEN": "i", "REDIS_URL": "redis://:pw@h/0",
+    "ADMIN_TOKEN": "a", "INTERNAL_TOKEN": "i", "API_TOKEN": "k", "REDIS_URL": "redis://:pw@h/0",
     "REDIS_SENTINELS": "h:1", "REDIS_PREFIX": "svllm", "AWS_SECRET_ACCESS_KEY": "s",
     "WORKER_ID": "w1", "MY_VAR": "m", "MYCO_A": "1", "MYCO_B": "2",
 }
@@ -31,8 +31,9 @@ def test_passthrough_names_and_prefixes() -> None:
 
 
 def test_pool_secrets_never_pass_not_even_named() -> None:
-    extra = ("ADMIN_TOKEN", "INTERNAL_TOKEN", "REDIS_*")
+    extra = ("ADMIN_TOKEN", "INTERNAL_TOKEN", "API_TOKEN", "REDIS_*")
     env = engine_env(WORKER_ENV, {"REDIS_URL": "x", "CUDA_VISIBLE_DEVICES": "1"}, extra)
-    assert not {"ADMIN_TOKEN", "INTERNAL_TOKEN", "REDIS_URL", "REDIS_SENTINELS"} & set(env)
+    assert not {"ADMIN_TOKEN", "INTERNAL_TOKEN", "API_TOKEN", "REDIS_URL",
+                "REDIS_SENTINELS"} & set(env)
     assert env["REDIS_PREFIX"] == "svllm"  # named by the operator, not a secret
     assert env["CUDA_VISIBLE_DEVICES"] == "1"  # the launch's own value wins

@@ -25,7 +25,7 @@ ENGINE_ENV_PREFIXES: tuple[str, ...] = (
 )
 # The pool's own credentials: never passed, whatever the allowlist or the passthrough says.
 POOL_SECRETS: frozenset[str] = frozenset({
-    "ADMIN_TOKEN", "INTERNAL_TOKEN", "REDIS_URL", "REDIS_SENTINELS", "REDIS_PASSWORD",
+    "ADMIN_TOKEN", "INTERNAL_TOKEN", "API_TOKEN", "REDIS_URL", "REDIS_SENTINELS", "REDIS_PASSWORD",
 })
 
 
