@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http import httptools_impl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from shared.errors import error_body
 from shared.settings import CommonSettings
@@ -323,12 +323,18 @@ _EDGE_ATTRS = ("parser", "pipeline", "server_state", "connections", "cycle", "ur
                "transport")
 
 
-def missing_internals(protocol: type = HttpToolsProtocol) -> list[str]:
+_EDGE_CYCLE_ATTRS = ("response_complete", "response_started", "disconnected", "message_event")
+
+
+def missing_internals(protocol: type = HttpToolsProtocol,
+                      cycle: type = RequestResponseCycle) -> list[str]:
     """The uvicorn internals the edge limits use that this uvicorn lacks (empty: fine)."""
     missing = [f"{protocol.__name__}.{m}" for m in _EDGE_METHODS
                if not callable(getattr(protocol, m, None))]
     seen = attribute_names(protocol)
     missing += [f"{protocol.__name__}.{a}" for a in _EDGE_ATTRS if a not in seen]
+    seen = attribute_names(cycle)
+    missing += [f"{cycle.__name__}.{a}" for a in _EDGE_CYCLE_ATTRS if a not in seen]
     if not isinstance(getattr(httptools_impl, "STATUS_LINE", None), dict):
         missing.append("httptools_impl.STATUS_LINE")
     return missing

@@ -31,6 +31,10 @@ def is_valid_name(value: str) -> bool:
     return bool(_NAME_RE.fullmatch(value))
 
 
+# Starts a placement reason that refuses an operator's manual placement only: held requests do
+# not fail on it (the scheduler's own replicas may still serve the alias).
+MANUAL_REFUSED = "manual placement refused"
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -93,8 +93,10 @@ def problems(status: dict[str, Any]) -> list[str]:
             out.append(f"{m['alias']}: {m['placement']}")
         out.extend(f"{m['alias']} on {i['worker_id']}: {i.get('error') or 'FAILED'}"
                    for i in m.get("instances", []) if i.get("state") == "FAILED")
-    ejected = status.get("router", {}).get("ejected") or {}
-    out.extend(f"router ejected replica {r}" for r in ejected)
+    out.extend(f"router ejected {r['model']} on {r['worker']} ({r['seconds_left']:.0f} s left)"
+               for r in status.get("router", {}).get("ejected") or [])
+    out.extend(f"bad Redis record {p['key']}" + (f" [{p['field']}]" if p.get("field") else "")
+               + f": {p['reason']}" for p in status.get("problems") or [])
     return out
 
 

@@ -116,11 +116,13 @@ def _cpu_cap_reason(w: WorkerView, mine: Mapping[str, Assignment]) -> str | None
     return None
 
 
-def fit_on(spec: ModelSpec, w: WorkerView, ledger: Ledger) -> Choice | str:
+def fit_on(spec: ModelSpec, w: WorkerView, ledger: Ledger,
+           mine: Mapping[str, Assignment] | None = None) -> Choice | str:
     """GPUs of the one worker an operator placed ``spec`` on by hand, or why it does not fit:
     the same checks and memory reservation as any placement (a manual placement that skipped
-    the ledger let the scheduler overcommit the GPU)."""
-    return _unfit_reason(spec, w, {}) or _fit_gpus(spec, w, ledger)
+    the ledger let the scheduler overcommit the GPU); ``mine``: the worker's assignments (its
+    cap on engines without GPUs counts them)."""
+    return _unfit_reason(spec, w, mine or {}) or _fit_gpus(spec, w, ledger)
 
 
 class WorkerOrder:

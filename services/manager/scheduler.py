@@ -14,13 +14,15 @@ import logging
 import time
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.manager.placement import Choice, WorkerOrder, choose_worker, fit_on
 from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
 from services.manager.worker_gc import gc_workers
 from shared.events import Nudger
-from shared.models import Assignment, Reservation, WorkerView
+from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
 from shared.store.scheduling import Unassign
@@ -106,9 +108,13 @@ class Scheduler:
             except NotLeader:
                 logger.warning("lost the scheduler lease mid-pass (epoch %s)", self.state.epoch)
                 self.state.epoch = 0
-            except RedisError as e:
+            except (RedisConnectionError, RedisTimeoutError) as e:
                 logger.warning("scheduler pass failed, Redis unreachable: %s", e)
                 self.state.store_ok_since = time.monotonic()
+            except RedisError as e:
+                # Redis answered (a refused command): liveness stays trusted, so dead workers'
+                # models are still re-placed while this is looked into.
+                logger.warning("scheduler pass failed, Redis refused a command: %s", e)
             except Exception:  # a failed pass is retried on the next tick
                 logger.exception("scheduler pass failed")
             await self.nudger.wait(self.settings.schedule_interval_s)
@@ -307,9 +313,10 @@ class Scheduler:
                     assigns[w][alias] = assigned[w] = updated
                 continue
             view = views.get(w)
-            fit = fit_on(model.spec, view, ledgers.get(w, {})) if view else f"{w}: unknown"
+            fit = (fit_on(model.spec, view, ledgers.get(w, {}), assigns.get(w, {})) if view
+                   else f"{w}: unknown")
             if isinstance(fit, str):
-                await self._note_unplaced(model, f"manual placement refused: {fit}", writes)
+                await self._note_unplaced(model, f"{MANUAL_REFUSED}: {fit}", writes)
                 continue
             a = Assignment(alias=alias, worker_id=w, epoch=self.state.epoch, source="manual",
                            gpus=fit.gpus, mb_per_gpu=fit.mb_per_gpu,

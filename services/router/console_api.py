@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from services.router.routes import RouteTable
 from shared import models_file
 from shared.engine_policy import Sandbox
-from shared.errors import ApiError, BadRequest, ModelNotFound, NotFound, UpstreamError
+from shared.errors import ApiError, BadRequest, ModelNotFound, NotFound, UpstreamError, clip
 from shared.http import auth_headers, bearer_guard, json_response, parse_body
 from shared.models import Strict, is_valid_name
 from shared.settings import RouterSettings
@@ -84,9 +84,9 @@ def build_routes(store: Store, settings: RouterSettings, table: RouteTable) -> A
                   lines: int = Query(100, ge=1, le=5000),
                   since: int | None = Query(None, ge=0)) -> Response:
         if not is_valid_name(alias) or await store.get_model(alias) is None:
-            raise ModelNotFound(f"model '{alias}' is not registered")
+            raise ModelNotFound(f"model '{clip(alias)}' is not registered")
         if worker is not None and not is_valid_name(worker):
-            raise BadRequest(f"invalid worker id '{worker}'", param="worker")
+            raise BadRequest(f"invalid worker id '{clip(worker)}'", param="worker")
         chosen = _pick_instance(await store.instances_of(alias), worker)
         if chosen is None:
             raise NotFound(f"model '{alias}' has no instance: no engine log to read "

@@ -20,6 +20,7 @@ import uuid
 
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, QueueFull
+from shared.models import MANUAL_REFUSED
 from shared.settings import RouterSettings
 from shared.store import Store, StoredModel
 
@@ -69,7 +70,8 @@ class AliasWait:
     async def _unplaceable(self) -> str | None:
         store = self.holder.store
         reason = await store.placement_reason(self.alias)
-        if reason and not await store.instances_of(self.alias):
+        if reason and not reason.startswith(MANUAL_REFUSED) \
+                and not await store.instances_of(self.alias):
             return reason
         return None
 

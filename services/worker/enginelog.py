@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, NotFound, clip
 from shared.models import is_valid_name
 
 # One answer carries at most this much of the log: a follower catches up over several reads.
@@ -20,7 +20,7 @@ MAX_CHUNK = 256 * 1024
 
 def log_path(state_dir: Path, worker_id: str, alias: str) -> Path:
     if not is_valid_name(alias):
-        raise BadRequest(f"invalid alias '{alias}'", param="alias")
+        raise BadRequest(f"invalid alias '{clip(alias)}'", param="alias")
     root = state_dir.resolve()
     path = (root / worker_id / f"{alias}.log").resolve()
     if not path.is_relative_to(root):

@@ -38,7 +38,8 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     upstream = Pool(5.0, 3600.0)  # the request hot path
     drivers = available_drivers(
         settings.worker_engines, settings.vllm_command,
-        probe_log=settings.state_dir / settings.worker_id / "vllm-flags.log",
+        # Not "<alias>.log": no alias starts with "_", so no engine log is ever this file.
+        probe_log=settings.state_dir / settings.worker_id / "_vllm-flags.log",
         env_passthrough=parse_passthrough(settings.engine_env_passthrough))
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)

@@ -16,7 +16,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from services.worker.supervisor import Supervisor
-from shared.errors import NoCapacity, NotFound
+from shared.errors import NoCapacity, NotFound, clip
 from shared.fastlane import Handler, Lane, Picker, new_request_id, request_id_of
 from shared.forwarding import relay
 from shared.http import ClientGone, cancel_on_disconnect, read_body
@@ -74,12 +74,12 @@ async def forward(
     method = ALLOWED.get(path)
     rid = tag(request)
     if method is None or method != request.method:
-        raise NotFound(f"path '/{path}' is not proxied")
+        raise NotFound(f"path '/{clip(path)}' is not proxied")
     engine = supervisor.serving(alias)
     if engine is None:
         inst = supervisor.instances.get(alias)
         state = inst.state.value if inst else "not assigned here"
-        raise NoCapacity(f"model '{alias}' is not serving on this worker ({state})",
+        raise NoCapacity(f"model '{clip(alias)}' is not serving on this worker ({state})",
                          code="replica_not_ready")
     body = await read_body(request, limit) if method == "POST" else b""
 

@@ -20,7 +20,7 @@ from services.worker.engines.base import EngineDriver, EngineProcess
 from services.worker.flows import Flows
 from services.worker.instance import Instance
 from services.worker.lifecycle import allowed
-from shared.models import Assignment, InstanceState
+from shared.models import Assignment, InstanceState, is_valid_name
 from shared.settings import WorkerSettings
 from shared.store import Store, StoredModel
 
@@ -136,7 +136,9 @@ class Supervisor:
     def logged_aliases(self) -> set[str]:
         """Aliases that have an engine log in this worker's state dir."""
         folder = self.flows.log_path("x").parent
-        return {p.stem for p in folder.glob("*.log")} if folder.is_dir() else set()
+        if not folder.is_dir():
+            return set()
+        return {p.stem for p in folder.glob("*.log") if is_valid_name(p.stem)}
 
     async def _release(self, aliases: set[str]) -> None:
         """Give back GPU reservations, each only once its engine's processes are all gone."""

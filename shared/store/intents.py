@@ -99,9 +99,10 @@ class IntentsStore(StoreBase):
         async with self.r.pipeline(transaction=False) as pipe:
             for w in workers:
                 pipe.hget(self.k.assign(w), alias)
-            raws = await pipe.execute()
+            raws = await pipe.execute(raise_on_error=False)
         out = {}
-        for w, raw in zip(workers, raws, strict=True):
+        for w, reply in zip(workers, raws, strict=True):
+            raw = self._checked(self.k.assign(w), reply, None)
             try:
                 out[w] = str(json.loads(raw).get("target", "running")) if raw else None
             except (ValueError, AttributeError):  # a corrupt entry: not this check's problem
@@ -114,10 +115,13 @@ class IntentsStore(StoreBase):
             for a in aliases:
                 pipe.hkeys(self.k.manual(a))
                 pipe.get(self.k.intent(a))
-            flat = await pipe.execute()
+            flat = await pipe.execute(raise_on_error=False)
         out = {}
         for i, a in enumerate(aliases):
-            manual, sleep = cast(list[str], flat[2 * i]), cast(str | None, flat[2 * i + 1])
+            # A key of the wrong type is reported and read as no request: it must not stop
+            # the scheduler's pass for every other alias.
+            manual = cast(list[str], self._checked(self.k.manual(a), flat[2 * i], []))
+            sleep = cast(str | None, self._checked(self.k.intent(a), flat[2 * i + 1], None))
             if manual or sleep:
                 out[a] = Intents(frozenset(manual), sleep)
         return out

@@ -183,7 +183,9 @@ class ObservedStore(StoreBase):
         async with self.r.pipeline(transaction=False) as pipe:
             for a in aliases:
                 pipe.smembers(self.k.instances(a))
-            members = await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+        members = [self._checked(self.k.instances(a), r, set())
+                   for a, r in zip(aliases, replies, strict=True)]
         pairs = [(a, w) for a, ws in zip(aliases, members, strict=True) for w in sorted(ws)]
         raws = await self._hashes([self.k.instance(a, w) for a, w in pairs])
         out: dict[str, dict[str, dict[str, str]]] = {a: {} for a in aliases}

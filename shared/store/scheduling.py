@@ -168,7 +168,9 @@ class SchedulingStore(StoreBase):
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.k.assign(worker_id))
             pipe.hkeys(self.k.ledger(worker_id))
-            raw, reserved = await pipe.execute()
+            raw, reserved = await pipe.execute(raise_on_error=False)
+        raw = self._checked(self.k.assign(worker_id), raw, {})
+        reserved = self._checked(self.k.ledger(worker_id), reserved, [])
         return self._parse_assigns(worker_id, raw), set(reserved)
 
     async def release_reservation(self, worker_id: str, alias: str) -> bool:

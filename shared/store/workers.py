@@ -117,10 +117,13 @@ class WorkersStore(StoreBase):
             for w in ids:
                 pipe.hmget(self.k.worker(w), ["vllm_version", "vllm_flags"])
                 pipe.exists(self.k.worker_alive(w))
-            flat = await pipe.execute()
+            flat = await pipe.execute(raise_on_error=False)
         out = []
         for i, w in enumerate(ids):
-            (version, flags), alive = flat[2 * i], flat[2 * i + 1]
+            # A worker key of the wrong type is reported and skipped: it must not block
+            # every vLLM registration.
+            fields = self._checked(self.k.worker(w), flat[2 * i], [None, None])
+            (version, flags), alive = fields, flat[2 * i + 1] == 1
             if not alive or not version or not flags:
                 continue
             try:
