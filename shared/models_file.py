@@ -85,9 +85,11 @@ def to_spec(entry: Any, default_engine: str, sandbox: Sandbox | None = None) -> 
         raise SpecError(str(e) or "invalid model spec", param="engine") from None
 
 
-async def check_flags(specs: list[ModelSpec], store: ModelsStoreLike) -> None:
+async def check_flags(specs: list[ModelSpec], store: ModelsStoreLike, *,
+                      name_alias: bool = True) -> None:
     """vLLM specs' extra flags against the flags the live workers' vLLM knows (a flag it
-    does not know would make the engine exit at start): SpecError naming flag and version."""
+    does not know would make the engine exit at start): SpecError naming flag and version
+    (and the alias, for a file's entries)."""
     wanted = [s for s in specs if s.engine == "vllm"]
     if not wanted:
         return
@@ -96,7 +98,8 @@ async def check_flags(specs: list[ModelSpec], store: ModelsStoreLike) -> None:
         try:
             check_known_flags(vllm_flags_used(spec), known)
         except PolicyError as e:
-            raise SpecError(f"{spec.alias}: {e}", param="extra_args") from None
+            message = f"{spec.alias}: {e}" if name_alias else str(e)
+            raise SpecError(message, param="extra_args") from None
 
 
 def _first_error(e: ValidationError) -> SpecError:

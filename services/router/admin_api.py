@@ -64,7 +64,7 @@ async def _validated_spec(req: RegisterModelRequest, store: Store, settings: Rou
     a 400 naming the field and the reason."""
     try:
         spec = models_file.to_spec(req.model_dump(), settings.default_engine, sandbox)
-        await models_file.check_flags([spec], store)
+        await models_file.check_flags([spec], store, name_alias=False)
     except models_file.SpecError as e:
         raise BadRequest(e.message, param=e.param) from None
     return spec
