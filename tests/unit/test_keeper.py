@@ -4,6 +4,7 @@ ignore SIGTERM, leave the process group or lose their parent are ended too."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -200,3 +201,19 @@ async def test_leader_exit_is_known_before_the_leftovers_are_gone(tmp_path: Path
         assert engine.exit_code() == 3
     finally:
         await engine.stop(1.0)
+
+
+async def test_a_start_cancelled_midway_is_stopped_not_leaked(tmp_path: Path) -> None:
+    """The instance is stopped while its engine is still starting (the start task is
+    cancelled): stop() waits for the start to finish, then ends the engine."""
+    owner = Owner("pool1", "w1", Launcher.this_process(), tmp_path)
+    sleeper = [sys.executable, "-c", "import time\nwhile True: time.sleep(60)"]
+    engine = EngineProcess(Launch(sleeper), 1, tmp_path / "e.log")
+    task = asyncio.ensure_future(engine.start(owner, "a", KeeperOptions(stop_grace_s=1.0)))
+    await asyncio.sleep(0)  # the start's thread is running
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert not engine.gone()  # still starting: not yet known to be gone
+    assert await engine.stop(1.0) == 128 + signal.SIGTERM
+    assert engine.record is not None and not procs.group_alive(engine.record.pgid)
+    assert engine.gone() and owner.records() == []

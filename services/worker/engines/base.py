@@ -83,6 +83,8 @@ class EngineProcess:
         self._inbox = b""
         # Set from the keeper's "exited" message: the leader is gone, its leftovers may not be.
         self._leader_code: int | None = None
+        # The start, running in a thread: stop() waits for it (see start()).
+        self._starting: asyncio.Future[None] | None = None
         self.base_url = f"http://127.0.0.1:{port}"
 
     @property
@@ -92,8 +94,16 @@ class EngineProcess:
 
     async def start(self, owner: Owner, alias: str, opts: KeeperOptions) -> None:
         """Start the keeper and through it the engine; record the engine's processes in the
-        state dir. Raises EngineExited when the keeper cannot start the engine."""
-        await asyncio.to_thread(self._start, owner, alias, opts)
+        state dir. Raises EngineExited when the keeper cannot start the engine.
+
+        Shielded: when the caller is cancelled (the instance was stopped meanwhile) the
+        thread still runs to its end, and :meth:`stop` waits for it before stopping, so an
+        engine can never come up after its stop and be left unowned."""
+        self._starting = asyncio.ensure_future(
+            asyncio.to_thread(self._start, owner, alias, opts))
+        # Whoever awaits it sees its error; this keeps an unawaited one from being logged.
+        self._starting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(self._starting)
 
     def _start(self, owner: Owner, alias: str, opts: KeeperOptions) -> None:
         ours, theirs = socket.socketpair()
@@ -198,6 +208,9 @@ class EngineProcess:
     async def stop(self, grace_s: float) -> int | None:
         """Have the keeper end the engine's tree (SIGTERM, SIGKILL after its grace); returns
         the engine's exit code. Safe to call twice."""
+        if self._starting is not None and not self._starting.done():
+            with contextlib.suppress(Exception):  # a failed start left nothing to stop
+                await asyncio.shield(self._starting)
         if self.keeper is None:
             return None
         return await asyncio.to_thread(self._stop, grace_s)
@@ -231,6 +244,8 @@ class EngineProcess:
 
     def gone(self) -> bool:
         """True once no process of the engine is left (its GPU memory is free)."""
+        if self._starting is not None and not self._starting.done():
+            return False  # a keeper and an engine may be on their way
         if self.keeper is None:
             return True
         return self.keeper.poll() is not None and not (self.pid and procs.group_alive(self.pid))
