@@ -14,12 +14,16 @@ STATE_STYLES = {"RUNNING": "green", "WARMING": "yellow", "STARTING": "yellow",
 BAR_WIDTH = 20
 
 
-def bar(used: float, total: float, width: int = BAR_WIDTH) -> Text:
-    """``[██████░░░░]`` used of total, coloured by how full it is."""
+def bar(used: float, total: float, width: int = BAR_WIDTH, reserved: float = 0.0) -> Text:
+    """``[████▒▒░░░░]`` used (█) and reserved beyond it (▒) of total, coloured by how full
+    it is."""
     frac = min(1.0, used / total) if total > 0 else 0.0
+    held = min(1.0, max(used, reserved) / total) if total > 0 else 0.0
     filled = round(frac * width)
-    style = "red" if frac > 0.9 else "yellow" if frac > 0.7 else "green"
-    return Text.assemble("[", ("█" * filled, style), ("░" * (width - filled), "dim"), "]")
+    booked = max(0, round(held * width) - filled)
+    style = "red" if held > 0.9 else "yellow" if held > 0.7 else "green"
+    return Text.assemble("[", ("█" * filled, style), ("▒" * booked, style),
+                         ("░" * (width - filled - booked), "dim"), "]")
 
 
 def state(value: str) -> Text:
@@ -34,10 +38,13 @@ def gpus(worker: dict[str, Any]) -> RenderableType:
     if not worker.get("gpus"):
         return Text(worker.get("gpu_message") or "no GPU", style="dim")
     lines = []
+    reserved_of = worker.get("gpu_reserved_mb") or {}
     for g in worker["gpus"]:
         used, total = g.get("memory_used_mb", 0), g.get("memory_total_mb", 0)
-        lines.append(Text.assemble(f"{g['index']} ", bar(used, total),
-                                   f" {used}/{total} MB used, {g.get('memory_free_mb', 0)} free"))
+        reserved = int(reserved_of.get(str(g["index"]), 0))
+        lines.append(Text.assemble(
+            f"{g['index']} ", bar(used, total, reserved=reserved),
+            f" {used}/{total} MB used, {reserved} reserved, {g.get('memory_free_mb', 0)} free"))
     return Group(*lines)
 
 

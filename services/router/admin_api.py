@@ -16,7 +16,7 @@ from shared import models_file
 from shared.engine_policy import Sandbox
 from shared.errors import BadRequest, Conflict, ModelNotFound, clip
 from shared.http import bearer_guard, json_response, parse_body
-from shared.models import ModelSpec, RegisterModelRequest, is_valid_name
+from shared.models import ModelSpec, RegisterModelRequest, Reservation, is_valid_name
 from shared.settings import RouterSettings
 from shared.store import ModelDetails, Store, StoredModel
 
@@ -68,6 +68,17 @@ async def _validated_spec(req: RegisterModelRequest, store: Store, settings: Rou
     except models_file.SpecError as e:
         raise BadRequest(e.message, param=e.param) from None
     return spec
+
+
+def reserved_by_gpu(ledgers: dict[str, dict[str, Reservation]]) -> dict[str, dict[str, int]]:
+    """worker -> GPU index (as a JSON key) -> MB reserved there by the ledger."""
+    out: dict[str, dict[str, int]] = {}
+    for worker, entries in ledgers.items():
+        per_gpu = out.setdefault(worker, {})
+        for r in entries.values():
+            for g in r.gpus:
+                per_gpu[str(g)] = per_gpu.get(str(g), 0) + r.mb_per_gpu
+    return out
 
 
 def build_routes(
@@ -144,6 +155,7 @@ def build_routes(
     async def status() -> Response:
         began = time.monotonic()
         workers = await store.list_workers()
+        reserved = reserved_by_gpu(await store.ledgers([w.worker_id for w in workers]))
         models = await _model_views(store)
         # Records this view does not show are read too, so that a bad one is named below.
         await store.check_records(await store.worker_ids())
@@ -154,7 +166,9 @@ def build_routes(
             # with the seconds left.
             "router": {"id": settings.router_id,
                        "ejected": breaker.view(time.monotonic())},
-            "workers": [w.model_dump() for w in workers],
+            # gpu_reserved_mb: GPU index -> MB the ledger holds for placed models there.
+            "workers": [w.model_dump() | {"gpu_reserved_mb": reserved.get(w.worker_id, {})}
+                        for w in workers],
             "models": models,
             # Records that do not parse, skipped by every reader (key and what is wrong).
             "problems": store.problems.since(began),

@@ -48,6 +48,8 @@ def test_two_models_packed_on_one_gpu_third_refused_then_placed(cluster: Cluster
 
     g = wait_until(gpu_view, 10, what="engines on the GPU")
     assert g["foreign_used_mb"] == 2048
+    # The ledger's reservations of GPU 0, as `svllm status` and the console show them.
+    assert status(router)["workers"][0]["gpu_reserved_mb"] == {"0": 30000 + 40960}
     assert sorted(p["ours"] for p in g["processes"]) == [False, True, True]
 
     # 81920 - 30000 - 40960 - 2048 = 8912 MB left: a 10000 MB model does not fit.

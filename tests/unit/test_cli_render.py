@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from services.cli.render import problems
+from rich.console import Group
+from rich.text import Text
+
+from services.cli.render import bar, gpus, problems
+from services.router.admin_api import reserved_by_gpu
+from shared.models import Reservation
 
 
 def test_problems_name_ejected_replicas_and_bad_records() -> None:
@@ -22,3 +27,16 @@ def test_problems_name_ejected_replicas_and_bad_records() -> None:
         "bad Redis record svllm:model:x [spec]: not JSON",
         "bad Redis record svllm:version:routes: not an integer",
     ]
+
+
+def test_reserved_memory_per_gpu_from_the_ledger_and_its_bar() -> None:
+    ledgers = {"w1": {"a": Reservation(alias="a", gpus=[0, 1], mb_per_gpu=1000),
+                      "b": Reservation(alias="b", gpus=[1], mb_per_gpu=500)}, "w2": {}}
+    assert reserved_by_gpu(ledgers) == {"w1": {"0": 1000, "1": 1500}, "w2": {}}
+    # 2 of 10 cells used, 3 more reserved beyond what is used, 5 free.
+    assert bar(200, 1000, 10, reserved=500).plain == "[██▒▒▒░░░░░]"
+    worker = {"gpus": [{"index": 1, "memory_used_mb": 100, "memory_total_mb": 4000,
+                        "memory_free_mb": 3900}], "gpu_reserved_mb": {"1": 1500}}
+    view = gpus(worker)
+    assert isinstance(view, Group) and isinstance(view.renderables[0], Text)
+    assert view.renderables[0].plain.endswith("100/4000 MB used, 1500 reserved, 3900 free")

@@ -124,7 +124,8 @@ function workersRegion(workers) {
     w.gpus && w.gpus.length ? w.gpus.map((g) => h("div", {},
       `GPU ${g.index} `, memBar(g.memory_used_mb, g.memory_total_mb,
         `${w.worker_id} GPU ${g.index} memory`),
-      ` ${g.memory_used_mb}/${g.memory_total_mb} MB, ${g.memory_free_mb} free`))
+      ` ${g.memory_used_mb}/${g.memory_total_mb} MB used, ` +
+      `${(w.gpu_reserved_mb || {})[String(g.index)] || 0} reserved, ${g.memory_free_mb} free`))
       : h("span", {class: "notice"}, w.gpu_message || "no GPU"),
   ]);
   return table(`${workers.length} worker(s)`, ["Worker", "Status", "Engines", "GPU memory"],
