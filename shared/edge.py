@@ -326,18 +326,25 @@ _EDGE_ATTRS = ("parser", "pipeline", "server_state", "connections", "cycle", "ur
 _EDGE_CYCLE_ATTRS = ("response_complete", "response_started", "disconnected", "message_event")
 
 
+def absent(cls: type, methods: tuple[str, ...], attrs: tuple[str, ...]) -> list[str]:
+    """Those of ``methods`` and ``attrs`` that ``cls`` lacks, as ``Class.name``; also
+    ``httptools_impl.STATUS_LINE`` when that table is gone."""
+    seen = attribute_names(cls)
+    missing = [f"{cls.__name__}.{m}" for m in methods if not callable(getattr(cls, m, None))]
+    missing += [f"{cls.__name__}.{a}" for a in attrs if a not in seen]
+    return missing
+
+
+def status_line_missing() -> list[str]:
+    ok = isinstance(getattr(httptools_impl, "STATUS_LINE", None), dict)
+    return [] if ok else ["httptools_impl.STATUS_LINE"]
+
+
 def missing_internals(protocol: type = HttpToolsProtocol,
                       cycle: type = RequestResponseCycle) -> list[str]:
     """The uvicorn internals the edge limits use that this uvicorn lacks (empty: fine)."""
-    missing = [f"{protocol.__name__}.{m}" for m in _EDGE_METHODS
-               if not callable(getattr(protocol, m, None))]
-    seen = attribute_names(protocol)
-    missing += [f"{protocol.__name__}.{a}" for a in _EDGE_ATTRS if a not in seen]
-    seen = attribute_names(cycle)
-    missing += [f"{cycle.__name__}.{a}" for a in _EDGE_CYCLE_ATTRS if a not in seen]
-    if not isinstance(getattr(httptools_impl, "STATUS_LINE", None), dict):
-        missing.append("httptools_impl.STATUS_LINE")
-    return missing
+    return (absent(protocol, _EDGE_METHODS, _EDGE_ATTRS)
+            + absent(cycle, (), _EDGE_CYCLE_ATTRS) + status_line_missing())
 
 
 def guarded(limits: Limits) -> type[GuardedProtocol]:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from shared.edge import GuardedProtocol, Limits, attribute_names
+from shared.edge import GuardedProtocol, Limits, absent, status_line_missing
 from shared.errors import ApiError, UpstreamError, error_body, sse_error
 from shared.wire import Exchange
 
@@ -60,17 +60,8 @@ _CYCLE_ATTRS = ("scope", "keep_alive", "waiting_for_100_continue", "more_body", 
 def missing_internals(protocol: type = HttpToolsProtocol,
                       cycle: type = RequestResponseCycle) -> list[str]:
     """The uvicorn internals the lane uses that this uvicorn lacks (empty: the lane can run)."""
-    missing = [f"{protocol.__name__}.{m}" for m in _PROTOCOL_METHODS
-               if not callable(getattr(protocol, m, None))]
-    missing += [f"{cycle.__name__}.{m}" for m in _CYCLE_METHODS
-                if not callable(getattr(cycle, m, None))]
-    seen = attribute_names(protocol)
-    missing += [f"{protocol.__name__}.{a}" for a in _PROTOCOL_ATTRS if a not in seen]
-    seen = attribute_names(cycle)
-    missing += [f"{cycle.__name__}.{a}" for a in _CYCLE_ATTRS if a not in seen]
-    if not isinstance(getattr(httptools_impl, "STATUS_LINE", None), dict):
-        missing.append("httptools_impl.STATUS_LINE")
-    return missing
+    return (absent(protocol, _PROTOCOL_METHODS, _PROTOCOL_ATTRS)
+            + absent(cycle, _CYCLE_METHODS, _CYCLE_ATTRS) + status_line_missing())
 
 
 def supported() -> bool:
