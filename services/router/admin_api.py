@@ -155,10 +155,10 @@ def build_routes(
     async def status() -> Response:
         began = time.monotonic()
         workers = await store.list_workers()
-        reserved = reserved_by_gpu(await store.ledgers([w.worker_id for w in workers]))
         models = await _model_views(store)
         # Records this view does not show are read too, so that a bad one is named below.
-        await store.check_records(await store.worker_ids())
+        # ... and the ledgers it reads give the reserved memory shown per GPU.
+        reserved = reserved_by_gpu(await store.check_records(await store.worker_ids()))
         return json_response({
             "security": security,
             "scheduler": {"lease": await store.lease_holder()},

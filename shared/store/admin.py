@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import orjson
 
+from shared.models import Reservation
 from shared.records import BadRecord, parse_counter
 from shared.store.base import StoredModel
 from shared.store.lifecycle import TIMING_KINDS, LifecycleStore
@@ -163,15 +164,17 @@ class AdminReads(ModelsStore, SchedulingStore, ObservedStore, LifecycleStore):
             waiting_requests=int(self._checked(k.queue(alias), _ok(p[4]), 0)),
             stats=self._timings(alias, stats, samples))
 
-    async def check_records(self, worker_ids: Iterable[str]) -> None:
+    async def check_records(self, worker_ids: Iterable[str]
+                            ) -> dict[str, dict[str, Reservation]]:
         """Read what the status view does not show (assignments, ledgers, version counters)
-        so that their bad records are reported too."""
+        so that their bad records are reported too; returns the ledgers it read."""
         ids = list(worker_ids)
         await self.assignments(ids)
-        await self.ledgers(ids)
+        ledgers = await self.ledgers(ids)
         counters = [self.k.models_version, self.k.routes_version]
         for key, raw in zip(counters, await self.r.mget(counters), strict=True):
             try:
                 parse_counter(key, cast(str | None, raw))
             except BadRecord as e:
                 self._skip(e)
+        return ledgers
