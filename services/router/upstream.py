@@ -24,6 +24,7 @@ from services.router.breaker import Breaker
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, UpstreamError
 from shared.forwarding import headers_of, relay
+from shared.principal import ANONYMOUS, Principal
 from shared.wire import Exchange, Pool
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Call:
     request_id: str
     stream: bool
     affinity: str | None = None
+    principal: Principal = ANONYMOUS
 
 
 @dataclass(slots=True)
