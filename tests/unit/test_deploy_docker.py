@@ -212,6 +212,14 @@ def test_services_start_once_what_they_need_is_healthy() -> None:
             assert "healthcheck" in services[dep], (name, dep)
 
 
+def test_compose_worker_gets_the_gpus_and_host_ipc() -> None:
+    worker = compose()["services"]["worker-1"]
+    assert worker["ipc"] == "host"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert service_of(worker["command"]) == "worker"
+
+
 def test_compose_env_is_settings_and_tokens_come_from_env() -> None:
     seen = set()
     for name, svc in compose()["services"].items():

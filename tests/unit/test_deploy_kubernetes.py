@@ -334,3 +334,12 @@ def test_every_container_has_requests_limits_and_no_privileges(overlay: Path) ->
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, c["name"]
             assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+
+
+def test_every_pool_image_is_set_in_one_place() -> None:
+    # The operator points `images:` of the base at their registry; a container whose image
+    # is not listed there would still pull the unbuilt local name.
+    listed = {i["name"] for i in kustomization(K8S / "base")["images"]}
+    used = {c["image"] for o in OVERLAYS for w in build(o).workloads()
+            for c in containers(w, init=True)}
+    assert {i for i in used if not i.startswith("redis:")} == listed
