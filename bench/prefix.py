@@ -46,8 +46,9 @@ def start(children: Children, run_dir: Path) -> dict[str, str]:
     """redis, manager, workers w1 and w2, and one router per mode: name -> base URL."""
     redis_url, _ = start_redis(children, run_dir / "redis")
     urls: dict[str, str] = {}
-    names: list[tuple[str, str, dict[str, str]]] = [("manager", "manager", {}), ("w1", "worker", {}), ("w2", "worker", {})] + [
-        (mode, "router", {"PREFIX_AFFINITY_CHARS": chars}) for mode, chars in MODES.items()]
+    names: list[tuple[str, str, dict[str, str]]] = [
+        ("manager", "manager", {}), ("w1", "worker", {}), ("w2", "worker", {}),
+        *[(mode, "router", {"PREFIX_AFFINITY_CHARS": c}) for mode, c in MODES.items()]]
     for name, service, extra in names:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
