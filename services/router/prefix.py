@@ -9,53 +9,46 @@ shorter than ``size`` has no shared long prefix worth a replica: it gets no key.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 
 def prefix_key(data: dict[str, Any], path: str, size: int) -> str | None:
+    """The first ``size`` characters of the prompt of a chat, completions or responses body
+    (roles marked), or None when the prompt is shorter or not text."""
     parts: list[str] = []
-    budget = size
-    for text in _texts(data, path):
-        parts.append(text[:budget])
-        budget -= len(parts[-1])
-        if budget <= 0:
-            return "".join(parts)
-    return None
-
-
-def _texts(data: dict[str, Any], path: str) -> Iterator[str]:
-    """The prompt's text pieces in order (a generator: it stops where the caller does)."""
     if path == "v1/chat/completions":
-        yield from _messages(data.get("messages"))
+        left = _messages(data.get("messages"), parts, size)
     elif path == "v1/completions":
-        prompt = data.get("prompt")
-        if isinstance(prompt, str):
-            yield prompt
+        left = _add(data.get("prompt"), parts, size)
     else:  # v1/responses
-        instructions = data.get("instructions")
-        if isinstance(instructions, str):
-            yield instructions
+        left = _add(data.get("instructions"), parts, size)
         given = data.get("input")
-        if isinstance(given, str):
-            yield given
-        else:
-            yield from _messages(given)
+        left = _add(given, parts, left) if isinstance(given, str) else \
+            _messages(given, parts, left)
+    return "".join(parts) if left <= 0 else None
 
 
-def _messages(messages: Any) -> Iterator[str]:
+def _add(text: Any, parts: list[str], left: int) -> int:
+    """Append what of ``text`` fits in ``left`` characters; the characters still wanted."""
+    if left > 0 and isinstance(text, str):
+        parts.append(text[:left])
+        return left - len(text)
+    return left
+
+
+def _messages(messages: Any, parts: list[str], left: int) -> int:
+    # A plain loop, not a generator: this runs on the fast lane for every chat request.
     if not isinstance(messages, list):
-        return
+        return left
     for m in messages:
-        if not isinstance(m, dict):
-            return
-        role = m.get("role")
-        yield f"\x00{role}\x00" if isinstance(role, str) else "\x00"
+        if left <= 0 or not isinstance(m, dict):
+            break
+        left = _add(f"\x00{m.get('role')}\x00", parts, left)
         content = m.get("content")
         if isinstance(content, str):
-            yield content
+            left = _add(content, parts, left)
         elif isinstance(content, list):
             for part in content:
-                text = part.get("text") if isinstance(part, dict) else None
-                if isinstance(text, str):
-                    yield text
+                if isinstance(part, dict):
+                    left = _add(part.get("text"), parts, left)
+    return left
