@@ -3,11 +3,11 @@
 One pool (redis, manager, two workers) and two routers on it, one with prefix-aware balancing
 (PREFIX_AFFINITY_CHARS=256) and one without (0). Each router serves its own alias of two
 simulated replicas (one per worker), so the two modes never share a prefix cache. The same
-workload goes to both, interleaved batch by batch: 8 shared system prompts of ~1,200
+workload goes to both, interleaved batch by batch: 8 shared system prompts of ~1,400
 characters, each request one of them (at random) plus its own question. The simulated engine
 counts prefix-cache hits as vLLM does (``vllm:prefix_cache_hits`` / ``queries``) and a cached
 prompt share cuts its time to first token (--ttft 0.2 s; 80 % of it is prefill). Run for a
-cache that holds every prompt on every replica and for one that holds about half of them.
+cache that holds every prompt on every replica and for one that holds 3/4 of them.
 
     .venv/bin/python -m bench.prefix [--requests 400] [--concurrency 8] [--no-docs]
 """
@@ -145,7 +145,7 @@ async def measure(urls: dict[str, str], aliases: dict[str, str], replicas: dict[
 def table(results: dict[int, dict[str, dict[str, float]]], requests: int,
           concurrency: int) -> str:
     lines = [f"{requests} chat requests per mode, {concurrency} concurrent, 8 system prompts "
-             "(~1,200 characters) + a unique question, 2 simulated replicas "
+             "(~1,400 characters, 21 blocks) + a unique question, 2 simulated replicas "
              f"({' '.join(ENGINE_ARGS)}); `python -m bench.prefix`.", "",
              "| prefix cache per replica | balancing | prefix-cache hit rate | p50 | mean | p95 |",
              "|---|---|---|---|---|---|"]
@@ -161,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
-    # Tight: about half of the prompts' blocks fit per replica; ample: all of them.
+    # Tight: 128 of the 8 prompts' ~170 blocks fit per replica; ample: all of them.
     parser.add_argument("--cache-blocks", default="128,4096")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
