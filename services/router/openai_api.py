@@ -158,7 +158,7 @@ def build_routes(
         data = [card(alias, m) for alias, m in sorted(table.models.items())]
         return json_response({"object": "list", "data": data})
 
-    @api.get("/v1/models/{alias:path}", dependencies=[Depends(check)])
+    @api.get("/v1/models/{alias}", dependencies=[Depends(check)])
     async def model(alias: str) -> Response:
         found = await table.model(alias) if is_valid_name(alias) else None
         if found is None:
