@@ -9,15 +9,18 @@ is derived from the uploaded WAV: its duration, sample rate and channels.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import time
 import wave
+from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from services.sim_engine import textgen
 from services.sim_engine.cli import EngineConfig
@@ -60,8 +63,6 @@ class ExtraApi:
                              "model": self.name, "data": data, "usage": _usage(tokens)})
 
     async def responses(self, request: Request, body: Body) -> Response:
-        if body.get("stream") is True:
-            raise ApiError(400, "Streamed responses are not simulated: use stream=false.")
         given = body.get("input")
         if isinstance(given, str):
             prompt = (given, textgen.count_words(given))
@@ -73,22 +74,45 @@ class ExtraApi:
         else:
             raise ApiError(400, "`input` must be a string or a non-empty list of messages.")
         max_tokens = check_max_tokens(body.get("max_output_tokens"), [prompt], self.config)
-        text = textgen.generate_text(prompt[0], max_tokens)
+        tokens = textgen.generate_tokens(prompt[0], max_tokens)
+        answer = self._response(body, "".join(tokens), prompt[1], max_tokens)
+        if body.get("stream") is True:
+            return StreamingResponse(self._response_events(answer, tokens),
+                                     media_type="text/event-stream")
+        return JSONResponse(answer)
+
+    def _response(self, body: Body, text: str, prompt_tokens: int, max_tokens: int) -> Body:
         content: Body = {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
         message = {"id": _id("msg"), "type": "message", "role": "assistant",
                    "status": "completed", "content": [content]}
-        usage = {"input_tokens": prompt[1], "output_tokens": max_tokens,
-                 "total_tokens": prompt[1] + max_tokens,
+        usage = {"input_tokens": prompt_tokens, "output_tokens": max_tokens,
+                 "total_tokens": prompt_tokens + max_tokens,
                  "input_tokens_details": {"cached_tokens": 0},
                  "output_tokens_details": {"reasoning_tokens": 0}}
-        return JSONResponse({
+        return {
             "id": _id("resp"), "object": "response", "created_at": int(time.time()),
             "model": self.name, "status": "completed", "output": [message],
             "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
             "max_output_tokens": max_tokens, "temperature": body.get("temperature", 1.0),
             "top_p": body.get("top_p", 1.0), "usage": usage, "error": None,
             "incomplete_details": None, "instructions": body.get("instructions"),
-            "metadata": None, "text": {"format": {"type": "text"}}, "truncation": "disabled"})
+            "metadata": None, "text": {"format": {"type": "text"}}, "truncation": "disabled"}
+
+    async def _response_events(self, answer: Body, tokens: tuple[str, ...],
+                               ) -> AsyncIterator[bytes]:
+        """The streamed form: created, one text delta per token (paced by --itl), completed."""
+        item = answer["output"][0]["id"]
+        started = {**answer, "status": "in_progress", "output": [], "usage": None}
+        events: list[Body] = [{"type": "response.created", "response": started}]
+        events += [{"type": "response.output_text.delta", "item_id": item, "output_index": 0,
+                    "content_index": 0, "delta": token, "logprobs": []} for token in tokens]
+        events.append({"type": "response.completed", "response": answer})
+        for number, event in enumerate(events):
+            if event["type"] == "response.output_text.delta" and self.config.itl > 0:
+                await asyncio.sleep(self.config.itl)
+            event["sequence_number"] = number
+            yield (f"event: {event['type']}\n".encode() + b"data: " + orjson.dumps(event)
+                   + b"\n\n")
 
     async def rerank(self, request: Request, body: Body) -> Response:
         query = body.get("query")

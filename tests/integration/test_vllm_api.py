@@ -70,6 +70,11 @@ def test_openai_client_models_responses_embeddings_audio(pool: Proc) -> None:
     answer = c.responses.create(model="api", input="tell me a story", max_output_tokens=6)
     assert answer.output_text == textgen.generate_text("tell me a story", 6)
     assert answer.usage is not None and answer.usage.output_tokens == 6
+    events = list(c.responses.create(model="api", input="tell me a story", max_output_tokens=6,
+                                     stream=True))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == answer.output_text and len(deltas) == 6
+    assert (events[0].type, events[-1].type) == ("response.created", "response.completed")
 
     emb = c.embeddings.create(model="api", input=["one", "two"])
     assert [len(d.embedding) for d in emb.data] == [32, 32]
