@@ -1,5 +1,6 @@
-"""Prefix-aware balancing through the real router: requests sharing a long prompt prefix land
-on one replica, whose (simulated) prefix cache then hits; different prefixes still spread."""
+"""Two replicas behind the real router: requests sharing a long prompt prefix land on one
+replica, whose (simulated) prefix cache then hits, different prefixes still spread; and the
+new vLLM paths (rerank here) are balanced and failed over like chat."""
 
 from __future__ import annotations
 
@@ -63,3 +64,24 @@ def test_same_prefix_sticks_to_one_replica_and_prefixes_spread(two: Proc) -> Non
     # Every repeat of a prefix found its blocks cached on the replica it went to.
     shared = len(f"system: {system_prompt(1)}\nuser: round ") // BLOCK_CHARS
     assert prefix_hits(router) - hits_before >= 16 * shared * BLOCK_TOKENS
+
+
+def test_rerank_spreads_and_fails_over_like_chat(two: Proc) -> None:
+    router = two
+    body = {"model": "px", "query": "q", "documents": ["a", "b"]}
+    before = engine_stats(router, "px")
+    for _ in range(20):
+        assert httpx.post(f"{router.url}/v1/rerank", json=body, timeout=30).status_code == 200
+    after = engine_stats(router, "px")
+    assert all(after[w]["requests"] - before[w]["requests"] >= 3 for w in after), after
+
+    dead = sorted(after)[0]
+    m = model_status(router, "px")
+    assert m is not None
+    port = next(i["port"] for i in m["instances"] if i["worker_id"] == dead)
+    assert httpx.post(f"http://127.0.0.1:{port}/sim/fault", json={"dead": True}).is_success
+    for _ in range(10):  # the dead core answers 500: each is retried on the other replica
+        r = httpx.post(f"{router.url}/v1/rerank", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+    tried = httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json()["requests"]
+    assert tried > after[dead]["requests"]  # it was tried, and failed over
