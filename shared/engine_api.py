@@ -4,8 +4,9 @@ exactly these paths (the engine's others, /sleep, /collective_rpc ..., are not f
 
 From each engine's own server: vLLM's OpenAI server (vllm/entrypoints/openai/api_server.py),
 llama.cpp's llama-server (/v1/rerank, /tokenize, /detokenize, no responses, scoring, audio
-or pooling), SGLang's OpenAI server (chat, completions, embeddings, responses, rerank) and the
-simulated engine (services/sim_engine), which serves what vLLM does.
+or pooling), SGLang's http_server (OpenAI paths, /v1/rerank, /v1/score with its own request
+shape, /classify, /tokenize, /detokenize; no audio, /pooling or the unversioned aliases) and
+the simulated engine (services/sim_engine), which serves what vLLM does.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ from typing import Final
 # Paths without the leading slash, as the router's routes and the worker's /proxy/ take them.
 _ALL: Final = frozenset(("vllm", "llamacpp", "sglang", "sim"))
 _VLLM_LIKE: Final = frozenset(("vllm", "sim"))
+_NOT_LLAMACPP: Final = frozenset(("vllm", "sglang", "sim"))
+_NOT_SGLANG: Final = frozenset(("vllm", "llamacpp", "sim"))
 SERVED_BY: Final[dict[str, frozenset[str]]] = {
     "v1/chat/completions": _ALL,
     "v1/completions": _ALL,
     "v1/embeddings": _ALL,
-    "v1/responses": frozenset(("vllm", "sglang", "sim")),
+    "v1/responses": _NOT_LLAMACPP,
     "v1/rerank": _ALL,
-    "rerank": frozenset(("vllm", "llamacpp", "sim")),
-    "v1/score": _VLLM_LIKE,
+    "rerank": _NOT_SGLANG,
+    "v1/score": _NOT_LLAMACPP,
     "score": _VLLM_LIKE,
-    "tokenize": frozenset(("vllm", "llamacpp", "sim")),
-    "detokenize": frozenset(("vllm", "llamacpp", "sim")),
+    "tokenize": _ALL,
+    "detokenize": _ALL,
     "pooling": _VLLM_LIKE,
-    "classify": _VLLM_LIKE,
+    "classify": _NOT_LLAMACPP,
     "v1/audio/transcriptions": _VLLM_LIKE,
     "v1/audio/translations": _VLLM_LIKE,
 }

@@ -14,7 +14,7 @@ def test_every_engine_serves_chat_and_only_vllm_like_ones_audio() -> None:
     for engine in ("vllm", "llamacpp", "sglang", "sim"):
         assert serves(engine, "v1/chat/completions")
     assert serves("vllm", "v1/audio/transcriptions") and serves("sim", "score")
-    assert not serves("llamacpp", "v1/responses") and not serves("sglang", "tokenize")
+    assert not serves("llamacpp", "v1/responses") and not serves("sglang", "pooling")
     assert not serves("vllm", "v1/unknown")
     assert set(JSON_PATHS) | set(FORM_PATHS) == set(SERVED_BY)
     assert not_served("m", "llamacpp", "v1/score") == \
