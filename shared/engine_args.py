@@ -87,6 +87,7 @@ _SIM: dict[str, ArgKind] = {
     "--wake-delay-l2": ArgKind.NUMBER,
     "--embedding-dim": ArgKind.NUMBER,
     "--max-tokens-default": ArgKind.NUMBER,
+    "--prefix-cache-blocks": ArgKind.NUMBER,
     "--dtype": ArgKind.TEXT,
     "--seed": ArgKind.NUMBER,
     "--max-num-seqs": ArgKind.NUMBER,

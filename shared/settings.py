@@ -99,6 +99,11 @@ class RouterSettings(CommonSettings):
     hold_queue_max: int = Field(default=256, ge=1)
     # A held streamed request gets an SSE comment this often, so proxies do not cut it.
     hold_keepalive_s: float = Field(default=5.0, gt=0)
+    # Prefix-aware balancing: requests whose prompts share their first this many characters
+    # go to one replica, so its engine's prefix cache serves them; 0 turns it off.
+    prefix_affinity_chars: int = Field(default=256, ge=0)
+    # ... unless that replica has more than this many requests more than the least loaded.
+    prefix_affinity_slack: int = Field(default=4, ge=0)
 
 
 class ManagerSettings(CommonSettings):

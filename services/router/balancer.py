@@ -5,7 +5,10 @@ loaded first. Load = this router's own in-flight requests to the replica plus th
 running and waiting requests as its worker last reported them (which include other routers'
 traffic). With an affinity key (the request's ``user`` or an ``x-session-id`` header) the
 replica is chosen by rendezvous hashing, so a conversation keeps hitting one prefix cache
-while the replica set is stable, and only 1/n of keys move when it changes.
+while the replica set is stable, and only 1/n of keys move when it changes. Without one, a
+request with a long prompt prefix (:mod:`services.router.prefix`) is placed the same way on
+its prefix, unless that replica has more than ``slack`` requests more than the least loaded
+one: then least outstanding wins, so a hot prefix cannot pile onto one replica.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def order_replicas(
     reported: Mapping[str, float] | None = None,
     affinity: str | None = None,
     rng: random.Random | None = None,
+    prefix: str | None = None,
+    slack: float = 4,
 ) -> list[str]:
     """Every replica, in the order to try them. ``replicas`` must not include ejected ones."""
     reported = reported or {}
@@ -41,6 +46,11 @@ def order_replicas(
         return list(replicas)
     if affinity:
         return rendezvous(replicas, affinity)
+    if prefix:
+        ranked = rendezvous(replicas, prefix)
+        least = min(load_of(x, inflight, reported) for x in replicas)
+        if load_of(ranked[0], inflight, reported) - least <= slack:
+            return ranked
     r = rng or random
     a, b = r.sample(list(replicas), 2)
     first, second = (a, b) if load_of(a, inflight, reported) <= load_of(b, inflight, reported) \

@@ -43,7 +43,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
-                          settings.buffer_answer_max_bytes)
+                          settings.buffer_answer_max_bytes, settings.prefix_affinity_slack)
     forwarder = Forwarder(table, upstreams, holder)
 
     @contextlib.asynccontextmanager
@@ -67,11 +67,13 @@ def create_app(settings: RouterSettings) -> FastAPI:
     security = router_exposure(settings).view() | {
         "openai_api": "token" if settings.api_token else "open"}
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
-                                               settings.api_token, settings.admin_token))
+                                               settings.api_token, settings.admin_token,
+                                               settings.prefix_affinity_chars))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
     console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
-                                               settings.api_token)
+                                               settings.api_token,
+                                               settings.prefix_affinity_chars)
     return app
 
 

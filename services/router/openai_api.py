@@ -1,4 +1,6 @@
-"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+"""The OpenAI-compatible API: every engine path of :mod:`shared.engine_api` (chat,
+completions, embeddings, responses, rerank, score, tokenize, pooling, classify, audio) and
+/v1/models."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.router.forward import Forwarder
+from services.router.prefix import prefix_key
 from services.router.routes import RouteTable
 from services.router.upstream import Call, Upstreams
-from shared.errors import BadRequest, ModelNotFound, clip
+from shared.engine_api import FORM_PATHS, JSON_PATHS, PROMPT_PATHS, not_served, serves
+from shared.errors import BadRequest, ModelNotFound, NotFound, clip
 from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
 from shared.http import (
     ClientGone,
@@ -22,30 +26,54 @@ from shared.http import (
     read_body,
 )
 from shared.models import is_valid_name
+from shared.multipart import boundary_of, form_field
 from shared.store import StoredModel
 
-_HOT = {f"/{p}": p for p in ("v1/chat/completions", "v1/completions", "v1/embeddings")}
+# The JSON POST paths, all on the fast lane: one dict lookup picks them.
+_HOT = {f"/{p}": p for p in JSON_PATHS}
 
 
-async def _prepare(
-    table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
-) -> tuple[StoredModel, Call]:
-    # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
-    data = parse_object(body)
-    name = data.get("model")
+async def _model(table: RouteTable, name: object, path: str) -> StoredModel:
     if not isinstance(name, str) or not name:
         raise BadRequest("model: a model alias is required", param="model")
     model = await table.model(name) if is_valid_name(name) else None
     if model is None:
         raise ModelNotFound(f"The model `{clip(name)}` does not exist.", param="model")
+    if not serves(model.spec.engine, path):
+        raise NotFound(not_served(name, model.spec.engine, path), code="path_not_served")
+    return model
+
+
+async def _prepare(
+    table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
+    prefix_chars: int = 0,
+) -> tuple[StoredModel, Call]:
+    # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
+    data = parse_object(body)
+    name = data.get("model")
+    model = await _model(table, name, path)
     user = data.get("user")
     affinity = session or (user if isinstance(user, str) else None)
-    call = Call(name, path, body, request_id, data.get("stream") is True,
-                affinity or None)
+    prefix = prefix_key(data, path, prefix_chars) \
+        if prefix_chars and not affinity and path in PROMPT_PATHS else None
+    call = Call(model.spec.alias, path, body, request_id, data.get("stream") is True,
+                affinity or None, prefix=prefix)
     return model, call
 
 
-def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None) -> Picker:
+async def _prepare_form(
+    table: RouteTable, body: bytes, content_type: str, path: str, request_id: str,
+) -> tuple[StoredModel, Call]:
+    """An audio upload: the multipart body is forwarded untouched, its `model` field read."""
+    boundary = boundary_of(content_type)
+    model = await _model(table, form_field(body, boundary, "model"), path)
+    stream = (form_field(body, boundary, "stream") or "").lower() == "true"
+    return model, Call(model.spec.alias, path, body, request_id, stream,
+                       content_type=content_type.encode("latin-1"))
+
+
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None,
+              prefix_chars: int = 0) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
     serving. A cold, sleeping or stopped model, a wrong API token, and a body the lane does
     not take, go to the ASGI routes below, which hold the request or explain the error."""
@@ -63,7 +91,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
         session = lane.header(b"x-session-id")
         model, call = await _prepare(
             table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None)
+            session.decode("latin-1") if session else None, prefix_chars)
         if model.hold is not None or not table.replicas(call.alias):
             return False
         answer = await upstreams.open(call)
@@ -85,7 +113,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
 
 def build_routes(
     table: RouteTable, forwarder: Forwarder, limit: int, token: str | None,
-    admin_token: str | None = None,
+    admin_token: str | None = None, prefix_chars: int = 0,
 ) -> APIRouter:
     api = APIRouter()
     # With an API token set, the admin token is accepted too (the console's playground sends
@@ -98,8 +126,12 @@ def build_routes(
         request.state.request_id = rid  # error answers carry it too (shared/errors.py)
         await check(request)
         body = await read_body(request, limit)
-        model, call = await _prepare(table, body, path, rid,
-                                     request.headers.get("x-session-id"))
+        if path in FORM_PATHS:
+            model, call = await _prepare_form(table, body,
+                                              request.headers.get("content-type", ""), path, rid)
+        else:
+            model, call = await _prepare(table, body, path, rid,
+                                         request.headers.get("x-session-id"), prefix_chars)
         if call.stream:
             # Once streaming, Starlette cancels the relay when the client goes away.
             response = await forwarder.handle(model, call)
@@ -113,23 +145,24 @@ def build_routes(
 
     # The hot routes are plain Starlette routes: FastAPI's dependency machinery costs tens of
     # microseconds per request and these need none of it (docs/performance.md).
-    for path in _HOT.values():
+    for path in (*_HOT.values(), *FORM_PATHS):
         api.add_route(f"/{path}", partial(handle, path=path), methods=["POST"])
+
+    def card(alias: str, m: StoredModel) -> dict[str, object]:
+        return {"id": alias, "object": "model", "created": int(m.created_at),
+                "owned_by": "svllm", "engine": m.spec.engine, "model_name": m.spec.model_name,
+                "serving": bool(table.replicas(alias))}
 
     @api.get("/v1/models", dependencies=[Depends(check)])
     async def models() -> Response:
-        data = [
-            {
-                "id": alias,
-                "object": "model",
-                "created": int(m.created_at),
-                "owned_by": "svllm",
-                "engine": m.spec.engine,
-                "model_name": m.spec.model_name,
-                "serving": bool(table.replicas(alias)),
-            }
-            for alias, m in sorted(table.models.items())
-        ]
+        data = [card(alias, m) for alias, m in sorted(table.models.items())]
         return json_response({"object": "list", "data": data})
+
+    @api.get("/v1/models/{alias}", dependencies=[Depends(check)])
+    async def model(alias: str) -> Response:
+        found = await table.model(alias) if is_valid_name(alias) else None
+        if found is None:
+            raise ModelNotFound(f"The model `{clip(alias)}` does not exist.", param="model")
+        return json_response(card(alias, found))
 
     return api

@@ -44,6 +44,10 @@ class Call:
     stream: bool
     affinity: str | None = None
     principal: Principal = ANONYMOUS
+    # The start of the prompt, for prefix-aware balancing (services/router/prefix.py).
+    prefix: str | None = None
+    # A JSON body, or an audio upload's multipart/form-data with its boundary.
+    content_type: bytes = b"application/json"
 
 
 @dataclass(slots=True)
@@ -61,7 +65,7 @@ class Upstreams:
     def __init__(
         self, table: RouteTable, pool: Pool, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
-        buffer_max: int = 1 << 20,
+        buffer_max: int = 1 << 20, prefix_slack: float = 4,
     ) -> None:
         self.table = table
         self.pool = pool
@@ -70,6 +74,7 @@ class Upstreams:
         self.breaker = breaker
         self.retry_after_s = retry_after_s
         self.buffer_max = buffer_max
+        self.prefix_slack = prefix_slack
         self.inflight: Counter[str] = Counter()
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
@@ -77,7 +82,8 @@ class Upstreams:
     def order(self, call: Call) -> list[str]:
         replicas = self.table.replicas(call.alias)
         allowed = self.breaker.allowed(call.alias, sorted(replicas), time.monotonic())
-        return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity)
+        return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity,
+                              prefix=call.prefix, slack=self.prefix_slack)
 
     async def send(self, call: Call) -> Response:
         """The answer to ``call`` as an ASGI response (the path for held requests)."""
@@ -108,8 +114,8 @@ class Upstreams:
                                  retry_after_s=self.retry_after_s)
 
     async def _attempt(self, worker: str, url: str, call: Call) -> Answer:
-        headers = b"content-type: application/json\r\nx-request-id: %s\r\n%s" % (
-            call.request_id.encode("latin-1"), self._auth)
+        headers = b"content-type: %s\r\nx-request-id: %s\r\n%s" % (
+            call.content_type, call.request_id.encode("latin-1"), self._auth)
         path = f"/proxy/{call.alias}/{call.path}".encode()
         self.inflight[worker] += 1
         handed_over = False

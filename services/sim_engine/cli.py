@@ -37,6 +37,8 @@ class EngineConfig:
     max_tokens_default: int
     spawn_child: bool = False
     fail_health_after: float | None = None
+    # Room of the simulated prefix cache, in 64-character blocks (0: no prefix caching).
+    prefix_cache_blocks: int = 4096
 
 
 def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +77,7 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     # After this many seconds the simulated engine core "dies" behind a live API server, as
     # vLLM's does: /health answers 503 and generation requests 500 (also: POST /sim/fault).
     parser.add_argument("--fail-health-after", type=float, default=None)
+    parser.add_argument("--prefix-cache-blocks", type=int, default=4096)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineConfig:
         spawn_child=ns.spawn_child,
         fail_health_after=ns.fail_health_after,
         max_tokens_default=ns.max_tokens_default,
+        prefix_cache_blocks=max(0, ns.prefix_cache_blocks),
     )
 
 

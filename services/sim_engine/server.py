@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,7 +26,9 @@ from starlette.types import Receive, Scope, Send
 
 from services.sim_engine import textgen
 from services.sim_engine.cli import EngineConfig, log
+from services.sim_engine.extra_api import ExtraApi
 from services.sim_engine.metrics import PROMETHEUS, Gauges, render
+from services.sim_engine.prefix_cache import PrefixCache
 from services.sim_engine.protocol import (
     DONE_EVENT,
     ApiError,
@@ -146,6 +149,7 @@ class SimEngine:
         self._dies_at = (time.monotonic() + config.fail_health_after
                          if config.fail_health_after is not None else None)
         self._dead = False
+        self.prefix_cache = PrefixCache(config.prefix_cache_blocks)
 
     # --- request plumbing -------------------------------------------------------------------
 
@@ -165,18 +169,38 @@ class SimEngine:
             self.last_request_id = request.headers.get("x-request-id")
             try:
                 body = await read_json(request)
-                model = body.get("model")
-                if model is not None and model != self.config.served_model_name:
-                    raise ApiError(404, f"The model `{model}` does not exist.")
-                if self.engine_dead():
-                    raise ApiError(500, _ENGINE_DEAD)
-                if self.sleep_level is not None:
-                    raise ApiError(503, "engine is sleeping")
+                self._check(body.get("model"))
                 return await handler(request, body)
             except ApiError as exc:
                 return error_response(exc.status, exc.message)
 
         return endpoint
+
+    def form_api(self, handler: Callable[[Request], Awaitable[Response]],
+                 ) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a multipart endpoint (audio): auth, sleep check, errors; it checks the model."""
+
+        async def endpoint(request: Request) -> Response:
+            if not self._authorized(request):
+                return error_response(401, "Unauthorized")
+            self.stats.requests += 1
+            self.last_request_id = request.headers.get("x-request-id")
+            try:
+                self._check(None)
+                return await handler(request)
+            except ApiError as exc:
+                return error_response(exc.status, exc.message)
+
+        return endpoint
+
+    def _check(self, model: object) -> None:
+        """404 for another model, 500 once the core died, 503 while asleep."""
+        if model is not None and model != self.config.served_model_name:
+            raise ApiError(404, f"The model `{model}` does not exist.")
+        if self.engine_dead():
+            raise ApiError(500, _ENGINE_DEAD)
+        if self.sleep_level is not None:
+            raise ApiError(503, "engine is sleeping")
 
     def _head(self, spec: GenSpec) -> Body:
         prefix, kind = ("chatcmpl", "chat.completion") if spec.chat else ("cmpl", "text_completion")
@@ -214,12 +238,13 @@ class SimEngine:
     async def _generate(self, request: Request, spec: GenSpec) -> Response:
         if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
             raise ApiError(500, "simulated engine failure")
+        ttft = self._ttft(spec)
         if spec.stream:
-            return EventStream(self._events(spec), watch=self._paced)
+            return EventStream(self._events(spec, ttft), watch=self._paced)
         self._begin(spec)
         ok = False
         try:
-            delay = self.config.ttft + (spec.max_tokens - 1) * self.config.itl
+            delay = ttft + (spec.max_tokens - 1) * self.config.itl
             # The client may leave while the "GPU" works: race the wait against the disconnect.
             if delay > 0 and not await finish_or_disconnect(asyncio.sleep(delay), request.receive):
                 return Response(status_code=499)  # nobody is left to read it
@@ -234,7 +259,13 @@ class SimEngine:
             body["prompt_logprobs"] = None
         return JSONResponse(body)
 
-    async def _events(self, spec: GenSpec) -> AsyncGenerator[bytes, None]:
+    def _ttft(self, spec: GenSpec) -> float:
+        """The time to first token: prefill is most of it, and the prompt's cached share
+        (the prefix cache) skips that much of it."""
+        cached = [self.prefix_cache.lookup(p) for p, _ in spec.prompts]
+        return self.config.ttft * (1.0 - 0.8 * min(cached))
+
+    async def _events(self, spec: GenSpec, ttft: float) -> AsyncGenerator[bytes, None]:
         head = self._head(spec)
         head["object"] += ".chunk" if spec.chat else ""
         all_tokens = [textgen.generate_tokens(p, spec.max_tokens) for p, _ in spec.prompts]
@@ -246,7 +277,7 @@ class SimEngine:
                          "logprobs": None, "finish_reason": None}
                 yield sse({**head, "choices": [first]})
             for step in range(spec.max_tokens):
-                await _pause(self.config.ttft if step == 0 else self.config.itl)
+                await _pause(ttft if step == 0 else self.config.itl)
                 for index, tokens in enumerate(all_tokens):
                     self.stats.generation_tokens += 1
                     yield sse({**head, "choices": [stream_choice(spec, index, tokens[step], None)]})
@@ -382,7 +413,8 @@ class SimEngine:
                         max_num_seqs=self.config.max_num_seqs,
                         asleep=self.sleep_level is not None, prompt_tokens=s.prompt_tokens,
                         generation_tokens=s.generation_tokens, completed=s.completed)
-        return Response(render(gauges, self._label_inner), media_type=PROMETHEUS)
+        page = render(gauges, self._label_inner) + self.prefix_cache.metrics(self._label_inner)
+        return Response(page, media_type=PROMETHEUS)
 
 
 
@@ -396,6 +428,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(config: EngineConfig) -> Starlette:
     """The ASGI app of one simulated engine; its state lives on ``app.state.engine``."""
     engine = SimEngine(config)
+    extra = ExtraApi(config)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -411,6 +444,15 @@ def create_app(config: EngineConfig) -> Starlette:
         Route("/v1/chat/completions", engine.api(engine.chat), methods=["POST"]),
         Route("/v1/completions", engine.api(engine.completions), methods=["POST"]),
         Route("/v1/embeddings", engine.api(engine.embeddings), methods=["POST"]),
+        *[Route(f"/{path}", engine.api(handler), methods=["POST"]) for path, handler in (
+            ("v1/responses", extra.responses), ("v1/rerank", extra.rerank),
+            ("rerank", extra.rerank), ("v1/score", extra.score), ("score", extra.score),
+            ("tokenize", extra.tokenize), ("detokenize", extra.detokenize),
+            ("pooling", extra.pooling), ("classify", extra.classify))],
+        Route("/v1/audio/transcriptions",
+              engine.form_api(partial(extra.audio, task="transcription")), methods=["POST"]),
+        Route("/v1/audio/translations",
+              engine.form_api(partial(extra.audio, task="translation")), methods=["POST"]),
         Route("/sleep", engine.sleep, methods=["POST"]),
         Route("/wake_up", engine.wake_up, methods=["POST"]),
         Route("/is_sleeping", engine.is_sleeping, methods=["GET"]),

@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from services.worker.supervisor import Supervisor
+from shared.engine_api import SERVED_BY
 from shared.errors import NoCapacity, NotFound, clip
 from shared.fastlane import Handler, Lane, Picker, new_request_id, request_id_of
 from shared.forwarding import relay
@@ -23,13 +24,8 @@ from shared.http import ClientGone, cancel_on_disconnect, read_body
 from shared.wire import Pool
 
 # The engine's other endpoints (/sleep, /wake_up, /collective_rpc ...) are not for clients:
-# vLLM leaves them unauthenticated, so only these pass.
-ALLOWED: dict[str, str] = {
-    "v1/chat/completions": "POST",
-    "v1/completions": "POST",
-    "v1/embeddings": "POST",
-    "v1/models": "GET",
-}
+# vLLM leaves them unauthenticated, so only the client paths of shared/engine_api.py pass.
+ALLOWED: dict[str, str] = {**dict.fromkeys(SERVED_BY, "POST"), "v1/models": "GET"}
 _FORWARD_HEADERS = (b"content-type", b"accept")
 
 
