@@ -294,3 +294,39 @@ class WorkerView(BaseModel):
     last_seen: float = 0.0
     load: dict[str, Any] = Field(default_factory=dict)
     max_cpu_engines: int | None = None
+
+
+# --- LoRA adapters ------------------------------------------------------------------------
+
+MAX_ADAPTERS_PER_ENGINE = 1024
+
+
+class AdapterSpec(Strict):
+    """A LoRA adapter served as its own alias (``POST /admin/adapters``): requests for
+    ``alias`` go to a replica of ``base`` with the adapter loaded there on demand. The engine
+    serves it under the alias itself (vLLM's ``lora_name``), so request bodies pass unchanged."""
+
+    alias: Name
+    base: Name
+    # A hub id (org/name) or a local directory (under MODEL_ROOTS), as a model_name.
+    adapter: str = Field(min_length=1, max_length=512)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, v: str) -> str:
+        if v.startswith("-") or has_path_escape(v) or not _MODEL_NAME_RE.fullmatch(v):
+            raise ValueError("adapter must be a hub id (org/name) or a local path of letters, "
+                             "digits and ._/+=@- without a '..' segment")
+        return v
+
+
+def lora_capacity(spec: ModelSpec) -> int | None:
+    """How many adapters one engine of ``spec`` holds at once: its ``--max-loras`` (vLLM's
+    default 1), or None when it was not started with ``--enable-lora``."""
+    args = spec.extra_args
+    if "--enable-lora" not in args:
+        return None
+    if "--max-loras" in args:
+        i = args.index("--max-loras")
+        return max(1, min(MAX_ADAPTERS_PER_ENGINE, int(float(args[i + 1]))))
+    return 1

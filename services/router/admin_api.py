@@ -92,6 +92,8 @@ def build_routes(
     async def register(request: Request) -> Response:
         req = await parse_body(request, RegisterModelRequest, settings.max_body_bytes)
         spec = await _validated_spec(req, store, settings, sandbox)
+        if await store.is_adapter(spec.alias):
+            raise Conflict(f"'{spec.alias}' is a registered LoRA adapter", param="alias")
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)

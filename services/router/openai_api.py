@@ -7,6 +7,7 @@ from functools import partial
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from services.router.adapters import AdapterTable
 from services.router.forward import Forwarder
 from services.router.routes import RouteTable
 from services.router.upstream import Call, Upstreams
@@ -29,6 +30,7 @@ _HOT = {f"/{p}": p for p in ("v1/chat/completions", "v1/completions", "v1/embedd
 
 async def _prepare(
     table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
+    adapters: AdapterTable | None = None,
 ) -> tuple[StoredModel, Call]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
@@ -36,16 +38,35 @@ async def _prepare(
     if not isinstance(name, str) or not name:
         raise BadRequest("model: a model alias is required", param="model")
     model = await table.model(name) if is_valid_name(name) else None
+    adapter = None
+    if model is None and adapters is not None and is_valid_name(name):
+        model = await _base_of(table, adapters, name)
+        adapter = name if model is not None else None
     if model is None:
         raise ModelNotFound(f"The model `{clip(name)}` does not exist.", param="model")
     user = data.get("user")
     affinity = session or (user if isinstance(user, str) else None)
-    call = Call(name, path, body, request_id, data.get("stream") is True,
-                affinity or None)
+    # An adapter's request goes to its base model's replicas (the body still names the
+    # adapter: the engine serves it under that name).
+    call = Call(model.spec.alias, path, body, request_id, data.get("stream") is True,
+                affinity or None, adapter=adapter)
     return model, call
 
 
-def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None) -> Picker:
+async def _base_of(table: RouteTable, adapters: AdapterTable, name: str) -> StoredModel | None:
+    """The base model of adapter ``name``; None when ``name`` is no adapter."""
+    spec = await adapters.lookup(name)
+    if spec is None:
+        return None
+    base = await table.model(spec.base)
+    if base is None:
+        raise ModelNotFound(f"The model `{name}` is a LoRA adapter of `{spec.base}`, which is "
+                            "not registered.", param="model")
+    return base
+
+
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None,
+              adapters: AdapterTable | None = None) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
     serving. A cold, sleeping or stopped model, a wrong API token, and a body the lane does
     not take, go to the ASGI routes below, which hold the request or explain the error."""
@@ -63,7 +84,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
         session = lane.header(b"x-session-id")
         model, call = await _prepare(
             table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None)
+            session.decode("latin-1") if session else None, adapters)
         if model.hold is not None or not table.replicas(call.alias):
             return False
         answer = await upstreams.open(call)
@@ -85,7 +106,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
 
 def build_routes(
     table: RouteTable, forwarder: Forwarder, limit: int, token: str | None,
-    admin_token: str | None = None,
+    admin_token: str | None = None, adapters: AdapterTable | None = None,
 ) -> APIRouter:
     api = APIRouter()
     # With an API token set, the admin token is accepted too (the console's playground sends
@@ -99,7 +120,7 @@ def build_routes(
         await check(request)
         body = await read_body(request, limit)
         model, call = await _prepare(table, body, path, rid,
-                                     request.headers.get("x-session-id"))
+                                     request.headers.get("x-session-id"), adapters)
         if call.stream:
             # Once streaming, Starlette cancels the relay when the client goes away.
             response = await forwarder.handle(model, call)

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.sim_engine import textgen
 from services.sim_engine.cli import EngineConfig, log
+from services.sim_engine.lora import LoraState, load_adapter, unload_adapter
 from services.sim_engine.metrics import PROMETHEUS, Gauges, render
 from services.sim_engine.protocol import (
     DONE_EVENT,
@@ -146,6 +148,7 @@ class SimEngine:
         self._dies_at = (time.monotonic() + config.fail_health_after
                          if config.fail_health_after is not None else None)
         self._dead = False
+        self.lora = LoraState(config.enable_lora, config.max_loras, config.lora_load_delay)
 
     # --- request plumbing -------------------------------------------------------------------
 
@@ -166,8 +169,12 @@ class SimEngine:
             try:
                 body = await read_json(request)
                 model = body.get("model")
-                if model is not None and model != self.config.served_model_name:
+                if model is not None and model != self.config.served_model_name \
+                        and not self.lora.serves(model):
                     raise ApiError(404, f"The model `{model}` does not exist.")
+                # Which model answers (the base, or a loaded LoRA adapter), as vLLM says.
+                request.state.model = model if isinstance(model, str) else \
+                    self.config.served_model_name
                 if self.engine_dead():
                     raise ApiError(500, _ENGINE_DEAD)
                 if self.sleep_level is not None:
@@ -178,10 +185,10 @@ class SimEngine:
 
         return endpoint
 
-    def _head(self, spec: GenSpec) -> Body:
+    def _head(self, spec: GenSpec, model: str) -> Body:
         prefix, kind = ("chatcmpl", "chat.completion") if spec.chat else ("cmpl", "text_completion")
         return {"id": f"{prefix}-{os.urandom(16).hex()}", "object": kind,
-                "created": int(time.time()), "model": self.config.served_model_name}
+                "created": int(time.time()), "model": model}
 
     def _begin(self, spec: GenSpec) -> None:
         self.stats.running += 1
@@ -215,7 +222,7 @@ class SimEngine:
         if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
             raise ApiError(500, "simulated engine failure")
         if spec.stream:
-            return EventStream(self._events(spec), watch=self._paced)
+            return EventStream(self._events(spec, request.state.model), watch=self._paced)
         self._begin(spec)
         ok = False
         try:
@@ -227,15 +234,15 @@ class SimEngine:
         finally:
             self._end(ok)
         self.stats.generation_tokens += spec.max_tokens * len(spec.prompts)
-        head = self._head(spec)
+        head = self._head(spec, request.state.model)
         choices = [final_choice(spec, i, p) for i, (p, _) in enumerate(spec.prompts)]
         body = {**head, "choices": choices, "usage": spec.usage()}
         if spec.chat:
             body["prompt_logprobs"] = None
         return JSONResponse(body)
 
-    async def _events(self, spec: GenSpec) -> AsyncGenerator[bytes, None]:
-        head = self._head(spec)
+    async def _events(self, spec: GenSpec, model: str) -> AsyncGenerator[bytes, None]:
+        head = self._head(spec, model)
         head["object"] += ".chunk" if spec.chat else ""
         all_tokens = [textgen.generate_tokens(p, spec.max_tokens) for p, _ in spec.prompts]
         self._begin(spec)
@@ -277,7 +284,7 @@ class SimEngine:
         self.stats.completed += 1
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"id": f"embd-{os.urandom(16).hex()}", "object": "list",
-                             "created": int(time.time()), "model": self.config.served_model_name,
+                             "created": int(time.time()), "model": request.state.model,
                              "data": data, "usage": usage})
 
     # --- other endpoints --------------------------------------------------------------------
@@ -285,10 +292,13 @@ class SimEngine:
     async def models(self, request: Request) -> Response:
         if not self._authorized(request):
             return error_response(401, "Unauthorized")
+        created = int(time.time())
         card = {"id": self.config.served_model_name, "object": "model",
-                "created": int(time.time()), "owned_by": "vllm", "root": self.config.model,
+                "created": created, "owned_by": "vllm", "root": self.config.model,
                 "parent": None, "max_model_len": self.config.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        adapters = self.lora.cards(self.config.served_model_name, created,
+                                   self.config.max_model_len)
+        return JSONResponse({"object": "list", "data": [card, *adapters]})
 
     async def sleep(self, request: Request) -> Response:
         if not self.config.enable_sleep_mode:
@@ -360,7 +370,8 @@ class SimEngine:
                              "aborted": s.aborted, "running": s.running,
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
-                             "wakes": s.wakes, "last_request_id": self.last_request_id})
+                             "wakes": s.wakes, "last_request_id": self.last_request_id,
+                             "lora": self.lora.view()})
 
     async def sim_faults(self, request: Request) -> Response:
         """Test hook: set this engine's failure rate at run time (``{"fail_rate": 1.0}``),
@@ -411,6 +422,8 @@ def create_app(config: EngineConfig) -> Starlette:
         Route("/v1/chat/completions", engine.api(engine.chat), methods=["POST"]),
         Route("/v1/completions", engine.api(engine.completions), methods=["POST"]),
         Route("/v1/embeddings", engine.api(engine.embeddings), methods=["POST"]),
+        Route("/v1/load_lora_adapter", partial(load_adapter, engine.lora), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", partial(unload_adapter, engine.lora), methods=["POST"]),
         Route("/sleep", engine.sleep, methods=["POST"]),
         Route("/wake_up", engine.wake_up, methods=["POST"]),
         Route("/is_sleeping", engine.is_sleeping, methods=["GET"]),

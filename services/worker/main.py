@@ -14,6 +14,7 @@ from services.worker.api import build_routes
 from services.worker.engines import available_drivers
 from services.worker.engines.environment import parse_passthrough
 from services.worker.gpu import open_inventory
+from services.worker.lora import LoraManager
 from services.worker.supervisor import Supervisor
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
@@ -63,8 +64,9 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         await store.close()
 
     app = make_app("svllm worker", lifespan)
+    loras = LoraManager(store, settings.worker_id, client)
     app.include_router(build_routes(store, settings, agent, upstream,
-                                    worker_exposure(settings).insecure))
+                                    worker_exposure(settings).insecure, loras))
     app.state.fast_lane = proxy.picker(proxy.fast_handler(
         supervisor, upstream, settings.internal_token, settings.max_body_bytes))
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shared.store.adapters import AdaptersStore
 from shared.store.admin import AdminReads, ModelDetails
 from shared.store.autoscale import AutoscaleStore, ScaleMark
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
@@ -17,5 +18,5 @@ __all__ = ["Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "Stored
 
 
 class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,
-            ObservedStore, LifecycleStore, IntentsStore):
+            ObservedStore, LifecycleStore, IntentsStore, AdaptersStore):
     """Everything the services read and write in Redis."""
