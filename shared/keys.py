@@ -130,6 +130,17 @@ class Keys:
         loads, kept apart from the base model's cold starts."""
         return f"{self.prefix}:adapter_stats"
 
+    # --- weights prefetch -------------------------------------------------------------------
+    def prefetch(self, worker_id: str) -> str:
+        """hash: alias -> JSON request (model_name, requested_at): weights the worker is asked
+        to download ahead of time; the worker deletes the field when it is done or failed."""
+        return f"{self.prefix}:prefetch:{worker_id}"
+
+    def prefetch_status(self, alias: str) -> str:
+        """hash: worker id -> JSON progress of the alias's prefetch there (state, done_mb,
+        error, updated_at), shown in /admin/status."""
+        return f"{self.prefix}:prefetch_status:{alias}"
+
     # --- change counters: routers reload only what changed ---------------------------------
     @property
     def models_version(self) -> str:

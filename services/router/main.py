@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from services.router import adapters_api, admin_api, console_api, openai_api
+from services.router import adapters_api, admin_api, console_api, openai_api, weights_api
 from services.router.adapters import AdapterTable
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
@@ -73,6 +73,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                                                adapters))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
     app.include_router(adapters_api.build_routes(store, settings, adapters))
+    app.include_router(weights_api.build_routes(store, settings))
     console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
                                                settings.api_token, adapters)

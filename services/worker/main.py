@@ -15,7 +15,10 @@ from services.worker.engines import available_drivers
 from services.worker.engines.environment import parse_passthrough
 from services.worker.gpu import open_inventory
 from services.worker.lora import LoraManager
+from services.worker.prefetch import Prefetcher, Weights
 from services.worker.supervisor import Supervisor
+from services.worker.weights import hub_cache_dir
+from shared.engine_policy import Sandbox
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.http import make_client
@@ -45,7 +48,11 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
-    agent = Agent(store, settings, supervisor, inventory, nudger, client)
+    weights_view = Weights(hub_cache_dir(settings.hf_hub_cache, settings.hf_home),
+                           Sandbox.from_settings(False, settings.model_roots).model_roots)
+    prefetcher = Prefetcher(store, settings.worker_id, weights_view,
+                            settings.prefetch_source_dir, settings.reconcile_interval_s)
+    agent = Agent(store, settings, supervisor, inventory, nudger, client, weights_view)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -54,7 +61,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
                            ", ".join(sorted(drivers)))
         await agent.recover()
         async with background(nudger.run(), agent.heartbeat_loop(), agent.reconcile_loop(),
-                              supervisor.health_loop()):
+                              supervisor.health_loop(), agent.weights_loop(), prefetcher.run()):
             yield
         await supervisor.stop_all()
         with contextlib.suppress(Exception):

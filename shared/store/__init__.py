@@ -10,6 +10,7 @@ from shared.store.intents import Intents, IntentsStore
 from shared.store.lifecycle import LifecycleStore
 from shared.store.models import ModelsStore
 from shared.store.observed import ObservedStore
+from shared.store.prefetch import PrefetchStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
@@ -18,5 +19,5 @@ __all__ = ["Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "Stored
 
 
 class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,
-            ObservedStore, LifecycleStore, IntentsStore, AdaptersStore):
+            ObservedStore, LifecycleStore, IntentsStore, AdaptersStore, PrefetchStore):
     """Everything the services read and write in Redis."""
