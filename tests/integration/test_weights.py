@@ -101,7 +101,9 @@ def test_bad_prefetch_requests_are_refused(pool: Proc) -> None:
 
     assert post("nope", {}).status_code == 404
     assert post("pm", {"workers": ["w9"]}).status_code == 404
-    for body in ({"workers": ["../x"]}, {"workers": []}, {"workers": "w1"}, {"extra": 1}, [1]):
+    bodies: list[Any] = [{"workers": ["../x"]}, {"workers": []}, {"workers": "w1"},
+                         {"extra": 1}, [1]]
+    for body in bodies:
         r = post("pm", body)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["message"]
