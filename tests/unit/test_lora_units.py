@@ -13,12 +13,12 @@ from shared.models import AdapterSpec, ModelSpec, lora_capacity
 def test_adapter_spec_refuses_hostile_names() -> None:
     ok = AdapterSpec(alias="sql-helper", base="qwen-7b", adapter="org/sql-lora")
     assert ok.adapter == "org/sql-lora"
-    bad = [{"alias": "../x"}, {"alias": "-rf"}, {"base": "a/b"}, {"adapter": "../../etc"},
+    bad: list[dict[str, object]] = [{"alias": "../x"}, {"alias": "-rf"}, {"base": "a/b"}, {"adapter": "../../etc"},
            {"adapter": "-x"}, {"adapter": "a b"}, {"adapter": ""}, {"extra": 1}]
     for change in bad:
         with pytest.raises(ValidationError):
-            AdapterSpec.model_validate(
-                {"alias": "a", "base": "b", "adapter": "org/x"} | change)
+            base: dict[str, object] = {"alias": "a", "base": "b", "adapter": "org/x"}
+            AdapterSpec.model_validate(base | change)
 
 
 def capacity(*args: str) -> int | None:
