@@ -11,10 +11,12 @@ from shared.models import AdapterSpec, ModelSpec, lora_capacity
 
 
 def test_adapter_spec_refuses_hostile_names() -> None:
-    ok = AdapterSpec(alias="sql-helper", base="qwen-7b", adapter="org/sql-lora")
+    ok = AdapterSpec(alias="sql-helper", base="qwen-7b",
+                     adapter="org/sql-lora")
     assert ok.adapter == "org/sql-lora"
-    bad: list[dict[str, object]] = [{"alias": "../x"}, {"alias": "-rf"}, {"base": "a/b"}, {"adapter": "../../etc"},
-           {"adapter": "-x"}, {"adapter": "a b"}, {"adapter": ""}, {"extra": 1}]
+    bad: list[dict[str, object]] = [
+        {"alias": "../x"}, {"alias": "-rf"}, {"base": "a/b"}, {"adapter": "../../etc"},
+        {"adapter": "-x"}, {"adapter": "a b"}, {"adapter": ""}, {"extra": 1}]
     for change in bad:
         with pytest.raises(ValidationError):
             base: dict[str, object] = {"alias": "a", "base": "b", "adapter": "org/x"}
