@@ -117,13 +117,19 @@ class LoraManager:
         slots.changing = True
         if victim is not None:
             del slots.loaded[victim]  # nobody may take it while it is being unloaded
+        # The change runs to its end even if this request is cancelled (its client left):
+        # the bookkeeping must match what the engine holds.
+        await asyncio.shield(asyncio.ensure_future(self._changed(base, slots, name, victim)))
+        slots.inflight[name] += 1
+        return Lease(slots, name)
+
+    async def _changed(self, base: str, slots: EngineLoras, name: str, victim: str | None
+                       ) -> None:
         try:
             await self._change(base, slots, name, victim)
         finally:
             slots.changing = False
             slots.wake()
-        slots.inflight[name] += 1
-        return Lease(slots, name)
 
     async def _change(self, base: str, slots: EngineLoras, name: str, victim: str | None
                       ) -> None:
