@@ -65,6 +65,19 @@ async def _base_of(table: RouteTable, adapters: AdapterTable, name: str) -> Stor
     return base
 
 
+def _adapter_cards(table: RouteTable, adapters: AdapterTable) -> list[dict[str, object]]:
+    """LoRA adapters as vLLM lists them: a model card with its base as ``parent``."""
+    out: list[dict[str, object]] = []
+    for alias, a in sorted(adapters.adapters.items()):
+        base = table.models.get(a.base)
+        if base is not None:
+            out.append({"id": alias, "object": "model", "created": int(base.created_at),
+                        "owned_by": "svllm", "engine": base.spec.engine,
+                        "model_name": a.adapter, "parent": a.base,
+                        "serving": bool(table.replicas(a.base))})
+    return out
+
+
 def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None,
               adapters: AdapterTable | None = None) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
@@ -151,6 +164,8 @@ def build_routes(
             }
             for alias, m in sorted(table.models.items())
         ]
+        if adapters is not None:
+            data += _adapter_cards(table, adapters)
         return json_response({"object": "list", "data": data})
 
     return api

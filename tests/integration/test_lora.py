@@ -81,8 +81,10 @@ def test_adapters_load_on_demand_and_evict_least_recently_used(one: Proc) -> Non
     events, holds = lru_events(sequence, 2)
     assert stats["lora"]["events"] == events
     assert set(stats["lora"]["loaded"]) == holds
-    listed = httpx.get(f"{router.url}/v1/models", timeout=5).json()["data"]
-    assert [m["id"] for m in listed] == ["lbase"]  # adapters are not models
+    listed = {m["id"]: m for m in httpx.get(f"{router.url}/v1/models", timeout=5).json()["data"]}
+    assert set(listed) == {"lbase", *ADAPTERS}
+    assert listed["ad3"]["parent"] == "lbase" and listed["ad3"]["model_name"] == "org/ad3-lora"
+    assert "parent" not in listed["lbase"]
     view = {a["alias"]: a for a in httpx.get(f"{router.url}/admin/adapters",
                                              timeout=5).json()["adapters"]}
     loads = sum(1 for e in stats["lora"]["events"] if e[0] == "load")
