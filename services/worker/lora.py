@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from services.worker.engines.base import EngineProcess
+from shared.engine_policy import Sandbox, is_local_path
 from shared.errors import BadRequest, ModelNotFound, NoCapacity, UpstreamError, clip
 from shared.models import AdapterSpec, ModelSpec, lora_capacity
 from shared.store import Store
@@ -69,7 +70,9 @@ class Lease:
 
 
 class LoraManager:
-    def __init__(self, store: Store, worker_id: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, store: Store, worker_id: str, client: httpx.AsyncClient,
+                 sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
         self.store = store
         self.worker_id = worker_id
         self.client = client
@@ -136,6 +139,10 @@ class LoraManager:
         adapter = await self.store.get_adapter(name)
         if adapter is None or adapter.base != base:
             raise ModelNotFound(f"adapter '{clip(name)}' of model '{base}' is not registered")
+        # Checked again here, as specs are before a launch: MODEL_ROOTS may have changed.
+        if is_local_path(adapter.adapter) and not self.sandbox.allows_path(adapter.adapter):
+            raise BadRequest(f"adapter '{name}' is a local path outside this worker's "
+                             "MODEL_ROOTS", param="model")
         if victim is not None:
             try:
                 await self._post(slots.engine, "/v1/unload_lora_adapter",

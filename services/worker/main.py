@@ -48,8 +48,9 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
+    sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
     weights_view = Weights(hub_cache_dir(settings.hf_hub_cache, settings.hf_home),
-                           Sandbox.from_settings(False, settings.model_roots).model_roots)
+                           sandbox.model_roots)
     prefetcher = Prefetcher(store, settings.worker_id, weights_view,
                             settings.prefetch_source_dir, settings.reconcile_interval_s)
     agent = Agent(store, settings, supervisor, inventory, nudger, client, weights_view)
@@ -71,7 +72,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         await store.close()
 
     app = make_app("svllm worker", lifespan)
-    loras = LoraManager(store, settings.worker_id, client)
+    loras = LoraManager(store, settings.worker_id, client, sandbox)
     app.include_router(build_routes(store, settings, agent, upstream,
                                     worker_exposure(settings).insecure, loras))
     app.state.fast_lane = proxy.picker(proxy.fast_handler(

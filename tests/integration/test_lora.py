@@ -78,6 +78,11 @@ def test_adapters_load_on_demand_and_evict_least_recently_used(one: Proc) -> Non
         assert r.status_code == 200, r.text
         assert r.json()["model"] == name  # the adapter answered, not the base
     (stats,) = engine_stats(router, "lbase").values()
+    # The adapter header is the router's own: a client's is not passed on.
+    r = httpx.post(f"{router.url}/v1/chat/completions", headers={"x-svllm-adapter": "ad0"},
+                   json={"model": "lbase", "max_tokens": 2,
+                         "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert r.status_code == 200 and r.json()["model"] == "lbase"
     events, holds = lru_events(sequence, 2)
     assert stats["lora"]["events"] == events
     assert set(stats["lora"]["loaded"]) == holds
