@@ -153,6 +153,12 @@ class WorkerOrder:
         self._ranked = sorted(self._key(pos) for pos in range(len(workers)))
         self._keys = {key[2]: key for key in self._ranked}
         self._reserved: dict[str, dict[int, int]] = {}
+        # Model name -> the workers with its weights on their disks, built once per pass so
+        # that preferring them costs a lookup per choice, not a scan of every worker.
+        self.with_weights: dict[str, list[WorkerView]] = {}
+        for w in workers:
+            for m in w.local_models:
+                self.with_weights.setdefault(m.name, []).append(w)
 
     def _key(self, pos: int) -> tuple[int, str, int]:
         wid = self.workers[pos].worker_id
@@ -224,14 +230,18 @@ def choose_worker(
     up to date by the caller, finds the same worker without scanning them all; when none fits,
     every worker is still scanned for the reasons.
     """
-    for tier in _weight_tiers(spec, workers):
-        found = _least_loaded(spec, tier, assignments, ledgers, Refusal())
-        if found is not None:
-            return found
     if order is not None:
         if (order.workers is not workers or order.assignments is not assignments
                 or order.ledgers is not ledgers):
             raise ValueError("the worker order was built over other workers or assignments")
+        local = order.with_weights.get(spec.model_name, [])
+    else:
+        local = [w for w in workers if w.has_weights(spec.model_name)]
+    for tier in _weight_tiers(spec, workers, local):
+        found = _least_loaded(spec, tier, assignments, ledgers, Refusal())
+        if found is not None:
+            return found
+    if order is not None:
         found = order.first_fit(spec)
         if found is not None:
             return found
@@ -246,10 +256,10 @@ def choose_worker(
     return refusal
 
 
-def _weight_tiers(spec: ModelSpec, workers: list[WorkerView]) -> list[list[WorkerView]]:
-    """The workers to try before the rest: those with the weights, then (where the model's
-    size is known and some worker lacks the room) those with disk room to fetch them."""
-    local = [w for w in workers if w.has_weights(spec.model_name)]
+def _weight_tiers(spec: ModelSpec, workers: list[WorkerView], local: list[WorkerView]
+                  ) -> list[list[WorkerView]]:
+    """The workers to try before the rest: ``local`` (those with the weights), then (where
+    the model's size is known and some worker lacks the room) those with disk room."""
     tiers = [local] if local else []
     sizes = [m.size_mb for w in local for m in w.local_models if m.name == spec.model_name]
     size = max(sizes, default=spec.weights_mb or 0)

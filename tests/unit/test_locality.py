@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.manager.placement import Choice, choose_worker
+from services.manager.placement import Choice, WorkerOrder, choose_worker
 from services.worker import weights
 from shared.models import MAX_LOCAL_MODELS, Assignment, LocalModel, ModelSpec, WorkerView
 
@@ -88,3 +88,14 @@ def test_hub_cache_dir_follows_huggingface_variables(tmp_path: Path) -> None:
     assert weights.hub_cache_dir(None, tmp_path / "h") == tmp_path / "h" / "hub"
     assert weights.repo_id_of("models--org--name--x") == "org/name--x"
     assert weights.repo_id_of("datasets--a--b") is None
+
+
+def test_the_pass_order_finds_the_holders_too() -> None:
+    ws = [worker("a"), worker("b", {"org/m": 10}), worker("c", {"org/other": 1})]
+    assigns: dict[str, dict[str, Assignment]] = {"b": {"x": Assignment(alias="x", worker_id="b")}}
+    order = WorkerOrder(ws, assigns)
+    assert [w.worker_id for w in order.with_weights["org/m"]] == ["b"]
+    c = choose_worker(spec(), ws, assigns, None, order)
+    assert isinstance(c, Choice) and c.worker_id == "b"
+    c = choose_worker(spec(model_name="org/none"), ws, assigns, None, order)
+    assert isinstance(c, Choice) and c.worker_id == "a"
