@@ -165,7 +165,7 @@ class LoraManager:
         body = {"lora_name": adapter.alias, "lora_path": adapter.adapter}
         r = await self._send(engine, "/v1/load_lora_adapter", body,
                              f"loading adapter '{adapter.alias}'")
-        # Already there (an engine this worker adopted after a restart): as good as loaded.
+        # Already there (a load whose answer was lost, say to a timeout): as good as loaded.
         if r.status_code >= 400 and "already been loaded" not in r.text:
             raise UpstreamError(f"loading adapter '{adapter.alias}' failed "
                                 f"({r.status_code}): {r.text[:300]}")
