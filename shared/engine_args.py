@@ -94,6 +94,10 @@ _SIM: dict[str, ArgKind] = {
     "--enable-prefix-caching": ArgKind.FLAG,
     "--enable-sleep-mode": ArgKind.FLAG,
     "--trust-remote-code": ArgKind.FLAG,
+    "--enable-lora": ArgKind.FLAG,
+    "--max-loras": ArgKind.NUMBER,
+    "--max-lora-rank": ArgKind.NUMBER,
+    "--lora-load-delay": ArgKind.NUMBER,
 }
 
 # llama-server's flags (llama-cpp-python's server spells some differently: see README).

@@ -113,6 +113,34 @@ class Keys:
         """hash: worker id -> the engine's running + waiting requests (from its /metrics)."""
         return f"{self.prefix}:load:{alias}"
 
+    # --- LoRA adapters ----------------------------------------------------------------------
+    @property
+    def adapters(self) -> str:
+        """hash: adapter alias -> AdapterSpec JSON (written by the admin API)."""
+        return f"{self.prefix}:adapters"
+
+    def lora_loaded(self, base: str) -> str:
+        """hash: worker id -> JSON list of the adapters its engine of ``base`` holds now
+        (written by that worker on each load and eviction; routers prefer those replicas)."""
+        return f"{self.prefix}:lora:{base}"
+
+    @property
+    def adapter_stats(self) -> str:
+        """hash: '<alias>:loads' / ':load_s' / ':evictions' -> counts and seconds of adapter
+        loads, kept apart from the base model's cold starts."""
+        return f"{self.prefix}:adapter_stats"
+
+    # --- weights prefetch -------------------------------------------------------------------
+    def prefetch(self, worker_id: str) -> str:
+        """hash: alias -> JSON request (model_name, requested_at): weights the worker is asked
+        to download ahead of time; the worker deletes the field when it is done or failed."""
+        return f"{self.prefix}:prefetch:{worker_id}"
+
+    def prefetch_status(self, alias: str) -> str:
+        """hash: worker id -> JSON progress of the alias's prefetch there (state, done_mb,
+        error, updated_at), shown in /admin/status."""
+        return f"{self.prefix}:prefetch_status:{alias}"
+
     # --- change counters: routers reload only what changed ---------------------------------
     @property
     def models_version(self) -> str:

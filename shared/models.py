@@ -194,6 +194,18 @@ MAX_GPU_TEXT = 128  # a GPU's uuid and name
 MAX_MESSAGE = 1024  # gpu_message
 MAX_LOAD_KEYS = 64
 
+MAX_LOCAL_MODELS = 256
+
+
+class LocalModel(BaseModel):
+    """Model weights a worker has on its disks: a Hugging Face cache entry (``name`` is the
+    hub id) or a directory under MODEL_ROOTS (``name`` is its absolute path)."""
+
+    name: str = Field(min_length=1, max_length=512)
+    size_mb: int = Field(default=0, ge=0)
+    source: Literal["hf_cache", "model_root"] = "hf_cache"
+
+
 EngineName = Annotated[str, Field(min_length=1, max_length=32)]
 LoadKey = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -247,6 +259,9 @@ class Heartbeat(Strict):
     gpus: list[GpuInfo] | None = Field(default=None, max_length=MAX_GPUS)
     gpu_message: str | None = Field(default=None, max_length=MAX_MESSAGE)
     load: dict[LoadKey, float] = Field(default_factory=dict, max_length=MAX_LOAD_KEYS)
+    # Weights on the worker's disks (None: not scanned yet), and room left for more.
+    local_models: list[LocalModel] | None = Field(default=None, max_length=MAX_LOCAL_MODELS)
+    cache_free_mb: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _bounded(self) -> Heartbeat:
@@ -294,3 +309,51 @@ class WorkerView(BaseModel):
     last_seen: float = 0.0
     load: dict[str, Any] = Field(default_factory=dict)
     max_cpu_engines: int | None = None
+    local_models: list[LocalModel] = Field(default_factory=list)
+    cache_free_mb: int | None = None
+
+    def has_weights(self, model_name: str) -> bool:
+        return any(m.name == model_name for m in self.local_models)
+
+
+class PrefetchRequest(Strict):
+    """Body of ``POST /admin/models/{alias}/prefetch`` (optional): the workers to download
+    the weights to; default every live worker that can run the model and lacks them."""
+
+    workers: list[Name] | None = Field(default=None, min_length=1, max_length=256)
+
+
+# --- LoRA adapters ------------------------------------------------------------------------
+
+MAX_ADAPTERS_PER_ENGINE = 1024
+
+
+class AdapterSpec(Strict):
+    """A LoRA adapter served as its own alias (``POST /admin/adapters``): requests for
+    ``alias`` go to a replica of ``base`` with the adapter loaded there on demand. The engine
+    serves it under the alias itself (vLLM's ``lora_name``), so request bodies pass unchanged."""
+
+    alias: Name
+    base: Name
+    # A hub id (org/name) or a local directory (under MODEL_ROOTS), as a model_name.
+    adapter: str = Field(min_length=1, max_length=512)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, v: str) -> str:
+        if v.startswith("-") or has_path_escape(v) or not _MODEL_NAME_RE.fullmatch(v):
+            raise ValueError("adapter must be a hub id (org/name) or a local path of letters, "
+                             "digits and ._/+=@- without a '..' segment")
+        return v
+
+
+def lora_capacity(spec: ModelSpec) -> int | None:
+    """How many adapters one engine of ``spec`` holds at once: its ``--max-loras`` (vLLM's
+    default 1), or None when it was not started with ``--enable-lora``."""
+    args = spec.extra_args
+    if "--enable-lora" not in args:
+        return None
+    if "--max-loras" in args:
+        i = args.index("--max-loras")
+        return max(1, min(MAX_ADAPTERS_PER_ENGINE, int(float(args[i + 1]))))
+    return 1

@@ -119,6 +119,7 @@ def parse_created_at(key: str, raw: Mapping[str, str]) -> float:
 
 WORKER_JSON_FIELDS = ("engines", "gpus", "load")
 WORKER_FIELDS = ("url", *WORKER_JSON_FIELDS, "gpu_message", "version", "max_cpu_engines",
+                 "local_models", "cache_free_mb",
                  "registered_at", "last_seen", "vllm_version", "vllm_flags")
 
 
@@ -139,16 +140,19 @@ def parse_worker(key: str, worker_id: str, raw: Mapping[str, str], alive: bool) 
             registered_at=float(raw.get("registered_at", 0)),
             last_seen=float(raw.get("last_seen", 0)), load=load,
             max_cpu_engines=_cap(key, raw.get("max_cpu_engines", "")),
-            vllm_version=raw.get("vllm_version", ""))
+            vllm_version=raw.get("vllm_version", ""),
+            local_models=_json(key, raw.get("local_models", "[]"), "local_models"),
+            cache_free_mb=_cap(key, raw.get("cache_free_mb", ""), "cache_free_mb"))
     except ValidationError as e:
         raise BadRecord(key, f"not a valid worker record: {_short(e)}") from None
 
 
-def _cap(key: str, value: str) -> int | None:
-    """A worker's reported cap on engines without GPUs ('' or absent: none reported)."""
+def _cap(key: str, value: str, field: str = "max_cpu_engines") -> int | None:
+    """A worker's reported whole number ('' or absent: none reported), such as its cap on
+    engines without GPUs."""
     if value == "":
         return None
-    _number(key, "max_cpu_engines", value, int)
+    _number(key, field, value, int)
     return int(value)
 
 

@@ -165,6 +165,14 @@ class WorkerSettings(CommonSettings):
     # names, or prefixes ending in '*' (services/worker/engines/environment.py). The pool's
     # tokens and Redis URL never pass.
     engine_env_passthrough: str = ""
+    # Where model weights are cached (the Hugging Face hub layout); the same variables
+    # huggingface_hub and vLLM read: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
+    hf_hub_cache: Path | None = None
+    hf_home: Path | None = None
+    # A local mirror prefetches copy from (<dir>/<org>/<name>) instead of the hub.
+    prefetch_source_dir: Path | None = None
+    # How often the worker re-reads which weights it has (a walk of the cache and MODEL_ROOTS).
+    weights_scan_interval_s: float = Field(default=30.0, gt=0)
 
     def sleep_ram_budget(self) -> int:
         if self.sleep_ram_budget_mb is not None:

@@ -27,6 +27,9 @@ app = typer.Typer(help="Operate a Serverless vLLM pool through its router's admi
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models = typer.Typer(help="Register, inspect and control models.", no_args_is_help=True)
 app.add_typer(models, name="models")
+adapters = typer.Typer(help="LoRA adapters served as aliases of a base model.",
+                       no_args_is_help=True)
+app.add_typer(adapters, name="adapters")
 out = Console()
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
@@ -227,6 +230,54 @@ def export(ctx: typer.Context) -> None:
     specs = [ModelSpec.model_validate(m["spec"])
              for m in client(ctx).get("/admin/models")["models"]]
     sys.stdout.write(models_file.export_yaml(specs))
+
+
+@app.command()
+def prefetch(
+    ctx: typer.Context, alias: str,
+    worker: Annotated[list[str] | None, typer.Option(
+        "--worker", "-w", help="A worker to download to (repeat); default: every live "
+        "worker that lacks the weights.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Download ALIAS's weights to workers ahead of time; progress shows in `svllm status`."""
+    res = client(ctx).post(f"/admin/models/{alias}/prefetch",
+                           {"workers": worker} if worker else None)
+    if as_json:
+        print_json(res)
+    elif res["workers"]:
+        out.print(f"{alias}: prefetching {res['model_name']} to {', '.join(res['workers'])}")
+    else:
+        out.print(f"{alias}: every live worker already has {res['model_name']}")
+
+
+@adapters.command("add")
+def adapter_add(ctx: typer.Context, alias: str, base: str, adapter: str) -> None:
+    """Serve LoRA ADAPTER (hub id or local dir) as ALIAS on BASE's replicas."""
+    res = client(ctx).post("/admin/adapters", {"alias": alias, "base": base,
+                                                "adapter": adapter})
+    out.print(f"{alias}: {'registered' if res['created'] else 'already registered, same'}")
+
+
+@adapters.command("ls")
+def adapter_ls(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Registered adapters, where they are loaded, loads and evictions."""
+    data = client(ctx).get("/admin/adapters")["adapters"]
+    if as_json:
+        print_json(data)
+        return
+    for a in data:
+        s = a["stats"]
+        out.print(f"{a['alias']}  base={a['base']}  adapter={a['adapter']}  loaded_on="
+                  f"{','.join(a['loaded_on']) or '-'}  loads={s['loads']}  "
+                  f"evictions={s['evictions']}", markup=False, highlight=False)
+
+
+@adapters.command("rm")
+def adapter_rm(ctx: typer.Context, alias: str) -> None:
+    """Unregister adapter ALIAS (engines unload it when they need the slot)."""
+    client(ctx).delete(f"/admin/adapters/{alias}")
+    out.print(f"{alias}: deleted")
 
 
 def run() -> None:

@@ -153,6 +153,12 @@ class WorkerOrder:
         self._ranked = sorted(self._key(pos) for pos in range(len(workers)))
         self._keys = {key[2]: key for key in self._ranked}
         self._reserved: dict[str, dict[int, int]] = {}
+        # Model name -> the workers with its weights on their disks, built once per pass so
+        # that preferring them costs a lookup per choice, not a scan of every worker.
+        self.with_weights: dict[str, list[WorkerView]] = {}
+        for w in workers:
+            for m in w.local_models:
+                self.with_weights.setdefault(m.name, []).append(w)
 
     def _key(self, pos: int) -> tuple[int, str, int]:
         wid = self.workers[pos].worker_id
@@ -216,7 +222,9 @@ def choose_worker(
     """Pick a live worker for one more replica of ``spec``.
 
     Skips workers that already run the alias (replicas spread over machines), honours a pinned
-    ``worker_id``, requires the engine and the GPU memory, and prefers the least loaded worker.
+    ``worker_id``, requires the engine and the GPU memory. Prefers a worker that has the
+    model's weights on its disks (a cold start is mostly loading them), then one with disk
+    room to fetch them, then the least loaded.
 
     ``order``, built over these same ``workers``, ``assignments`` and ``ledgers`` and kept
     up to date by the caller, finds the same worker without scanning them all; when none fits,
@@ -226,10 +234,49 @@ def choose_worker(
         if (order.workers is not workers or order.assignments is not assignments
                 or order.ledgers is not ledgers):
             raise ValueError("the worker order was built over other workers or assignments")
+        local = order.with_weights.get(spec.model_name, [])
+    else:
+        local = [w for w in workers if w.has_weights(spec.model_name)]
+    for tier in _weight_tiers(spec, workers, local):
+        found = _least_loaded(spec, tier, assignments, ledgers, Refusal())
+        if found is not None:
+            return found
+    if order is not None:
         found = order.first_fit(spec)
         if found is not None:
             return found
     refusal = Refusal()
+    found = _least_loaded(spec, workers, assignments, ledgers, refusal)
+    if found is not None:
+        return found
+    if spec.worker_id and not refusal.reasons:
+        refusal.reasons.append(f"pinned worker '{spec.worker_id}' is not registered")
+    if not workers:
+        refusal.reasons.append("no workers registered")
+    return refusal
+
+
+def _weight_tiers(spec: ModelSpec, workers: list[WorkerView], local: list[WorkerView]
+                  ) -> list[list[WorkerView]]:
+    """The workers to try before the rest: ``local`` (those with the weights), then (where
+    the model's size is known and some worker lacks the room) those with disk room."""
+    tiers = [local] if local else []
+    sizes = [m.size_mb for w in local for m in w.local_models if m.name == spec.model_name]
+    size = max(sizes, default=spec.weights_mb or 0)
+    if size:
+        roomy = [w for w in workers if w.cache_free_mb is None or w.cache_free_mb >= size]
+        if len(roomy) < len(workers):
+            tiers.append(roomy)
+    return tiers
+
+
+def _least_loaded(
+    spec: ModelSpec, workers: Sequence[WorkerView],
+    assignments: Mapping[str, Mapping[str, Assignment]],
+    ledgers: Mapping[str, Ledger] | None, refusal: Refusal,
+) -> Choice | None:
+    """The least loaded of ``workers`` that fits ``spec`` (ties by id); the others' reasons
+    go to ``refusal``."""
     candidates: list[tuple[int, str, Choice]] = []
     for w in workers:
         if spec.worker_id and w.worker_id != spec.worker_id:
@@ -241,10 +288,4 @@ def choose_worker(
             refusal.reasons.append(fit)
         else:
             candidates.append((len(mine), w.worker_id, fit))
-    if candidates:
-        return min(candidates, key=lambda c: (c[0], c[1]))[2]
-    if spec.worker_id and not refusal.reasons:
-        refusal.reasons.append(f"pinned worker '{spec.worker_id}' is not registered")
-    if not workers:
-        refusal.reasons.append("no workers registered")
-    return refusal
+    return min(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None

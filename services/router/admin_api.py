@@ -92,6 +92,8 @@ def build_routes(
     async def register(request: Request) -> Response:
         req = await parse_body(request, RegisterModelRequest, settings.max_body_bytes)
         spec = await _validated_spec(req, store, settings, sandbox)
+        if await store.is_adapter(spec.alias):
+            raise Conflict(f"'{spec.alias}' is a registered LoRA adapter", param="alias")
         if req.engine is None:
             logger.info("model %s uses the default engine '%s' (DEFAULT_ENGINE)",
                         spec.alias, spec.engine)
@@ -156,6 +158,10 @@ def build_routes(
         began = time.monotonic()
         workers = await store.list_workers()
         models = await _model_views(store)
+        # Weights prefetches in progress or ended: worker -> state, MB done, failure reason.
+        prefetch = await store.prefetch_status([m["alias"] for m in models])
+        for m in models:
+            m["prefetch"] = prefetch.get(m["alias"], {})
         # Records this view does not show are read too, so that a bad one is named below.
         # ... and the ledgers it reads give the reserved memory shown per GPU.
         reserved = reserved_by_gpu(await store.check_records(await store.worker_ids()))

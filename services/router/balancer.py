@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 
 def load_of(replica: str, inflight: Mapping[str, int], reported: Mapping[str, float]) -> float:
@@ -58,3 +58,11 @@ def order_replicas(
     rest = sorted((x for x in replicas if x not in (first, second)),
                   key=lambda x: load_of(x, inflight, reported))
     return [first, second, *rest]
+
+
+def holders_first(ordered: Sequence[str], holders: Collection[str]) -> list[str]:
+    """``ordered`` with the replicas in ``holders`` (those whose engine already holds the
+    LoRA adapter asked for) moved to the front, each group keeping its order."""
+    if not holders:
+        return list(ordered)
+    return [r for r in ordered if r in holders] + [r for r in ordered if r not in holders]

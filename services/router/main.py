@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from services.router import admin_api, console_api, openai_api
+from services.router import adapters_api, admin_api, console_api, openai_api, weights_api
+from services.router.adapters import AdapterTable
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
@@ -40,10 +41,12 @@ def create_app(settings: RouterSettings) -> FastAPI:
     table = RouteTable(store, nudger, settings.route_refresh_s)
     client = Pool(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
     holder = Holder(table, store, settings)
+    adapters = AdapterTable(store, settings.route_refresh_s)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
-                          settings.buffer_answer_max_bytes, settings.prefix_affinity_slack)
+                          settings.buffer_answer_max_bytes, settings.prefix_affinity_slack,
+                          adapters)
     forwarder = Forwarder(table, upstreams, holder)
 
     @contextlib.asynccontextmanager
@@ -51,7 +54,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if settings.default_engine == "sim":
             logger.warning("DEFAULT_ENGINE=sim: models registered without an engine use the "
                            "simulated engine, not vLLM")
-        async with background(nudger.run(), table.run()):
+        async with background(nudger.run(), table.run(), adapters.run()):
             yield
         await client.close()
         await store.close()
@@ -68,12 +71,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
         "openai_api": "token" if settings.api_token else "open"}
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
                                                settings.api_token, settings.admin_token,
-                                               settings.prefix_affinity_chars))
+                                               settings.prefix_affinity_chars, adapters))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
+    app.include_router(adapters_api.build_routes(store, settings, adapters))
+    app.include_router(weights_api.build_routes(store, settings))
     console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
                                                settings.api_token,
-                                               settings.prefix_affinity_chars)
+                                               settings.prefix_affinity_chars, adapters)
     return app
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from starlette.responses import Response
 
-from services.router.balancer import order_replicas
+from services.router.adapters import AdapterTable
+from services.router.balancer import holders_first, order_replicas
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, UpstreamError
@@ -48,6 +49,8 @@ class Call:
     prefix: str | None = None
     # A JSON body, or an audio upload's multipart/form-data with its boundary.
     content_type: bytes = b"application/json"
+    # A LoRA adapter of the model ``alias`` (its base) that is to answer.
+    adapter: str | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +69,7 @@ class Upstreams:
         self, table: RouteTable, pool: Pool, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
         buffer_max: int = 1 << 20, prefix_slack: float = 4,
+        adapters: AdapterTable | None = None,
     ) -> None:
         self.table = table
         self.pool = pool
@@ -76,14 +80,18 @@ class Upstreams:
         self.buffer_max = buffer_max
         self.prefix_slack = prefix_slack
         self.inflight: Counter[str] = Counter()
+        self.adapters = adapters
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
 
     def order(self, call: Call) -> list[str]:
         replicas = self.table.replicas(call.alias)
         allowed = self.breaker.allowed(call.alias, sorted(replicas), time.monotonic())
-        return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity,
-                              prefix=call.prefix, slack=self.prefix_slack)
+        ordered = order_replicas(allowed, self.inflight, self.table.load(call.alias),
+                                 call.affinity, prefix=call.prefix, slack=self.prefix_slack)
+        if call.adapter is not None and self.adapters is not None:
+            ordered = holders_first(ordered, self.adapters.holders(call.alias, call.adapter))
+        return ordered
 
     async def send(self, call: Call) -> Response:
         """The answer to ``call`` as an ASGI response (the path for held requests)."""
@@ -116,6 +124,8 @@ class Upstreams:
     async def _attempt(self, worker: str, url: str, call: Call) -> Answer:
         headers = b"content-type: %s\r\nx-request-id: %s\r\n%s" % (
             call.content_type, call.request_id.encode("latin-1"), self._auth)
+        if call.adapter is not None:
+            headers += b"x-svllm-adapter: %s\r\n" % call.adapter.encode()
         path = f"/proxy/{call.alias}/{call.path}".encode()
         self.inflight[worker] += 1
         handed_over = False

@@ -39,6 +39,9 @@ class EngineConfig:
     fail_health_after: float | None = None
     # Room of the simulated prefix cache, in 64-character blocks (0: no prefix caching).
     prefix_cache_blocks: int = 4096
+    enable_lora: bool = False
+    max_loras: int = 1
+    lora_load_delay: float = 0.0
 
 
 def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +59,9 @@ def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument("--max-loras", type=int, default=1)
+    parser.add_argument("--max-lora-rank", type=int, default=16)
 
 
 def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +84,8 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     # vLLM's does: /health answers 503 and generation requests 500 (also: POST /sim/fault).
     parser.add_argument("--fail-health-after", type=float, default=None)
     parser.add_argument("--prefix-cache-blocks", type=int, default=4096)
+    # Seconds a POST /v1/load_lora_adapter takes (reading the adapter's weights).
+    parser.add_argument("--lora-load-delay", type=float, default=0.1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     delays = ("startup_delay", "ttft", "itl", "sleep_delay", "wake_delay_l1", "wake_delay_l2",
-              "fail_health_after")
+              "fail_health_after", "lora_load_delay")
     for name in delays:
         if (getattr(ns, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -102,7 +110,8 @@ def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         parser.error("--fail-rate must be between 0 and 1")
     if not 0 <= ns.port <= 65535:
         parser.error("--port must be between 0 and 65535")
-    positive = ("max_model_len", "max_num_seqs", "embedding_dim", "max_tokens_default")
+    positive = ("max_model_len", "max_num_seqs", "embedding_dim", "max_tokens_default",
+                "max_loras")
     for name in positive:
         if getattr(ns, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -136,6 +145,9 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineConfig:
         fail_health_after=ns.fail_health_after,
         max_tokens_default=ns.max_tokens_default,
         prefix_cache_blocks=max(0, ns.prefix_cache_blocks),
+        enable_lora=ns.enable_lora,
+        max_loras=ns.max_loras,
+        lora_load_delay=ns.lora_load_delay,
     )
 
 

@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from services.sim_engine import textgen
 from services.sim_engine.cli import EngineConfig, log
 from services.sim_engine.extra_api import ExtraApi
+from services.sim_engine.lora import LoraState, load_adapter, unload_adapter
 from services.sim_engine.metrics import PROMETHEUS, Gauges, render
 from services.sim_engine.prefix_cache import PrefixCache
 from services.sim_engine.protocol import (
@@ -150,6 +151,7 @@ class SimEngine:
                          if config.fail_health_after is not None else None)
         self._dead = False
         self.prefix_cache = PrefixCache(config.prefix_cache_blocks)
+        self.lora = LoraState(config.enable_lora, config.max_loras, config.lora_load_delay)
 
     # --- request plumbing -------------------------------------------------------------------
 
@@ -169,7 +171,11 @@ class SimEngine:
             self.last_request_id = request.headers.get("x-request-id")
             try:
                 body = await read_json(request)
-                self._check(body.get("model"))
+                model = body.get("model")
+                self._check(model)
+                # Which model answers (the base, or a loaded LoRA adapter), as vLLM says.
+                request.state.model = model if isinstance(model, str) else \
+                    self.config.served_model_name
                 return await handler(request, body)
             except ApiError as exc:
                 return error_response(exc.status, exc.message)
@@ -195,17 +201,18 @@ class SimEngine:
 
     def _check(self, model: object) -> None:
         """404 for another model, 500 once the core died, 503 while asleep."""
-        if model is not None and model != self.config.served_model_name:
+        if model is not None and model != self.config.served_model_name \
+                and not (isinstance(model, str) and self.lora.serves(model)):
             raise ApiError(404, f"The model `{model}` does not exist.")
         if self.engine_dead():
             raise ApiError(500, _ENGINE_DEAD)
         if self.sleep_level is not None:
             raise ApiError(503, "engine is sleeping")
 
-    def _head(self, spec: GenSpec) -> Body:
+    def _head(self, spec: GenSpec, model: str) -> Body:
         prefix, kind = ("chatcmpl", "chat.completion") if spec.chat else ("cmpl", "text_completion")
         return {"id": f"{prefix}-{os.urandom(16).hex()}", "object": kind,
-                "created": int(time.time()), "model": self.config.served_model_name}
+                "created": int(time.time()), "model": model}
 
     def _begin(self, spec: GenSpec) -> None:
         self.stats.running += 1
@@ -240,7 +247,8 @@ class SimEngine:
             raise ApiError(500, "simulated engine failure")
         ttft = self._ttft(spec)
         if spec.stream:
-            return EventStream(self._events(spec, ttft), watch=self._paced)
+            return EventStream(self._events(spec, ttft, request.state.model),
+                               watch=self._paced)
         self._begin(spec)
         ok = False
         try:
@@ -252,7 +260,7 @@ class SimEngine:
         finally:
             self._end(ok)
         self.stats.generation_tokens += spec.max_tokens * len(spec.prompts)
-        head = self._head(spec)
+        head = self._head(spec, request.state.model)
         choices = [final_choice(spec, i, p) for i, (p, _) in enumerate(spec.prompts)]
         body = {**head, "choices": choices, "usage": spec.usage()}
         if spec.chat:
@@ -265,8 +273,9 @@ class SimEngine:
         cached = [self.prefix_cache.lookup(p) for p, _ in spec.prompts]
         return self.config.ttft * (1.0 - 0.8 * min(cached))
 
-    async def _events(self, spec: GenSpec, ttft: float) -> AsyncGenerator[bytes, None]:
-        head = self._head(spec)
+    async def _events(self, spec: GenSpec, ttft: float, model: str,
+                      ) -> AsyncGenerator[bytes, None]:
+        head = self._head(spec, model)
         head["object"] += ".chunk" if spec.chat else ""
         all_tokens = [textgen.generate_tokens(p, spec.max_tokens) for p, _ in spec.prompts]
         self._begin(spec)
@@ -308,7 +317,7 @@ class SimEngine:
         self.stats.completed += 1
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"id": f"embd-{os.urandom(16).hex()}", "object": "list",
-                             "created": int(time.time()), "model": self.config.served_model_name,
+                             "created": int(time.time()), "model": request.state.model,
                              "data": data, "usage": usage})
 
     # --- other endpoints --------------------------------------------------------------------
@@ -316,10 +325,13 @@ class SimEngine:
     async def models(self, request: Request) -> Response:
         if not self._authorized(request):
             return error_response(401, "Unauthorized")
+        created = int(time.time())
         card = {"id": self.config.served_model_name, "object": "model",
-                "created": int(time.time()), "owned_by": "vllm", "root": self.config.model,
+                "created": created, "owned_by": "vllm", "root": self.config.model,
                 "parent": None, "max_model_len": self.config.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        adapters = self.lora.cards(self.config.served_model_name, created,
+                                   self.config.max_model_len)
+        return JSONResponse({"object": "list", "data": [card, *adapters]})
 
     async def sleep(self, request: Request) -> Response:
         if not self.config.enable_sleep_mode:
@@ -391,7 +403,8 @@ class SimEngine:
                              "aborted": s.aborted, "running": s.running,
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
-                             "wakes": s.wakes, "last_request_id": self.last_request_id})
+                             "wakes": s.wakes, "last_request_id": self.last_request_id,
+                             "lora": self.lora.view()})
 
     async def sim_faults(self, request: Request) -> Response:
         """Test hook: set this engine's failure rate at run time (``{"fail_rate": 1.0}``),
@@ -453,6 +466,8 @@ def create_app(config: EngineConfig) -> Starlette:
               engine.form_api(partial(extra.audio, task="transcription")), methods=["POST"]),
         Route("/v1/audio/translations",
               engine.form_api(partial(extra.audio, task="translation")), methods=["POST"]),
+        Route("/v1/load_lora_adapter", partial(load_adapter, engine.lora), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", partial(unload_adapter, engine.lora), methods=["POST"]),
         Route("/sleep", engine.sleep, methods=["POST"]),
         Route("/wake_up", engine.wake_up, methods=["POST"]),
         Route("/is_sleeping", engine.is_sleeping, methods=["GET"]),

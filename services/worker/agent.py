@@ -12,10 +12,11 @@ from services.worker.engines.vllm import VllmDriver
 from services.worker.gpu import GpuInventory, account
 from services.worker.orphans import sweep
 from services.worker.ownership import ORPHAN_GRACE_S, Launcher, Owner
+from services.worker.prefetch import Weights
 from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
-from shared.models import GpuInfo, Heartbeat, WorkerRegistration, cap_gpus
+from shared.models import GpuInfo, Heartbeat, LocalModel, WorkerRegistration, cap_gpus
 from shared.settings import WorkerSettings
 from shared.store import Store
 
@@ -33,7 +34,11 @@ class Agent:
         gpus: GpuInventory,
         nudger: Nudger,
         client: httpx.AsyncClient,
+        weights: Weights | None = None,
     ) -> None:
+        self.weights = weights
+        # The weights last reported: the heartbeat carries them only when they changed.
+        self._sent_weights: tuple[list[LocalModel] | None, int | None] = (None, None)
         self.store = store
         self.settings = settings
         self.supervisor = supervisor
@@ -69,7 +74,12 @@ class Agent:
     def heartbeat_body(self) -> Heartbeat:
         gpus, message = self.read_gpus()
         states: dict[str, float] = {"instances": float(len(self.supervisor.instances))}
-        return Heartbeat(gpus=gpus, gpu_message=message, load=states)
+        hb = Heartbeat(gpus=gpus, gpu_message=message, load=states)
+        if self.weights is not None and self.weights.models is not None:
+            now = (self.weights.models, self.weights.free_mb)
+            if now != self._sent_weights:
+                hb.local_models, hb.cache_free_mb = now
+        return hb
 
     async def register(self) -> None:
         reg = self.registration()
@@ -91,6 +101,12 @@ class Agent:
 
     async def _beat(self) -> bool | None:
         hb = self.heartbeat_body()
+        known = await self._send_beat(hb)
+        if known is not None and hb.local_models is not None:
+            self._sent_weights = (hb.local_models, hb.cache_free_mb)
+        return known
+
+    async def _send_beat(self, hb: Heartbeat) -> bool | None:
         if not self.settings.manager_url:
             return await self.store.heartbeat(self.worker_id, hb, self.settings.heartbeat_ttl_s)
         r = await self.client.post(
@@ -110,6 +126,7 @@ class Agent:
                 logger.warning("worker record is gone (Redis restarted?): registering again")
             await self.register()
             self._registered = True
+            self._sent_weights = (None, None)  # a new record: report the weights again
             self._flags_reported = False
             await self._keep_pool_id()
         await self._report_engine_flags()
@@ -141,6 +158,15 @@ class Agent:
             driver = self.supervisor.drivers.get("vllm")
             if isinstance(driver, VllmDriver):
                 driver.end_probe()
+
+    async def weights_loop(self) -> None:
+        """Re-read which weights this worker has (a walk of its disks, in a thread)."""
+        while self.weights is not None:
+            try:
+                await self.weights.rescan()
+            except OSError as e:
+                logger.warning("scanning local model weights failed: %s", e)
+            await asyncio.sleep(self.settings.weights_scan_interval_s)
 
     async def _beat_forever(self) -> None:
         while True:

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from services.worker import enginelog, proxy
 from services.worker.agent import Agent
+from services.worker.lora import LoraManager
 from shared.errors import BadRequest, ModelNotFound, NotFound, clip
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import ManualStartRequest, is_valid_name
@@ -16,7 +17,8 @@ from shared.wire import Pool
 
 
 def build_routes(
-    store: Store, settings: WorkerSettings, agent: Agent, upstream: Pool, insecure: bool
+    store: Store, settings: WorkerSettings, agent: Agent, upstream: Pool, insecure: bool,
+    loras: LoraManager | None = None,
 ) -> APIRouter:
     admin = Depends(bearer_guard(settings.admin_token))
     # Ports and pids of the engines: for the pool's services and operators, not for anyone.
@@ -83,7 +85,7 @@ def build_routes(
         await check_internal(request)
         params = request.path_params
         return await proxy.forward(request, params["alias"], params["path"], sup, upstream,
-                                   settings.max_body_bytes)
+                                   settings.max_body_bytes, loras)
 
     api.add_route("/proxy/{alias}/{path:path}", proxied, methods=["GET", "POST"])
 

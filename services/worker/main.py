@@ -14,7 +14,11 @@ from services.worker.api import build_routes
 from services.worker.engines import available_drivers
 from services.worker.engines.environment import parse_passthrough
 from services.worker.gpu import open_inventory
+from services.worker.lora import LoraManager
+from services.worker.prefetch import Prefetcher, Weights
 from services.worker.supervisor import Supervisor
+from services.worker.weights import hub_cache_dir
+from shared.engine_policy import Sandbox
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.http import make_client
@@ -44,7 +48,12 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     supervisor = Supervisor(store, settings, drivers, client)
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
-    agent = Agent(store, settings, supervisor, inventory, nudger, client)
+    sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
+    weights_view = Weights(hub_cache_dir(settings.hf_hub_cache, settings.hf_home),
+                           sandbox.model_roots)
+    prefetcher = Prefetcher(store, settings.worker_id, weights_view,
+                            settings.prefetch_source_dir, settings.reconcile_interval_s)
+    agent = Agent(store, settings, supervisor, inventory, nudger, client, weights_view)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -53,7 +62,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
                            ", ".join(sorted(drivers)))
         await agent.recover()
         async with background(nudger.run(), agent.heartbeat_loop(), agent.reconcile_loop(),
-                              supervisor.health_loop()):
+                              supervisor.health_loop(), agent.weights_loop(), prefetcher.run()):
             yield
         await supervisor.stop_all()
         with contextlib.suppress(Exception):
@@ -63,8 +72,9 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         await store.close()
 
     app = make_app("svllm worker", lifespan)
+    loras = LoraManager(store, settings.worker_id, client, sandbox)
     app.include_router(build_routes(store, settings, agent, upstream,
-                                    worker_exposure(settings).insecure))
+                                    worker_exposure(settings).insecure, loras))
     app.state.fast_lane = proxy.picker(proxy.fast_handler(
         supervisor, upstream, settings.internal_token, settings.max_body_bytes))
     return app

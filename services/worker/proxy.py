@@ -15,6 +15,7 @@ from collections.abc import Callable
 from fastapi import Request
 from starlette.responses import Response
 
+from services.worker.lora import ADAPTER_HEADER, Lease, LoraManager
 from services.worker.supervisor import Supervisor
 from shared.engine_api import SERVED_BY
 from shared.errors import NoCapacity, NotFound, clip
@@ -27,6 +28,7 @@ from shared.wire import Pool
 # vLLM leaves them unauthenticated, so only the client paths of shared/engine_api.py pass.
 ALLOWED: dict[str, str] = {**dict.fromkeys(SERVED_BY, "POST"), "v1/models": "GET"}
 _FORWARD_HEADERS = (b"content-type", b"accept")
+_ADAPTER = ADAPTER_HEADER.encode()
 
 
 def engine_request_id(given: bytes | None, uuid_ids: bool) -> bytes:
@@ -66,6 +68,7 @@ def tag(request: Request) -> bytes:
 
 async def forward(
     request: Request, alias: str, path: str, supervisor: Supervisor, pool: Pool, limit: int,
+    loras: LoraManager | None = None,
 ) -> Response:
     method = ALLOWED.get(path)
     rid = tag(request)
@@ -86,8 +89,21 @@ async def forward(
     rid = engine_request_id(rid, engine.launch.uuid_request_ids)
     request.state.request_id = rid.decode("latin-1")
     headers = forward_headers(get, rid)
+    # A request for a LoRA adapter of this model: loaded first if it is not (held like a
+    # cold start), and kept from eviction until the answer is over.
+    adapter = request.headers.get(ADAPTER_HEADER)
+    lease: Lease | None = None
+    if adapter and loras is not None:
+        lease = await loras.acquire(alias, supervisor.instances[alias].model.spec, engine,
+                                    adapter)
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
+
+    def done() -> None:
+        supervisor.end(alias)
+        if lease is not None:
+            lease.release()
+
     try:
         # A non-streamed answer comes whole after the generation: if the router hangs up
         # meanwhile, closing the engine connection is what aborts the generation.
@@ -95,12 +111,12 @@ async def forward(
             request, pool.send(engine.base_url, method.encode(), b"/" + path.encode(),
                                headers, body))
     except ClientGone:
-        supervisor.end(alias)
+        done()
         return Response(status_code=499)
     except BaseException:
-        supervisor.end(alias)
+        done()
         raise
-    return relay(ex, on_close=lambda: supervisor.end(alias), request_id=rid)
+    return relay(ex, on_close=done, request_id=rid)
 
 
 def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int) -> Handler:
@@ -115,7 +131,7 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
                 lane.header(b"authorization") or b"", expected):
             return False
         engine = supervisor.serving(alias)
-        if engine is None:
+        if engine is None or lane.header(_ADAPTER) is not None:  # adapters: see forward()
             return False
         body = await lane.read_body(limit) if method == "POST" else b""
         if body is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shared.store.adapters import AdaptersStore
 from shared.store.admin import AdminReads, ModelDetails
 from shared.store.autoscale import AutoscaleStore, ScaleMark
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
@@ -9,6 +10,7 @@ from shared.store.intents import Intents, IntentsStore
 from shared.store.lifecycle import LifecycleStore
 from shared.store.models import ModelsStore
 from shared.store.observed import ObservedStore
+from shared.store.prefetch import PrefetchStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
@@ -17,5 +19,5 @@ __all__ = ["Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "Stored
 
 
 class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,
-            ObservedStore, LifecycleStore, IntentsStore):
+            ObservedStore, LifecycleStore, IntentsStore, AdaptersStore, PrefetchStore):
     """Everything the services read and write in Redis."""

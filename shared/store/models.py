@@ -190,9 +190,11 @@ class ModelsStore(StoreBase):
         gone = [k.hold(alias), k.placement(alias), k.routes(alias), k.demand(alias),
                 k.queue(alias), k.stats(alias), k.samples(alias, "cold_start"),
                 k.samples(alias, "wake"), k.load(alias), k.manual(alias), k.intent(alias),
-                k.instances(alias), *(k.instance(alias, w) for w in workers)]
+                k.instances(alias), k.prefetch_status(alias), k.lora_loaded(alias),
+                *(k.instance(alias, w) for w in workers)]
         # Hashes the alias is a field of: every worker's assignments, the autoscaler's clocks.
-        fields_of = [k.assign(w) for w in workers] + [k.autoscale]
+        fields_of = [k.assign(w) for w in workers] + [k.prefetch(w) for w in workers] + [
+            k.autoscale]
         reply = await self.r.eval(
             _DELETE_LUA, 6 + len(gone) + len(fields_of), k.model(alias), k.models,
             k.models_version, k.models_log, k.routes_version, k.routes_log, *gone, *fields_of,

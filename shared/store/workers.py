@@ -86,6 +86,10 @@ class WorkersStore(StoreBase):
             fields["gpus"] = json.dumps([g.model_dump() for g in hb.gpus])
         if hb.gpu_message is not None:
             fields["gpu_message"] = hb.gpu_message
+        if hb.local_models is not None:
+            fields["local_models"] = json.dumps([m.model_dump() for m in hb.local_models])
+        if hb.cache_free_mb is not None:
+            fields["cache_free_mb"] = str(hb.cache_free_mb)
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.set(self.k.worker_alive(worker_id), now, px=int(ttl_s * 1000), get=True)
             pipe.hset(self.k.worker(worker_id), mapping=cast(Mapping[Any, Any], fields))

@@ -78,7 +78,8 @@ async def written_fields(store: Store) -> dict[str, set[str]]:
     spec = ModelSpec(alias="m", model_name="org/m", engine="sim")
     await store.register_model(spec)
     await store.register_worker(WorkerRegistration(worker_id="w", url="http://w:1"), 60)
-    await store.heartbeat("w", Heartbeat(gpus=[], gpu_message="none", load={"x": 1}), 60)
+    await store.heartbeat("w", Heartbeat(gpus=[], gpu_message="none", load={"x": 1},
+                                         local_models=[], cache_free_mb=0), 60)
     await store.set_engine_flags("w", "0.32.0", ["--max-num-seqs"])
     await store.set_placement_reason("m", "no room")
     for kind in ("cold_start", "wake"):

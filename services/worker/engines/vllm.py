@@ -131,6 +131,10 @@ class VllmDriver:
         if spec.sleep_mode:
             # vLLM serves /sleep, /wake_up and /is_sleeping only in dev mode.
             env["VLLM_SERVER_DEV_MODE"] = "1"
+        if "--enable-lora" in spec.extra_args:
+            # vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this:
+            # the pool loads adapters on demand (services/worker/lora.py).
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         argv = build_vllm_args(self.prefix, spec, port, placed.gpu_memory_utilization)
         if self.info is not None:
             try:

@@ -1,0 +1,68 @@
+"""The router's copy of the LoRA adapters: which exist (alias -> base), and which replicas of
+each base hold which adapter now (published by workers), for balancing.
+
+Refreshed on a timer, like the route table; an alias not found triggers at most one refresh
+per ``_MISS_REFRESH_S``, so an adapter registered through another router is served at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from shared.models import AdapterSpec
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+_MISS_REFRESH_S = 0.2
+
+
+class AdapterTable:
+    def __init__(self, store: Store, refresh_s: float) -> None:
+        self.store = store
+        self.refresh_s = refresh_s
+        self.adapters: dict[str, AdapterSpec] = {}
+        # base -> worker -> adapters its engine holds.
+        self.held: dict[str, dict[str, frozenset[str]]] = {}
+        self._refreshed_at = 0.0
+
+    async def refresh(self) -> None:
+        adapters = await self.store.list_adapters()
+        bases = sorted({a.base for a in adapters.values()})
+        self.held = await self.store.lora_loaded(bases) if bases else {}
+        self.adapters = adapters
+        self._refreshed_at = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep serving from the last copy
+                logger.warning("adapter refresh failed (serving from cache): %s", e)
+            await asyncio.sleep(self.refresh_s)
+
+    async def lookup(self, alias: str) -> AdapterSpec | None:
+        """The adapter named ``alias``; refreshed first (rate-limited) when unknown."""
+        found = self.adapters.get(alias)
+        if found is not None or time.monotonic() - self._refreshed_at < _MISS_REFRESH_S:
+            return found
+        try:
+            await self.refresh()
+        except Exception as e:  # noqa: BLE001 - Redis down: answer from the cache
+            logger.warning("adapter refresh on miss failed: %s", e)
+            self._refreshed_at = time.monotonic()
+        return self.adapters.get(alias)
+
+    def holders(self, base: str, adapter: str) -> frozenset[str]:
+        """Workers whose engine of ``base`` holds ``adapter``, as last published."""
+        return frozenset(w for w, names in self.held.get(base, {}).items() if adapter in names)
+
+    def learn(self, spec: AdapterSpec) -> None:
+        self.adapters = self.adapters | {spec.alias: spec}
+
+    def forget(self, alias: str) -> None:
+        self.adapters = {a: s for a, s in self.adapters.items() if a != alias}
