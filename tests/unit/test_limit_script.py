@@ -10,9 +10,9 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from services.router.limiter import _req_bucket, _tok_bucket
+from services.router.limiter import Bucket, _req_bucket, _tok_bucket
 from shared.keys import Keys
-from shared.store import Store
+from shared.store import Decision, Store
 from tests.support import RedisServer
 
 
@@ -22,14 +22,14 @@ def store(redis_server: RedisServer) -> Store:
     return Store(client, Keys(f"u{uuid.uuid4().hex[:8]}"))
 
 
-def args(buckets: list, costs: list[int]) -> list[float]:  # type: ignore[type-arg]
+def args(buckets: list[Bucket], costs: list[int]) -> list[float]:
     out: list[float] = []
     for b, c in zip(buckets, costs, strict=True):
         out += [b.interval_us, b.tau_us, c]
     return out
 
 
-async def decide(store: Store, buckets: list, costs: list[int]):  # type: ignore[no-untyped-def,type-arg]
+async def decide(store: Store, buckets: list[Bucket], costs: list[int]) -> Decision:
     return await store.limit([b.key for b in buckets], args(buckets, costs))
 
 
