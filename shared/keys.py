@@ -160,26 +160,26 @@ class Keys:
 
     # --- API keys, limits and usage (docs/keys.md). Everything of one tenant shares the
     # Redis Cluster hash tag {t:<tenant>}, so the limiter's one script touches one slot.
-    def tenant_tag(self, tenant: str) -> str:
+    def _tag(self, tenant: str) -> str:
         return f"{self.prefix}:{{t:{tenant}}}"
 
     def api_keys(self, tenant: str) -> str:
         """hash: key id -> the key's record (JSON, the secret's SHA-256, never the secret)."""
-        return f"{self.tenant_tag(tenant)}:apikeys"
+        return f"{self._tag(tenant)}:apikeys"
 
     def tenant_limits(self, tenant: str) -> str:
         """hash: rpm, tpm of the whole tenant (absent: no tenant limit)."""
-        return f"{self.tenant_tag(tenant)}:limits"
+        return f"{self._tag(tenant)}:limits"
 
     def rate(self, tenant: str, scope: str, unit: str) -> str:
         """string with TTL: a GCRA bucket's theoretical arrival time (microseconds); scope is
         a key id or "tenant", unit "req" or "tok"."""
-        return f"{self.tenant_tag(tenant)}:rate:{scope}:{unit}"
+        return f"{self._tag(tenant)}:rate:{scope}:{unit}"
 
     def usage(self, tenant: str, hour: int) -> str:
         """hash with TTL (USAGE_TTL_S): "<key id>|<model>|<counter>" -> count, for the hour
         starting at ``hour`` (unix seconds)."""
-        return f"{self.tenant_tag(tenant)}:usage:{hour}"
+        return f"{self._tag(tenant)}:usage:{hour}"
 
     @property
     def tenants(self) -> str:
