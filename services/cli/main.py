@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from services.cli import keys as keys_cli
 from services.cli import render
 from services.cli.client import Client, CliError
 from services.cli.waiting import wait_serving
@@ -27,6 +28,8 @@ app = typer.Typer(help="Operate a Serverless vLLM pool through its router's admi
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models = typer.Typer(help="Register, inspect and control models.", no_args_is_help=True)
 app.add_typer(models, name="models")
+app.add_typer(keys_cli.keys, name="keys")
+app.command("usage")(keys_cli.usage)
 out = Console()
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
