@@ -128,7 +128,12 @@ class Limiter:
         self._down_until = 0.0
         self._corrections: dict[str, float] = defaultdict(float)
         self._usage: dict[tuple[str, int], Counter[str]] = defaultdict(Counter)
-        self.round_trips = 0  # EVALSHA calls made: one per admitted (or refused) request
+        self.round_trips = 0  # limiter calls to Redis: at most one per request
+        # Admissions that arrive while one call is in flight wait for it, then go together
+        # in one pipeline: one round trip for all of them (throughput under concurrency).
+        self._sending = False
+        self._queue: list[tuple[list[str], list[float], asyncio.Future[Decision]]] = []
+        self._drainer: asyncio.Task[None] | None = None  # held: a task nobody holds may vanish
 
     def buckets(self, rec: KeyRecord) -> list[Bucket]:
         k, t = self.store.k, rec.tenant
@@ -180,8 +185,7 @@ class Limiter:
             for b, c in zip(buckets, costs, strict=True):
                 args += [b.interval_us, b.tau_us, c]
             try:
-                self.round_trips += 1
-                return await self.store.limit([b.key for b in buckets], args), True
+                return await self._remote([b.key for b in buckets], args), True
             except (RedisError, OSError) as e:
                 logger.warning("rate limiter cannot reach Redis (%s); LIMITS_ON_REDIS_DOWN=%s "
                                "for %.0f s", e, self.settings.limits_on_redis_down, _DOWN_S)
@@ -190,6 +194,40 @@ class Limiter:
             raise StoreUnavailable("rate limits cannot be checked now (Redis is unreachable "
                                    "and LIMITS_ON_REDIS_DOWN=deny); retry")
         return self._local.decide(buckets, costs, self.ring.routers), False
+
+    async def _remote(self, keys: list[str], args: list[float]) -> Decision:
+        if self._sending:
+            fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+            self._queue.append((keys, args, fut))
+            return await fut
+        # Nothing in flight: this request goes at once, alone (no added latency at c=1).
+        self._sending = True
+        try:
+            self.round_trips += 1
+            return await self.store.limit(keys, args)
+        finally:
+            if self._queue:
+                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            else:
+                self._sending = False
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                self.round_trips += 1
+                try:
+                    decisions = await self.store.limit_many([(k, a) for k, a, _ in batch])
+                except Exception as e:  # noqa: BLE001 - every waiter gets the failure
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, _, fut), d in zip(batch, decisions, strict=True):
+                    if not fut.done():
+                        fut.set_result(d)
+        finally:
+            self._sending = False
 
     def finish(self, ticket: Ticket, *, used: int | None, prompt: int = 0,
                completion: int = 0, error: bool = False) -> None:

@@ -101,3 +101,18 @@ def test_script_reloaded_after_script_flush(store: Store) -> None:
         await store.close()
 
     asyncio.run(go())
+
+
+def test_decisions_together_in_one_pipeline(store: Store) -> None:
+    async def go() -> None:
+        b = _req_bucket(store.k.rate("t", "k3", "req"), 180)  # burst 3
+        call = ([b.key], args([b], [1]))
+        got = await store.limit_many([call] * 5)
+        assert [d.admitted for d in got] == [True, True, True, False, False]
+        await store.r.script_flush()
+        other = _req_bucket(store.k.rate("t", "k4", "req"), 180)
+        again = await store.limit_many([([other.key], args([other], [1]))] * 2)
+        assert [d.admitted for d in again] == [True, True]  # reloaded, each decided once
+        await store.close()
+
+    asyncio.run(go())
