@@ -55,9 +55,10 @@ def test_limits_while_redis_is_down(own_redis: RedisServer, tmp_path: Path,
             assert got[0].json()["error"]["code"] == "store_unavailable"
         else:
             # A local share of the limit: half the rate (two routers seen: one a second
-            # here), the same tolerance: one request now, then one per second.
+            # here) with the same tolerance (0.5 s): one now, one more after 0.5 s, then one
+            # a second; not the six the shared limit would have let through by now.
             admitted = codes.count(200)
-            assert 1 <= admitted <= 1 + int(elapsed), (codes, elapsed)
+            assert 1 <= admitted <= 2 + int(elapsed), (codes, elapsed)
             assert codes.count(429) == 6 - admitted
         # Authentication needs no Redis: a wrong key is still a 401.
         assert chat(routers[1], "m1", "sk-svllm-wrong").status_code == 401
