@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import sys
 import tempfile
 import time
 from functools import partial
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from bench.docs import replace_block
 from bench.pool import register_models, service_env, start_pool
 from bench.procset import PYTHON, SERVER_CORE, Children, free_port, pinned, wait_http
 from bench.wrkload import run_wrk, write_script
@@ -139,11 +141,35 @@ def revocation(routers: list[str], rounds: int = 20) -> dict[str, Any]:
             "median_s": round(sorted(times)[len(times) // 2], 3)}
 
 
+def markdown(result: dict[str, Any], cmd: str) -> str:
+    a, r = result["accuracy"], result["revocation"]
+    c1, c16 = result["cost"]["c1"], result["cost"]["c16"]
+    return "\n".join([
+        f"`{cmd}`; every server process on one core (bench/README.md).", "",
+        "| figure | goal | measured |", "|---|---|---|",
+        f"| accuracy: admitted / (20 req/s x {a['seconds']} s + 20), 4 routers, 64 clients "
+        f"| 0.97 to 1.01 | {a['admitted_over_bound']} ({a['admitted']} admitted, "
+        f"{a['limited']} refused, bound {a['bound']}) |",
+        f"| cost: added p50 at c=1, key with limits vs API_TOKEN | <= 0.3 ms "
+        f"| {c1['added_p50_ms']} ms ({c1['p50_ms_off']} -> {c1['p50_ms_on']} ms) |",
+        f"| cost: req/s at c=16, on / off | >= 0.80 | {c16['rps_ratio']} "
+        f"({c16['rps_off']} -> {c16['rps_on']} req/s) |",
+        f"| revocation: worst of {r['rounds']} until every router refuses | <= 1 s "
+        f"| {r['worst_s']} s (median {r['median_s']} s) |",
+    ])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=15.0, help="accuracy run (s)")
     ap.add_argument("--cost-duration", type=int, default=5, help="each wrk point (s)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="write docs/performance.md's block from an earlier result")
     args = ap.parse_args()
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        replace_block("keys", markdown(result, result.get("command", "python -m bench.keys")))
+        return
     run_dir = Path(tempfile.mkdtemp(prefix="svllm-bench-keys-"))
     children = Children(run_dir)
     try:
@@ -153,6 +179,7 @@ def main() -> None:
         result = {"cost": cost(children, routers[1], run_dir, args.cost_duration),
                   "accuracy": asyncio.run(accuracy(routers, args.duration)),
                   "revocation": revocation(routers)}
+        result["command"] = "python -m bench.keys " + " ".join(sys.argv[1:])
         print(json.dumps(result, indent=2))
     finally:
         children.stop_all()
