@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from services.cli import keys as keys_cli
 from services.cli import render
 from services.cli.client import Client, CliError
 from services.cli.waiting import wait_serving
@@ -30,6 +31,8 @@ app.add_typer(models, name="models")
 adapters = typer.Typer(help="LoRA adapters served as aliases of a base model.",
                        no_args_is_help=True)
 app.add_typer(adapters, name="adapters")
+app.add_typer(keys_cli.keys, name="keys")
+app.command("usage")(keys_cli.usage)
 out = Console()
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]

@@ -9,11 +9,20 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from services.router import adapters_api, admin_api, console_api, openai_api, weights_api
+from services.router import (
+    adapters_api,
+    admin_api,
+    console_api,
+    keys_api,
+    openai_api,
+    weights_api,
+)
 from services.router.adapters import AdapterTable
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
+from services.router.keyring import KeyRing
+from services.router.limiter import Limiter
 from services.router.routes import RouteTable
 from services.router.upstream import Upstreams
 from shared.events import Nudger
@@ -29,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 def router_exposure(settings: RouterSettings) -> Exposure:
     tokens = {"ADMIN_TOKEN": settings.admin_token, "INTERNAL_TOKEN": settings.internal_token}
-    if not settings.api_open:
+    # With AUTH_MODE=keys, /v1 needs an API key whatever API_TOKEN is.
+    if not settings.api_open and settings.auth_mode not in ("keys", "open"):
         tokens["API_TOKEN"] = settings.api_token
     return exposure("router", settings.router_host, settings.router_port, tokens,
                     settings.allow_insecure)
@@ -48,14 +58,20 @@ def create_app(settings: RouterSettings) -> FastAPI:
                           settings.buffer_answer_max_bytes, settings.prefix_affinity_slack,
                           adapters)
     forwarder = Forwarder(table, upstreams, holder)
+    ring = KeyRing(store, nudger, settings)
+    limiter = Limiter(store, ring, settings)
+    gate = openai_api.Gate(ring, limiter, settings.limits_default_max_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.default_engine == "sim":
             logger.warning("DEFAULT_ENGINE=sim: models registered without an engine use the "
                            "simulated engine, not vLLM")
-        async with background(nudger.run(), table.run(), adapters.run()):
+        async with background(nudger.run(), table.run(), adapters.run(), ring.run(),
+                              limiter.run()):
             yield
+        with contextlib.suppress(Exception):
+            await limiter.flush()  # the last usage counts and corrections
         await client.close()
         await store.close()
 
@@ -67,17 +83,17 @@ def create_app(settings: RouterSettings) -> FastAPI:
                               "serving": sum(1 for r in table.routes.values() if r)})
 
     # Shown in /admin/status: what this router leaves open, on purpose or not.
-    security = router_exposure(settings).view() | {
-        "openai_api": "token" if settings.api_token else "open"}
+    security = router_exposure(settings).view()
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
-                                               settings.api_token, settings.admin_token,
+                                               gate, settings.admin_token,
                                                settings.prefix_affinity_chars, adapters))
-    app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
+    app.include_router(admin_api.build_routes(store, settings, table, breaker, security,
+                                              ring))
+    app.include_router(keys_api.build_routes(store, settings, ring))
     app.include_router(adapters_api.build_routes(store, settings, adapters))
     app.include_router(weights_api.build_routes(store, settings))
     console_api.install(app, store, settings, table)
-    app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
-                                               settings.api_token,
+    app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes, gate,
                                                settings.prefix_affinity_chars, adapters)
     return app
 

@@ -4,23 +4,34 @@ completions, embeddings, responses, rerank, score, tokenize, pooling, classify, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from services.router.adapters import AdapterTable
 from services.router.forward import Forwarder
+from services.router.keyring import KeyRing
+from services.router.limiter import (
+    Limiter,
+    Ticket,
+    estimate,
+    usage_of_body,
+    usage_of_stream,
+)
 from services.router.prefix import prefix_key
 from services.router.routes import RouteTable
-from services.router.upstream import Call, Upstreams
+from services.router.upstream import Answer, Call, Upstreams
+from shared.apikeys import KeyRecord
 from shared.engine_api import FORM_PATHS, JSON_PATHS, PROMPT_PATHS, not_served, serves
-from shared.errors import BadRequest, ModelNotFound, NotFound, clip
+from shared.errors import BadRequest, ModelNotFound, NotFound, Unauthorized, clip
 from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
 from shared.http import (
     ClientGone,
-    bearer_guard,
-    bearer_ok,
     cancel_on_disconnect,
     json_response,
     parse_object,
@@ -28,14 +39,48 @@ from shared.http import (
 )
 from shared.models import is_valid_name
 from shared.multipart import boundary_of, form_field
+from shared.principal import ANONYMOUS
 from shared.store import StoredModel
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Who may call /v1 (the key ring) and how much (the limiter)."""
+
+    ring: KeyRing
+    limiter: Limiter
+    default_max_tokens: int
+
+    async def admit(self, rec: KeyRecord | None, call: Call, data: dict[str, Any]
+                    ) -> Ticket | None:
+        if rec is None:
+            return None
+        reserved = estimate(data, len(call.body), call.path, self.default_max_tokens)
+        return await self.limiter.admit(rec, call.alias, reserved)
+
+    def finish(self, ticket: Ticket | None, status: int, usage: tuple[int, int] | None
+               ) -> None:
+        if ticket is None:
+            return
+        if usage is None:  # no usage in the answer: the estimate stands (nothing on errors)
+            self.limiter.finish(ticket, used=0 if status >= 400 else None,
+                                error=status >= 400)
+        else:
+            self.limiter.finish(ticket, used=usage[0] + usage[1], prompt=usage[0],
+                                completion=usage[1], error=status >= 400)
+
+
+def _header_bytes(headers: dict[str, str]) -> bytes:
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
+
 
 # The JSON POST paths, all on the fast lane: one dict lookup picks them.
 _HOT = {f"/{p}": p for p in JSON_PATHS}
 
 
 async def _model(
-    table: RouteTable, name: object, path: str, adapters: AdapterTable | None = None,
+    table: RouteTable, name: object, path: str, rec: KeyRecord | None,
+    adapters: AdapterTable | None = None,
 ) -> tuple[StoredModel, str | None]:
     """The model a request names, and the LoRA adapter when the name is one (its base model
     is then the one returned)."""
@@ -46,7 +91,8 @@ async def _model(
     if model is None and adapters is not None and is_valid_name(name):
         model = await _base_of(table, adapters, name)
         adapter = name if model is not None else None
-    if model is None:
+    if model is None or (rec is not None and not rec.allows(name)):
+        # A model the key may not use is answered exactly as one that does not exist.
         raise ModelNotFound(f"The model `{clip(name)}` does not exist.", param="model")
     if not serves(model.spec.engine, path):
         raise NotFound(not_served(name, model.spec.engine, path), code="path_not_served")
@@ -80,12 +126,11 @@ def _adapter_cards(table: RouteTable, adapters: AdapterTable) -> list[dict[str, 
 
 async def _prepare(
     table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
-    prefix_chars: int = 0, adapters: AdapterTable | None = None,
-) -> tuple[StoredModel, Call]:
+    rec: KeyRecord | None, prefix_chars: int = 0, adapters: AdapterTable | None = None,
+) -> tuple[StoredModel, Call, dict[str, Any]]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
-    name = data.get("model")
-    model, adapter = await _model(table, name, path, adapters)
+    model, adapter = await _model(table, data.get("model"), path, rec, adapters)
     user = data.get("user")
     affinity = session or (user if isinstance(user, str) else None)
     prefix = prefix_key(data, path, prefix_chars) \
@@ -93,32 +138,36 @@ async def _prepare(
     # An adapter's request goes to its base model's replicas (the body still names the
     # adapter: the engine serves it under that name).
     call = Call(model.spec.alias, path, body, request_id, data.get("stream") is True,
-                affinity or None, prefix=prefix, adapter=adapter)
-    return model, call
+                affinity or None, rec.principal if rec is not None else ANONYMOUS,
+                prefix=prefix, adapter=adapter)
+    return model, call, data
 
 
 async def _prepare_form(
     table: RouteTable, body: bytes, content_type: str, path: str, request_id: str,
-    adapters: AdapterTable | None = None,
-) -> tuple[StoredModel, Call]:
+    rec: KeyRecord | None, adapters: AdapterTable | None = None,
+) -> tuple[StoredModel, Call, dict[str, Any]]:
     """An audio upload: the multipart body is forwarded untouched, its `model` field read."""
     boundary = boundary_of(content_type)
-    model, adapter = await _model(table, form_field(body, boundary, "model"), path, adapters)
+    model, adapter = await _model(table, form_field(body, boundary, "model"), path, rec,
+                                  adapters)
     stream = (form_field(body, boundary, "stream") or "").lower() == "true"
     return model, Call(model.spec.alias, path, body, request_id, stream,
-                       content_type=content_type.encode("latin-1"), adapter=adapter)
+                       principal=rec.principal if rec is not None else ANONYMOUS,
+                       content_type=content_type.encode("latin-1"), adapter=adapter), {}
 
 
-def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None,
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
               prefix_chars: int = 0, adapters: AdapterTable | None = None) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
-    serving. A cold, sleeping or stopped model, a wrong API token, and a body the lane does
-    not take, go to the ASGI routes below, which hold the request or explain the error."""
-    expected = token.encode() if token else None
+    serving. A cold, sleeping or stopped model, a wrong API key, and a body the lane does
+    not take, go to the ASGI routes below, which hold the request or explain the error.
+    With API keys: a dict lookup for the key, one EVALSHA for its limits, and go."""
 
     async def handle(lane: Lane) -> bool:
-        if expected is not None and not bearer_ok(lane.header(b"authorization") or b"",
-                                                  expected):
+        try:
+            rec = gate.ring.check(lane.header(b"authorization"))
+        except Unauthorized:
             return False
         body = await lane.read_body(limit)
         if body is None:
@@ -126,20 +175,26 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
         # The id every answer carries (errors included) and the worker and engine get.
         lane.request_id = rid = request_id_of(lane.header(b"x-request-id"))
         session = lane.header(b"x-session-id")
-        model, call = await _prepare(
+        model, call, data = await _prepare(
             table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None, prefix_chars, adapters)
+            session.decode("latin-1") if session else None, rec, prefix_chars, adapters)
         if model.hold is not None or not table.replicas(call.alias):
             return False
-        answer = await upstreams.open(call)
-        ex = answer.exchange
-        if answer.body is not None:
-            lane.respond(ex.status, pass_headers(ex.headers, rid), answer.body)
+        ticket = await gate.admit(rec, call, data)
+        if ticket is None:
+            await _send(lane, upstreams, await upstreams.open(call), rid)
             return True
+        lane.extra = _header_bytes(ticket.headers)
+        lane.tail = bytearray() if call.stream else None
+        answer: Answer | None = None
         try:
-            await lane.relay(ex)
+            answer = await upstreams.open(call)
+            await _send(lane, upstreams, answer, rid)
         finally:
-            upstreams.finished(answer.worker)
+            status = answer.exchange.status if answer is not None else 502
+            body = answer.body if answer is not None else None
+            gate.finish(ticket, status, usage_of_body(body) if body is not None else
+                        usage_of_stream(bytes(lane.tail)) if lane.tail else None)
         return True
 
     def pick(method: str, path: str) -> Handler | None:
@@ -148,38 +203,72 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
     return pick
 
 
+async def _send(lane: Lane, upstreams: Upstreams, answer: Answer, rid: bytes) -> None:
+    ex = answer.exchange
+    if answer.body is not None:
+        lane.respond(ex.status, pass_headers(ex.headers, rid) + lane.extra, answer.body)
+        return
+    try:
+        await lane.relay(ex)
+    finally:
+        upstreams.finished(answer.worker)
+
+
+def _after(response: Response, then: Callable[[], None]) -> None:
+    """Run ``then`` once ``response`` is over (after its own background task, if any)."""
+    before = response.background
+
+    async def run() -> None:
+        try:
+            if before is not None:
+                await before()
+        finally:
+            then()
+
+    response.background = BackgroundTask(run)
+
+
 def build_routes(
-    table: RouteTable, forwarder: Forwarder, limit: int, token: str | None,
+    table: RouteTable, forwarder: Forwarder, limit: int, gate: Gate,
     admin_token: str | None = None, prefix_chars: int = 0,
     adapters: AdapterTable | None = None,
 ) -> APIRouter:
     api = APIRouter()
-    # With an API token set, the admin token is accepted too (the console's playground sends
-    # it); such requests leave the fast lane, which checks the API token alone, for this path.
-    check = bearer_guard(token, admin_token if token else None)
+    # The admin token is accepted too (the console's playground sends it); such requests
+    # leave the fast lane, which does not know it, for this path.
+    extra = (admin_token.encode(),) if admin_token else ()
+
+    def check(request: Request) -> KeyRecord | None:
+        # Starlette decodes header bytes as latin-1, so this gives back the bytes sent.
+        header = request.headers.get("authorization", "").encode("latin-1")
+        return gate.ring.check(header, *extra)
 
     async def handle(request: Request, *, path: str) -> Response:
         given = request.headers.get("x-request-id")
         rid = request_id_of(given.encode("latin-1") if given else None).decode("latin-1")
         request.state.request_id = rid  # error answers carry it too (shared/errors.py)
-        await check(request)
+        rec = check(request)
         body = await read_body(request, limit)
         if path in FORM_PATHS:
-            model, call = await _prepare_form(table, body,
-                                              request.headers.get("content-type", ""), path, rid,
-                                              adapters)
+            model, call, data = await _prepare_form(
+                table, body, request.headers.get("content-type", ""), path, rid, rec, adapters)
         else:
-            model, call = await _prepare(table, body, path, rid,
-                                         request.headers.get("x-session-id"), prefix_chars,
-                                         adapters)
-        if call.stream:
-            # Once streaming, Starlette cancels the relay when the client goes away.
-            response = await forwarder.handle(model, call)
-        else:
-            try:
-                response = await cancel_on_disconnect(request, forwarder.handle(model, call))
-            except ClientGone:
-                return Response(status_code=499)  # nobody reads it; for the logs (nginx's)
+            model, call, data = await _prepare(
+                table, body, path, rid, request.headers.get("x-session-id"), rec,
+                prefix_chars, adapters)
+        ticket = await gate.admit(rec, call, data)
+        try:
+            response = await _forward(request, forwarder, model, call)
+        except BaseException:
+            gate.finish(ticket, 502, None)
+            raise
+        if ticket is not None:
+            response.headers.update(ticket.headers)
+            content = getattr(response, "body", None)
+            if isinstance(content, bytes) and content:  # read whole
+                gate.finish(ticket, response.status_code, usage_of_body(content))
+            else:  # streamed on this path: the reservation stands (docs/keys.md)
+                _after(response, partial(gate.finish, ticket, response.status_code, None))
         response.headers["x-request-id"] = rid
         return response
 
@@ -193,22 +282,38 @@ def build_routes(
                 "owned_by": "svllm", "engine": m.spec.engine, "model_name": m.spec.model_name,
                 "serving": bool(table.replicas(alias))}
 
-    @api.get("/v1/models", dependencies=[Depends(check)])
-    async def models() -> Response:
+    @api.get("/v1/models")
+    async def models(request: Request) -> Response:
+        rec = check(request)
         data = [card(alias, m) for alias, m in sorted(table.models.items())]
         if adapters is not None:
             data += _adapter_cards(table, adapters)
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [
+            c for c in data if rec is None or rec.allows(str(c["id"]))]})
 
-    @api.get("/v1/models/{alias}", dependencies=[Depends(check)])
-    async def model(alias: str) -> Response:
+    @api.get("/v1/models/{alias}")
+    async def model(request: Request, alias: str) -> Response:
+        rec = check(request)
         found = await table.model(alias) if is_valid_name(alias) else None
-        if found is None and adapters is not None:
+        allowed = rec is None or rec.allows(alias)
+        if found is None and adapters is not None and allowed:
             cards = [c for c in _adapter_cards(table, adapters) if c["id"] == alias]
             if cards:
                 return json_response(cards[0])
-        if found is None:
+        if found is None or not allowed:
+            # A model the key may not use is answered exactly as one that does not exist.
             raise ModelNotFound(f"The model `{clip(alias)}` does not exist.", param="model")
         return json_response(card(alias, found))
 
     return api
+
+
+async def _forward(request: Request, forwarder: Forwarder, model: StoredModel,
+                   call: Call) -> Response:
+    if call.stream:
+        # Once streaming, Starlette cancels the relay when the client goes away.
+        return await forwarder.handle(model, call)
+    try:
+        return await cancel_on_disconnect(request, forwarder.handle(model, call))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; for the logs (nginx's)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.store.adapters import AdaptersStore
 from shared.store.admin import AdminReads, ModelDetails
+from shared.store.apikeys import ApiKeysStore, Decision
 from shared.store.autoscale import AutoscaleStore, ScaleMark
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
 from shared.store.intents import Intents, IntentsStore
@@ -14,10 +15,11 @@ from shared.store.prefetch import PrefetchStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
-__all__ = ["Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "StoredModel",
+__all__ = ["Decision", "Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "StoredModel",
            "connect", "spec_fingerprint"]
 
 
 class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,
-            ObservedStore, LifecycleStore, IntentsStore, AdaptersStore, PrefetchStore):
+            ObservedStore, LifecycleStore, IntentsStore, AdaptersStore, PrefetchStore,
+            ApiKeysStore):
     """Everything the services read and write in Redis."""

@@ -30,7 +30,8 @@ def doc_rows() -> dict[str, dict[str, str]]:
             continue
         cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         key, type_, writers, fields, meaning = cells
-        pattern = re.sub(r"\{[^}]*\}", "{}", key.strip("`"))
+        # A Redis Cluster hash tag ({t:...}) stays; the placeholder inside it is a hole.
+        pattern = re.sub(r"\{(?!t:)[^}]*\}", "{}", key.strip("`"))
         assert pattern not in rows, f"{key} documented twice"
         rows[pattern] = {"type": type_, "writers": writers, "fields": fields,
                          "meaning": meaning}

@@ -1,0 +1,189 @@
+"""API keys and limits: accuracy across routers, cost per request, revocation time.
+
+``python -m bench.keys [--duration 15] [--cost-duration 5]`` starts its own pool (redis,
+manager, worker with sim engines, four routers), then measures, and prints one JSON object:
+
+- accuracy: 4 routers, one key at 20 req/s (rpm 1200), 64 clients spread over the routers for
+  ``--duration`` s: admitted against limit x time + burst;
+- cost: wrk at c=1 and c=16 on one router, a limited key (one EVALSHA per request) against
+  API_TOKEN (no key, no limiter), interleaved in one run;
+- revocation: 20 keys, each revoked through one router; the time until all four refuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.docs import replace_block
+from bench.pool import register_models, service_env, start_pool
+from bench.procset import PYTHON, SERVER_CORE, Children, free_port, pinned, wait_http
+from bench.wrkload import run_wrk, write_script
+
+API_TOKEN = "bench-api-token"
+BODY = {"model": "sim0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def add_routers(children: Children, redis_url: str, run_dir: Path, n: int) -> list[str]:
+    urls = []
+    for i in range(n):
+        port = free_port()
+        env = service_env(redis_url, run_dir / "state") | {
+            "ROUTER_HOST": "127.0.0.1", "ROUTER_PORT": str(port), "API_TOKEN": API_TOKEN,
+            "ROUTER_ID": f"bench-router-{i + 1}"}
+        proc = children.start(f"router{i + 1}", pinned(SERVER_CORE, [
+            PYTHON, "-m", "services.router.main"]), env)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, children.log(f"router{i + 1}"), 60)
+        urls.append(f"http://127.0.0.1:{port}")
+    return urls
+
+
+def create_key(router: str, **fields: Any) -> dict[str, Any]:
+    r = httpx.post(f"{router}/admin/keys", json={"name": "bench", "tenant": "bench"} | fields,
+                   timeout=10)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+async def accuracy(routers: list[str], duration_s: float, clients: int = 64) -> dict[str, Any]:
+    key = create_key(routers[0], rpm=1200)["key"]
+    await asyncio.sleep(0.5)
+    counts = {"admitted": 0, "limited": 0, "other": 0}
+    headers = {"authorization": f"Bearer {key}"}
+
+    async def client(i: int, http: httpx.AsyncClient, until: float) -> None:
+        url = f"{routers[i % len(routers)]}/v1/chat/completions"
+        while time.monotonic() < until:
+            r = await http.post(url, json=BODY, headers=headers)
+            kind = {200: "admitted", 429: "limited"}.get(r.status_code, "other")
+            counts[kind] += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=10, limits=limits) as http:
+        began = time.monotonic()
+        until = began + duration_s
+        await asyncio.gather(*(client(i, http, until) for i in range(clients)))
+        elapsed = time.monotonic() - began
+    bound = 20 * elapsed + 20
+    return counts | {"seconds": round(elapsed, 2), "bound": round(bound, 1),
+                     "admitted_over_bound": round(counts["admitted"] / bound, 4)}
+
+
+def cost(children: Children, router: str, run_dir: Path, duration_s: int) -> dict[str, Any]:
+    key = create_key(router, rpm=10_000_000, tpm=10_000_000_000)["key"]
+    time.sleep(0.5)
+    scripts = {}
+    for name, secret in (("off", API_TOKEN), ("on", key)):
+        path = write_script(run_dir / f"keys-{name}.lua", BODY)
+        path.write_text(path.read_text().replace(
+            'wrk.headers["Content-Type"] = "application/json"',
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {secret}"'))
+        scripts[name] = path
+    out: dict[str, Any] = {}
+    url = f"{router}/v1/chat/completions"
+    for conc in (1, 16):
+        for _ in range(2):  # interleaved: off, on, off, on
+            for name in ("off", "on"):
+                r = run_wrk(children, url, scripts[name], conc, duration_s).as_dict()
+                out.setdefault(f"c{conc}_{name}", []).append(r)
+    summary: dict[str, Any] = {}
+    for conc in (1, 16):
+        off, on = out[f"c{conc}_off"], out[f"c{conc}_on"]
+        p50_off = sorted(x["p50_ms"] for x in off)[0]
+        p50_on = sorted(x["p50_ms"] for x in on)[0]
+        rps_off = max(x["rps"] for x in off)
+        rps_on = max(x["rps"] for x in on)
+        summary[f"c{conc}"] = {"p50_ms_off": p50_off, "p50_ms_on": p50_on,
+                               "added_p50_ms": round(p50_on - p50_off, 3),
+                               "rps_off": round(rps_off), "rps_on": round(rps_on),
+                               "rps_ratio": round(rps_on / rps_off, 3),
+                               "errors_on": sum(x["errors"] for x in on)}
+    return summary
+
+
+def revocation(routers: list[str], rounds: int = 20) -> dict[str, Any]:
+    times = []
+
+    def refused(base: str, key: str, deadline: float) -> float:
+        h = {"authorization": f"Bearer {key}"}
+        with httpx.Client(timeout=5) as http:
+            while time.monotonic() < deadline:
+                if http.get(f"{base}/v1/models", headers=h).status_code == 401:
+                    return time.monotonic()
+        return float("inf")
+
+    with concurrent.futures.ThreadPoolExecutor(len(routers)) as pool:
+        for i in range(rounds):
+            made = create_key(routers[i % len(routers)])
+            h = {"authorization": f"Bearer {made['key']}"}
+            for base in routers:
+                while httpx.get(f"{base}/v1/models", headers=h, timeout=5).status_code != 200:
+                    time.sleep(0.01)
+            began = time.monotonic()
+            httpx.delete(f"{routers[(i + 1) % len(routers)]}/admin/keys/{made['key_id']}",
+                         timeout=10).raise_for_status()
+            deadline = began + 5
+            ends = list(pool.map(partial(refused, key=made["key"], deadline=deadline),
+                                 routers))
+            times.append(max(ends) - began)
+    return {"rounds": rounds, "worst_s": round(max(times), 3),
+            "median_s": round(sorted(times)[len(times) // 2], 3)}
+
+
+def markdown(result: dict[str, Any], cmd: str) -> str:
+    a, r = result["accuracy"], result["revocation"]
+    c1, c16 = result["cost"]["c1"], result["cost"]["c16"]
+    return "\n".join([
+        f"`{cmd}`; every server process on one core (bench/README.md).", "",
+        "| figure | goal | measured |", "|---|---|---|",
+        f"| accuracy: admitted / (20 req/s x {a['seconds']} s + 20), 4 routers, 64 clients "
+        f"| 0.97 to 1.01 | {a['admitted_over_bound']} ({a['admitted']} admitted, "
+        f"{a['limited']} refused, bound {a['bound']}) |",
+        f"| cost: added p50 at c=1, key with limits vs API_TOKEN | <= 0.3 ms "
+        f"| {c1['added_p50_ms']} ms ({c1['p50_ms_off']} -> {c1['p50_ms_on']} ms) |",
+        f"| cost: req/s at c=16, on / off | >= 0.80 | {c16['rps_ratio']} "
+        f"({c16['rps_off']} -> {c16['rps_on']} req/s) |",
+        f"| revocation: worst of {r['rounds']} until every router refuses | <= 1 s "
+        f"| {r['worst_s']} s (median {r['median_s']} s) |",
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=15.0, help="accuracy run (s)")
+    ap.add_argument("--cost-duration", type=int, default=5, help="each wrk point (s)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="write docs/performance.md's block from an earlier result")
+    args = ap.parse_args()
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        replace_block("keys", markdown(result, result.get("command", "python -m bench.keys")))
+        return
+    run_dir = Path(tempfile.mkdtemp(prefix="svllm-bench-keys-"))
+    children = Children(run_dir)
+    try:
+        pool = start_pool(children, run_dir)
+        register_models(pool)
+        routers = [pool.urls["router"], *add_routers(children, pool.redis_url, run_dir, 3)]
+        result = {"cost": cost(children, routers[1], run_dir, args.cost_duration),
+                  "accuracy": asyncio.run(accuracy(routers, args.duration)),
+                  "revocation": revocation(routers)}
+        result["command"] = "python -m bench.keys " + " ".join(sys.argv[1:])
+        print(json.dumps(result, indent=2))
+    finally:
+        children.stop_all()
+
+
+if __name__ == "__main__":
+    main()

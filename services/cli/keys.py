@@ -1,0 +1,122 @@
+"""``svllm keys create|list|revoke|rotate`` and ``svllm usage``: one function per command."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.cli.client import Client
+
+keys = typer.Typer(help="Create, list, rotate and revoke API keys.", no_args_is_help=True)
+out = Console()
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
+
+
+def _client(ctx: typer.Context) -> Client:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Client)
+    return obj
+
+
+def _json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _shown_once(made: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _json(made)
+        return
+    out.print(f"key id: {made['key_id']}  tenant: {made['tenant']}")
+    out.print(f"secret (shown once, store it now): [bold]{made['key']}[/bold]")
+
+
+@keys.command("create")
+def create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="A label for the key.")],
+    tenant: Annotated[str, typer.Option(help="Whose key it is.")] = "default",
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="Alias glob the key may use (repeat); default: all.")] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Requests at once.")] = None,
+    priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
+    expires_in: Annotated[float | None, typer.Option(help="Seconds until it expires.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a key; its secret is printed once."""
+    body: dict[str, Any] = {"name": name, "tenant": tenant, "models": model or ["*"],
+                            "rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent,
+                            "priority": priority}
+    if expires_in is not None:
+        body["expires_at"] = time.time() + expires_in
+    _shown_once(_client(ctx).post("/admin/keys", body), as_json)
+
+
+@keys.command("list")
+def list_keys(ctx: typer.Context,
+              tenant: Annotated[str | None, typer.Option(help="Only this tenant's.")] = None,
+              as_json: JsonFlag = False) -> None:
+    """Every key (never a secret)."""
+    data = _client(ctx).get("/admin/keys", tenant=tenant)
+    if as_json:
+        _json(data)
+        return
+    table = Table("key id", "name", "tenant", "models", "rpm", "tpm", "conc", "priority",
+                  "expires", "…")
+    for k in data["keys"]:
+        expires = "expired" if k["expired"] else (
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(k["expires_at"]))
+            if k["expires_at"] else "")
+        table.add_row(k["key_id"], k["name"], k["tenant"], ",".join(k["models"]),
+                      str(k["rpm"] or ""), str(k["tpm"] or ""), str(k["max_concurrent"] or ""),
+                      k["priority"], expires, k["hint"])
+    out.print(table)
+
+
+@keys.command("revoke")
+def revoke(ctx: typer.Context, key_id: str) -> None:
+    """Revoke a key: refused by every router within a second."""
+    _client(ctx).delete(f"/admin/keys/{key_id}")
+    out.print(f"revoked {key_id}")
+
+
+@keys.command("rotate")
+def rotate(ctx: typer.Context, key_id: str, as_json: JsonFlag = False) -> None:
+    """A new secret for the key (printed once); the old one is refused."""
+    _shown_once(_client(ctx).post(f"/admin/keys/{key_id}/rotate"), as_json)
+
+
+def usage(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Option(help="A key id.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="A tenant.")] = None,
+    model: Annotated[str | None, typer.Option(help="A model alias.")] = None,
+    hours: Annotated[int, typer.Option(help="The last this many hours.")] = 24,
+    as_json: JsonFlag = False,
+) -> None:
+    """Requests, tokens, errors and rate-limited requests per key, model and hour."""
+    now = time.time()
+    data = _client(ctx).get("/admin/usage", key=key, tenant=tenant, model=model,
+                            **{"from": int(now - hours * 3600), "to": int(now)})
+    if as_json:
+        _json(data)
+        return
+    table = Table("hour (UTC)", "tenant", "key id", "model", "requests", "prompt",
+                  "completion", "errors", "429")
+    for r in data["rows"]:
+        table.add_row(time.strftime("%m-%d %H:00", time.gmtime(r["hour"])), r["tenant"],
+                      r["key_id"], r["model"], *(str(r[c]) for c in (
+                          "requests", "prompt_tokens", "completion_tokens", "errors",
+                          "rate_limited")))
+    t = data["total"]
+    table.add_row("total", "", "", "", *(str(t[c]) for c in (
+        "requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited")))
+    out.print(table)

@@ -1,0 +1,42 @@
+"""``svllm keys`` and ``svllm usage`` against a real pool."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.cli.support import svllm
+from tests.integration.keys_support import ADMIN, chat, pool, serving
+from tests.support import Cluster, wait_until
+
+
+def test_keys_lifecycle_and_usage_from_the_cli(cluster: Cluster) -> None:
+    routers = pool(cluster, 1)
+    serving(routers, "m1")
+    r = routers[0]
+    made = svllm(r, "keys", "create", "--name", "cli", "--tenant", "acme", "--model", "m*",
+                 "--rpm", "600", "--json", token=ADMIN)
+    assert made.code == 0, made.err
+    key = json.loads(made.out)
+    assert key["key"].startswith("sk-svllm-") and key["models"] == ["m*"]
+    listed = svllm(r, "keys", "list", token=ADMIN)
+    assert listed.code == 0 and key["key_id"] in listed.out and key["key"] not in listed.out
+    time.sleep(0.3)
+    assert chat(r, "m1", key["key"]).status_code == 200
+
+    def used() -> dict[str, int] | None:
+        u = svllm(r, "usage", "--key", key["key_id"], "--json", token=ADMIN)
+        total = json.loads(u.out)["total"] if u.code == 0 else None
+        return total if total and total["requests"] == 1 else None
+
+    assert wait_until(used, 5, what="usage")["completion_tokens"] > 0
+    table = svllm(r, "usage", "--tenant", "acme", token=ADMIN)
+    assert table.code == 0 and "total" in table.out
+
+    rotated = svllm(r, "keys", "rotate", key["key_id"], "--json", token=ADMIN)
+    assert rotated.code == 0 and json.loads(rotated.out)["key"] != key["key"]
+    assert svllm(r, "keys", "revoke", key["key_id"], token=ADMIN).code == 0
+    again = svllm(r, "keys", "revoke", key["key_id"], token=ADMIN)
+    assert again.code == 1 and "does not exist" in again.err
+    bad = svllm(r, "keys", "create", "--name", "x", "--rpm", "0", token=ADMIN)
+    assert bad.code == 1 and "rpm" in bad.err

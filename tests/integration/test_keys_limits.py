@@ -1,0 +1,153 @@
+"""Limits of API keys held across several real routers, token reservations corrected to
+the real usage, usage totals, and what an OpenAI client sees (docs/keys.md)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.integration.keys_support import ADMIN, admin, chat, create_key, pool, serving
+from tests.support import Cluster, Proc, register, wait_until
+
+
+def burst(routers: list[Proc], key: str, n: int, **extra: Any) -> list[httpx.Response]:
+    """``n`` requests at once, spread over the routers."""
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        return list(ex.map(lambda i: chat(routers[i % len(routers)], "m1", key, **extra),
+                           range(n)))
+
+
+def test_rpm_holds_across_routers_and_the_openai_client_sees_429(cluster: Cluster) -> None:
+    routers = pool(cluster, 3)
+    serving(routers, "m1")
+    # 120 per minute: a burst of 2, then one every 0.5 s, whichever router is asked.
+    key = create_key(routers[0], rpm=120)["key"]
+    time.sleep(0.3)  # every router has it (hint)
+    began = time.monotonic()
+    got = burst(routers, key, 30)
+    elapsed = time.monotonic() - began
+    ok = [r for r in got if r.status_code == 200]
+    limited = [r for r in got if r.status_code == 429]
+    assert len(ok) + len(limited) == 30
+    assert 2 <= len(ok) <= 2 + int(elapsed / 0.5) + 1, (len(ok), elapsed)
+    r429 = limited[0]
+    assert r429.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(r429.headers["retry-after"]) >= 1
+    assert r429.headers["x-ratelimit-limit-requests"] == "120"
+    assert r429.headers["x-ratelimit-remaining-requests"] == "0"
+    assert float(r429.headers["x-ratelimit-reset-requests"].rstrip("s")) > 0
+    assert ok[0].headers["x-ratelimit-limit-requests"] == "120"
+
+    client = openai.OpenAI(base_url=f"{routers[1].url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as caught:
+        for _ in range(3):
+            client.chat.completions.create(model="m1", max_tokens=3,
+                                           messages=[{"role": "user", "content": "hi"}])
+    headers = caught.value.response.headers
+    assert headers["x-ratelimit-limit-requests"] == "120" and "retry-after" in headers
+    bad = openai.OpenAI(base_url=f"{routers[1].url}/v1", api_key="sk-svllm-x", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    limited_models = openai.OpenAI(base_url=f"{routers[2].url}/v1",
+                                   api_key=create_key(routers[0], models=["zz*"])["key"],
+                                   max_retries=0)
+    time.sleep(0.3)
+    with pytest.raises(openai.NotFoundError):
+        limited_models.chat.completions.create(model="m1", messages=[])
+
+
+def test_tenant_limit_is_shared_by_its_keys(cluster: Cluster) -> None:
+    routers = pool(cluster, 2)
+    serving(routers, "m1")
+    assert admin(routers[0], "PUT", "/tenants/acme/limits", json={"rpm": 60}).status_code == 200
+    a, b = create_key(routers[0])["key"], create_key(routers[1])["key"]
+    time.sleep(0.3)
+    assert chat(routers[0], "m1", a).status_code == 200
+    # One per second for the whole tenant: the other key, on the other router, waits.
+    assert chat(routers[1], "m1", b).status_code == 429
+
+
+def rate_tat(r: redis.Redis, cluster: Cluster, key_id: str) -> float:
+    raw = r.get(f"{cluster.prefix}:{{t:acme}}:rate:{key_id}:tok")
+    return float(raw) if raw else 0.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_reservation_is_corrected_to_real_usage(cluster: Cluster, stream: bool) -> None:
+    # Flushes far apart, so that the charge can be read before its correction lands.
+    routers = pool(cluster, 2, LIMITS_FLUSH_S="1.5")
+    serving(routers, "m1")
+    made = create_key(routers[0], tpm=6_000_000)  # 10 µs a token
+    time.sleep(0.3)
+    r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    extra: dict[str, Any] = {"max_tokens": 200}
+    if stream:
+        extra |= {"stream": True, "stream_options": {"include_usage": True}}
+    body_len = len(httpx.Request("POST", "/", json={
+        "model": "m1", "messages": [{"role": "user", "content": "hello there"}]} | extra
+    ).content)
+    reserved = body_len // 4 + 1 + 200
+    t0 = time.time() * 1e6
+    resp = chat(routers[1], "m1", made["key"], **extra)
+    assert resp.status_code == 200
+    charged = rate_tat(r, cluster, made["key_id"])
+    # Charged at admission: Redis's clock at that moment (some time after t0) + reservation.
+    assert reserved * 10 - 1000 <= charged - t0 <= reserved * 10 + 3_000_000
+    if stream:
+        usage = [line for line in resp.text.splitlines() if '"usage"' in line][-1]
+        real = int(usage.split('"total_tokens":')[1].split(",")[0].split("}")[0])
+    else:
+        real = resp.json()["usage"]["total_tokens"]
+    assert real < reserved
+    # Corrected by the next flush, in a pipeline, not on the request's path.
+    wait_until(lambda: rate_tat(r, cluster, made["key_id"]) < charged, 3, what="correction")
+    corrected = rate_tat(r, cluster, made["key_id"])
+    assert charged - corrected == pytest.approx((reserved - real) * 10, abs=1)
+
+
+def test_usage_totals_match_the_requests_sent(cluster: Cluster) -> None:
+    routers = pool(cluster, 2)
+    serving(routers, "m1")
+    made = create_key(routers[0], rpm=60)  # burst 1, then one a second
+    other = create_key(routers[0], name="other")
+    time.sleep(0.3)
+    got = burst(routers, made["key"], 12)
+    ok = [g for g in got if g.status_code == 200]
+    limited = [g for g in got if g.status_code == 429]
+    assert ok and limited
+    for _ in range(3):
+        assert chat(routers[1], "m1", other["key"]).status_code == 200
+    prompt = sum(g.json()["usage"]["prompt_tokens"] for g in ok)
+    completion = sum(g.json()["usage"]["completion_tokens"] for g in ok)
+
+    def totals() -> dict[str, int] | None:
+        t = admin(routers[1], "GET", "/usage", params={"key": made["key_id"]}).json()["total"]
+        return t if t["requests"] == len(ok) and t["rate_limited"] == len(limited) else None
+
+    total = wait_until(totals, 3, what="usage flushed")
+    assert total == {"requests": len(ok), "prompt_tokens": prompt,
+                     "completion_tokens": completion, "errors": 0,
+                     "rate_limited": len(limited)}
+    everyone = admin(routers[0], "GET", "/usage", params={"tenant": "acme", "model": "m1"})
+    assert everyone.json()["total"]["requests"] == len(ok) + 3
+    bad = admin(routers[0], "GET", "/usage", params={"from": "yesterday"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "from"
+
+
+def test_max_concurrent_per_key(cluster: Cluster) -> None:
+    routers = pool(cluster, 1)
+    assert register(routers[0], "slow", token=ADMIN, engine="sim",
+                    extra_args=["--ttft", "0.6"]).status_code == 201
+    serving(routers, "slow")
+    key = create_key(routers[0], max_concurrent=2)["key"]
+    time.sleep(0.3)
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        codes = sorted(ex.map(lambda _: chat(routers[0], "slow", key).status_code, range(4)))
+    assert codes == [200, 200, 429, 429]
+    assert chat(routers[0], "slow", key).status_code == 200  # the slots came back

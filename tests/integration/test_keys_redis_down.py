@@ -1,0 +1,66 @@
+"""Limits with Redis gone (LIMITS_ON_REDIS_DOWN allow/deny), and the Redis cost of an
+admitted request counted on a redis-server of the test's own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.integration.keys_support import chat, create_key, pool, serving
+from tests.support import Cluster, RedisServer, free_port
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def evalsha_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+def test_limits_while_redis_is_down(own_redis: RedisServer, tmp_path: Path,
+                                    policy: str) -> None:
+    cluster = Cluster(own_redis.url, "down", tmp_path)
+    try:
+        routers = pool(cluster, 2, LIMITS_ON_REDIS_DOWN=policy)
+        serving(routers, "m1")
+        key = create_key(routers[0], rpm=120)["key"]  # burst 2, one per 0.5 s
+        time.sleep(0.3)
+        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+        # Redis's cost: one EVALSHA per request, nothing else on the request's path.
+        before = evalsha_calls(r)
+        codes = []
+        for _ in range(6):
+            codes.append(chat(routers[0], "m1", key).status_code)
+            time.sleep(0.55)
+        assert codes == [200] * 6
+        assert evalsha_calls(r) - before == 6
+
+        own_redis.stop()
+        began = time.monotonic()
+        got = [chat(routers[0], "m1", key) for _ in range(6)]
+        elapsed = time.monotonic() - began
+        codes = [g.status_code for g in got]
+        if policy == "deny":
+            assert codes == [503] * 6
+            assert got[0].json()["error"]["code"] == "store_unavailable"
+        else:
+            # A local share of the limit: half the rate (two routers seen: one a second
+            # here) with the same tolerance (0.5 s): one now, one more after 0.5 s, then one
+            # a second; not the six the shared limit would have let through by now.
+            admitted = codes.count(200)
+            assert 1 <= admitted <= 2 + int(elapsed), (codes, elapsed)
+            assert codes.count(429) == 6 - admitted
+        # Authentication needs no Redis: a wrong key is still a 401.
+        assert chat(routers[1], "m1", "sk-svllm-wrong").status_code == 401
+    finally:
+        cluster.stop_all()

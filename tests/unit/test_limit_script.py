@@ -1,0 +1,118 @@
+"""The limiter's GCRA script against a real redis-server (fakeredis's Lua is not exact):
+bursts, spacing, all-or-nothing over buckets, token debt and corrections."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.router.limiter import Bucket, _req_bucket, _tok_bucket
+from shared.keys import Keys
+from shared.store import Decision, Store
+from tests.support import RedisServer
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Store:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    return Store(client, Keys(f"u{uuid.uuid4().hex[:8]}"))
+
+
+def args(buckets: list[Bucket], costs: list[int]) -> list[float]:
+    out: list[float] = []
+    for b, c in zip(buckets, costs, strict=True):
+        out += [b.interval_us, b.tau_us, c]
+    return out
+
+
+async def decide(store: Store, buckets: list[Bucket], costs: list[int]) -> Decision:
+    return await store.limit([b.key for b in buckets], args(buckets, costs))
+
+
+def test_burst_then_spacing(store: Store) -> None:
+    async def go() -> None:
+        b = _req_bucket(store.k.rate("t", "k", "req"), 600)  # 10/s, burst 10, one per 100 ms
+        got = [(await decide(store, [b], [1])).admitted for _ in range(12)]
+        assert got == [True] * 10 + [False] * 2
+        refused = await decide(store, [b], [1])
+        assert 0 < refused.retry_us <= 100_000
+        await asyncio.sleep(refused.retry_us / 1e6 + 0.01)
+        assert (await decide(store, [b], [1])).admitted
+        assert not (await decide(store, [b], [1])).admitted
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_admitted_over_time_is_rate_times_time_plus_burst(store: Store) -> None:
+    async def go() -> None:
+        b = _req_bucket(store.k.rate("t", "k", "req"), 1200)  # 20/s, burst 20
+        began = time.monotonic()
+        admitted = 0
+        while time.monotonic() - began < 1.5:
+            admitted += (await decide(store, [b], [1])).admitted
+        elapsed = time.monotonic() - began
+        assert 20 + 20 * elapsed - 2 <= admitted <= 20 + 20 * elapsed + 1
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_all_or_nothing_across_buckets(store: Store) -> None:
+    async def go() -> None:
+        key = _req_bucket(store.k.rate("t", "k", "req"), 6000)  # plenty
+        tenant = _req_bucket(store.k.rate("t", "tenant", "req"), 60)  # burst 1
+        assert (await decide(store, [key, tenant], [1, 1])).admitted
+        before = await store.r.get(key.key)
+        refused = await decide(store, [key, tenant], [1, 1])
+        assert not refused.admitted
+        assert await store.r.get(key.key) == before  # the refusal charged nothing
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_tokens_admit_one_large_request_then_wait_out_its_debt(store: Store) -> None:
+    async def go() -> None:
+        tok = _tok_bucket(store.k.rate("t", "k", "tok"), 6000)  # 100/s, 1 s outstanding
+        big = await decide(store, [tok], [500])  # larger than the burst: admitted when idle
+        assert big.admitted and big.ahead_us[0] == pytest.approx(5_000_000, abs=20_000)
+        refused = await decide(store, [tok], [1])
+        assert not refused.admitted
+        assert refused.retry_us == pytest.approx(4_000_000, abs=20_000)
+        # The answer used 50 tokens: the correction gives back 450 tokens' worth.
+        await store.flush({tok.key: -450 * tok.interval_us}, {})
+        assert (await decide(store, [tok], [1])).admitted
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_script_reloaded_after_script_flush(store: Store) -> None:
+    async def go() -> None:
+        b = _req_bucket(store.k.rate("t", "k2", "req"), 60)
+        assert (await decide(store, [b], [1])).admitted
+        await store.r.script_flush()
+        assert not (await decide(store, [b], [1])).admitted  # NOSCRIPT -> loaded again
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_decisions_together_in_one_pipeline(store: Store) -> None:
+    async def go() -> None:
+        b = _req_bucket(store.k.rate("t", "k3", "req"), 180)  # burst 3
+        call = ([b.key], args([b], [1]))
+        got = await store.limit_many([call] * 5)
+        assert [d.admitted for d in got] == [True, True, True, False, False]
+        await store.r.script_flush()
+        other = _req_bucket(store.k.rate("t", "k4", "req"), 180)
+        again = await store.limit_many([([other.key], args([other], [1]))] * 2)
+        assert [d.admitted for d in again] == [True, True]  # reloaded, each decided once
+        await store.close()
+
+    asyncio.run(go())
