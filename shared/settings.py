@@ -99,6 +99,13 @@ class RouterSettings(CommonSettings):
     hold_queue_max: int = Field(default=256, ge=1)
     # A held streamed request gets an SSE comment this often, so proxies do not cut it.
     hold_keepalive_s: float = Field(default=5.0, gt=0)
+    # Requests queued for a model at its max_inflight, per model and router; then 429
+    # queue_full. A queued request waits at most QUEUE_TIMEOUT_S, then 503 queue_timeout.
+    queue_max: int = Field(default=1024, ge=1)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    # How many routers share the pool: each takes max_inflight // ROUTER_COUNT of every
+    # replica (at least 1), so together they stay within max_inflight (docs/queueing.md).
+    router_count: int = Field(default=1, ge=1, le=1024)
 
 
 class ManagerSettings(CommonSettings):

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from services.router import admin_api, console_api, openai_api
+from services.router.admission import Gate
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
@@ -43,7 +44,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
-                          settings.buffer_answer_max_bytes)
+                          settings.buffer_answer_max_bytes,
+                          gate=Gate(table, settings.queue_max, settings.queue_timeout_s,
+                                    settings.router_count))
     forwarder = Forwarder(table, upstreams, holder)
 
     @contextlib.asynccontextmanager

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from services.router.admission import VLLM_PRIORITY, EnginePriority
 from services.router.forward import Forwarder
 from services.router.routes import RouteTable
 from services.router.upstream import Call, Upstreams
@@ -29,6 +32,7 @@ _HOT = {f"/{p}": p for p in ("v1/chat/completions", "v1/completions", "v1/embedd
 
 async def _prepare(
     table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
+    by_priority: EnginePriority,
 ) -> tuple[StoredModel, Call]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
@@ -42,6 +46,10 @@ async def _prepare(
     affinity = session or (user if isinstance(user, str) else None)
     call = Call(name, path, body, request_id, data.get("stream") is True,
                 affinity or None)
+    if by_priority(model.spec):
+        # The engine schedules by priority: it gets the key's, whatever the client sent.
+        data["priority"] = VLLM_PRIORITY[call.principal.priority]
+        call = replace(call, body=orjson.dumps(data))
     return model, call
 
 
@@ -50,6 +58,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
     serving. A cold, sleeping or stopped model, a wrong API token, and a body the lane does
     not take, go to the ASGI routes below, which hold the request or explain the error."""
     expected = token.encode() if token else None
+    by_priority = EnginePriority()
 
     async def handle(lane: Lane) -> bool:
         if expected is not None and not bearer_ok(lane.header(b"authorization") or b"",
@@ -63,7 +72,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
         session = lane.header(b"x-session-id")
         model, call = await _prepare(
             table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None)
+            session.decode("latin-1") if session else None, by_priority)
         if model.hold is not None or not table.replicas(call.alias):
             return False
         answer = await upstreams.open(call)
@@ -74,7 +83,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
         try:
             await lane.relay(ex)
         finally:
-            upstreams.finished(answer.worker)
+            upstreams.done(answer)
         return True
 
     def pick(method: str, path: str) -> Handler | None:
@@ -91,6 +100,7 @@ def build_routes(
     # With an API token set, the admin token is accepted too (the console's playground sends
     # it); such requests leave the fast lane, which checks the API token alone, for this path.
     check = bearer_guard(token, admin_token if token else None)
+    by_priority = EnginePriority()
 
     async def handle(request: Request, *, path: str) -> Response:
         given = request.headers.get("x-request-id")
@@ -99,7 +109,7 @@ def build_routes(
         await check(request)
         body = await read_body(request, limit)
         model, call = await _prepare(table, body, path, rid,
-                                     request.headers.get("x-session-id"))
+                                     request.headers.get("x-session-id"), by_priority)
         if call.stream:
             # Once streaming, Starlette cancels the relay when the client goes away.
             response = await forwarder.handle(model, call)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from starlette.responses import Response
 
+from services.router.admission import Gate, Slot
 from services.router.balancer import order_replicas
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
@@ -55,13 +56,14 @@ class Answer:
     worker: str
     exchange: Exchange
     body: bytes | None
+    slot: Slot | None = None  # the model's admission slot, held until the answer ends
 
 
 class Upstreams:
     def __init__(
         self, table: RouteTable, pool: Pool, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
-        buffer_max: int = 1 << 20,
+        buffer_max: int = 1 << 20, *, gate: Gate,
     ) -> None:
         self.table = table
         self.pool = pool
@@ -70,6 +72,7 @@ class Upstreams:
         self.breaker = breaker
         self.retry_after_s = retry_after_s
         self.buffer_max = buffer_max
+        self.gate = gate
         self.inflight: Counter[str] = Counter()
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
@@ -85,10 +88,33 @@ class Upstreams:
         ex = answer.exchange
         if answer.body is not None:
             return Response(answer.body, ex.status, headers=headers_of(ex))
-        return relay(ex, on_close=lambda: self.finished(answer.worker))
+        return relay(ex, on_close=lambda: self.done(answer))
 
     async def open(self, call: Call) -> Answer:
-        """The answer to ``call`` from the first replica that takes it."""
+        """The answer to ``call`` from the first replica that takes it, once the model has
+        a free slot (:mod:`services.router.admission`); an answer still arriving keeps the
+        slot until :meth:`done`."""
+        slot = await self.gate.enter(call.alias, call.principal)
+        if slot is None:
+            return await self._open(call)
+        try:
+            answer = await self._open(call)
+        except BaseException:
+            self.gate.release(slot)
+            raise
+        if answer.body is None:
+            answer.slot = slot
+        else:
+            self.gate.release(slot)
+        return answer
+
+    def done(self, answer: Answer) -> None:
+        """An answer that was still arriving has ended (relayed, failed or abandoned)."""
+        self.finished(answer.worker)
+        if answer.slot is not None:
+            self.gate.release(answer.slot)
+
+    async def _open(self, call: Call) -> Answer:
         last: ApiError | None = None
         for attempt, worker in enumerate(self.order(call)[: self.max_attempts]):
             if attempt:

@@ -37,6 +37,8 @@ class EngineConfig:
     max_tokens_default: int
     spawn_child: bool = False
     fail_health_after: float | None = None
+    scheduling_policy: str = "fcfs"
+    enforce_max_num_seqs: bool = False
 
 
 def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +56,7 @@ def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
 
 
 def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +78,10 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     # After this many seconds the simulated engine core "dies" behind a live API server, as
     # vLLM's does: /health answers 503 and generation requests 500 (also: POST /sim/fault).
     parser.add_argument("--fail-health-after", type=float, default=None)
+    # At most --max-num-seqs requests generate at once, the others wait (vLLM's behaviour;
+    # by default the simulator runs every request at once and only reports the excess as
+    # waiting), so a saturated replica's latency grows with its load.
+    parser.add_argument("--enforce-max-num-seqs", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +139,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineConfig:
         spawn_child=ns.spawn_child,
         fail_health_after=ns.fail_health_after,
         max_tokens_default=ns.max_tokens_default,
+        scheduling_policy=ns.scheduling_policy,
+        enforce_max_num_seqs=ns.enforce_max_num_seqs,
     )
 
 

@@ -40,6 +40,7 @@ from services.sim_engine.protocol import (
     sse,
     stream_choice,
 )
+from services.sim_engine.seats import Seats
 
 Handler = Callable[[Request, Body], Awaitable[Response]]
 
@@ -146,6 +147,9 @@ class SimEngine:
         self._dies_at = (time.monotonic() + config.fail_health_after
                          if config.fail_health_after is not None else None)
         self._dead = False
+        self.seats = Seats(config.max_num_seqs, config.scheduling_policy == "priority") \
+            if config.enforce_max_num_seqs else None
+        self.last_priority: int | None = None
 
     # --- request plumbing -------------------------------------------------------------------
 
@@ -214,6 +218,7 @@ class SimEngine:
     async def _generate(self, request: Request, spec: GenSpec) -> Response:
         if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
             raise ApiError(500, "simulated engine failure")
+        self.last_priority = spec.priority
         if spec.stream:
             return EventStream(self._events(spec), watch=self._paced)
         self._begin(spec)
@@ -221,7 +226,8 @@ class SimEngine:
         try:
             delay = self.config.ttft + (spec.max_tokens - 1) * self.config.itl
             # The client may leave while the "GPU" works: race the wait against the disconnect.
-            if delay > 0 and not await finish_or_disconnect(asyncio.sleep(delay), request.receive):
+            if delay > 0 and not await finish_or_disconnect(self._run(spec, delay),
+                                                            request.receive):
                 return Response(status_code=499)  # nobody is left to read it
             ok = True
         finally:
@@ -234,13 +240,28 @@ class SimEngine:
             body["prompt_logprobs"] = None
         return JSONResponse(body)
 
+    async def _run(self, spec: GenSpec, delay: float) -> None:
+        """Generate for ``delay`` seconds, once a seat in the batch is free."""
+        if self.seats is None:
+            await asyncio.sleep(delay)
+            return
+        await self.seats.take(spec.priority)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.seats.give_back()
+
     async def _events(self, spec: GenSpec) -> AsyncGenerator[bytes, None]:
         head = self._head(spec)
         head["object"] += ".chunk" if spec.chat else ""
         all_tokens = [textgen.generate_tokens(p, spec.max_tokens) for p, _ in spec.prompts]
         self._begin(spec)
         ok = False
+        seated = False
         try:
+            if self.seats is not None:
+                await self.seats.take(spec.priority)
+                seated = True
             if spec.chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None}
@@ -257,6 +278,8 @@ class SimEngine:
             yield DONE_EVENT
             ok = True
         finally:
+            if seated and self.seats is not None:
+                self.seats.give_back()
             self._end(ok)
 
     async def embeddings(self, request: Request, body: Body) -> Response:
@@ -360,7 +383,8 @@ class SimEngine:
                              "aborted": s.aborted, "running": s.running,
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
-                             "wakes": s.wakes, "last_request_id": self.last_request_id})
+                             "wakes": s.wakes, "last_request_id": self.last_request_id,
+                             "last_priority": self.last_priority})
 
     async def sim_faults(self, request: Request) -> Response:
         """Test hook: set this engine's failure rate at run time (``{"fail_rate": 1.0}``),

@@ -1,0 +1,162 @@
+"""Admission to a model with ``max_inflight``: let a request through while the model has a
+free slot on this router, else queue it (:mod:`services.router.fairq`) until one frees up.
+
+A model without ``max_inflight`` costs one dict lookup. With it and a free slot: a counter
+increment, O(1). The slots are this router's: ``max_inflight // ROUTER_COUNT`` per serving
+replica (at least 1), so N routers configured with ROUTER_COUNT=N never hold more than
+``max_inflight`` requests on a replica between them, each counting exactly its own.
+docs/queueing.md says what is exact and what is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+
+from services.router.fairq import Entry, FairQueue
+from services.router.routes import RouteTable
+from shared.errors import NoCapacity, QueueFull
+from shared.models import ModelSpec
+from shared.principal import Principal
+
+# The Retry-After of a queue answer is the time the queue ahead would take to drain at the
+# measured service time, within these bounds.
+_RETRY_MIN_S = 1
+_RETRY_MAX_S = 60
+_EWMA = 0.2  # weight of the latest service time in the running mean
+
+
+@dataclass(slots=True)
+class Slot:
+    """One admitted request's hold on a slot of ``alias``; released exactly once."""
+
+    alias: str
+    started: float = field(default_factory=time.monotonic)
+    released: bool = False
+
+
+@dataclass(slots=True)
+class _Model:
+    active: int = 0
+    queue: FairQueue[asyncio.Future[Slot]] = field(default_factory=FairQueue)
+    service_s: float = 1.0  # running mean of how long a slot is held
+
+
+class Gate:
+    def __init__(self, table: RouteTable, queue_max: int, queue_timeout_s: float,
+                 router_count: int = 1) -> None:
+        self.table = table
+        self.queue_max = queue_max
+        self.queue_timeout_s = queue_timeout_s
+        self.router_count = router_count
+        self.models: dict[str, _Model] = {}
+
+    def capacity(self, alias: str, max_inflight: int) -> int:
+        share = max(1, max_inflight // self.router_count)
+        return share * len(self.table.replicas(alias))
+
+    async def enter(self, alias: str, principal: Principal) -> Slot | None:
+        """A slot of ``alias`` (None: the model has no cap), waiting in its queue if none is
+        free. Raises :class:`QueueFull` (429) or, past the deadline, :class:`NoCapacity`."""
+        model = self.table.models.get(alias)
+        cap = model.spec.max_inflight if model is not None else None
+        if cap is None:
+            return None
+        state = self.models.get(alias)
+        if state is None:
+            state = self.models[alias] = _Model()
+        if state.active < self.capacity(alias, cap) and not state.queue:
+            state.active += 1
+            return Slot(alias)
+        return await self._wait(alias, state, principal)
+
+    async def _wait(self, alias: str, state: _Model, principal: Principal) -> Slot:
+        if len(state.queue) >= self.queue_max:
+            raise QueueFull(f"too many requests are queued for model '{alias}' (limit "
+                            f"{self.queue_max} per router); retry later",
+                            retry_after_s=self._retry_after(alias, state))
+        waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        entry = state.queue.push(waiter, principal.tenant, principal.priority)
+        self._drain(alias, state)  # a replica may have appeared since the last release
+        served = False
+        try:
+            slot = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+            served = True
+            return slot
+        except TimeoutError:
+            raise NoCapacity(
+                f"model '{alias}' is at its max_inflight on every replica and the request "
+                f"waited {self.queue_timeout_s:g}s in its queue (QUEUE_TIMEOUT_S)",
+                retry_after_s=self._retry_after(alias, state), code="queue_timeout") from None
+        finally:
+            if not served:
+                self._abandon(alias, state, entry, waiter)
+
+    def _abandon(self, alias: str, state: _Model, entry: Entry[asyncio.Future[Slot]],
+                 waiter: asyncio.Future[Slot]) -> None:
+        """A request that stops waiting (deadline, client gone) leaves the queue; a slot
+        handed to it at that very moment goes back."""
+        if waiter.done() and not waiter.cancelled():
+            self.release(waiter.result())
+            return
+        waiter.cancel()
+        state.queue.cancel(entry)
+        self._drain(alias, state)  # forgets the model's state once nothing is left in it
+
+    def release(self, slot: Slot) -> None:
+        if slot.released:
+            return
+        slot.released = True
+        state = self.models[slot.alias]
+        held = time.monotonic() - slot.started
+        state.service_s += _EWMA * (held - state.service_s)
+        state.active -= 1
+        self._drain(slot.alias, state)
+
+    def _drain(self, alias: str, state: _Model) -> None:
+        model = self.table.models.get(alias)
+        cap = model.spec.max_inflight if model is not None else None
+        capacity = self.capacity(alias, cap) if cap is not None else math.inf
+        while state.queue and state.active < capacity:
+            waiter = state.queue.pop()
+            if waiter is None:
+                break
+            if waiter.done():
+                continue
+            state.active += 1
+            waiter.set_result(Slot(alias))
+        if not state.active and not state.queue and self.models.get(alias) is state:
+            del self.models[alias]
+
+    def _retry_after(self, alias: str, state: _Model) -> int:
+        model = self.table.models.get(alias)
+        cap = model.spec.max_inflight if model is not None else None
+        capacity = max(1, self.capacity(alias, cap or 1))
+        ahead = len(state.queue) + 1
+        return min(_RETRY_MAX_S, max(_RETRY_MIN_S, math.ceil(ahead * state.service_s /
+                                                             capacity)))
+
+
+# vLLM's `priority` request field: lower is served sooner, 0 is its default.
+VLLM_PRIORITY = {"high": -10, "normal": 0, "low": 10}
+
+
+class EnginePriority:
+    """Whether a model's engine schedules by priority (``--scheduling-policy priority`` in
+    its arguments), remembered per alias for as long as its spec is the same object: the
+    request path reads a dict, not the argument list."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[ModelSpec, bool]] = {}
+
+    def __call__(self, spec: ModelSpec) -> bool:
+        known = self._seen.get(spec.alias)
+        if known is not None and known[0] is spec:
+            return known[1]
+        args = spec.extra_args  # normalized: "--flag", "value" as two items
+        on = any(a == "--scheduling-policy" and args[i + 1:i + 2] == ["priority"]
+                 for i, a in enumerate(args))
+        self._seen[spec.alias] = (spec, on)
+        return on
