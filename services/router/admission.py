@@ -57,13 +57,14 @@ class Gate:
         share = max(1, max_inflight // self.router_count)
         return share * len(self.table.replicas(alias))
 
-    async def enter(self, alias: str, principal: Principal) -> Slot | None:
-        """A slot of ``alias`` (None: the model has no cap), waiting in its queue if none is
-        free. Raises :class:`QueueFull` (429) or, past the deadline, :class:`NoCapacity`."""
+    def cap(self, alias: str) -> int | None:
+        """The model's max_inflight: None (no queueing, nothing more to do) for most."""
         model = self.table.models.get(alias)
-        cap = model.spec.max_inflight if model is not None else None
-        if cap is None:
-            return None
+        return model.spec.max_inflight if model is not None else None
+
+    async def enter(self, alias: str, cap: int, principal: Principal) -> Slot:
+        """A slot of ``alias`` (whose max_inflight is ``cap``), waiting in its queue if none
+        is free. Raises :class:`QueueFull` (429) or, past the deadline, :class:`NoCapacity`."""
         state = self.models.get(alias)
         if state is None:
             state = self.models[alias] = _Model()
@@ -116,8 +117,7 @@ class Gate:
         self._drain(slot.alias, state)
 
     def _drain(self, alias: str, state: _Model) -> None:
-        model = self.table.models.get(alias)
-        cap = model.spec.max_inflight if model is not None else None
+        cap = self.cap(alias)
         capacity = self.capacity(alias, cap) if cap is not None else math.inf
         while state.queue and state.active < capacity:
             waiter = state.queue.pop()
@@ -131,9 +131,7 @@ class Gate:
             del self.models[alias]
 
     def _retry_after(self, alias: str, state: _Model) -> int:
-        model = self.table.models.get(alias)
-        cap = model.spec.max_inflight if model is not None else None
-        capacity = max(1, self.capacity(alias, cap or 1))
+        capacity = max(1, self.capacity(alias, self.cap(alias) or 1))
         ahead = len(state.queue) + 1
         return min(_RETRY_MAX_S, max(_RETRY_MIN_S, math.ceil(ahead * state.service_s /
                                                              capacity)))

@@ -94,9 +94,10 @@ class Upstreams:
         """The answer to ``call`` from the first replica that takes it, once the model has
         a free slot (:mod:`services.router.admission`); an answer still arriving keeps the
         slot until :meth:`done`."""
-        slot = await self.gate.enter(call.alias, call.principal)
-        if slot is None:
+        cap = self.gate.cap(call.alias)
+        if cap is None:
             return await self._open(call)
+        slot = await self.gate.enter(call.alias, cap, call.principal)
         try:
             answer = await self._open(call)
         except BaseException:

@@ -103,36 +103,42 @@ def gate_with(max_inflight: int | None, replicas: int, queue_max: int = 4,
     return Gate(table, queue_max, timeout_s, routers)
 
 
+async def enter(gate: Gate, principal: Principal) -> Slot:
+    cap = gate.cap("m")
+    assert cap is not None
+    return await gate.enter("m", cap, principal)
+
+
 def who(tenant: str, priority: str = "normal") -> Principal:
     return Principal(f"k-{tenant}", tenant, tenant, priority)
 
 
 async def test_no_cap_costs_nothing_and_takes_no_slot() -> None:
     gate = gate_with(None, 1)
-    assert await gate.enter("m", who("a")) is None
+    assert gate.cap("m") is None and gate.cap("unknown") is None
     assert gate.models == {}
 
 
 async def test_cap_per_replica_and_share_per_router() -> None:
     gate = gate_with(4, 2, routers=2)
     assert gate.capacity("m", 4) == 4  # 2 per replica on each of 2 routers
-    slots = [await gate.enter("m", who("a")) for _ in range(4)]
+    slots = [await enter(gate, who("a")) for _ in range(4)]
     assert all(s is not None for s in slots)
-    waiting = asyncio.ensure_future(gate.enter("m", who("a")))
+    waiting = asyncio.ensure_future(enter(gate, who("a")))
     await asyncio.sleep(0)
     assert not waiting.done() and len(gate.models["m"].queue) == 1
-    gate.release(slots[0])  # type: ignore[arg-type]
+    gate.release(slots[0])
     assert (await waiting) is not None
     assert gate.models["m"].active == 4
 
 
 async def test_bound_gives_429_queue_full_with_retry_after() -> None:
     gate = gate_with(1, 1, queue_max=2)
-    await gate.enter("m", who("a"))
-    queued = [asyncio.ensure_future(gate.enter("m", who("a"))) for _ in range(2)]
+    await enter(gate, who("a"))
+    queued = [asyncio.ensure_future(enter(gate, who("a"))) for _ in range(2)]
     await asyncio.sleep(0)
     with pytest.raises(QueueFull) as e:
-        await gate.enter("m", who("b"))
+        await enter(gate, who("b"))
     assert e.value.status == 429 and e.value.code == "queue_full"
     assert int(e.value.headers["Retry-After"]) >= 1
     for f in queued:
@@ -143,44 +149,44 @@ async def test_bound_gives_429_queue_full_with_retry_after() -> None:
 
 async def test_deadline_gives_503_queue_timeout_and_leaves_the_queue() -> None:
     gate = gate_with(1, 1, timeout_s=0.2)
-    held = await gate.enter("m", who("a"))
+    held = await enter(gate, who("a"))
     started = time.monotonic()
     with pytest.raises(NoCapacity) as e:
-        await gate.enter("m", who("b"))
+        await enter(gate, who("b"))
     assert 0.2 <= time.monotonic() - started < 1.0
     assert e.value.status == 503 and e.value.code == "queue_timeout"
     assert "Retry-After" in e.value.headers
     assert len(gate.models["m"].queue) == 0
-    gate.release(held)  # type: ignore[arg-type]
+    gate.release(held)
     assert "m" not in gate.models  # nothing left: the model's state is forgotten
 
 
 async def test_queued_requests_go_by_priority_then_tenant() -> None:
     gate = gate_with(1, 1, queue_max=10)
-    held = await gate.enter("m", who("a"))
+    held = await enter(gate, who("a"))
     order: list[str] = []
 
     async def one(name: str, p: Principal) -> None:
-        slot = await gate.enter("m", p)
+        slot = await enter(gate, p)
         order.append(name)
         await asyncio.sleep(0)
-        gate.release(slot)  # type: ignore[arg-type]
+        gate.release(slot)
 
     tasks = [asyncio.ensure_future(one(n, p)) for n, p in [
         ("a-low", who("a", "low")), ("a1", who("a")), ("a2", who("a")), ("b1", who("b")),
         ("c-high", who("c", "high"))]]
     await asyncio.sleep(0)
-    gate.release(held)  # type: ignore[arg-type]
+    gate.release(held)
     await asyncio.gather(*tasks)
     assert order == ["c-high", "a1", "b1", "a2", "a-low"]
 
 
 async def test_a_slot_handed_to_a_request_that_left_goes_back() -> None:
     gate = gate_with(1, 1)
-    held = await gate.enter("m", who("a"))
-    leaving = asyncio.ensure_future(gate.enter("m", who("b")))
+    held = await enter(gate, who("a"))
+    leaving = asyncio.ensure_future(enter(gate, who("b")))
     await asyncio.sleep(0)
-    gate.release(held)  # type: ignore[arg-type]  # hands the slot to `leaving` ...
+    gate.release(held)  # hands the slot to `leaving` ...
     leaving.cancel()  # ... whose client goes away before it runs
     outcome = (await asyncio.gather(leaving, return_exceptions=True))[0]
     if isinstance(outcome, Slot):  # asyncio.wait_for may prefer the result to the cancel
@@ -188,7 +194,7 @@ async def test_a_slot_handed_to_a_request_that_left_goes_back() -> None:
     else:
         assert isinstance(outcome, asyncio.CancelledError)
     assert "m" not in gate.models  # either way the slot is free again
-    assert await gate.enter("m", who("c")) is not None
+    assert await enter(gate, who("c")) is not None
 
 
 def test_engine_priority_is_read_from_the_engine_arguments() -> None:
