@@ -130,6 +130,11 @@ class Gate:
         if not state.active and not state.queue and self.models.get(alias) is state:
             del self.models[alias]
 
+    def view(self) -> dict[str, dict[str, int]]:
+        """Models with requests in flight or queued here (for /admin/status)."""
+        return {alias: {"inflight": m.active, "slots": self.capacity(alias, self.cap(alias) or 1),
+                        "queued": len(m.queue)} for alias, m in sorted(self.models.items())}
+
     def _retry_after(self, alias: str, state: _Model) -> int:
         capacity = max(1, self.capacity(alias, self.cap(alias) or 1))
         ahead = len(state.queue) + 1

@@ -71,7 +71,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
         "openai_api": "token" if settings.api_token else "open"}
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
                                                settings.api_token, settings.admin_token))
-    app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
+    app.include_router(admin_api.build_routes(store, settings, table, breaker, security,
+                                              upstreams.gate))
     console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
                                                settings.api_token)

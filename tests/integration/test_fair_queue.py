@@ -14,7 +14,16 @@ from typing import Any
 import httpx
 
 from tests.integration.test_datapath import engines, sim_stats
-from tests.support import Cluster, Proc, chat, register, running_on, wait_serving, wait_until
+from tests.support import (
+    Cluster,
+    Proc,
+    chat,
+    register,
+    running_on,
+    status,
+    wait_serving,
+    wait_until,
+)
 
 
 def serving(cluster: Cluster, alias: str, router_env: dict[str, str] | None = None,
@@ -26,6 +35,10 @@ def serving(cluster: Cluster, alias: str, router_env: dict[str, str] | None = No
     wait_until(lambda: running_on(router, alias) == ["w1"], 30, what=f"{alias} running")
     wait_serving(router, alias)
     return router
+
+
+def queues(router: Proc) -> dict[str, dict[str, int]]:
+    return dict(status(router)["router"]["queues"])
 
 
 def at_once(router: Proc, alias: str, n: int, **extra: Any) -> list[httpx.Response]:
@@ -62,13 +75,15 @@ def test_a_model_at_its_cap_queues_instead_of_piling_onto_the_engine(
 
 
 def test_queue_bound_gives_429_and_deadline_503_with_retry_after(cluster: Cluster) -> None:
-    env = {"QUEUE_MAX": "2", "QUEUE_TIMEOUT_S": "1"}
-    router = serving(cluster, "slow2", env, max_inflight=1, extra_args=["--ttft", "3"])
+    env = {"QUEUE_MAX": "2", "QUEUE_TIMEOUT_S": "2"}
+    router = serving(cluster, "slow2", env, max_inflight=1, extra_args=["--ttft", "4"])
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = pool.submit(chat, router, "slow2")
-        time.sleep(0.3)
+        wait_until(lambda: queues(router).get("slow2", {}).get("inflight") == 1, 2,
+                   interval=0.02, what="the first request in flight")
         queued = [pool.submit(chat, router, "slow2") for _ in range(2)]
-        time.sleep(0.3)
+        wait_until(lambda: queues(router)["slow2"]["queued"] == 2, 1, interval=0.02,
+                   what="two requests queued")
         t0 = time.monotonic()
         over = chat(router, "slow2")
         assert time.monotonic() - t0 < 0.5  # refused at once, not after a wait
@@ -81,7 +96,8 @@ def test_queue_bound_gives_429_and_deadline_503_with_retry_after(cluster: Cluste
             assert late.json()["error"]["code"] == "queue_timeout"
             assert int(late.headers["retry-after"]) >= 1
         assert first.result().status_code == 200
-    # The queue is empty again: the next request is served.
+    # The queue is empty again (and forgotten): the next request is served.
+    assert queues(router) == {}
     assert chat(router, "slow2").status_code == 200
 
 
