@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.router.fairq import Entry, FairQueue
 from services.router.routes import RouteTable
@@ -35,11 +37,13 @@ class Slot:
     alias: str
     started: float = field(default_factory=time.monotonic)
     released: bool = False
+    worker: str | None = None  # the replica it is sent to (the latest, after a failover)
 
 
 @dataclass(slots=True)
 class _Model:
     active: int = 0
+    seated: Counter[str] = field(default_factory=Counter)  # worker -> slots taken there
     queue: FairQueue[asyncio.Future[Slot]] = field(default_factory=FairQueue)
     service_s: float = 1.0  # running mean of how long a slot is held
 
@@ -53,9 +57,27 @@ class Gate:
         self.router_count = router_count
         self.models: dict[str, _Model] = {}
 
+    def share(self, max_inflight: int) -> int:
+        """This router's slots on one replica."""
+        return max(1, max_inflight // self.router_count)
+
     def capacity(self, alias: str, max_inflight: int) -> int:
-        share = max(1, max_inflight // self.router_count)
-        return share * len(self.table.replicas(alias))
+        return self.share(max_inflight) * len(self.table.replicas(alias))
+
+    def below_share(self, slot: Slot, replicas: list[str]) -> list[str]:
+        """The replicas where this router has a slot free (all of them if none has: a
+        replica ejected by the breaker still counts in the capacity)."""
+        seated = self.models[slot.alias].seated
+        share = self.share(self.cap(slot.alias) or 1)
+        return [w for w in replicas if seated[w] < share] or replicas
+
+    def seat(self, slot: Slot, worker: str) -> None:
+        """``slot``'s request goes to ``worker`` (first, or on failover)."""
+        seated = self.models[slot.alias].seated
+        if slot.worker is not None:
+            _take_one(seated, slot.worker)
+        slot.worker = worker
+        seated[worker] += 1
 
     def cap(self, alias: str) -> int | None:
         """The model's max_inflight: None (no queueing, nothing more to do) for most."""
@@ -114,6 +136,8 @@ class Gate:
         held = time.monotonic() - slot.started
         state.service_s += _EWMA * (held - state.service_s)
         state.active -= 1
+        if slot.worker is not None:
+            _take_one(state.seated, slot.worker)
         self._drain(slot.alias, state)
 
     def _drain(self, alias: str, state: _Model) -> None:
@@ -130,16 +154,23 @@ class Gate:
         if not state.active and not state.queue and self.models.get(alias) is state:
             del self.models[alias]
 
-    def view(self) -> dict[str, dict[str, int]]:
+    def view(self) -> dict[str, dict[str, Any]]:
         """Models with requests in flight or queued here (for /admin/status)."""
         return {alias: {"inflight": m.active, "slots": self.capacity(alias, self.cap(alias) or 1),
-                        "queued": len(m.queue)} for alias, m in sorted(self.models.items())}
+                        "queued": len(m.queue), "by_replica": dict(m.seated)}
+                for alias, m in sorted(self.models.items())}
 
     def _retry_after(self, alias: str, state: _Model) -> int:
         capacity = max(1, self.capacity(alias, self.cap(alias) or 1))
         ahead = len(state.queue) + 1
         return min(_RETRY_MAX_S, max(_RETRY_MIN_S, math.ceil(ahead * state.service_s /
                                                              capacity)))
+
+
+def _take_one(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 # vLLM's `priority` request field: lower is served sooner, 0 is its default.

@@ -77,9 +77,11 @@ class Upstreams:
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
 
-    def order(self, call: Call) -> list[str]:
+    def order(self, call: Call, slot: Slot | None = None) -> list[str]:
         replicas = self.table.replicas(call.alias)
         allowed = self.breaker.allowed(call.alias, sorted(replicas), time.monotonic())
+        if slot is not None:  # a capped model: replicas below their share here first
+            allowed = self.gate.below_share(slot, allowed)
         return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity)
 
     async def send(self, call: Call) -> Response:
@@ -99,7 +101,7 @@ class Upstreams:
             return await self._open(call)
         slot = await self.gate.enter(call.alias, cap, call.principal)
         try:
-            answer = await self._open(call)
+            answer = await self._open(call, slot)
         except BaseException:
             self.gate.release(slot)
             raise
@@ -115,14 +117,16 @@ class Upstreams:
         if answer.slot is not None:
             self.gate.release(answer.slot)
 
-    async def _open(self, call: Call) -> Answer:
+    async def _open(self, call: Call, slot: Slot | None = None) -> Answer:
         last: ApiError | None = None
-        for attempt, worker in enumerate(self.order(call)[: self.max_attempts]):
+        for attempt, worker in enumerate(self.order(call, slot)[: self.max_attempts]):
             if attempt:
                 await asyncio.sleep(self.backoff_s * attempt)
             url = self.table.replicas(call.alias).get(worker)
             if url is None:  # the replica went away while we backed off
                 continue
+            if slot is not None:
+                self.gate.seat(slot, worker)
             try:
                 return await self._attempt(worker, url, call)
             except _Retry as e:

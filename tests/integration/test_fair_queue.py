@@ -37,7 +37,7 @@ def serving(cluster: Cluster, alias: str, router_env: dict[str, str] | None = No
     return router
 
 
-def queues(router: Proc) -> dict[str, dict[str, int]]:
+def queues(router: Proc) -> dict[str, dict[str, Any]]:
     return dict(status(router)["router"]["queues"])
 
 
@@ -133,3 +133,25 @@ def test_priority_field_only_for_engines_that_schedule_by_priority(cluster: Clus
     # An engine without priority scheduling gets the body untouched: vLLM refuses it.
     refused = chat(router, "fcfs", priority=3)
     assert refused.status_code == 400 and "Priority scheduling" in refused.text
+
+
+def test_each_replica_gets_at_most_max_inflight(cluster: Cluster) -> None:
+    cluster.manager()
+    cluster.worker("w1")
+    cluster.worker("w2")
+    router = cluster.router()
+    assert register(router, "two", engine="sim", replicas=2, max_inflight=1,
+                    extra_args=["--ttft", "0.4"]).status_code == 201
+    wait_until(lambda: sorted(running_on(router, "two")) == ["w1", "w2"], 30,
+               what="two replicas")
+    wait_until(lambda: len(status(router)["router"]["queues"]) == 0 and all(
+        a.status_code == 200 for a in at_once(router, "two", 2)), 20, what="both routed")
+    stop = threading.Event()
+    seen = [peak_running(port, stop) for port in engines(router, "two").values()]
+    started = time.monotonic()
+    answers = at_once(router, "two", 6)
+    took = time.monotonic() - started
+    stop.set()
+    assert [a.status_code for a in answers] == [200] * 6
+    assert [max(s) for s in seen] == [1, 1]  # one at a time on each, both used
+    assert took >= 3 * 0.4

@@ -205,3 +205,19 @@ def test_engine_priority_is_read_from_the_engine_arguments() -> None:
                     extra_args=["--scheduling-policy", "fcfs"])
     assert check(on) and check(on) and not check(off)
     assert not check(ModelSpec(alias="p", model_name="x/y", engine="vllm"))  # spec changed
+
+
+async def test_each_replica_gets_at_most_its_share() -> None:
+    gate = gate_with(2, 3, routers=2)  # 1 slot per replica on this router
+    slots = [await enter(gate, who("a")) for _ in range(3)]
+    for slot in slots:
+        free = gate.below_share(slot, ["w0", "w1", "w2"])
+        gate.seat(slot, free[0])
+    assert gate.view()["m"]["by_replica"] == {"w0": 1, "w1": 1, "w2": 1}
+    gate.seat(slots[0], "w1")  # a failover moves the request: w0 is free again
+    assert gate.below_share(slots[1], ["w0", "w1", "w2"]) == ["w0"]
+    gate.release(slots[0])
+    assert gate.view()["m"] == {"inflight": 2, "slots": 3, "queued": 0,
+                                "by_replica": {"w1": 1, "w2": 1}}
+    # None free (a replica ejected while its slot is counted): any replica rather than wait.
+    assert gate.below_share(slots[1], ["w1", "w2"]) == ["w1", "w2"]
