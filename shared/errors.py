@@ -94,6 +94,16 @@ class QueueFull(ApiError):
         super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
 
 
+class RateLimited(ApiError):
+    """Over an API key's (or its tenant's) limit; OpenAI's code, type and headers."""
+
+    status, type, code = 429, "requests", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.type = kind  # "requests" or "tokens", as OpenAI says which limit was hit
+
+
 class StoreUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "store_unavailable"
 

@@ -18,9 +18,17 @@ class Nudger:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.event = asyncio.Event()
+        self._kinds: dict[str, asyncio.Event] = {}
 
-    def _on_event(self, _: dict[str, Any]) -> None:
+    def watch(self, kind: str) -> asyncio.Event:
+        """An event of its own set by hints of ``kind`` alone (and on resubscribe)."""
+        return self._kinds.setdefault(kind, asyncio.Event())
+
+    def _on_event(self, hint: dict[str, Any]) -> None:
         self.event.set()
+        kind = self._kinds.get(str(hint.get("kind")))
+        if kind is not None:
+            kind.set()
 
     async def run(self) -> None:
         while True:
@@ -33,6 +41,8 @@ class Nudger:
                 logger.warning("event subscription lost (%s); retrying", e)
                 # Anything could have changed while we were deaf: look again.
                 self.event.set()
+                for kind in self._kinds.values():
+                    kind.set()
                 await asyncio.sleep(1.0)
 
     async def wait(self, timeout_s: float) -> None:

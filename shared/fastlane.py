@@ -44,6 +44,7 @@ STREAM_BROKEN = sse_error(UpstreamError(
     "the replica serving this stream failed mid-way; the output above is incomplete",
     code="stream_interrupted"))
 _JSON = b"content-type: application/json\r\n"
+_TAIL_MAX = 16 * 1024
 
 
 # Every uvicorn internal the lane relies on. uvicorn is pinned (requirements.lock), and this
@@ -106,12 +107,14 @@ class Lane:
         "_pending",
         "_sse",
         "cycle",
+        "extra",
         "finished",
         "method",
         "path",
         "proto",
         "request_id",
         "started",
+        "tail",
         "task",
     )
 
@@ -130,6 +133,11 @@ class Lane:
         self._pending: bytes | None = None  # the response head, until it can leave with data
         # Set by the handler once known: every answer of this request then carries it.
         self.request_id: bytes | None = None
+        # Response headers of our own (e.g. rate limits), added to a relayed answer's.
+        self.extra = b""
+        # When set, the last bytes of a relayed answer are kept here (a stream's final usage
+        # chunk, read once it is over).
+        self.tail: bytearray | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.cycle.scope["headers"]:
@@ -186,8 +194,8 @@ class Lane:
         framing = b"transfer-encoding: chunked\r\n" if length is None else \
             b"content-length: %d\r\n" % length
         self.started = True
-        self._pending = self._head(ex.status, pass_headers(ex.headers, self.request_id),
-                                   framing)
+        self._pending = self._head(
+            ex.status, pass_headers(ex.headers, self.request_id) + self.extra, framing)
         self._over = asyncio.get_running_loop().create_future()
         self._exchange = ex
         try:
@@ -203,6 +211,10 @@ class Lane:
     # -- Sink: called by the upstream connection as its reads arrive ---------------------------
 
     def _framed(self, data: bytes) -> bytes:
+        if self.tail is not None and data:
+            self.tail += data
+            if len(self.tail) > _TAIL_MAX:
+                del self.tail[:-_TAIL_MAX // 2]
         if self._chunked and data:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._pending is not None:

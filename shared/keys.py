@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "svllm"
 
+# Usage counters (one hash per tenant and hour) are kept this long.
+USAGE_TTL_S = 90 * 24 * 3600
+# A router that has not checked in (keys version pass, every half second) this long is no
+# longer counted when routers split a limit locally (max_concurrent, Redis down).
+ROUTER_SEEN_TTL_S = 10.0
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -151,3 +157,46 @@ class Keys:
     def events(self) -> str:
         """pub/sub channel: JSON hints ('look again'), never the record."""
         return f"{self.prefix}:events"
+
+    # --- API keys, limits and usage (docs/keys.md). Everything of one tenant shares the
+    # Redis Cluster hash tag {t:<tenant>}, so the limiter's one script touches one slot.
+    def tenant_tag(self, tenant: str) -> str:
+        return f"{self.prefix}:{{t:{tenant}}}"
+
+    def api_keys(self, tenant: str) -> str:
+        """hash: key id -> the key's record (JSON, the secret's SHA-256, never the secret)."""
+        return f"{self.tenant_tag(tenant)}:apikeys"
+
+    def tenant_limits(self, tenant: str) -> str:
+        """hash: rpm, tpm of the whole tenant (absent: no tenant limit)."""
+        return f"{self.tenant_tag(tenant)}:limits"
+
+    def rate(self, tenant: str, scope: str, unit: str) -> str:
+        """string with TTL: a GCRA bucket's theoretical arrival time (microseconds); scope is
+        a key id or "tenant", unit "req" or "tok"."""
+        return f"{self.tenant_tag(tenant)}:rate:{scope}:{unit}"
+
+    def usage(self, tenant: str, hour: int) -> str:
+        """hash with TTL (USAGE_TTL_S): "<key id>|<model>|<counter>" -> count, for the hour
+        starting at ``hour`` (unix seconds)."""
+        return f"{self.tenant_tag(tenant)}:usage:{hour}"
+
+    @property
+    def tenants(self) -> str:
+        """set: tenants that have (had) keys or limits; where listings start."""
+        return f"{self.prefix}:tenants"
+
+    @property
+    def key_index(self) -> str:
+        """hash: key id -> its tenant (finds a key's record by id)."""
+        return f"{self.prefix}:apikeys:index"
+
+    @property
+    def keys_version(self) -> str:
+        """integer: bumped by every change of a key or tenant limit; routers reload on a move."""
+        return f"{self.prefix}:version:keys"
+
+    @property
+    def routers(self) -> str:
+        """sorted set: router id -> last check-in (unix seconds)."""
+        return f"{self.prefix}:routers"

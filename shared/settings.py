@@ -106,6 +106,19 @@ class RouterSettings(CommonSettings):
     # How many routers share the pool: each takes max_inflight // ROUTER_COUNT of every
     # replica (at least 1), so together they stay within max_inflight (docs/queueing.md).
     router_count: int = Field(default=1, ge=1, le=1024)
+    # Who may use /v1 (docs/keys.md): "auto" is "keys" once any API key exists, else "token"
+    # with API_TOKEN set, else "open". "keys": API keys (and API_TOKEN, unlimited); "token":
+    # API_TOKEN only; "open": anyone (a valid key still gets its limits).
+    auth_mode: Literal["auto", "keys", "token", "open"] = "auto"
+    # While Redis is unreachable: "allow" admits within a local share of each limit (the
+    # limit divided by the routers last seen), "deny" refuses limited keys with a 503.
+    limits_on_redis_down: Literal["allow", "deny"] = "allow"
+    # Completion tokens reserved for a request that names no max_tokens.
+    limits_default_max_tokens: int = Field(default=1024, ge=1)
+    # The keys version check (safety net under the events channel), and how often token
+    # corrections and usage counters are written (one pipeline per flush).
+    keys_check_s: float = Field(default=0.5, gt=0)
+    limits_flush_s: float = Field(default=0.1, gt=0)
 
 
 class ManagerSettings(CommonSettings):

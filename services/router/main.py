@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from services.router import admin_api, console_api, openai_api
+from services.router import admin_api, console_api, keys_api, openai_api
 from services.router.admission import Gate
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
+from services.router.keyring import KeyRing
+from services.router.limiter import Limiter
 from services.router.routes import RouteTable
 from services.router.upstream import Upstreams
 from shared.events import Nudger
@@ -29,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 def router_exposure(settings: RouterSettings) -> Exposure:
     tokens = {"ADMIN_TOKEN": settings.admin_token, "INTERNAL_TOKEN": settings.internal_token}
-    if not settings.api_open:
+    # With AUTH_MODE=keys, /v1 needs an API key whatever API_TOKEN is.
+    if not settings.api_open and settings.auth_mode not in ("keys", "open"):
         tokens["API_TOKEN"] = settings.api_token
     return exposure("router", settings.router_host, settings.router_port, tokens,
                     settings.allow_insecure)
@@ -45,17 +48,22 @@ def create_app(settings: RouterSettings) -> FastAPI:
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
                           settings.buffer_answer_max_bytes,
-                          gate=Gate(table, settings.queue_max, settings.queue_timeout_s,
-                                    settings.router_count))
+                          admission=Gate(table, settings.queue_max, settings.queue_timeout_s,
+                                         settings.router_count))
     forwarder = Forwarder(table, upstreams, holder)
+    ring = KeyRing(store, nudger, settings)
+    limiter = Limiter(store, ring, settings)
+    gate = openai_api.Gate(ring, limiter, settings.limits_default_max_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.default_engine == "sim":
             logger.warning("DEFAULT_ENGINE=sim: models registered without an engine use the "
                            "simulated engine, not vLLM")
-        async with background(nudger.run(), table.run()):
+        async with background(nudger.run(), table.run(), ring.run(), limiter.run()):
             yield
+        with contextlib.suppress(Exception):
+            await limiter.flush()  # the last usage counts and corrections
         await client.close()
         await store.close()
 
@@ -67,15 +75,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
                               "serving": sum(1 for r in table.routes.values() if r)})
 
     # Shown in /admin/status: what this router leaves open, on purpose or not.
-    security = router_exposure(settings).view() | {
-        "openai_api": "token" if settings.api_token else "open"}
+    security = router_exposure(settings).view()
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
-                                               settings.api_token, settings.admin_token))
+                                               gate, settings.admin_token))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security,
-                                              upstreams.gate))
+                                              ring, upstreams.admission))
+    app.include_router(keys_api.build_routes(store, settings, ring))
     console_api.install(app, store, settings, table)
-    app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
-                                               settings.api_token)
+    app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes, gate)
     return app
 
 

@@ -2,67 +2,111 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from services.router.admission import VLLM_PRIORITY, EnginePriority
 from services.router.forward import Forwarder
+from services.router.keyring import KeyRing
+from services.router.limiter import (
+    Limiter,
+    Ticket,
+    estimate,
+    usage_of_body,
+    usage_of_stream,
+)
 from services.router.routes import RouteTable
-from services.router.upstream import Call, Upstreams
-from shared.errors import BadRequest, ModelNotFound, clip
+from services.router.upstream import Answer, Call, Upstreams
+from shared.apikeys import KeyRecord
+from shared.errors import BadRequest, ModelNotFound, Unauthorized, clip
 from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
 from shared.http import (
     ClientGone,
-    bearer_guard,
-    bearer_ok,
     cancel_on_disconnect,
     json_response,
     parse_object,
     read_body,
 )
 from shared.models import is_valid_name
+from shared.principal import ANONYMOUS
 from shared.store import StoredModel
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Who may call /v1 (the key ring) and how much (the limiter)."""
+
+    ring: KeyRing
+    limiter: Limiter
+    default_max_tokens: int
+
+    async def admit(self, rec: KeyRecord | None, call: Call, data: dict[str, Any]
+                    ) -> Ticket | None:
+        if rec is None:
+            return None
+        reserved = estimate(data, len(call.body), call.path, self.default_max_tokens)
+        return await self.limiter.admit(rec, call.alias, reserved)
+
+    def finish(self, ticket: Ticket | None, status: int, usage: tuple[int, int] | None
+               ) -> None:
+        if ticket is None:
+            return
+        if usage is None:  # no usage in the answer: the estimate stands (nothing on errors)
+            self.limiter.finish(ticket, used=0 if status >= 400 else None,
+                                error=status >= 400)
+        else:
+            self.limiter.finish(ticket, used=usage[0] + usage[1], prompt=usage[0],
+                                completion=usage[1], error=status >= 400)
+
+
+def _header_bytes(headers: dict[str, str]) -> bytes:
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
 
 _HOT = {f"/{p}": p for p in ("v1/chat/completions", "v1/completions", "v1/embeddings")}
 
 
 async def _prepare(
     table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
-    by_priority: EnginePriority,
-) -> tuple[StoredModel, Call]:
+    rec: KeyRecord | None, by_priority: EnginePriority,
+) -> tuple[StoredModel, Call, dict[str, Any]]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
     name = data.get("model")
     if not isinstance(name, str) or not name:
         raise BadRequest("model: a model alias is required", param="model")
     model = await table.model(name) if is_valid_name(name) else None
-    if model is None:
+    if model is None or (rec is not None and not rec.allows(name)):
+        # A model the key may not use is answered exactly as one that does not exist.
         raise ModelNotFound(f"The model `{clip(name)}` does not exist.", param="model")
     user = data.get("user")
     affinity = session or (user if isinstance(user, str) else None)
     call = Call(name, path, body, request_id, data.get("stream") is True,
-                affinity or None)
+                affinity or None, rec.principal if rec is not None else ANONYMOUS)
     if by_priority(model.spec):
         # The engine schedules by priority: it gets the key's, whatever the client sent.
         data["priority"] = VLLM_PRIORITY[call.principal.priority]
         call = replace(call, body=orjson.dumps(data))
-    return model, call
+    return model, call, data
 
 
-def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None) -> Picker:
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
-    serving. A cold, sleeping or stopped model, a wrong API token, and a body the lane does
-    not take, go to the ASGI routes below, which hold the request or explain the error."""
-    expected = token.encode() if token else None
+    serving. A cold, sleeping or stopped model, a wrong API key, and a body the lane does
+    not take, go to the ASGI routes below, which hold the request or explain the error.
+    With API keys: a dict lookup for the key, one EVALSHA for its limits, and go."""
     by_priority = EnginePriority()
 
     async def handle(lane: Lane) -> bool:
-        if expected is not None and not bearer_ok(lane.header(b"authorization") or b"",
-                                                  expected):
+        try:
+            rec = gate.ring.check(lane.header(b"authorization"))
+        except Unauthorized:
             return False
         body = await lane.read_body(limit)
         if body is None:
@@ -70,20 +114,26 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
         # The id every answer carries (errors included) and the worker and engine get.
         lane.request_id = rid = request_id_of(lane.header(b"x-request-id"))
         session = lane.header(b"x-session-id")
-        model, call = await _prepare(
+        model, call, data = await _prepare(
             table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None, by_priority)
+            session.decode("latin-1") if session else None, rec, by_priority)
         if model.hold is not None or not table.replicas(call.alias):
             return False
-        answer = await upstreams.open(call)
-        ex = answer.exchange
-        if answer.body is not None:
-            lane.respond(ex.status, pass_headers(ex.headers, rid), answer.body)
+        ticket = await gate.admit(rec, call, data)
+        if ticket is None:
+            await _send(lane, upstreams, await upstreams.open(call), rid)
             return True
+        lane.extra = _header_bytes(ticket.headers)
+        lane.tail = bytearray() if call.stream else None
+        answer: Answer | None = None
         try:
-            await lane.relay(ex)
+            answer = await upstreams.open(call)
+            await _send(lane, upstreams, answer, rid)
         finally:
-            upstreams.done(answer)
+            status = answer.exchange.status if answer is not None else 502
+            body = answer.body if answer is not None else None
+            gate.finish(ticket, status, usage_of_body(body) if body is not None else
+                        usage_of_stream(bytes(lane.tail)) if lane.tail else None)
         return True
 
     def pick(method: str, path: str) -> Handler | None:
@@ -92,32 +142,68 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
     return pick
 
 
+async def _send(lane: Lane, upstreams: Upstreams, answer: Answer, rid: bytes) -> None:
+    ex = answer.exchange
+    if answer.body is not None:
+        lane.respond(ex.status, pass_headers(ex.headers, rid) + lane.extra, answer.body)
+        return
+    try:
+        await lane.relay(ex)
+    finally:
+        upstreams.done(answer)
+
+
+def _after(response: Response, then: Callable[[], None]) -> None:
+    """Run ``then`` once ``response`` is over (after its own background task, if any)."""
+    before = response.background
+
+    async def run() -> None:
+        try:
+            if before is not None:
+                await before()
+        finally:
+            then()
+
+    response.background = BackgroundTask(run)
+
+
 def build_routes(
-    table: RouteTable, forwarder: Forwarder, limit: int, token: str | None,
+    table: RouteTable, forwarder: Forwarder, limit: int, gate: Gate,
     admin_token: str | None = None,
 ) -> APIRouter:
     api = APIRouter()
-    # With an API token set, the admin token is accepted too (the console's playground sends
-    # it); such requests leave the fast lane, which checks the API token alone, for this path.
-    check = bearer_guard(token, admin_token if token else None)
+    # The admin token is accepted too (the console's playground sends it); such requests
+    # leave the fast lane, which does not know it, for this path.
+    extra = (admin_token.encode(),) if admin_token else ()
     by_priority = EnginePriority()
+
+    def check(request: Request) -> KeyRecord | None:
+        # Starlette decodes header bytes as latin-1, so this gives back the bytes sent.
+        header = request.headers.get("authorization", "").encode("latin-1")
+        return gate.ring.check(header, *extra)
 
     async def handle(request: Request, *, path: str) -> Response:
         given = request.headers.get("x-request-id")
         rid = request_id_of(given.encode("latin-1") if given else None).decode("latin-1")
         request.state.request_id = rid  # error answers carry it too (shared/errors.py)
-        await check(request)
+        rec = check(request)
         body = await read_body(request, limit)
-        model, call = await _prepare(table, body, path, rid,
-                                     request.headers.get("x-session-id"), by_priority)
-        if call.stream:
-            # Once streaming, Starlette cancels the relay when the client goes away.
-            response = await forwarder.handle(model, call)
-        else:
-            try:
-                response = await cancel_on_disconnect(request, forwarder.handle(model, call))
-            except ClientGone:
-                return Response(status_code=499)  # nobody reads it; for the logs (nginx's)
+        model, call, data = await _prepare(table, body, path, rid,
+                                           request.headers.get("x-session-id"), rec,
+                                           by_priority)
+        ticket = await gate.admit(rec, call, data)
+        try:
+            response = await _forward(request, forwarder, model, call)
+        except BaseException:
+            gate.finish(ticket, 502, None)
+            raise
+        if ticket is not None:
+            response.headers.update(ticket.headers)
+            content = getattr(response, "body", None)
+            if isinstance(content, bytes) and content:  # read whole
+                gate.finish(ticket, response.status_code, usage_of_body(content))
+            else:  # streamed on this path: the reservation stands (docs/keys.md)
+                _after(response, partial(gate.finish, ticket, response.status_code, None))
         response.headers["x-request-id"] = rid
         return response
 
@@ -126,8 +212,9 @@ def build_routes(
     for path in _HOT.values():
         api.add_route(f"/{path}", partial(handle, path=path), methods=["POST"])
 
-    @api.get("/v1/models", dependencies=[Depends(check)])
-    async def models() -> Response:
+    @api.get("/v1/models")
+    async def models(request: Request) -> Response:
+        rec = check(request)
         data = [
             {
                 "id": alias,
@@ -139,7 +226,19 @@ def build_routes(
                 "serving": bool(table.replicas(alias)),
             }
             for alias, m in sorted(table.models.items())
+            if rec is None or rec.allows(alias)
         ]
         return json_response({"object": "list", "data": data})
 
     return api
+
+
+async def _forward(request: Request, forwarder: Forwarder, model: StoredModel,
+                   call: Call) -> Response:
+    if call.stream:
+        # Once streaming, Starlette cancels the relay when the client goes away.
+        return await forwarder.handle(model, call)
+    try:
+        return await cancel_on_disconnect(request, forwarder.handle(model, call))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; for the logs (nginx's)

@@ -63,7 +63,7 @@ class Upstreams:
     def __init__(
         self, table: RouteTable, pool: Pool, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
-        buffer_max: int = 1 << 20, *, gate: Gate,
+        buffer_max: int = 1 << 20, *, admission: Gate,
     ) -> None:
         self.table = table
         self.pool = pool
@@ -72,7 +72,7 @@ class Upstreams:
         self.breaker = breaker
         self.retry_after_s = retry_after_s
         self.buffer_max = buffer_max
-        self.gate = gate
+        self.admission = admission
         self.inflight: Counter[str] = Counter()
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
@@ -81,7 +81,7 @@ class Upstreams:
         replicas = self.table.replicas(call.alias)
         allowed = self.breaker.allowed(call.alias, sorted(replicas), time.monotonic())
         if slot is not None:  # a capped model: replicas below their share here first
-            allowed = self.gate.below_share(slot, allowed)
+            allowed = self.admission.below_share(slot, allowed)
         return order_replicas(allowed, self.inflight, self.table.load(call.alias), call.affinity)
 
     async def send(self, call: Call) -> Response:
@@ -96,26 +96,26 @@ class Upstreams:
         """The answer to ``call`` from the first replica that takes it, once the model has
         a free slot (:mod:`services.router.admission`); an answer still arriving keeps the
         slot until :meth:`done`."""
-        cap = self.gate.cap(call.alias)
+        cap = self.admission.cap(call.alias)
         if cap is None:
             return await self._open(call)
-        slot = await self.gate.enter(call.alias, cap, call.principal)
+        slot = await self.admission.enter(call.alias, cap, call.principal)
         try:
             answer = await self._open(call, slot)
         except BaseException:
-            self.gate.release(slot)
+            self.admission.release(slot)
             raise
         if answer.body is None:
             answer.slot = slot
         else:
-            self.gate.release(slot)
+            self.admission.release(slot)
         return answer
 
     def done(self, answer: Answer) -> None:
         """An answer that was still arriving has ended (relayed, failed or abandoned)."""
         self.finished(answer.worker)
         if answer.slot is not None:
-            self.gate.release(answer.slot)
+            self.admission.release(answer.slot)
 
     async def _open(self, call: Call, slot: Slot | None = None) -> Answer:
         last: ApiError | None = None
@@ -126,7 +126,7 @@ class Upstreams:
             if url is None:  # the replica went away while we backed off
                 continue
             if slot is not None:
-                self.gate.seat(slot, worker)
+                self.admission.seat(slot, worker)
             try:
                 return await self._attempt(worker, url, call)
             except _Retry as e:

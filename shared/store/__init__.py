@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shared.store.admin import AdminReads, ModelDetails
+from shared.store.apikeys import ApiKeysStore, Decision
 from shared.store.autoscale import AutoscaleStore, ScaleMark
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
 from shared.store.intents import Intents, IntentsStore
@@ -12,10 +13,10 @@ from shared.store.observed import ObservedStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
-__all__ = ["Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "StoredModel",
+__all__ = ["Decision", "Intents", "ModelDetails", "NotLeader", "ScaleMark", "Store", "StoredModel",
            "connect", "spec_fingerprint"]
 
 
 class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,
-            ObservedStore, LifecycleStore, IntentsStore):
+            ObservedStore, LifecycleStore, IntentsStore, ApiKeysStore):
     """Everything the services read and write in Redis."""

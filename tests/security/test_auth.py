@@ -117,7 +117,7 @@ def test_echoed_values_are_truncated(pool: SecurePool) -> None:
 def test_status_shows_the_security_posture(pool: SecurePool) -> None:
     s = httpx.get(f"{pool.router.url}/admin/status", headers=bearer(ADMIN)).json()["security"]
     assert s == {"insecure": False, "bind": "127.0.0.1", "missing_tokens": [],
-                 "openai_api": "token"}
+                 "openai_api": "token", "openai_api_open": False, "api_keys": 0}
 
 
 # -- refusing to start open -----------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_allow_insecure_starts_warns_once_and_shows_it(
                    what=f"router health\n{procs.tail(log)}")
         s = httpx.get(f"{url}/admin/status", headers=bearer("a")).json()["security"]
         assert s == {"insecure": True, "bind": "0.0.0.0", "missing_tokens": ["API_TOKEN"],
-                     "openai_api": "open"}
+                     "openai_api": "open", "openai_api_open": True, "api_keys": 0}
         assert httpx.get(f"{url}/v1/models").status_code == 200  # open, as allowed
         assert log.read_text().count("INSECURE (ALLOW_INSECURE=true)") == 1
     finally:
@@ -195,7 +195,7 @@ def test_api_open_is_an_explicit_choice(redis_server: RedisServer, tmp_path: Pat
                    what=f"router health\n{procs.tail(log)}")
         s = httpx.get(f"{url}/admin/status", headers=bearer("a")).json()["security"]
         assert s == {"insecure": False, "bind": "0.0.0.0", "missing_tokens": [],
-                     "openai_api": "open"}
+                     "openai_api": "open", "openai_api_open": True, "api_keys": 0}
         assert "INSECURE (" not in log.read_text()
     finally:
         procs.stop(proc)

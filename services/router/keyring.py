@@ -1,0 +1,109 @@
+"""Who may call /v1: the router's local copy of every API key, and the check of one request.
+
+The request path never asks Redis who a key is: keys are held here by the SHA-256 of their
+secret, reloaded whole when the keys version moves. A change publishes a "keys" hint on the
+events channel, so every router reloads within milliseconds; a version check every
+KEYS_CHECK_S catches a hint that was lost, so a revocation holds everywhere within one
+second either way (docs/keys.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+
+from shared.apikeys import KeyRecord, hash_secret
+from shared.errors import Unauthorized
+from shared.events import Nudger
+from shared.settings import RouterSettings
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+# A request admitted without a per-user key: by API_TOKEN (or the admin token on the ASGI
+# path) or by an open endpoint. It has no limits.
+TRUSTED = None
+
+
+class KeyRing:
+    def __init__(self, store: Store, nudger: Nudger, settings: RouterSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.by_hash: dict[str, KeyRecord] = {}
+        self.tenant_limits: dict[str, dict[str, int]] = {}
+        self.version: int | None = None
+        self.routers = 1  # routers seen checking in lately (limits split over them locally)
+        self.loaded = False
+        # A tenant was ever given a key: "auto" stays "keys" after the last one is revoked
+        # (revoking every key must not open the endpoint).
+        self.keyed = False
+        self._hint = nudger.watch("keys")
+        self._token = settings.api_token.encode() if settings.api_token else None
+
+    @property
+    def mode(self) -> str:
+        """The effective AUTH_MODE: "auto" resolved against the keys that exist (or did)."""
+        mode = self.settings.auth_mode
+        if mode != "auto":
+            return mode
+        if self.keyed:
+            return "keys"
+        return "token" if self._token is not None else "open"
+
+    def check(self, header: bytes | None, *extra: bytes) -> KeyRecord | None:
+        """The key a request's ``Authorization`` header carries, None for a trusted request
+        (API_TOKEN, one of ``extra``, or an open endpoint); raises 401 otherwise."""
+        given = _bearer(header)
+        mode = self.mode
+        if given and mode != "token":
+            rec = self.by_hash.get(hash_secret(given))
+            if rec is not None:
+                if rec.expired():
+                    raise Unauthorized("this API key has expired")
+                return rec
+        if given:
+            for t in (self._token, *extra):
+                if t and hmac.compare_digest(given, t):
+                    return TRUSTED
+        if mode == "open":
+            return TRUSTED
+        raise Unauthorized("Incorrect API key provided." if given else
+                           "You didn't provide an API key (Authorization: Bearer sk-...).")
+
+    # ------------------------------------------------------------------ keeping current
+    async def reload(self) -> None:
+        version, self.routers = await self.store.check_in(self.settings.router_id)
+        if version != self.version or not self.loaded:
+            keys, limits, tenants = await self.store.all_keys()
+            self.by_hash = {k.secret_hash: k for k in keys}
+            self.keyed = tenants > 0
+            self.tenant_limits = limits
+            self.version = version
+            self.loaded = True
+
+    async def run(self) -> None:
+        last_error = 0.0
+        while True:
+            self._hint.clear()
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Redis away: keep the last copy, retry
+                if time.monotonic() - last_error > 30:
+                    logger.warning("cannot refresh API keys (%s); serving from the last copy",
+                                   e)
+                    last_error = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hint.wait(), self.settings.keys_check_s)
+
+
+def _bearer(header: bytes | None) -> bytes | None:
+    if not header:
+        return None
+    scheme, _, given = header.partition(b" ")
+    given = given.strip()
+    return given if scheme.lower() == b"bearer" and given else None

@@ -1,0 +1,169 @@
+"""Admin REST for API keys, tenant limits and usage (docs/keys.md)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from services.router.keyring import KeyRing
+from shared.apikeys import (
+    CreateKey,
+    KeyRecord,
+    TenantLimits,
+    UpdateKey,
+    hash_secret,
+    new_key_id,
+    new_secret,
+)
+from shared.errors import BadRequest, NotFound, clip
+from shared.http import bearer_guard, json_response, parse_body
+from shared.settings import RouterSettings
+from shared.store import Store
+from shared.store.apikeys import COUNTERS, USAGE_MAX_HOURS
+
+_TENANT_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _created(rec: KeyRecord, secret: str) -> dict[str, Any]:
+    # The only answer that ever carries the secret.
+    return rec.view() | {"key": secret}
+
+
+def _with_secret(rec: KeyRecord) -> tuple[KeyRecord, str]:
+    secret = new_secret()
+    rec.secret_hash = hash_secret(secret.encode())
+    rec.hint = secret[-4:]
+    return rec, secret
+
+
+def _hour_arg(value: str | None, default: float, name: str) -> int:
+    if value is None:
+        return int(default) // 3600 * 3600
+    try:
+        return int(float(value)) // 3600 * 3600
+    except ValueError:
+        raise BadRequest(f"{name}: a unix time in seconds is required", param=name) from None
+
+
+def build_routes(store: Store, settings: RouterSettings, ring: KeyRing) -> APIRouter:
+    api = APIRouter(prefix="/admin", dependencies=[Depends(bearer_guard(settings.admin_token))])
+    limit = settings.max_body_bytes
+
+    async def existing(key_id: str) -> KeyRecord:
+        rec = await store.get_key(key_id) if key_id.isascii() and len(key_id) < 64 else None
+        if rec is None:
+            raise NotFound(f"API key '{clip(key_id)}' does not exist", code="key_not_found")
+        return rec
+
+    async def changed() -> None:
+        await ring.reload()  # this router at once; the others on the hint
+
+    @api.post("/keys")
+    async def create(request: Request) -> Response:
+        req = await parse_body(request, CreateKey, limit)
+        now = time.time()
+        rec, secret = _with_secret(KeyRecord(
+            new_key_id(), req.name, req.tenant, "", list(req.models), req.rpm, req.tpm,
+            req.max_concurrent, req.priority, req.expires_at, now, now))
+        await store.save_key(rec, new=True)
+        await changed()
+        return json_response(_created(rec, secret), 201)
+
+    @api.get("/keys")
+    async def list_keys(tenant: str | None = None) -> Response:
+        keys, _, _ = await store.all_keys()
+        views = [k.view() for k in sorted(keys, key=lambda k: (k.tenant, k.created_at))
+                 if tenant is None or k.tenant == tenant]
+        return json_response({"keys": views})
+
+    @api.get("/keys/{key_id}")
+    async def get_key(key_id: str) -> Response:
+        return json_response((await existing(key_id)).view())
+
+    @api.patch("/keys/{key_id}")
+    async def update(key_id: str, request: Request) -> Response:
+        req = await parse_body(request, UpdateKey, limit)
+        rec = await existing(key_id)
+        for name, value in req.model_dump(exclude_unset=True).items():
+            if value is None and name in ("name", "models", "priority"):
+                raise BadRequest(f"{name}: may not be null", param=name)
+            setattr(rec, name, value)
+        rec.updated_at = time.time()
+        if not await store.save_key(rec, new=False):
+            raise NotFound(f"API key '{clip(key_id)}' does not exist", code="key_not_found")
+        await changed()
+        return json_response(rec.view())
+
+    @api.post("/keys/{key_id}/rotate")
+    async def rotate(key_id: str) -> Response:
+        rec, secret = _with_secret(await existing(key_id))
+        rec.updated_at = time.time()
+        if not await store.save_key(rec, new=False):
+            raise NotFound(f"API key '{clip(key_id)}' does not exist", code="key_not_found")
+        await changed()
+        return json_response(_created(rec, secret))
+
+    @api.delete("/keys/{key_id}")
+    async def revoke(key_id: str) -> Response:
+        rec = await existing(key_id)
+        await store.delete_key(rec)
+        await changed()
+        return json_response({"key_id": key_id, "revoked": True})
+
+    @api.put("/tenants/{tenant}/limits")
+    async def tenant_limits(tenant: str, request: Request) -> Response:
+        if not tenant or len(tenant) > 64 or not set(tenant) <= _TENANT_OK:
+            raise BadRequest("tenant: 1-64 letters, digits, '.', '_' or '-'", param="tenant")
+        req = await parse_body(request, TenantLimits, limit)
+        await store.set_tenant_limits(tenant, req.model_dump())
+        await changed()
+        return json_response({"tenant": tenant} | req.model_dump())
+
+    _usage_route(api, store)
+    return api
+
+
+def _usage_route(api: APIRouter, store: Store) -> None:
+    @api.get("/usage")
+    async def usage(request: Request, key: str | None = None, tenant: str | None = None,
+                    model: str | None = None) -> Response:
+        now = time.time()
+        q = request.query_params
+        first = _hour_arg(q.get("from"), now - 24 * 3600, "from")
+        last = _hour_arg(q.get("to"), now, "to")
+        if last < first:
+            raise BadRequest("to: must not be before from", param="to")
+        hours = list(range(first, last + 1, 3600))
+        if len(hours) > USAGE_MAX_HOURS:
+            raise BadRequest(f"from/to: at most {USAGE_MAX_HOURS} hours at a time",
+                             param="from")
+        tenants = [tenant] if tenant else await store.tenant_names()
+        rows = await store.usage_rows(tenants, hours)
+        return json_response(_usage_view(rows, key, model, first, last))
+
+
+def _usage_view(rows: list[tuple[str, int, dict[str, str]]], key: str | None,
+                model: str | None, first: int, last: int) -> dict[str, Any]:
+    per: dict[tuple[str, str, str, int], dict[str, int]] = defaultdict(
+        lambda: dict.fromkeys(COUNTERS, 0))
+    for tenant, hour, fields in rows:
+        for f, v in fields.items():
+            key_id, _, rest = f.partition("|")
+            alias, _, counter = rest.rpartition("|")
+            if counter not in COUNTERS or not v.lstrip("-").isdigit():
+                continue
+            if (key and key_id != key) or (model and alias != model):
+                continue
+            per[(tenant, key_id, alias, hour)][counter] += int(v)
+    total = dict.fromkeys(COUNTERS, 0)
+    items = []
+    for (tenant, key_id, alias, hour), counts in sorted(per.items()):
+        items.append({"tenant": tenant, "key_id": key_id, "model": alias, "hour": hour}
+                     | counts)
+        for c in COUNTERS:
+            total[c] += counts[c]
+    return {"from": first, "to": last, "total": total, "rows": items}

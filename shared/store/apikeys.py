@@ -1,0 +1,206 @@
+"""API keys, tenant limits, the rate limiter's script and usage counters (docs/keys.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.exceptions import NoScriptError, WatchError
+
+from shared.apikeys import KeyRecord
+from shared.keys import ROUTER_SEEN_TTL_S, USAGE_TTL_S
+from shared.records import BadRecord
+from shared.store.base import StoreBase
+
+# GCRA over any number of buckets, all or nothing. Per bucket (KEYS[i]): ARGV interval
+# (microseconds per unit), tolerance tau (microseconds) and cost (units). A bucket admits
+# while its theoretical arrival time (TAT) is at most tau ahead of now; an admission moves
+# every bucket's TAT by cost * interval. Checking before charging lets one request of any
+# size through an idle bucket (a reservation larger than the burst is not refused forever),
+# so a token bucket overshoots by at most one request's reservation. Redis's clock is the
+# only clock: routers' clocks never matter. Answer: {admitted (1/0), retry (us), then per
+# bucket the TAT minus now after the decision (us)}.
+LIMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tats = {}
+local retry = 0
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  if tat < now then tat = now end
+  tats[i] = tat
+  local over = tat - now - tonumber(ARGV[3 * i - 1])
+  if over > retry then retry = over end
+end
+local out = {0, math.ceil(retry)}
+if retry > 0 then
+  for i = 1, #KEYS do out[#out + 1] = math.floor(tats[i] - now) end
+  return out
+end
+out[1] = 1
+for i = 1, #KEYS do
+  local new = tats[i] + tonumber(ARGV[3 * i]) * tonumber(ARGV[3 * i - 2])
+  redis.call('SET', KEYS[i], string.format('%.1f', new), 'PX',
+             math.floor((new - now) / 1000) + 60000)
+  out[#out + 1] = math.floor(new - now)
+end
+return out
+"""
+
+# Usage counters read back at most this many hours per request (a month).
+USAGE_MAX_HOURS = 31 * 24
+COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited")
+
+
+@dataclass(frozen=True)
+class Decision:
+    admitted: bool
+    retry_us: int
+    ahead_us: list[int]  # per bucket: its TAT minus now, after the decision
+
+
+class ApiKeysStore(StoreBase):
+    _limit_sha: str | None = None
+
+    # ------------------------------------------------------------------ keys
+    async def save_key(self, rec: KeyRecord, *, new: bool) -> bool:
+        """Write ``rec`` (create, or replace an existing one) and bump the keys version, in
+        one transaction. False when ``new`` is False and the key is gone (revoked meanwhile)."""
+        hkey = self.k.api_keys(rec.tenant)
+        async with self.r.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(hkey)
+                if not new and not await pipe.hexists(hkey, rec.key_id):
+                    return False
+                pipe.multi()
+                pipe.hset(hkey, rec.key_id, rec.to_json())
+                pipe.hset(self.k.key_index, rec.key_id, rec.tenant)
+                pipe.sadd(self.k.tenants, rec.tenant)
+                pipe.incr(self.k.keys_version)
+                await pipe.execute()
+            except WatchError:
+                return False
+        await self.publish("keys")
+        return True
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        tenant = cast(str | None, await self.r.hget(self.k.key_index, key_id))
+        if tenant is None:
+            return None
+        raw = cast(str | None, await self.r.hget(self.k.api_keys(tenant), key_id))
+        return self._parse_key(self.k.api_keys(tenant), raw) if raw else None
+
+    async def delete_key(self, rec: KeyRecord) -> bool:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.k.api_keys(rec.tenant), rec.key_id)
+            pipe.hdel(self.k.key_index, rec.key_id)
+            pipe.incr(self.k.keys_version)
+            removed, _, _ = await pipe.execute()
+        await self.publish("keys")
+        return bool(removed)
+
+    def _parse_key(self, hkey: str, raw: str) -> KeyRecord | None:
+        try:
+            return KeyRecord.from_json(raw)
+        except (ValueError, TypeError) as e:
+            self._skip(BadRecord(hkey, f"key record does not parse: {e}"))
+            return None
+
+    async def keys_version(self) -> int:
+        raw = cast(str | None, await self.r.get(self.k.keys_version))
+        return int(raw) if raw and raw.lstrip("-").isdigit() else 0
+
+    async def all_keys(self) -> tuple[list[KeyRecord], dict[str, dict[str, int]], int]:
+        """Every key, every tenant's limits and the number of tenants ever given a key or a
+        limit (two round trips)."""
+        tenants = await self._members(self.k.tenants)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for t in tenants:
+                pipe.hgetall(self.k.api_keys(t))
+                pipe.hgetall(self.k.tenant_limits(t))
+            replies = await pipe.execute(raise_on_error=False)
+        keys: list[KeyRecord] = []
+        limits: dict[str, dict[str, int]] = {}
+        for i, t in enumerate(tenants):
+            hkey = self.k.api_keys(t)
+            for raw in cast(dict[str, str], self._checked(hkey, replies[2 * i], {})).values():
+                rec = self._parse_key(hkey, raw)
+                if rec is not None:
+                    keys.append(rec)
+            lim = cast(dict[str, str], self._checked(self.k.tenant_limits(t),
+                                                     replies[2 * i + 1], {}))
+            parsed = {k: int(v) for k, v in lim.items() if k in ("rpm", "tpm") and v.isdigit()}
+            if parsed:
+                limits[t] = parsed
+        return keys, limits, len(tenants)
+
+    async def set_tenant_limits(self, tenant: str, limits: dict[str, int | None]) -> None:
+        key = self.k.tenant_limits(tenant)
+        async with self.r.pipeline(transaction=True) as pipe:
+            gone = [k for k, v in limits.items() if v is None]
+            if gone:
+                pipe.hdel(key, *gone)
+            kept = {k: v for k, v in limits.items() if v is not None}
+            if kept:
+                pipe.hset(key, mapping=cast(Any, kept))
+            pipe.sadd(self.k.tenants, tenant)
+            pipe.incr(self.k.keys_version)
+            await pipe.execute()
+        await self.publish("keys")
+
+    async def check_in(self, router_id: str) -> tuple[int, int]:
+        """(keys version, live routers), and this router counted among them: one round trip,
+        the routers' periodic safety-net check."""
+        now = time.time()
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.get(self.k.keys_version)
+            pipe.zadd(self.k.routers, {router_id: now})
+            pipe.zremrangebyscore(self.k.routers, 0, now - ROUTER_SEEN_TTL_S)
+            pipe.zcard(self.k.routers)
+            raw, _, _, live = await pipe.execute()
+        version = int(raw) if raw and str(raw).lstrip("-").isdigit() else 0
+        return version, max(1, int(live))
+
+    # ------------------------------------------------------------------ limits
+    async def limit(self, keys: Sequence[str], args: Sequence[float]) -> Decision:
+        """One admission decision: one EVALSHA (plus a one-off SCRIPT LOAD per connection
+        to a Redis that lost its scripts)."""
+        if self._limit_sha is None:
+            self._limit_sha = await self.r.script_load(LIMIT_LUA)
+        try:
+            reply = await self.r.evalsha(self._limit_sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._limit_sha = await self.r.script_load(LIMIT_LUA)
+            reply = await self.r.evalsha(self._limit_sha, len(keys), *keys, *args)
+        out = [int(x) for x in cast(list[Any], reply)]
+        return Decision(out[0] == 1, out[1], out[2:])
+
+    async def flush(self, corrections: dict[str, float],
+                    usage: dict[tuple[str, int], dict[str, int]]) -> None:
+        """Token corrections (microseconds to add to a TAT) and usage increments, in one
+        pipeline: one round trip per flush, whatever the number of requests behind it."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            for key, delta in corrections.items():
+                pipe.incrbyfloat(key, delta)
+            for (tenant, hour), fields in usage.items():
+                ukey = self.k.usage(tenant, hour)
+                for f, n in fields.items():
+                    pipe.hincrby(ukey, f, n)
+                pipe.expire(ukey, USAGE_TTL_S)
+            await pipe.execute(raise_on_error=False)
+
+    async def usage_rows(self, tenants: Iterable[str], hours: list[int]
+                         ) -> list[tuple[str, int, dict[str, str]]]:
+        """(tenant, hour, counters hash) for every tenant and hour asked, one round trip."""
+        pairs = [(t, h) for t in tenants for h in hours]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for t, h in pairs:
+                pipe.hgetall(self.k.usage(t, h))
+            replies = await pipe.execute(raise_on_error=False)
+        return [(t, h, cast(dict[str, str], self._checked(self.k.usage(t, h), r, {})))
+                for (t, h), r in zip(pairs, replies, strict=True)]
+
+    async def tenant_names(self) -> list[str]:
+        return await self._members(self.k.tenants)
