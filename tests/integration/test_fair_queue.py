@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from tests.integration.keys_support import ADMIN, ADMIN_H, create_key, serving
+from tests.integration.keys_support import chat as key_chat
 from tests.integration.test_datapath import engines, sim_stats
 from tests.support import (
     Cluster,
@@ -26,7 +28,7 @@ from tests.support import (
 )
 
 
-def serving(cluster: Cluster, alias: str, router_env: dict[str, str] | None = None,
+def one_replica(cluster: Cluster, alias: str, router_env: dict[str, str] | None = None,
             **spec: Any) -> Proc:
     cluster.manager()
     cluster.worker("w1")
@@ -61,7 +63,7 @@ def peak_running(port: int, stop: threading.Event) -> list[int]:
 
 def test_a_model_at_its_cap_queues_instead_of_piling_onto_the_engine(
         cluster: Cluster) -> None:
-    router = serving(cluster, "capped", max_inflight=2, extra_args=["--ttft", "0.4"])
+    router = one_replica(cluster, "capped", max_inflight=2, extra_args=["--ttft", "0.4"])
     port = engines(router, "capped")["w1"]
     stop = threading.Event()
     seen = peak_running(port, stop)
@@ -76,7 +78,7 @@ def test_a_model_at_its_cap_queues_instead_of_piling_onto_the_engine(
 
 def test_queue_bound_gives_429_and_deadline_503_with_retry_after(cluster: Cluster) -> None:
     env = {"QUEUE_MAX": "2", "QUEUE_TIMEOUT_S": "2"}
-    router = serving(cluster, "slow2", env, max_inflight=1, extra_args=["--ttft", "4"])
+    router = one_replica(cluster, "slow2", env, max_inflight=1, extra_args=["--ttft", "4"])
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = pool.submit(chat, router, "slow2")
         wait_until(lambda: queues(router).get("slow2", {}).get("inflight") == 1, 2,
@@ -155,3 +157,88 @@ def test_each_replica_gets_at_most_max_inflight(cluster: Cluster) -> None:
     assert [a.status_code for a in answers] == [200] * 6
     assert [max(s) for s in seen] == [1, 1]  # one at a time on each, both used
     assert took >= 3 * 0.4
+
+
+# --- with API keys: tenants and priorities ---------------------------------------------------
+
+
+def keyed(cluster: Cluster, alias: str, **spec: Any) -> Proc:
+    cluster.extra_env.update({"ADMIN_TOKEN": ADMIN})
+    cluster.manager()
+    cluster.worker("w1")
+    router = cluster.router()
+    assert register(router, alias, token=ADMIN, engine="sim", **spec).status_code == 201
+    return router
+
+
+def queued_now(router: Proc, alias: str) -> int:
+    r = httpx.get(f"{router.url}/admin/status", headers=ADMIN_H, timeout=10).json()
+    return int(r["router"]["queues"].get(alias, {}).get("queued", 0))
+
+
+def queued_is(router: Proc, alias: str, n: int) -> bool:
+    return queued_now(router, alias) == n
+
+
+def test_a_small_tenant_is_not_stuck_behind_a_big_ones_backlog(cluster: Cluster) -> None:
+    router = keyed(cluster, "shared", max_inflight=1, extra_args=["--ttft", "0.8"])
+    a = create_key(router, name="a", tenant="big")["key"]
+    b = create_key(router, name="b", tenant="small")["key"]
+    serving([router], "shared", a)
+    finished: list[str] = []
+
+    def send(who: str, key: str) -> None:
+        assert key_chat(router, "shared", key).status_code == 200
+        finished.append(who)
+
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        big = [pool.submit(send, f"a{i}", a) for i in range(8)]
+        wait_until(lambda: queued_now(router, "shared") >= 5, 10, interval=0.05,
+                   what="the big tenant's backlog queued")
+        before = len(finished)
+        small = pool.submit(send, "b", b)
+        for f in [*big, small]:
+            f.result()
+    # B arrives behind at least five of A's queued requests: it goes next, or next but one
+    # when the tie with A's counter goes A's way (A's requests take 0.8 s: at most one more
+    # ends while B is being sent).
+    assert finished.index("b") <= before + 2, finished
+
+
+def test_queued_requests_go_by_key_priority(cluster: Cluster) -> None:
+    router = keyed(cluster, "ranked", max_inflight=1, extra_args=["--ttft", "0.4"])
+    keys = {p: create_key(router, name=p, tenant="t", priority=p)["key"]
+            for p in ("high", "normal", "low")}
+    serving([router], "ranked", keys["normal"])
+    finished: list[str] = []
+
+    def send(who: str) -> None:
+        assert key_chat(router, "ranked", keys[who]).status_code == 200
+        finished.append(who)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(key_chat, router, "ranked", keys["normal"])
+        wait_until(lambda: status(router, ADMIN)["router"]["queues"].get("ranked"), 5,
+                   interval=0.02, what="the first request in flight")
+        waiting = []
+        for n, who in enumerate(("low", "normal", "high"), start=1):
+            waiting.append(pool.submit(send, who))
+            wait_until(partial(queued_is, router, "ranked", n), 5, interval=0.02,
+                       what=f"{n} queued")
+        assert first.result().status_code == 200
+        for f in waiting:
+            f.result()
+    assert finished == ["high", "normal", "low"]
+
+
+def test_the_keys_priority_reaches_a_priority_scheduling_engine(cluster: Cluster) -> None:
+    router = keyed(cluster, "vprio", extra_args=["--scheduling-policy", "priority"])
+    high = create_key(router, name="h", tenant="t", priority="high")["key"]
+    low = create_key(router, name="l", tenant="t", priority="low")["key"]
+    serving([router], "vprio", high)
+    port = int(next(i["port"] for m in status(router, ADMIN)["models"] if m["alias"] == "vprio"
+                    for i in m["instances"] if i["state"] == "RUNNING"))
+    assert key_chat(router, "vprio", high, priority=50).status_code == 200
+    assert sim_stats(port)["last_priority"] == -10
+    assert key_chat(router, "vprio", low, stream=True).status_code == 200
+    assert sim_stats(port)["last_priority"] == 10
