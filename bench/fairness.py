@@ -1,6 +1,6 @@
 """Fair queueing on one saturated replica: tenant A with 48 concurrent clients, tenant B with 2.
 
-    .venv/bin/python -m bench.fairness [--duration 8] [--json PATH]
+    .venv/bin/python -m bench.fairness [--duration 8] [--json PATH] [--no-docs]
 
 One simulated engine that generates at most 8 sequences at once (``--enforce-max-num-seqs
 --max-num-seqs 8``, 10 ms per token, 20 tokens: about 0.2 s a request) serves two aliases in
@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from bench import docs
 from bench.pool import Pool, start_pool
 from bench.procset import LOAD_CORE, ROOT, Children, interruptible
 
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per phase")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
+    ap.add_argument("--no-docs", action="store_true", help="leave docs/performance.md alone")
     return ap.parse_args(argv)
 
 
@@ -188,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
             children.stop_all()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
-    print(report(result))
+    table = report(result)
+    print(table)
+    if not args.no_docs:
+        command = " ".join([".venv/bin/python -m bench.fairness", *sys.argv[1:]])
+        docs.replace_block("fairness", f"`{command}`, {args.duration:g} s per phase:\n\n{table}")
 
 
 if __name__ == "__main__":
