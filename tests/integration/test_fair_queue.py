@@ -206,7 +206,8 @@ def test_a_small_tenant_is_not_stuck_behind_a_big_ones_backlog(cluster: Cluster)
 
 
 def test_queued_requests_go_by_key_priority(cluster: Cluster) -> None:
-    router = keyed(cluster, "ranked", max_inflight=1, extra_args=["--ttft", "0.4"])
+    # Long enough for the three to queue behind the first while the machine is loaded.
+    router = keyed(cluster, "ranked", max_inflight=1, extra_args=["--ttft", "2"])
     keys = {p: create_key(router, name=p, tenant="t", priority=p)["key"]
             for p in ("high", "normal", "low")}
     serving([router], "ranked", keys["normal"])
@@ -223,7 +224,7 @@ def test_queued_requests_go_by_key_priority(cluster: Cluster) -> None:
         waiting = []
         for n, who in enumerate(("low", "normal", "high"), start=1):
             waiting.append(pool.submit(send, who))
-            wait_until(partial(queued_is, router, "ranked", n), 5, interval=0.02,
+            wait_until(partial(queued_is, router, "ranked", n), 10, interval=0.02,
                        what=f"{n} queued")
         assert first.result().status_code == 200
         for f in waiting:
