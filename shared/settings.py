@@ -105,7 +105,8 @@ class RouterSettings(CommonSettings):
     queue_timeout_s: float = Field(default=30.0, gt=0)
     # How many routers share the pool: each takes max_inflight // ROUTER_COUNT of every
     # replica (at least 1), so together they stay within max_inflight (docs/queueing.md).
-    router_count: int = Field(default=1, ge=1, le=1024)
+    # 0: the routers seen checking in within the last ROUTER_SEEN_TTL_S (10 s).
+    router_count: int = Field(default=0, ge=0, le=1024)
     # Who may use /v1 (docs/keys.md): "auto" is "keys" once any API key exists, else "token"
     # with API_TOKEN set, else "open". "keys": API keys (and API_TOKEN, unlimited); "token":
     # API_TOKEN only; "open": anyone (a valid key still gets its limits).

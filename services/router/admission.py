@@ -1,11 +1,12 @@
 """Admission to a model with ``max_inflight``: let a request through while the model has a
 free slot on this router, else queue it (:mod:`services.router.fairq`) until one frees up.
 
-A model without ``max_inflight`` costs one dict lookup. With it and a free slot: a counter
-increment, O(1). The slots are this router's: ``max_inflight // ROUTER_COUNT`` per serving
-replica (at least 1), so N routers configured with ROUTER_COUNT=N never hold more than
-``max_inflight`` requests on a replica between them, each counting exactly its own.
-docs/queueing.md says what is exact and what is not.
+A model without ``max_inflight`` costs one dict lookup. With it and a free slot: a few
+counter updates, O(1). The slots are this router's: ``max_inflight // routers`` per serving
+replica (at least 1), where ``routers`` is ROUTER_COUNT, or (ROUTER_COUNT=0, the default)
+the routers seen checking in lately (the key ring's count), so the routers together stay
+within ``max_inflight`` on each replica, each counting exactly its own. docs/queueing.md says
+what is exact and what is not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,16 +52,16 @@ class _Model:
 
 class Gate:
     def __init__(self, table: RouteTable, queue_max: int, queue_timeout_s: float,
-                 router_count: int = 1) -> None:
+                 routers: Callable[[], int] = lambda: 1) -> None:
         self.table = table
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_s
-        self.router_count = router_count
+        self.routers = routers  # how many routers share every replica, now
         self.models: dict[str, _Model] = {}
 
     def share(self, max_inflight: int) -> int:
         """This router's slots on one replica."""
-        return max(1, max_inflight // self.router_count)
+        return max(1, max_inflight // max(1, self.routers()))
 
     def capacity(self, alias: str, max_inflight: int) -> int:
         return self.share(max_inflight) * len(self.table.replicas(alias))

@@ -45,13 +45,16 @@ def create_app(settings: RouterSettings) -> FastAPI:
     client = Pool(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s)
     holder = Holder(table, store, settings)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
+    ring = KeyRing(store, nudger, settings)
+    # Routers sharing each replica's max_inflight: fixed, or those checking in lately.
+    routers = (lambda: settings.router_count) if settings.router_count else (
+        lambda: ring.routers)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
                           settings.buffer_answer_max_bytes,
                           admission=Gate(table, settings.queue_max, settings.queue_timeout_s,
-                                         settings.router_count))
+                                         routers))
     forwarder = Forwarder(table, upstreams, holder)
-    ring = KeyRing(store, nudger, settings)
     limiter = Limiter(store, ring, settings)
     gate = openai_api.Gate(ring, limiter, settings.limits_default_max_tokens)
 

@@ -43,6 +43,10 @@ def queues(router: Proc) -> dict[str, dict[str, Any]]:
     return dict(status(router)["router"]["queues"])
 
 
+def in_flight(router: Proc, alias: str) -> dict[str, Any] | None:
+    return queues(router).get(alias)
+
+
 def at_once(router: Proc, alias: str, n: int, **extra: Any) -> list[httpx.Response]:
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda _: chat(router, alias, **extra), range(n)))
@@ -243,3 +247,31 @@ def test_the_keys_priority_reaches_a_priority_scheduling_engine(cluster: Cluster
     assert sim_stats(port)["last_priority"] == -10
     assert key_chat(router, "vprio", low, stream=True).status_code == 200
     assert sim_stats(port)["last_priority"] == 10
+
+
+def test_routers_split_a_replicas_max_inflight(cluster: Cluster) -> None:
+    """Two routers (ROUTER_COUNT unset: the routers checking in) take one of a replica's two
+    slots each: eight requests over both never put more than two on the engine."""
+    cluster.manager()
+    cluster.worker("w1")
+    routers = [cluster.router("r0"), cluster.router("r1")]
+    assert register(routers[0], "split", engine="sim", max_inflight=2,
+                    extra_args=["--ttft", "0.5"]).status_code == 201
+    wait_until(lambda: running_on(routers[0], "split") == ["w1"], 30, what="split running")
+    for r in routers:
+        wait_serving(r, "split")
+    port = engines(routers[0], "split")["w1"]
+    stop = threading.Event()
+    seen = peak_running(port, stop)
+    slots: list[int] = []
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(chat, r, "split") for r in routers for _ in range(4)]
+        for r in routers:
+            view = wait_until(partial(in_flight, r, "split"), 5, interval=0.02,
+                              what=f"requests in flight on {r.name}")
+            slots.append(int(view["slots"]))
+        answers = [f.result() for f in futures]
+    stop.set()
+    assert [a.status_code for a in answers] == [200] * 8
+    assert slots == [1, 1]
+    assert max(seen) <= 2

@@ -100,7 +100,7 @@ def gate_with(max_inflight: int | None, replicas: int, queue_max: int = 4,
                      extra_args=extra_args or [])
     table.models = {"m": StoredModel(spec, "1", 0.0)}
     table.routes = {"m": {f"w{i}": f"http://w{i}" for i in range(replicas)}}
-    return Gate(table, queue_max, timeout_s, routers)
+    return Gate(table, queue_max, timeout_s, lambda: routers)
 
 
 async def enter(gate: Gate, principal: Principal) -> Slot:
