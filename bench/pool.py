@@ -64,9 +64,10 @@ def service_env(redis_url: str, state_dir: Path) -> dict[str, str]:
     }
 
 
-def start_pool(children: Children, run_dir: Path) -> Pool:
+def start_pool(children: Children, run_dir: Path, extra_env: dict[str, str] | None = None
+               ) -> Pool:
     redis_url, redis_pid = start_redis(children, run_dir / "redis")
-    env = service_env(redis_url, run_dir / "state")
+    env = service_env(redis_url, run_dir / "state") | (extra_env or {})
     pool = Pool(redis_url, {}, {"redis": redis_pid})
     for name in ("manager", "worker", "router"):
         port = free_port()

@@ -66,6 +66,9 @@ class ModelSpec(Strict):
     # requests (target per replica), between max(min_replicas, 1) and max_replicas.
     max_replicas: int | None = Field(default=None, ge=1, le=64)
     target_inflight: float | None = Field(default=None, gt=0, le=100_000)
+    # Requests one replica takes at once; past that on every replica, routers queue them
+    # (fair share and priorities: docs/queueing.md). None: no cap.
+    max_inflight: int | None = Field(default=None, ge=1, le=100_000)
     worker_id: Name | None = None
     extra_args: list[str] = Field(default_factory=list, max_length=64)
     # Residency: how many replicas stay when idle (0 = scale to zero), when to sleep and stop.
@@ -135,6 +138,7 @@ class RegisterModelRequest(Strict):
     replicas: int = 1
     max_replicas: int | None = None
     target_inflight: float | None = None
+    max_inflight: int | None = None
     worker_id: Name | None = None
     extra_args: list[str] = Field(default_factory=list)
     min_replicas: int = 1

@@ -104,6 +104,14 @@ class RouterSettings(CommonSettings):
     prefix_affinity_chars: int = Field(default=256, ge=0)
     # ... unless that replica has more than this many requests more than the least loaded.
     prefix_affinity_slack: int = Field(default=4, ge=0)
+    # Requests queued for a model at its max_inflight, per model and router; then 429
+    # queue_full. A queued request waits at most QUEUE_TIMEOUT_S, then 503 queue_timeout.
+    queue_max: int = Field(default=1024, ge=1)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    # How many routers share the pool: each takes max_inflight // ROUTER_COUNT of every
+    # replica (at least 1), so together they stay within max_inflight (docs/queueing.md).
+    # 0: the routers seen checking in within the last ROUTER_SEEN_TTL_S (10 s).
+    router_count: int = Field(default=0, ge=0, le=1024)
     # Who may use /v1 (docs/keys.md): "auto" is "keys" once any API key exists, else "token"
     # with API_TOKEN set, else "open". "keys": API keys (and API_TOKEN, unlimited); "token":
     # API_TOKEN only; "open": anyone (a valid key still gets its limits).

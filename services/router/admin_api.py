@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from services.router.admission import Gate
 from services.router.breaker import Breaker
 from services.router.keyring import KeyRing
 from services.router.routes import RouteTable
@@ -84,7 +85,7 @@ def reserved_by_gpu(ledgers: dict[str, dict[str, Reservation]]) -> dict[str, dic
 
 def build_routes(
     store: Store, settings: RouterSettings, table: RouteTable, breaker: Breaker,
-    security: dict[str, Any], ring: KeyRing,
+    security: dict[str, Any], ring: KeyRing, admission: Gate | None = None,
 ) -> APIRouter:
     api = APIRouter(prefix="/admin", dependencies=[Depends(bearer_guard(settings.admin_token))])
     sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
@@ -174,8 +175,10 @@ def build_routes(
             "scheduler": {"lease": await store.lease_holder()},
             # This router's own view: replicas (model, worker) its circuit breaker ejected,
             # with the seconds left.
+            # queues: per model at its max_inflight here, slots taken, slots and queued.
             "router": {"id": settings.router_id,
-                       "ejected": breaker.view(time.monotonic())},
+                       "ejected": breaker.view(time.monotonic()),
+                       "queues": admission.view() if admission is not None else {}},
             # gpu_reserved_mb: GPU index -> MB the ledger holds for placed models there.
             "workers": [w.model_dump() | {"gpu_reserved_mb": reserved.get(w.worker_id, {})}
                         for w in workers],

@@ -95,4 +95,4 @@ class Forwarder:
             yield STREAM_BROKEN
         finally:
             ex.close()
-            self.upstreams.finished(answer.worker)
+            self.upstreams.done(answer)

@@ -18,6 +18,7 @@ from services.router import (
     weights_api,
 )
 from services.router.adapters import AdapterTable
+from services.router.admission import Gate
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
@@ -53,12 +54,17 @@ def create_app(settings: RouterSettings) -> FastAPI:
     holder = Holder(table, store, settings)
     adapters = AdapterTable(store, settings.route_refresh_s)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
+    ring = KeyRing(store, nudger, settings)
+    # Routers sharing each replica's max_inflight: fixed, or those checking in lately.
+    routers = (lambda: settings.router_count) if settings.router_count else (
+        lambda: ring.routers)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
                           settings.buffer_answer_max_bytes, settings.prefix_affinity_slack,
-                          adapters)
+                          adapters,
+                          admission=Gate(table, settings.queue_max, settings.queue_timeout_s,
+                                         routers))
     forwarder = Forwarder(table, upstreams, holder)
-    ring = KeyRing(store, nudger, settings)
     limiter = Limiter(store, ring, settings)
     gate = openai_api.Gate(ring, limiter, settings.limits_default_max_tokens)
 
@@ -88,7 +94,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                                                gate, settings.admin_token,
                                                settings.prefix_affinity_chars, adapters))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security,
-                                              ring))
+                                              ring, upstreams.admission))
     app.include_router(keys_api.build_routes(store, settings, ring))
     app.include_router(adapters_api.build_routes(store, settings, adapters))
     app.include_router(weights_api.build_routes(store, settings))

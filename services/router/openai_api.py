@@ -5,15 +5,17 @@ completions, embeddings, responses, rerank, score, tokenize, pooling, classify, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from services.router.adapters import AdapterTable
+from services.router.admission import VLLM_PRIORITY, EnginePriority
 from services.router.forward import Forwarder
 from services.router.keyring import KeyRing
 from services.router.limiter import (
@@ -126,7 +128,8 @@ def _adapter_cards(table: RouteTable, adapters: AdapterTable) -> list[dict[str, 
 
 async def _prepare(
     table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
-    rec: KeyRecord | None, prefix_chars: int = 0, adapters: AdapterTable | None = None,
+    rec: KeyRecord | None, by_priority: EnginePriority, prefix_chars: int = 0,
+    adapters: AdapterTable | None = None,
 ) -> tuple[StoredModel, Call, dict[str, Any]]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
@@ -140,6 +143,10 @@ async def _prepare(
     call = Call(model.spec.alias, path, body, request_id, data.get("stream") is True,
                 affinity or None, rec.principal if rec is not None else ANONYMOUS,
                 prefix=prefix, adapter=adapter)
+    if by_priority(model.spec):
+        # The engine schedules by priority: it gets the key's, whatever the client sent.
+        data["priority"] = VLLM_PRIORITY[call.principal.priority]
+        call = replace(call, body=orjson.dumps(data))
     return model, call, data
 
 
@@ -163,6 +170,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
     serving. A cold, sleeping or stopped model, a wrong API key, and a body the lane does
     not take, go to the ASGI routes below, which hold the request or explain the error.
     With API keys: a dict lookup for the key, one EVALSHA for its limits, and go."""
+    by_priority = EnginePriority()
 
     async def handle(lane: Lane) -> bool:
         try:
@@ -177,7 +185,8 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
         session = lane.header(b"x-session-id")
         model, call, data = await _prepare(
             table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None, rec, prefix_chars, adapters)
+            session.decode("latin-1") if session else None, rec, by_priority, prefix_chars,
+            adapters)
         if model.hold is not None or not table.replicas(call.alias):
             return False
         ticket = await gate.admit(rec, call, data)
@@ -211,7 +220,7 @@ async def _send(lane: Lane, upstreams: Upstreams, answer: Answer, rid: bytes) ->
     try:
         await lane.relay(ex)
     finally:
-        upstreams.finished(answer.worker)
+        upstreams.done(answer)
 
 
 def _after(response: Response, then: Callable[[], None]) -> None:
@@ -237,6 +246,7 @@ def build_routes(
     # The admin token is accepted too (the console's playground sends it); such requests
     # leave the fast lane, which does not know it, for this path.
     extra = (admin_token.encode(),) if admin_token else ()
+    by_priority = EnginePriority()
 
     def check(request: Request) -> KeyRecord | None:
         # Starlette decodes header bytes as latin-1, so this gives back the bytes sent.
@@ -255,7 +265,7 @@ def build_routes(
         else:
             model, call, data = await _prepare(
                 table, body, path, rid, request.headers.get("x-session-id"), rec,
-                prefix_chars, adapters)
+                by_priority, prefix_chars, adapters)
         ticket = await gate.admit(rec, call, data)
         try:
             response = await _forward(request, forwarder, model, call)

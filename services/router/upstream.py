@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from starlette.responses import Response
 
 from services.router.adapters import AdapterTable
+from services.router.admission import Gate, Slot
 from services.router.balancer import holders_first, order_replicas
 from services.router.breaker import Breaker
 from services.router.routes import RouteTable
@@ -62,6 +63,7 @@ class Answer:
     worker: str
     exchange: Exchange
     body: bytes | None
+    slot: Slot | None = None  # the model's admission slot, held until the answer ends
 
 
 class Upstreams:
@@ -69,7 +71,7 @@ class Upstreams:
         self, table: RouteTable, pool: Pool, internal_token: str | None,
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
         buffer_max: int = 1 << 20, prefix_slack: float = 4,
-        adapters: AdapterTable | None = None,
+        adapters: AdapterTable | None = None, *, admission: Gate,
     ) -> None:
         self.table = table
         self.pool = pool
@@ -79,14 +81,17 @@ class Upstreams:
         self.retry_after_s = retry_after_s
         self.buffer_max = buffer_max
         self.prefix_slack = prefix_slack
+        self.admission = admission
         self.inflight: Counter[str] = Counter()
         self.adapters = adapters
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
 
-    def order(self, call: Call) -> list[str]:
+    def order(self, call: Call, slot: Slot | None = None) -> list[str]:
         replicas = self.table.replicas(call.alias)
         allowed = self.breaker.allowed(call.alias, sorted(replicas), time.monotonic())
+        if slot is not None:  # a capped model: replicas below their share here first
+            allowed = self.admission.below_share(slot, allowed)
         ordered = order_replicas(allowed, self.inflight, self.table.load(call.alias),
                                  call.affinity, prefix=call.prefix, slack=self.prefix_slack)
         if call.adapter is not None and self.adapters is not None:
@@ -99,17 +104,43 @@ class Upstreams:
         ex = answer.exchange
         if answer.body is not None:
             return Response(answer.body, ex.status, headers=headers_of(ex))
-        return relay(ex, on_close=lambda: self.finished(answer.worker))
+        return relay(ex, on_close=lambda: self.done(answer))
 
     async def open(self, call: Call) -> Answer:
-        """The answer to ``call`` from the first replica that takes it."""
+        """The answer to ``call`` from the first replica that takes it, once the model has
+        a free slot (:mod:`services.router.admission`); an answer still arriving keeps the
+        slot until :meth:`done`."""
+        cap = self.admission.cap(call.alias)
+        if cap is None:
+            return await self._open(call)
+        slot = await self.admission.enter(call.alias, cap, call.principal)
+        try:
+            answer = await self._open(call, slot)
+        except BaseException:
+            self.admission.release(slot)
+            raise
+        if answer.body is None:
+            answer.slot = slot
+        else:
+            self.admission.release(slot)
+        return answer
+
+    def done(self, answer: Answer) -> None:
+        """An answer that was still arriving has ended (relayed, failed or abandoned)."""
+        self.finished(answer.worker)
+        if answer.slot is not None:
+            self.admission.release(answer.slot)
+
+    async def _open(self, call: Call, slot: Slot | None = None) -> Answer:
         last: ApiError | None = None
-        for attempt, worker in enumerate(self.order(call)[: self.max_attempts]):
+        for attempt, worker in enumerate(self.order(call, slot)[: self.max_attempts]):
             if attempt:
                 await asyncio.sleep(self.backoff_s * attempt)
             url = self.table.replicas(call.alias).get(worker)
             if url is None:  # the replica went away while we backed off
                 continue
+            if slot is not None:
+                self.admission.seat(slot, worker)
             try:
                 return await self._attempt(worker, url, call)
             except _Retry as e:

@@ -42,6 +42,8 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 1
     lora_load_delay: float = 0.0
+    scheduling_policy: str = "fcfs"
+    enforce_max_num_seqs: bool = False
 
 
 def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,7 @@ def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--max-loras", type=int, default=1)
     parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
 
 
 def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +89,10 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-blocks", type=int, default=4096)
     # Seconds a POST /v1/load_lora_adapter takes (reading the adapter's weights).
     parser.add_argument("--lora-load-delay", type=float, default=0.1)
+    # At most --max-num-seqs requests generate at once, the others wait (vLLM's behaviour;
+    # by default the simulator runs every request at once and only reports the excess as
+    # waiting), so a saturated replica's latency grows with its load.
+    parser.add_argument("--enforce-max-num-seqs", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +155,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineConfig:
         enable_lora=ns.enable_lora,
         max_loras=ns.max_loras,
         lora_load_delay=ns.lora_load_delay,
+        scheduling_policy=ns.scheduling_policy,
+        enforce_max_num_seqs=ns.enforce_max_num_seqs,
     )
 
 

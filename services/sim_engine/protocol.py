@@ -77,6 +77,7 @@ class GenSpec:
     max_tokens: int
     stream: bool
     include_usage: bool
+    priority: int = 0
 
     def usage(self) -> dict[str, int]:
         prompt = sum(tokens for _, tokens in self.prompts)
@@ -131,7 +132,17 @@ def gen_spec(body: Body, chat: bool, prompts: list[Prompt], config: EngineConfig
         limit = body.get("max_tokens")
     max_tokens = check_max_tokens(limit, prompts, config)
     stream, include_usage = stream_flags(body)
-    return GenSpec(chat, prompts, max_tokens, stream, include_usage)
+    return GenSpec(chat, prompts, max_tokens, stream, include_usage,
+                   check_priority(body.get("priority", 0), config))
+
+
+def check_priority(value: Any, config: EngineConfig) -> int:
+    """The request's ``priority``, refused as vLLM refuses it without priority scheduling."""
+    if not textgen.is_int(value):
+        raise ApiError(400, "`priority` must be an integer.")
+    if value != 0 and config.scheduling_policy != "priority":
+        raise ApiError(400, f"Got priority {value} but Priority scheduling is not enabled.")
+    return int(value)
 
 
 def stream_choice(spec: GenSpec, index: int, token: str | None, finish: str | None) -> Body:

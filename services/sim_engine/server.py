@@ -44,6 +44,7 @@ from services.sim_engine.protocol import (
     sse,
     stream_choice,
 )
+from services.sim_engine.seats import Seats
 
 Handler = Callable[[Request, Body], Awaitable[Response]]
 
@@ -152,6 +153,9 @@ class SimEngine:
         self._dead = False
         self.prefix_cache = PrefixCache(config.prefix_cache_blocks)
         self.lora = LoraState(config.enable_lora, config.max_loras, config.lora_load_delay)
+        self.seats = Seats(config.max_num_seqs, config.scheduling_policy == "priority") \
+            if config.enforce_max_num_seqs else None
+        self.last_priority: int | None = None
 
     # --- request plumbing -------------------------------------------------------------------
 
@@ -246,6 +250,7 @@ class SimEngine:
         if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
             raise ApiError(500, "simulated engine failure")
         ttft = self._ttft(spec)
+        self.last_priority = spec.priority
         if spec.stream:
             return EventStream(self._events(spec, ttft, request.state.model),
                                watch=self._paced)
@@ -254,7 +259,8 @@ class SimEngine:
         try:
             delay = ttft + (spec.max_tokens - 1) * self.config.itl
             # The client may leave while the "GPU" works: race the wait against the disconnect.
-            if delay > 0 and not await finish_or_disconnect(asyncio.sleep(delay), request.receive):
+            if delay > 0 and not await finish_or_disconnect(self._run(spec, delay),
+                                                            request.receive):
                 return Response(status_code=499)  # nobody is left to read it
             ok = True
         finally:
@@ -273,6 +279,17 @@ class SimEngine:
         cached = [self.prefix_cache.lookup(p) for p, _ in spec.prompts]
         return self.config.ttft * (1.0 - 0.8 * min(cached))
 
+    async def _run(self, spec: GenSpec, delay: float) -> None:
+        """Generate for ``delay`` seconds, once a seat in the batch is free."""
+        if self.seats is None:
+            await asyncio.sleep(delay)
+            return
+        await self.seats.take(spec.priority)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.seats.give_back()
+
     async def _events(self, spec: GenSpec, ttft: float, model: str,
                       ) -> AsyncGenerator[bytes, None]:
         head = self._head(spec, model)
@@ -280,7 +297,11 @@ class SimEngine:
         all_tokens = [textgen.generate_tokens(p, spec.max_tokens) for p, _ in spec.prompts]
         self._begin(spec)
         ok = False
+        seated = False
         try:
+            if self.seats is not None:
+                await self.seats.take(spec.priority)
+                seated = True
             if spec.chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None}
@@ -297,6 +318,8 @@ class SimEngine:
             yield DONE_EVENT
             ok = True
         finally:
+            if seated and self.seats is not None:
+                self.seats.give_back()
             self._end(ok)
 
     async def embeddings(self, request: Request, body: Body) -> Response:
@@ -404,7 +427,7 @@ class SimEngine:
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
                              "wakes": s.wakes, "last_request_id": self.last_request_id,
-                             "lora": self.lora.view()})
+                             "lora": self.lora.view(), "last_priority": self.last_priority})
 
     async def sim_faults(self, request: Request) -> Response:
         """Test hook: set this engine's failure rate at run time (``{"fail_rate": 1.0}``),
