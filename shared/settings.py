@@ -68,6 +68,11 @@ class CommonSettings(BaseSettings):
     # Serve the hot requests below ASGI (shared/fastlane.py). Off: every request goes through
     # the ASGI app; same answers, about five times the CPU per request (docs/performance.md).
     fast_lane: bool = True
+    # Prometheus metrics and GET /metrics (docs/observability.md). Off: no /metrics and no
+    # metric work on the request path (the bench's baseline for their cost).
+    metrics: bool = True
+    # Bearer token for GET /metrics (ADMIN_TOKEN works too); unset: ADMIN_TOKEN, or open.
+    metrics_token: str | None = None
 
 
 class RouterSettings(CommonSettings):
@@ -99,6 +104,10 @@ class RouterSettings(CommonSettings):
     hold_queue_max: int = Field(default=256, ge=1)
     # A held streamed request gets an SSE comment this often, so proxies do not cut it.
     hold_keepalive_s: float = Field(default=5.0, gt=0)
+    # One structured log line per request (docs/observability.md): on/off, and the share of
+    # requests logged (errors are always logged).
+    access_log: bool = True
+    access_log_sample: float = Field(default=1.0, ge=0, le=1)
 
 
 class ManagerSettings(CommonSettings):

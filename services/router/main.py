@@ -7,18 +7,21 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from services.router import admin_api, console_api, openai_api
 from services.router.breaker import Breaker
 from services.router.forward import Forwarder
 from services.router.hold import Holder
+from services.router.metrics import AccessLog, Recorder, RouterMetrics
 from services.router.routes import RouteTable
 from services.router.upstream import Upstreams
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.http import json_response
 from shared.logs import setup_logging
+from shared.metrics import metrics_routes
 from shared.service import background, make_app, open_store, pin_mmap_threshold, run
 from shared.settings import RouterSettings
 from shared.wire import Pool
@@ -45,6 +48,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
                           settings.buffer_answer_max_bytes)
     forwarder = Forwarder(table, upstreams, holder)
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry) if settings.metrics else None
+    if metrics is not None:
+        metrics.held_gauge(registry, holder)
+    recorder = Recorder(metrics, AccessLog(settings.access_log, settings.access_log_sample))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -67,11 +75,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
     security = router_exposure(settings).view() | {
         "openai_api": "token" if settings.api_token else "open"}
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
-                                               settings.api_token, settings.admin_token))
+                                               settings.api_token, recorder,
+                                               settings.admin_token))
+    if metrics is not None:
+        app.include_router(metrics_routes(registry, settings))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security))
     console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes,
-                                               settings.api_token)
+                                               settings.api_token, recorder)
     return app
 
 

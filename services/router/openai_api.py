@@ -6,11 +6,13 @@ from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from services.router.forward import Forwarder
+from services.router.metrics import Recorder, RequestRecord
 from services.router.routes import RouteTable
 from services.router.upstream import Call, Upstreams
-from shared.errors import BadRequest, ModelNotFound, clip
+from shared.errors import ApiError, BadRequest, ModelNotFound, clip
 from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
 from shared.http import (
     ClientGone,
@@ -21,6 +23,7 @@ from shared.http import (
     parse_object,
     read_body,
 )
+from shared.logs import REQUEST_ID
 from shared.models import is_valid_name
 from shared.store import StoredModel
 
@@ -29,6 +32,7 @@ _HOT = {f"/{p}": p for p in ("v1/chat/completions", "v1/completions", "v1/embedd
 
 async def _prepare(
     table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
+    record: RequestRecord | None = None,
 ) -> tuple[StoredModel, Call]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
@@ -40,12 +44,15 @@ async def _prepare(
         raise ModelNotFound(f"The model `{clip(name)}` does not exist.", param="model")
     user = data.get("user")
     affinity = session or (user if isinstance(user, str) else None)
-    call = Call(name, path, body, request_id, data.get("stream") is True,
-                affinity or None)
+    stream = data.get("stream") is True
+    call = Call(name, path, body, request_id, stream, affinity or None, record=record)
+    if record is not None:
+        record.alias, record.stream = name, stream
     return model, call
 
 
-def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None) -> Picker:
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | None,
+              recorder: Recorder) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
     serving. A cold, sleeping or stopped model, a wrong API token, and a body the lane does
     not take, go to the ASGI routes below, which hold the request or explain the error."""
@@ -60,22 +67,38 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
             return False
         # The id every answer carries (errors included) and the worker and engine get.
         lane.request_id = rid = request_id_of(lane.header(b"x-request-id"))
-        session = lane.header(b"x-session-id")
-        model, call = await _prepare(
-            table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None)
-        if model.hold is not None or not table.replicas(call.alias):
-            return False
-        answer = await upstreams.open(call)
-        ex = answer.exchange
-        if answer.body is not None:
-            lane.respond(ex.status, pass_headers(ex.headers, rid), answer.body)
-            return True
+        rid_text = rid.decode("latin-1")
+        REQUEST_ID.set(rid_text)  # this request's task: its log lines carry the id
+        record = recorder.start(rid_text)
+        status, code = 499, ""  # cancelled: the client went away
         try:
-            await lane.relay(ex)
+            session = lane.header(b"x-session-id")
+            model, call = await _prepare(table, body, _HOT[lane.path], rid_text,
+                                         session.decode("latin-1") if session else None, record)
+            if model.hold is not None or not table.replicas(call.alias):
+                status = 0  # the ASGI route takes it, with a record of its own
+                return False
+            answer = await upstreams.open(call)
+            ex = answer.exchange
+            status = ex.status
+            if answer.body is not None:
+                lane.respond(ex.status, pass_headers(ex.headers, rid), answer.body)
+                return True
+            lane.watch = record
+            try:
+                await lane.relay(ex)
+            finally:
+                upstreams.finished(answer.worker)
+            return True
+        except ApiError as e:
+            status, code = e.status, e.code
+            raise
+        except Exception:
+            status = 500
+            raise
         finally:
-            upstreams.finished(answer.worker)
-        return True
+            if status:
+                record.finish(status, code)
 
     def pick(method: str, path: str) -> Handler | None:
         return handle if method == "POST" and path in _HOT else None
@@ -83,9 +106,36 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
     return pick
 
 
+class Watched(Response):
+    """An answer sent through the ASGI app, with its record told of its status and chunks
+    and finished once it is over, however it ended."""
+
+    def __init__(self, inner: Response, record: RequestRecord) -> None:
+        self.inner = inner
+        self.record = record
+        self.status_code = inner.status_code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = self.record
+        status = 499
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                record.chunk(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, watched)
+        finally:
+            record.finish(status)
+
+
 def build_routes(
     table: RouteTable, forwarder: Forwarder, limit: int, token: str | None,
-    admin_token: str | None = None,
+    recorder: Recorder, admin_token: str | None = None,
 ) -> APIRouter:
     api = APIRouter()
     # With an API token set, the admin token is accepted too (the console's playground sends
@@ -96,20 +146,28 @@ def build_routes(
         given = request.headers.get("x-request-id")
         rid = request_id_of(given.encode("latin-1") if given else None).decode("latin-1")
         request.state.request_id = rid  # error answers carry it too (shared/errors.py)
-        await check(request)
-        body = await read_body(request, limit)
-        model, call = await _prepare(table, body, path, rid,
-                                     request.headers.get("x-session-id"))
-        if call.stream:
-            # Once streaming, Starlette cancels the relay when the client goes away.
-            response = await forwarder.handle(model, call)
-        else:
-            try:
-                response = await cancel_on_disconnect(request, forwarder.handle(model, call))
-            except ClientGone:
-                return Response(status_code=499)  # nobody reads it; for the logs (nginx's)
+        REQUEST_ID.set(rid)
+        record = recorder.start(rid)
+        try:
+            await check(request)
+            body = await read_body(request, limit)
+            model, call = await _prepare(table, body, path, rid,
+                                         request.headers.get("x-session-id"), record)
+            if call.stream:
+                # Once streaming, Starlette cancels the relay when the client goes away.
+                response = await forwarder.handle(model, call)
+            else:
+                try:
+                    response = await cancel_on_disconnect(request,
+                                                          forwarder.handle(model, call))
+                except ClientGone:
+                    record.finish(499)
+                    return Response(status_code=499)  # nobody reads it; for the logs (nginx's)
+        except ApiError as e:
+            record.finish(e.status, e.code)
+            raise
         response.headers["x-request-id"] = rid
-        return response
+        return Watched(response, record)
 
     # The hot routes are plain Starlette routes: FastAPI's dependency machinery costs tens of
     # microseconds per request and these need none of it (docs/performance.md).

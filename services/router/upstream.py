@@ -16,11 +16,13 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from time import perf_counter
 
 from starlette.responses import Response
 
 from services.router.balancer import order_replicas
 from services.router.breaker import Breaker
+from services.router.metrics import RequestRecord
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, UpstreamError
 from shared.forwarding import headers_of, relay
@@ -44,6 +46,7 @@ class Call:
     stream: bool
     affinity: str | None = None
     principal: Principal = ANONYMOUS
+    record: RequestRecord | None = None  # metrics and the access log (services/router/metrics)
 
 
 @dataclass(slots=True)
@@ -90,20 +93,31 @@ class Upstreams:
     async def open(self, call: Call) -> Answer:
         """The answer to ``call`` from the first replica that takes it."""
         last: ApiError | None = None
+        record = call.record
         for attempt, worker in enumerate(self.order(call)[: self.max_attempts]):
+            began = perf_counter()  # replica and back-off time: not the router's own
             if attempt:
                 await asyncio.sleep(self.backoff_s * attempt)
             url = self.table.replicas(call.alias).get(worker)
             if url is None:  # the replica went away while we backed off
                 continue
             try:
-                return await self._attempt(worker, url, call)
+                answer = await self._attempt(worker, url, call)
             except _Retry as e:
-                self.breaker.failure(call.alias, worker, time.monotonic())
+                ejected = self.breaker.failure(call.alias, worker, time.monotonic())
+                if record is not None:
+                    record.attempt_failed(ejected)
+                    record.upstream_s += perf_counter() - began
                 logger.warning("replica %s of %s failed before answering (%s); %s", worker,
                                call.alias, e.error.message, "retrying" if attempt + 1 <
                                self.max_attempts else "giving up")
                 last = e.error
+                continue
+            if record is not None:
+                record.answered(worker, perf_counter() - began)
+                if answer.body is not None:
+                    record.body(answer.body)
+            return answer
         raise last or NoCapacity(f"no replica of '{call.alias}' could take the request",
                                  retry_after_s=self.retry_after_s)
 

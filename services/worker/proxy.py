@@ -9,6 +9,7 @@ explains the error.
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -20,7 +21,10 @@ from shared.errors import NoCapacity, NotFound, clip
 from shared.fastlane import Handler, Lane, Picker, new_request_id, request_id_of
 from shared.forwarding import relay
 from shared.http import ClientGone, cancel_on_disconnect, read_body
+from shared.logs import REQUEST_ID
 from shared.wire import Pool
+
+logger = logging.getLogger(__name__)
 
 # The engine's other endpoints (/sleep, /wake_up, /collective_rpc ...) are not for clients:
 # vLLM leaves them unauthenticated, so only these pass.
@@ -88,7 +92,10 @@ async def forward(
         return value.encode("latin-1") if value else None
 
     rid = engine_request_id(rid, engine.launch.uuid_request_ids)
-    request.state.request_id = rid.decode("latin-1")
+    request.state.request_id = rid_text = rid.decode("latin-1")
+    REQUEST_ID.set(rid_text)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("proxying %s /%s", alias, path)
     headers = forward_headers(get, rid)
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
@@ -126,6 +133,9 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
             return False
         lane.request_id = rid = engine_request_id(lane.header(b"x-request-id"),
                                                   engine.launch.uuid_request_ids)
+        REQUEST_ID.set(rid.decode("latin-1"))  # this request's task: its log lines carry it
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("proxying %s /%s", alias, path)
         headers = forward_headers(lane.header, rid)
         supervisor.begin(alias)
         try:

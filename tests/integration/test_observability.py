@@ -1,0 +1,221 @@
+"""Metrics, request ids and the access log, against real router, worker and manager
+processes with simulated engines: counters and histogram counts match the traffic sent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import Cluster, Proc, chat, model_status, register, running_on, wait_until
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(proc: Proc, path: str = "/metrics", token: str | None = None) -> Samples:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    r = httpx.get(f"{proc.url}{path}", headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    out: Samples = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def engines(router: Proc, alias: str) -> dict[str, int]:
+    m = model_status(router, alias)
+    assert m is not None
+    return {i["worker_id"]: int(i["port"]) for i in m["instances"] if i["state"] == "RUNNING"}
+
+
+def sim_stats(port: int) -> dict[str, Any]:
+    return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json())
+
+
+def stream(router: Proc, alias: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> tuple[int, str]:
+    body = {"model": alias, "stream": True, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]} | extra
+    with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body,
+                      headers=headers or {}, timeout=30) as resp:
+        text = "".join(resp.iter_text())
+    return resp.status_code, text
+
+
+def access_lines(proc: Proc) -> list[dict[str, str]]:
+    """The router's access log lines (text format: ``key=value`` fields)."""
+    out = []
+    for line in proc.log.read_text().splitlines():
+        if "svllm.access: request " in line:
+            fields = line.split("svllm.access: request ", 1)[1].split()
+            out.append(dict(f.split("=", 1) for f in fields if "=" in f))
+    return out
+
+
+@pytest.mark.parametrize("fast_lane", ["true", "false"])
+def test_router_counts_what_was_sent(cluster: Cluster, fast_lane: str) -> None:
+    cluster.manager()
+    cluster.worker("w1")
+    cluster.worker("w2")
+    router = cluster.router(FAST_LANE=fast_lane, BREAKER_COOLDOWN_S="120")
+    # 10 ms between tokens: a stream's chunks reach the router one by one.
+    assert register(router, "m", engine="sim", replicas=2,
+                    extra_args=["--itl", "0.01"]).status_code == 201
+    wait_until(lambda: sorted(running_on(router, "m")) == ["w1", "w2"], 30, what="2 replicas")
+    wait_until(lambda: all(chat(router, "m").status_code == 200 for _ in range(4)), 10,
+               what="routes seen")
+    before = scrape(router)
+    usage = [0, 0]
+    for _ in range(5):
+        r = chat(router, "m")
+        assert r.status_code == 200
+        usage[0] += r.json()["usage"]["prompt_tokens"]
+        usage[1] += r.json()["usage"]["completion_tokens"]
+    for _ in range(3):
+        code, text = stream(router, "m", stream_options={"include_usage": True})
+        assert code == 200 and "[DONE]" in text
+        last = json.loads([ln for ln in text.splitlines() if '"usage"' in ln][-1][6:])
+        usage[0] += last["usage"]["prompt_tokens"]
+        usage[1] += last["usage"]["completion_tokens"]
+    assert chat(router, "nope").status_code == 404
+    after = scrape(router)
+    assert delta(before, after, "svllm_router_requests_total", model="m", status="2xx",
+                 tenant="default", key="anonymous") == 8
+    assert delta(before, after, "svllm_router_requests_total", status="4xx") == 1
+    assert delta(before, after, "svllm_router_request_duration_seconds_count", model="m") == 8
+    assert delta(before, after, "svllm_router_ttft_seconds_count", model="m") == 3
+    # Each stream of 4 tokens: at least the 3 gaps between its tokens.
+    assert delta(before, after, "svllm_router_stream_chunk_gap_seconds_count", model="m") >= 9
+    assert delta(before, after, "svllm_router_overhead_seconds_count", model="m") == 8
+    assert delta(before, after, "svllm_router_tokens_total", model="m", kind="prompt") \
+        == usage[0]
+    assert delta(before, after, "svllm_router_tokens_total", model="m", kind="completion") \
+        == usage[1]
+    assert delta(before, after, "svllm_router_upstream_attempts_total", model="m",
+                 outcome="ok") == 8
+
+    # A failover: every request w1's engine gets fails with a 500 and is retried on w2.
+    ports = engines(router, "m")
+    httpx.post(f"http://127.0.0.1:{ports['w1']}/sim/faults", json={"fail_rate": 1.0})
+    w1_before = sim_stats(ports["w1"])["requests"]
+    before = scrape(router)
+    sent = 0
+    while not httpx.get(f"{router.url}/admin/status").json()["router"]["ejected"]:
+        assert chat(router, "m").status_code == 200
+        sent += 1
+        assert sent < 60, "w1 never ejected"
+    after = scrape(router)
+    failed = sim_stats(ports["w1"])["requests"] - w1_before
+    assert failed == 3  # BREAKER_FAILURES: the third failure ejects
+    assert delta(before, after, "svllm_router_upstream_attempts_total", outcome="failed") \
+        == failed
+    assert delta(before, after, "svllm_router_retries_total", model="m") == failed
+    assert delta(before, after, "svllm_router_failovers_total", model="m") == failed
+    assert delta(before, after, "svllm_router_breaker_ejections_total", model="m") == 1
+    assert delta(before, after, "svllm_router_requests_total", model="m", status="2xx") \
+        == sent
+    lines = [a for a in access_lines(router) if a.get("model") == "m"]
+    assert sum(1 for a in lines if a["attempts"] == "2") == failed
+
+
+def test_held_request_cold_start_and_rejection_are_counted(cluster: Cluster) -> None:
+    manager = cluster.manager()
+    worker = cluster.worker("w1")
+    router = cluster.router()
+    m_before, w_before, r_before = scrape(manager), scrape(worker), scrape(router)
+    assert register(router, "cold", engine="sim", min_replicas=0).status_code == 201
+    assert running_on(router, "cold") == []
+    r = chat(router, "cold")  # held until the engine starts: a cold start
+    assert r.status_code == 200, r.text
+    r_after, w_after = scrape(router), scrape(worker)
+    assert delta(r_before, r_after, "svllm_router_hold_wait_seconds_count", model="cold") == 1
+    assert value(r_after, "svllm_router_held_requests", model="cold") == 0
+    assert delta(r_before, r_after, "svllm_router_requests_total", model="cold",
+                 status="2xx") == 1
+    assert delta(w_before, w_after, "svllm_worker_engine_starts_total", model="cold") == 1
+    assert delta(w_before, w_after, "svllm_worker_cold_start_seconds_count", model="cold") == 1
+    assert delta(w_before, w_after, "svllm_worker_warmup_seconds_count", model="cold") == 1
+    assert value(w_after, "svllm_worker_instance_state", model="cold", state="RUNNING") == 1
+    assert value(w_after, "svllm_worker_instance_state", model="cold", state="FAILED") == 0
+    m_after = scrape(manager)
+    assert value(m_after, "svllm_manager_leader") == 1
+    assert value(m_after, "svllm_manager_epoch") >= 1
+    assert value(m_after, "svllm_manager_workers_alive") == 1
+    assert delta(m_before, m_after, "svllm_manager_placements_total", model="cold",
+                 source="scheduler") == 1
+    assert value(m_after, "svllm_manager_reconcile_duration_seconds_count") >= 1
+
+    # Stopped by an operator: the router refuses (503 model_stopped), counted by reason.
+    stop = httpx.post(f"{router.url}/admin/models/cold/stop", timeout=10)
+    assert stop.status_code == 202
+    before = scrape(router)
+    assert chat(router, "cold").status_code == 503
+    after = scrape(router)
+    assert delta(before, after, "svllm_router_rejections_total", model="cold",
+                 reason="model_stopped") == 1
+    assert delta(before, after, "svllm_router_requests_total", model="cold",
+                 status="5xx") == 1
+
+
+@pytest.mark.parametrize("fast_lane", ["true", "false"])
+def test_request_id_in_access_log_worker_log_and_engine(cluster: Cluster, fast_lane: str
+                                                        ) -> None:
+    cluster.manager()
+    worker = cluster.worker("w1", FAST_LANE=fast_lane, LOG_LEVEL="DEBUG")
+    router = cluster.router(FAST_LANE=fast_lane)
+    assert register(router, "rid", engine="sim").status_code == 201
+    wait_until(lambda: chat(router, "rid").status_code == 200, 30, what="rid serving")
+    port = engines(router, "rid")["w1"]
+    for n, streamed in enumerate((False, True)):
+        rid = f"obs-{fast_lane}-{n}"
+        if streamed:
+            code, _ = stream(router, "rid", headers={"x-request-id": rid})
+        else:
+            code = chat(router, "rid", max_tokens=3).status_code  # no id: a generated one
+            rid = ""
+            r = httpx.post(f"{router.url}/v1/chat/completions", timeout=30,
+                           headers={"x-request-id": f"obs-{fast_lane}-0"},
+                           json={"model": "rid", "max_tokens": 3,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            code, rid = r.status_code, r.headers["x-request-id"]
+        assert code == 200 and rid
+        assert rid in sim_stats(port)["request_ids"]
+        wait_until(lambda rid=rid: any(a.get("request_id") == rid  # type: ignore[misc]
+                                       for a in access_lines(router)), 5, what="access line")
+        line = next(a for a in access_lines(router) if a.get("request_id") == rid)
+        assert line["model"] == "rid" and line["status"] == "200"
+        assert line["replica"] == "w1" and line["attempts"] == "1"
+        assert line["stream"] == str(streamed) and line["key"] == "anonymous"
+        if streamed:
+            assert float(line["ttft_ms"]) > 0
+        wait_until(lambda rid=rid: f"request_id={rid}" in worker.log.read_text(), 5,  # type: ignore[misc]
+                   what="worker log line with the id")
+
+
+def test_metrics_token_and_off_switch(cluster: Cluster) -> None:
+    cluster.manager()
+    router = cluster.router(METRICS_TOKEN="scrape-me", ADMIN_TOKEN="adm", ALLOW_INSECURE="true")
+    assert httpx.get(f"{router.url}/metrics", timeout=5).status_code == 401
+    bad = {"authorization": "Bearer nope"}
+    assert httpx.get(f"{router.url}/metrics", headers=bad, timeout=5).status_code == 401
+    for token in ("scrape-me", "adm"):
+        r = httpx.get(f"{router.url}/metrics", headers={"authorization": f"Bearer {token}"},
+                      timeout=5)
+        assert r.status_code == 200 and "# TYPE svllm_router_requests_total counter" in r.text
+    off = cluster.router("router-off", METRICS="false", ACCESS_LOG="off")
+    assert httpx.get(f"{off.url}/metrics", timeout=5).status_code == 404
