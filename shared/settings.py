@@ -73,6 +73,9 @@ class CommonSettings(BaseSettings):
     metrics: bool = True
     # Bearer token for GET /metrics (ADMIN_TOKEN works too); unset: ADMIN_TOKEN, or open.
     metrics_token: str | None = None
+    # OTLP/HTTP collector (e.g. http://otel-collector:4318): router and worker send spans
+    # there. Unset: no spans, and OpenTelemetry is not even imported (docs/observability.md).
+    otel_exporter_otlp_endpoint: str | None = None
 
 
 class RouterSettings(CommonSettings):

@@ -24,6 +24,7 @@ from shared.logs import setup_logging
 from shared.metrics import metrics_routes
 from shared.service import background, make_app, open_store, pin_mmap_threshold, run
 from shared.settings import RouterSettings
+from shared.tracing import make_tracing
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,10 @@ def create_app(settings: RouterSettings) -> FastAPI:
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry) if settings.metrics else None
     if metrics is not None:
-        metrics.held_gauge(registry, holder)
-    recorder = Recorder(metrics, AccessLog(settings.access_log, settings.access_log_sample))
+        metrics.held = holder
+    access = AccessLog(settings.access_log, settings.access_log_sample, settings.log_format)
+    tracing = make_tracing("svllm-router", settings.otel_exporter_otlp_endpoint)
+    recorder = Recorder(metrics, access, tracing)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +66,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
             yield
         await client.close()
         await store.close()
+        access.flush()
+        if tracing is not None:
+            tracing.shutdown()
 
     app = make_app("svllm router", lifespan)
 

@@ -69,7 +69,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, token: str | 
         lane.request_id = rid = request_id_of(lane.header(b"x-request-id"))
         rid_text = rid.decode("latin-1")
         REQUEST_ID.set(rid_text)  # this request's task: its log lines carry the id
-        record = recorder.start(rid_text)
+        record = recorder.start(rid_text, lane.header(b"traceparent"))
         status, code = 499, ""  # cancelled: the client went away
         try:
             session = lane.header(b"x-session-id")
@@ -147,7 +147,8 @@ def build_routes(
         rid = request_id_of(given.encode("latin-1") if given else None).decode("latin-1")
         request.state.request_id = rid  # error answers carry it too (shared/errors.py)
         REQUEST_ID.set(rid)
-        record = recorder.start(rid)
+        traceparent = request.headers.get("traceparent")
+        record = recorder.start(rid, traceparent.encode("latin-1") if traceparent else None)
         try:
             await check(request)
             body = await read_body(request, limit)

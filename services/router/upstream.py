@@ -106,7 +106,7 @@ class Upstreams:
             except _Retry as e:
                 ejected = self.breaker.failure(call.alias, worker, time.monotonic())
                 if record is not None:
-                    record.attempt_failed(ejected)
+                    record.attempt_failed(ejected, e.error.message)
                     record.upstream_s += perf_counter() - began
                 logger.warning("replica %s of %s failed before answering (%s); %s", worker,
                                call.alias, e.error.message, "retrying" if attempt + 1 <
@@ -124,6 +124,9 @@ class Upstreams:
     async def _attempt(self, worker: str, url: str, call: Call) -> Answer:
         headers = b"content-type: application/json\r\nx-request-id: %s\r\n%s" % (
             call.request_id.encode("latin-1"), self._auth)
+        traceparent = call.record.upstream_traceparent(worker) if call.record else None
+        if traceparent is not None:
+            headers += b"traceparent: " + traceparent + b"\r\n"
         path = f"/proxy/{call.alias}/{call.path}".encode()
         self.inflight[worker] += 1
         handed_over = False

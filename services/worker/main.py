@@ -27,6 +27,7 @@ from shared.metrics import metrics_guard, metrics_routes, render
 from shared.models import InstanceState
 from shared.service import background, make_app, open_store, pin_mmap_threshold, run
 from shared.settings import WorkerSettings
+from shared.tracing import make_tracing
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
     agent = Agent(store, settings, supervisor, inventory, nudger, client)
+    tracing = make_tracing("svllm-worker", settings.otel_exporter_otlp_endpoint)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -69,14 +71,16 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         await client.aclose()
         await upstream.close()
         await store.close()
+        if tracing is not None:
+            tracing.shutdown()
 
     app = make_app("svllm worker", lifespan)
     app.include_router(build_routes(store, settings, agent, upstream,
-                                    worker_exposure(settings).insecure))
+                                    worker_exposure(settings).insecure, tracing))
     if metrics is not None:
         install_metrics(app, metrics, settings, supervisor, agent, client)
     app.state.fast_lane = proxy.picker(proxy.fast_handler(
-        supervisor, upstream, settings.internal_token, settings.max_body_bytes))
+        supervisor, upstream, settings.internal_token, settings.max_body_bytes, tracing))
     return app
 
 

@@ -22,6 +22,7 @@ from shared.fastlane import Handler, Lane, Picker, new_request_id, request_id_of
 from shared.forwarding import relay
 from shared.http import ClientGone, cancel_on_disconnect, read_body
 from shared.logs import REQUEST_ID
+from shared.tracing import Span, Tracing, valid_traceparent
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,27 @@ def engine_request_id(given: bytes | None, uuid_ids: bool) -> bytes:
     return rid
 
 
-def forward_headers(get: Callable[[bytes], bytes | None], request_id: bytes) -> bytes:
-    """The request headers the engine gets: content type, accept, and the request id."""
+def forward_headers(get: Callable[[bytes], bytes | None], request_id: bytes,
+                    traceparent: bytes | None = None) -> bytes:
+    """The request headers the engine gets: content type, accept, the request id, and the
+    W3C traceparent when there is one."""
     out = [h + b": " + v + b"\r\n" for h in _FORWARD_HEADERS if (v := get(h)) is not None]
     out.append(b"x-request-id: " + request_id + b"\r\n")
+    if traceparent is not None:
+        out.append(b"traceparent: " + traceparent + b"\r\n")
     return b"".join(out)
+
+
+def trace(tracing: Tracing | None, given: bytes | None, alias: str, request_id: bytes
+          ) -> tuple[bytes | None, Span | None]:
+    """The traceparent the engine gets (the caller's, valid, as it is; with tracing, that of
+    a new "worker proxy" span under it) and that span, to end once the answer is over."""
+    traceparent = valid_traceparent(given)
+    if tracing is None:
+        return traceparent, None
+    span = tracing.span("worker proxy", traceparent,
+                        {"svllm.model": alias, "svllm.request_id": request_id.decode("latin-1")})
+    return span.traceparent(), span
 
 
 def _is_uuid(value: bytes) -> bool:
@@ -74,6 +91,7 @@ def tag(request: Request) -> bytes:
 
 async def forward(
     request: Request, alias: str, path: str, supervisor: Supervisor, pool: Pool, limit: int,
+    tracing: Tracing | None = None,
 ) -> Response:
     method = ALLOWED.get(path)
     rid = tag(request)
@@ -96,7 +114,15 @@ async def forward(
     REQUEST_ID.set(rid_text)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("proxying %s /%s", alias, path)
-    headers = forward_headers(get, rid)
+    given = request.headers.get("traceparent")
+    traceparent, span = trace(tracing, given.encode("latin-1") if given else None, alias, rid)
+    headers = forward_headers(get, rid, traceparent)
+
+    def over() -> None:
+        supervisor.end(alias)
+        if span is not None:
+            span.end()
+
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
     try:
@@ -106,15 +132,16 @@ async def forward(
             request, pool.send(engine.base_url, method.encode(), b"/" + path.encode(),
                                headers, body))
     except ClientGone:
-        supervisor.end(alias)
+        over()
         return Response(status_code=499)
     except BaseException:
-        supervisor.end(alias)
+        over()
         raise
-    return relay(ex, on_close=lambda: supervisor.end(alias), request_id=rid)
+    return relay(ex, on_close=over, request_id=rid)
 
 
-def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int) -> Handler:
+def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int,
+                 tracing: Tracing | None = None) -> Handler:
     expected = f"Bearer {token}".encode() if token else None
 
     async def handle(lane: Lane) -> bool:
@@ -136,7 +163,8 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
         REQUEST_ID.set(rid.decode("latin-1"))  # this request's task: its log lines carry it
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("proxying %s /%s", alias, path)
-        headers = forward_headers(lane.header, rid)
+        traceparent, span = trace(tracing, lane.header(b"traceparent"), alias, rid)
+        headers = forward_headers(lane.header, rid, traceparent)
         supervisor.begin(alias)
         try:
             ex = await pool.send(engine.base_url, lane.method.encode(), b"/" + path.encode(),
@@ -144,6 +172,8 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
             await lane.relay(ex)
         finally:
             supervisor.end(alias)
+            if span is not None:
+                span.end()
         return True
 
     return handle

@@ -4,10 +4,15 @@ processes with simulated engines: counters and histogram counts match the traffi
 from __future__ import annotations
 
 import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Cluster, Proc, chat, model_status, register, running_on, wait_until
@@ -205,6 +210,12 @@ def test_request_id_in_access_log_worker_log_and_engine(cluster: Cluster, fast_l
             assert float(line["ttft_ms"]) > 0
         wait_until(lambda rid=rid: f"request_id={rid}" in worker.log.read_text(), 5,  # type: ignore[misc]
                    what="worker log line with the id")
+    # Without tracing configured a client's traceparent reaches the engine untouched; one
+    # that is not a W3C traceparent is not passed on.
+    given = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+    for sent, expected in ((given, given), ("00-not-a-trace", None)):
+        assert chat_with(router, "rid", {"traceparent": sent}).status_code == 200
+        assert sim_stats(port)["traceparents"][-1] == expected
 
 
 def test_metrics_token_and_off_switch(cluster: Cluster) -> None:
@@ -219,3 +230,92 @@ def test_metrics_token_and_off_switch(cluster: Cluster) -> None:
         assert r.status_code == 200 and "# TYPE svllm_router_requests_total counter" in r.text
     off = cluster.router("router-off", METRICS="false", ACCESS_LOG="off")
     assert httpx.get(f"{off.url}/metrics", timeout=5).status_code == 404
+
+
+class OtlpReceiver:
+    """A tiny OTLP/HTTP collector: records the spans POSTed to /v1/traces (protobuf)."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, str]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if self.path == "/v1/traces":
+                    receiver.record(body)
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def record(self, body: bytes) -> None:
+        req = ExportTraceServiceRequest.FromString(body)
+        for rs in req.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes
+                           if a.key == "service.name")
+            for ss in rs.scope_spans:
+                for sp in ss.spans:
+                    self.spans.append({"service": service, "name": sp.name,
+                                       "trace_id": sp.trace_id.hex(), "span_id": sp.span_id.hex(),
+                                       "parent": sp.parent_span_id.hex()})
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.mark.parametrize("fast_lane", ["true", "false"])
+def test_traceparent_passes_through_and_spans_reach_the_collector(
+        cluster: Cluster, otlp: OtlpReceiver, fast_lane: str) -> None:
+    cluster.manager()
+    tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "100",
+               "FAST_LANE": fast_lane}
+    cluster.worker("w1", **tracing)
+    router = cluster.router(**tracing)
+    assert register(router, "tr", engine="sim").status_code == 201
+    wait_until(lambda: chat(router, "tr").status_code == 200, 30, what="tr serving")
+    port = engines(router, "tr")["w1"]
+    for streamed in (False, True):
+        trace_id = os.urandom(16).hex()
+        given = f"00-{trace_id}-{os.urandom(8).hex()}-01"
+        headers = {"traceparent": given}
+        if streamed:
+            assert stream(router, "tr", headers=headers)[0] == 200
+        else:
+            assert chat_with(router, "tr", headers).status_code == 200
+        seen = sim_stats(port)["traceparents"][-1]
+        assert seen.split("-")[1] == trace_id  # the same trace, a span of the worker's as parent
+
+        def spans(trace_id: str = trace_id) -> dict[str, dict[str, str]]:
+            got = {s["name"]: s for s in otlp.spans if s["trace_id"] == trace_id}
+            return got if len(got) == 3 else {}
+
+        got = wait_until(spans, 10, what="3 spans of the trace")
+        assert got["router request"]["service"] == "svllm-router"
+        assert got["router request"]["parent"] == given.split("-")[2]
+        assert got["upstream attempt"]["parent"] == got["router request"]["span_id"]
+        assert got["worker proxy"]["service"] == "svllm-worker"
+        assert got["worker proxy"]["parent"] == got["upstream attempt"]["span_id"]
+        assert seen.split("-")[2] == got["worker proxy"]["span_id"]
+
+
+def chat_with(router: Proc, alias: str, headers: dict[str, str]) -> httpx.Response:
+    body = {"model": alias, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+    return httpx.post(f"{router.url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=30)
