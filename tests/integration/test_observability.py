@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,16 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Cluster, Proc, chat, model_status, register, running_on, wait_until
+from tests.support import (
+    ROOT,
+    Cluster,
+    Proc,
+    chat,
+    model_status,
+    register,
+    running_on,
+    wait_until,
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -319,3 +329,51 @@ def chat_with(router: Proc, alias: str, headers: dict[str, str]) -> httpx.Respon
     body = {"model": alias, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
     return httpx.post(f"{router.url}/v1/chat/completions", json=body, headers=headers,
                       timeout=30)
+
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "svllm.json"
+_METRIC_NAME = re.compile(r"\b(?:svllm_[a-z_]+|vllm:[a-z_:]+)")
+_SUFFIXES = {"histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum"),
+             "counter": ("_total",)}
+
+
+def declared(text: str) -> set[str]:
+    """Every series name a scrape declares (``# TYPE`` lines), with a histogram's
+    ``_bucket``/``_count``/``_sum`` and a counter's ``_total``."""
+    names: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names.add(name)
+            base = name.removesuffix("_total") if kind == "counter" else name
+            names.update(base + s for s in _SUFFIXES.get(kind, ()))
+    return names
+
+
+def test_every_metric_the_dashboard_queries_is_exported(cluster: Cluster) -> None:
+    manager = cluster.manager()
+    worker = cluster.worker("w1")
+    router = cluster.router()
+    assert register(router, "dash", engine="sim").status_code == 201
+    wait_until(lambda: chat(router, "dash").status_code == 200, 30, what="dash serving")
+    wait_until(lambda: "vllm:" in httpx.get(f"{worker.url}/metrics/engines").text, 10,
+               what="engine metrics through the worker")
+    engines_text = httpx.get(f"{worker.url}/metrics/engines", timeout=10).text
+    # The engines' series carry the model and the worker they come from.
+    assert 'model="dash"' in engines_text and 'worker="w1"' in engines_text
+    names: set[str] = set()
+    for url in (f"{router.url}/metrics", f"{worker.url}/metrics", f"{manager.url}/metrics",
+                f"{worker.url}/metrics/engines"):
+        names |= declared(httpx.get(url, timeout=10).text)
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    missing = []
+    for expr in exprs:
+        used = set(_METRIC_NAME.findall(expr))
+        assert used, expr
+        # `a or b`: a metric renamed across engine versions; one of them is enough.
+        found = used & names
+        if (not found) if " or " in expr else (used - names):
+            missing.append(f"{expr}: {sorted(used - names)}")
+    assert not missing, "\n".join(missing)
