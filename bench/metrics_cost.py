@@ -11,7 +11,9 @@ CPU is the same for both routers by construction: the difference is the router's
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -19,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from bench.docs import replace_block
 from bench.points import Target, body, plain_point, stream_point
 from bench.pool import Pool, register_models, service_env, start_pool
 from bench.procset import (
@@ -31,6 +36,7 @@ from bench.procset import (
     wait_http,
 )
 from bench.wrkload import write_script
+from services.router.metrics import AccessLog, Recorder, RouterMetrics
 
 VARIANTS = {"metrics-on": {"METRICS": "true", "ACCESS_LOG": "on"},
             "metrics-off": {"METRICS": "false", "ACCESS_LOG": "off"}}
@@ -85,6 +91,43 @@ def measure(children: Children, chosen: list[Target], run_dir: Path, duration_s:
     return raw
 
 
+_ANSWER = (b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}],'
+           b'"usage":{"prompt_tokens":6,"total_tokens":11,"completion_tokens":5}}')
+
+
+def record_cost(n: int = 5000, rounds: int = 9) -> dict[str, float]:
+    """CPU µs (process time, best of ``rounds``) of one request's record, start to finish,
+    in this process: what each setting adds, without the noise of a whole pool."""
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - open for the whole measure
+    variants = {
+        "off": Recorder(None, AccessLog(False, 1.0)),
+        "metrics": Recorder(RouterMetrics(CollectorRegistry()), AccessLog(False, 1.0)),
+        "access log": Recorder(None, AccessLog(True, 1.0, "text", stream=devnull)),
+        "metrics + access log": Recorder(RouterMetrics(CollectorRegistry()),
+                                         AccessLog(True, 1.0, "text", stream=devnull)),
+    }
+
+    async def measure_all() -> dict[str, float]:
+        best = dict.fromkeys(variants, float("inf"))
+        for _ in range(rounds):
+            for name, recorder in variants.items():
+                c0 = time.process_time()
+                for _ in range(n):
+                    r = recorder.start("0123456789abcdef0123456789abcdef")
+                    r.alias = "sim0"
+                    r.answered("w1", 0.0005)
+                    r.body(_ANSWER)
+                    r.finish(200)
+                recorder.access.flush()
+                best[name] = min(best[name], (time.process_time() - c0) / n * 1e6)
+        return best
+
+    try:
+        return asyncio.run(measure_all())  # the access log batches on a running loop
+    finally:
+        devnull.close()
+
+
 def _rw(point: dict[str, Any]) -> float:
     return float(point["cpu_us"]["router"] + point["cpu_us"]["worker"])
 
@@ -112,7 +155,14 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5, help="seconds per point")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions (interleaved)")
     ap.add_argument("--json", type=Path, default=None, help="write the raw points here")
+    ap.add_argument("--docs", action="store_true",
+                    help="put the table in docs/performance.md (block bench:metrics-cost)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="measure nothing: the table from an earlier --json file")
     args = ap.parse_args()
+    if args.from_json is not None:
+        report(json.loads(args.from_json.read_text()), args, "from " + args.from_json.name)
+        return
     run_dir = Path(tempfile.mkdtemp(prefix="svllm-metrics-cost-"))
     children = Children(run_dir)
     t0 = time.monotonic()
@@ -127,8 +177,22 @@ def main() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     if args.json is not None:
         args.json.write_text(json.dumps(raw, indent=1))
-    print(f"\n{table(raw)}\n\n({args.repeat} repetitions of {args.duration} s points, "
-          f"{time.monotonic() - t0:.0f} s)")
+    report(raw, args, f"{time.monotonic() - t0:.0f} s")
+
+
+def report(raw: dict[str, dict[str, list[dict[str, Any]]]], args: argparse.Namespace,
+           took: str) -> None:
+    reps = len(next(iter(raw.values()))["metrics-on"])
+    cost = record_cost()
+    rows = "\n".join(f"| {k} | {v:.1f} | {v - cost['off']:+.1f} |" for k, v in cost.items())
+    text = (f"{table(raw)}\n\nMedians of {reps} interleaved repetitions "
+            f"({time.strftime('%Y-%m-%d')}, {took}): `python -m bench.metrics_cost "
+            f"--duration {args.duration} --repeat {args.repeat}`.\n\n"
+            "One request's record alone, in process (CPU time, best of 9 rounds of 5,000):\n\n"
+            "| router record | CPU µs/request | added |\n|---|---|---|\n" + rows)
+    print("\n" + text)
+    if args.docs:
+        replace_block("metrics-cost", text)
 
 
 if __name__ == "__main__":

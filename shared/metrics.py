@@ -54,8 +54,12 @@ def render(families: Iterable[Metric]) -> Response:
 
 
 def metrics_guard(settings: CommonSettings) -> Callable[[Request], Awaitable[None]]:
-    """METRICS_TOKEN or ADMIN_TOKEN as a bearer token, when either is set (none: open)."""
-    return bearer_guard(settings.metrics_token, settings.admin_token)
+    """METRICS_TOKEN or ADMIN_TOKEN as a bearer token, when either is set; else
+    INTERNAL_TOKEN when that is (a manager often has no admin token: its metrics must not
+    be the one thing it leaves open); with no token at all, open."""
+    if settings.metrics_token or settings.admin_token:
+        return bearer_guard(settings.metrics_token, settings.admin_token)
+    return bearer_guard(settings.internal_token)
 
 
 def metrics_routes(registry: CollectorRegistry, settings: CommonSettings) -> APIRouter:

@@ -377,3 +377,11 @@ def test_every_metric_the_dashboard_queries_is_exported(cluster: Cluster) -> Non
         if (not found) if " or " in expr else (used - names):
             missing.append(f"{expr}: {sorted(used - names)}")
     assert not missing, "\n".join(missing)
+
+
+def test_a_manager_with_only_the_internal_token_guards_its_metrics(cluster: Cluster) -> None:
+    manager = cluster.manager(INTERNAL_TOKEN="inner")
+    assert httpx.get(f"{manager.url}/metrics", timeout=5).status_code == 401
+    ok = httpx.get(f"{manager.url}/metrics", headers={"authorization": "Bearer inner"},
+                   timeout=5)
+    assert ok.status_code == 200 and "svllm_manager_leader" in ok.text
