@@ -47,7 +47,7 @@ async def _prepare(
     stream = data.get("stream") is True
     call = Call(name, path, body, request_id, stream, affinity or None, record=record)
     if record is not None:
-        record.alias, record.stream = name, stream
+        record.alias, record.stream, record.principal = name, stream, call.principal
     return model, call
 
 
