@@ -298,9 +298,9 @@ def test_traceparent_passes_through_and_spans_reach_the_collector(
                "FAST_LANE": fast_lane}
     cluster.worker("w1", **tracing)
     router = cluster.router(**tracing)
-    assert register(router, "tr", engine="sim").status_code == 201
-    wait_until(lambda: chat(router, "tr").status_code == 200, 30, what="tr serving")
-    port = engines(router, "tr")["w1"]
+    # Cold: the first request is held while the engine starts (a "hold" span).
+    assert register(router, "tr", engine="sim", min_replicas=0).status_code == 201
+    port = 0
     for streamed in (False, True):
         trace_id = os.urandom(16).hex()
         given = f"00-{trace_id}-{os.urandom(8).hex()}-01"
@@ -309,14 +309,19 @@ def test_traceparent_passes_through_and_spans_reach_the_collector(
             assert stream(router, "tr", headers=headers)[0] == 200
         else:
             assert chat_with(router, "tr", headers).status_code == 200
+            port = engines(router, "tr")["w1"]
         seen = sim_stats(port)["traceparents"][-1]
         assert seen.split("-")[1] == trace_id  # the same trace, a span of the worker's as parent
+        want = {"router request", "upstream attempt", "worker proxy"} | (
+            set() if streamed else {"hold"})
 
-        def spans(trace_id: str = trace_id) -> dict[str, dict[str, str]]:
+        def spans(trace_id: str = trace_id, want: set[str] = want) -> dict[str, dict[str, str]]:
             got = {s["name"]: s for s in otlp.spans if s["trace_id"] == trace_id}
-            return got if len(got) == 3 else {}
+            return got if set(got) == want else {}
 
-        got = wait_until(spans, 10, what="3 spans of the trace")
+        got = wait_until(spans, 10, what=f"spans {sorted(want)} of the trace")
+        if not streamed:
+            assert got["hold"]["parent"] == got["router request"]["span_id"]
         assert got["router request"]["service"] == "svllm-router"
         assert got["router request"]["parent"] == given.split("-")[2]
         assert got["upstream attempt"]["parent"] == got["router request"]["span_id"]
@@ -385,3 +390,30 @@ def test_a_manager_with_only_the_internal_token_guards_its_metrics(cluster: Clus
     ok = httpx.get(f"{manager.url}/metrics", headers={"authorization": "Bearer inner"},
                    timeout=5)
     assert ok.status_code == 200 and "svllm_manager_leader" in ok.text
+
+
+def test_gpu_memory_gauges_and_placement_failures(cluster: Cluster) -> None:
+    gpu = {"index": 0, "uuid": "GPU-fake-0", "name": "Fake H100", "memory_total_mb": 81920,
+           "memory_used_mb": 2048}
+    manager = cluster.manager()
+    worker = cluster.worker("gpu1", GPU_BACKEND="fake", FAKE_GPUS=json.dumps([gpu]))
+    router = cluster.router()
+    assert register(router, "g1", engine="sim", gpu_memory_mb=30000).status_code == 201
+    wait_until(lambda: running_on(router, "g1"), 20, what="g1 running")
+    mib = 1024 * 1024
+
+    def gauges() -> Samples | None:
+        got = scrape(worker)
+        reserved = value(got, "svllm_worker_gpu_memory_reserved_bytes", gpu="0")
+        return got if reserved == 30000 * mib else None
+
+    got = wait_until(gauges, 10, what="the reservation in the gauges")
+    assert value(got, "svllm_worker_gpu_memory_total_bytes", gpu="0") == 81920 * mib
+    # The fake inventory shows the engines' memory as a real GPU would: 2048 MB foreign.
+    assert value(got, "svllm_worker_gpu_memory_used_bytes", gpu="0") == (2048 + 30000) * mib
+    # More than the GPU has left: unplaceable, counted once by kind.
+    assert register(router, "g2", engine="sim", gpu_memory_mb=60000).status_code == 201
+    wait_until(lambda: value(scrape(manager), "svllm_manager_placement_failures_total",
+                             model="g2", reason="gpu_memory") == 1, 10,
+               what="the placement failure counted")
+    assert value(scrape(manager), "svllm_manager_placements_total", model="g1") == 1
