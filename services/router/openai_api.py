@@ -167,6 +167,9 @@ def build_routes(
         except ApiError as e:
             record.finish(e.status, e.code)
             raise
+        except Exception:
+            record.finish(500, "internal_error")
+            raise
         response.headers["x-request-id"] = rid
         return Watched(response, record)
 
