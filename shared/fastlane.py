@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -34,6 +34,15 @@ from shared.wire import Exchange
 logger = logging.getLogger(__name__)
 
 Handler = Callable[["Lane"], Awaitable[bool]]
+
+
+class ChunkWatch(Protocol):
+    """Told of every body chunk a relay sends on (the router's request record: TTFT,
+    chunk gaps, usage)."""
+
+    def chunk(self, data: bytes) -> None: ...
+
+
 # (method, path) -> the handler for it, or None for the ASGI app.
 Picker = Callable[[str, str], Handler | None]
 
@@ -116,6 +125,7 @@ class Lane:
         "started",
         "tail",
         "task",
+        "watch",
     )
 
     def __init__(self, proto: FastProtocol, cycle: RequestResponseCycle) -> None:
@@ -138,6 +148,7 @@ class Lane:
         # When set, the last bytes of a relayed answer are kept here (a stream's final usage
         # chunk, read once it is over).
         self.tail: bytearray | None = None
+        self.watch: ChunkWatch | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.cycle.scope["headers"]:
@@ -222,9 +233,13 @@ class Lane:
         return data
 
     def body(self, data: bytes) -> None:
+        if self.watch is not None:
+            self.watch.chunk(data)
         self.proto.transport.write(self._framed(data))
 
     def end(self, data: bytes, error: Exception | None) -> None:
+        if self.watch is not None and data:
+            self.watch.chunk(data)
         out = self._framed(data)
         if error is not None:
             logger.warning("upstream failed mid-response: %s", error)

@@ -68,6 +68,14 @@ class CommonSettings(BaseSettings):
     # Serve the hot requests below ASGI (shared/fastlane.py). Off: every request goes through
     # the ASGI app; same answers, about five times the CPU per request (docs/performance.md).
     fast_lane: bool = True
+    # Prometheus metrics and GET /metrics (docs/observability.md). Off: no /metrics and no
+    # metric work on the request path (the bench's baseline for their cost).
+    metrics: bool = True
+    # Bearer token for GET /metrics (ADMIN_TOKEN works too); unset: ADMIN_TOKEN, or open.
+    metrics_token: str | None = None
+    # OTLP/HTTP collector (e.g. http://otel-collector:4318): router and worker send spans
+    # there. Unset: no spans, and OpenTelemetry is not even imported (docs/observability.md).
+    otel_exporter_otlp_endpoint: str | None = None
 
 
 class RouterSettings(CommonSettings):
@@ -125,6 +133,10 @@ class RouterSettings(CommonSettings):
     # corrections and usage counters are written (one pipeline per flush).
     keys_check_s: float = Field(default=0.5, gt=0)
     limits_flush_s: float = Field(default=0.1, gt=0)
+    # One structured log line per request (docs/observability.md): on/off, and the share of
+    # requests logged (errors are always logged).
+    access_log: bool = True
+    access_log_sample: float = Field(default=1.0, ge=0, le=1)
 
 
 class ManagerSettings(CommonSettings):

@@ -7,14 +7,17 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from services.manager.api import build_routes
+from services.manager.metrics import ManagerMetrics
 from services.manager.models_watch import ModelsFileWatcher
 from services.manager.scheduler import Scheduler
 from shared.engine_policy import Sandbox
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.logs import setup_logging
+from shared.metrics import metrics_routes
 from shared.service import background, make_app, open_store, run
 from shared.settings import ManagerSettings
 
@@ -29,7 +32,11 @@ def manager_exposure(settings: ManagerSettings) -> Exposure:
 def create_app(settings: ManagerSettings) -> FastAPI:
     store = open_store(settings)
     nudger = Nudger(store)
-    scheduler = Scheduler(store, settings, nudger)
+    registry = CollectorRegistry()
+    metrics = ManagerMetrics(registry) if settings.metrics else None
+    scheduler = Scheduler(store, settings, nudger, metrics)
+    if metrics is not None:
+        metrics.leader_gauges(scheduler.state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +59,8 @@ def create_app(settings: ManagerSettings) -> FastAPI:
     app = make_app("svllm manager", lifespan)
     app.include_router(build_routes(store, settings, scheduler,
                                     manager_exposure(settings).insecure))
+    if metrics is not None:
+        app.include_router(metrics_routes(registry, settings))
     return app
 
 

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.manager.metrics import ManagerMetrics, reason_kind
 from services.manager.placement import Choice, WorkerOrder, choose_worker, fit_on
 from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
 from services.manager.worker_gc import gc_workers
@@ -81,7 +82,9 @@ class _AliasPass:
 
 
 class Scheduler:
-    def __init__(self, store: Store, settings: ManagerSettings, nudger: Nudger) -> None:
+    def __init__(self, store: Store, settings: ManagerSettings, nudger: Nudger,
+                 metrics: ManagerMetrics | None = None) -> None:
+        self.metrics = metrics
         self.store = store
         self.settings = settings
         self.nudger = nudger
@@ -125,8 +128,11 @@ class Scheduler:
             logger.info("scheduler lease: %s", f"leader at epoch {epoch}" if epoch else "standby")
             self.state.epoch = epoch
         if epoch:
+            began = time.monotonic()
             await self.reconcile()
             self.state.passes += 1
+            if self.metrics is not None:
+                self.metrics.pass_duration.observe(time.monotonic() - began)
 
     async def release(self) -> None:
         if self.state.leader:
@@ -135,6 +141,7 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         workers = await self.store.list_workers()
+        self._count_workers(workers)
         listed, unreadable = await self.store.list_models_checked()
         models = {m.spec.alias: m for m in listed}
         self._reasons = {a: r for a, r in self._reasons.items() if a in models}
@@ -200,6 +207,11 @@ class Scheduler:
         await writes.flush()
         await self._save_scale(marks)
 
+    def _count_workers(self, workers: list[WorkerView]) -> None:
+        if self.metrics is not None:
+            self.metrics.workers_registered.set(len(workers))
+            self.metrics.workers_alive.set(sum(1 for w in workers if w.alive))
+
     async def _save_scale(self, loaded: dict[str, ScaleMark]) -> None:
         changed = {a: m for a, m in self._scale.items() if loaded.get(a) != m}
         gone = [a for a in loaded if a not in self._scale]
@@ -259,6 +271,8 @@ class Scheduler:
         self._scale[spec.alias] = ScaleMark(version=model.version, above_since=state.above_since,
                                             below_since=state.below_since)
         if want != own:
+            if self.metrics is not None:
+                self.metrics.autoscale.labels(spec.alias, "out" if want > own else "in").inc()
             logger.info("autoscaling %s: %d -> %d replicas (%d requests in flight, target %g "
                         "per replica)", spec.alias, own, want, inflight, spec.target_inflight)
         return want
@@ -328,6 +342,8 @@ class Scheduler:
                     alias=alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
             order.touch(w)
             self._reasons.pop(alias, None)
+            if self.metrics is not None:
+                self.metrics.placements.labels(alias, "manual").inc()
             logger.info("placed %s on %s by an operator's request (gpus %s, %d MB each)",
                         alias, w, a.gpus, a.mb_per_gpu)
 
@@ -366,6 +382,8 @@ class Scheduler:
                 ledgers.setdefault(choice.worker_id, {})[spec.alias] = Reservation(
                     alias=spec.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
             order.touch(choice.worker_id)
+            if self.metrics is not None:
+                self.metrics.placements.labels(spec.alias, "scheduler").inc()
             self._reasons.pop(spec.alias, None)  # placing it deleted the reason
             logger.info("placed %s on %s (gpus %s, %d MB each, utilization %s)", spec.alias,
                         choice.worker_id, choice.gpus, choice.mb_per_gpu, choice.utilization)
@@ -379,6 +397,8 @@ class Scheduler:
         alias = model.spec.alias
         if self._reasons.get(alias) != (model.version, reason):
             logger.warning("cannot place %s: %s", alias, reason)
+            if self.metrics is not None:
+                self.metrics.placement_failures.labels(alias, reason_kind(reason)).inc()
             await writes.flush()  # an earlier placement of the alias clears the reason
             await self.store.set_placement_reason(alias, reason)
             self._reasons[alias] = (model.version, reason)

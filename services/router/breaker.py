@@ -49,7 +49,8 @@ class Breaker:
         if self.failures:
             self.failures.pop((alias, worker), None)
 
-    def failure(self, alias: str, worker: str, now: float) -> None:
+    def failure(self, alias: str, worker: str, now: float) -> bool:
+        """Count a failure; True when it ejected the replica."""
         key = (alias, worker)
         n = self.failures.get(key, 0) + 1
         self.failures[key] = n
@@ -57,6 +58,8 @@ class Breaker:
             self.ejected_until[key] = now + self.cooldown_s
             logger.warning("replica of %s on %s ejected for %.0fs after %d failures", alias,
                            worker, self.cooldown_s, n)
+            return True
+        return False
 
     def view(self, now: float) -> list[dict[str, Any]]:
         """Ejected replicas: model, worker and the seconds left on each."""

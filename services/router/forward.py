@@ -37,12 +37,16 @@ class Forwarder:
             raise NoCapacity(f"model '{alias}' was stopped manually; wake it with POST "
                              f"/admin/models/{alias}/wake", code="model_stopped")
         ticket = await self.holder.admit(model)
+        if call.record is not None:
+            call.record.hold_begins()
         try:
             # A streamed request that waits longer than one keepalive interval turns into an
             # event stream of comments; until then every outcome keeps its HTTP status.
             first = self.holder.settings.hold_keepalive_s if call.stream else ticket.remaining
             if await ticket.wait(first):
                 await ticket.release()
+                if call.record is not None:
+                    call.record.hold_ends()
                 return await self.upstreams.send(call)
             if not call.stream:
                 raise await self.holder.timeout_error(ticket)
@@ -68,11 +72,18 @@ class Forwarder:
                 if await ticket.wait(keepalive):
                     break
                 if ticket.remaining <= 0:
-                    yield sse_error(await self.holder.timeout_error(ticket))
+                    error = await self.holder.timeout_error(ticket)
+                    if call.record is not None:
+                        call.record.code = error.code
+                    yield sse_error(error)
                     return
             await ticket.release()
+            if call.record is not None:
+                call.record.hold_ends()
             answer = await self.upstreams.open(call)
         except ApiError as e:
+            if call.record is not None:
+                call.record.code = e.code  # the stream's status (200) was sent already
             yield sse_error(e)
             return
         async for chunk in self._body(answer):

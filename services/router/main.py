@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from services.router import (
@@ -24,14 +25,17 @@ from services.router.forward import Forwarder
 from services.router.hold import Holder
 from services.router.keyring import KeyRing
 from services.router.limiter import Limiter
+from services.router.metrics import AccessLog, Recorder, RouterMetrics
 from services.router.routes import RouteTable
 from services.router.upstream import Upstreams
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.http import json_response
 from shared.logs import setup_logging
+from shared.metrics import metrics_routes
 from shared.service import background, make_app, open_store, pin_mmap_threshold, run
 from shared.settings import RouterSettings
+from shared.tracing import make_tracing
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,13 @@ def create_app(settings: RouterSettings) -> FastAPI:
     forwarder = Forwarder(table, upstreams, holder)
     limiter = Limiter(store, ring, settings)
     gate = openai_api.Gate(ring, limiter, settings.limits_default_max_tokens)
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry) if settings.metrics else None
+    if metrics is not None:
+        metrics.held = holder
+    access = AccessLog(settings.access_log, settings.access_log_sample, settings.log_format)
+    tracing = make_tracing("svllm-router", settings.otel_exporter_otlp_endpoint)
+    recorder = Recorder(metrics, access, tracing)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -80,6 +91,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
             await limiter.flush()  # the last usage counts and corrections
         await client.close()
         await store.close()
+        access.flush()
+        if tracing is not None:
+            tracing.shutdown()
 
     app = make_app("svllm router", lifespan)
 
@@ -91,8 +105,10 @@ def create_app(settings: RouterSettings) -> FastAPI:
     # Shown in /admin/status: what this router leaves open, on purpose or not.
     security = router_exposure(settings).view()
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
-                                               gate, settings.admin_token,
+                                               gate, recorder, settings.admin_token,
                                                settings.prefix_affinity_chars, adapters))
+    if metrics is not None:
+        app.include_router(metrics_routes(registry, settings))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security,
                                               ring, upstreams.admission))
     app.include_router(keys_api.build_routes(store, settings, ring))
@@ -100,7 +116,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     app.include_router(weights_api.build_routes(store, settings))
     console_api.install(app, store, settings, table)
     app.state.fast_lane = openai_api.fast_lane(table, upstreams, settings.max_body_bytes, gate,
-                                               settings.prefix_affinity_chars, adapters)
+                                               recorder, settings.prefix_affinity_chars,
+                                               adapters)
     return app
 
 

@@ -13,6 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.background import BackgroundTask
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from services.router.adapters import AdapterTable
 from services.router.admission import VLLM_PRIORITY, EnginePriority
@@ -25,12 +26,13 @@ from services.router.limiter import (
     usage_of_body,
     usage_of_stream,
 )
+from services.router.metrics import Recorder, RequestRecord
 from services.router.prefix import prefix_key
 from services.router.routes import RouteTable
 from services.router.upstream import Answer, Call, Upstreams
 from shared.apikeys import KeyRecord
 from shared.engine_api import FORM_PATHS, JSON_PATHS, PROMPT_PATHS, not_served, serves
-from shared.errors import BadRequest, ModelNotFound, NotFound, Unauthorized, clip
+from shared.errors import ApiError, BadRequest, ModelNotFound, NotFound, Unauthorized, clip
 from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
 from shared.http import (
     ClientGone,
@@ -39,6 +41,7 @@ from shared.http import (
     parse_object,
     read_body,
 )
+from shared.logs import REQUEST_ID
 from shared.models import is_valid_name
 from shared.multipart import boundary_of, form_field
 from shared.principal import ANONYMOUS
@@ -129,7 +132,7 @@ def _adapter_cards(table: RouteTable, adapters: AdapterTable) -> list[dict[str, 
 async def _prepare(
     table: RouteTable, body: bytes, path: str, request_id: str, session: str | None,
     rec: KeyRecord | None, by_priority: EnginePriority, prefix_chars: int = 0,
-    adapters: AdapterTable | None = None,
+    adapters: AdapterTable | None = None, record: RequestRecord | None = None,
 ) -> tuple[StoredModel, Call, dict[str, Any]]:
     # Only `model` (and what balancing uses) is read; the body is forwarded untouched.
     data = parse_object(body)
@@ -140,9 +143,12 @@ async def _prepare(
         if prefix_chars and not affinity and path in PROMPT_PATHS else None
     # An adapter's request goes to its base model's replicas (the body still names the
     # adapter: the engine serves it under that name).
-    call = Call(model.spec.alias, path, body, request_id, data.get("stream") is True,
+    stream = data.get("stream") is True
+    call = Call(model.spec.alias, path, body, request_id, stream,
                 affinity or None, rec.principal if rec is not None else ANONYMOUS,
-                prefix=prefix, adapter=adapter)
+                prefix=prefix, adapter=adapter, record=record)
+    if record is not None:
+        record.alias, record.stream, record.principal = model.spec.alias, stream, call.principal
     if by_priority(model.spec):
         # The engine schedules by priority: it gets the key's, whatever the client sent.
         data["priority"] = VLLM_PRIORITY[call.principal.priority]
@@ -153,19 +159,24 @@ async def _prepare(
 async def _prepare_form(
     table: RouteTable, body: bytes, content_type: str, path: str, request_id: str,
     rec: KeyRecord | None, adapters: AdapterTable | None = None,
+    record: RequestRecord | None = None,
 ) -> tuple[StoredModel, Call, dict[str, Any]]:
     """An audio upload: the multipart body is forwarded untouched, its `model` field read."""
     boundary = boundary_of(content_type)
     model, adapter = await _model(table, form_field(body, boundary, "model"), path, rec,
                                   adapters)
     stream = (form_field(body, boundary, "stream") or "").lower() == "true"
-    return model, Call(model.spec.alias, path, body, request_id, stream,
-                       principal=rec.principal if rec is not None else ANONYMOUS,
-                       content_type=content_type.encode("latin-1"), adapter=adapter), {}
+    call = Call(model.spec.alias, path, body, request_id, stream,
+                principal=rec.principal if rec is not None else ANONYMOUS,
+                content_type=content_type.encode("latin-1"), adapter=adapter, record=record)
+    if record is not None:
+        record.alias, record.stream, record.principal = model.spec.alias, stream, call.principal
+    return model, call, {}
 
 
 def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
-              prefix_chars: int = 0, adapters: AdapterTable | None = None) -> Picker:
+              recorder: Recorder, prefix_chars: int = 0,
+              adapters: AdapterTable | None = None) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
     serving. A cold, sleeping or stopped model, a wrong API key, and a body the lane does
     not take, go to the ASGI routes below, which hold the request or explain the error.
@@ -182,29 +193,31 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
             return False
         # The id every answer carries (errors included) and the worker and engine get.
         lane.request_id = rid = request_id_of(lane.header(b"x-request-id"))
-        session = lane.header(b"x-session-id")
-        model, call, data = await _prepare(
-            table, body, _HOT[lane.path], rid.decode("latin-1"),
-            session.decode("latin-1") if session else None, rec, by_priority, prefix_chars,
-            adapters)
-        if model.hold is not None or not table.replicas(call.alias):
-            return False
-        ticket = await gate.admit(rec, call, data)
-        if ticket is None:
-            await _send(lane, upstreams, await upstreams.open(call), rid)
-            return True
-        lane.extra = _header_bytes(ticket.headers)
-        lane.tail = bytearray() if call.stream else None
-        answer: Answer | None = None
+        rid_text = rid.decode("latin-1")
+        REQUEST_ID.set(rid_text)  # this request's task: its log lines carry the id
+        record = recorder.start(rid_text, lane.header(b"traceparent"))
+        status, code = 499, ""  # cancelled: the client went away
         try:
-            answer = await upstreams.open(call)
-            await _send(lane, upstreams, answer, rid)
+            session = lane.header(b"x-session-id")
+            model, call, data = await _prepare(
+                table, body, _HOT[lane.path], rid_text,
+                session.decode("latin-1") if session else None, rec, by_priority, prefix_chars,
+                adapters, record)
+            if model.hold is not None or not table.replicas(call.alias):
+                status = 0  # the ASGI route takes it, with a record of its own
+                return False
+            status = await _serve(lane, upstreams, gate.admit, gate.finish, rec, call, data,
+                                  record)
+            return True
+        except ApiError as e:
+            status, code = e.status, e.code
+            raise
+        except Exception:
+            status = 500
+            raise
         finally:
-            status = answer.exchange.status if answer is not None else 502
-            body = answer.body if answer is not None else None
-            gate.finish(ticket, status, usage_of_body(body) if body is not None else
-                        usage_of_stream(bytes(lane.tail)) if lane.tail else None)
-        return True
+            if status:
+                record.finish(status, code)
 
     def pick(method: str, path: str) -> Handler | None:
         return handle if method == "POST" and path in _HOT else None
@@ -212,15 +225,69 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
     return pick
 
 
-async def _send(lane: Lane, upstreams: Upstreams, answer: Answer, rid: bytes) -> None:
+async def _serve(
+    lane: Lane, upstreams: Upstreams, admit: Callable[..., Any], finish: Callable[..., None],
+    rec: KeyRecord | None, call: Call, data: dict[str, Any], record: RequestRecord,
+) -> int:
+    """Send ``call`` on the lane within the key's limits; the answer's status."""
+    ticket: Ticket | None = await admit(rec, call, data)
+    if ticket is None:
+        answer = await upstreams.open(call)
+        await _send(lane, upstreams, answer, record)
+        return answer.exchange.status
+    lane.extra = _header_bytes(ticket.headers)
+    lane.tail = bytearray() if call.stream else None
+    opened: Answer | None = None
+    try:
+        opened = await upstreams.open(call)
+        await _send(lane, upstreams, opened, record)
+        return opened.exchange.status
+    finally:
+        status = opened.exchange.status if opened is not None else 502
+        body = opened.body if opened is not None else None
+        finish(ticket, status, usage_of_body(body) if body is not None else
+               usage_of_stream(bytes(lane.tail)) if lane.tail else None)
+
+
+async def _send(lane: Lane, upstreams: Upstreams, answer: Answer, record: RequestRecord,
+                ) -> None:
     ex = answer.exchange
+    rid = lane.request_id
     if answer.body is not None:
         lane.respond(ex.status, pass_headers(ex.headers, rid) + lane.extra, answer.body)
         return
+    lane.watch = record
     try:
         await lane.relay(ex)
     finally:
         upstreams.done(answer)
+
+
+class Watched(Response):
+    """An answer sent through the ASGI app, with its record told of its status and chunks
+    and finished once it is over, however it ended."""
+
+    def __init__(self, inner: Response, record: RequestRecord) -> None:
+        self.inner = inner
+        self.record = record
+        self.status_code = inner.status_code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = self.record
+        status = 499
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                record.chunk(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, watched)
+        finally:
+            record.finish(status)
 
 
 def _after(response: Response, then: Callable[[], None]) -> None:
@@ -238,7 +305,7 @@ def _after(response: Response, then: Callable[[], None]) -> None:
 
 
 def build_routes(
-    table: RouteTable, forwarder: Forwarder, limit: int, gate: Gate,
+    table: RouteTable, forwarder: Forwarder, limit: int, gate: Gate, recorder: Recorder,
     admin_token: str | None = None, prefix_chars: int = 0,
     adapters: AdapterTable | None = None,
 ) -> APIRouter:
@@ -257,20 +324,36 @@ def build_routes(
         given = request.headers.get("x-request-id")
         rid = request_id_of(given.encode("latin-1") if given else None).decode("latin-1")
         request.state.request_id = rid  # error answers carry it too (shared/errors.py)
-        rec = check(request)
-        body = await read_body(request, limit)
-        if path in FORM_PATHS:
-            model, call, data = await _prepare_form(
-                table, body, request.headers.get("content-type", ""), path, rid, rec, adapters)
-        else:
-            model, call, data = await _prepare(
-                table, body, path, rid, request.headers.get("x-session-id"), rec,
-                by_priority, prefix_chars, adapters)
-        ticket = await gate.admit(rec, call, data)
+        REQUEST_ID.set(rid)
+        traceparent = request.headers.get("traceparent")
+        record = recorder.start(rid, traceparent.encode("latin-1") if traceparent else None)
+        try:
+            rec = check(request)
+            body = await read_body(request, limit)
+            if path in FORM_PATHS:
+                model, call, data = await _prepare_form(
+                    table, body, request.headers.get("content-type", ""), path, rid, rec,
+                    adapters, record)
+            else:
+                model, call, data = await _prepare(
+                    table, body, path, rid, request.headers.get("x-session-id"), rec,
+                    by_priority, prefix_chars, adapters, record)
+            ticket = await gate.admit(rec, call, data)
+        except ApiError as e:
+            record.finish(e.status, e.code)
+            raise
+        except Exception:
+            record.finish(500, "internal_error")
+            raise
         try:
             response = await _forward(request, forwarder, model, call)
+        except ApiError as e:
+            gate.finish(ticket, 502, None)
+            record.finish(e.status, e.code)
+            raise
         except BaseException:
             gate.finish(ticket, 502, None)
+            record.finish(500, "internal_error")
             raise
         if ticket is not None:
             response.headers.update(ticket.headers)
@@ -280,12 +363,25 @@ def build_routes(
             else:  # streamed on this path: the reservation stands (docs/keys.md)
                 _after(response, partial(gate.finish, ticket, response.status_code, None))
         response.headers["x-request-id"] = rid
-        return response
+        if response.status_code == 499:  # the client went away: nothing is sent
+            record.finish(499)
+            return response
+        return Watched(response, record)
 
     # The hot routes are plain Starlette routes: FastAPI's dependency machinery costs tens of
     # microseconds per request and these need none of it (docs/performance.md).
     for path in (*_HOT.values(), *FORM_PATHS):
         api.add_route(f"/{path}", partial(handle, path=path), methods=["POST"])
+
+    _model_routes(api, table, check, adapters)
+    return api
+
+
+def _model_routes(
+    api: APIRouter, table: RouteTable, check: Callable[[Request], KeyRecord | None],
+    adapters: AdapterTable | None,
+) -> None:
+    """GET /v1/models and /v1/models/{alias}: what the caller's key may use."""
 
     def card(alias: str, m: StoredModel) -> dict[str, object]:
         return {"id": alias, "object": "model", "created": int(m.created_at),
@@ -314,8 +410,6 @@ def build_routes(
             # A model the key may not use is answered exactly as one that does not exist.
             raise ModelNotFound(f"The model `{clip(alias)}` does not exist.", param="model")
         return json_response(card(alias, found))
-
-    return api
 
 
 async def _forward(request: Request, forwarder: Forwarder, model: StoredModel,

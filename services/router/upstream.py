@@ -16,6 +16,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from time import perf_counter
 
 from starlette.responses import Response
 
@@ -23,6 +24,7 @@ from services.router.adapters import AdapterTable
 from services.router.admission import Gate, Slot
 from services.router.balancer import holders_first, order_replicas
 from services.router.breaker import Breaker
+from services.router.metrics import RequestRecord
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, UpstreamError
 from shared.forwarding import headers_of, relay
@@ -52,6 +54,7 @@ class Call:
     content_type: bytes = b"application/json"
     # A LoRA adapter of the model ``alias`` (its base) that is to answer.
     adapter: str | None = None
+    record: RequestRecord | None = None  # metrics and the access log (services/router/metrics)
 
 
 @dataclass(slots=True)
@@ -133,7 +136,9 @@ class Upstreams:
 
     async def _open(self, call: Call, slot: Slot | None = None) -> Answer:
         last: ApiError | None = None
+        record = call.record
         for attempt, worker in enumerate(self.order(call, slot)[: self.max_attempts]):
+            began = perf_counter()  # replica and back-off time: not the router's own
             if attempt:
                 await asyncio.sleep(self.backoff_s * attempt)
             url = self.table.replicas(call.alias).get(worker)
@@ -142,13 +147,22 @@ class Upstreams:
             if slot is not None:
                 self.admission.seat(slot, worker)
             try:
-                return await self._attempt(worker, url, call)
+                answer = await self._attempt(worker, url, call)
             except _Retry as e:
-                self.breaker.failure(call.alias, worker, time.monotonic())
+                ejected = self.breaker.failure(call.alias, worker, time.monotonic())
+                if record is not None:
+                    record.attempt_failed(ejected, e.error.message)
+                    record.upstream_s += perf_counter() - began
                 logger.warning("replica %s of %s failed before answering (%s); %s", worker,
                                call.alias, e.error.message, "retrying" if attempt + 1 <
                                self.max_attempts else "giving up")
                 last = e.error
+                continue
+            if record is not None:
+                record.answered(worker, perf_counter() - began)
+                if answer.body is not None:
+                    record.body(answer.body)
+            return answer
         raise last or NoCapacity(f"no replica of '{call.alias}' could take the request",
                                  retry_after_s=self.retry_after_s)
 
@@ -157,6 +171,9 @@ class Upstreams:
             call.content_type, call.request_id.encode("latin-1"), self._auth)
         if call.adapter is not None:
             headers += b"x-svllm-adapter: %s\r\n" % call.adapter.encode()
+        traceparent = call.record.upstream_traceparent(worker) if call.record else None
+        if traceparent is not None:
+            headers += b"traceparent: " + traceparent + b"\r\n"
         path = f"/proxy/{call.alias}/{call.path}".encode()
         self.inflight[worker] += 1
         handed_over = False

@@ -12,6 +12,7 @@ import hmac
 import os
 import random
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class Stats:
     generation_tokens: int = 0
 
 
+_SEEN_MAX = 256
 _NO_SLEEP_MODE = "Sleep mode is not enabled: start the engine with --enable-sleep-mode."
 _ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 class SimEngine:
@@ -143,6 +145,10 @@ class SimEngine:
         # The x-request-id of the latest API request, in /sim/stats: tests check that the id
         # an answer carries is the one that reached the engine.
         self.last_request_id: str | None = None
+        # The ids (and W3C traceparents) of the latest API requests, oldest first, in
+        # /sim/stats: tests check that a request's id and trace reach the engine.
+        self.request_ids: deque[str | None] = deque(maxlen=_SEEN_MAX)
+        self.traceparents: deque[str | None] = deque(maxlen=_SEEN_MAX)
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._paced = config.ttft > 0 or config.itl > 0
         label = config.served_model_name.replace("\\", "\\\\").replace('"', '\\"')
@@ -173,6 +179,8 @@ class SimEngine:
                 return error_response(401, "Unauthorized")
             self.stats.requests += 1
             self.last_request_id = request.headers.get("x-request-id")
+            self.request_ids.append(self.last_request_id)
+            self.traceparents.append(request.headers.get("traceparent"))
             try:
                 body = await read_json(request)
                 model = body.get("model")
@@ -427,7 +435,9 @@ class SimEngine:
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
                              "wakes": s.wakes, "last_request_id": self.last_request_id,
-                             "lora": self.lora.view(), "last_priority": self.last_priority})
+                             "lora": self.lora.view(), "last_priority": self.last_priority,
+                             "request_ids": list(self.request_ids),
+                             "traceparents": list(self.traceparents)})
 
     async def sim_faults(self, request: Request) -> Response:
         """Test hook: set this engine's failure rate at run time (``{"fail_rate": 1.0}``),

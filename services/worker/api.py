@@ -13,12 +13,14 @@ from shared.http import bearer_guard, json_response, parse_body
 from shared.models import ManualStartRequest, is_valid_name
 from shared.settings import WorkerSettings
 from shared.store import Intents, Store
+from shared.tracing import Tracing
 from shared.wire import Pool
 
 
 def build_routes(
     store: Store, settings: WorkerSettings, agent: Agent, upstream: Pool, insecure: bool,
     loras: LoraManager | None = None,
+    tracing: Tracing | None = None,
 ) -> APIRouter:
     admin = Depends(bearer_guard(settings.admin_token))
     # Ports and pids of the engines: for the pool's services and operators, not for anyone.
@@ -85,7 +87,7 @@ def build_routes(
         await check_internal(request)
         params = request.path_params
         return await proxy.forward(request, params["alias"], params["path"], sup, upstream,
-                                   settings.max_body_bytes, loras)
+                                   settings.max_body_bytes, loras, tracing)
 
     api.add_route("/proxy/{alias}/{path:path}", proxied, methods=["GET", "POST"])
 

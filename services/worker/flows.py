@@ -21,6 +21,7 @@ from services.worker.engines.base import EngineDriver, EngineExited, EngineProce
 from services.worker.engines.environment import parse_passthrough
 from services.worker.instance import Instance, host_ram_mb
 from services.worker.lifecycle import Lifecycle
+from services.worker.metrics import WorkerMetrics
 from services.worker.ownership import ORPHAN_GRACE_S, KeeperOptions, Owner
 from shared.engine_policy import PolicyError, Sandbox, check_sandbox
 from shared.models import InstanceState
@@ -48,8 +49,10 @@ class Flows:
         drivers: dict[str, EngineDriver],
         client: httpx.AsyncClient,
         ram_in_use: Callable[[], int],
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.settings = settings
         self.drivers = drivers
         self.client = client
@@ -77,6 +80,10 @@ class Flows:
         inst.started_at = time.time()
         inst.draining, inst.health_failures = False, 0
         await self.life.transition(inst, S.STARTING)
+        if self.metrics is not None:
+            self.metrics.starts.labels(inst.alias, spec.engine).inc()
+            if inst.failures:
+                self.metrics.restarts.labels(inst.alias, spec.engine).inc()
         port = free_port()
         log_path = self.log_path(inst.alias)
         try:
@@ -105,6 +112,8 @@ class Flows:
         inst.failures = 0
         inst.ready_at = inst.active_at
         await self.store.record_duration(inst.alias, "cold_start", inst.ready_at - inst.started_at)
+        if self.metrics is not None:
+            self.metrics.cold_start.labels(inst.alias).observe(inst.ready_at - inst.started_at)
         logger.info("%s is serving after %.2fs", inst.alias, inst.ready_at - inst.started_at)
 
     async def _warm_and_serve(self, inst: Instance) -> None:
@@ -116,6 +125,8 @@ class Flows:
         except httpx.HTTPError as e:
             inst.note = f"warm-up failed: {type(e).__name__}"
         inst.warmup_s = time.monotonic() - t0
+        if self.metrics is not None:
+            self.metrics.warmup.labels(inst.alias).observe(inst.warmup_s)
         inst.active_at, inst.sleep_level = time.time(), 0
         inst.health_failures = 0  # a verdict from before a sleep says nothing of the engine now
         await self.life.transition(inst, S.RUNNING)
@@ -171,6 +182,8 @@ class Flows:
         inst.ram_claim_mb = 0
         await self._warm_and_serve(inst)
         await self.store.record_duration(inst.alias, "wake", inst.active_at - t0)
+        if self.metrics is not None:
+            self.metrics.wake.labels(inst.alias).observe(inst.active_at - t0)
         logger.info("%s woke in %.3fs", inst.alias, inst.active_at - t0)
 
     async def _drain(self, inst: Instance) -> None:
@@ -196,6 +209,8 @@ class Flows:
         (even when Redis is down) and retried after the back-off."""
         inst.ram_claim_mb, inst.draining = 0, False
         inst.failures += 1
+        if self.metrics is not None:
+            self.metrics.failures.labels(inst.alias).inc()
         backoff = self.settings.engine_retry_base_s * 2 ** (inst.failures - 1)
         inst.retry_at = time.time() + min(backoff, self.settings.engine_retry_max_s)
         inst.error = why

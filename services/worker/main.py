@@ -6,7 +6,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+import httpx
+from fastapi import Depends, FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.responses import Response
 
 from services.worker import proxy
 from services.worker.agent import Agent
@@ -15,6 +18,7 @@ from services.worker.engines import available_drivers
 from services.worker.engines.environment import parse_passthrough
 from services.worker.gpu import open_inventory
 from services.worker.lora import LoraManager
+from services.worker.metrics import WorkerMetrics, engine_metrics
 from services.worker.prefetch import Prefetcher, Weights
 from services.worker.supervisor import Supervisor
 from services.worker.weights import hub_cache_dir
@@ -23,8 +27,11 @@ from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.http import make_client
 from shared.logs import setup_logging
+from shared.metrics import metrics_guard, metrics_routes, render
+from shared.models import InstanceState
 from shared.service import background, make_app, open_store, pin_mmap_threshold, run
 from shared.settings import WorkerSettings
+from shared.tracing import make_tracing
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
@@ -45,7 +52,9 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         # Not "<alias>.log": no alias starts with "_", so no engine log is ever this file.
         probe_log=settings.state_dir / settings.worker_id / "_vllm-flags.log",
         env_passthrough=parse_passthrough(settings.engine_env_passthrough))
-    supervisor = Supervisor(store, settings, drivers, client)
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry, settings.worker_id) if settings.metrics else None
+    supervisor = Supervisor(store, settings, drivers, client, metrics)
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
     sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
@@ -54,6 +63,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     prefetcher = Prefetcher(store, settings.worker_id, weights_view,
                             settings.prefetch_source_dir, settings.reconcile_interval_s)
     agent = Agent(store, settings, supervisor, inventory, nudger, client, weights_view)
+    tracing = make_tracing("svllm-worker", settings.otel_exporter_otlp_endpoint)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -70,14 +80,33 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         await client.aclose()
         await upstream.close()
         await store.close()
+        if tracing is not None:
+            tracing.shutdown()
 
     app = make_app("svllm worker", lifespan)
     loras = LoraManager(store, settings.worker_id, client, sandbox)
     app.include_router(build_routes(store, settings, agent, upstream,
-                                    worker_exposure(settings).insecure, loras))
+                                    worker_exposure(settings).insecure, loras, tracing))
+    if metrics is not None:
+        install_metrics(app, metrics, settings, supervisor, agent, client)
     app.state.fast_lane = proxy.picker(proxy.fast_handler(
-        supervisor, upstream, settings.internal_token, settings.max_body_bytes))
+        supervisor, upstream, settings.internal_token, settings.max_body_bytes, tracing))
     return app
+
+
+def install_metrics(app: FastAPI, metrics: WorkerMetrics, settings: WorkerSettings,
+                    supervisor: Supervisor, agent: Agent, client: httpx.AsyncClient) -> None:
+    """``/metrics`` (the worker's own) and ``/metrics/engines`` (its serving engines',
+    labelled with model and worker), both behind METRICS_TOKEN / ADMIN_TOKEN."""
+    metrics.instance_gauges(lambda: {a: i.state for a, i in supervisor.instances.items()})
+    metrics.gpu_gauges(lambda: agent.read_gpus()[0], supervisor.reserved_by_gpu)
+    app.include_router(metrics_routes(metrics.registry, settings))
+
+    @app.get("/metrics/engines", dependencies=[Depends(metrics_guard(settings))])
+    async def engines() -> Response:
+        serving = {a: i.engine.base_url for a, i in supervisor.instances.items()
+                   if i.engine is not None and i.state is InstanceState.RUNNING}
+        return render(await engine_metrics(client, serving, settings.worker_id))
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ explains the error.
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -22,7 +23,11 @@ from shared.errors import NoCapacity, NotFound, clip
 from shared.fastlane import Handler, Lane, Picker, new_request_id, request_id_of
 from shared.forwarding import relay
 from shared.http import ClientGone, cancel_on_disconnect, read_body
+from shared.logs import REQUEST_ID
+from shared.tracing import Span, Tracing, valid_traceparent
 from shared.wire import Pool
+
+logger = logging.getLogger(__name__)
 
 # The engine's other endpoints (/sleep, /wake_up, /collective_rpc ...) are not for clients:
 # vLLM leaves them unauthenticated, so only the client paths of shared/engine_api.py pass.
@@ -41,11 +46,27 @@ def engine_request_id(given: bytes | None, uuid_ids: bool) -> bytes:
     return rid
 
 
-def forward_headers(get: Callable[[bytes], bytes | None], request_id: bytes) -> bytes:
-    """The request headers the engine gets: content type, accept, and the request id."""
+def forward_headers(get: Callable[[bytes], bytes | None], request_id: bytes,
+                    traceparent: bytes | None = None) -> bytes:
+    """The request headers the engine gets: content type, accept, the request id, and the
+    W3C traceparent when there is one."""
     out = [h + b": " + v + b"\r\n" for h in _FORWARD_HEADERS if (v := get(h)) is not None]
     out.append(b"x-request-id: " + request_id + b"\r\n")
+    if traceparent is not None:
+        out.append(b"traceparent: " + traceparent + b"\r\n")
     return b"".join(out)
+
+
+def trace(tracing: Tracing | None, given: bytes | None, alias: str, request_id: bytes
+          ) -> tuple[bytes | None, Span | None]:
+    """The traceparent the engine gets (the caller's, valid, as it is; with tracing, that of
+    a new "worker proxy" span under it) and that span, to end once the answer is over."""
+    traceparent = valid_traceparent(given)
+    if tracing is None:
+        return traceparent, None
+    span = tracing.span("worker proxy", traceparent,
+                        {"svllm.model": alias, "svllm.request_id": request_id.decode("latin-1")})
+    return span.traceparent(), span
 
 
 def _is_uuid(value: bytes) -> bool:
@@ -69,6 +90,7 @@ def tag(request: Request) -> bytes:
 async def forward(
     request: Request, alias: str, path: str, supervisor: Supervisor, pool: Pool, limit: int,
     loras: LoraManager | None = None,
+    tracing: Tracing | None = None,
 ) -> Response:
     method = ALLOWED.get(path)
     rid = tag(request)
@@ -87,15 +109,25 @@ async def forward(
         return value.encode("latin-1") if value else None
 
     rid = engine_request_id(rid, engine.launch.uuid_request_ids)
-    request.state.request_id = rid.decode("latin-1")
-    headers = forward_headers(get, rid)
+    request.state.request_id = rid_text = rid.decode("latin-1")
+    REQUEST_ID.set(rid_text)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("proxying %s /%s", alias, path)
+    given = request.headers.get("traceparent")
+    traceparent, span = trace(tracing, given.encode("latin-1") if given else None, alias, rid)
+    headers = forward_headers(get, rid, traceparent)
     # A request for a LoRA adapter of this model: loaded first if it is not (held like a
     # cold start), and kept from eviction until the answer is over.
     adapter = request.headers.get(ADAPTER_HEADER)
     lease: Lease | None = None
     if adapter and loras is not None:
-        lease = await loras.acquire(alias, supervisor.instances[alias].model.spec, engine,
-                                    adapter)
+        try:
+            lease = await loras.acquire(alias, supervisor.instances[alias].model.spec, engine,
+                                        adapter)
+        except BaseException:
+            if span is not None:
+                span.end()
+            raise
     # In flight from here until the response is over: the idle clock must not run meanwhile.
     supervisor.begin(alias)
 
@@ -103,6 +135,8 @@ async def forward(
         supervisor.end(alias)
         if lease is not None:
             lease.release()
+        if span is not None:
+            span.end()
 
     try:
         # A non-streamed answer comes whole after the generation: if the router hangs up
@@ -119,7 +153,8 @@ async def forward(
     return relay(ex, on_close=done, request_id=rid)
 
 
-def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int) -> Handler:
+def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int,
+                 tracing: Tracing | None = None) -> Handler:
     expected = f"Bearer {token}".encode() if token else None
 
     async def handle(lane: Lane) -> bool:
@@ -138,7 +173,11 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
             return False
         lane.request_id = rid = engine_request_id(lane.header(b"x-request-id"),
                                                   engine.launch.uuid_request_ids)
-        headers = forward_headers(lane.header, rid)
+        REQUEST_ID.set(rid.decode("latin-1"))  # this request's task: its log lines carry it
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("proxying %s /%s", alias, path)
+        traceparent, span = trace(tracing, lane.header(b"traceparent"), alias, rid)
+        headers = forward_headers(lane.header, rid, traceparent)
         supervisor.begin(alias)
         try:
             ex = await pool.send(engine.base_url, lane.method.encode(), b"/" + path.encode(),
@@ -146,6 +185,8 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
             await lane.relay(ex)
         finally:
             supervisor.end(alias)
+            if span is not None:
+                span.end()
         return True
 
     return handle

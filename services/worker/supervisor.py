@@ -20,6 +20,7 @@ from services.worker.engines.base import EngineDriver, EngineProcess
 from services.worker.flows import Flows
 from services.worker.instance import Instance
 from services.worker.lifecycle import allowed
+from services.worker.metrics import WorkerMetrics
 from shared.models import Assignment, InstanceState, is_valid_name
 from shared.settings import WorkerSettings
 from shared.store import Store, StoredModel
@@ -37,12 +38,13 @@ class Supervisor:
         settings: WorkerSettings,
         drivers: dict[str, EngineDriver],
         client: httpx.AsyncClient,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.drivers = drivers
         self.instances: dict[str, Instance] = {}
-        self.flows = Flows(store, settings, drivers, client, self.sleeping_ram_mb)
+        self.flows = Flows(store, settings, drivers, client, self.sleeping_ram_mb, metrics)
         self.life = self.flows.life
         self.url = self.flows.url
         self._lock = asyncio.Lock()

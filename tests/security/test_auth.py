@@ -39,6 +39,10 @@ GUARDED = [
     ("worker", b"POST", b"/proxy/x/v1/chat/completions", b'{"model": "x"}'),
     ("manager", b"POST", b"/workers/register", REG_BODY),
     ("manager", b"POST", b"/workers/w1/heartbeat", b"{}"),
+    ("router", b"GET", b"/metrics", b""),
+    ("worker", b"GET", b"/metrics", b""),
+    ("worker", b"GET", b"/metrics/engines", b""),
+    ("manager", b"GET", b"/metrics", b""),
 ]
 
 
