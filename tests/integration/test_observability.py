@@ -144,8 +144,14 @@ def test_router_counts_what_was_sent(cluster: Cluster, fast_lane: str) -> None:
     assert delta(before, after, "svllm_router_breaker_ejections_total", model="m") == 1
     assert delta(before, after, "svllm_router_requests_total", model="m", status="2xx") \
         == sent
-    lines = [a for a in access_lines(router) if a.get("model") == "m"]
-    assert sum(1 for a in lines if a["attempts"] == "2") == failed
+
+    def retried() -> int:
+        return sum(1 for a in access_lines(router)
+                   if a.get("model") == "m" and a["attempts"] == "2")
+
+    # Access lines are written in batches (every 0.2 s): wait for the last one.
+    wait_until(lambda: retried() >= failed, 5, what="the retried requests' access lines")
+    assert retried() == failed
 
 
 def test_held_request_cold_start_and_rejection_are_counted(cluster: Cluster) -> None:
