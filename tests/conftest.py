@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from tests.support import Cluster, RedisServer, free_port
+from tests.chaos.harness import ROW, table
+from tests.support import ROOT, Cluster, RedisServer, free_port
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +37,30 @@ def timings(request: pytest.FixtureRequest) -> dict[str, float]:
     return request.config.stash.setdefault(TIMINGS, {})
 
 
+# The fault-injection table's rows (tests/chaos), collected from the reports: with
+# pytest-xdist the tests run in worker processes and only their reports reach this one.
+CHAOS_ROWS: list[dict[str, Any]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        CHAOS_ROWS.extend(cast(dict[str, Any], value) for name, value in report.user_properties
+                          if name == ROW)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     recorded = terminalreporter.config.stash.get(TIMINGS, {})
     if recorded:
         terminalreporter.section("recorded timings")
         for name, seconds in recorded.items():
             terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+    if CHAOS_ROWS and not hasattr(terminalreporter.config, "workerinput"):  # xdist's workers
+        text = table(CHAOS_ROWS)
+        terminalreporter.write_sep("=", "fault injection results")
+        terminalreporter.write_line(text)
+        out = ROOT / ".run" / "chaos-report.md"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(text + "\n")
 
 
 @pytest.fixture
