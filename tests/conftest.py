@@ -8,9 +8,30 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from httpx import _config as httpx_config
+from httpx._transports import default as httpx_transports
 
 from tests.chaos.harness import ROW, table
 from tests.support import ROOT, Cluster, RedisServer, free_port
+
+# Every httpx.get/post (and openai client) in the tests builds a client, and each client
+# loaded the CA bundle: about 20 ms of CPU, for plain-http calls to loopback. Polling loops
+# and the 1,000-client chaos test spent a large share of the suite's CPU on it. The default
+# context is built once and shared (other verify/cert arguments still get their own).
+_DEFAULT_SSL = httpx_config.create_ssl_context()
+
+
+def _ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+    if verify is True and cert is None and trust_env:
+        return _DEFAULT_SSL
+    return httpx_config.create_ssl_context(verify, cert, trust_env)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ssl_context() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(httpx_transports, "create_ssl_context", _ssl_context)
+        yield
 
 
 @pytest.fixture(scope="session")
