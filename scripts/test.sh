@@ -9,4 +9,7 @@ ensure_cmd chromium chromium  # the console's browser tests (tests/browser) driv
 cd "$ROOT"
 "$PY" -m ruff check .
 "$PY" -m mypy shared services scripts tests
-exec "$PY" -m pytest "$@"
+# In parallel: most of the suite waits on processes it started. --dist loadgroup keeps the
+# tests of one xdist_group (a shared module-scoped pool, the serial chaos tests) on one
+# worker. SVLLM_TEST_WORKERS=0 (or a later -n 0) runs it in this process.
+exec "$PY" -m pytest -n "${SVLLM_TEST_WORKERS:-3}" --dist loadgroup "$@"

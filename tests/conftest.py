@@ -5,10 +5,33 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from httpx import _config as httpx_config
+from httpx._transports import default as httpx_transports
 
-from tests.support import Cluster, RedisServer, free_port
+from tests.chaos.harness import ROW, table
+from tests.support import ROOT, Cluster, RedisServer, free_port
+
+# Every httpx.get/post (and openai client) in the tests builds a client, and each client
+# loaded the CA bundle: about 20 ms of CPU, for plain-http calls to loopback. Polling loops
+# and the 1,000-client chaos test spent a large share of the suite's CPU on it. The default
+# context is built once and shared (other verify/cert arguments still get their own).
+_DEFAULT_SSL = httpx_config.create_ssl_context()
+
+
+def _ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+    if verify is True and cert is None and trust_env:
+        return _DEFAULT_SSL
+    return httpx_config.create_ssl_context(verify, cert, trust_env)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ssl_context() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(httpx_transports, "create_ssl_context", _ssl_context)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +58,30 @@ def timings(request: pytest.FixtureRequest) -> dict[str, float]:
     return request.config.stash.setdefault(TIMINGS, {})
 
 
+# The fault-injection table's rows (tests/chaos), collected from the reports: with
+# pytest-xdist the tests run in worker processes and only their reports reach this one.
+CHAOS_ROWS: list[dict[str, Any]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        CHAOS_ROWS.extend(cast(dict[str, Any], value) for name, value in report.user_properties
+                          if name == ROW)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     recorded = terminalreporter.config.stash.get(TIMINGS, {})
     if recorded:
         terminalreporter.section("recorded timings")
         for name, seconds in recorded.items():
             terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+    if CHAOS_ROWS and not hasattr(terminalreporter.config, "workerinput"):  # xdist's workers
+        text = table(CHAOS_ROWS)
+        terminalreporter.write_sep("=", "fault injection results")
+        terminalreporter.write_line(text)
+        out = ROOT / ".run" / "chaos-report.md"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(text + "\n")
 
 
 @pytest.fixture

@@ -6,10 +6,14 @@ import re
 import threading
 
 import httpx
+import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import TOKEN, shot, sign_in, signed_in
 from tests.support import Cluster, Proc, chat, register, snapshot, wait_serving
+
+# The tests share the module-scoped browser: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("browser")
 
 
 def row(page: Page, alias: str):

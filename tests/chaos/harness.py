@@ -16,7 +16,10 @@ import httpx
 
 from tests.support import ROOT, Proc, free_port, wait_until
 
+# This process's rows; tests/chaos/conftest.py passes each test's rows on as user properties
+# named ROW (under pytest-xdist the table is printed by the controller, not where tests ran).
 REPORT: list[dict[str, Any]] = []
+ROW = "chaos_report_row"
 
 
 def nginx(tmp: Path, router_ports: list[int]) -> Proc:
@@ -146,10 +149,10 @@ def report(fault: str, outcomes: list[Outcome], recover_s: float | None, note: s
     })
 
 
-def table() -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| fault | sent | succeeded | failed (by outcome) | time to recover (s) | note |",
              "|---|---|---|---|---|---|"]
-    for r in REPORT:
+    for r in rows:
         failed = ", ".join(f"{k}: {v}" for k, v in r["failed"].items()) or "none"
         rec = "-" if r["recover_s"] is None else r["recover_s"]
         lines.append(f"| {r['fault']} | {r['sent']} | {r['succeeded']} | {failed} | {rec} | "

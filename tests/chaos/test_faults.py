@@ -32,7 +32,9 @@ from tests.support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.chaos
+# Fault injection measures recovery under load: the chaos tests run one at a time, on one
+# pytest-xdist worker (tests on the other workers still load the machine).
+pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("chaos")]
 MODEL = ["--itl", "0.01"]
 
 
@@ -182,6 +184,7 @@ def test_redis_restart_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
                 for m in after["models"]} == pids
         assert set(o.result for o in outcomes) == {"ok"}
     finally:
+        cluster.stop_all()  # before their Redis: they would spend their stop grace on it
         own.stop()
 
 
@@ -239,6 +242,9 @@ def test_redis_primary_killed_under_sentinel(cluster: Cluster, tmp_path: Path) -
                "recovery: replica promoted, an admin write succeeds, a new model serves")
         assert set(o.result for o in outcomes) == {"ok"}
     finally:
+        # The services first: with Redis and the sentinels gone, each would spend its whole
+        # stop grace (10 s) reaching for them before being killed.
+        cluster.stop_all()
         for s in sentinels:
             s.stop()
         replica.stop()

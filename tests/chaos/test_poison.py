@@ -16,7 +16,9 @@ import redis
 
 from tests.support import Cluster, Proc, chat, register, status, wait_serving, wait_until
 
-pytestmark = pytest.mark.chaos
+# Fault injection measures recovery under load: the chaos tests run one at a time, on one
+# pytest-xdist worker (tests on the other workers still load the machine).
+pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("chaos")]
 
 
 def named(router: Proc, key: str, field: str | None) -> bool:

@@ -110,6 +110,7 @@ def test_export_then_apply_changes_nothing(router: Proc, cluster: Cluster,
     assert snapshot(cluster.redis_url, cluster.prefix) == before
 
 
+# Files the router refuses: with --prune and --dry-run too (the flags travel with them).
 BAD = [
     ("unknown field", FILE + "    colour: red\n",
      "models[1] (beta): colour: Extra inputs are not permitted (400 invalid_request)"),
@@ -118,6 +119,9 @@ BAD = [
     ("bad extra arg", FILE + "    extra_args: ['--port', '1']\n", "models[1] (beta): "),
     ("duplicate alias", FILE.replace("alias: beta", "alias: alpha"),
      "models[1] (alpha): alias 'alpha' appears twice"),
+]
+# Files svllm cannot read as a models file: refused before any request, whatever the flags.
+UNREADABLE = [
     ("not a list", "models: {alias: x}\n", "'models' must be a list"),
     ("other top key", "model: []\n", "must be a mapping with one key, 'models'"),
     ("not yaml", "models: [\n", "is not valid YAML"),
@@ -129,12 +133,13 @@ def test_bad_file_fails_with_the_message_and_changes_nothing(
     assert svllm(router, "models", "register", "keep", "sim/keep", "--engine", "sim",
                  "--min-replicas", "0").code == 0
     before = snapshot(cluster.redis_url, cluster.prefix)
-    for name, text, message in BAD:
-        for extra in ([], ["--prune"], ["--dry-run"]):
-            r = svllm(router, "apply", "-f", write(tmp_path, text), *extra)
-            assert r.code == 1, (name, r.out, r.err)
-            assert r.err.startswith("svllm: error: ") and r.err.count("\n") == 1, r.err
-            assert message in r.err, r.err
+    cases = [(bad, extra) for bad in BAD for extra in ([], ["--prune"], ["--dry-run"])]
+    cases += [(bad, ["--prune"]) for bad in UNREADABLE]
+    for (name, text, message), extra in cases:
+        r = svllm(router, "apply", "-f", write(tmp_path, text), *extra)
+        assert r.code == 1, (name, r.out, r.err)
+        assert r.err.startswith("svllm: error: ") and r.err.count("\n") == 1, r.err
+        assert message in r.err, r.err
     assert snapshot(cluster.redis_url, cluster.prefix) == before
 
 

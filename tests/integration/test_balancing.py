@@ -59,8 +59,12 @@ def test_requests_spread_over_replicas_and_affinity_sticks(two) -> None:
     assert sorted(got.values()) == [0, 10], got
 
 
-def test_dead_replica_is_retried_around_and_ejected(two) -> None:
-    _, workers, router = two
+def test_dead_replica_is_retried_around_and_ejected(cluster: Cluster) -> None:
+    cluster.manager()
+    # w1's heartbeat outlives it by 10 s, not the suite's 1.5 s: on a loaded machine the 20
+    # requests below took longer than that, the route was gone before one picked w1.
+    workers = {"w1": cluster.worker("w1", HEARTBEAT_TTL_S="10"), "w2": cluster.worker("w2")}
+    router = cluster.router()
     start_two_replicas(router, "fo")
     workers["w1"].kill9()
     # Before the heartbeat TTL runs out the route to w1 is still published: every request

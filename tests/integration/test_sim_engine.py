@@ -19,6 +19,9 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from shared.procs import spawn, stop, tail
 
+# The tests share module-scoped engines: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("sim_engine")
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "sim-model"
 CHAT_OVERHEAD = 4  # prompt tokens the engine adds per chat message (its "template")

@@ -17,6 +17,9 @@ from tests.security.conftest import ADMIN, API, INTERNAL, SecurePool, bearer, po
 from tests.security.rawhttp import exchange
 from tests.support import FAST_ENV, ROOT, RedisServer, free_port, wait_until
 
+# The tests share the module-scoped pool: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("security_auth")
+
 REG_BODY = (b'{"worker_id": "evil", "url": "http://203.0.113.9:7000", "engines": ["sim"], '
             b'"gpus": []}')
 

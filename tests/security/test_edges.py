@@ -14,6 +14,9 @@ from tests.security.conftest import ADMIN, API, INTERNAL, SecurePool, port_of
 from tests.security.rawhttp import Reply, connect, exchange, read_reply, rss_kb, send_all
 from tests.support import Cluster, wait_until
 
+# The tests share the module-scoped pool: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("security_edges")
+
 SERVICES = ["router", "router_asgi", "worker", "manager"]
 GET_HEALTH = b"GET /health HTTP/1.1\r\nhost: x\r\n"
 ONE_GET = GET_HEALTH + b"connection: close\r\n\r\n"  # answered, then closed by the server

@@ -23,6 +23,9 @@ from hypothesis import strategies as st
 from shared.models import NAME_PATTERN, is_valid_name
 from tests.support import Cluster, Proc, RedisServer, register, snapshot
 
+# The tests share the module-scoped target: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("security_fuzz")
+
 ADMIN = "fuzz-admin"
 API = "fuzz-api"
 HELD = "held"  # registered and stopped: /v1 for it is a 503 model_stopped at once
