@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_cluster import RedisCluster
 from tests.support import Cluster, RedisServer, free_port
 
 
@@ -16,6 +17,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A 3-primary Redis Cluster on loopback (tests marked ``redis_cluster``)."""
+    servers = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield servers
+    servers.stop()
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -38,7 +38,7 @@ class LifecycleStore(StoreBase):
     async def demands(self, aliases: list[str]) -> set[str]:
         if not aliases:
             return set()
-        vals = await self.r.mget([self.k.demand(a) for a in aliases])
+        vals = await self._mget([self.k.demand(a) for a in aliases])
         return {a for a, v in zip(aliases, vals, strict=True) if v is not None}
 
     # ------------------------------------------------------------------ hold queue

@@ -64,7 +64,8 @@ class ObservedStore(StoreBase):
         """An instance's record and its route (``url``: published; None: withdrawn) in one
         transaction, so no reader sees a record and a route that disagree (a FAILED record
         with a live route). Used by the worker's instance state machine only."""
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.hset(self.k.instance(alias, worker_id), mapping=cast(Mapping[Any, Any], fields))
             pipe.sadd(self.k.instances(alias), worker_id)
             if url is None:
@@ -72,18 +73,19 @@ class ObservedStore(StoreBase):
                 pipe.hdel(self.k.load(alias), worker_id)
             else:
                 pipe.hset(self.k.routes(alias), worker_id, url)
-            self._route_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(build, [self._routes_changed(alias)])
         await self.publish("route", alias=alias, worker=worker_id)
 
     async def delete_instance(self, alias: str, worker_id: str) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.delete(self.k.instance(alias, worker_id))
             pipe.srem(self.k.instances(alias), worker_id)
             pipe.hdel(self.k.routes(alias), worker_id)
             pipe.hdel(self.k.load(alias), worker_id)
-            self._route_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(build, [self._routes_changed(alias)])
         await self.publish("route", alias=alias, worker=worker_id)
 
     async def instances_of(self, alias: str) -> dict[str, dict[str, str]]:
@@ -104,19 +106,15 @@ class ObservedStore(StoreBase):
 
     async def set_route(self, alias: str, worker_id: str, url: str | None) -> None:
         """Publish (url) or withdraw (None) this worker's route for ``alias``."""
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             if url is None:
                 pipe.hdel(self.k.routes(alias), worker_id)
             else:
                 pipe.hset(self.k.routes(alias), worker_id, url)
-            self._route_changed(pipe, alias)
-            await pipe.execute()
-        await self.publish("route", alias=alias, worker=worker_id)
 
-    def _route_changed(self, pipe: Pipeline, alias: str) -> None:
-        """Inside a route-changing transaction: bump the routes version by one and log the
-        alias with it (always both: routers count entries against the version's move)."""
-        self._routes_changed(pipe, alias)
+        await self._commit(build, [self._routes_changed(alias)])
+        await self.publish("route", alias=alias, worker=worker_id)
 
     # ------------------------------------------------------------------ router reads
     async def versions(self) -> tuple[str, str]:
@@ -132,17 +130,28 @@ class ObservedStore(StoreBase):
         atomically in one round trip."""
         logs = ((self.k.routes_log, after), (self.k.models_log, models_after))
         ids = sorted(workers)
+        # On a cluster the heartbeats are in their workers' slots: read apart from the
+        # snapshot of the counters and logs (which need one; the heartbeats do not).
+        apart = await self._mget([self.k.worker_alive(w) for w in ids]) if self.cluster else []
         async with self.r.pipeline(transaction=True) as pipe:
-            if ids:
+            if ids and not self.cluster:
                 pipe.mget([self.k.worker_alive(w) for w in ids])
-            pipe.mget([self.k.models_version, self.k.routes_version])
+            if self.cluster:  # the cluster client pipelines no MGET, even within a slot
+                pipe.get(self.k.models_version)
+                pipe.get(self.k.routes_version)
+            else:
+                pipe.mget([self.k.models_version, self.k.routes_version])
             for log, since in logs:
                 pipe.xrevrange(log, "+", "-", count=1)
                 if since is not None:
                     pipe.xrange(log, f"({since}", "+", count=limit + 1)
             replies = iter(await pipe.execute(raise_on_error=False))
-        flags = next(replies) if ids else []
-        m, r = self._checked(self.k.models_version, next(replies), [None, None])
+        flags = apart if self.cluster else next(replies) if ids else []
+        if self.cluster:
+            m = self._checked(self.k.models_version, next(replies), None)
+            r = self._checked(self.k.routes_version, next(replies), None)
+        else:
+            m, r = self._checked(self.k.models_version, next(replies), [None, None])
         found: list[tuple[str, list[str] | None]] = []
         for log, since in logs:
             # A log of the wrong type reads as one that cannot account for the changes.

@@ -15,6 +15,12 @@ from shared.models import Heartbeat, WorkerRegistration, WorkerView
 from shared.records import BadRecord, parse_worker
 from shared.store.base import NotLeader, StoreBase
 
+# The worker's record, only while its heartbeat is absent (Redis Cluster: one worker's slot).
+_DELETE_IF_DEAD_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('DEL', KEYS[2])
+"""
+
 
 class WorkersStore(StoreBase):
     async def register_worker(self, reg: WorkerRegistration, ttl_s: float) -> bool:
@@ -27,7 +33,9 @@ class WorkersStore(StoreBase):
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(alive_key, record)
-                    if await pipe.exists(alive_key) and \
+                    # GET, not EXISTS: the cluster client splits EXISTS by slot, which
+                    # it cannot do while watching.
+                    if await pipe.get(alive_key) is not None and \
                             await pipe.hget(record, "url") not in (None, reg.url):
                         return False
                     pipe.multi()
@@ -35,13 +43,18 @@ class WorkersStore(StoreBase):
                     await pipe.execute()
                 except WatchError:
                     continue
+            if self.cluster:
+                # The index is in the scheduler's slot: listed right after; every heartbeat
+                # lists the worker again, so one lost here is repaired within a beat.
+                await self.r.sadd(self.k.workers, wid)
             await self.publish("worker", worker=wid)
             return True
         return False
 
     def _write_registration(self, pipe: Pipeline, reg: WorkerRegistration, ttl_s: float) -> None:
         now = repr(time.time())
-        pipe.sadd(self.k.workers, reg.worker_id)
+        if not self.cluster:
+            pipe.sadd(self.k.workers, reg.worker_id)
         pipe.hset(self.k.worker(reg.worker_id), mapping={
             "url": reg.url,
             "engines": json.dumps(reg.engines),
@@ -59,6 +72,8 @@ class WorkersStore(StoreBase):
         assignment, only while ``token`` holds the scheduler lease. False when the worker
         came back or got an assignment meanwhile (checked in the transaction)."""
         alive_key, assign = self.k.worker_alive(worker_id), self.k.assign(worker_id)
+        if self.cluster:
+            return await self._remove_in_steps(token, worker_id)
         async with self.r.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(self.k.lease, alive_key, assign)
@@ -75,6 +90,34 @@ class WorkersStore(StoreBase):
         await self.publish("worker", worker=worker_id)
         return True
 
+    async def _remove_in_steps(self, token: str, worker_id: str) -> bool:
+        """:meth:`remove_dead_worker` on a cluster, where the worker's records and the
+        scheduler's (lease, index, assignments, ledger) are in two slots: a fenced step in the
+        scheduler's slot that checks the worker holds no assignment and drops it from the
+        index, its assignments and ledger; then, in the worker's slot, its record, only
+        while its heartbeat is still absent. Its heartbeat is read before the first step; a
+        worker that beats again in between finds its record (kept) and lists itself again at
+        its next heartbeat (which always re-adds it to the index)."""
+        alive_key, assign = self.k.worker_alive(worker_id), self.k.assign(worker_id)
+        if await self.r.exists(alive_key):
+            return False
+        async with self.r.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(self.k.lease, assign)
+                if await pipe.get(self.k.lease) != token:
+                    raise NotLeader(token)
+                if await pipe.hlen(assign):
+                    return False
+                pipe.multi()
+                pipe.srem(self.k.workers, worker_id)
+                pipe.delete(assign, self.k.ledger(worker_id))
+                await pipe.execute()
+            except WatchError:
+                return False
+        removed = await self.r.eval(_DELETE_IF_DEAD_LUA, 2, alive_key, self.k.worker(worker_id))
+        await self.publish("worker", worker=worker_id)
+        return bool(removed)
+
     async def heartbeat(self, worker_id: str, hb: Heartbeat, ttl_s: float) -> bool | None:
         """Refresh liveness. None: unknown worker (register first). False: the alive key had
         expired, so the manager may have re-placed this worker's models. True: all well."""
@@ -89,8 +132,11 @@ class WorkersStore(StoreBase):
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.set(self.k.worker_alive(worker_id), now, px=int(ttl_s * 1000), get=True)
             pipe.hset(self.k.worker(worker_id), mapping=cast(Mapping[Any, Any], fields))
-            pipe.sadd(self.k.workers, worker_id)
-            previous, _, _ = await pipe.execute()
+            if not self.cluster:
+                pipe.sadd(self.k.workers, worker_id)
+            previous = (await pipe.execute())[0]
+        if self.cluster:
+            await self.r.sadd(self.k.workers, worker_id)  # the scheduler's slot
         return previous is not None
 
     async def pool_id(self, candidate: str) -> str:
@@ -164,5 +210,5 @@ class WorkersStore(StoreBase):
         ids = list(worker_ids)
         if not ids:
             return set()
-        flags = await self.r.mget([self.k.worker_alive(w) for w in ids])
+        flags = await self._mget([self.k.worker_alive(w) for w in ids])
         return {w for w, f in zip(ids, flags, strict=True) if f is not None}
