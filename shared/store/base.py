@@ -274,5 +274,5 @@ class StoreBase:
         cluster = cast(RedisCluster, self.r)
         await cluster.initialize()
         node = cluster.get_random_node()
-        return aioredis.Redis(host=node.host, port=node.port, decode_responses=True,
+        return aioredis.Redis(host=node.host, port=int(node.port), decode_responses=True,
                               **_TIMEOUTS)
