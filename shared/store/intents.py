@@ -49,7 +49,7 @@ class IntentsStore(StoreBase):
             pipe.hset(self.k.manual(alias), worker_id, note)
             pipe.delete(self.k.hold(alias), self.k.placement(alias))
 
-        await self._commit(build, [self._model_changed(alias)])
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias, worker=worker_id)
 
     async def request_manual_stop(self, alias: str, worker_id: str) -> None:
@@ -63,7 +63,7 @@ class IntentsStore(StoreBase):
             pipe.set(self.k.hold(alias), note)
             pipe.delete(self.k.demand(alias), self.k.intent(alias))
 
-        await self._commit(build, [self._model_changed(alias)])
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias, worker=worker_id)
 
     async def hold_model(self, alias: str, reason: str) -> None:
@@ -75,7 +75,7 @@ class IntentsStore(StoreBase):
             pipe.set(self.k.hold(alias), note)
             pipe.delete(self.k.manual(alias), self.k.demand(alias), self.k.intent(alias))
 
-        await self._commit(build, [self._model_changed(alias)])
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias)
 
     async def request_wake(self, alias: str, demand_ttl_s: float) -> None:
@@ -87,13 +87,13 @@ class IntentsStore(StoreBase):
             pipe.set(self.k.demand(alias), repr(time.time()),
                      px=max(1, int(demand_ttl_s * 1000)))
 
-        await self._commit(build, [self._model_changed(alias)])
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias)
 
     async def request_sleep(self, alias: str) -> None:
         """Ask the scheduler to point every assignment of ``alias`` at 'sleeping'."""
         note = json.dumps({"action": "sleep", "at": time.time()})
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.intent(alias)) as pipe:
             pipe.set(self.k.intent(alias), note, px=int(SLEEP_INTENT_TTL_S * 1000))
             pipe.delete(self.k.demand(alias))
             await pipe.execute()

@@ -55,7 +55,7 @@ class LifecycleStore(StoreBase):
 
     # ------------------------------------------------------------------ timings
     async def record_duration(self, alias: str, kind: str, seconds: float) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.stats(alias)) as pipe:
             pipe.hincrby(self.k.stats(alias), f"{kind}s", 1)
             pipe.hset(self.k.stats(alias), f"last_{kind}_s", f"{seconds:.4f}")
             pipe.lpush(self.k.samples(alias, kind), f"{seconds:.4f}")
@@ -63,7 +63,7 @@ class LifecycleStore(StoreBase):
             await pipe.execute()
 
     async def record_wait(self, alias: str, seconds: float) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.stats(alias)) as pipe:
             pipe.hincrby(self.k.stats(alias), "waited_requests", 1)
             pipe.hincrbyfloat(self.k.stats(alias), "wait_total_s", seconds)
             await pipe.execute()

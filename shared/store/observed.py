@@ -54,7 +54,7 @@ def _newest(entries: list[tuple[str, dict[str, str]]]) -> str:
 
 class ObservedStore(StoreBase):
     async def put_instance(self, alias: str, worker_id: str, fields: dict[str, str]) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.instances(alias)) as pipe:
             pipe.hset(self.k.instance(alias, worker_id), mapping=cast(Mapping[Any, Any], fields))
             pipe.sadd(self.k.instances(alias), worker_id)
             await pipe.execute()
@@ -74,7 +74,7 @@ class ObservedStore(StoreBase):
             else:
                 pipe.hset(self.k.routes(alias), worker_id, url)
 
-        await self._commit(build, [self._routes_changed(alias)])
+        await self._commit(self.k.routes(alias), build, [self._routes_changed(alias)])
         await self.publish("route", alias=alias, worker=worker_id)
 
     async def delete_instance(self, alias: str, worker_id: str) -> None:
@@ -85,7 +85,7 @@ class ObservedStore(StoreBase):
             pipe.hdel(self.k.routes(alias), worker_id)
             pipe.hdel(self.k.load(alias), worker_id)
 
-        await self._commit(build, [self._routes_changed(alias)])
+        await self._commit(self.k.routes(alias), build, [self._routes_changed(alias)])
         await self.publish("route", alias=alias, worker=worker_id)
 
     async def instances_of(self, alias: str) -> dict[str, dict[str, str]]:
@@ -113,7 +113,7 @@ class ObservedStore(StoreBase):
             else:
                 pipe.hset(self.k.routes(alias), worker_id, url)
 
-        await self._commit(build, [self._routes_changed(alias)])
+        await self._commit(self.k.routes(alias), build, [self._routes_changed(alias)])
         await self.publish("route", alias=alias, worker=worker_id)
 
     # ------------------------------------------------------------------ router reads
@@ -133,25 +133,17 @@ class ObservedStore(StoreBase):
         # On a cluster the heartbeats are in their workers' slots: read apart from the
         # snapshot of the counters and logs (which need one; the heartbeats do not).
         apart = await self._mget([self.k.worker_alive(w) for w in ids]) if self.cluster else []
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.routes_version) as pipe:
             if ids and not self.cluster:
                 pipe.mget([self.k.worker_alive(w) for w in ids])
-            if self.cluster:  # the cluster client pipelines no MGET, even within a slot
-                pipe.get(self.k.models_version)
-                pipe.get(self.k.routes_version)
-            else:
-                pipe.mget([self.k.models_version, self.k.routes_version])
+            pipe.mget([self.k.models_version, self.k.routes_version])
             for log, since in logs:
                 pipe.xrevrange(log, "+", "-", count=1)
                 if since is not None:
                     pipe.xrange(log, f"({since}", "+", count=limit + 1)
             replies = iter(await pipe.execute(raise_on_error=False))
         flags = apart if self.cluster else next(replies) if ids else []
-        if self.cluster:
-            m = self._checked(self.k.models_version, next(replies), None)
-            r = self._checked(self.k.routes_version, next(replies), None)
-        else:
-            m, r = self._checked(self.k.models_version, next(replies), [None, None])
+        m, r = self._checked(self.k.models_version, next(replies), [None, None])
         found: list[tuple[str, list[str] | None]] = []
         for log, since in logs:
             # A log of the wrong type reads as one that cannot account for the changes.

@@ -215,7 +215,7 @@ class SchedulingStore(StoreBase):
     async def worker_state(self, worker_id: str) -> tuple[dict[str, Assignment], set[str]]:
         """A worker's assignments and the aliases of its ledger, read in one snapshot (so an
         assignment and its reservation are never seen apart)."""
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.assign(worker_id)) as pipe:
             pipe.hgetall(self.k.assign(worker_id))
             pipe.hkeys(self.k.ledger(worker_id))
             raw, reserved = await pipe.execute(raise_on_error=False)

@@ -30,12 +30,10 @@ class WorkersStore(StoreBase):
         wid = reg.worker_id
         alive_key, record = self.k.worker_alive(wid), self.k.worker(wid)
         for _ in range(5):  # a concurrent heartbeat of the same worker restarts the check
-            async with self.r.pipeline(transaction=True) as pipe:
+            async with self._txn(record) as pipe:
                 try:
                     await pipe.watch(alive_key, record)
-                    # GET, not EXISTS: the cluster client splits EXISTS by slot, which
-                    # it cannot do while watching.
-                    if await pipe.get(alive_key) is not None and \
+                    if await pipe.exists(alive_key) and \
                             await pipe.hget(record, "url") not in (None, reg.url):
                         return False
                     pipe.multi()
@@ -101,7 +99,7 @@ class WorkersStore(StoreBase):
         alive_key, assign = self.k.worker_alive(worker_id), self.k.assign(worker_id)
         if await self.r.exists(alive_key):
             return False
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(assign) as pipe:
             try:
                 await pipe.watch(self.k.lease, assign)
                 if await pipe.get(self.k.lease) != token:
@@ -129,7 +127,7 @@ class WorkersStore(StoreBase):
             fields["gpus"] = json.dumps([g.model_dump() for g in hb.gpus])
         if hb.gpu_message is not None:
             fields["gpu_message"] = hb.gpu_message
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.worker(worker_id)) as pipe:
             pipe.set(self.k.worker_alive(worker_id), now, px=int(ttl_s * 1000), get=True)
             pipe.hset(self.k.worker(worker_id), mapping=cast(Mapping[Any, Any], fields))
             if not self.cluster:
@@ -144,7 +142,7 @@ class WorkersStore(StoreBase):
 
         A worker passes the id it already uses, so a flushed Redis gets it back rather than a
         new one that would disown the engines running now."""
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.pool_id) as pipe:
             pipe.set(self.k.pool_id, candidate, nx=True)
             pipe.get(self.k.pool_id)
             _, value = await pipe.execute()
