@@ -139,7 +139,7 @@ class AdminReads(ModelsStore, SchedulingStore, ObservedStore, LifecycleStore):
         if not self.cluster:
             return cast(list[Any], orjson.loads(
                 await self.r.eval(_VIEWS_LUA, 0, *templates, *aliases)))
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for a in aliases:
                 pipe.eval(_VIEWS_LUA, 1, self.k.model(a), *templates, a)
             replies = await pipe.execute()

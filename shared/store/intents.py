@@ -102,7 +102,7 @@ class IntentsStore(StoreBase):
     async def targets_of(self, alias: str) -> dict[str, str]:
         """worker -> target of each assignment of ``alias`` (for the admin API's checks)."""
         workers = await self._members(self.k.workers)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for w in workers:
                 pipe.hget(self.k.assign(w), alias)
             raws = await pipe.execute(raise_on_error=False)
@@ -117,7 +117,7 @@ class IntentsStore(StoreBase):
 
     async def intents(self, aliases: list[str]) -> dict[str, Intents]:
         """Every alias's operator requests, in one round trip (for the scheduler's pass)."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for a in aliases:
                 pipe.hkeys(self.k.manual(a))
                 pipe.get(self.k.intent(a))

@@ -70,7 +70,7 @@ class LifecycleStore(StoreBase):
 
     async def timings(self, alias: str) -> dict[str, Any]:
         """Counts, last and median durations of cold starts and wakes, and request waits."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             pipe.hgetall(self.k.stats(alias))
             for kind in TIMING_KINDS:
                 pipe.lrange(self.k.samples(alias, kind), 0, -1)

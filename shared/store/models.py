@@ -231,7 +231,7 @@ class ModelsStore(StoreBase):
         """The registered ones among ``aliases``, and the aliases whose record does not
         parse (reported): callers leave those as they are, neither placed nor stopped, since
         a corrupt record says nothing about what the operator wants."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for a in aliases:
                 pipe.hgetall(self.k.model(a))
                 pipe.get(self.k.hold(a))

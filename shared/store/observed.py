@@ -181,7 +181,7 @@ class ObservedStore(StoreBase):
 
     async def instances_by_alias(self, aliases: list[str]) -> dict[str, dict[str, dict[str, str]]]:
         """alias -> worker -> instance record, for many aliases in two round trips."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for a in aliases:
                 pipe.smembers(self.k.instances(a))
             replies = await pipe.execute(raise_on_error=False)

@@ -107,7 +107,7 @@ class SchedulingStore(StoreBase):
         round trip says something stale, no more; the next pass that fails sets it again)."""
         names = sorted(set(aliases))
         if self.cluster and names:
-            async with self.r.pipeline(transaction=False) as pipe:
+            async with self._batch() as pipe:
                 for alias in names:
                     pipe.delete(self.k.placement(alias))
                 await pipe.execute()
@@ -185,7 +185,7 @@ class SchedulingStore(StoreBase):
         next pass. The lease is checked first too, so a manager that lost it stops there."""
         if await self.lease_holder() != token:
             raise NotLeader(token)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for alias in aliases:
                 pipe.eval(_FORGET_INSTANCE_LUA, 3, self.k.routes(alias),
                           self.k.instance(alias, worker_id), self.k.instances(alias), worker_id)

@@ -157,7 +157,7 @@ class WorkersStore(StoreBase):
     async def live_vllm_flags(self) -> list[EngineFlags]:
         """The vLLM flag sets reported by live workers (those that have reported one)."""
         ids = await self._members(self.k.workers)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for w in ids:
                 pipe.hmget(self.k.worker(w), ["vllm_version", "vllm_flags"])
                 pipe.exists(self.k.worker_alive(w))
@@ -188,7 +188,7 @@ class WorkersStore(StoreBase):
 
     async def list_workers(self) -> list[WorkerView]:
         ids = await self._members(self.k.workers)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for w in ids:
                 pipe.hgetall(self.k.worker(w))
                 pipe.exists(self.k.worker_alive(w))
