@@ -9,6 +9,7 @@ entry, a Redis that lost data) and it reloads every alias, as it did before the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -130,19 +131,27 @@ class ObservedStore(StoreBase):
         atomically in one round trip."""
         logs = ((self.k.routes_log, after), (self.k.models_log, models_after))
         ids = sorted(workers)
-        # On a cluster the heartbeats are in their workers' slots: read apart from the
-        # snapshot of the counters and logs (which need one; the heartbeats do not).
-        apart = await self._mget([self.k.worker_alive(w) for w in ids]) if self.cluster else []
-        async with self._txn(self.k.routes_version) as pipe:
-            if ids and not self.cluster:
-                pipe.mget([self.k.worker_alive(w) for w in ids])
-            pipe.mget([self.k.models_version, self.k.routes_version])
-            for log, since in logs:
-                pipe.xrevrange(log, "+", "-", count=1)
-                if since is not None:
-                    pipe.xrange(log, f"({since}", "+", count=limit + 1)
-            replies = iter(await pipe.execute(raise_on_error=False))
-        flags = apart if self.cluster else next(replies) if ids else []
+
+        async def snapshot() -> list[Any]:
+            async with self._txn(self.k.routes_version) as pipe:
+                if ids and not self.cluster:
+                    pipe.mget([self.k.worker_alive(w) for w in ids])
+                pipe.mget([self.k.models_version, self.k.routes_version])
+                for log, since in logs:
+                    pipe.xrevrange(log, "+", "-", count=1)
+                    if since is not None:
+                        pipe.xrange(log, f"({since}", "+", count=limit + 1)
+                return await pipe.execute(raise_on_error=False)
+
+        if self.cluster:
+            # The heartbeats are in their workers' slots: read alongside the snapshot of the
+            # counters and logs (which needs one; the heartbeats do not), at the same time.
+            flags, got = await asyncio.gather(
+                self._mget([self.k.worker_alive(w) for w in ids]), snapshot())
+            replies = iter(got)
+        else:
+            replies = iter(await snapshot())
+            flags = next(replies) if ids else []
         m, r = self._checked(self.k.models_version, next(replies), [None, None])
         found: list[tuple[str, list[str] | None]] = []
         for log, since in logs:
