@@ -76,24 +76,25 @@ if t ~= 'set' and t ~= 'none' then return {'wrongtype', KEYS[1], t} end
 return {'ok', redis.call('SISMEMBER', KEYS[1], ARGV[1])}
 """
 # The model's slot. KEYS: model, hold, placement. ARGV: fingerprint, spec, model_name, engine,
-# version, created_at, '1' when the index lists the alias.
+# version, created_at. 'exists': the same spec is there already (left as it is).
 _REGISTER_SPEC_LUA = """
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'hash' and t ~= 'none' then return {'wrongtype', KEYS[1], t} end
 local existing = redis.call('HGET', KEYS[1], 'fingerprint')
 if existing and existing ~= ARGV[1] then return {'conflict'} end
-if existing and ARGV[7] == '1' then return {'same'} end
+if existing then return {'exists'} end
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'model_name', ARGV[3], 'engine', ARGV[4],
            'fingerprint', ARGV[1], 'version', ARGV[5], 'created_at', ARGV[6])
 redis.call('DEL', KEYS[2], KEYS[3])
 return {'created'}
 """
 # The scheduler's slot, after the spec is written. KEYS: models, models version, models log.
-# ARGV: alias, log maxlen, events channel and hint ('' for none).
+# ARGV: alias, log maxlen, events channel and hint ('' for none), '1' when the spec was there
+# already ('same' if it is listed too; else this finishes an interrupted registration).
 _LIST_LUA = LOG_CHANGE_FN_LUA + """
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'set' and t ~= 'none' then return {'wrongtype', KEYS[1], t} end
-redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 and ARGV[5] == '1' then return {'same'} end
 log_change(KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return {'created'}
@@ -169,24 +170,23 @@ class ModelsStore(StoreBase):
 
     async def _register_in_steps(self, spec: ModelSpec, fp: str, version: str, now: float
                                  ) -> list[str]:
-        """:meth:`register` on a cluster: the index is checked (in the scheduler's slot), the
-        spec written (in the model's), then the alias listed and the change logged (in the
+        """:meth:`register` on a cluster: the spec written (in the model's slot; kept as it
+        is when the same spec is there), then the alias listed and the change logged (in the
         scheduler's), so a router that sees the log entry finds the spec. Interrupted after
         the spec, it leaves an unlisted spec that nothing serves: registering the same spec
-        again lists it, and deleting the alias removes it."""
+        again lists it, and deleting the alias removes it. Unlike on a single Redis, an
+        index of the wrong type is found only after the spec is written (which it leaves
+        unlisted, as an interruption would)."""
         k = self.k
-        listed = await self.r.eval(_LISTED_LUA, 1, k.models, spec.alias)
-        if listed[0] != "ok":
-            return cast(list[str], listed)
         reply = await self.r.eval(
             _REGISTER_SPEC_LUA, 3, k.model(spec.alias), k.hold(spec.alias),
             k.placement(spec.alias), fp, spec.model_dump_json(), spec.model_name, spec.engine,
-            version, repr(now), "1" if listed[1] else "0")
-        if reply[0] != "created":
+            version, repr(now))
+        if reply[0] not in ("created", "exists"):
             return cast(list[str], reply)
         return cast(list[str], await self.r.eval(
             _LIST_LUA, 3, k.models, k.models_version, k.models_log, spec.alias,
-            ROUTES_LOG_MAXLEN, *self._hint(spec.alias)))
+            ROUTES_LOG_MAXLEN, *self._hint(spec.alias), "1" if reply[0] == "exists" else "0"))
 
     def _parse_model(self, alias: str, raw: dict[str, str] | Exception,
                      hold: str | Exception | None) -> StoredModel | None:
