@@ -90,6 +90,10 @@ end
 """
 _LOG_CHANGE_LUA = LOG_CHANGE_FN_LUA + "return log_change(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
+# Answers after which the cluster's slot map is read again (a slot moved, a primary failed
+# over): the plain connections of the store follow the new map from the next call.
+_RELEARN = (MovedError, AskError, RedisConnectionError, RedisTimeoutError)
+
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 _MAX_CONNECTIONS = 128
 # A pooled connection broken by a Redis restart fails once; retrying on a fresh connection
@@ -169,9 +173,18 @@ class _Scatter:
                 return await pipe.execute(raise_on_error=raise_on_error)
 
         out: list[Any] = [None] * len(self._queued)
-        replies = await asyncio.gather(*(run(c, idx) for c, idx in by_node.items()))
+        try:
+            replies = await asyncio.gather(*(run(c, idx) for c, idx in by_node.items()))
+        except _RELEARN:
+            await cast(RedisCluster, self._store.r).nodes_manager.initialize()
+            raise
         for idx, values in zip(by_node.values(), replies, strict=True):
             for i, v in zip(idx, values, strict=True):
+                if isinstance(v, (MovedError, AskError)):
+                    # A slot that moved (resharding) is no bad record: learn the new map and
+                    # fail this read once, as the cluster client would have retried it.
+                    await cast(RedisCluster, self._store.r).nodes_manager.initialize()
+                    raise v
                 out[i] = v
         return out
 
@@ -202,8 +215,9 @@ class StoreBase:
         On a cluster, it runs on a plain connection to the primary that serves the slot:
         redis-py's cluster transactions start a thread per queued command (about a
         millisecond each), which made every write several times slower. A MOVED or ASK
-        answer (the slot moved, a resharding) refreshes the slot map and fails this call
-        once; every caller runs again on its loop's next pass."""
+        answer (the slot moved, a resharding) or a lost connection (a failover) refreshes the
+        slot map and fails this call once; every caller runs again on its loop's next
+        pass."""
         if not self.cluster:
             async with self.r.pipeline(transaction=True) as pipe:
                 yield pipe
@@ -212,7 +226,7 @@ class StoreBase:
         try:
             async with client.pipeline(transaction=True) as pipe:
                 yield pipe
-        except (MovedError, AskError):
+        except _RELEARN:
             await cast(RedisCluster, self.r).nodes_manager.initialize()
             raise
 
