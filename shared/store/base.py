@@ -29,6 +29,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -155,15 +156,19 @@ class _Scatter:
         self._queued: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
 
     def __getattr__(self, name: str) -> Callable[..., None]:
+        queued = self._queued
+
         def queue(*args: Any, **kwargs: Any) -> None:
-            self._queued.append((name, args, kwargs))
+            queued.append((name, args, kwargs))
         return queue
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         by_node: dict[aioredis.Redis, list[int]] = {}
+        await self._store._slot_map()
+        primary = self._store._primary_of
         for i, (name, args, _) in enumerate(self._queued):
             key = args[2] if name == "eval" else args[0]
-            by_node.setdefault(await self._store._primary(str(key)), []).append(i)
+            by_node.setdefault(primary(str(key)), []).append(i)
 
         async def run(client: aioredis.Redis, idx: list[int]) -> list[Any]:
             async with client.pipeline(transaction=False) as pipe:
@@ -176,14 +181,14 @@ class _Scatter:
         try:
             replies = await asyncio.gather(*(run(c, idx) for c, idx in by_node.items()))
         except _RELEARN:
-            await cast(RedisCluster, self._store.r).nodes_manager.initialize()
+            await self._store._relearn()
             raise
         for idx, values in zip(by_node.values(), replies, strict=True):
             for i, v in zip(idx, values, strict=True):
                 if isinstance(v, (MovedError, AskError)):
                     # A slot that moved (resharding) is no bad record: learn the new map and
                     # fail this read once, as the cluster client would have retried it.
-                    await cast(RedisCluster, self._store.r).nodes_manager.initialize()
+                    await self._store._relearn()
                     raise v
                 out[i] = v
         return out
@@ -195,8 +200,10 @@ class StoreBase:
         self.k = keys
         # Redis Cluster: multi-slot writes run as ordered single-slot steps (module docstring).
         self.cluster = isinstance(client, RedisCluster)
-        # Cluster: a plain client per primary ("host:port"), for transactions (_txn).
+        # Cluster: a plain client per primary ("host:port"), for transactions (_txn) and
+        # batches (_batch), and which serves each slot (learnt as used; reset by _relearn).
         self._primaries: dict[str, aioredis.Redis] = {}
+        self._slots: dict[int, aioredis.Redis] = {}
         self.events_enabled = events
         # Bad records this process has read (and skipped): see shared.records.
         self.problems = Problems()
@@ -222,12 +229,13 @@ class StoreBase:
             async with self.r.pipeline(transaction=True) as pipe:
                 yield pipe
             return
-        client = await self._primary(key)
+        await self._slot_map()
+        client = self._primary_of(key)
         try:
             async with client.pipeline(transaction=True) as pipe:
                 yield pipe
         except _RELEARN:
-            await cast(RedisCluster, self.r).nodes_manager.initialize()
+            await self._relearn()
             raise
 
     @contextlib.asynccontextmanager
@@ -240,16 +248,28 @@ class StoreBase:
             return
         yield cast(Pipeline, _Scatter(self))
 
-    async def _primary(self, key: str) -> aioredis.Redis:
-        """Cluster: a plain client to the primary serving ``key``'s slot."""
-        cluster = cast(RedisCluster, self.r)
-        await cluster.initialize()
-        node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+    async def _slot_map(self) -> None:
+        """Cluster: make sure the client has read the slot map (it does at its first use)."""
+        await cast(RedisCluster, self.r).initialize()
+
+    async def _relearn(self) -> None:
+        """Cluster: read the slot map again (a slot moved, a primary failed over)."""
+        self._slots.clear()
+        await cast(RedisCluster, self.r).nodes_manager.initialize()
+
+    def _primary_of(self, key: str) -> aioredis.Redis:
+        """Cluster, after :meth:`_slot_map`: a plain client to the primary of ``key``'s slot."""
+        slot = key_slot(key.encode())
+        client = self._slots.get(slot)
+        if client is not None:
+            return client
+        node = cast(RedisCluster, self.r).nodes_manager.get_node_from_slot(slot)
         client = self._primaries.get(node.name)
         if client is None:
             client = aioredis.Redis(host=node.host, port=int(node.port), decode_responses=True,
                                     max_connections=_MAX_CONNECTIONS, **_TIMEOUTS, **_RETRY)
             self._primaries[node.name] = client
+        self._slots[slot] = client
         return client
 
     async def _members(self, key: str) -> list[str]:
