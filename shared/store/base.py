@@ -15,7 +15,6 @@ as ordered steps, each atomic in its slot (``self.cluster`` selects them); docs/
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
@@ -29,14 +28,14 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
-from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from shared.keys import Keys
 from shared.models import ModelSpec
 from shared.records import BadRecord, Problems
+from shared.store.cluster import Primaries, Scatter
 
 
 class NotLeader(Exception):
@@ -91,10 +90,6 @@ end
 """
 _LOG_CHANGE_LUA = LOG_CHANGE_FN_LUA + "return log_change(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
-# Answers after which the cluster's slot map is read again (a slot moved, a primary failed
-# over): the plain connections of the store follow the new map from the next call.
-_RELEARN = (MovedError, AskError, RedisConnectionError, RedisTimeoutError)
-
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 _MAX_CONNECTIONS = 128
 # A pooled connection broken by a Redis restart fails once; retrying on a fresh connection
@@ -142,68 +137,16 @@ def connect(url: str, sentinels: str | None = None, master: str = "mymaster",
     return cast(aioredis.Redis, client)
 
 
-class _Scatter:
-    """A non-transactional pipeline over a Redis Cluster: commands are queued, then sent as
-    one plain pipeline per primary, all at once, and the replies put back in order.
-
-    redis-py's cluster pipeline works out each command's slot through its command table
-    (tens of microseconds each), which made the scheduler's pass (thousands of reads) about
-    twice as slow as on one Redis; here a key's slot is one CRC. The key is a command's
-    first argument (for EVAL, its first declared key): every command queued here has one."""
-
-    def __init__(self, store: StoreBase) -> None:
-        self._store = store
-        self._queued: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        queued = self._queued
-
-        def queue(*args: Any, **kwargs: Any) -> None:
-            queued.append((name, args, kwargs))
-        return queue
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        by_node: dict[aioredis.Redis, list[int]] = {}
-        await self._store._slot_map()
-        primary = self._store._primary_of
-        for i, (name, args, _) in enumerate(self._queued):
-            key = args[2] if name == "eval" else args[0]
-            by_node.setdefault(primary(str(key)), []).append(i)
-
-        async def run(client: aioredis.Redis, idx: list[int]) -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for i in idx:
-                    name, args, kwargs = self._queued[i]
-                    getattr(pipe, name)(*args, **kwargs)
-                return await pipe.execute(raise_on_error=raise_on_error)
-
-        out: list[Any] = [None] * len(self._queued)
-        try:
-            replies = await asyncio.gather(*(run(c, idx) for c, idx in by_node.items()))
-        except _RELEARN:
-            await self._store._relearn()
-            raise
-        for idx, values in zip(by_node.values(), replies, strict=True):
-            for i, v in zip(idx, values, strict=True):
-                if isinstance(v, (MovedError, AskError)):
-                    # A slot that moved (resharding) is no bad record: learn the new map and
-                    # fail this read once, as the cluster client would have retried it.
-                    await self._store._relearn()
-                    raise v
-                out[i] = v
-        return out
-
-
 class StoreBase:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events: bool = True) -> None:
         self.r = client
         self.k = keys
         # Redis Cluster: multi-slot writes run as ordered single-slot steps (module docstring).
         self.cluster = isinstance(client, RedisCluster)
-        # Cluster: a plain client per primary ("host:port"), for transactions (_txn) and
-        # batches (_batch), and which serves each slot (learnt as used; reset by _relearn).
-        self._primaries: dict[str, aioredis.Redis] = {}
-        self._slots: dict[int, aioredis.Redis] = {}
+        # Cluster: plain connections to its primaries, for transactions and batches.
+        self._primaries = Primaries(cast(RedisCluster, client), {
+            "decode_responses": True, "max_connections": _MAX_CONNECTIONS, **_TIMEOUTS,
+            **_RETRY}) if self.cluster else None
         self.events_enabled = events
         # Bad records this process has read (and skipped): see shared.records.
         self.problems = Problems()
@@ -211,66 +154,32 @@ class StoreBase:
         self._specs: dict[str, tuple[str, ModelSpec]] = {}
 
     async def close(self) -> None:
-        for client in self._primaries.values():
-            await client.aclose()
+        if self._primaries is not None:
+            await self._primaries.close()
         await self.r.aclose()
 
     @contextlib.asynccontextmanager
     async def _txn(self, key: str) -> AsyncIterator[Pipeline]:
         """A MULTI/EXEC pipeline (WATCH too) for keys in ``key``'s hash slot.
 
-        On a cluster, it runs on a plain connection to the primary that serves the slot:
-        redis-py's cluster transactions start a thread per queued command (about a
-        millisecond each), which made every write several times slower. A MOVED or ASK
-        answer (the slot moved, a resharding) or a lost connection (a failover) refreshes the
-        slot map and fails this call once; every caller runs again on its loop's next
-        pass."""
-        if not self.cluster:
+        On a cluster, on a plain connection to the primary of the slot
+        (:mod:`shared.store.cluster`)."""
+        if self._primaries is None:
             async with self.r.pipeline(transaction=True) as pipe:
                 yield pipe
             return
-        await self._slot_map()
-        client = self._primary_of(key)
-        try:
-            async with client.pipeline(transaction=True) as pipe:
-                yield pipe
-        except _RELEARN:
-            await self._relearn()
-            raise
+        async with self._primaries.txn(key) as pipe:
+            yield pipe
 
     @contextlib.asynccontextmanager
     async def _batch(self) -> AsyncIterator[Pipeline]:
         """A non-transactional pipeline (reads of many keys in one round trip); on a
-        cluster, one per primary, sent together (:class:`_Scatter`)."""
-        if not self.cluster:
+        cluster, one per primary, sent together (:class:`shared.store.cluster.Scatter`)."""
+        if self._primaries is None:
             async with self.r.pipeline(transaction=False) as pipe:
                 yield pipe
             return
-        yield cast(Pipeline, _Scatter(self))
-
-    async def _slot_map(self) -> None:
-        """Cluster: make sure the client has read the slot map (it does at its first use)."""
-        await cast(RedisCluster, self.r).initialize()
-
-    async def _relearn(self) -> None:
-        """Cluster: read the slot map again (a slot moved, a primary failed over)."""
-        self._slots.clear()
-        await cast(RedisCluster, self.r).nodes_manager.initialize()
-
-    def _primary_of(self, key: str) -> aioredis.Redis:
-        """Cluster, after :meth:`_slot_map`: a plain client to the primary of ``key``'s slot."""
-        slot = key_slot(key.encode())
-        client = self._slots.get(slot)
-        if client is not None:
-            return client
-        node = cast(RedisCluster, self.r).nodes_manager.get_node_from_slot(slot)
-        client = self._primaries.get(node.name)
-        if client is None:
-            client = aioredis.Redis(host=node.host, port=int(node.port), decode_responses=True,
-                                    max_connections=_MAX_CONNECTIONS, **_TIMEOUTS, **_RETRY)
-            self._primaries[node.name] = client
-        self._slots[slot] = client
-        return client
+        yield cast(Pipeline, Scatter(self._primaries))
 
     async def _members(self, key: str) -> list[str]:
         return sorted(cast(set[str], await self.r.smembers(key)))
