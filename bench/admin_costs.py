@@ -137,7 +137,7 @@ async def _hold(s: Services, n: int, alias: str, seconds: float) -> float:
         # Admission costs once per request; the steady state is what grows with holding.
         r = redis.Redis.from_url(s.redis_url, decode_responses=True)
         deadline = time.monotonic() + 120
-        while r.zcard(f"{PREFIX}:queue:{alias}") < n and time.monotonic() < deadline:
+        while r.zcard(Keys(PREFIX).queue(alias)) < n and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(2.0)
         before, t0 = s.commands(), time.monotonic()

@@ -31,7 +31,7 @@ import uvloop
 
 from bench import cpu
 from bench.cp_report import markdown
-from bench.pool import service_env, start_redis
+from bench.pool import service_env, start_redis, start_redis_cluster
 from bench.procset import LOAD_CORE, PYTHON, SERVER_CORE, Children, free_port, pinned, wait_http
 from bench.simworkers import worker_id
 from services.manager.scheduler import Scheduler
@@ -122,10 +122,11 @@ async def scheduler_passes(store: Store, scale: Scale, passes: int) -> dict[str,
             "reconcile_pass_max_s": max(steady)}
 
 
-async def default_lease_pass(redis_url: str, scale: Scale) -> dict[str, float]:
+async def default_lease_pass(redis_url: str, scale: Scale,
+                             cluster_nodes: str | None = None) -> dict[str, float]:
     """The first pass again, on a fresh key prefix, with the default lease TTL: how much it
     placed before the lease ran out (a real manager renews the lease only between passes)."""
-    store = Store(connect(redis_url), Keys(PREFIX + "-lease"))
+    store = Store(connect(redis_url, cluster_nodes=cluster_nodes), Keys(PREFIX + "-lease"))
     settings = ManagerSettings(manager_id="bench-default-lease")
     scheduler = Scheduler(store, settings, Nudger(store))
     try:
@@ -168,15 +169,16 @@ async def route_refreshes(store: Store, passes: int) -> dict[str, float]:
             "route_refresh_unlogged_change_s": statistics.median(unlogged)}
 
 
-async def in_process(redis_url: str, scale: Scale, passes: int) -> dict[str, float]:
-    store = Store(connect(redis_url), Keys(PREFIX))
+async def in_process(redis_url: str, scale: Scale, passes: int,
+                     cluster_nodes: str | None = None) -> dict[str, float]:
+    store = Store(connect(redis_url, cluster_nodes=cluster_nodes), Keys(PREFIX))
     try:
         out = {"populate_s": await populate(store, scale)}
         out |= await scheduler_passes(store, scale, passes)
         out |= await route_refreshes(store, passes)
     finally:
         await store.close()
-    return out | await default_lease_pass(redis_url, scale)
+    return out | await default_lease_pass(redis_url, scale, cluster_nodes)
 
 
 def _commands(r: redis.Redis) -> tuple[int, dict[str, int]]:
@@ -258,14 +260,15 @@ def live(
     return {"stages": stages, "rss_mb": memory}
 
 
-def timed_in_process(redis_url: str, scale: Scale, passes: int) -> dict[str, float]:
+def timed_in_process(redis_url: str, scale: Scale, passes: int,
+                     cluster_nodes: str | None = None) -> dict[str, float]:
     """The in-process timings with this process on the load core, Redis on the server core:
     the Python side and Redis do not compete for one core (as the real manager and Redis
     would not on a larger machine)."""
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {LOAD_CORE})
     try:
-        return uvloop.run(in_process(redis_url, scale, passes))
+        return uvloop.run(in_process(redis_url, scale, passes, cluster_nodes))
     finally:
         os.sched_setaffinity(0, before)
 
@@ -297,5 +300,45 @@ def run(quick: bool) -> dict[str, Any]:
     return results
 
 
+# What the cluster comparison reports: each timing on the cluster over the same on one Redis.
+CLUSTER_COMPARED = ("populate_s", "placement_pass_s", "reconcile_pass_s",
+                    "route_refresh_first_s", "route_refresh_steady_s",
+                    "route_refresh_routes_changed_s", "route_refresh_unlogged_change_s")
+
+
+def cluster_vs_single(scale: Scale = SCALES[0], rounds: int = 3, passes: int = 10
+                      ) -> dict[str, Any]:
+    """The in-process timings on one redis-server and on a local 3-primary Redis Cluster
+    (all on the server core), alternated ``rounds`` times in one run, ``passes`` timed
+    passes each (medians); per backend the best round, and the cluster / single ratio."""
+    run_dir = Path(tempfile.mkdtemp(prefix="svllm-cp-cluster-"))
+    children = Children(run_dir / "logs")
+    got: dict[str, list[dict[str, float]]] = {"single": [], "cluster": []}
+    try:
+        for i in range(rounds):
+            for backend in ("single", "cluster"):
+                data = run_dir / f"{backend}-{i}"
+                if backend == "single":
+                    url, _ = start_redis(children, data)
+                    got[backend].append(timed_in_process(url, scale, passes))
+                else:
+                    nodes = start_redis_cluster(children, data)
+                    got[backend].append(timed_in_process("", scale, passes, nodes))
+                children.stop_all()
+    finally:
+        children.stop_all()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    # The best round of each: on a shared machine noise only ever adds time.
+    best = {b: {k: min(r[k] for r in runs) for k in CLUSTER_COMPARED} for b, runs in got.items()}
+    return {"workers": scale.workers, "aliases": scale.aliases, "rounds": rounds,
+            "passes": passes, **best,
+            "ratio": {k: best["cluster"][k] / best["single"][k] for k in CLUSTER_COMPARED}}
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(quick=True), indent=1))
+    import sys
+
+    if sys.argv[1:] == ["--cluster-vs-single"]:
+        print(json.dumps(cluster_vs_single(), indent=1))
+    else:
+        print(json.dumps(run(quick=True), indent=1))

@@ -4,6 +4,7 @@ real process pinned to the server core, plus helpers to register and find models
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,34 @@ def start_redis(children: Children, data_dir: Path) -> tuple[str, int]:
     proc = children.start("redis", pinned(SERVER_CORE, argv))
     wait_tcp(port, proc, children.log("redis"), 10)
     return f"redis://127.0.0.1:{port}/0", proc.pid
+
+
+def start_redis_cluster(children: Children, data_dir: Path, primaries: int = 3) -> str:
+    """A throwaway Redis Cluster of ``primaries`` nodes (on the server core, like
+    :func:`start_redis`); answers REDIS_CLUSTER_NODES."""
+    binary = need("redis-server", "apt-get install redis-server")
+    cli = need("redis-cli", "apt-get install redis-server")
+    ports = []
+    for i in range(primaries):
+        port, bus, d = free_port(), free_port(), data_dir / f"node{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes",
+                "--cluster-config-file", str(d / "nodes.conf"), "--cluster-port", str(bus)]
+        proc = children.start(f"redis-{i}", pinned(SERVER_CORE, argv))
+        wait_tcp(port, proc, children.log(f"redis-{i}"), 10)
+        ports.append(port)
+    nodes = [f"127.0.0.1:{p}" for p in ports]
+    subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0",
+                    "--cluster-yes"], check=True, capture_output=True, timeout=30)
+    deadline = time.monotonic() + 30
+    while any("cluster_state:ok" not in subprocess.run(
+            [cli, "-p", str(p), "cluster", "info"], check=False, capture_output=True,
+            text=True, timeout=5).stdout for p in ports):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+        time.sleep(0.1)
+    return ",".join(nodes)
 
 
 def service_env(redis_url: str, state_dir: Path) -> dict[str, str]:

@@ -27,7 +27,8 @@ Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
 
 
 def open_store(settings: CommonSettings) -> Store:
-    client = connect(settings.redis_url, settings.redis_sentinels, settings.redis_sentinel_master)
+    client = connect(settings.redis_url, settings.redis_sentinels, settings.redis_sentinel_master,
+                     settings.redis_cluster_nodes)
     return Store(client, Keys(settings.redis_prefix), events=settings.events_enabled)
 
 

@@ -35,6 +35,9 @@ class CommonSettings(BaseSettings):
     # REDIS_URL is not used for the connection.
     redis_sentinels: str | None = None
     redis_sentinel_master: str = "mymaster"
+    # Redis Cluster: some of its nodes, "host:port,host:port,..."; the client finds the rest.
+    # When set, REDIS_URL and REDIS_SENTINELS are not used. docs/redis.md, "Redis Cluster".
+    redis_cluster_nodes: str | None = None
     redis_prefix: str = Field(default="svllm", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     # Bearer token for /admin/* and the worker's control endpoints; unset = open.
     admin_token: str | None = None

@@ -12,6 +12,7 @@ from httpx import _config as httpx_config
 from httpx._transports import default as httpx_transports
 
 from tests.chaos.harness import ROW, table
+from tests.redis_cluster import RedisCluster
 from tests.support import ROOT, Cluster, RedisServer, free_port
 
 # Every httpx.get/post (and openai client) in the tests builds a client, and each client
@@ -39,6 +40,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A 3-primary Redis Cluster on loopback (tests marked ``redis_cluster``)."""
+    servers = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield servers
+    servers.stop()
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

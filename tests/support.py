@@ -244,7 +244,7 @@ def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
     state: dict[str, Any] = {}
     try:
         for key in r.scan_iter(f"{prefix}:*"):
-            if ":worker:" in key or key.endswith((":workers", ":lease")):
+            if ":{w:" in key or key.endswith((":workers", ":lease")):
                 continue
             kind = str(r.type(key))
             readers: dict[str, Callable[[str], Any]] = {

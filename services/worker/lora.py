@@ -5,7 +5,7 @@ and evictions run one at a time (vLLM's slot count is the engine's ``--max-loras
 for an adapter already loaded goes straight through, also while another one loads. An
 adapter serving a request is never evicted: a request that needs a slot while every loaded
 adapter is busy waits for one to finish, up to the base model's cold-start timeout. What each
-engine holds is published (``svllm:lora:{base}``) so routers prefer replicas that hold it.
+engine holds is published (``svllm:{m:<base>}:lora``) so routers prefer replicas that hold it.
 
 Everything here runs on the worker's event loop: the check of the state and the claim of a
 slot happen with no ``await`` between them, so no lock is needed.

@@ -5,7 +5,7 @@ A download copies from PREFETCH_SOURCE_DIR (a local mirror, ``<dir>/<org>/<name>
 that is set, else uses huggingface_hub's ``snapshot_download`` into the hub cache. A mirror
 copy lands in a hidden directory first and is renamed into the cache's layout at the end, so
 a half-copied model is never reported or loaded. Progress and the reason of a failure go to
-``svllm:prefetch_status:{alias}``.
+``svllm:{m:<alias>}:prefetch_status``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ _HOLE, _HOLE2 = "\x00", "\x01"
 # and tail (head .. alias .. middle .. worker .. tail), then the aliases. Every command goes
 # through redis.pcall: a key of the wrong type answers {err = ...} for that part alone,
 # which the parser reports, instead of failing the whole view. Keys are built from templates
-# inside the script, so it runs on a single Redis (or Sentinel) only, not Redis Cluster.
+# inside the script; every key of an alias is in the alias's hash slot ({m:<alias>}), so on
+# Redis Cluster the script runs once per alias, with the model's key declared to route it.
 _VIEWS_LUA = """
 local t = tonumber(ARGV[1])
 local function key(i, alias) return ARGV[2 * i] .. alias .. ARGV[2 * i + 1] end
@@ -123,13 +124,26 @@ class AdminReads(ModelsStore, SchedulingStore, ObservedStore, LifecycleStore):
     async def _views(self, aliases: list[str]) -> list[tuple[StoredModel, ModelDetails]]:
         if not aliases:
             return []
-        parts = orjson.loads(await self.r.eval(_VIEWS_LUA, 0, *self._templates(), *aliases))
+        parts = await self._view_parts(aliases)
         out = []
         for a, p in zip(aliases, parts, strict=True):
             model = self._view_model(a, p)
             if model is not None:
                 out.append((model, self._details(a, p, self._instances(a, p[-1]))))
         return out
+
+    async def _view_parts(self, aliases: list[str]) -> list[Any]:
+        """The script's answer for each of ``aliases``: one call on a single Redis; on a
+        cluster, one call per alias (in one pipeline, which the client splits by node)."""
+        templates = self._templates()
+        if not self.cluster:
+            return cast(list[Any], orjson.loads(
+                await self.r.eval(_VIEWS_LUA, 0, *templates, *aliases)))
+        async with self._batch() as pipe:
+            for a in aliases:
+                pipe.eval(_VIEWS_LUA, 1, self.k.model(a), *templates, a)
+            replies = await pipe.execute()
+        return [orjson.loads(r)[0] for r in replies]
 
     def _instances(self, alias: str, found: Any) -> dict[str, dict[str, str]]:
         out = {}

@@ -5,18 +5,26 @@ transaction. Writes that only the scheduling leader may make are *fenced*: they 
 key and run only while it still holds this manager's ``holder|epoch`` token, so a manager that
 lost its lease cannot place anything. Keys are named in :mod:`shared.keys`; docs/redis.md
 explains them.
+
+On Redis Cluster (``REDIS_CLUSTER_NODES``) every transaction and script keeps to one hash slot
+(the keys' hash tags, see :mod:`shared.keys`). The few writes that also bump a change counter
+of the ``{s}`` slot, or that span the scheduler's slot and a model's or a worker's, run there
+as ordered steps, each atomic in its slot (``self.cluster`` selects them); docs/redis.md,
+"Redis Cluster", says why each split is safe. On a single Redis they stay one transaction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
@@ -27,6 +35,7 @@ from redis.exceptions import WatchError
 from shared.keys import Keys
 from shared.models import ModelSpec
 from shared.records import BadRecord, Problems
+from shared.store.cluster import Primaries, Scatter
 
 
 class NotLeader(Exception):
@@ -91,13 +100,30 @@ _RETRY: dict[str, Any] = {
 }
 
 
-def connect(url: str, sentinels: str | None = None, master: str = "mymaster") -> aioredis.Redis:
+def _addresses(nodes: str) -> list[tuple[str, int]]:
+    """"host:port,host:port" as (host, port) pairs (host defaults to loopback)."""
+    addrs = []
+    for item in nodes.split(","):
+        host, _, port = item.strip().rpartition(":")
+        addrs.append((host or "127.0.0.1", int(port)))
+    return addrs
+
+
+def connect(url: str, sentinels: str | None = None, master: str = "mymaster",
+            cluster_nodes: str | None = None) -> aioredis.Redis:
     """A pooled client; short timeouts so a dead Redis gives a quick, clear error.
 
     With ``sentinels`` ("host:port,host:port"), the client asks Redis Sentinel for the current
     primary of ``master`` and asks again after a connection fails, so a promoted replica is
-    found without restarting anything.
+    found without restarting anything. With ``cluster_nodes`` (some nodes of a Redis Cluster,
+    "host:port,..."), redis-py's cluster client finds the rest and routes each command to the
+    node of its slot; it serves the store's commands like ``aioredis.Redis`` (hence the cast).
     """
+    if cluster_nodes:
+        startup = [ClusterNode(host, port) for host, port in _addresses(cluster_nodes)]
+        return cast(aioredis.Redis, RedisCluster(
+            startup_nodes=startup, decode_responses=True, max_connections=_MAX_CONNECTIONS,
+            **_TIMEOUTS, **_RETRY))
     if not sentinels:
         # A blocking pool: a burst (hundreds of held requests) waits for a connection instead
         # of failing with "too many connections".
@@ -105,11 +131,8 @@ def connect(url: str, sentinels: str | None = None, master: str = "mymaster") ->
             url, decode_responses=True, max_connections=_MAX_CONNECTIONS, timeout=10,
             **_TIMEOUTS, **_RETRY)
         return aioredis.Redis(connection_pool=pool)
-    addrs = []
-    for item in sentinels.split(","):
-        host, _, port = item.strip().rpartition(":")
-        addrs.append((host or "127.0.0.1", int(port)))
-    sentinel = Sentinel(addrs, sentinel_kwargs=_TIMEOUTS, decode_responses=True, **_TIMEOUTS)
+    sentinel = Sentinel(_addresses(sentinels), sentinel_kwargs=_TIMEOUTS,
+                        decode_responses=True, **_TIMEOUTS)
     client = sentinel.master_for(master, decode_responses=True, **_TIMEOUTS, **_RETRY)
     return cast(aioredis.Redis, client)
 
@@ -118,6 +141,12 @@ class StoreBase:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events: bool = True) -> None:
         self.r = client
         self.k = keys
+        # Redis Cluster: multi-slot writes run as ordered single-slot steps (module docstring).
+        self.cluster = isinstance(client, RedisCluster)
+        # Cluster: plain connections to its primaries, for transactions and batches.
+        self._primaries = Primaries(cast(RedisCluster, client), {
+            "decode_responses": True, "max_connections": _MAX_CONNECTIONS, **_TIMEOUTS,
+            **_RETRY}) if self.cluster else None
         self.events_enabled = events
         # Bad records this process has read (and skipped): see shared.records.
         self.problems = Problems()
@@ -125,7 +154,32 @@ class StoreBase:
         self._specs: dict[str, tuple[str, ModelSpec]] = {}
 
     async def close(self) -> None:
+        if self._primaries is not None:
+            await self._primaries.close()
         await self.r.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _txn(self, key: str) -> AsyncIterator[Pipeline]:
+        """A MULTI/EXEC pipeline (WATCH too) for keys in ``key``'s hash slot.
+
+        On a cluster, on a plain connection to the primary of the slot
+        (:mod:`shared.store.cluster`)."""
+        if self._primaries is None:
+            async with self.r.pipeline(transaction=True) as pipe:
+                yield pipe
+            return
+        async with self._primaries.txn(key) as pipe:
+            yield pipe
+
+    @contextlib.asynccontextmanager
+    async def _batch(self) -> AsyncIterator[Pipeline]:
+        """A non-transactional pipeline (reads of many keys in one round trip); on a
+        cluster, one per primary, sent together (:class:`shared.store.cluster.Scatter`)."""
+        if self._primaries is None:
+            async with self.r.pipeline(transaction=False) as pipe:
+                yield pipe
+            return
+        yield cast(Pipeline, Scatter(self._primaries))
 
     async def _members(self, key: str) -> list[str]:
         return sorted(cast(set[str], await self.r.smembers(key)))
@@ -133,11 +187,47 @@ class StoreBase:
     async def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
         """HGETALL of every key, in one round trip (empty dicts for missing keys, and for
         keys of another type, which are reported)."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for key in keys:
                 pipe.hgetall(key)
             replies = await pipe.execute(raise_on_error=False)
         return [self._checked(k, r, {}) for k, r in zip(keys, replies, strict=True)]
+
+    async def _mget(self, keys: list[str]) -> list[Any]:
+        """GET of every key in one call; on a cluster, a pipeline of GETs per primary, all
+        at once (keys of several workers or models are in several slots; readers need no
+        snapshot of them; redis-py's ``mget_nonatomic`` took three times as long)."""
+        if not keys:
+            return []
+        if not self.cluster:
+            return cast(list[Any], await self.r.mget(keys))
+        async with self._batch() as pipe:
+            for key in keys:
+                pipe.get(key)
+            return await pipe.execute()
+
+    async def _commit(self, key: str, build: Callable[[Pipeline], None],
+                      changes: list[tuple[str, str, str]]) -> None:
+        """``build``'s commands (keys of ``key``'s slot) in one transaction, with a change logged
+        for each (counter, log, alias) of ``changes``.
+
+        On a single Redis all of it is one MULTI/EXEC. On a cluster the counters and logs
+        live in the ``{s}`` slot, so they are bumped right after the write lands, in a second
+        transaction: a router that sees the bump then reads the change, and one that read the
+        counter before it reads the change at its next bump (a process that dies in between
+        leaves the change unlogged until the next bump of that alias, or the dead worker's
+        cleanup, which makes routers reload everything)."""
+        async with self._txn(key) as pipe:
+            build(pipe)
+            if not self.cluster:
+                for counter, log, alias in changes:
+                    self._log_change(pipe, counter, log, alias)
+            await pipe.execute()
+        if self.cluster and changes:
+            async with self._txn(changes[0][0]) as pipe:
+                for counter, log, alias in changes:
+                    self._log_change(pipe, counter, log, alias)
+                await pipe.execute()
 
     def _checked(self, key: str, reply: Any, default: Any) -> Any:
         """A pipelined reply, or ``default`` (the key reported) when Redis refused the
@@ -160,13 +250,13 @@ class StoreBase:
         both: routers count a log's new entries against its counter's move)."""
         pipe.eval(_LOG_CHANGE_LUA, 2, counter, log, alias, ROUTES_LOG_MAXLEN)
 
-    def _model_changed(self, pipe: Pipeline, alias: str) -> None:
-        """Inside a transaction that changes a model or its hold: bump and log."""
-        self._log_change(pipe, self.k.models_version, self.k.models_log, alias)
+    def _model_changed(self, alias: str) -> tuple[str, str, str]:
+        """The change to log (:meth:`_commit`) for a write to a model or its hold."""
+        return self.k.models_version, self.k.models_log, alias
 
-    def _routes_changed(self, pipe: Pipeline, alias: str) -> None:
-        """Inside a transaction that changes an alias's routes: bump and log."""
-        self._log_change(pipe, self.k.routes_version, self.k.routes_log, alias)
+    def _routes_changed(self, alias: str) -> tuple[str, str, str]:
+        """The change to log (:meth:`_commit`) for a write to an alias's routes."""
+        return self.k.routes_version, self.k.routes_log, alias
 
     # ------------------------------------------------------------------ events (hints only)
     async def publish(self, kind: str, **fields: str) -> None:
@@ -175,7 +265,7 @@ class StoreBase:
 
     async def _fenced(self, token: str, build: Callable[[Pipeline], None]) -> None:
         """Run ``build``'s commands atomically, only while ``token`` holds the lease."""
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.lease) as pipe:
             try:
                 await pipe.watch(self.k.lease)
                 if await pipe.get(self.k.lease) != token:
@@ -193,7 +283,8 @@ class StoreBase:
         """
         if not self.events_enabled:
             return
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        client = await self._subscriber()
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.k.events)
             async for msg in pubsub.listen():
@@ -205,3 +296,18 @@ class StoreBase:
                     on_event(hint if isinstance(hint, dict) else {})
         finally:
             await pubsub.aclose()
+            if client is not self.r:
+                await client.aclose()
+
+    async def _subscriber(self) -> aioredis.Redis:
+        """The client to subscribe with. On a cluster, a plain connection to one of its
+        primaries: a classic PUBLISH reaches every node of a cluster, so any node hears every
+        hint (redis-py's cluster pub/sub picks a node by the channel's slot, and fails before
+        the client has learnt the slots). Another node is picked at each resubscription."""
+        if not self.cluster:
+            return self.r
+        cluster = cast(RedisCluster, self.r)
+        await cluster.initialize()
+        node = cluster.get_random_node()
+        return aioredis.Redis(host=node.host, port=int(node.port), decode_responses=True,
+                              **_TIMEOUTS)

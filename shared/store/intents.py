@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
+from redis.asyncio.client import Pipeline
+
 from shared.store.base import StoreBase
 
 # Deletes an intent only if it is still the one the scheduler applied (not a newer one).
@@ -42,11 +44,12 @@ class IntentsStore(StoreBase):
         """Ask the scheduler to place ``alias`` on ``worker_id`` (extra to its replicas);
         lifts a stop."""
         note = json.dumps({"at": time.time()})
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.hset(self.k.manual(alias), worker_id, note)
             pipe.delete(self.k.hold(alias), self.k.placement(alias))
-            self._model_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias, worker=worker_id)
 
     async def request_manual_stop(self, alias: str, worker_id: str) -> None:
@@ -54,40 +57,43 @@ class IntentsStore(StoreBase):
         removes its own replicas and places none until someone starts or wakes it. Manual
         placements on other workers stay."""
         note = json.dumps({"by": worker_id, "at": time.time(), "reason": "stopped manually"})
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.hdel(self.k.manual(alias), worker_id)
             pipe.set(self.k.hold(alias), note)
             pipe.delete(self.k.demand(alias), self.k.intent(alias))
-            self._model_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias, worker=worker_id)
 
     async def hold_model(self, alias: str, reason: str) -> None:
         """Stop every instance of ``alias`` (manual ones too) and keep it stopped until it is
         woken or started by hand."""
         note = json.dumps({"at": time.time(), "reason": reason})
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.set(self.k.hold(alias), note)
             pipe.delete(self.k.manual(alias), self.k.demand(alias), self.k.intent(alias))
-            self._model_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias)
 
     async def request_wake(self, alias: str, demand_ttl_s: float) -> None:
         """Lift a stop and a pending sleep, and record demand: the scheduler places the alias
         or points its assignments back at 'running'."""
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.delete(self.k.hold(alias), self.k.intent(alias))
             pipe.set(self.k.demand(alias), repr(time.time()),
                      px=max(1, int(demand_ttl_s * 1000)))
-            self._model_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(self.k.hold(alias), build, [self._model_changed(alias)])
         await self.publish("intent", alias=alias)
 
     async def request_sleep(self, alias: str) -> None:
         """Ask the scheduler to point every assignment of ``alias`` at 'sleeping'."""
         note = json.dumps({"action": "sleep", "at": time.time()})
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.intent(alias)) as pipe:
             pipe.set(self.k.intent(alias), note, px=int(SLEEP_INTENT_TTL_S * 1000))
             pipe.delete(self.k.demand(alias))
             await pipe.execute()
@@ -96,7 +102,7 @@ class IntentsStore(StoreBase):
     async def targets_of(self, alias: str) -> dict[str, str]:
         """worker -> target of each assignment of ``alias`` (for the admin API's checks)."""
         workers = await self._members(self.k.workers)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for w in workers:
                 pipe.hget(self.k.assign(w), alias)
             raws = await pipe.execute(raise_on_error=False)
@@ -111,7 +117,7 @@ class IntentsStore(StoreBase):
 
     async def intents(self, aliases: list[str]) -> dict[str, Intents]:
         """Every alias's operator requests, in one round trip (for the scheduler's pass)."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for a in aliases:
                 pipe.hkeys(self.k.manual(a))
                 pipe.get(self.k.intent(a))

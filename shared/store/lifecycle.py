@@ -38,7 +38,7 @@ class LifecycleStore(StoreBase):
     async def demands(self, aliases: list[str]) -> set[str]:
         if not aliases:
             return set()
-        vals = await self.r.mget([self.k.demand(a) for a in aliases])
+        vals = await self._mget([self.k.demand(a) for a in aliases])
         return {a for a, v in zip(aliases, vals, strict=True) if v is not None}
 
     # ------------------------------------------------------------------ hold queue
@@ -55,7 +55,7 @@ class LifecycleStore(StoreBase):
 
     # ------------------------------------------------------------------ timings
     async def record_duration(self, alias: str, kind: str, seconds: float) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.stats(alias)) as pipe:
             pipe.hincrby(self.k.stats(alias), f"{kind}s", 1)
             pipe.hset(self.k.stats(alias), f"last_{kind}_s", f"{seconds:.4f}")
             pipe.lpush(self.k.samples(alias, kind), f"{seconds:.4f}")
@@ -63,14 +63,14 @@ class LifecycleStore(StoreBase):
             await pipe.execute()
 
     async def record_wait(self, alias: str, seconds: float) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.stats(alias)) as pipe:
             pipe.hincrby(self.k.stats(alias), "waited_requests", 1)
             pipe.hincrbyfloat(self.k.stats(alias), "wait_total_s", seconds)
             await pipe.execute()
 
     async def timings(self, alias: str) -> dict[str, Any]:
         """Counts, last and median durations of cold starts and wakes, and request waits."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             pipe.hgetall(self.k.stats(alias))
             for kind in TIMING_KINDS:
                 pipe.lrange(self.k.samples(alias, kind), 0, -1)

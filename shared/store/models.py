@@ -9,6 +9,7 @@ every key's type before writing anything.
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import orjson
 
@@ -67,6 +68,58 @@ return 1
 """
 
 
+# Redis Cluster: registration and deletion in their two slots (see docs/redis.md).
+# The index's type and whether it lists the alias. KEYS: models. ARGV: alias.
+_LISTED_LUA = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'set' and t ~= 'none' then return {'wrongtype', KEYS[1], t} end
+return {'ok', redis.call('SISMEMBER', KEYS[1], ARGV[1])}
+"""
+# The model's slot. KEYS: model, hold, placement. ARGV: fingerprint, spec, model_name, engine,
+# version, created_at. 'exists': the same spec is there already (left as it is).
+_REGISTER_SPEC_LUA = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'hash' and t ~= 'none' then return {'wrongtype', KEYS[1], t} end
+local existing = redis.call('HGET', KEYS[1], 'fingerprint')
+if existing and existing ~= ARGV[1] then return {'conflict'} end
+if existing then return {'exists'} end
+redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'model_name', ARGV[3], 'engine', ARGV[4],
+           'fingerprint', ARGV[1], 'version', ARGV[5], 'created_at', ARGV[6])
+redis.call('DEL', KEYS[2], KEYS[3])
+return {'created'}
+"""
+# The scheduler's slot, after the spec is written. KEYS: models, models version, models log.
+# ARGV: alias, log maxlen, events channel and hint ('' for none), '1' when the spec was there
+# already ('same' if it is listed too; else this finishes an interrupted registration).
+_LIST_LUA = LOG_CHANGE_FN_LUA + """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'set' and t ~= 'none' then return {'wrongtype', KEYS[1], t} end
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 and ARGV[5] == '1' then return {'same'} end
+log_change(KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return {'created'}
+"""
+# The model's slot. KEYS: model, then the alias's other keys. 0 when there is no model.
+_DELETE_SPEC_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end
+return 1
+"""
+# The scheduler's slot, after the model's keys are gone. KEYS: models, models version, models
+# log, routes version, routes log, then the hashes the alias is a field of.
+# ARGV: alias, log maxlen, events channel and hint ('' for none).
+_UNLIST_LUA = LOG_CHANGE_FN_LUA + """
+redis.call('SREM', KEYS[1], ARGV[1])
+for i = 6, #KEYS do
+  if redis.call('TYPE', KEYS[i])['ok'] == 'hash' then redis.call('HDEL', KEYS[i], ARGV[1]) end
+end
+log_change(KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+log_change(KEYS[4], KEYS[5], ARGV[1], ARGV[2])
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return 1
+"""
+
+
 def _wrong_type(reply: list[str]) -> StoreCorrupt:
     return StoreCorrupt(f"Redis key {reply[1]} is a {reply[2]}, not what the pool keeps there; "
                         "fix or delete it (see docs/redis.md)")
@@ -97,11 +150,14 @@ class ModelsStore(StoreBase):
         now = time.time()
         version = f"{fp[:12]}-{now:.6f}"
         k = self.k
-        reply = await self.r.eval(
-            _REGISTER_LUA, 6, k.model(spec.alias), k.models, k.hold(spec.alias),
-            k.placement(spec.alias), k.models_version, k.models_log,
-            spec.alias, fp, spec.model_dump_json(), spec.model_name, spec.engine,
-            version, repr(now), ROUTES_LOG_MAXLEN, *self._hint(spec.alias))
+        if self.cluster:
+            reply = await self._register_in_steps(spec, fp, version, now)
+        else:
+            reply = await self.r.eval(
+                _REGISTER_LUA, 6, k.model(spec.alias), k.models, k.hold(spec.alias),
+                k.placement(spec.alias), k.models_version, k.models_log,
+                spec.alias, fp, spec.model_dump_json(), spec.model_name, spec.engine,
+                version, repr(now), ROUTES_LOG_MAXLEN, *self._hint(spec.alias))
         if reply[0] == "wrongtype":
             raise _wrong_type(reply)
         if reply[0] == "conflict":
@@ -111,6 +167,26 @@ class ModelsStore(StoreBase):
             return None
         return StoredModel(spec=spec, version=version, created_at=now,
                            spec_json=spec.model_dump_json())
+
+    async def _register_in_steps(self, spec: ModelSpec, fp: str, version: str, now: float
+                                 ) -> list[str]:
+        """:meth:`register` on a cluster: the spec written (in the model's slot; kept as it
+        is when the same spec is there), then the alias listed and the change logged (in the
+        scheduler's), so a router that sees the log entry finds the spec. Interrupted after
+        the spec, it leaves an unlisted spec that nothing serves: registering the same spec
+        again lists it, and deleting the alias removes it. Unlike on a single Redis, an
+        index of the wrong type is found only after the spec is written (which it leaves
+        unlisted, as an interruption would)."""
+        k = self.k
+        reply = await self.r.eval(
+            _REGISTER_SPEC_LUA, 3, k.model(spec.alias), k.hold(spec.alias),
+            k.placement(spec.alias), fp, spec.model_dump_json(), spec.model_name, spec.engine,
+            version, repr(now))
+        if reply[0] not in ("created", "exists"):
+            return cast(list[str], reply)
+        return cast(list[str], await self.r.eval(
+            _LIST_LUA, 3, k.models, k.models_version, k.models_log, spec.alias,
+            ROUTES_LOG_MAXLEN, *self._hint(spec.alias), "1" if reply[0] == "exists" else "0"))
 
     def _parse_model(self, alias: str, raw: dict[str, str] | Exception,
                      hold: str | Exception | None) -> StoredModel | None:
@@ -155,7 +231,7 @@ class ModelsStore(StoreBase):
         """The registered ones among ``aliases``, and the aliases whose record does not
         parse (reported): callers leave those as they are, neither placed nor stopped, since
         a corrupt record says nothing about what the operator wants."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for a in aliases:
                 pipe.hgetall(self.k.model(a))
                 pipe.get(self.k.hold(a))
@@ -195,6 +271,8 @@ class ModelsStore(StoreBase):
         # Hashes the alias is a field of: every worker's assignments, the autoscaler's clocks.
         fields_of = [k.assign(w) for w in workers] + [k.prefetch(w) for w in workers] + [
             k.autoscale]
+        if self.cluster:
+            return await self._delete_in_steps(alias, gone, fields_of)
         reply = await self.r.eval(
             _DELETE_LUA, 6 + len(gone) + len(fields_of), k.model(alias), k.models,
             k.models_version, k.models_log, k.routes_version, k.routes_log, *gone, *fields_of,
@@ -202,3 +280,22 @@ class ModelsStore(StoreBase):
         if isinstance(reply, list):
             raise _wrong_type(reply)
         return bool(reply)
+
+    async def _delete_in_steps(self, alias: str, gone: list[str], fields_of: list[str]) -> bool:
+        """:meth:`delete_model` on a cluster: the index's type is checked, the model's keys
+        deleted (its slot), then the alias unlisted, unassigned everywhere and both changes
+        logged (the scheduler's slot). Interrupted in between, the alias stays listed with
+        no spec: routers and the scheduler read it as gone (no model), and deleting it again
+        finishes the job (the unlisting step runs whenever the index still lists it)."""
+        k = self.k
+        listed = await self.r.eval(_LISTED_LUA, 1, k.models, alias)
+        if listed[0] != "ok":
+            raise _wrong_type(listed)
+        deleted = await self.r.eval(_DELETE_SPEC_LUA, 1 + len(gone), k.model(alias), *gone)
+        if not deleted and not listed[1]:
+            return False
+        await self.r.eval(
+            _UNLIST_LUA, 5 + len(fields_of), k.models, k.models_version, k.models_log,
+            k.routes_version, k.routes_log, *fields_of, alias, ROUTES_LOG_MAXLEN,
+            *self._hint(alias))
+        return bool(deleted)

@@ -9,6 +9,7 @@ entry, a Redis that lost data) and it reloads every alias, as it did before the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -54,7 +55,7 @@ def _newest(entries: list[tuple[str, dict[str, str]]]) -> str:
 
 class ObservedStore(StoreBase):
     async def put_instance(self, alias: str, worker_id: str, fields: dict[str, str]) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.instances(alias)) as pipe:
             pipe.hset(self.k.instance(alias, worker_id), mapping=cast(Mapping[Any, Any], fields))
             pipe.sadd(self.k.instances(alias), worker_id)
             await pipe.execute()
@@ -64,7 +65,8 @@ class ObservedStore(StoreBase):
         """An instance's record and its route (``url``: published; None: withdrawn) in one
         transaction, so no reader sees a record and a route that disagree (a FAILED record
         with a live route). Used by the worker's instance state machine only."""
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.hset(self.k.instance(alias, worker_id), mapping=cast(Mapping[Any, Any], fields))
             pipe.sadd(self.k.instances(alias), worker_id)
             if url is None:
@@ -72,18 +74,19 @@ class ObservedStore(StoreBase):
                 pipe.hdel(self.k.load(alias), worker_id)
             else:
                 pipe.hset(self.k.routes(alias), worker_id, url)
-            self._route_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(self.k.routes(alias), build, [self._routes_changed(alias)])
         await self.publish("route", alias=alias, worker=worker_id)
 
     async def delete_instance(self, alias: str, worker_id: str) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.delete(self.k.instance(alias, worker_id))
             pipe.srem(self.k.instances(alias), worker_id)
             pipe.hdel(self.k.routes(alias), worker_id)
             pipe.hdel(self.k.load(alias), worker_id)
-            self._route_changed(pipe, alias)
-            await pipe.execute()
+
+        await self._commit(self.k.routes(alias), build, [self._routes_changed(alias)])
         await self.publish("route", alias=alias, worker=worker_id)
 
     async def instances_of(self, alias: str) -> dict[str, dict[str, str]]:
@@ -104,19 +107,15 @@ class ObservedStore(StoreBase):
 
     async def set_route(self, alias: str, worker_id: str, url: str | None) -> None:
         """Publish (url) or withdraw (None) this worker's route for ``alias``."""
-        async with self.r.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             if url is None:
                 pipe.hdel(self.k.routes(alias), worker_id)
             else:
                 pipe.hset(self.k.routes(alias), worker_id, url)
-            self._route_changed(pipe, alias)
-            await pipe.execute()
-        await self.publish("route", alias=alias, worker=worker_id)
 
-    def _route_changed(self, pipe: Pipeline, alias: str) -> None:
-        """Inside a route-changing transaction: bump the routes version by one and log the
-        alias with it (always both: routers count entries against the version's move)."""
-        self._routes_changed(pipe, alias)
+        await self._commit(self.k.routes(alias), build, [self._routes_changed(alias)])
+        await self.publish("route", alias=alias, worker=worker_id)
 
     # ------------------------------------------------------------------ router reads
     async def versions(self) -> tuple[str, str]:
@@ -132,16 +131,27 @@ class ObservedStore(StoreBase):
         atomically in one round trip."""
         logs = ((self.k.routes_log, after), (self.k.models_log, models_after))
         ids = sorted(workers)
-        async with self.r.pipeline(transaction=True) as pipe:
-            if ids:
-                pipe.mget([self.k.worker_alive(w) for w in ids])
-            pipe.mget([self.k.models_version, self.k.routes_version])
-            for log, since in logs:
-                pipe.xrevrange(log, "+", "-", count=1)
-                if since is not None:
-                    pipe.xrange(log, f"({since}", "+", count=limit + 1)
-            replies = iter(await pipe.execute(raise_on_error=False))
-        flags = next(replies) if ids else []
+
+        async def snapshot() -> list[Any]:
+            async with self._txn(self.k.routes_version) as pipe:
+                if ids and not self.cluster:
+                    pipe.mget([self.k.worker_alive(w) for w in ids])
+                pipe.mget([self.k.models_version, self.k.routes_version])
+                for log, since in logs:
+                    pipe.xrevrange(log, "+", "-", count=1)
+                    if since is not None:
+                        pipe.xrange(log, f"({since}", "+", count=limit + 1)
+                return await pipe.execute(raise_on_error=False)
+
+        if self.cluster:
+            # The heartbeats are in their workers' slots: read alongside the snapshot of the
+            # counters and logs (which needs one; the heartbeats do not), at the same time.
+            flags, got = await asyncio.gather(
+                self._mget([self.k.worker_alive(w) for w in ids]), snapshot())
+            replies = iter(got)
+        else:
+            replies = iter(await snapshot())
+            flags = next(replies) if ids else []
         m, r = self._checked(self.k.models_version, next(replies), [None, None])
         found: list[tuple[str, list[str] | None]] = []
         for log, since in logs:
@@ -180,7 +190,7 @@ class ObservedStore(StoreBase):
 
     async def instances_by_alias(self, aliases: list[str]) -> dict[str, dict[str, dict[str, str]]]:
         """alias -> worker -> instance record, for many aliases in two round trips."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for a in aliases:
                 pipe.smembers(self.k.instances(a))
             replies = await pipe.execute(raise_on_error=False)

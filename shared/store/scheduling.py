@@ -12,7 +12,7 @@ from redis.asyncio.client import Pipeline
 
 from shared.models import Assignment, Reservation
 from shared.records import BadRecord, parse_assignment, parse_reservation
-from shared.store.base import StoreBase
+from shared.store.base import BUMP_FN_LUA, NotLeader, StoreBase
 
 # Renews the lease when this holder has it, takes it when nobody does (with a new epoch).
 _LEASE_LUA = """
@@ -40,6 +40,15 @@ _RELEASE_RESERVATION_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 return redis.call('HDEL', KEYS[2], ARGV[1])
 """
+
+
+# One alias's part of forgetting a dead worker, atomic in the alias's slot (Redis Cluster).
+_FORGET_INSTANCE_LUA = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return redis.call('SREM', KEYS[3], ARGV[1])
+"""
+_BUMP_LUA = BUMP_FN_LUA + "return bump(KEYS[1])"
 
 
 @dataclass(frozen=True)
@@ -89,12 +98,25 @@ class SchedulingStore(StoreBase):
         if a.gpus:
             r = Reservation(alias=a.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
             p.hset(self.k.ledger(a.worker_id), a.alias, r.model_dump_json())
-        p.delete(self.k.placement(a.alias))
+        if not self.cluster:
+            p.delete(self.k.placement(a.alias))
+
+    async def _placed(self, aliases: Iterable[str]) -> None:
+        """On a cluster, after the fenced write: drop the placed aliases' "could not place"
+        notes, which live in their models' slots (a note that outlives its placement by a
+        round trip says something stale, no more; the next pass that fails sets it again)."""
+        names = sorted(set(aliases))
+        if self.cluster and names:
+            async with self._batch() as pipe:
+                for alias in names:
+                    pipe.delete(self.k.placement(alias))
+                await pipe.execute()
 
     async def assign(self, token: str, a: Assignment) -> None:
         """Write (or update) an assignment and, for GPU instances, its ledger reservation,
         in one fenced transaction."""
         await self._fenced(token, lambda p: self._add_assign(p, a))
+        await self._placed([a.alias])
         await self.publish("assign", alias=a.alias, worker=a.worker_id)
 
     async def unassign(self, token: str, worker_id: str, alias: str) -> None:
@@ -126,15 +148,23 @@ class SchedulingStore(StoreBase):
                     p.hdel(self.k.assign(w.worker_id), w.alias)
                 else:
                     self._add_assign(p, w)
-            if self.events_enabled:
+            if self.events_enabled and not self.cluster:
                 # Inside the transaction, after the writes: published exactly when they land.
                 p.publish(self.k.events, orjson.dumps(hint))
 
         await self._fenced(token, build)
+        await self._placed(w.alias for w in writes if isinstance(w, Assignment))
+        if self.events_enabled and self.cluster:
+            # A cluster transaction takes keyed commands only: the hint follows it.
+            await self.r.publish(self.k.events, orjson.dumps(hint))
 
     async def forget_dead_worker(self, token: str, worker_id: str, aliases: Iterable[str]) -> None:
         """Drop a dead worker's assignments, routes and instance records in one step."""
         names = list(aliases)
+        if self.cluster:
+            await self._forget_in_steps(token, worker_id, names)
+            await self.publish("route", worker=worker_id)
+            return
 
         def build(p: Pipeline) -> None:
             p.delete(self.k.assign(worker_id))
@@ -146,6 +176,26 @@ class SchedulingStore(StoreBase):
 
         await self._fenced(token, build)
         await self.publish("route", worker=worker_id)
+
+    async def _forget_in_steps(self, token: str, worker_id: str, aliases: list[str]) -> None:
+        """:meth:`forget_dead_worker` on a cluster, in steps that may each be repeated: each
+        alias's route and record of the worker (one script per model slot), the unlogged
+        bump, then last the fenced delete of its assignments. The scheduler forgets a dead
+        worker while it still has assignments, so a step that fails is redone whole by the
+        next pass. The lease is checked first too, so a manager that lost it stops there."""
+        if await self.lease_holder() != token:
+            raise NotLeader(token)
+        async with self._batch() as pipe:
+            for alias in aliases:
+                pipe.eval(_FORGET_INSTANCE_LUA, 3, self.k.routes(alias),
+                          self.k.instance(alias, worker_id), self.k.instances(alias), worker_id)
+            await pipe.execute()
+        await self.r.eval(_BUMP_LUA, 1, self.k.routes_version)
+
+        def build(p: Pipeline) -> None:
+            p.delete(self.k.assign(worker_id))
+
+        await self._fenced(token, build)
 
     async def ledgers(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Reservation]]:
         ids = list(worker_ids)
@@ -165,7 +215,7 @@ class SchedulingStore(StoreBase):
     async def worker_state(self, worker_id: str) -> tuple[dict[str, Assignment], set[str]]:
         """A worker's assignments and the aliases of its ledger, read in one snapshot (so an
         assignment and its reservation are never seen apart)."""
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.assign(worker_id)) as pipe:
             pipe.hgetall(self.k.assign(worker_id))
             pipe.hkeys(self.k.ledger(worker_id))
             raw, reserved = await pipe.execute(raise_on_error=False)

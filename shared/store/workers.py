@@ -15,6 +15,12 @@ from shared.models import Heartbeat, WorkerRegistration, WorkerView
 from shared.records import BadRecord, parse_worker
 from shared.store.base import NotLeader, StoreBase
 
+# The worker's record, only while its heartbeat is absent (Redis Cluster: one worker's slot).
+_DELETE_IF_DEAD_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('DEL', KEYS[2])
+"""
+
 
 class WorkersStore(StoreBase):
     async def register_worker(self, reg: WorkerRegistration, ttl_s: float) -> bool:
@@ -24,7 +30,7 @@ class WorkersStore(StoreBase):
         wid = reg.worker_id
         alive_key, record = self.k.worker_alive(wid), self.k.worker(wid)
         for _ in range(5):  # a concurrent heartbeat of the same worker restarts the check
-            async with self.r.pipeline(transaction=True) as pipe:
+            async with self._txn(record) as pipe:
                 try:
                     await pipe.watch(alive_key, record)
                     if await pipe.exists(alive_key) and \
@@ -35,13 +41,18 @@ class WorkersStore(StoreBase):
                     await pipe.execute()
                 except WatchError:
                     continue
+            if self.cluster:
+                # The index is in the scheduler's slot: listed right after; every heartbeat
+                # lists the worker again, so one lost here is repaired within a beat.
+                await self.r.sadd(self.k.workers, wid)
             await self.publish("worker", worker=wid)
             return True
         return False
 
     def _write_registration(self, pipe: Pipeline, reg: WorkerRegistration, ttl_s: float) -> None:
         now = repr(time.time())
-        pipe.sadd(self.k.workers, reg.worker_id)
+        if not self.cluster:
+            pipe.sadd(self.k.workers, reg.worker_id)
         pipe.hset(self.k.worker(reg.worker_id), mapping={
             "url": reg.url,
             "engines": json.dumps(reg.engines),
@@ -59,6 +70,8 @@ class WorkersStore(StoreBase):
         assignment, only while ``token`` holds the scheduler lease. False when the worker
         came back or got an assignment meanwhile (checked in the transaction)."""
         alive_key, assign = self.k.worker_alive(worker_id), self.k.assign(worker_id)
+        if self.cluster:
+            return await self._remove_in_steps(token, worker_id)
         async with self.r.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(self.k.lease, alive_key, assign)
@@ -75,6 +88,34 @@ class WorkersStore(StoreBase):
         await self.publish("worker", worker=worker_id)
         return True
 
+    async def _remove_in_steps(self, token: str, worker_id: str) -> bool:
+        """:meth:`remove_dead_worker` on a cluster, where the worker's records and the
+        scheduler's (lease, index, assignments, ledger) are in two slots: a fenced step in the
+        scheduler's slot that checks the worker holds no assignment and drops it from the
+        index, its assignments and ledger; then, in the worker's slot, its record, only
+        while its heartbeat is still absent. Its heartbeat is read before the first step; a
+        worker that beats again in between finds its record (kept) and lists itself again at
+        its next heartbeat (which always re-adds it to the index)."""
+        alive_key, assign = self.k.worker_alive(worker_id), self.k.assign(worker_id)
+        if await self.r.exists(alive_key):
+            return False
+        async with self._txn(assign) as pipe:
+            try:
+                await pipe.watch(self.k.lease, assign)
+                if await pipe.get(self.k.lease) != token:
+                    raise NotLeader(token)
+                if await pipe.hlen(assign):
+                    return False
+                pipe.multi()
+                pipe.srem(self.k.workers, worker_id)
+                pipe.delete(assign, self.k.ledger(worker_id))
+                await pipe.execute()
+            except WatchError:
+                return False
+        removed = await self.r.eval(_DELETE_IF_DEAD_LUA, 2, alive_key, self.k.worker(worker_id))
+        await self.publish("worker", worker=worker_id)
+        return bool(removed)
+
     async def heartbeat(self, worker_id: str, hb: Heartbeat, ttl_s: float) -> bool | None:
         """Refresh liveness. None: unknown worker (register first). False: the alive key had
         expired, so the manager may have re-placed this worker's models. True: all well."""
@@ -90,11 +131,14 @@ class WorkersStore(StoreBase):
             fields["local_models"] = json.dumps([m.model_dump() for m in hb.local_models])
         if hb.cache_free_mb is not None:
             fields["cache_free_mb"] = str(hb.cache_free_mb)
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.worker(worker_id)) as pipe:
             pipe.set(self.k.worker_alive(worker_id), now, px=int(ttl_s * 1000), get=True)
             pipe.hset(self.k.worker(worker_id), mapping=cast(Mapping[Any, Any], fields))
-            pipe.sadd(self.k.workers, worker_id)
-            previous, _, _ = await pipe.execute()
+            if not self.cluster:
+                pipe.sadd(self.k.workers, worker_id)
+            previous = (await pipe.execute())[0]
+        if self.cluster:
+            await self.r.sadd(self.k.workers, worker_id)  # the scheduler's slot
         return previous is not None
 
     async def pool_id(self, candidate: str) -> str:
@@ -102,7 +146,7 @@ class WorkersStore(StoreBase):
 
         A worker passes the id it already uses, so a flushed Redis gets it back rather than a
         new one that would disown the engines running now."""
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.pool_id) as pipe:
             pipe.set(self.k.pool_id, candidate, nx=True)
             pipe.get(self.k.pool_id)
             _, value = await pipe.execute()
@@ -117,7 +161,7 @@ class WorkersStore(StoreBase):
     async def live_vllm_flags(self) -> list[EngineFlags]:
         """The vLLM flag sets reported by live workers (those that have reported one)."""
         ids = await self._members(self.k.workers)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for w in ids:
                 pipe.hmget(self.k.worker(w), ["vllm_version", "vllm_flags"])
                 pipe.exists(self.k.worker_alive(w))
@@ -148,7 +192,7 @@ class WorkersStore(StoreBase):
 
     async def list_workers(self) -> list[WorkerView]:
         ids = await self._members(self.k.workers)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for w in ids:
                 pipe.hgetall(self.k.worker(w))
                 pipe.exists(self.k.worker_alive(w))
@@ -168,5 +212,5 @@ class WorkersStore(StoreBase):
         ids = list(worker_ids)
         if not ids:
             return set()
-        flags = await self.r.mget([self.k.worker_alive(w) for w in ids])
+        flags = await self._mget([self.k.worker_alive(w) for w in ids])
         return {w for w, f in zip(ids, flags, strict=True) if f is not None}

@@ -202,7 +202,7 @@ def sentinel_conf(tmp: Path, port: int, primary: int) -> Path:
 def keys(server: RedisServer) -> set[str]:
     r = redis.Redis(port=server.port, decode_responses=True)
     try:
-        return {k for k in r.scan_iter() if ":worker:" not in k and ":load:" not in k}
+        return {k for k in r.scan_iter() if ":{w:" not in k and not k.endswith(":load")}
     finally:
         r.close()
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from shared.keys import Keys
 from tests.support import Cluster, Proc, chat, register, status, wait_serving, wait_until
 
 # Fault injection measures recovery under load: the chaos tests run one at a time, on one
@@ -54,22 +55,22 @@ def test_corrupt_records_cost_only_themselves(cluster: Cluster) -> None:
     for alias in ("a", "b", "victim"):
         wait_serving(router, alias)
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-    p = cluster.prefix
+    k = Keys(cluster.prefix)
     on_w1 = next(m["alias"] for m in status(router)["models"]
                  if any(i["worker_id"] == "w1" for i in m["instances"]))
     steps: list[tuple[str, Callable[[], Any], str, str | None]] = [
-        ("model spec", lambda: r.hset(f"{p}:model:victim", "spec", "garbage{"),
-         f"{p}:model:victim", "spec"),
-        ("instance inflight", lambda: r.hset(f"{p}:instance:{on_w1}:w1", "inflight", "abc"),
-         f"{p}:instance:{on_w1}:w1", "inflight"),
-        ("assignment", lambda: r.hset(f"{p}:assign:w1", "ghost", "garbage{"),
-         f"{p}:assign:w1", "ghost"),
-        ("ledger entry", lambda: r.hset(f"{p}:ledger:w1", "ghost", "garbage{"),
-         f"{p}:ledger:w1", "ghost"),
-        ("routes version", lambda: r.set(f"{p}:version:routes", "abc"),
-         f"{p}:version:routes", None),
-        ("worker engines", lambda: r.hset(f"{p}:worker:w2", "engines", "garbage{"),
-         f"{p}:worker:w2", "engines"),
+        ("model spec", lambda: r.hset(k.model("victim"), "spec", "garbage{"),
+         k.model("victim"), "spec"),
+        ("instance inflight", lambda: r.hset(k.instance(on_w1, "w1"), "inflight", "abc"),
+         k.instance(on_w1, "w1"), "inflight"),
+        ("assignment", lambda: r.hset(k.assign("w1"), "ghost", "garbage{"),
+         k.assign("w1"), "ghost"),
+        ("ledger entry", lambda: r.hset(k.ledger("w1"), "ghost", "garbage{"),
+         k.ledger("w1"), "ghost"),
+        ("routes version", lambda: r.set(k.routes_version, "abc"),
+         k.routes_version, None),
+        ("worker engines", lambda: r.hset(k.worker("w2"), "engines", "garbage{"),
+         k.worker("w2"), "engines"),
     ]
     try:
         for i, (what, corrupt, key, field) in enumerate(steps):
@@ -80,9 +81,9 @@ def test_corrupt_records_cost_only_themselves(cluster: Cluster) -> None:
             still_works(router, ["a", "b", "victim"], f"new{i}")
             # Its engine gone, so no route change is pending (one repairs a bad counter): the
             # deletion removes the records at once, the worker's stop writes after it.
-            wait_until(lambda i=i: not r.keys(f"{p}:instance:new{i}:*"), 15,  # type: ignore[misc]
+            wait_until(lambda i=i: not r.keys(k.instance(f"new{i}", "*")), 15,  # type: ignore[misc]
                        what=f"new{i} stopped")
-            wait_until(lambda: routes_quiet(r, f"{p}:version:routes"), 15,
+            wait_until(lambda: routes_quiet(r, k.routes_version), 15,
                        what="no route change pending")
     finally:
         r.close()
@@ -90,4 +91,4 @@ def test_corrupt_records_cost_only_themselves(cluster: Cluster) -> None:
     logs = {proc.name: proc.log.read_text() for proc in cluster.procs}
     assert "scheduler pass failed" not in logs["manager"]
     assert "reconcile failed" not in logs["w1"] + logs["w2"]
-    assert logs["manager"].count(f"{p}:model:victim [spec]") == 1
+    assert logs["manager"].count(f"{k.model('victim')} [spec]") == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import redis
 
+from shared.keys import Keys
 from tests.support import Cluster, Proc, model_status, register, wait_until
 
 
@@ -21,7 +22,7 @@ def test_deleted_models_leave_no_records_or_logs(cluster: Cluster) -> None:
     router = cluster.router()
     logs = cluster.tmp / "state" / "w1"
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-    p = cluster.prefix
+    k = Keys(cluster.prefix)
     try:
         for alias in ("live", "dead"):
             assert register(router, alias, engine="sim",
@@ -32,17 +33,17 @@ def test_deleted_models_leave_no_records_or_logs(cluster: Cluster) -> None:
         # Worker alive: the record and the log go with the model (the deletion removes the
         # record; the worker's stop of the instance may write STOPPING once more, then deletes).
         assert httpx.delete(f"{router.url}/admin/models/live").status_code == 200
-        wait_until(lambda: not r.exists(f"{p}:instance:live:w1", f"{p}:instances:live"), 10,
+        wait_until(lambda: not r.exists(k.instance("live", "w1"), k.instances("live")), 10,
                    what="live's records removed")
         wait_until(lambda: not (logs / "live.log").exists(), 10, what="live.log removed")
 
         # Worker dead at the deletion: the record goes at once, the log when it is back.
         w1.kill9()
         assert httpx.delete(f"{router.url}/admin/models/dead").status_code == 200
-        assert not r.exists(f"{p}:instance:dead:w1", f"{p}:instances:dead")
+        assert not r.exists(k.instance("dead", "w1"), k.instances("dead"))
         assert (logs / "dead.log").exists()
         cluster.worker("w1", ENGINE_RETRY_BASE_S="60")
         wait_until(lambda: not (logs / "dead.log").exists(), 10, what="dead.log removed")
-        assert not r.exists(f"{p}:instance:dead:w1")
+        assert not r.exists(k.instance("dead", "w1"))
     finally:
         r.close()

@@ -9,6 +9,7 @@ import time
 import httpx
 import redis
 
+from shared.keys import Keys
 from tests.support import Cluster, chat, model_status, register, running_on, wait_until
 
 INTERVAL_S = 1.0
@@ -51,7 +52,7 @@ def test_failing_health_withdraws_route_and_restarts(cluster: Cluster) -> None:
     inst = next(i for i in model_status(router, "m")["instances"]  # type: ignore[index]
                 if i["worker_id"] == "w1")
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-    routes = f"{cluster.prefix}:routes:m"
+    routes, instance = Keys(cluster.prefix).routes("m"), Keys(cluster.prefix).instance("m", "w1")
     try:
         assert r.hget(routes, "w1")
         with Traffic(router.url) as traffic:
@@ -71,7 +72,7 @@ def test_failing_health_withdraws_route_and_restarts(cluster: Cluster) -> None:
                 return bool(again) and again[0]["state"] == "RUNNING" \
                     and again[0]["pid"] != inst["pid"]
 
-            failed = wait_until(lambda: r.hget(f"{cluster.prefix}:instance:m:w1", "error"), 15,
+            failed = wait_until(lambda: r.hget(instance, "error"), 15,
                                 what="w1's instance FAILED")
             wait_until(restarted, 30, what="w1's replica restarted")
             wait_until(lambda: r.hget(routes, "w1"), 10, what="route back")

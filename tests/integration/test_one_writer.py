@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import redis
 
+from shared.keys import Keys
 from tests.support import Cluster, Proc, model_status, register, running_on, stays, wait_until
 
 TOTAL_MB, FOREIGN_MB = 81920, 2048
@@ -29,10 +30,10 @@ class Pool:
         self.prefix, self.worker, self.wid = cluster.prefix, worker, worker_id
 
     def assigned(self) -> set[str]:
-        return {str(k) for k in self.r.hkeys(f"{self.prefix}:assign:{self.wid}")}
+        return {str(k) for k in self.r.hkeys(Keys(self.prefix).assign(self.wid))}
 
     def ledger(self) -> dict[str, Any]:
-        raw = self.r.hgetall(f"{self.prefix}:ledger:{self.wid}")
+        raw = self.r.hgetall(Keys(self.prefix).ledger(self.wid))
         return {str(a): json.loads(v) for a, v in raw.items()}
 
     def engines(self) -> set[str]:

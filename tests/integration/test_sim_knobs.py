@@ -9,6 +9,7 @@ import httpx
 import redis
 
 from services.worker.engines.metrics import engine_load
+from shared.keys import Keys
 from shared.procs import stop
 from tests.integration.test_sim_engine import MODEL, start_engine
 from tests.support import Cluster, register, running_on, wait_until
@@ -76,7 +77,7 @@ def test_stored_load_is_running_plus_waiting(cluster: Cluster) -> None:
             seen: list[str | None] = []
 
             def stored_four() -> bool:
-                value = r.hget(f"{cluster.prefix}:load:seq", "w1")
+                value = r.hget(Keys(cluster.prefix).load("seq"), "w1")
                 seen.append(None if value is None else str(value))
                 return seen[-1] == "4"
 

@@ -22,6 +22,7 @@ import redis
 
 from services.worker.engines.metrics import engine_load
 from shared import procs
+from shared.keys import Keys
 from tests.real_vllm.test_real_vllm import (
     CPU_ENGINE_ENV,
     ENGINE_START_TIMEOUT_S,
@@ -122,7 +123,7 @@ def test_load_is_running_plus_waiting_and_kill9_worker_leaves_no_vllm_process(
         stored a load of 4 (a prefix match counted the _by_reason lines too: 7)."""
         page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         engine = _gauges(page)
-        stored = r.hget(f"{cluster.prefix}:load:seq1", "w1")
+        stored = r.hget(Keys(cluster.prefix).load("seq1"), "w1")
         if engine == (1.0, 3.0) and stored is not None and float(stored) == 4.0:
             return page
         return None
@@ -181,7 +182,7 @@ def test_kill9_engine_core_leaves_routes_no_500(
             failures.append(answer.status_code)
     routes = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
     try:
-        left = routes.hgetall(f"{cluster.prefix}:routes:two")
+        left = routes.hgetall(Keys(cluster.prefix).routes("two"))
     finally:
         routes.close()
     assert "w1" not in left and failures == [], (

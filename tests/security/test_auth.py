@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from shared import procs
+from shared.keys import Keys
 from tests.security.conftest import ADMIN, API, INTERNAL, SecurePool, bearer, port_of
 from tests.security.rawhttp import exchange
 from tests.support import FAST_ENV, ROOT, RedisServer, free_port, wait_until
@@ -64,7 +65,7 @@ def test_bad_credentials_are_401(pool: SecurePool, name: str, method: bytes, pat
 def _workers(pool: SecurePool) -> set[str]:
     r = redis.Redis.from_url(pool.cluster.redis_url, decode_responses=True)
     try:
-        return {str(w) for w in r.smembers(f"{pool.cluster.prefix}:workers")}
+        return {str(w) for w in r.smembers(Keys(pool.cluster.prefix).workers)}
     finally:
         r.close()
 

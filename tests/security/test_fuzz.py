@@ -49,7 +49,7 @@ class Target:
     def state(self) -> dict[str, Any]:
         # Demand hints expire on their own (TTL 10 s): not state a request changed.
         return {k: v for k, v in snapshot(self.cluster.redis_url, self.cluster.prefix).items()
-                if ":demand:" not in k}
+                if not k.endswith(":demand")}
 
 
 @pytest.fixture(scope="module")

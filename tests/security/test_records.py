@@ -18,6 +18,7 @@ import redis
 from pydantic import ValidationError
 
 from services.manager.worker_gc import expired
+from shared.keys import Keys
 from shared.models import (
     MAX_GPU_PROCESSES,
     MAX_GPUS,
@@ -92,10 +93,10 @@ def post(manager: Proc, path: str, body: Any, **kw: Any) -> httpx.Response:
 def records(cluster: Cluster) -> dict[str, dict[str, str]]:
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
     try:
-        ids: set[str] = r.smembers(f"{cluster.prefix}:workers")  # type: ignore[assignment]
+        ids: set[str] = r.smembers(Keys(cluster.prefix).workers)  # type: ignore[assignment]
         out: dict[str, dict[str, str]] = {}
         for w in ids:
-            out[w] = r.hgetall(f"{cluster.prefix}:worker:{w}")  # type: ignore[assignment]
+            out[w] = r.hgetall(Keys(cluster.prefix).worker(w))  # type: ignore[assignment]
         return out
     finally:
         r.close()

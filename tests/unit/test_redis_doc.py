@@ -30,8 +30,8 @@ def doc_rows() -> dict[str, dict[str, str]]:
             continue
         cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         key, type_, writers, fields, meaning = cells
-        # A Redis Cluster hash tag ({t:...}) stays; the placeholder inside it is a hole.
-        pattern = re.sub(r"\{(?!t:)[^}]*\}", "{}", key.strip("`"))
+        # Placeholders are <name>; braces are hash tags, part of the key (shared/keys.py).
+        pattern = re.sub(r"<[^>]*>", "{}", key.strip("`"))
         assert pattern not in rows, f"{key} documented twice"
         rows[pattern] = {"type": type_, "writers": writers, "fields": fields,
                          "meaning": meaning}
@@ -98,16 +98,16 @@ async def written_fields(store: Store) -> dict[str, set[str]]:
         return {str(f) for _, entry in entries for f in entry or {}}
 
     return {
-        "svllm:model:{}": await hkeys(k.model("m")),
-        "svllm:worker:{}": await hkeys(k.worker("w")),
-        "svllm:placement:{}": await hkeys(k.placement("m")),
-        "svllm:stats:{}": await hkeys(k.stats("m")),
-        "svllm:instance:{}:{}": set(instance.record()),
-        "svllm:assign:{}": set(Assignment.model_fields),
-        "svllm:ledger:{}": set(Reservation.model_fields),
-        "svllm:autoscale": set(ScaleMark.model_fields),
-        "svllm:log:models": await log_fields(k.models_log),
-        "svllm:log:routes": await log_fields(k.routes_log),
+        "svllm:{m:{}}:model": await hkeys(k.model("m")),
+        "svllm:{w:{}}:worker": await hkeys(k.worker("w")),
+        "svllm:{m:{}}:placement": await hkeys(k.placement("m")),
+        "svllm:{m:{}}:stats": await hkeys(k.stats("m")),
+        "svllm:{m:{}}:instance:{}": set(instance.record()),
+        "svllm:{s}:assign:{}": set(Assignment.model_fields),
+        "svllm:{s}:ledger:{}": set(Reservation.model_fields),
+        "svllm:{s}:autoscale": set(ScaleMark.model_fields),
+        "svllm:{s}:log:models": await log_fields(k.models_log),
+        "svllm:{s}:log:routes": await log_fields(k.routes_log),
     }
 
 
@@ -124,5 +124,5 @@ async def test_parsers_know_the_fields_written(store: Store) -> None:
     """The record parsers check the numbers and fields the code actually writes."""
     written = await written_fields(store)
     numeric = set(records.INSTANCE_INTS) | set(records.INSTANCE_FLOATS)
-    assert numeric <= written["svllm:instance:{}:{}"]
-    assert set(records.WORKER_FIELDS) == written["svllm:worker:{}"]
+    assert numeric <= written["svllm:{m:{}}:instance:{}"]
+    assert set(records.WORKER_FIELDS) == written["svllm:{w:{}}:worker"]

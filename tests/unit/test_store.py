@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import uuid
+
 import fakeredis
 import pytest
 
 from shared.errors import Conflict
 from shared.keys import Keys
 from shared.models import Assignment, Heartbeat, ModelSpec, WorkerRegistration
-from shared.store import NotLeader, Store
+from shared.store import NotLeader, Store, connect
 
 
-@pytest.fixture
-async def store():
-    s = Store(fakeredis.FakeAsyncRedis(decode_responses=True), Keys("t"))
+@pytest.fixture(params=["fakeredis", pytest.param("cluster", marks=pytest.mark.redis_cluster)])
+async def store(request: pytest.FixtureRequest):
+    """fakeredis, and a real 3-primary Redis Cluster: every operation keeps to one slot."""
+    if request.param == "cluster":
+        nodes = request.getfixturevalue("redis_cluster").addresses
+        s = Store(connect("", cluster_nodes=nodes), Keys(f"t{uuid.uuid4().hex[:10]}"))
+    else:
+        s = Store(fakeredis.FakeAsyncRedis(decode_responses=True), Keys("t"))
     yield s
     await s.close()
 
