@@ -13,7 +13,8 @@ from shared.models import AdapterSpec
 from shared.records import BadRecord
 from shared.store.base import StoreBase
 
-# KEYS: adapters hash, models set, the base's model hash
+# KEYS: adapters hash, models set (both in {s}: the base is checked in the index, not by its
+# spec in the model's slot, so the script runs unchanged on Redis Cluster)
 # ARGV: alias, base, spec JSON
 _REGISTER_LUA = """
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' and redis.call('EXISTS', KEYS[1]) == 1 then
@@ -38,8 +39,8 @@ class AdaptersStore(StoreBase):
         """Store ``spec`` atomically with its checks: 'no_base' when the base model is not
         registered; raises Conflict when the alias is a model or another adapter."""
         k = self.k
-        reply = await self.r.eval(_REGISTER_LUA, 3, k.adapters, k.models, k.model(spec.base),
-                                  spec.alias, spec.base, spec.model_dump_json())
+        reply = await self.r.eval(_REGISTER_LUA, 2, k.adapters, k.models, spec.alias, spec.base,
+                                  spec.model_dump_json())
         if reply == "wrongtype":
             raise Conflict(f"Redis key {k.adapters} is not a hash; fix or delete it "
                            "(see docs/redis.md)")
@@ -76,7 +77,7 @@ class AdaptersStore(StoreBase):
         return bool(await self.r.hexists(self.k.adapters, alias))
 
     async def delete_adapter(self, alias: str) -> bool:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.adapters) as pipe:  # both keys in {s}
             pipe.hdel(self.k.adapters, alias)
             pipe.hdel(self.k.adapter_stats, *(f"{alias}:{f}" for f in _STAT_FIELDS))
             gone, _ = await pipe.execute()
@@ -107,7 +108,7 @@ class AdaptersStore(StoreBase):
         return out
 
     async def record_adapter_load(self, alias: str, seconds: float) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(self.k.adapter_stats) as pipe:
             pipe.hincrby(self.k.adapter_stats, f"{alias}:loads", 1)
             pipe.hincrbyfloat(self.k.adapter_stats, f"{alias}:load_s", seconds)
             await pipe.execute()

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 
 from shared.apikeys import KeyRecord
@@ -67,21 +68,35 @@ class ApiKeysStore(StoreBase):
     # ------------------------------------------------------------------ keys
     async def save_key(self, rec: KeyRecord, *, new: bool) -> bool:
         """Write ``rec`` (create, or replace an existing one) and bump the keys version, in
-        one transaction. False when ``new`` is False and the key is gone (revoked meanwhile)."""
+        one transaction. False when ``new`` is False and the key is gone (revoked meanwhile).
+
+        On a cluster the tenant's hash and the index (``{s}``) are in two slots: the index
+        entry and the tenant's listing first, then the record (the same check), then the
+        bump, so every key a router can load is found by its id. Interrupted after the
+        index, the id names no record (read as no key); after the record, routers load it at
+        the next bump (the caller got an error and has no secret of it)."""
         hkey = self.k.api_keys(rec.tenant)
-        async with self.r.pipeline(transaction=True) as pipe:
+        if self.cluster:
+            async with self._txn(self.k.key_index) as pipe:
+                pipe.hset(self.k.key_index, rec.key_id, rec.tenant)
+                pipe.sadd(self.k.tenants, rec.tenant)
+                await pipe.execute()
+        async with self._txn(hkey) as pipe:
             try:
                 await pipe.watch(hkey)
                 if not new and not await pipe.hexists(hkey, rec.key_id):
                     return False
                 pipe.multi()
                 pipe.hset(hkey, rec.key_id, rec.to_json())
-                pipe.hset(self.k.key_index, rec.key_id, rec.tenant)
-                pipe.sadd(self.k.tenants, rec.tenant)
-                pipe.incr(self.k.keys_version)
+                if not self.cluster:
+                    pipe.hset(self.k.key_index, rec.key_id, rec.tenant)
+                    pipe.sadd(self.k.tenants, rec.tenant)
+                    pipe.incr(self.k.keys_version)
                 await pipe.execute()
             except WatchError:
                 return False
+        if self.cluster:
+            await self.r.incr(self.k.keys_version)
         await self.publish("keys")
         return True
 
@@ -93,11 +108,23 @@ class ApiKeysStore(StoreBase):
         return self._parse_key(self.k.api_keys(tenant), raw) if raw else None
 
     async def delete_key(self, rec: KeyRecord) -> bool:
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.k.api_keys(rec.tenant), rec.key_id)
-            pipe.hdel(self.k.key_index, rec.key_id)
-            pipe.incr(self.k.keys_version)
-            removed, _, _ = await pipe.execute()
+        """Remove the key's record, its index entry, and bump the keys version, in one
+        transaction. On a cluster the record goes first (its tenant's slot), then the index
+        entry and the bump (``{s}``): interrupted in between, the id names no record (read
+        as no key, so revoking it again answers 404) and the key is revoked all the same."""
+        hkey = self.k.api_keys(rec.tenant)
+        if self.cluster:
+            removed = await self.r.hdel(hkey, rec.key_id)
+            async with self._txn(self.k.key_index) as pipe:
+                pipe.hdel(self.k.key_index, rec.key_id)
+                pipe.incr(self.k.keys_version)
+                await pipe.execute()
+        else:
+            async with self._txn(hkey) as pipe:
+                pipe.hdel(hkey, rec.key_id)
+                pipe.hdel(self.k.key_index, rec.key_id)
+                pipe.incr(self.k.keys_version)
+                removed, _, _ = await pipe.execute()
         await self.publish("keys")
         return bool(removed)
 
@@ -116,7 +143,7 @@ class ApiKeysStore(StoreBase):
         """Every key, every tenant's limits and the number of tenants ever given a key or a
         limit (two round trips)."""
         tenants = await self._members(self.k.tenants)
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for t in tenants:
                 pipe.hgetall(self.k.api_keys(t))
                 pipe.hgetall(self.k.tenant_limits(t))
@@ -137,24 +164,36 @@ class ApiKeysStore(StoreBase):
         return keys, limits, len(tenants)
 
     async def set_tenant_limits(self, tenant: str, limits: dict[str, int | None]) -> None:
+        """Set (None: remove) the tenant's limits, list the tenant and bump the keys version,
+        in one transaction. On a cluster the limits are written first (the tenant's slot),
+        then the tenant listed and the version bumped (``{s}``): interrupted in between,
+        routers apply the limits at the next bump."""
         key = self.k.tenant_limits(tenant)
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self._txn(key) as pipe:
             gone = [k for k, v in limits.items() if v is None]
             if gone:
                 pipe.hdel(key, *gone)
             kept = {k: v for k, v in limits.items() if v is not None}
             if kept:
                 pipe.hset(key, mapping=cast(Any, kept))
-            pipe.sadd(self.k.tenants, tenant)
-            pipe.incr(self.k.keys_version)
+            if not self.cluster:
+                self._list_tenant(pipe, tenant)
             await pipe.execute()
+        if self.cluster:
+            async with self._txn(self.k.tenants) as pipe:
+                self._list_tenant(pipe, tenant)
+                await pipe.execute()
         await self.publish("keys")
+
+    def _list_tenant(self, pipe: Pipeline, tenant: str) -> None:
+        pipe.sadd(self.k.tenants, tenant)
+        pipe.incr(self.k.keys_version)
 
     async def check_in(self, router_id: str) -> tuple[int, int]:
         """(keys version, live routers), and this router counted among them: one round trip,
         the routers' periodic safety-net check."""
         now = time.time()
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             pipe.get(self.k.keys_version)
             pipe.zadd(self.k.routers, {router_id: now})
             pipe.zremrangebyscore(self.k.routers, 0, now - ROUTER_SEEN_TTL_S)
@@ -203,7 +242,7 @@ class ApiKeysStore(StoreBase):
     async def _evalshas(self, calls: Sequence[tuple[Sequence[str], Sequence[float]]]
                         ) -> list[Any]:
         sha = self._limit_sha or ""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
@@ -212,7 +251,7 @@ class ApiKeysStore(StoreBase):
                     usage: dict[tuple[str, int], dict[str, int]]) -> None:
         """Token corrections (microseconds to add to a TAT) and usage increments, in one
         pipeline: one round trip per flush, whatever the number of requests behind it."""
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for key, delta in corrections.items():
                 pipe.incrbyfloat(key, delta)
             for (tenant, hour), fields in usage.items():
@@ -226,7 +265,7 @@ class ApiKeysStore(StoreBase):
                          ) -> list[tuple[str, int, dict[str, str]]]:
         """(tenant, hour, counters hash) for every tenant and hour asked, one round trip."""
         pairs = [(t, h) for t in tenants for h in hours]
-        async with self.r.pipeline(transaction=False) as pipe:
+        async with self._batch() as pipe:
             for t, h in pairs:
                 pipe.hgetall(self.k.usage(t, h))
             replies = await pipe.execute(raise_on_error=False)

@@ -81,8 +81,8 @@ class Primaries:
 class Scatter:
     """A non-transactional pipeline over the cluster: commands are queued, then sent as one
     plain pipeline per primary, all at once, and the replies put back in order. A command's
-    key is its first argument (for EVAL, its first declared key): every command the store
-    queues has one."""
+    key is its first argument (for EVAL and EVALSHA, its first declared key): every command
+    the store queues has one."""
 
     def __init__(self, primaries: Primaries) -> None:
         self._primaries = primaries
@@ -99,7 +99,7 @@ class Scatter:
         await self._primaries.ready()
         by_node: dict[aioredis.Redis, list[int]] = {}
         for i, (name, args, _) in enumerate(self._queued):
-            key = args[2] if name == "eval" else args[0]
+            key = args[2] if name in ("eval", "evalsha") else args[0]
             by_node.setdefault(self._primaries.of(str(key)), []).append(i)
 
         async def run(client: aioredis.Redis, idx: list[int]) -> list[Any]:
