@@ -14,8 +14,16 @@ import httpx
 import pytest
 import redis
 
+from shared.apikeys import KeyRecord, hash_secret
+from shared.errors import Conflict
 from shared.keys import Keys
-from shared.models import Assignment, Heartbeat, ModelSpec, WorkerRegistration
+from shared.models import (
+    AdapterSpec,
+    Assignment,
+    Heartbeat,
+    ModelSpec,
+    WorkerRegistration,
+)
 from shared.store import NotLeader, ScaleMark, Store, connect
 from shared.store.scheduling import Unassign
 from tests.redis_cluster import RedisCluster
@@ -195,6 +203,84 @@ async def test_hints_reach_a_subscriber(store: Store, redis_cluster: RedisCluste
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await listener.close()
+
+
+def _key(key_id: str, tenant: str, secret: str, **kw: Any) -> KeyRecord:
+    return KeyRecord(key_id=key_id, name=key_id, tenant=tenant, secret_hash=hash_secret(secret.encode()),
+                     models=["*"], **kw)
+
+
+async def test_api_keys_limits_and_usage(store: Store, redis_cluster: RedisCluster) -> None:
+    """Keys of two tenants (two slots) and the index ({s}): create, list, rotate, revoke;
+    a limiter decision per tenant in one pipeline, also after the scripts were flushed."""
+    a, b = _key("ka", "acme", "s1", rpm=60), _key("kb", "beta", "s2")
+    assert await store.save_key(a, new=True) and await store.save_key(b, new=True)
+    await store.set_tenant_limits("acme", {"rpm": 120, "tpm": None})
+    keys, limits, tenants = await store.all_keys()
+    assert {k.key_id for k in keys} == {"ka", "kb"} and tenants == 2
+    assert limits == {"acme": {"rpm": 120}}
+    assert await store.keys_version() == 3
+    assert await store.check_in("r1") == (3, 1)
+    rotated = _key("ka", "acme", "s3", rpm=60)
+    assert await store.save_key(rotated, new=False) is True
+    got = await store.get_key("ka")
+    assert got is not None and got.secret_hash == hash_secret(b"s3")
+
+    ka, tenant = store.k.rate("acme", "ka", "req"), store.k.rate("acme", "tenant", "req")
+    kb = store.k.rate("beta", "kb", "tok")
+    one = await store.limit([ka, tenant], [1e6, 0, 1, 5e5, 0, 1])
+    assert one.admitted and len(one.ahead_us) == 2
+    assert not (await store.limit([ka, tenant], [1e6, 0, 1, 5e5, 0, 1])).admitted
+    for port in redis_cluster.ports:  # a cluster that lost its scripts: loaded again
+        with redis.Redis(port=port) as r:
+            r.script_flush()
+    both = await store.limit_many([([ka], [1e6, 0, 1]), ([kb], [1e3, 1e6, 10])])
+    assert [d.admitted for d in both] == [False, True]
+    await store.flush({kb: 5e3}, {("acme", 0): {"ka|m|requests": 2},
+                                  ("beta", 0): {"kb|m|requests": 1}})
+    rows = await store.usage_rows(["acme", "beta"], [0])
+    assert [r[2] for r in rows] == [{"ka|m|requests": "2"}, {"kb|m|requests": "1"}]
+
+    assert await store.delete_key(rotated) is True
+    assert await store.get_key("ka") is None
+    assert await store.delete_key(rotated) is False
+    assert await store.save_key(rotated, new=False) is False  # revoked: not brought back
+    assert [k.key_id for k in (await store.all_keys())[0]] == ["kb"]
+    assert await store.keys_version() == 6
+
+
+async def test_adapters_prefetch_and_model_delete(store: Store) -> None:
+    """Adapters ({s}) of a model; prefetch requests ({s}) and progress (the model's slot);
+    deleting the model removes its loaded adapters, progress and requests."""
+    await store.register_model(spec("base"))
+    for w in ("w1", "w2"):
+        await store.register_worker(WorkerRegistration(worker_id=w, url=f"http://{w}:1"), 30)
+    lora = AdapterSpec(alias="lo", base="base", adapter="org/lo")
+    assert await store.register_adapter(lora) == "created"
+    assert await store.register_adapter(lora) == "same"
+    assert await store.register_adapter(AdapterSpec(alias="x", base="nope", adapter="o/x")
+                                        ) == "no_base"
+    with pytest.raises(Conflict):
+        await store.register_adapter(AdapterSpec(alias="base", base="base", adapter="o/x"))
+    await store.set_lora_loaded("base", "w1", ["lo"])
+    await store.record_adapter_load("lo", 1.5)
+    assert (await store.adapter_stats())["lo"] == {"loads": 1.0, "load_s": 1.5}
+    assert await store.delete_adapter("lo") is True
+    assert await store.list_adapters() == {} and await store.adapter_stats() == {}
+    assert await store.register_adapter(lora) == "created"
+
+    await store.request_prefetch("base", "org/m", ["w1", "w2"])
+    assert await store.prefetch_requests("w2") == {"base": "org/m"}
+    status = (await store.prefetch_status(["base"]))["base"]
+    assert {w: s["state"] for w, s in status.items()} == {"w1": "queued", "w2": "queued"}
+    await store.set_prefetch_status("base", "w1", {"state": "done"}, finished=True)
+    assert await store.prefetch_requests("w1") == {}
+    assert (await store.prefetch_status(["base"]))["base"]["w1"]["state"] == "done"
+
+    assert await store.delete_model("base") is True
+    assert await store.lora_loaded(["base"]) == {"base": {}}
+    assert await store.prefetch_status(["base"]) == {}
+    assert await store.prefetch_requests("w2") == {}
 
 
 @pytest.fixture
