@@ -206,8 +206,8 @@ async def test_hints_reach_a_subscriber(store: Store, redis_cluster: RedisCluste
 
 
 def _key(key_id: str, tenant: str, secret: str, **kw: Any) -> KeyRecord:
-    return KeyRecord(key_id=key_id, name=key_id, tenant=tenant, secret_hash=hash_secret(secret.encode()),
-                     models=["*"], **kw)
+    return KeyRecord(key_id=key_id, name=key_id, tenant=tenant,
+                     secret_hash=hash_secret(secret.encode()), models=["*"], **kw)
 
 
 async def test_api_keys_limits_and_usage(store: Store, redis_cluster: RedisCluster) -> None:
