@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from shared.models import (
 )
 from shared.store import NotLeader, ScaleMark, Store, connect
 from shared.store.scheduling import Unassign
+from tests.integration.keys_support import admin, answers, create_key, serving
+from tests.integration.keys_support import chat as chat_as
+from tests.integration.keys_support import pool as keys_pool
 from tests.redis_cluster import RedisCluster
 from tests.support import (
     Cluster,
@@ -310,3 +314,18 @@ def test_served_through_router_manager_and_worker(pool_on_cluster: Cluster,
     assert httpx.delete(f"{router.url}/admin/models/demo", timeout=10).status_code == 200
     wait_until(lambda: chat(router, "demo").status_code == 404, 15, what="demo gone")
     assert model_status(router, "demo") is None
+
+
+def test_keys_and_limits_through_routers(pool_on_cluster: Cluster) -> None:
+    """API keys made, rotated and revoked through the admin API, and a limit shared by two
+    routers, with every key in the cluster."""
+    routers = keys_pool(pool_on_cluster, 2)
+    serving(routers, "m1")
+    made = create_key(routers[0], name="bob", rpm=2)  # a burst of one request
+    wait_until(partial(answers, routers[1], "m1", made["key"], 200), 5, what="key known")
+    assert chat_as(routers[0], "m1", made["key"]).status_code == 429  # the same bucket
+    rotated = admin(routers[1], "POST", f"/keys/{made['key_id']}/rotate").json()["key"]
+    wait_until(partial(answers, routers[0], "m1", made["key"], 401), 5, what="old key refused")
+    assert admin(routers[0], "DELETE", f"/keys/{made['key_id']}").status_code == 200
+    wait_until(partial(answers, routers[1], "m1", rotated, 401), 5, what="revoked key refused")
+    assert admin(routers[1], "GET", f"/keys/{made['key_id']}").status_code == 404
