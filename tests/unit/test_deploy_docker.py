@@ -188,6 +188,10 @@ def compose() -> dict[str, Any]:
     return data
 
 
+_MONITORING_HEALTH = {"prometheus": "http://127.0.0.1:9090/-/healthy",
+                      "grafana": "http://127.0.0.1:3000/api/health"}
+
+
 def test_every_service_checks_its_health() -> None:
     services = compose()["services"]
     for name, svc in services.items():
@@ -198,6 +202,8 @@ def test_every_service_checks_its_health() -> None:
         ours = service_of(svc.get("command", []))
         if ours:
             assert test[1:] == ["python3", "-m", "services.healthcheck", ours], name
+        elif name in _MONITORING_HEALTH:  # the monitoring profile's images: their own /health
+            assert test[1:] == ["wget", "-q", "-O", "/dev/null", _MONITORING_HEALTH[name]], name
         else:
             assert test[1:] == ["redis-cli", "ping"], name
 
@@ -205,7 +211,8 @@ def test_every_service_checks_its_health() -> None:
 def test_services_start_once_what_they_need_is_healthy() -> None:
     services = compose()["services"]
     for name, svc in services.items():
-        deps = svc.get("depends_on", {} if name == "redis" else None)
+        # Redis needs nothing; Prometheus scrapes whatever is up and retries the rest.
+        deps = svc.get("depends_on", {} if name in ("redis", "prometheus") else None)
         assert isinstance(deps, dict), f"{name}: depends_on without conditions"
         for dep, cond in deps.items():
             assert cond == {"condition": "service_healthy"}, (name, dep)
