@@ -53,7 +53,10 @@ class StoredModel:
 
 
 def spec_fingerprint(spec: ModelSpec) -> str:
-    return hashlib.sha256(orjson.dumps(spec.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    # Fields left at their defaults are not part of it, so a field added to the spec later
+    # (e.g. max_inflight) does not make an unchanged registration look like another spec.
+    return hashlib.sha256(orjson.dumps(spec.model_dump(exclude_defaults=True),
+                                       option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 # Approximate cap of the change logs (Redis trims whole nodes, so it keeps at least this many).
