@@ -199,6 +199,17 @@ def model_status(router: Proc, alias: str, token: str | None = None) -> dict[str
     return None
 
 
+def engines(router: Proc, alias: str) -> dict[str, int]:
+    """worker -> port of the RUNNING simulated engine of ``alias`` there."""
+    m = model_status(router, alias)
+    assert m is not None
+    return {i["worker_id"]: int(i["port"]) for i in m["instances"] if i["state"] == "RUNNING"}
+
+
+def sim_stats(port: int) -> dict[str, Any]:
+    return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json())
+
+
 def running_on(router: Proc, alias: str, token: str | None = None) -> list[str]:
     """Worker ids whose instance of ``alias`` is RUNNING."""
     m = model_status(router, alias, token)

@@ -4,23 +4,20 @@ and the x-request-id every answer carries, on the fast lane and through ASGI."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import Cluster, Proc, chat, model_status, register, running_on, wait_until
-
-
-def engines(router: Proc, alias: str) -> dict[str, int]:
-    """worker -> port of the RUNNING simulated engine of ``alias`` there."""
-    m = model_status(router, alias)
-    assert m is not None
-    return {i["worker_id"]: int(i["port"]) for i in m["instances"] if i["state"] == "RUNNING"}
-
-
-def sim_stats(port: int) -> dict[str, Any]:
-    return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json())
+from tests.support import (
+    Cluster,
+    Proc,
+    chat,
+    engines,
+    register,
+    running_on,
+    sim_stats,
+    wait_until,
+)
 
 
 def two_replicas(router: Proc, alias: str) -> dict[str, int]:

@@ -15,13 +15,14 @@ import httpx
 
 from tests.integration.keys_support import ADMIN, ADMIN_H, create_key, serving
 from tests.integration.keys_support import chat as key_chat
-from tests.integration.test_datapath import engines, sim_stats
 from tests.support import (
     Cluster,
     Proc,
     chat,
+    engines,
     register,
     running_on,
+    sim_stats,
     status,
     wait_serving,
     wait_until,

@@ -21,9 +21,10 @@ from tests.support import (
     Cluster,
     Proc,
     chat,
-    model_status,
+    engines,
     register,
     running_on,
+    sim_stats,
     wait_until,
 )
 
@@ -52,14 +53,6 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def engines(router: Proc, alias: str) -> dict[str, int]:
-    m = model_status(router, alias)
-    assert m is not None
-    return {i["worker_id"]: int(i["port"]) for i in m["instances"] if i["state"] == "RUNNING"}
-
-
-def sim_stats(port: int) -> dict[str, Any]:
-    return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json())
 
 
 def stream(router: Proc, alias: str, headers: dict[str, str] | None = None,
