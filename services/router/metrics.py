@@ -40,6 +40,9 @@ _BATCH_S = 0.2
 _REJECTING = frozenset((429, 503))
 
 
+# What a record keeps of a relayed answer's last chunks: enough for the usage object.
+_TAIL_KEEP = 8192
+
 class RouterMetrics:
     """Every router metric (docs/observability.md), as lock-free families exported at scrape
     time by one collector on the service's registry."""
@@ -250,6 +253,8 @@ class RequestRecord:
         elif self.recorder.metrics is not None and self.stream:
             self.recorder.metrics.gap.observe((self.alias,), now - self.last_chunk)
         self.last_chunk = now
+        if len(data) > _TAIL_KEEP:  # a large relayed chunk: only its end can hold the usage
+            data = data[-_TAIL_KEEP:]  # (a copy: the chunk itself is not kept alive)
         self._tail2, self._tail = self._tail, data
 
     def body(self, data: bytes) -> None:

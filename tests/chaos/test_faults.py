@@ -135,12 +135,13 @@ def test_kill9_router_behind_nginx(cluster: Cluster, tmp_path: Path) -> None:
     load.until(20)
     t0 = time.monotonic()
     rs[0].kill9()
+    t1 = time.monotonic()  # reaped: from here on the router is gone, not dying
     load.until(30)
     outcomes = load.stop()
     failed = [o for o in outcomes if o.result != "ok"]
-    # Only requests in flight on the killed router at that moment may fail.
-    in_flight = [o for o in failed if o.start <= t0 <= o.end + 0.05]
-    after = [o for o in outcomes if o.start > t0 + 0.05 and o.result != "ok"]
+    # Only requests in flight on the killed router while it died may fail.
+    in_flight = [o for o in failed if o.start <= t1 + 0.05 and o.end + 0.05 >= t0]
+    after = [o for o in outcomes if o.start > t1 + 0.05 and o.result != "ok"]
     ok_after = [o for o in outcomes if o.start > t0 and o.result == "ok"]
     recovered = min(o.end for o in ok_after) - t0 if ok_after else None
     report("kill -9 of one router behind nginx", outcomes, recovered,

@@ -177,6 +177,12 @@ def test_held_request_cold_start_and_rejection_are_counted(cluster: Cluster) -> 
     # Stopped by an operator: the router refuses (503 model_stopped), counted by reason.
     stop = httpx.post(f"{router.url}/admin/models/cold/stop", timeout=10)
     assert stop.status_code == 202
+
+    def serving() -> bool:  # in this router's own route table
+        models = httpx.get(f"{router.url}/v1/models", timeout=5).json()["data"]
+        return any(m["id"] == "cold" and m["serving"] for m in models)
+
+    wait_until(lambda: not serving(), 10, what="the stopped replica out of the routes")
     before = scrape(router)
     assert chat(router, "cold").status_code == 503
     after = scrape(router)
