@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -47,7 +48,19 @@ def run(app: FastAPI, settings: CommonSettings, host: str, port: int,
     open-file limit raised first so that the connection cap, not the kernel, says no."""
     limits = Limits.of(settings, raise_open_files())
     logger.info("edge limits: %s", limits)
+    tune_gc(settings.gc_gen0_threshold)
     serve(app, host, port, limits, fast if settings.fast_lane else None)
+
+
+def tune_gc(gen0_threshold: int) -> None:
+    """Freeze what start-up made (modules, settings, app) out of the cyclic collector, and
+    collect the young generation every ``gen0_threshold`` allocations (0: Python's default)."""
+    if gen0_threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
 @contextlib.asynccontextmanager

@@ -71,6 +71,11 @@ class CommonSettings(BaseSettings):
     # Serve the hot requests below ASGI (shared/fastlane.py). Off: every request goes through
     # the ASGI app; same answers, about five times the CPU per request (docs/performance.md).
     fast_lane: bool = True
+    # Python's cyclic garbage collector: objects made during start-up are frozen out of it and
+    # a young-generation collection runs every this many allocations (Python's default is
+    # 700). With 64 requests in flight, each collection walked their live frames and records:
+    # the router's tail latency at c=64 doubled (docs/performance.md). 0 keeps Python's.
+    gc_gen0_threshold: int = Field(default=20_000, ge=0)
     # Prometheus metrics and GET /metrics (docs/observability.md). Off: no /metrics and no
     # metric work on the request path (the bench's baseline for their cost).
     metrics: bool = True
