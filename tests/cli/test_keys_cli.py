@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 
 from tests.cli.support import svllm
-from tests.integration.keys_support import ADMIN, chat, pool, serving
+from tests.integration.keys_support import ADMIN, chat, known, pool, serving
 from tests.support import Cluster, wait_until
 
 
@@ -21,7 +20,7 @@ def test_keys_lifecycle_and_usage_from_the_cli(cluster: Cluster) -> None:
     assert key["key"].startswith("sk-svllm-") and key["models"] == ["m*"]
     listed = svllm(r, "keys", "list", token=ADMIN)
     assert listed.code == 0 and key["key_id"] in listed.out and key["key"] not in listed.out
-    time.sleep(0.3)
+    known([r], key["key"])
     assert chat(r, "m1", key["key"]).status_code == 200
 
     def used() -> dict[str, int] | None:

@@ -40,6 +40,15 @@ def create_key(router: Proc, **fields: Any) -> dict[str, Any]:
     return dict(r.json())
 
 
+def known(routers: list[Proc], *keys: str) -> None:
+    """Wait until every router's key ring has ``keys`` (GET /v1/models: no limit spent)."""
+    def everywhere() -> bool:
+        return all(httpx.get(f"{r.url}/v1/models", headers={"authorization": f"Bearer {k}"},
+                             timeout=10).status_code == 200 for r in routers for k in keys)
+
+    wait_until(everywhere, 5, interval=0.05, what="the keys on every router")
+
+
 def chat(router: Proc, alias: str, key: str | None, **extra: Any) -> httpx.Response:
     body = {"model": alias, "messages": [{"role": "user", "content": "hello there"}],
             "max_tokens": 5} | extra

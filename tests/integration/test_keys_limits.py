@@ -12,7 +12,15 @@ import openai
 import pytest
 import redis
 
-from tests.integration.keys_support import ADMIN, admin, chat, create_key, pool, serving
+from tests.integration.keys_support import (
+    ADMIN,
+    admin,
+    chat,
+    create_key,
+    known,
+    pool,
+    serving,
+)
 from tests.support import Cluster, Proc, register, wait_until
 
 
@@ -28,7 +36,7 @@ def test_rpm_holds_across_routers_and_the_openai_client_sees_429(cluster: Cluste
     serving(routers, "m1")
     # 120 per minute: a burst of 2, then one every 0.5 s, whichever router is asked.
     key = create_key(routers[0], rpm=120)["key"]
-    time.sleep(0.3)  # every router has it (hint)
+    known(routers, key)
     began = time.monotonic()
     got = burst(routers, key, 30)
     elapsed = time.monotonic() - began
@@ -54,10 +62,10 @@ def test_rpm_holds_across_routers_and_the_openai_client_sees_429(cluster: Cluste
     bad = openai.OpenAI(base_url=f"{routers[1].url}/v1", api_key="sk-svllm-x", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    limited_models = openai.OpenAI(base_url=f"{routers[2].url}/v1",
-                                   api_key=create_key(routers[0], models=["zz*"])["key"],
+    zz_key = create_key(routers[0], models=["zz*"])["key"]
+    limited_models = openai.OpenAI(base_url=f"{routers[2].url}/v1", api_key=zz_key,
                                    max_retries=0)
-    time.sleep(0.3)
+    known(routers, zz_key)
     with pytest.raises(openai.NotFoundError):
         limited_models.chat.completions.create(model="m1", messages=[])
 
@@ -67,7 +75,7 @@ def test_tenant_limit_is_shared_by_its_keys(cluster: Cluster) -> None:
     serving(routers, "m1")
     assert admin(routers[0], "PUT", "/tenants/acme/limits", json={"rpm": 60}).status_code == 200
     a, b = create_key(routers[0])["key"], create_key(routers[1])["key"]
-    time.sleep(0.3)
+    known(routers, a, b)
     assert chat(routers[0], "m1", a).status_code == 200
     # One per second for the whole tenant: the other key, on the other router, waits.
     assert chat(routers[1], "m1", b).status_code == 429
@@ -84,7 +92,7 @@ def test_token_reservation_is_corrected_to_real_usage(cluster: Cluster, stream: 
     routers = pool(cluster, 2, LIMITS_FLUSH_S="1.5")
     serving(routers, "m1")
     made = create_key(routers[0], tpm=6_000_000)  # 10 µs a token
-    time.sleep(0.3)
+    known(routers, made["key"])
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
     extra: dict[str, Any] = {"max_tokens": 200}
     if stream:
@@ -116,7 +124,7 @@ def test_usage_totals_match_the_requests_sent(cluster: Cluster) -> None:
     serving(routers, "m1")
     made = create_key(routers[0], rpm=60)  # burst 1, then one a second
     other = create_key(routers[0], name="other")
-    time.sleep(0.3)
+    known(routers, made["key"], other["key"])
     got = burst(routers, made["key"], 12)
     ok = [g for g in got if g.status_code == 200]
     limited = [g for g in got if g.status_code == 429]
@@ -146,7 +154,7 @@ def test_max_concurrent_per_key(cluster: Cluster) -> None:
                     extra_args=["--ttft", "0.6"]).status_code == 201
     serving(routers, "slow")
     key = create_key(routers[0], max_concurrent=2)["key"]
-    time.sleep(0.3)
+    known(routers, key)
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         codes = sorted(ex.map(lambda _: chat(routers[0], "slow", key).status_code, range(4)))
     assert codes == [200, 200, 429, 429]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.integration.keys_support import chat, create_key, pool, serving
+from tests.integration.keys_support import chat, create_key, known, pool, serving
 from tests.support import Cluster, RedisServer, free_port
 
 
@@ -34,7 +34,7 @@ def test_limits_while_redis_is_down(own_redis: RedisServer, tmp_path: Path,
         routers = pool(cluster, 2, LIMITS_ON_REDIS_DOWN=policy)
         serving(routers, "m1")
         key = create_key(routers[0], rpm=120)["key"]  # burst 2, one per 0.5 s
-        time.sleep(0.3)
+        known(routers, key)
         r = redis.Redis.from_url(own_redis.url, decode_responses=True)
         # Redis's cost: one EVALSHA per request, nothing else on the request's path.
         before = evalsha_calls(r)
