@@ -206,8 +206,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
             if model.hold is not None or not table.replicas(call.alias):
                 status = 0  # the ASGI route takes it, with a record of its own
                 return False
-            status = await _serve(lane, upstreams, gate.admit, gate.finish, rec, call, data,
-                                  record)
+            status = await _serve(lane, upstreams, gate, rec, call, data, record)
             return True
         except ApiError as e:
             status, code = e.status, e.code
@@ -226,11 +225,11 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
 
 
 async def _serve(
-    lane: Lane, upstreams: Upstreams, admit: Callable[..., Any], finish: Callable[..., None],
-    rec: KeyRecord | None, call: Call, data: dict[str, Any], record: RequestRecord,
+    lane: Lane, upstreams: Upstreams, gate: Gate, rec: KeyRecord | None, call: Call,
+    data: dict[str, Any], record: RequestRecord,
 ) -> int:
     """Send ``call`` on the lane within the key's limits; the answer's status."""
-    ticket: Ticket | None = await admit(rec, call, data)
+    ticket = await gate.admit(rec, call, data)
     if ticket is None:
         answer = await upstreams.open(call)
         await _send(lane, upstreams, answer, record)
@@ -245,8 +244,8 @@ async def _serve(
     finally:
         status = opened.exchange.status if opened is not None else 502
         body = opened.body if opened is not None else None
-        finish(ticket, status, usage_of_body(body) if body is not None else
-               usage_of_stream(bytes(lane.tail)) if lane.tail else None)
+        gate.finish(ticket, status, usage_of_body(body) if body is not None else
+                    usage_of_stream(bytes(lane.tail)) if lane.tail else None)
 
 
 async def _send(lane: Lane, upstreams: Upstreams, answer: Answer, record: RequestRecord,
