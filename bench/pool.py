@@ -90,6 +90,8 @@ def service_env(redis_url: str, state_dir: Path) -> dict[str, str]:
         "LOG_FORMAT": "text", "WORKER_ID": "bench-worker", "STATE_DIR": str(state_dir),
         # FAST_LANE=false in the caller's shell measures the ASGI-only path (an ablation).
         "FAST_LANE": os.environ.get("FAST_LANE", "true"),
+        # One router process (all servers share one core); bench.processes sets more.
+        "ROUTER_PROCESSES": "1",
         # Likewise METRICS=false / ACCESS_LOG=false measure the pool without its metrics or
         # its access log (docs/observability.md's cost figures).
         **{k: os.environ[k] for k in ("METRICS", "ACCESS_LOG") if k in os.environ},

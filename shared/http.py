@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -106,9 +108,11 @@ def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncC
     )
 
 
-def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | None = None) -> None:
+def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | None = None,
+          sock: socket.socket | None = None) -> None:
     """Run ``app`` with uvicorn behind the edge ``limits`` (:mod:`shared.edge`); ``fast``
-    picks the requests served on the fast lane."""
+    picks the requests served on the fast lane; ``sock``: a listening socket to serve
+    instead of binding ``host``:``port`` (a router process under its supervisor)."""
     unguarded = edge.missing_internals()
     if unguarded:
         # Fail closed: without them the header, timeout and connection limits cannot hold.
@@ -125,7 +129,7 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
                 "this uvicorn release lacks internals the fast lane uses (%s): the lane is off "
                 "and every request goes through ASGI (slower, same answers); install from "
                 "requirements.lock", ", ".join(missing))
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -137,6 +141,11 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
         timeout_graceful_shutdown=5,
         timeout_keep_alive=max(1, round(limits.keep_alive_s)),
     )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock] if sock is not None else None)
+    if not server.started:  # as uvicorn.run: a failed start-up is a failed process
+        raise SystemExit(3)
 
 
 class ClientGone(Exception):

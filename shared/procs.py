@@ -36,18 +36,22 @@ def spawn(
     cwd: Path | None = None,
     die_with_parent: bool = False,
     pass_fds: Sequence[int] = (),
+    inherit_output: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (no shell) as the leader of a new process group.
 
     stdout and stderr go to ``log_path`` (appended) or are discarded. ``env`` replaces the
     environment when given. ``die_with_parent``: see :func:`die_with_parent_prefix`.
     ``pass_fds``: descriptors the child inherits (every other one is closed in it).
+    ``inherit_output``: stdout and stderr are the caller's own (``log_path`` is ignored).
     """
     if not argv:
         raise ValueError("empty argument list")
     out: int | object = subprocess.DEVNULL
     handle = None
-    if log_path is not None:
+    if inherit_output:
+        out = None
+    elif log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(log_path, "ab")  # noqa: SIM115 - the child owns a dup of it
         out = handle
@@ -56,7 +60,7 @@ def spawn(
             (die_with_parent_prefix() if die_with_parent else []) + list(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,  # type: ignore[arg-type]
-            stderr=subprocess.STDOUT,
+            stderr=None if inherit_output else subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             cwd=str(cwd) if cwd is not None else None,
             start_new_session=True,  # own session => own process group, pgid == pid

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -43,13 +44,13 @@ def make_app(title: str, lifespan: Lifespan) -> FastAPI:
 
 
 def run(app: FastAPI, settings: CommonSettings, host: str, port: int,
-        fast: Picker | None = None) -> None:
+        fast: Picker | None = None, sock: socket.socket | None = None) -> None:
     """Serve ``app`` behind the edge limits of ``settings`` (shared/edge.py), with the
     open-file limit raised first so that the connection cap, not the kernel, says no."""
     limits = Limits.of(settings, raise_open_files())
     logger.info("edge limits: %s", limits)
     tune_gc(settings.gc_gen0_threshold)
-    serve(app, host, port, limits, fast if settings.fast_lane else None)
+    serve(app, host, port, limits, fast if settings.fast_lane else None, sock)
 
 
 def tune_gc(gen0_threshold: int) -> None:

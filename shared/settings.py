@@ -128,6 +128,9 @@ class RouterSettings(CommonSettings):
     # replica (at least 1), so together they stay within max_inflight (docs/queueing.md).
     # 0: the routers seen checking in within the last ROUTER_SEEN_TTL_S (10 s).
     router_count: int = Field(default=0, ge=0, le=1024)
+    # Processes serving ROUTER_PORT (services/router/processes.py); 0: one per usable core.
+    # 1: one process, no supervisor. Every process counts as a router (docs/performance.md).
+    router_processes: int = Field(default=0, ge=0, le=1024)
     # Who may use /v1 (docs/keys.md): "auto" is "keys" once any API key exists, else "token"
     # with API_TOKEN set, else "open". "keys": API keys (and API_TOKEN, unlimited); "token":
     # API_TOKEN only; "open": anyone (a valid key still gets its limits).

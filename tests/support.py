@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 # Fast timers so failure detection and convergence take a second or two, not minutes.
 FAST_ENV = {
+    # One router process unless a test asks for more (tests/integration/test_processes.py).
+    "ROUTER_PROCESSES": "1",
     "HEARTBEAT_INTERVAL_S": "0.3",
     "HEARTBEAT_TTL_S": "1.5",
     "SCHEDULE_INTERVAL_S": "0.3",

@@ -16,6 +16,8 @@ from services.router import (
     console_api,
     keys_api,
     openai_api,
+    processes,
+    siblings,
     weights_api,
 )
 from services.router.adapters import AdapterTable
@@ -50,7 +52,7 @@ def router_exposure(settings: RouterSettings) -> Exposure:
                     settings.allow_insecure)
 
 
-def create_app(settings: RouterSettings) -> FastAPI:
+def create_app(settings: RouterSettings, child: processes.Child | None = None) -> FastAPI:
     store = open_store(settings)
     nudger = Nudger(store)
     table = RouteTable(store, nudger, settings.route_refresh_s)
@@ -59,9 +61,10 @@ def create_app(settings: RouterSettings) -> FastAPI:
     adapters = AdapterTable(store, settings.route_refresh_s)
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
     ring = KeyRing(store, nudger, settings)
-    # Routers sharing each replica's max_inflight: fixed, or those checking in lately.
-    routers = (lambda: settings.router_count) if settings.router_count else (
-        lambda: ring.routers)
+    # Routers sharing each replica's max_inflight: fixed (each of a router's processes
+    # counting as one), or those checking in lately (every process checks in on its own).
+    routers = (lambda: settings.router_count * max(1, settings.router_processes)) if (
+        settings.router_count) else (lambda: ring.routers)
     upstreams = Upstreams(table, client, settings.internal_token, settings.max_attempts,
                           settings.retry_backoff_s, breaker, settings.no_replica_retry_after_s,
                           settings.buffer_answer_max_bytes, settings.prefix_affinity_slack,
@@ -75,7 +78,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     metrics = RouterMetrics(registry) if settings.metrics else None
     if metrics is not None:
         metrics.held = holder
-    access = AccessLog(settings.access_log, settings.access_log_sample, settings.log_format)
+    access = AccessLog(settings.access_log, settings.access_log_sample, settings.log_format,
+                       shared_stream=child is not None)
     tracing = make_tracing("svllm-router", settings.otel_exporter_otlp_endpoint)
     recorder = Recorder(metrics, access, tracing)
 
@@ -84,8 +88,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if settings.default_engine == "sim":
             logger.warning("DEFAULT_ENGINE=sim: models registered without an engine use the "
                            "simulated engine, not vLLM")
-        async with background(nudger.run(), table.run(), adapters.run(), ring.run(),
-                              limiter.run()):
+        async with processes.running_as(child, registry if metrics else None), background(
+                nudger.run(), table.run(), adapters.run(), ring.run(), limiter.run()):
             yield
         with contextlib.suppress(Exception):
             await limiter.flush()  # the last usage counts and corrections
@@ -99,8 +103,10 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        # "process": which of the router's processes answered (null: it runs alone).
         return json_response({"status": "ok", "models": len(table.models),
-                              "serving": sum(1 for r in table.routes.values() if r)})
+                              "serving": sum(1 for r in table.routes.values() if r),
+                              "process": child.index if child is not None else None})
 
     # Shown in /admin/status: what this router leaves open, on purpose or not.
     security = router_exposure(settings).view()
@@ -108,7 +114,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
                                                gate, recorder, settings.admin_token,
                                                settings.prefix_affinity_chars, adapters))
     if metrics is not None:
-        app.include_router(metrics_routes(registry, settings))
+        app.include_router(metrics_routes(registry, settings) if child is None else
+                           siblings.metrics_routes(registry, settings, child.sibling_dir,
+                                                   child.index, child.count))
     app.include_router(admin_api.build_routes(store, settings, table, breaker, security,
                                               ring, upstreams.admission))
     app.include_router(keys_api.build_routes(store, settings, ring))
@@ -126,8 +134,13 @@ def main() -> None:
     setup_logging("router", settings.log_level, settings.log_format)
     pin_mmap_threshold()  # large relayed reads go back to the system once sent
     enforce(router_exposure(settings))
-    app = create_app(settings)
-    run(app, settings, settings.router_host, settings.router_port, app.state.fast_lane)
+    child = processes.Child.from_env()
+    settings.router_processes = child.count if child else processes.process_count(settings)
+    if child is None and settings.router_processes > 1:
+        raise SystemExit(processes.supervise(settings, settings.router_processes))
+    app = create_app(settings, child)
+    run(app, settings, settings.router_host, settings.router_port, app.state.fast_lane,
+        sock=child.socket() if child is not None else None)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import select
 import sys
 import time
 from time import perf_counter
@@ -106,13 +107,17 @@ class AccessLog:
     """
 
     def __init__(self, enabled: bool, sample: float, fmt: str = "json",
-                 service: str = "router", stream: IO[str] | None = None) -> None:
+                 service: str = "router", stream: IO[str] | None = None,
+                 shared_stream: bool = False) -> None:
         self.enabled = enabled and sample > 0
         self.sample = sample
         self.json = fmt == "json"
         self.prefix = f" {service} INFO svllm.access: request "
         self.stream = stream
         self.pending: list[str] = []
+        # Other processes write to the same stream (ROUTER_PROCESSES > 1): writes of at most
+        # PIPE_BUF bytes, whole lines each, so lines from two processes never interleave.
+        self.shared_stream = shared_stream
         self._second = -1
         self._stamp = ""
 
@@ -146,10 +151,29 @@ class AccessLog:
         self.pending.clear()
         stream = self.stream or sys.stderr
         try:
-            stream.write(text)
-            stream.flush()
+            for piece in _pieces(text) if self.shared_stream else (text,):
+                stream.write(piece)
+                stream.flush()
         except (OSError, ValueError) as e:  # stderr closed or full: the log is best-effort
             logging.getLogger(__name__).debug("access log not written: %s", e)
+
+
+def _pieces(text: str, limit: int = select.PIPE_BUF) -> list[str]:
+    """``text`` (whole lines) cut into runs of whole lines of at most ``limit`` bytes each
+    (a longer line alone), each one atomic in a write to a pipe."""
+    out: list[str] = []
+    run: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode())
+        if run and size + n > limit:
+            out.append("".join(run))
+            run, size = [], 0
+        run.append(line)
+        size += n
+    if run:
+        out.append("".join(run))
+    return out
 
 
 class Recorder:
