@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from prometheus_client import CollectorRegistry, generate_latest
@@ -75,9 +76,11 @@ async def _read(path: Path) -> str | None:
 
 
 def merge(texts: Iterable[str]) -> list[Metric]:
-    """Families summed sample by sample over ``texts`` (the Prometheus text format)."""
+    """Families summed sample by sample over ``texts`` (the Prometheus text format); labels
+    keep the order they first came in."""
     families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    # family -> (sample name, labels sorted) -> [labels as first seen, running sum]
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[Any]]] = {}
     for text in texts:
         for fam in text_string_to_metric_families(text):
             if fam.name not in families:
@@ -86,11 +89,15 @@ def merge(texts: Iterable[str]) -> list[Metric]:
             into = values[fam.name]
             for s in fam.samples:
                 key = (s.name, tuple(sorted(s.labels.items())))
-                into[key] = into.get(key, 0.0) + s.value
+                seen = into.get(key)
+                if seen is None:
+                    into[key] = [s.labels, s.value]
+                else:
+                    seen[1] += s.value
     out = []
     for name, fam in families.items():
-        for (sample, labels), v in values[name].items():
-            fam.add_sample(sample, dict(labels), v)
+        for (sample, _), (labels, v) in values[name].items():
+            fam.add_sample(sample, labels, v)
         out.append(fam)
     return out
 
