@@ -49,8 +49,12 @@ def _process_of(router: Proc) -> int:
 
 def _both_serve(router: Proc) -> None:
     seen: set[int] = set()
-    wait_until(lambda: seen.add(_process_of(router)) or seen == {0, 1}, 30, interval=0.01,
-               what="both router processes answering")
+
+    def both() -> bool:
+        seen.add(_process_of(router))
+        return seen == {0, 1}
+
+    wait_until(both, 30, interval=0.01, what="both router processes answering")
 
 
 def _children(router: Proc) -> list[int]:
