@@ -139,6 +139,33 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+_DIR_PREFIX = "svllm-router-"
+
+
+def _remove_stale_dirs(root: Path | None = None) -> None:
+    """Remove sibling directories left by supervisors that died without cleaning up (SIGKILL):
+    those of this user whose supervisor pid no longer runs."""
+    root = root or Path(tempfile.gettempdir())
+    for d in root.glob(f"{_DIR_PREFIX}*-*"):
+        pid = d.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
+        try:
+            if not pid.isdigit() or d.stat().st_uid != os.getuid() or _running(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class _Slot:
     index: int
@@ -154,7 +181,9 @@ class Supervisor:
         self.settings = settings
         self.slots = [_Slot(i, listen(settings.router_host, settings.router_port))
                       for i in range(n)]
-        self.sibling_dir = Path(tempfile.mkdtemp(prefix="svllm-router-"))  # mode 0700
+        _remove_stale_dirs()
+        # Mode 0700; named by this pid, so a later supervisor can tell it is stale.
+        self.sibling_dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         self.stopping = False
 
     def _start(self, slot: _Slot) -> None:

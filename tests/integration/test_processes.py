@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -98,10 +99,21 @@ def test_a_supervisor_killed_with_sigkill_takes_its_processes_along(cluster: Clu
     wait_until(lambda: len(_children(router)) == 2, 30, what="two router processes")
     kids = _children(router)
     assert router.popen is not None
+    sibling_dir = _sibling_dir(kids[0])
     router.popen.kill()  # the supervisor alone, not the children's groups
     router.popen.wait(timeout=5)
     wait_until(lambda: not [p for p in kids if _alive(p)], 10,
                what="the orphaned router processes gone")
+    # What the killed supervisor could not clean up, the next one does.
+    assert sibling_dir.exists()
+    cluster.router(ROUTER_PROCESSES="2")
+    assert not sibling_dir.exists()
+
+
+def _sibling_dir(pid: int) -> Path:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    raw = next(e for e in env if e.startswith(b"SVLLM_ROUTER_CHILD=")).decode()
+    return Path(raw.split(":", 4)[4])
 
 
 def _checked_in(cluster: Cluster) -> int:

@@ -4,6 +4,7 @@ processes' metrics, and access-log writes that stay whole lines."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.router.metrics import AccessLog, RouterMetrics, _pieces
-from services.router.processes import Child, listen, usable_cores
+from services.router.processes import Child, _remove_stale_dirs, listen, usable_cores
 from services.router.siblings import merge
 from shared.metrics import render
 
@@ -96,3 +97,15 @@ def test_shared_stream_writes_are_whole_lines_of_at_most_pipe_buf() -> None:
     log.flush()
     assert out.getvalue().count("\n") == 60
     assert Counting.writes > 1
+
+
+def test_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
+    ours = tmp_path / f"svllm-router-{os.getpid()}-abc"
+    dead = tmp_path / "svllm-router-999999999-abc"  # above any pid_max: never running
+    other = tmp_path / "svllm-router-notapid-abc"
+    for d in (ours, dead, other):
+        d.mkdir()
+        (d / "0.sock").write_text("")
+    _remove_stale_dirs(tmp_path)
+    assert ours.exists() and other.exists()
+    assert not dead.exists()
