@@ -11,6 +11,7 @@ every LIMITS_FLUSH_S, whatever the number of requests behind it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -128,7 +129,8 @@ def _reset(us: float) -> str:
 
 def headers_of(buckets: list[Bucket], decision: Decision) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers, from the key's own buckets (units leased to this
-    router count as remaining: they are)."""
+    router count as remaining: they are); a model limit's buckets come last, so where the
+    key has one for the model, the headers are the model's (as OpenAI's are per model)."""
     out: dict[str, str] = {}
     for b, ahead in zip(buckets, decision.ahead_us, strict=True):
         if b.key.rsplit(":", 2)[-2] == "tenant":
@@ -175,25 +177,40 @@ class Limiter:
         # key id -> (record, its tenant's limits, buckets): built once per key version.
         self._buckets: dict[str, tuple[KeyRecord, dict[str, int] | None, list[Bucket]]] = {}
 
-    def buckets(self, rec: KeyRecord) -> list[Bucket]:
+    @staticmethod
+    def scope(rec: KeyRecord, alias: str) -> str:
+        """What a key's buckets and lease are per: the key, or the key and the model when
+        it has model limits."""
+        return f"{rec.key_id} {alias}" if rec.model_limits else rec.key_id
+
+    def buckets(self, rec: KeyRecord, alias: str = "") -> list[Bucket]:
         tenant = self.ring.tenant_limits.get(rec.tenant)
-        got = self._buckets.get(rec.key_id)
+        scope = self.scope(rec, alias)
+        got = self._buckets.get(scope)
         if got is not None and got[0] is rec and got[1] is tenant:
             return got[2]
         if len(self._buckets) > 100_000:  # revoked keys' entries do not pile up forever
             self._buckets.clear()
             self._leases.clear()
-        out = self._build(rec)
-        self._buckets[rec.key_id] = (rec, tenant, out)
+        out = self._build(rec, alias)
+        self._buckets[scope] = (rec, tenant, out)
         return out
 
-    def _build(self, rec: KeyRecord) -> list[Bucket]:
+    def _build(self, rec: KeyRecord, alias: str) -> list[Bucket]:
         k, t = self.store.k, rec.tenant
         out = []
         if rec.rpm:
             out.append(_req_bucket(k.rate(t, rec.key_id, "req"), rec.rpm))
         if rec.tpm:
             out.append(_tok_bucket(k.rate(t, rec.key_id, "tok"), rec.tpm))
+        for glob, lim in rec.model_limits_of(alias):
+            # One bucket pair per glob (shared by the models it matches), in the tenant's
+            # slot like the others; the glob hashed, so any glob makes a plain key.
+            scope = f"{rec.key_id}.m{hashlib.sha256(glob.encode()).hexdigest()[:16]}"
+            if lim.get("rpm"):
+                out.append(_req_bucket(k.rate(t, scope, "req"), lim["rpm"]))
+            if lim.get("tpm"):
+                out.append(_tok_bucket(k.rate(t, scope, "tok"), lim["tpm"]))
         tenant = self.ring.tenant_limits.get(t)
         if tenant:
             if tenant.get("rpm"):
@@ -211,18 +228,19 @@ class Limiter:
                 raise RateLimited(f"Too many concurrent requests for key {rec.name} (at most "
                                   f"{rec.max_concurrent}).", kind="requests",
                                   headers={"Retry-After": "1"})
-        buckets = self.buckets(rec)
+        buckets = self.buckets(rec, alias)
         if not buckets:
             self.concurrent[rec.key_id] += 1
             return Ticket(rec, alias, reserved, buckets, {}, True)
-        lease = await self._leased(rec.key_id, buckets, reserved)
+        scope = self.scope(rec, alias)
+        lease = await self._leased(scope, buckets, reserved)
         if lease is not None:
             self.concurrent[rec.key_id] += 1
             return Ticket(rec, alias, reserved, buckets, _local_headers(lease), True)
-        decision, remote = await self._decide(rec.key_id, buckets, reserved)
+        decision, remote = await self._decide(scope, buckets, reserved)
         headers = headers_of(buckets, decision)
         if remote and decision.admitted and self.settings.limits_lease_s > 0:
-            self._lease(rec.key_id, buckets, decision, headers)
+            self._lease(scope, buckets, decision, headers)
         if not decision.admitted:
             self.count(rec, alias, rate_limited=1)
             headers["Retry-After"] = str(max(1, math.ceil(decision.retry_us / _SECOND_US)))

@@ -81,6 +81,25 @@ def test_tenant_limit_is_shared_by_its_keys(cluster: Cluster) -> None:
     assert chat(routers[1], "m1", b).status_code == 429
 
 
+def test_model_limits_of_a_key_hold_across_routers(cluster: Cluster) -> None:
+    routers = pool(cluster, 2)
+    serving(routers, "m1")
+    made = create_key(routers[0], model_limits={"m*": {"rpm": 60}, "other": {"tpm": 9}})
+    assert made["model_limits"] == {"m*": {"rpm": 60}, "other": {"tpm": 9}}
+    known(routers, made["key"])
+    first = chat(routers[0], "m1", made["key"])
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "60"
+    # One a second for m1 under this key, whichever router is asked.
+    limited = chat(routers[1], "m1", made["key"])
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    # Without model limits the key is unlimited again (the ring reloads on the change).
+    r = admin(routers[0], "PATCH", f"/keys/{made['key_id']}", json={"model_limits": None})
+    assert r.status_code == 200 and r.json()["model_limits"] == {}
+    wait_until(lambda: all(chat(x, "m1", made["key"]).status_code == 200 for x in routers), 5,
+               interval=0.1, what="model limit removed on every router")
+
+
 def rate_tat(r: redis.Redis, cluster: Cluster, key_id: str) -> float:
     raw = r.get(f"{cluster.prefix}:{{t:acme}}:rate:{key_id}:tok")
     return float(raw) if raw else 0.0

@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 
+import pytest
 import redis.asyncio as aioredis
 
 from services.router.keyring import KeyRing
@@ -92,5 +93,31 @@ def test_busy_key_costs_one_call_per_lease_and_slow_key_none(redis_server: Redis
         assert slow.round_trips == 10
         for lim in (busy, plain, slow):
             await lim.store.close()
+
+    asyncio.run(go())
+
+
+def test_model_limits_of_a_key_share_one_call(redis_server: RedisServer) -> None:
+    async def go() -> None:
+        lim, other = limiters(redis_server.url, 2, 0.05)
+        rec = KeyRecord("k4", "n", "t", "h", ["*"], rpm=600,
+                        model_limits={"m*": {"rpm": 60}, "big": {"tpm": 6000}})
+        first = await lim.admit(rec, "m1", 10)
+        assert first.headers["x-ratelimit-limit-requests"] == "60"  # the model's, last
+        with pytest.raises(RateLimited):
+            await other.admit(rec, "m1", 10)  # one a second, across routers
+        with pytest.raises(RateLimited):
+            await lim.admit(rec, "m2", 10)  # the glob's bucket is shared by its models
+        # Another model: only the key's own limit (burst 10).
+        assert [(await other.admit(rec, "x", 10)).headers["x-ratelimit-limit-requests"]
+                for _ in range(3)] == ["600"] * 3
+        big = await lim.admit(rec, "big", 5000)  # idle: one request may exceed the burst
+        assert big.headers["x-ratelimit-limit-tokens"] == "6000"
+        with pytest.raises(RateLimited) as caught:
+            await other.admit(rec, "big", 10)
+        assert caught.value.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert lim.round_trips + other.round_trips == 8  # one call per request, no more
+        for x in (lim, other):
+            await x.store.close()
 
     asyncio.run(go())
