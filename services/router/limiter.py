@@ -237,10 +237,10 @@ class Limiter:
         if lease is not None:
             self.concurrent[rec.key_id] += 1
             return Ticket(rec, alias, reserved, buckets, _local_headers(lease), True)
-        decision, remote = await self._decide(scope, buckets, reserved)
+        decision, remote, sent = await self._decide(scope, buckets, reserved)
         headers = headers_of(buckets, decision)
         if remote and decision.admitted and self.settings.limits_lease_s > 0:
-            self._lease(scope, buckets, decision, headers)
+            self._lease(scope, buckets, decision, headers, sent)
         if not decision.admitted:
             self.count(rec, alias, rate_limited=1)
             headers["Retry-After"] = str(max(1, math.ceil(decision.retry_us / _SECOND_US)))
@@ -272,7 +272,7 @@ class Limiter:
                     # the lease now counts as lapsed, with nothing left).
                     lease.want = min(lease.want * 2, _LEASE_MAX)
                     lease.until, lease.requests = -1.0, 0
-                elif lease.requests and lease.want > 1:
+                elif lease.requests >= 1 and lease.tokens >= 1 and lease.want > 1:
                     # Units left over when it lapsed: ask for less next time.
                     lease.want //= 2
                     lease.requests = 0  # lapsed: whatever is left is dropped
@@ -293,8 +293,11 @@ class Limiter:
         return (n, n * reserved) if n > 0 else (0, 0)
 
     async def _decide(self, key_id: str, buckets: list[Bucket], reserved: int
-                      ) -> tuple[Decision, bool]:
-        if time.monotonic() >= self._down_until:
+                      ) -> tuple[Decision, bool, float]:
+        """The decision, whether Redis made it, and when the call was sent (a lease runs
+        from then: its units were charged after it)."""
+        sent = time.monotonic()
+        if sent >= self._down_until:
             args: list[float] = []
             for b in buckets:
                 args += [b.interval_us, b.tau_us, reserved if b.tokens else 1]
@@ -305,7 +308,7 @@ class Limiter:
                 done = asyncio.get_running_loop().create_future()
                 self._leasing[key_id] = done
             try:
-                return await self._remote([b.key for b in buckets], args), True
+                return await self._remote([b.key for b in buckets], args), True, sent
             except (RedisError, OSError) as e:
                 logger.warning("rate limiter cannot reach Redis (%s); LIMITS_ON_REDIS_DOWN=%s "
                                "for %.0f s", e, self.settings.limits_on_redis_down, _DOWN_S)
@@ -318,10 +321,10 @@ class Limiter:
             raise StoreUnavailable("rate limits cannot be checked now (Redis is unreachable "
                                    "and LIMITS_ON_REDIS_DOWN=deny); retry")
         costs = [reserved if b.tokens else 1 for b in buckets]
-        return self._local.decide(buckets, costs, self.ring.routers), False
+        return self._local.decide(buckets, costs, self.ring.routers), False, sent
 
     def _lease(self, key_id: str, buckets: list[Bucket], decision: Decision,
-               headers: dict[str, str]) -> None:
+               headers: dict[str, str], sent: float) -> None:
         """Keep what the call granted (maybe nothing: the lease then only tells the next
         request of the key that it came within a lease time, so that it asks for more)."""
         old = self._leases.get(key_id)
@@ -333,7 +336,7 @@ class Limiter:
                 int(headers.get("x-ratelimit-remaining-tokens", 0)) - tokens)
         self._leases[key_id] = _Lease(
             buckets, requests if has_req else 1 << 62, tokens if has_tok else 1 << 62,
-            time.monotonic() + self.settings.limits_lease_s, headers,
+            sent + self.settings.limits_lease_s, headers,
             (max(0, base[0]), max(0, base[1])), want)
 
     async def _remote(self, keys: list[str], args: list[float]) -> Decision:
