@@ -5,8 +5,10 @@ manager, worker with sim engines, four routers), then measures, and prints one J
 
 - accuracy: 4 routers, one key at 20 req/s (rpm 1200), 64 clients spread over the routers for
   ``--duration`` s: admitted against limit x time + burst;
-- cost: wrk at c=1 and c=16 on one router, a limited key (one EVALSHA per request) against
-  API_TOKEN (no key, no limiter), interleaved in one run;
+- cost: wrk at c=1 and c=16 on one router, a limited key (leases: LIMITS_LEASE_S default)
+  against API_TOKEN (no key, no limiter), and the key on a router with LIMITS_LEASE_S=0 (one
+  EVALSHA per request), interleaved in one run; req/s, p50, and the router's and Redis's
+  CPU microseconds per request;
 - revocation: 20 keys, each revoked through one router; the time until all four refuse it.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,18 +37,29 @@ API_TOKEN = "bench-api-token"
 BODY = {"model": "sim0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 
-def add_routers(children: Children, redis_url: str, run_dir: Path, n: int) -> list[str]:
+def add_routers(children: Children, redis_url: str, run_dir: Path, n: int, first: int = 1,
+                **extra: str) -> list[str]:
     urls = []
-    for i in range(n):
+    for i in range(first, first + n):
         port = free_port()
         env = service_env(redis_url, run_dir / "state") | {
             "ROUTER_HOST": "127.0.0.1", "ROUTER_PORT": str(port), "API_TOKEN": API_TOKEN,
-            "ROUTER_ID": f"bench-router-{i + 1}"}
-        proc = children.start(f"router{i + 1}", pinned(SERVER_CORE, [
+            "ROUTER_ID": f"bench-router-{i}"} | extra
+        proc = children.start(f"router{i}", pinned(SERVER_CORE, [
             PYTHON, "-m", "services.router.main"]), env)
-        wait_http(f"http://127.0.0.1:{port}/health", proc, children.log(f"router{i + 1}"), 60)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, children.log(f"router{i}"), 60)
         urls.append(f"http://127.0.0.1:{port}")
     return urls
+
+
+def pid_of(children: Children, name: str) -> int:
+    return next(p.pid for n, p in children.procs if n == name)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def create_key(router: str, **fields: Any) -> dict[str, Any]:
@@ -79,7 +93,11 @@ async def accuracy(routers: list[str], duration_s: float, clients: int = 64) -> 
                      "admitted_over_bound": round(counts["admitted"] / bound, 4)}
 
 
-def cost(children: Children, router: str, run_dir: Path, duration_s: int) -> dict[str, Any]:
+def cost(children: Children, routers: dict[str, tuple[str, int]], redis_pid: int,
+         run_dir: Path, duration_s: int) -> dict[str, Any]:
+    """``routers``: "lease" (LIMITS_LEASE_S default) and "nolease" (0): URL and pid. Off is
+    API_TOKEN on the lease router; on: the key there; on_nolease: the key on the other."""
+    router = routers["lease"][0]
     key = create_key(router, rpm=10_000_000, tpm=10_000_000_000)["key"]
     time.sleep(0.5)
     scripts = {}
@@ -91,25 +109,45 @@ def cost(children: Children, router: str, run_dir: Path, duration_s: int) -> dic
             f'wrk.headers["Authorization"] = "Bearer {secret}"'))
         scripts[name] = path
     out: dict[str, Any] = {}
-    url = f"{router}/v1/chat/completions"
+    runs = {"off": ("lease", "off"), "on": ("lease", "on"), "on_nolease": ("nolease", "on")}
     for conc in (1, 16):
-        for _ in range(2):  # interleaved: off, on, off, on
-            for name in ("off", "on"):
-                r = run_wrk(children, url, scripts[name], conc, duration_s).as_dict()
+        for _ in range(2):  # interleaved: off, on, on_nolease, off, on, on_nolease
+            for name, (which, script) in runs.items():
+                url, pid = routers[which]
+                before = cpu_s(pid), cpu_s(redis_pid)
+                r = run_wrk(children, f"{url}/v1/chat/completions", scripts[script], conc,
+                            duration_s).as_dict()
+                # CPU per request of the router and of Redis: steadier than req/s on a
+                # shared machine.
+                n = max(1, r["requests"])
+                r["router_cpu_us"] = (cpu_s(pid) - before[0]) / n * 1e6
+                r["redis_cpu_us"] = (cpu_s(redis_pid) - before[1]) / n * 1e6
                 out.setdefault(f"c{conc}_{name}", []).append(r)
     summary: dict[str, Any] = {}
     for conc in (1, 16):
-        off, on = out[f"c{conc}_off"], out[f"c{conc}_on"]
+        off = out[f"c{conc}_off"]
         p50_off = sorted(x["p50_ms"] for x in off)[0]
-        p50_on = sorted(x["p50_ms"] for x in on)[0]
         rps_off = max(x["rps"] for x in off)
-        rps_on = max(x["rps"] for x in on)
-        summary[f"c{conc}"] = {"p50_ms_off": p50_off, "p50_ms_on": p50_on,
-                               "added_p50_ms": round(p50_on - p50_off, 3),
-                               "rps_off": round(rps_off), "rps_on": round(rps_on),
-                               "rps_ratio": round(rps_on / rps_off, 3),
-                               "errors_on": sum(x["errors"] for x in on)}
+        row: dict[str, Any] = {"p50_ms_off": p50_off, "rps_off": round(rps_off),
+                               "router_cpu_us_off": _least(off, "router_cpu_us"),
+                               "redis_cpu_us_off": _least(off, "redis_cpu_us")}
+        for name in ("on", "on_nolease"):
+            on = out[f"c{conc}_{name}"]
+            p50_on = sorted(x["p50_ms"] for x in on)[0]
+            rps_on = max(x["rps"] for x in on)
+            sfx = name.removeprefix("on")
+            row |= {f"p50_ms_on{sfx}": p50_on,
+                    f"added_p50_ms{sfx}": round(p50_on - p50_off, 3),
+                    f"rps_on{sfx}": round(rps_on), f"rps_ratio{sfx}": round(rps_on / rps_off, 3),
+                    f"router_cpu_us_on{sfx}": _least(on, "router_cpu_us"),
+                    f"redis_cpu_us_on{sfx}": _least(on, "redis_cpu_us"),
+                    f"errors_on{sfx}": sum(x["errors"] for x in on)}
+        summary[f"c{conc}"] = row
     return summary
+
+
+def _least(runs: list[dict[str, Any]], field: str) -> float:
+    return round(float(min(x[field] for x in runs)), 1)
 
 
 def revocation(routers: list[str], rounds: int = 20) -> dict[str, Any]:
@@ -154,6 +192,12 @@ def markdown(result: dict[str, Any], cmd: str) -> str:
         f"| {c1['added_p50_ms']} ms ({c1['p50_ms_off']} -> {c1['p50_ms_on']} ms) |",
         f"| cost: req/s at c=16, on / off | >= 0.80 | {c16['rps_ratio']} "
         f"({c16['rps_off']} -> {c16['rps_on']} req/s) |",
+        f"| router + Redis CPU per request at c=16: off / on / on, LIMITS_LEASE_S=0 | - "
+        f"| {c16['router_cpu_us_off'] + c16['redis_cpu_us_off']:.0f} / "
+        f"{c16['router_cpu_us_on'] + c16['redis_cpu_us_on']:.0f} / "
+        f"{c16['router_cpu_us_on_nolease'] + c16['redis_cpu_us_on_nolease']:.0f} µs |",
+        f"| req/s at c=16 with LIMITS_LEASE_S=0 (one EVALSHA per request), on / off | - "
+        f"| {c16['rps_ratio_nolease']} ({c16['rps_on_nolease']} req/s) |",
         f"| revocation: worst of {r['rounds']} until every router refuses | <= 1 s "
         f"| {r['worst_s']} s (median {r['median_s']} s) |",
     ])
@@ -176,7 +220,12 @@ def main() -> None:
         pool = start_pool(children, run_dir)
         register_models(pool)
         routers = [pool.urls["router"], *add_routers(children, pool.redis_url, run_dir, 3)]
-        result = {"cost": cost(children, routers[1], run_dir, args.cost_duration),
+        nolease = add_routers(children, pool.redis_url, run_dir, 1, first=4,
+                              LIMITS_LEASE_S="0")[0]
+        result = {"cost": cost(children, {
+            "lease": (routers[1], pid_of(children, "router1")),
+            "nolease": (nolease, pid_of(children, "router4"))}, pool.pids["redis"], run_dir,
+            args.cost_duration),
                   "accuracy": asyncio.run(accuracy(routers, args.duration)),
                   "revocation": revocation(routers)}
         result["command"] = "python -m bench.keys " + " ".join(sys.argv[1:])

@@ -31,6 +31,21 @@ Priority = Literal["high", "normal", "low"]
 Glob = Annotated[str, Field(pattern=_GLOB)]
 
 
+class ModelLimit(BaseModel):
+    """A key's own limits on the models one glob matches (rpm, tpm or both)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=1, le=10_000_000)
+    tpm: int | None = Field(default=None, ge=1, le=10_000_000_000)
+
+    def limits(self) -> dict[str, int]:
+        out = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm)) if v is not None}
+        if not out:
+            raise ValueError("a model limit needs rpm, tpm or both")
+        return out
+
+
 class KeyLimits(BaseModel):
     """The fields an update may change (all optional there)."""
 
@@ -43,6 +58,11 @@ class KeyLimits(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1, le=1_000_000)
     priority: Priority | None = None
     expires_at: float | None = Field(default=None, gt=0)
+    # Alias glob -> limits of the key on each model it matches (each model its own buckets).
+    model_limits: dict[Glob, ModelLimit] | None = Field(default=None, max_length=16)
+
+    def model_limits_dict(self) -> dict[str, dict[str, int]]:
+        return {g: m.limits() for g, m in (self.model_limits or {}).items()}
 
 
 class CreateKey(KeyLimits):
@@ -92,6 +112,7 @@ class KeyRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     hint: str = ""  # the secret's last four characters, to tell keys apart in lists
+    model_limits: dict[str, dict[str, int]] = field(default_factory=dict)
     # Per-router memo of allowed aliases (glob matching once per alias, not per request).
     _allowed: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
     _principal: Principal | None = field(default=None, repr=False, compare=False)
@@ -103,6 +124,10 @@ class KeyRecord:
             if len(self._allowed) < 10_000:
                 self._allowed[alias] = ok
         return ok
+
+    def model_limits_of(self, alias: str) -> list[tuple[str, dict[str, int]]]:
+        """(glob, limits) of every model limit whose glob matches ``alias``."""
+        return [(g, lim) for g, lim in self.model_limits.items() if fnmatchcase(alias, g)]
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and (now or time.time()) >= self.expires_at
@@ -135,4 +160,4 @@ class KeyRecord:
 
 _FIELDS = frozenset(("key_id", "name", "tenant", "secret_hash", "models", "rpm", "tpm",
                      "max_concurrent", "priority", "expires_at", "created_at", "updated_at",
-                     "hint"))
+                     "hint", "model_limits"))

@@ -56,6 +56,14 @@ _JSON = b"content-type: application/json\r\n"
 _TAIL_MAX = 16 * 1024
 
 
+def keep_tail(tail: bytearray, data: bytes) -> None:
+    """Append ``data`` to ``tail``, keeping at least the last 8 KiB (a stream's final usage
+    chunk is read from there), so a long stream costs no more than that."""
+    tail += data
+    if len(tail) > _TAIL_MAX:
+        del tail[:-_TAIL_MAX // 2]
+
+
 # Every uvicorn internal the lane relies on. uvicorn is pinned (requirements.lock), and this
 # list is checked at start-up so that a release that renames any of them turns the lane off
 # with a warning instead of failing requests (tests/unit/test_lock.py checks the pinned one).
@@ -223,9 +231,7 @@ class Lane:
 
     def _framed(self, data: bytes) -> bytes:
         if self.tail is not None and data:
-            self.tail += data
-            if len(self.tail) > _TAIL_MAX:
-                del self.tail[:-_TAIL_MAX // 2]
+            keep_tail(self.tail, data)
         if self._chunked and data:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._pending is not None:

@@ -144,6 +144,9 @@ class RouterSettings(CommonSettings):
     # corrections and usage counters are written (one pipeline per flush).
     keys_check_s: float = Field(default=0.5, gt=0)
     limits_flush_s: float = Field(default=0.1, gt=0)
+    # A busy key's admission call also leases units spent on this router without Redis for
+    # at most this long (docs/keys.md: its accuracy bound); 0: one call per request.
+    limits_lease_s: float = Field(default=0.05, ge=0, le=1)
     # One structured log line per request (docs/observability.md): on/off, and the share of
     # requests logged (errors are always logged).
     access_log: bool = True

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from services.router.keyring import KeyRing
 from shared.apikeys import (
     CreateKey,
+    KeyLimits,
     KeyRecord,
     TenantLimits,
     UpdateKey,
@@ -38,6 +39,13 @@ def _with_secret(rec: KeyRecord) -> tuple[KeyRecord, str]:
     rec.secret_hash = hash_secret(secret.encode())
     rec.hint = secret[-4:]
     return rec, secret
+
+
+def _model_limits(req: KeyLimits) -> dict[str, dict[str, int]]:
+    try:
+        return req.model_limits_dict()
+    except ValueError as e:
+        raise BadRequest(f"model_limits: {e}", param="model_limits") from None
 
 
 def _hour_arg(value: str | None, default: float, name: str) -> int:
@@ -68,7 +76,8 @@ def build_routes(store: Store, settings: RouterSettings, ring: KeyRing) -> APIRo
         now = time.time()
         rec, secret = _with_secret(KeyRecord(
             new_key_id(), req.name, req.tenant, "", list(req.models), req.rpm, req.tpm,
-            req.max_concurrent, req.priority, req.expires_at, now, now))
+            req.max_concurrent, req.priority, req.expires_at, now, now,
+            model_limits=_model_limits(req)))
         await store.save_key(rec, new=True)
         await changed()
         return json_response(_created(rec, secret), 201)
@@ -87,11 +96,12 @@ def build_routes(store: Store, settings: RouterSettings, ring: KeyRing) -> APIRo
     @api.patch("/keys/{key_id}")
     async def update(key_id: str, request: Request) -> Response:
         req = await parse_body(request, UpdateKey, limit)
+        model_limits = _model_limits(req)
         rec = await existing(key_id)
         for name, value in req.model_dump(exclude_unset=True).items():
             if value is None and name in ("name", "models", "priority"):
                 raise BadRequest(f"{name}: may not be null", param=name)
-            setattr(rec, name, value)
+            setattr(rec, name, model_limits if name == "model_limits" else value)
         rec.updated_at = time.time()
         if not await store.save_key(rec, new=False):
             raise NotFound(f"API key '{clip(key_id)}' does not exist", code="key_not_found")

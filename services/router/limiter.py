@@ -1,7 +1,9 @@
 """RPM/TPM limits across routers, per-key concurrency and usage counters (docs/keys.md).
 
-One admitted request costs one Redis round trip: a single EVALSHA of the GCRA script over
-the key's and its tenant's buckets. What happens after the answer (token reservations
+One admitted request costs at most one Redis round trip: a single EVALSHA of the GCRA script
+over the key's and its tenant's buckets. A busy key's call also leases units for the
+requests that follow on this router (spent here, without Redis, for LIMITS_LEASE_S), so its
+round trips fall to one per lease. What happens after the answer (token reservations
 corrected to the real usage, usage counters) is queued here and written by one pipeline
 every LIMITS_FLUSH_S, whatever the number of requests behind it.
 """
@@ -9,6 +11,7 @@ every LIMITS_FLUSH_S, whatever the number of requests behind it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -70,6 +73,25 @@ class Ticket:
     done: bool = False
 
 
+# The most requests one lease asks for (beyond its own): a bound on the units a router can
+# hold unspent, whatever the key's limit.
+_LEASE_MAX = 64
+
+
+@dataclass(slots=True)
+class _Lease:
+    """Units of one key's buckets this router took from Redis and spends locally until
+    ``until`` (then drops: see docs/keys.md for why they are not given back)."""
+
+    buckets: list[Bucket]  # the buckets they were taken from (new limits: a new lease)
+    requests: int  # units left of the request buckets (a large number: none)
+    tokens: int  # tokens left of the token buckets (likewise)
+    until: float  # monotonic
+    headers: dict[str, str]  # of the call that took it (remaining: see _local_headers)
+    base: tuple[int, int]  # remaining requests and tokens in that answer, lease excluded
+    want: int = 1  # requests the next call asks for, this one included (adaptive)
+
+
 @dataclass
 class _Local:
     """The Redis-down fallback: the same GCRA in this process, on a share of each limit."""
@@ -89,19 +111,34 @@ class _Local:
         return Decision(True, 0, ahead)
 
 
+def _local_headers(lease: _Lease) -> dict[str, str]:
+    """A request admitted from a lease: the headers of the call that took it, with what
+    remains counted down locally (the reset times are those of that call, at most
+    LIMITS_LEASE_S old)."""
+    out = dict(lease.headers)
+    if "x-ratelimit-remaining-requests" in out:
+        out["x-ratelimit-remaining-requests"] = str(lease.base[0] + lease.requests)
+    if "x-ratelimit-remaining-tokens" in out:
+        out["x-ratelimit-remaining-tokens"] = str(lease.base[1] + lease.tokens)
+    return out
+
+
 def _reset(us: float) -> str:
     return f"{max(0.0, us) / _SECOND_US:.3f}s"
 
 
 def headers_of(buckets: list[Bucket], decision: Decision) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers, from the key's own buckets."""
+    """OpenAI's x-ratelimit-* headers, from the key's own buckets (units leased to this
+    router count as remaining: they are); a model limit's buckets come last, so where the
+    key has one for the model, the headers are the model's (as OpenAI's are per model)."""
     out: dict[str, str] = {}
     for b, ahead in zip(buckets, decision.ahead_us, strict=True):
         if b.key.rsplit(":", 2)[-2] == "tenant":
             continue
         unit = "tokens" if b.tokens else "requests"
-        remaining = max(0, math.floor(b.capacity - ahead / b.interval_us + (0 if b.tokens
-                                                                              else 1e-9)))
+        own = ahead - decision.leased[1 if b.tokens else 0] * b.interval_us
+        remaining = max(0, math.floor(b.capacity - own / b.interval_us + (0 if b.tokens
+                                                                            else 1e-9)))
         out[f"x-ratelimit-limit-{unit}"] = str(b.limit)
         out[f"x-ratelimit-remaining-{unit}"] = str(min(b.capacity, remaining))
         out[f"x-ratelimit-reset-{unit}"] = _reset(ahead)
@@ -134,14 +171,46 @@ class Limiter:
         self._sending = False
         self._queue: list[tuple[list[str], list[float], asyncio.Future[Decision]]] = []
         self._drainer: asyncio.Task[None] | None = None  # held: a task nobody holds may vanish
+        self._leases: dict[str, _Lease] = {}
+        # A key's lease call in flight: its other requests wait for it, then spend locally.
+        self._leasing: dict[str, asyncio.Future[None]] = {}
+        # key id -> (record, its tenant's limits, buckets): built once per key version.
+        self._buckets: dict[str, tuple[KeyRecord, dict[str, int] | None, list[Bucket]]] = {}
 
-    def buckets(self, rec: KeyRecord) -> list[Bucket]:
+    @staticmethod
+    def scope(rec: KeyRecord, alias: str) -> str:
+        """What a key's buckets and lease are per: the key, or the key and the model when
+        it has model limits."""
+        return f"{rec.key_id} {alias}" if rec.model_limits else rec.key_id
+
+    def buckets(self, rec: KeyRecord, alias: str = "") -> list[Bucket]:
+        tenant = self.ring.tenant_limits.get(rec.tenant)
+        scope = self.scope(rec, alias)
+        got = self._buckets.get(scope)
+        if got is not None and got[0] is rec and got[1] is tenant:
+            return got[2]
+        if len(self._buckets) > 100_000:  # revoked keys' entries do not pile up forever
+            self._buckets.clear()
+            self._leases.clear()
+        out = self._build(rec, alias)
+        self._buckets[scope] = (rec, tenant, out)
+        return out
+
+    def _build(self, rec: KeyRecord, alias: str) -> list[Bucket]:
         k, t = self.store.k, rec.tenant
         out = []
         if rec.rpm:
             out.append(_req_bucket(k.rate(t, rec.key_id, "req"), rec.rpm))
         if rec.tpm:
             out.append(_tok_bucket(k.rate(t, rec.key_id, "tok"), rec.tpm))
+        for glob, lim in rec.model_limits_of(alias):
+            # One bucket pair per glob (shared by the models it matches), in the tenant's
+            # slot like the others; the glob hashed, so any glob makes a plain key.
+            scope = f"{rec.key_id}.m{hashlib.sha256(glob.encode()).hexdigest()[:16]}"
+            if lim.get("rpm"):
+                out.append(_req_bucket(k.rate(t, scope, "req"), lim["rpm"]))
+            if lim.get("tpm"):
+                out.append(_tok_bucket(k.rate(t, scope, "tok"), lim["tpm"]))
         tenant = self.ring.tenant_limits.get(t)
         if tenant:
             if tenant.get("rpm"):
@@ -159,11 +228,19 @@ class Limiter:
                 raise RateLimited(f"Too many concurrent requests for key {rec.name} (at most "
                                   f"{rec.max_concurrent}).", kind="requests",
                                   headers={"Retry-After": "1"})
-        buckets = self.buckets(rec)
-        costs = [reserved if b.tokens else 1 for b in buckets]
-        decision, remote = (await self._decide(buckets, costs)) if buckets else (
-            Decision(True, 0, []), True)
+        buckets = self.buckets(rec, alias)
+        if not buckets:
+            self.concurrent[rec.key_id] += 1
+            return Ticket(rec, alias, reserved, buckets, {}, True)
+        scope = self.scope(rec, alias)
+        lease = await self._leased(scope, buckets, reserved)
+        if lease is not None:
+            self.concurrent[rec.key_id] += 1
+            return Ticket(rec, alias, reserved, buckets, _local_headers(lease), True)
+        decision, remote, sent = await self._decide(scope, buckets, reserved)
         headers = headers_of(buckets, decision)
+        if remote and decision.admitted and self.settings.limits_lease_s > 0:
+            self._lease(scope, buckets, decision, headers, sent)
         if not decision.admitted:
             self.count(rec, alias, rate_limited=1)
             headers["Retry-After"] = str(max(1, math.ceil(decision.retry_us / _SECOND_US)))
@@ -179,21 +256,88 @@ class Limiter:
         over = [b for b, a in zip(buckets, decision.ahead_us, strict=True) if a > b.tau_us]
         return "tokens" if over and all(b.tokens for b in over) else "requests"
 
-    async def _decide(self, buckets: list[Bucket], costs: list[int]) -> tuple[Decision, bool]:
-        if time.monotonic() >= self._down_until:
+    async def _leased(self, key_id: str, buckets: list[Bucket], reserved: int
+                      ) -> _Lease | None:
+        """The key's lease on this router, with this request spent from it; None when it
+        has not enough left (the request goes to Redis, and takes a new lease)."""
+        while True:
+            lease = self._leases.get(key_id)
+            if lease is not None and lease.buckets is buckets:
+                if time.monotonic() < lease.until:
+                    if lease.requests >= 1 and lease.tokens >= reserved:
+                        lease.requests -= 1
+                        lease.tokens -= reserved
+                        return lease
+                    # Spent within its time: the next lease asks for twice as much (once:
+                    # the lease now counts as lapsed, with nothing left).
+                    lease.want = min(lease.want * 2, _LEASE_MAX)
+                    lease.until, lease.requests = -1.0, 0
+                elif lease.requests >= 1 and lease.tokens >= 1 and lease.want > 1:
+                    # Units left over when it lapsed: ask for less next time.
+                    lease.want //= 2
+                    lease.requests = 0  # lapsed: whatever is left is dropped
+            pending = self._leasing.get(key_id)
+            if pending is None:
+                return None
+            await asyncio.shield(pending)  # a lease on its way: spend from it
+
+    def _wanted(self, key_id: str, buckets: list[Bucket], reserved: int) -> tuple[int, int]:
+        """Requests and tokens to lease beyond this request: what the key used in one
+        lease time lately, no more than LIMITS_LEASE_S of any of its limits."""
+        lease_s = self.settings.limits_lease_s
+        lease = self._leases.get(key_id)
+        n = (lease.want if lease is not None and lease.buckets is buckets else 1) - 1
+        for b in buckets:
+            cap = int(lease_s * _SECOND_US / b.interval_us)
+            n = min(n, cap // max(1, reserved) if b.tokens else cap - 1)
+        return (n, n * reserved) if n > 0 else (0, 0)
+
+    async def _decide(self, key_id: str, buckets: list[Bucket], reserved: int
+                      ) -> tuple[Decision, bool, float]:
+        """The decision, whether Redis made it, and when the call was sent (a lease runs
+        from then: its units were charged after it)."""
+        sent = time.monotonic()
+        if sent >= self._down_until:
             args: list[float] = []
-            for b, c in zip(buckets, costs, strict=True):
-                args += [b.interval_us, b.tau_us, c]
+            for b in buckets:
+                args += [b.interval_us, b.tau_us, reserved if b.tokens else 1]
+            requests, tokens = self._wanted(key_id, buckets, reserved)
+            leasing = requests > 0 or tokens > 0
+            if leasing:
+                args += [requests, tokens, *(2 if b.tokens else 1 for b in buckets)]
+                done = asyncio.get_running_loop().create_future()
+                self._leasing[key_id] = done
             try:
-                return await self._remote([b.key for b in buckets], args), True
+                return await self._remote([b.key for b in buckets], args), True, sent
             except (RedisError, OSError) as e:
                 logger.warning("rate limiter cannot reach Redis (%s); LIMITS_ON_REDIS_DOWN=%s "
                                "for %.0f s", e, self.settings.limits_on_redis_down, _DOWN_S)
                 self._down_until = time.monotonic() + _DOWN_S
+            finally:
+                if leasing:
+                    del self._leasing[key_id]
+                    done.set_result(None)
         if self.settings.limits_on_redis_down == "deny":
             raise StoreUnavailable("rate limits cannot be checked now (Redis is unreachable "
                                    "and LIMITS_ON_REDIS_DOWN=deny); retry")
-        return self._local.decide(buckets, costs, self.ring.routers), False
+        costs = [reserved if b.tokens else 1 for b in buckets]
+        return self._local.decide(buckets, costs, self.ring.routers), False, sent
+
+    def _lease(self, key_id: str, buckets: list[Bucket], decision: Decision,
+               headers: dict[str, str], sent: float) -> None:
+        """Keep what the call granted (maybe nothing: the lease then only tells the next
+        request of the key that it came within a lease time, so that it asks for more)."""
+        old = self._leases.get(key_id)
+        want = old.want if old is not None and old.buckets is buckets else 1
+        requests, tokens = decision.leased
+        has_req = any(not b.tokens for b in buckets)
+        has_tok = any(b.tokens for b in buckets)
+        base = (int(headers.get("x-ratelimit-remaining-requests", 0)) - requests,
+                int(headers.get("x-ratelimit-remaining-tokens", 0)) - tokens)
+        self._leases[key_id] = _Lease(
+            buckets, requests if has_req else 1 << 62, tokens if has_tok else 1 << 62,
+            sent + self.settings.limits_lease_s, headers,
+            (max(0, base[0]), max(0, base[1])), want)
 
     async def _remote(self, keys: list[str], args: list[float]) -> Decision:
         if self._sending:

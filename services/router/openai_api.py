@@ -33,7 +33,7 @@ from services.router.upstream import Answer, Call, Upstreams
 from shared.apikeys import KeyRecord
 from shared.engine_api import FORM_PATHS, JSON_PATHS, PROMPT_PATHS, not_served, serves
 from shared.errors import ApiError, BadRequest, ModelNotFound, NotFound, Unauthorized, clip
-from shared.fastlane import Handler, Lane, Picker, pass_headers, request_id_of
+from shared.fastlane import Handler, Lane, Picker, keep_tail, pass_headers, request_id_of
 from shared.http import (
     ClientGone,
     cancel_on_disconnect,
@@ -266,10 +266,12 @@ class Watched(Response):
     """An answer sent through the ASGI app, with its record told of its status and chunks
     and finished once it is over, however it ended."""
 
-    def __init__(self, inner: Response, record: RequestRecord) -> None:
+    def __init__(self, inner: Response, record: RequestRecord,
+                 tail: bytearray | None = None) -> None:
         self.inner = inner
         self.record = record
         self.status_code = inner.status_code
+        self.tail = tail  # a streamed answer of a key: its last bytes (the usage chunk)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = self.record
@@ -280,13 +282,34 @@ class Watched(Response):
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
-                record.chunk(message.get("body", b""))
+                chunk = message.get("body", b"")
+                record.chunk(chunk)
+                if self.tail is not None and chunk:
+                    keep_tail(self.tail, chunk)
             await send(message)
 
         try:
             await self.inner(scope, receive, watched)
         finally:
             record.finish(status)
+
+
+def _ticketed(gate: Gate, ticket: Ticket, response: Response) -> bytearray | None:
+    """The key's headers on ``response``, and its ticket finished with the usage when the
+    answer is over; for a streamed answer, the buffer its last bytes go to (the usage
+    chunk: a held request is corrected like one on the fast lane)."""
+    response.headers.update(ticket.headers)
+    content = getattr(response, "body", None)
+    if isinstance(content, bytes) and content:  # read whole
+        gate.finish(ticket, response.status_code, usage_of_body(content))
+        return None
+    tail = bytearray()
+    _after(response, partial(_finish_stream, gate, ticket, response.status_code, tail))
+    return tail
+
+
+def _finish_stream(gate: Gate, ticket: Ticket, status: int, tail: bytearray) -> None:
+    gate.finish(ticket, status, usage_of_stream(bytes(tail)) if tail else None)
 
 
 def _after(response: Response, then: Callable[[], None]) -> None:
@@ -354,18 +377,12 @@ def build_routes(
             gate.finish(ticket, 502, None)
             record.finish(500, "internal_error")
             raise
-        if ticket is not None:
-            response.headers.update(ticket.headers)
-            content = getattr(response, "body", None)
-            if isinstance(content, bytes) and content:  # read whole
-                gate.finish(ticket, response.status_code, usage_of_body(content))
-            else:  # streamed on this path: the reservation stands (docs/keys.md)
-                _after(response, partial(gate.finish, ticket, response.status_code, None))
+        tail = _ticketed(gate, ticket, response) if ticket is not None else None
         response.headers["x-request-id"] = rid
         if response.status_code == 499:  # the client went away: nothing is sent
             record.finish(499)
             return response
-        return Watched(response, record)
+        return Watched(response, record, tail)
 
     # The hot routes are plain Starlette routes: FastAPI's dependency machinery costs tens of
     # microseconds per request and these need none of it (docs/performance.md).

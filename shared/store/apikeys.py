@@ -23,12 +23,19 @@ from shared.store.base import StoreBase
 # so a token bucket overshoots by at most one request's reservation. Redis's clock is the
 # only clock: routers' clocks never matter. Answer: {admitted (1/0), retry (us), then per
 # bucket the TAT minus now after the decision (us)}.
+#
+# A lease (docs/keys.md), when more ARGV follow: the requests and the tokens wanted beyond
+# this request, then per bucket its kind (1: requests, 2: tokens). Once admitted, each kind
+# is granted what every bucket of that kind still admits at once (at most what is wanted),
+# each bucket is charged for it, and the answer ends with {requests, tokens granted}.
+# Granted units were admissible now, so the GCRA bound holds for them as for requests.
 LIMIT_LUA = """
+local n = #KEYS
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tats = {}
 local retry = 0
-for i = 1, #KEYS do
+for i = 1, n do
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
   if tat < now then tat = now end
   tats[i] = tat
@@ -37,16 +44,34 @@ for i = 1, #KEYS do
 end
 local out = {0, math.ceil(retry)}
 if retry > 0 then
-  for i = 1, #KEYS do out[#out + 1] = math.floor(tats[i] - now) end
+  for i = 1, n do out[#out + 1] = math.floor(tats[i] - now) end
+  if #ARGV > 3 * n then out[#out + 1] = 0; out[#out + 1] = 0 end
   return out
 end
 out[1] = 1
-for i = 1, #KEYS do
-  local new = tats[i] + tonumber(ARGV[3 * i]) * tonumber(ARGV[3 * i - 2])
+local lease = #ARGV > 3 * n
+local want = {tonumber(ARGV[3 * n + 1] or '0'), tonumber(ARGV[3 * n + 2] or '0')}
+for i = 1, n do
+  tats[i] = tats[i] + tonumber(ARGV[3 * i]) * tonumber(ARGV[3 * i - 2])
+  if lease then
+    local kind = tonumber(ARGV[3 * n + 2 + i])
+    local room = math.floor((tonumber(ARGV[3 * i - 1]) - (tats[i] - now))
+                            / tonumber(ARGV[3 * i - 2])) + 1
+    if room < 0 then room = 0 end
+    if room < want[kind] then want[kind] = room end
+  end
+end
+for i = 1, n do
+  local new = tats[i]
+  if lease then
+    local kind = tonumber(ARGV[3 * n + 2 + i])
+    new = new + want[kind] * tonumber(ARGV[3 * i - 2])
+  end
   redis.call('SET', KEYS[i], string.format('%.1f', new), 'PX',
              math.floor((new - now) / 1000) + 60000)
   out[#out + 1] = math.floor(new - now)
 end
+if lease then out[#out + 1] = want[1]; out[#out + 1] = want[2] end
 return out
 """
 
@@ -60,6 +85,13 @@ class Decision:
     admitted: bool
     retry_us: int
     ahead_us: list[int]  # per bucket: its TAT minus now, after the decision
+    leased: tuple[int, int] = (0, 0)  # requests and tokens granted beyond this request
+
+
+def _decision(reply: Any, keys: int) -> Decision:
+    values = [int(x) for x in reply]
+    leased = (values[2 + keys], values[3 + keys]) if len(values) > 2 + keys else (0, 0)
+    return Decision(values[0] == 1, values[1], values[2:2 + keys], leased)
 
 
 class ApiKeysStore(StoreBase):
@@ -204,8 +236,9 @@ class ApiKeysStore(StoreBase):
 
     # ------------------------------------------------------------------ limits
     async def limit(self, keys: Sequence[str], args: Sequence[float]) -> Decision:
-        """One admission decision: one EVALSHA (plus a one-off SCRIPT LOAD per connection
-        to a Redis that lost its scripts)."""
+        """One admission decision (and a lease, when ``args`` ends with the units wanted):
+        one EVALSHA (plus a one-off SCRIPT LOAD per connection to a Redis that lost its
+        scripts)."""
         if self._limit_sha is None:
             self._limit_sha = await self.r.script_load(LIMIT_LUA)
         try:
@@ -213,8 +246,7 @@ class ApiKeysStore(StoreBase):
         except NoScriptError:
             self._limit_sha = await self.r.script_load(LIMIT_LUA)
             reply = await self.r.evalsha(self._limit_sha, len(keys), *keys, *args)
-        out = [int(x) for x in cast(list[Any], reply)]
-        return Decision(out[0] == 1, out[1], out[2:])
+        return _decision(reply, len(keys))
 
     async def limit_many(self, calls: Sequence[tuple[Sequence[str], Sequence[float]]]
                          ) -> list[Decision]:
@@ -232,11 +264,10 @@ class ApiKeysStore(StoreBase):
                             strict=True):
                 replies[i] = r
         out = []
-        for r in replies:
+        for r, (keys, _) in zip(replies, calls, strict=True):
             if isinstance(r, Exception):
                 raise r
-            values = [int(x) for x in r]
-            out.append(Decision(values[0] == 1, values[1], values[2:]))
+            out.append(_decision(r, len(keys)))
         return out
 
     async def _evalshas(self, calls: Sequence[tuple[Sequence[str], Sequence[float]]]

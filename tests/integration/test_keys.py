@@ -103,6 +103,9 @@ def test_patch_changes_the_allowlist(cluster: Cluster) -> None:
     ({"name": "x", "tenant": "t/1"}, "tenant"),
     ({"name": "x", "colour": "red"}, "colour"),
     ({"tenant": "t"}, "name"),
+    ({"name": "x", "model_limits": {"m*": {}}}, "model_limits"),
+    ({"name": "x", "model_limits": {"m*": {"rpm": 0}}}, "model_limits.m*.rpm"),
+    ({"name": "x", "model_limits": {"a b": {"rpm": 5}}}, "model_limits.a b.[key]"),
 ])
 def test_bad_key_requests_are_400_and_change_nothing(
     cluster: Cluster, body: dict[str, object], param: str

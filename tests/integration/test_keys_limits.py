@@ -81,6 +81,25 @@ def test_tenant_limit_is_shared_by_its_keys(cluster: Cluster) -> None:
     assert chat(routers[1], "m1", b).status_code == 429
 
 
+def test_model_limits_of_a_key_hold_across_routers(cluster: Cluster) -> None:
+    routers = pool(cluster, 2)
+    serving(routers, "m1")
+    made = create_key(routers[0], model_limits={"m*": {"rpm": 60}, "other": {"tpm": 9}})
+    assert made["model_limits"] == {"m*": {"rpm": 60}, "other": {"tpm": 9}}
+    known(routers, made["key"])
+    first = chat(routers[0], "m1", made["key"])
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "60"
+    # One a second for m1 under this key, whichever router is asked.
+    limited = chat(routers[1], "m1", made["key"])
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    # Without model limits the key is unlimited again (the ring reloads on the change).
+    r = admin(routers[0], "PATCH", f"/keys/{made['key_id']}", json={"model_limits": None})
+    assert r.status_code == 200 and r.json()["model_limits"] == {}
+    wait_until(lambda: all(chat(x, "m1", made["key"]).status_code == 200 for x in routers), 5,
+               interval=0.1, what="model limit removed on every router")
+
+
 def rate_tat(r: redis.Redis, cluster: Cluster, key_id: str) -> float:
     raw = r.get(f"{cluster.prefix}:{{t:acme}}:rate:{key_id}:tok")
     return float(raw) if raw else 0.0
@@ -117,6 +136,39 @@ def test_token_reservation_is_corrected_to_real_usage(cluster: Cluster, stream: 
     wait_until(lambda: rate_tat(r, cluster, made["key_id"]) < charged, 3, what="correction")
     corrected = rate_tat(r, cluster, made["key_id"])
     assert charged - corrected == pytest.approx((reserved - real) * 10, abs=1)
+
+
+def test_held_streamed_request_is_corrected_to_its_usage(cluster: Cluster) -> None:
+    # A streamed request of a cold model is held (ASGI path) until the cold start: its
+    # reservation is corrected from the final usage chunk, as on the fast lane.
+    routers = pool(cluster, 2, LIMITS_FLUSH_S="0.2")
+    r = register(routers[0], "cold", token=ADMIN, engine="sim", min_replicas=0,
+                 extra_args=["--startup-delay", "1.5"], cold_start_timeout_s=60)
+    assert r.status_code == 201, r.text
+    made = create_key(routers[0], tpm=6_000_000)  # 10 µs a token
+    known(routers, made["key"])
+    rd = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    extra: dict[str, Any] = {"max_tokens": 200, "stream": True,
+                             "stream_options": {"include_usage": True}}
+    body_len = len(httpx.Request("POST", "/", json={
+        "model": "cold", "messages": [{"role": "user", "content": "hello there"}]} | extra
+    ).content)
+    reserved = body_len // 4 + 1 + 200
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        sent = ex.submit(chat, routers[1], "cold", made["key"], **extra)
+        # Charged at admission, before the hold: read while the request waits.
+        wait_until(lambda: rate_tat(rd, cluster, made["key_id"]) > 0, 10, interval=0.01,
+                   what="the reservation charged")
+        charged = rate_tat(rd, cluster, made["key_id"])
+        assert not sent.done()  # held: the model is still starting
+        resp = sent.result()
+    assert resp.status_code == 200
+    usage = [line for line in resp.text.splitlines() if '"usage"' in line][-1]
+    real = int(usage.split('"total_tokens":')[1].split(",")[0].split("}")[0])
+    assert real < reserved
+    wait_until(lambda: rate_tat(rd, cluster, made["key_id"]) < charged, 3, what="correction")
+    assert charged - rate_tat(rd, cluster, made["key_id"]) == pytest.approx(
+        (reserved - real) * 10, abs=1)
 
 
 def test_usage_totals_match_the_requests_sent(cluster: Cluster) -> None:

@@ -116,3 +116,31 @@ def test_decisions_together_in_one_pipeline(store: Store) -> None:
         await store.close()
 
     asyncio.run(go())
+
+
+def lease_args(buckets: list[Bucket], costs: list[int], requests: int, tokens: int
+               ) -> list[float]:
+    return [*args(buckets, costs), requests, tokens, *(2 if b.tokens else 1 for b in buckets)]
+
+
+def test_lease_grants_what_every_bucket_still_admits(store: Store) -> None:
+    async def go() -> None:
+        req = _req_bucket(store.k.rate("t", "k5", "req"), 600)  # burst 10, 100 ms apart
+        tok = _tok_bucket(store.k.rate("t", "k5", "tok"), 60_000)  # 1000 tokens outstanding
+        keys = [req.key, tok.key]
+        first = await store.limit(keys, lease_args([req, tok], [1, 100], 4, 400))
+        assert first.admitted and first.leased == (4, 400)
+        # Charged for the request and its lease: 5 requests, 500 tokens.
+        assert first.ahead_us[0] == pytest.approx(500_000, abs=5_000)
+        assert first.ahead_us[1] == pytest.approx(500_000, abs=5_000)
+        # Wants more than is left: 4 more requests fit the burst, 400 more tokens (+1: a
+        # unit is checked before it is charged).
+        second = await store.limit(keys, lease_args([req, tok], [1, 100], 50, 5000))
+        assert second.admitted and second.leased == (4, 401)
+        refused = await store.limit(keys, lease_args([req, tok], [1, 100], 4, 400))
+        assert not refused.admitted and refused.leased == (0, 0)
+        plain = await store.limit(keys, args([req, tok], [1, 100]))  # no lease asked
+        assert not plain.admitted and plain.leased == (0, 0)
+        await store.close()
+
+    asyncio.run(go())
