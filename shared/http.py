@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -13,6 +13,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from shared import edge, fastlane
@@ -141,6 +142,15 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
 
 class ClientGone(Exception):
     """The client disconnected before the response was ready."""
+
+
+async def body_stream(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; ClientGone when the client disconnects mid-way."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone() from None
 
 
 async def _wait_disconnect(request: Request) -> None:
