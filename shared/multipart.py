@@ -64,11 +64,12 @@ class FieldScanner:
     so that an upload can be sent on before it is all read.
 
     ``feed`` is given each piece; it says True once every field in ``names`` was seen, or
-    ``model`` was and the next part is a file (the OpenAI clients send their text fields
-    first: httpx writes ``data`` before ``files``), or the body ended. A file part before
-    ``model`` is skipped while the buffered body stays within ``bound`` (curl's ``-F
-    file=@a.wav -F model=x`` order, for smaller uploads); beyond it the answer is a 400 that
-    says to send ``model`` first. Each piece is scanned once: a file part's end is searched
+    ``model`` was and the next part is a file (or a field not asked for that has not all
+    arrived), or the body ended. The OpenAI clients send their text fields first (httpx
+    writes ``data`` before ``files``); a ``stream`` field after the file goes unseen. A file
+    part before ``model`` is skipped while ``model`` ends within the first ``bound`` bytes
+    (curl's ``-F file=@a.wav -F model=x`` order, for smaller uploads); else the answer is a
+    400 that says to send ``model`` first. Each piece is scanned once: a file part's end is searched
     from where the last search stopped.
     """
 
@@ -103,10 +104,15 @@ class FieldScanner:
                     raise BadRequest("malformed multipart body: a part's headers are not "
                                      "terminated")
                 return False
-            if _FILENAME.search(buf, pos, head_end) is not None and "model" in self.fields:
-                return True
+            match = _NAME.search(buf, pos, head_end)
+            name = self.wanted.get(match.group(1)) if match is not None else None
+            found = "model" in self.fields
+            if found and _FILENAME.search(buf, pos, head_end) is not None:
+                return True  # a file: the rest is sent on as it is
             end = buf.find(b"\r\n" + delimiter, max(head_end + 4, self._search))
             if end < 0:
+                if found and name is None and not last:
+                    return True  # a field not asked for, not all here: not waited for
                 if last:
                     raise BadRequest("malformed multipart body: a part is not terminated")
                 if len(buf) > self.bound:
@@ -114,8 +120,6 @@ class FieldScanner:
                 self._search = max(head_end + 4, len(buf) - len(delimiter) - 2)
                 return False
             self._search = 0
-            match = _NAME.search(buf, pos, head_end)
-            name = self.wanted.get(match.group(1)) if match is not None else None
             if name is not None and name not in self.fields:
                 if name == "model" and end > self.bound:  # wherever the pieces were cut
                     raise self._too_far()
