@@ -64,8 +64,8 @@ class FieldScanner:
     so that an upload can be sent on before it is all read.
 
     ``feed`` is given each piece; it says True once every field in ``names`` was seen, or
-    ``model`` was and the next part is a file (or a field not asked for that has not all
-    arrived), or the body ended. The OpenAI clients send their text fields first (httpx
+    ``model`` was and the next part is a file (or longer than any text field asked for),
+    or the body ended. The OpenAI clients send their text fields first (httpx
     writes ``data`` before ``files``); a ``stream`` field after the file goes unseen. A file
     part before ``model`` is skipped while ``model`` ends within the first ``bound`` bytes
     (curl's ``-F file=@a.wav -F model=x`` order, for smaller uploads); else the answer is a
@@ -111,8 +111,8 @@ class FieldScanner:
                 return True  # a file: the rest is sent on as it is
             end = buf.find(b"\r\n" + delimiter, max(head_end + 4, self._search))
             if end < 0:
-                if found and name is None and not last:
-                    return True  # a field not asked for, not all here: not waited for
+                if found and name is None and len(buf) - head_end - 4 > _FIELD_MAX:
+                    return True  # no short field (a file without a name): not waited for
                 if last:
                     raise BadRequest("malformed multipart body: a part is not terminated")
                 if len(buf) > self.bound:
