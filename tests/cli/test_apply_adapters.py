@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import yaml
 
 from tests.cli.support import svllm
-from tests.support import Cluster, chat, snapshot
+from tests.support import Cluster, Proc, chat, snapshot, wait_until
 
 FILE = """\
 models:
@@ -79,3 +80,25 @@ def test_apply_export_change_prune_and_refuse_adapters(cluster: Cluster, tmp_pat
         r = svllm(router, "apply", "-f", write(tmp_path, text, "bad.yaml"), "--prune")
         assert r.code == 1 and message in r.err, r.err
     assert snapshot(cluster.redis_url, cluster.prefix) == before
+
+
+def adapters(router: Proc) -> dict[str, str]:
+    listed = httpx.get(f"{router.url}/admin/adapters", timeout=10).json()["adapters"]
+    return {a["alias"]: a["adapter"] for a in listed}
+
+
+def test_models_file_on_a_manager_applies_adapters(cluster: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(FILE)
+    manager = cluster.manager(MODELS_FILE=str(path), MODELS_FILE_POLL_S="0.2",
+                              MODELS_FILE_PRUNE="true")
+    router = cluster.router()
+    wait_until(lambda: adapters(router) == {"sql": "org/sql-lora", "poet": "org/poet-lora"},
+               20, what="adapters applied")
+    path.write_text(FILE.replace("org/sql-lora", "org/sql-v2").split("  - alias: poet")[0])
+    wait_until(lambda: adapters(router) == {"sql": "org/sql-v2"}, 20, what="change applied")
+    path.write_text(FILE.replace("base: base\n    adapter: org/poet",
+                                 "base: ghost\n    adapter: org/poet"))
+    wait_until(lambda: "base model 'ghost' is neither in the file" in manager.tail(200), 20,
+               what="the error logged")
+    assert adapters(router) == {"sql": "org/sql-v2"}
