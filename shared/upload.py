@@ -5,9 +5,11 @@ then sends those and pulls the rest from the client only as the upstream connect
 so one upload costs a few socket reads of memory whatever its size. The worker does the same
 towards the engine. The size limit is enforced as the bytes arrive.
 
-What was read before sending began (``head``) is kept, so a replica that fails before any
-later piece was taken can be tried again with the same body; once a later piece has gone
-upstream it is gone for good (``replayable`` turns False) and a failure is final.
+What was read before sending began (``head``) is kept, and so are the pieces sent after it
+while they total at most ``keep`` bytes (the router keeps MAX_BODY_BYTES, what it would hold
+of a JSON body; the pieces are the very objects sent, not copies): a replica that fails
+before more was sent can be tried again with the same body. Past ``keep`` the pieces are let
+go (``replayable`` turns False) and a failure is final.
 """
 
 from __future__ import annotations
@@ -21,20 +23,19 @@ from shared.multipart import FieldScanner, boundary_of
 
 
 class Upload:
-    def __init__(self, source: AsyncIterator[bytes], limit: int, length: int | None) -> None:
+    def __init__(self, source: AsyncIterator[bytes], limit: int, length: int | None,
+                 keep: int = 0) -> None:
         self._source = source
         self.limit = limit
         self.length = length  # the declared Content-Length; None: chunked
+        self.keep = keep
         self.head = bytearray()
         self.received = 0  # bytes read from the client so far
         self.taken = 0  # bytes sent upstream after the head
+        self.kept: list[bytes] = []  # the pieces after the head, while they are kept
+        self.replayable = True  # the whole body sent so far is at hand: a retry can send it
         self.ended = False
         self._next: asyncio.Future[bytes] | None = None
-
-    @property
-    def replayable(self) -> bool:
-        """Whether the whole body sent so far is still at hand (a retry can send it again)."""
-        return self.taken == 0
 
     async def extend_head(self) -> bytes:
         """Read the next piece into the head; b"" once the body has ended."""
@@ -59,6 +60,11 @@ class Upload:
         if not data:
             return None
         self.taken += len(data)
+        if self.replayable and self.taken <= self.keep:
+            self.kept.append(data)
+        elif self.replayable:
+            self.replayable = False
+            self.kept.clear()
         return data
 
     async def _pull(self) -> bytes:
@@ -99,11 +105,12 @@ async def read_fields(
     bound: int, names: tuple[str, ...] = ("model", "stream"),
 ) -> tuple[dict[str, str], Upload]:
     """The leading form fields ``names`` of a multipart upload, and the upload, of which
-    only the pieces that held them have been read (:class:`FieldScanner`). 400 for a body
+    only the pieces that held them have been read (:class:`FieldScanner`); its first
+    ``bound`` bytes are kept for a retry. 400 for a body
     that is not multipart or is malformed as far as it was read, 413 for a declared length
     over ``limit``: all before anything is sent anywhere."""
     scanner = FieldScanner(boundary_of(content_type), names, bound)
-    upload = Upload(source, limit, over_limit(declared, limit))
+    upload = Upload(source, limit, over_limit(declared, limit), keep=bound)
     while not scanner.feed(await upload.extend_head(), upload.ended):
         pass
     return scanner.fields, upload

@@ -405,6 +405,9 @@ class Pool:
         conn.reusable = False
         ex = self._start(conn, head + _framed(bytes(upload.head), chunked))
         try:
+            for kept in list(upload.kept):  # a retry: what the failed try was sent
+                await conn.writable()
+                conn.write(_framed(kept, chunked))
             while not ex._head.done():
                 piece = await upload.next_piece(ex._head)
                 if piece is None:

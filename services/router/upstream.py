@@ -6,8 +6,8 @@ comes before any byte is sent on), or (non-streamed) a failure while reading an 
 most ``buffer_max`` bytes, which is read whole before it is sent on. A larger non-streamed
 answer is relayed as it arrives, with back-pressure, so memory per request stays bounded;
 it has no failover once its first byte is sent. An audio upload relayed as it arrives moves
-only while the replicas tried got nothing beyond the part of it the router read first
-(:mod:`shared.upload`). A streamed answer is relayed chunk by chunk;
+only while what was sent of it is still kept (its first MAX_BODY_BYTES: :mod:`shared.upload`).
+A streamed answer is relayed chunk by chunk;
 a failure after its first byte ends it with an error event, never with a retry glued onto it.
 """
 
@@ -163,7 +163,7 @@ class Upstreams:
                                self.max_attempts else "giving up")
                 last = e.error
                 if call.upload is not None and not call.upload.replayable:
-                    # Part of the upload went to this replica and is not kept: no retry.
+                    # What this replica got of the upload is no longer kept: no retry.
                     raise e.error from None
                 continue
             if record is not None:

@@ -55,6 +55,7 @@ def _usage(tokens: int) -> dict[str, int]:
 
 class _Counts(Protocol):
     upload_bytes: int
+    uploads: int
 
 
 class ExtraApi:
@@ -196,6 +197,7 @@ class ExtraApi:
         async for piece in request.stream():  # counted as it arrives (/sim/stats)
             body += piece
             self.stats.upload_bytes += len(piece)
+        self.stats.uploads += 1
         fields = _form(bytes(body), match.group(1).encode("latin-1"))
         model = fields.get("model", b"").decode("utf-8", "replace")
         if model and model != self.name:

@@ -128,6 +128,7 @@ class Stats:
     # Bytes of audio uploads received so far, counted as each piece arrives (a test reads it
     # mid-upload to see the body is relayed, not buffered, on the way here).
     upload_bytes: int = 0
+    uploads: int = 0  # audio uploads received whole
 
 
 _SEEN_MAX = 256
@@ -208,6 +209,9 @@ class SimEngine:
             self.last_request_id = request.headers.get("x-request-id")
             try:
                 self._check(None)
+                if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
+                    # Before the upload is read, as an engine that fails at once would.
+                    raise ApiError(500, "simulated engine failure")
                 return await handler(request)
             except ApiError as exc:
                 return error_response(exc.status, exc.message)
@@ -438,7 +442,7 @@ class SimEngine:
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
                              "wakes": s.wakes, "last_request_id": self.last_request_id,
-                             "upload_bytes": s.upload_bytes,
+                             "upload_bytes": s.upload_bytes, "uploads": s.uploads,
                              "lora": self.lora.view(), "last_priority": self.last_priority,
                              "request_ids": list(self.request_ids),
                              "traceparents": list(self.traceparents)})

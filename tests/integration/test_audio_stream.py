@@ -68,7 +68,7 @@ def test_over_the_audio_limit_is_a_413_declared_or_while_streaming(pool: Proc) -
     assert instances(pool, "cold") == []  # refused before anything started
     # No declared length (chunked): counted as it arrives, the upload to the engine aborted.
     port = next(iter(engines(pool, "asr").values()))
-    before = sim_stats(port)["completed"]
+    before = sim_stats(port)["uploads"]
     over = form({"model": b"asr", "file": b"\0" * AUDIO_LIMIT}, BOUNDARY)
     try:
         r = httpx.post(f"{pool.url}/v1/audio/transcriptions", content=_chunked(over, 1 << 16),
@@ -79,7 +79,7 @@ def test_over_the_audio_limit_is_a_413_declared_or_while_streaming(pool: Proc) -
         assert r.status_code == 413, r.text
         assert "larger than" in r.json()["error"]["message"]
     stats = sim_stats(port)
-    assert stats["completed"] == before
+    assert stats["uploads"] == before  # the engine never got it whole
     assert stats["upload_bytes"] <= AUDIO_LIMIT  # never the over-limit body whole
 
 
@@ -119,3 +119,30 @@ def _read_response(s: socket.socket) -> bytes:
     while len(rest) < length:
         rest += s.recv(65536)
     return head + b"\r\n\r\n" + rest
+
+
+def test_an_upload_moves_to_another_replica_when_one_fails_before_answering(
+        cluster: Cluster) -> None:
+    """A replica whose engine fails answers 500 at once: what it was sent of the upload is
+    still kept (within MAX_BODY_BYTES), so the router sends it all again to the other."""
+    cluster.manager()
+    for w in ("w1", "w2"):
+        cluster.worker(w)
+    router = cluster.router(MAX_BODY_BYTES=str(BODY_LIMIT))
+    assert register(router, "asr", engine="sim", replicas=2).status_code == 201
+    wait_until(lambda: len(engines(router, "asr")) == 2, 30, what="two replicas")
+    wait_serving(router, "asr")
+    dead, alive = sorted(engines(router, "asr").values())
+    assert httpx.post(f"http://127.0.0.1:{dead}/sim/faults", json={"fail_rate": 1.0},
+                      timeout=5).status_code == 200
+    audio = wav(1.0)  # 32 KB: within MAX_BODY_BYTES, kept whole for a retry
+    served = 0
+    for _ in range(20):
+        t = client(router).audio.transcriptions.create(model="asr", file=("a.wav", audio))
+        assert "1.00 seconds" in t.text
+        served += 1
+        if sim_stats(dead)["requests"] > 0:
+            break
+    assert sim_stats(dead)["requests"] > 0, "the dead replica was never tried"
+    assert sim_stats(alive)["uploads"] >= served
+    assert sim_stats(dead)["uploads"] == 0

@@ -90,11 +90,14 @@ async def test_read_fields_reads_only_the_head_and_limits_as_it_goes() -> None:
     cut = OPENAI_ORDER.index(b"\x01")  # the file's first byte
     parts = [OPENAI_ORDER[:cut], OPENAI_ORDER[cut:3000], OPENAI_ORDER[3000:]]
     fields, up = await read_fields(_pieces(parts), "multipart/form-data; boundary=bnd", None,
-                                   limit=1 << 20, bound=1 << 20)
+                                   limit=1 << 20, bound=3000)
     assert fields["model"] == "whisper" and bytes(up.head) == parts[0] and up.replayable
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    # Kept while what was sent after the head is within the bound, then let go.
     assert await up.next_piece(never) == parts[1]
-    assert not up.replayable
+    assert up.replayable and up.kept == [parts[1]]
+    assert await up.next_piece(never) == parts[2]
+    assert not up.replayable and up.kept == []
     counted = Upload(_pieces([b"x" * 10, b"y" * 10]), 15, None)
     assert await counted.extend_head() == b"x" * 10
     with pytest.raises(PayloadTooLarge, match="larger than 15 bytes"):  # counted as it comes
