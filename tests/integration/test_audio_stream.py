@@ -124,7 +124,9 @@ def _read_response(s: socket.socket) -> bytes:
 def test_an_upload_moves_to_another_replica_when_one_fails_before_answering(
         cluster: Cluster) -> None:
     """A replica whose engine fails answers 500 at once: what it was sent of the upload is
-    still kept (within MAX_BODY_BYTES), so the router sends it all again to the other."""
+    still at hand (a small upload arrives in the router's first read; the pieces sent after
+    it are kept within MAX_BODY_BYTES, tests/unit/test_upload_stream.py), so the router
+    sends it all again to the other."""
     cluster.manager()
     for w in ("w1", "w2"):
         cluster.worker(w)

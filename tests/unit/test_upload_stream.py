@@ -197,3 +197,24 @@ def test_a_long_part_without_a_filename_after_model_is_not_waited_for() -> None:
                 ("stream", b"true", False))
     fields, fed = scan(body, 500)
     assert fields == {"model": "m"} and fed < 3000
+
+
+async def test_a_retry_sends_the_kept_pieces_again_and_then_the_rest() -> None:
+    first_seen = asyncio.Event()
+    received: list[bytes] = []
+    server, port = await _server(received, first_seen, answer_early=False)
+    body = [b"h" * 10, b"k" * 100, b"r" * 50]
+    up = Upload(_pieces(body), 1 << 20, 160, keep=100)
+    await up.extend_head()
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    assert await up.next_piece(never) == body[1]  # as a try that then failed had taken it
+    assert up.replayable and up.kept == [body[1]]
+    pool = Pool(2.0, 10.0)
+    try:
+        ex = await pool.send_stream(f"http://127.0.0.1:{port}", b"POST", b"/x", b"", up)
+        assert (ex.status, await ex.read_all()) == (200, b"160")
+        assert received[1] == b"".join(body)  # the whole body, in order
+        assert not up.replayable  # 150 bytes after the head: past keep
+    finally:
+        await pool.close()
+        server.close()
