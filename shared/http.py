@@ -7,7 +7,7 @@ import contextlib
 import hmac
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -15,6 +15,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from shared import edge, fastlane
@@ -150,6 +151,15 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
 
 class ClientGone(Exception):
     """The client disconnected before the response was ready."""
+
+
+async def body_stream(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; ClientGone when the client disconnects mid-way."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone() from None
 
 
 async def _wait_disconnect(request: Request) -> None:

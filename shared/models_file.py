@@ -8,17 +8,24 @@ fail with the same message.
 
 A changed spec is applied as delete + register (the store refuses to overwrite a spec: a
 running engine would no longer match its record), so the model's instances restart.
+
+LoRA adapters are the file's optional ``adapters:`` list (:mod:`shared.adapters_file`). A file
+without that key leaves the pool's adapters alone; with it (even empty), they are diffed and
+applied like models: changed ones (and, with prune, those not in the file) are deleted before
+the models change, added and changed ones registered after, so their bases exist by then.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from shared.adapters_file import AdapterFileError, desired_adapters, export_entries
 from shared.engine_policy import (
     EngineFlags,
     PolicyError,
@@ -26,7 +33,7 @@ from shared.engine_policy import (
     check_known_flags,
     vllm_flags_used,
 )
-from shared.models import ModelSpec, RegisterModelRequest
+from shared.models import AdapterSpec, ModelSpec, RegisterModelRequest
 
 if TYPE_CHECKING:
     from shared.store.base import StoredModel
@@ -53,6 +60,14 @@ class ModelsStoreLike(Protocol):
     async def live_vllm_flags(self) -> list[EngineFlags]: ...
 
 
+class AdaptersStoreLike(ModelsStoreLike, Protocol):
+    """What applying a file with ``adapters:`` needs besides."""
+
+    async def list_adapters(self) -> dict[str, AdapterSpec]: ...
+    async def register_adapter(self, spec: AdapterSpec) -> str: ...
+    async def delete_adapter(self, alias: str) -> bool: ...
+
+
 @dataclass
 class Diff:
     """What applying a file changes: per alias, added, changed (field -> [old, new]), removed
@@ -62,13 +77,19 @@ class Diff:
     changed: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    # The same for LoRA adapters; None when the file has no ``adapters:`` (left alone).
+    adapters: Diff | None = None
 
     def empty(self, prune: bool) -> bool:
-        return not (self.added or self.changed or (prune and self.removed))
+        return not (self.added or self.changed or (prune and self.removed)) and (
+            self.adapters is None or self.adapters.empty(prune))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"added": self.added, "changed": self.changed, "removed": self.removed,
-                "unchanged": self.unchanged}
+        out: dict[str, Any] = {"added": self.added, "changed": self.changed,
+                               "removed": self.removed, "unchanged": self.unchanged}
+        if self.adapters is not None:
+            out["adapters"] = self.adapters.as_dict()
+        return out
 
 
 def to_spec(entry: Any, default_engine: str, sandbox: Sandbox | None = None) -> ModelSpec:
@@ -138,31 +159,71 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(str(e).split())
 
 
-def parse_yaml(text: str, source: str = "models file") -> list[Any]:
-    """The ``models:`` list of a YAML document (``{models: [...]}``; an empty file is [])."""
+@dataclass(frozen=True)
+class Document:
+    """A models file: its ``models:`` entries, and its ``adapters:`` entries (None: no such
+    key, the pool's adapters are left alone)."""
+
+    models: list[Any]
+    adapters: list[Any] | None = None
+
+
+def parse_document(text: str, source: str = "models file") -> Document:
+    """A YAML models file (``{models: [...], adapters: [...]}``; an empty file is none)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"{source} is not valid YAML: {_yaml_problem(e)}") from None
     if doc is None:
-        return []
-    if not isinstance(doc, dict) or set(doc) - {"models"}:
-        raise SpecError(f"{source} must be a mapping with one key, 'models' (a list)")
+        return Document([])
+    if not isinstance(doc, dict) or set(doc) - {"models", "adapters"}:
+        raise SpecError(f"{source} must be a mapping with one key, 'models' (a list), and "
+                        "optionally 'adapters' (a list)")
     models = doc.get("models") or []
     if not isinstance(models, list):
         raise SpecError(f"{source}: 'models' must be a list of entries")
-    return models
+    adapters: list[Any] | None = None
+    if "adapters" in doc:
+        adapters = doc["adapters"] or []
+        if not isinstance(adapters, list):
+            raise SpecError(f"{source}: 'adapters' must be a list of entries")
+    return Document(models, adapters)
 
 
-def read_file(path: Path) -> list[Any]:
+def parse_yaml(text: str, source: str = "models file") -> list[Any]:
+    """The ``models:`` list of a YAML document."""
+    return parse_document(text, source).models
+
+
+def read_document(path: Path) -> Document:
     try:
         text = path.read_text()
     except OSError as e:
         raise SpecError(f"cannot read {path}: {e.strerror}") from None
-    return parse_yaml(text, str(path))
+    return parse_document(text, str(path))
 
 
-def diff(desired: dict[str, ModelSpec], current: dict[str, ModelSpec]) -> Diff:
+def read_file(path: Path) -> list[Any]:
+    return read_document(path).models
+
+
+async def plan(store: ModelsStoreLike, doc: Document, default_engine: str,
+               sandbox: Sandbox | None, prune: bool,
+               ) -> tuple[dict[str, ModelSpec], dict[str, AdapterSpec] | None]:
+    """A document's models and adapters validated, the adapters against the models the pool
+    will have once it is applied (SpecError naming the entry at fault)."""
+    desired = desired_specs(doc.models, default_engine, sandbox)
+    await check_flags(list(desired.values()), store)
+    if doc.adapters is None:
+        return desired, None
+    kept = {} if prune else {m.spec.alias: m.spec for m in await store.list_models()}
+    try:
+        return desired, desired_adapters(doc.adapters, kept | desired, sandbox)
+    except AdapterFileError as e:
+        raise SpecError(e.message, param=e.param) from None
+
+
+def diff(desired: Mapping[str, BaseModel], current: Mapping[str, BaseModel]) -> Diff:
     d = Diff()
     for alias, spec in desired.items():
         old = current.get(alias)
@@ -181,12 +242,21 @@ def diff(desired: dict[str, ModelSpec], current: dict[str, ModelSpec]) -> Diff:
 
 
 async def apply(store: ModelsStoreLike, desired: dict[str, ModelSpec], *, prune: bool,
-                dry_run: bool) -> Diff:
-    """Make the pool's specs match ``desired``; returns the diff (applied unless dry_run)."""
+                dry_run: bool, adapters: dict[str, AdapterSpec] | None = None) -> Diff:
+    """Make the pool's specs match ``desired`` (and its adapters ``adapters``, unless None);
+    returns the diff (applied unless dry_run)."""
     current = {m.spec.alias: m.spec for m in await store.list_models()}
     d = diff(desired, current)
+    lora: AdaptersStoreLike | None = None
+    if adapters is not None:
+        lora = cast("AdaptersStoreLike", store)
+        d.adapters = diff(adapters, await lora.list_adapters())
     if dry_run:
         return d
+    if lora is not None and d.adapters is not None:
+        gone = [*d.adapters.changed, *(d.adapters.removed if prune else [])]
+        for alias in gone:
+            await lora.delete_adapter(alias)
     for alias in d.changed:
         await store.delete_model(alias)
         await store.register_model(desired[alias])
@@ -195,6 +265,9 @@ async def apply(store: ModelsStoreLike, desired: dict[str, ModelSpec], *, prune:
     if prune:
         for alias in d.removed:
             await store.delete_model(alias)
+    if lora is not None and adapters is not None and d.adapters is not None:
+        for alias in [*d.adapters.changed, *d.adapters.added]:
+            await lora.register_adapter(adapters[alias])
     return d
 
 
@@ -209,6 +282,10 @@ def export_entry(spec: ModelSpec) -> dict[str, Any]:
     return out
 
 
-def export_yaml(specs: list[ModelSpec]) -> str:
-    entries = [export_entry(s) for s in sorted(specs, key=lambda s: s.alias)]
-    return str(yaml.safe_dump({"models": entries}, sort_keys=False, default_flow_style=False))
+def export_yaml(specs: list[ModelSpec], adapters: list[AdapterSpec] | None = None) -> str:
+    """The file ``svllm export`` writes; ``adapters:`` only when there are any."""
+    doc: dict[str, Any] = {"models": [export_entry(s)
+                                      for s in sorted(specs, key=lambda s: s.alias)]}
+    if adapters:
+        doc["adapters"] = export_entries(adapters)
+    return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))

@@ -63,6 +63,8 @@ class CommonSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # Audio uploads (/v1/audio/*) are relayed as they arrive, not read whole: their own limit.
+    max_audio_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     # Engine sandboxing (checked at registration by routers, and again by workers at launch):
     # allow --trust-remote-code (and weight formats that unpickle), and the directories under
     # which local model paths and file arguments may point (comma-separated; empty = none).

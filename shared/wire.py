@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from shared.errors import UpstreamError, UpstreamTimeout
+from shared.upload import Upload
 
 # A consumer that lags this far behind pauses reading from the upstream socket. Small, so a
 # slow reader of a large answer costs the process little (and leaves little behind).
@@ -213,7 +214,11 @@ class _Conn(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self.keep_alive = False
+        # False while a streamed request body is being sent: a response that comes before
+        # the body's end leaves the connection out of step, so it is closed, not reused.
+        self.reusable = True
         self._paused = False
+        self._drained: asyncio.Future[None] | None = None  # set while writing is paused
 
     # asyncio.Protocol
 
@@ -238,7 +243,7 @@ class _Conn(asyncio.Protocol):
             self.exchange = None
             self.pool._done(ex)
             ex._conn = None
-            if self.keep_alive and not self.closed:
+            if self.keep_alive and self.reusable and not self.closed:
                 self.pool._release(self)
             else:
                 self.abort()
@@ -246,6 +251,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
         self.pool._forget(self)
         ex, self.exchange = self.exchange, None
         if ex is None:
@@ -285,6 +291,20 @@ class _Conn(asyncio.Protocol):
 
     # flow control
 
+    def pause_writing(self) -> None:
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    async def writable(self) -> None:
+        """Return once the transport's write buffer is below its high-water mark."""
+        if self._drained is not None:
+            await asyncio.shield(self._drained)
+
     def pause(self) -> None:
         if not self._paused and self.transport is not None and not self.closed:
             self._paused = True
@@ -295,11 +315,21 @@ class _Conn(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None and data:
+            self.transport.write(data)
+
     def abort(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True
             self.pool._forget(self)
             self.transport.abort()
+
+
+def _framed(data: bytes, chunked: bool) -> bytes:
+    if not chunked or not data:
+        return data
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 class Pool:
@@ -342,6 +372,53 @@ class Pool:
                 raise
         ex = self._start(await self._connect(host, port), request)
         try:
+            await ex._head
+        except BaseException:
+            ex.close()
+            raise
+        return ex
+
+    async def send_stream(
+        self, base_url: str, method: bytes, path: bytes, headers: bytes, upload: Upload,
+    ) -> Exchange:
+        """Send a request whose body is ``upload``: its head, then each piece as the client
+        sends it, at the pace the upstream reads (the socket's write buffer is the only
+        buffer). Return once the response headers arrived, which may be before the body was
+        all sent (an upstream that refuses early): the rest is then not read from the client,
+        and the connection is closed after the response instead of reused.
+
+        Always a fresh connection (a pooled one found closed could not be retried once the
+        body began); framed by the declared length, else chunked. The upstream's silence is
+        timed from the last piece sent, so a slow upload is not a silent upstream.
+        """
+        try:
+            host, port, hostport = _target(base_url)
+        except ValueError as e:
+            raise UpstreamError(str(e), code="upstream_unsupported") from e
+        length = upload.length
+        chunked = length is None
+        framing = b"transfer-encoding: chunked\r\n" if length is None else \
+            b"content-length: %d\r\n" % length
+        head = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s\r\n" % (
+            method, path, hostport, framing, headers)
+        conn = await self._connect(host, port)
+        conn.reusable = False
+        ex = self._start(conn, head + _framed(bytes(upload.head), chunked))
+        try:
+            for kept in list(upload.kept):  # a retry: what the failed try was sent
+                await conn.writable()
+                conn.write(_framed(kept, chunked))
+            while not ex._head.done():
+                piece = await upload.next_piece(ex._head)
+                if piece is None:
+                    if upload.ended and not ex._head.done():
+                        if chunked:
+                            conn.write(b"0\r\n\r\n")
+                        conn.reusable = True
+                    break
+                await conn.writable()
+                conn.write(_framed(piece, chunked))
+                ex.activity = time.monotonic()
             await ex._head
         except BaseException:
             ex.close()

@@ -22,7 +22,7 @@ from services.cli import render
 from services.cli.client import Client, CliError
 from services.cli.waiting import wait_serving
 from shared import models_file
-from shared.models import ModelSpec
+from shared.models import AdapterSpec, ModelSpec
 
 app = typer.Typer(help="Operate a Serverless vLLM pool through its router's admin API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -212,27 +212,35 @@ def apply_file(
 ) -> None:
     """Make the pool's models match FILE; shows the diff (added, changed fields, removed)."""
     try:
-        entries = models_file.read_file(file)
+        doc = models_file.read_document(file)
     except models_file.SpecError as e:
         raise CliError(e.message) from None
-    diff = client(ctx).post("/admin/models/apply",
-                            {"models": entries, "prune": prune, "dry_run": dry_run})
+    body: dict[str, Any] = {"models": doc.models, "prune": prune, "dry_run": dry_run}
+    if doc.adapters is not None:
+        body["adapters"] = doc.adapters
+    diff = client(ctx).post("/admin/models/apply", body)
     if as_json:
         print_json(diff)
         return
     for line in render.diff_lines(diff, prune):
         out.print(line)
-    changes = len(diff["added"]) + len(diff["changed"]) + (len(diff["removed"]) if prune else 0)
     verb = "would change" if dry_run else "changed"
-    out.print(f"{verb} {changes} model(s); {len(diff['unchanged'])} unchanged")
+    out.print(f"{verb} {render.changes(diff, prune)} model(s); "
+              f"{len(diff['unchanged'])} unchanged")
+    adapters = diff.get("adapters")
+    if adapters is not None:
+        out.print(f"{verb} {render.changes(adapters, prune)} adapter(s); "
+                  f"{len(adapters['unchanged'])} unchanged")
 
 
 @app.command()
 def export(ctx: typer.Context) -> None:
-    """The pool's models as a models file (YAML on stdout)."""
-    specs = [ModelSpec.model_validate(m["spec"])
-             for m in client(ctx).get("/admin/models")["models"]]
-    sys.stdout.write(models_file.export_yaml(specs))
+    """The pool's models and LoRA adapters as a models file (YAML on stdout)."""
+    c = client(ctx)
+    specs = [ModelSpec.model_validate(m["spec"]) for m in c.get("/admin/models")["models"]]
+    adapters = [AdapterSpec.model_validate({k: a[k] for k in ("alias", "base", "adapter")})
+                for a in c.get("/admin/adapters")["adapters"]]
+    sys.stdout.write(models_file.export_yaml(specs, adapters))
 
 
 @app.command()

@@ -136,13 +136,22 @@ def model_view(m: dict[str, Any]) -> Group:
     return Group(t, instances_table([m]))
 
 
-def diff_lines(diff: dict[str, Any], prune: bool) -> list[Text]:
-    """The diff an apply shows: + added, ~ changed field: old -> new, - removed."""
-    out = [Text(f"+ {a}", style="green") for a in diff["added"]]
+def diff_lines(diff: dict[str, Any], prune: bool, kind: str = "") -> list[Text]:
+    """The diff an apply shows: + added, ~ changed field: old -> new, - removed; then the
+    file's LoRA adapters, if it has any, as ``+ adapter NAME`` and so on."""
+    out = [Text(f"+ {kind}{a}", style="green") for a in diff["added"]]
     for alias, fields in diff["changed"].items():
-        out.append(Text(f"~ {alias}", style="yellow"))
+        out.append(Text(f"~ {kind}{alias}", style="yellow"))
         out.extend(Text(f"    {k}: {old!r} -> {new!r}") for k, (old, new) in fields.items())
     for a in diff["removed"]:
-        out.append(Text(f"- {a}", style="red") if prune else
-                   Text(f"  {a} (not in the file; kept, --prune removes it)", style="dim"))
+        out.append(Text(f"- {kind}{a}", style="red") if prune else
+                   Text(f"  {kind}{a} (not in the file; kept, --prune removes it)",
+                        style="dim"))
+    if diff.get("adapters") is not None:
+        out.extend(diff_lines(diff["adapters"], prune, "adapter "))
     return out
+
+
+def changes(diff: dict[str, Any], prune: bool) -> int:
+    """How many entries an apply changes (removals only with prune)."""
+    return len(diff["added"]) + len(diff["changed"]) + (len(diff["removed"]) if prune else 0)

@@ -74,11 +74,11 @@ class ModelsFileWatcher:
         if stamp == self.done:
             return
         try:
-            desired = models_file.desired_specs(models_file.read_file(self.path),
-                                                self.default_engine, self.sandbox)
-            await models_file.check_flags(list(desired.values()), self.store)
+            desired, adapters = await models_file.plan(
+                self.store, models_file.read_document(self.path), self.default_engine,
+                self.sandbox, self.prune)
             diff = await models_file.apply(self.store, desired, prune=self.prune,
-                                           dry_run=False)
+                                           dry_run=False, adapters=adapters)
         except models_file.SpecError as e:
             logger.error("MODELS_FILE %s not applied: %s", self.path, e.message)
             self.done = stamp
@@ -91,3 +91,9 @@ class ModelsFileWatcher:
                     self.path, diff.added, sorted(diff.changed),
                     "removed" if self.prune else "not in the file (kept)", diff.removed,
                     len(diff.unchanged))
+        if diff.adapters is not None:
+            a = diff.adapters
+            logger.info("MODELS_FILE %s adapters: added %s, changed %s, %s %s, unchanged %d",
+                        self.path, a.added, sorted(a.changed),
+                        "removed" if self.prune else "not in the file (kept)", a.removed,
+                        len(a.unchanged))

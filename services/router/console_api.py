@@ -32,6 +32,8 @@ class ApplyRequest(Strict):
     """Body of ``POST /admin/models/apply``: a models file's entries, as JSON."""
 
     models: list[Any] = Field(default_factory=list)
+    # LoRA adapters; absent (None): the pool's adapters are left alone.
+    adapters: list[Any] | None = None
     prune: bool = False
     dry_run: bool = False
 
@@ -69,12 +71,14 @@ def build_routes(store: Store, settings: RouterSettings, table: RouteTable) -> A
     async def apply(request: Request) -> Response:
         req = await parse_body(request, ApplyRequest, settings.max_body_bytes)
         sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
+        doc = models_file.Document(req.models, req.adapters)
         try:
-            desired = models_file.desired_specs(req.models, settings.default_engine, sandbox)
-            await models_file.check_flags(list(desired.values()), store)
+            desired, adapters = await models_file.plan(store, doc, settings.default_engine,
+                                                       sandbox, req.prune)
         except models_file.SpecError as e:
             raise BadRequest(e.message, param=e.param) from None
-        diff = await models_file.apply(store, desired, prune=req.prune, dry_run=req.dry_run)
+        diff = await models_file.apply(store, desired, prune=req.prune, dry_run=req.dry_run,
+                                       adapters=adapters)
         if not req.dry_run:
             await table.refresh()
         return json_response(diff.as_dict() | {"dry_run": req.dry_run, "prune": req.prune})

@@ -41,14 +41,17 @@ class Forwarder:
             call.record.hold_begins()
         try:
             # A streamed request that waits longer than one keepalive interval turns into an
-            # event stream of comments; until then every outcome keeps its HTTP status.
-            first = self.holder.settings.hold_keepalive_s if call.stream else ticket.remaining
+            # event stream of comments; until then every outcome keeps its HTTP status. Not
+            # an upload: its body is still to be read, and an event stream's disconnect
+            # watcher would read it.
+            waits = call.stream and call.upload is None
+            first = self.holder.settings.hold_keepalive_s if waits else ticket.remaining
             if await ticket.wait(first):
                 await ticket.release()
                 if call.record is not None:
                     call.record.hold_ends()
                 return await self.upstreams.send(call)
-            if not call.stream:
+            if not waits:
                 raise await self.holder.timeout_error(ticket)
         except BaseException:
             await ticket.release()

@@ -112,7 +112,8 @@ def create_app(settings: RouterSettings, child: processes.Child | None = None) -
     security = router_exposure(settings).view()
     app.include_router(openai_api.build_routes(table, forwarder, settings.max_body_bytes,
                                                gate, recorder, settings.admin_token,
-                                               settings.prefix_affinity_chars, adapters))
+                                               settings.prefix_affinity_chars, adapters,
+                                               settings.max_audio_bytes))
     if metrics is not None:
         app.include_router(metrics_routes(registry, settings) if child is None else
                            siblings.metrics_routes(registry, settings, child.sibling_dir,

@@ -36,6 +36,7 @@ from shared.errors import ApiError, BadRequest, ModelNotFound, NotFound, Unautho
 from shared.fastlane import Handler, Lane, Picker, keep_tail, pass_headers, request_id_of
 from shared.http import (
     ClientGone,
+    body_stream,
     cancel_on_disconnect,
     json_response,
     parse_object,
@@ -43,9 +44,9 @@ from shared.http import (
 )
 from shared.logs import REQUEST_ID
 from shared.models import is_valid_name
-from shared.multipart import boundary_of, form_field
 from shared.principal import ANONYMOUS
 from shared.store import StoredModel
+from shared.upload import Upload, read_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,21 +158,33 @@ async def _prepare(
 
 
 async def _prepare_form(
-    table: RouteTable, body: bytes, content_type: str, path: str, request_id: str,
-    rec: KeyRecord | None, adapters: AdapterTable | None = None,
+    table: RouteTable, fields: dict[str, str], upload: Upload, content_type: str, path: str,
+    request_id: str, rec: KeyRecord | None, adapters: AdapterTable | None = None,
     record: RequestRecord | None = None,
 ) -> tuple[StoredModel, Call, dict[str, Any]]:
-    """An audio upload: the multipart body is forwarded untouched, its `model` field read."""
-    boundary = boundary_of(content_type)
-    model, adapter = await _model(table, form_field(body, boundary, "model"), path, rec,
-                                  adapters)
-    stream = (form_field(body, boundary, "stream") or "").lower() == "true"
-    call = Call(model.spec.alias, path, body, request_id, stream,
+    """An audio upload: its leading `model` (and `stream`) fields read, the body relayed
+    untouched as it arrives (shared/upload.py)."""
+    model, adapter = await _model(table, fields.get("model"), path, rec, adapters)
+    stream = fields.get("stream", "").lower() == "true"
+    call = Call(model.spec.alias, path, bytes(upload.head), request_id, stream,
                 principal=rec.principal if rec is not None else ANONYMOUS,
-                content_type=content_type.encode("latin-1"), adapter=adapter, record=record)
+                content_type=content_type.encode("latin-1"), adapter=adapter, record=record,
+                upload=upload)
     if record is not None:
         record.alias, record.stream, record.principal = model.spec.alias, stream, call.principal
     return model, call, {}
+
+
+async def _upload(
+    request: Request, table: RouteTable, path: str, rid: str, rec: KeyRecord | None,
+    adapters: AdapterTable | None, record: RequestRecord, limit: int, audio_limit: int,
+) -> tuple[StoredModel, Call, dict[str, Any]]:
+    """An audio upload, read only as far as its leading fields (shared/upload.py)."""
+    content_type = request.headers.get("content-type", "")
+    fields, upload = await read_fields(body_stream(request), content_type,
+                                       request.headers.get("content-length"), audio_limit, limit)
+    return await _prepare_form(table, fields, upload, content_type, path, rid, rec, adapters,
+                               record)
 
 
 def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
@@ -329,8 +342,10 @@ def _after(response: Response, then: Callable[[], None]) -> None:
 def build_routes(
     table: RouteTable, forwarder: Forwarder, limit: int, gate: Gate, recorder: Recorder,
     admin_token: str | None = None, prefix_chars: int = 0,
-    adapters: AdapterTable | None = None,
+    adapters: AdapterTable | None = None, audio_limit: int | None = None,
 ) -> APIRouter:
+    # ``limit`` bounds JSON bodies; ``audio_limit`` (MAX_AUDIO_BYTES) uploads, which are
+    # relayed as they arrive instead of read whole.
     api = APIRouter()
     # The admin token is accepted too (the console's playground sends it); such requests
     # leave the fast lane, which does not know it, for this path.
@@ -351,12 +366,11 @@ def build_routes(
         record = recorder.start(rid, traceparent.encode("latin-1") if traceparent else None)
         try:
             rec = check(request)
-            body = await read_body(request, limit)
             if path in FORM_PATHS:
-                model, call, data = await _prepare_form(
-                    table, body, request.headers.get("content-type", ""), path, rid, rec,
-                    adapters, record)
+                model, call, data = await _upload(request, table, path, rid, rec, adapters,
+                                                  record, limit, audio_limit or limit)
             else:
+                body = await read_body(request, limit)
                 model, call, data = await _prepare(
                     table, body, path, rid, request.headers.get("x-session-id"), rec,
                     by_priority, prefix_chars, adapters, record)
@@ -430,6 +444,19 @@ def _model_routes(
 
 async def _forward(request: Request, forwarder: Forwarder, model: StoredModel,
                    call: Call) -> Response:
+    if call.upload is not None:
+        # The body is read while it is sent on, so no disconnect watcher may read the
+        # request meanwhile; a client gone mid-upload ends the read with ClientGone.
+        try:
+            response = await forwarder.handle(model, call)
+        except ClientGone:
+            call.upload.close()
+            return Response(status_code=499)
+        except BaseException:
+            call.upload.close()
+            raise
+        _after(response, call.upload.close)
+        return response
     if call.stream:
         # Once streaming, Starlette cancels the relay when the client goes away.
         return await forwarder.handle(model, call)

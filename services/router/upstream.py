@@ -5,7 +5,9 @@ error, a 500 from the engine or a 502/503/504 from the worker (streamed or not: 
 comes before any byte is sent on), or (non-streamed) a failure while reading an answer of at
 most ``buffer_max`` bytes, which is read whole before it is sent on. A larger non-streamed
 answer is relayed as it arrives, with back-pressure, so memory per request stays bounded;
-it has no failover once its first byte is sent. A streamed answer is relayed chunk by chunk;
+it has no failover once its first byte is sent. An audio upload relayed as it arrives moves
+only while what was sent of it is still kept (its first MAX_BODY_BYTES: :mod:`shared.upload`).
+A streamed answer is relayed chunk by chunk;
 a failure after its first byte ends it with an error event, never with a retry glued onto it.
 """
 
@@ -29,6 +31,7 @@ from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, UpstreamError
 from shared.forwarding import headers_of, relay
 from shared.principal import ANONYMOUS, Principal
+from shared.upload import Upload
 from shared.wire import Exchange, Pool
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ class Call:
     # A LoRA adapter of the model ``alias`` (its base) that is to answer.
     adapter: str | None = None
     record: RequestRecord | None = None  # metrics and the access log (services/router/metrics)
+    # An audio upload relayed as it arrives (``body`` is then its head): shared/upload.py.
+    upload: Upload | None = None
 
 
 @dataclass(slots=True)
@@ -157,6 +162,9 @@ class Upstreams:
                                call.alias, e.error.message, "retrying" if attempt + 1 <
                                self.max_attempts else "giving up")
                 last = e.error
+                if call.upload is not None and not call.upload.replayable:
+                    # What this replica got of the upload is no longer kept: no retry.
+                    raise e.error from None
                 continue
             if record is not None:
                 record.answered(worker, perf_counter() - began)
@@ -180,7 +188,9 @@ class Upstreams:
         ex: Exchange | None = None
         try:
             try:
-                ex = await self.pool.send(url, b"POST", path, headers, call.body)
+                ex = await self.pool.send(url, b"POST", path, headers, call.body) \
+                    if call.upload is None else \
+                    await self.pool.send_stream(url, b"POST", path, headers, call.upload)
             except UpstreamError as e:
                 raise _Retry(e) from e
             if ex.status in _RETRYABLE:

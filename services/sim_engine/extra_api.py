@@ -16,7 +16,7 @@ import re
 import time
 import wave
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.requests import Request
@@ -53,10 +53,16 @@ def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
 
 
+class _Counts(Protocol):
+    upload_bytes: int
+    uploads: int
+
+
 class ExtraApi:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, stats: _Counts) -> None:
         self.config = config
         self.name = config.served_model_name
+        self.stats = stats
 
     def _list(self, prefix: str, data: list[Body], tokens: int) -> JSONResponse:
         return JSONResponse({"id": _id(prefix), "object": "list", "created": int(time.time()),
@@ -187,7 +193,12 @@ class ExtraApi:
         match = _BOUNDARY.search(request.headers.get("content-type", ""))
         if match is None:
             raise ApiError(400, "Expected a multipart/form-data body.")
-        fields = _form(await request.body(), match.group(1).encode("latin-1"))
+        body = bytearray()
+        async for piece in request.stream():  # counted as it arrives (/sim/stats)
+            body += piece
+            self.stats.upload_bytes += len(piece)
+        self.stats.uploads += 1
+        fields = _form(bytes(body), match.group(1).encode("latin-1"))
         model = fields.get("model", b"").decode("utf-8", "replace")
         if model and model != self.name:
             raise ApiError(404, f"The model `{model}` does not exist.")
@@ -205,9 +216,11 @@ class ExtraApi:
         if fmt == "text":
             return PlainTextResponse(text)
         usage = {"type": "duration", "seconds": int(seconds + 0.999)}
-        return JSONResponse({"text": text, "usage": usage} if fmt != "verbose_json" else
+        # `bytes_received`: the body this engine got, so a test can check it came whole.
+        return JSONResponse({"text": text, "usage": usage, "bytes_received": len(body)}
+                            if fmt != "verbose_json" else
                             {"text": text, "language": "en", "duration": seconds,
-                             "segments": [], "task": task})
+                             "segments": [], "task": task, "bytes_received": len(body)})
 
 
 def _form(body: bytes, boundary: bytes) -> dict[str, bytes]:

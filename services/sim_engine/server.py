@@ -125,6 +125,10 @@ class Stats:
     wakes: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    # Bytes of audio uploads received so far, counted as each piece arrives (a test reads it
+    # mid-upload to see the body is relayed, not buffered, on the way here).
+    upload_bytes: int = 0
+    uploads: int = 0  # audio uploads received whole
 
 
 _SEEN_MAX = 256
@@ -205,6 +209,9 @@ class SimEngine:
             self.last_request_id = request.headers.get("x-request-id")
             try:
                 self._check(None)
+                if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
+                    # Before the upload is read, as an engine that fails at once would.
+                    raise ApiError(500, "simulated engine failure")
                 return await handler(request)
             except ApiError as exc:
                 return error_response(exc.status, exc.message)
@@ -435,6 +442,7 @@ class SimEngine:
                              "sleeping": self.sleep_level is not None,
                              "sleep_level": self.sleep_level, "sleeps": s.sleeps,
                              "wakes": s.wakes, "last_request_id": self.last_request_id,
+                             "upload_bytes": s.upload_bytes, "uploads": s.uploads,
                              "lora": self.lora.view(), "last_priority": self.last_priority,
                              "request_ids": list(self.request_ids),
                              "traceparents": list(self.traceparents)})
@@ -474,7 +482,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(config: EngineConfig) -> Starlette:
     """The ASGI app of one simulated engine; its state lives on ``app.state.engine``."""
     engine = SimEngine(config)
-    extra = ExtraApi(config)
+    extra = ExtraApi(config, engine.stats)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

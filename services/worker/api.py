@@ -87,7 +87,8 @@ def build_routes(
         await check_internal(request)
         params = request.path_params
         return await proxy.forward(request, params["alias"], params["path"], sup, upstream,
-                                   settings.max_body_bytes, loras, tracing)
+                                   settings.max_body_bytes, loras, tracing,
+                                   settings.max_audio_bytes)
 
     api.add_route("/proxy/{alias}/{path:path}", proxied, methods=["GET", "POST"])
 

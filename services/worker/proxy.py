@@ -18,14 +18,15 @@ from starlette.responses import Response
 
 from services.worker.lora import ADAPTER_HEADER, Lease, LoraManager
 from services.worker.supervisor import Supervisor
-from shared.engine_api import SERVED_BY
+from shared.engine_api import FORM_PATHS, SERVED_BY
 from shared.errors import NoCapacity, NotFound, clip
 from shared.fastlane import Handler, Lane, Picker, new_request_id, request_id_of
 from shared.forwarding import relay
-from shared.http import ClientGone, cancel_on_disconnect, read_body
+from shared.http import ClientGone, body_stream, cancel_on_disconnect, read_body
 from shared.logs import REQUEST_ID
 from shared.tracing import Span, Tracing, valid_traceparent
-from shared.wire import Pool
+from shared.upload import Upload, over_limit
+from shared.wire import Exchange, Pool
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ def tag(request: Request) -> bytes:
 async def forward(
     request: Request, alias: str, path: str, supervisor: Supervisor, pool: Pool, limit: int,
     loras: LoraManager | None = None,
-    tracing: Tracing | None = None,
+    tracing: Tracing | None = None, audio_limit: int | None = None,
 ) -> Response:
+    """``limit`` bounds JSON bodies, read whole; an audio upload is relayed to the engine as
+    it arrives, within ``audio_limit``."""
     method = ALLOWED.get(path)
     rid = tag(request)
     if method is None or method != request.method:
@@ -102,7 +105,7 @@ async def forward(
         state = inst.state.value if inst else "not assigned here"
         raise NoCapacity(f"model '{clip(alias)}' is not serving on this worker ({state})",
                          code="replica_not_ready")
-    body = await read_body(request, limit) if method == "POST" else b""
+    body, upload = await _body_of(request, path, method, limit, audio_limit or limit)
 
     def get(name: bytes) -> bytes | None:
         value = request.headers.get(name.decode())
@@ -139,18 +142,39 @@ async def forward(
             span.end()
 
     try:
-        # A non-streamed answer comes whole after the generation: if the router hangs up
-        # meanwhile, closing the engine connection is what aborts the generation.
-        ex = await cancel_on_disconnect(
-            request, pool.send(engine.base_url, method.encode(), b"/" + path.encode(),
-                               headers, body))
+        ex = await _send(request, pool, engine.base_url, method, path, headers, body, upload)
     except ClientGone:
         done()
         return Response(status_code=499)
     except BaseException:
         done()
         raise
+    finally:
+        if upload is not None:
+            upload.close()
     return relay(ex, on_close=done, request_id=rid)
+
+
+async def _body_of(request: Request, path: str, method: str, limit: int, audio_limit: int,
+                   ) -> tuple[bytes, Upload | None]:
+    """A JSON body read whole, or an upload to relay as it arrives."""
+    if path in FORM_PATHS:
+        length = over_limit(request.headers.get("content-length"), audio_limit)
+        return b"", Upload(body_stream(request), audio_limit, length)
+    return (await read_body(request, limit) if method == "POST" else b""), None
+
+
+async def _send(request: Request, pool: Pool, base_url: str, method: str, path: str,
+                headers: bytes, body: bytes, upload: Upload | None) -> Exchange:
+    target = b"/" + path.encode()
+    if upload is not None:
+        # Read while it is sent on: no disconnect watcher may read the request meanwhile
+        # (a router gone mid-upload ends the read with ClientGone).
+        return await pool.send_stream(base_url, method.encode(), target, headers, upload)
+    # A non-streamed answer comes whole after the generation: if the router hangs up
+    # meanwhile, closing the engine connection is what aborts the generation.
+    return await cancel_on_disconnect(
+        request, pool.send(base_url, method.encode(), target, headers, body))
 
 
 def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: int,
@@ -160,7 +184,7 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
     async def handle(lane: Lane) -> bool:
         alias, _, path = lane.path[len(PREFIX):].partition("/")
         method = ALLOWED.get(path)
-        if method != lane.method:
+        if method != lane.method or path in FORM_PATHS:  # uploads: streamed by forward()
             return False
         if expected is not None and not hmac.compare_digest(
                 lane.header(b"authorization") or b"", expected):

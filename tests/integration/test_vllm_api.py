@@ -19,13 +19,15 @@ from services.sim_engine import textgen
 from tests.support import Cluster, Proc, model_status, register, wait_serving
 
 BODY_LIMIT = 256 * 1024
+AUDIO_LIMIT = 1024 * 1024
 
 
 @pytest.fixture
 def pool(cluster: Cluster) -> Proc:
     cluster.manager()
     cluster.worker("w1")
-    router = cluster.router(MODEL_ROOTS="/models", MAX_BODY_BYTES=str(BODY_LIMIT))
+    router = cluster.router(MODEL_ROOTS="/models", MAX_BODY_BYTES=str(BODY_LIMIT),
+                            MAX_AUDIO_BYTES=str(AUDIO_LIMIT))
     assert register(router, "api", engine="sim").status_code == 201
     # Cold, scaled to zero: bad requests for it must not start it.
     assert register(router, "cold", engine="sim", min_replicas=0).status_code == 201
@@ -158,7 +160,9 @@ MULTIPART = "multipart/form-data; boundary=XyZ"
     ("multipart/form-data", form({"model": b"cold"}), 400, "boundary"),
     ("application/json", b'{"model": "cold"}', 400, "multipart/form-data"),
     (MULTIPART, form({"model": b"nope", "file": wav(0.1)}), 404, "nope"),
-    (MULTIPART, form({"model": b"cold", "file": b"\x00" * (BODY_LIMIT + 1)}), 413, "larger"),
+    (MULTIPART, form({"model": b"cold", "file": b"\x00" * AUDIO_LIMIT}), 413, "larger"),
+    # Past the JSON limit, `model` behind the file: it cannot be read before the file is.
+    (MULTIPART, form({"file": b"\x00" * BODY_LIMIT, "model": b"cold"}), 400, "before the file"),
 ])
 def test_bad_uploads_get_a_4xx_and_spawn_nothing(
     pool: Proc, content_type: str, body: bytes, status: int, words: str,
