@@ -4,7 +4,8 @@
 # vLLM is kept out of the project's .venv on purpose (it pins its own torch and many other
 # packages); it gets a venv of its own, .venv-vllm (SVLLM_VLLM_VENV overrides), that the
 # worker starts engines from through SVLLM_VLLM_PYTHON. The first run installs it (hundreds of
-# MB, minutes); a stamp makes later runs skip that. Extra args go to pytest.
+# MB, minutes); a stamp makes later runs skip that. Extra args go to pytest (a test path among
+# them runs just that).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 ensure_venv
 ensure_redis
@@ -39,4 +40,10 @@ ensure_vllm_venv() {
 ensure_vllm_venv
 cd "$ROOT"
 export SVLLM_VLLM_PYTHON="$VLLM_PY"
-exec "$PY" -m pytest -m real_vllm tests/real_vllm -v "$@"
+# The whole opt-in suite, unless the arguments name test files or ids of their own (then
+# only those: pytest would otherwise run the directory and them).
+TARGET=(tests/real_vllm)
+for arg in "$@"; do
+  case "$arg" in tests/*) TARGET=() ;; esac
+done
+exec "$PY" -m pytest -m real_vllm "${TARGET[@]}" -v "$@"

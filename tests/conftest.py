@@ -67,6 +67,15 @@ def timings(request: pytest.FixtureRequest) -> dict[str, float]:
     return request.config.stash.setdefault(TIMINGS, {})
 
 
+# Other figures the opt-in tests measure (hit rates, ...), printed after the timings.
+FIGURES = pytest.StashKey[dict[str, str]]()
+
+
+@pytest.fixture(scope="session")
+def figures(request: pytest.FixtureRequest) -> dict[str, str]:
+    return request.config.stash.setdefault(FIGURES, {})
+
+
 # The fault-injection table's rows (tests/chaos), collected from the reports: with
 # pytest-xdist the tests run in worker processes and only their reports reach this one.
 CHAOS_ROWS: list[dict[str, Any]] = []
@@ -84,6 +93,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("recorded timings")
         for name, seconds in recorded.items():
             terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+    measured = terminalreporter.config.stash.get(FIGURES, {})
+    if measured:
+        terminalreporter.section("recorded figures")
+        for name, text in measured.items():
+            terminalreporter.write_line(f"{name}: {text}")
     if CHAOS_ROWS and not hasattr(terminalreporter.config, "workerinput"):  # xdist's workers
         text = table(CHAOS_ROWS)
         terminalreporter.write_sep("=", "fault injection results")

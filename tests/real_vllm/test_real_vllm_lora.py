@@ -70,9 +70,18 @@ def test_real_vllm_lora_adapters_load_on_demand_and_evict(
                            max_retries=0)
     sampling: dict[str, Any] = {"max_tokens": 6, "temperature": 0.0,
                                 "extra_body": {"ignore_eos": True}}
+    answers = []
     for name in ("la", "lb", "lbase", "la"):
-        out = client.completions.create(model=name, prompt="hello there", **sampling)
+        out = client.completions.create(model=name, prompt="hello there", logprobs=1, **sampling)
         assert out.model == name and out.choices[0].text
+        assert out.choices[0].logprobs is not None
+        answers.append(out.choices[0].logprobs.token_logprobs or [])
+    # The engine applied each adapter: greedy log-probabilities differ from the base's and
+    # between the adapters, and la reloaded after its eviction answers as it did before.
+    la, lb, base, la_again = answers
+    assert la_again == pytest.approx(la, abs=1e-3), (la, la_again)
+    for a, b in ((la, base), (lb, base), (la, lb)):
+        assert a != pytest.approx(b, abs=1e-3), (a, b)
     view = {a["alias"]: a["stats"] for a in
             httpx.get(f"{router.url}/admin/adapters", timeout=10).json()["adapters"]}
     # One slot: la, then lb (evicts la), then la again (evicts lb).
