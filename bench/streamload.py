@@ -212,12 +212,16 @@ def build_request(url: str, body: bytes) -> tuple[str, int, bytes]:
 
 
 async def user(
-    target: tuple[str, int, bytes], totals: Totals, window: Window, stop_at: float
+    target: tuple[str, int, bytes], totals: Totals, window: Window, stop_at: float,
+    delay_s: float = 0.0,
 ) -> None:
-    """One client: streams back to back on one keep-alive connection until ``stop_at``."""
+    """One client: streams back to back on one keep-alive connection until ``stop_at``,
+    the first one ``delay_s`` after the start."""
     host, port, request = target
     loop = asyncio.get_running_loop()
     conn: Connection | None = None
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
     while time.perf_counter() < stop_at:
         if conn is None or conn.transport is None:
             _, conn = await loop.create_connection(lambda: Connection(totals, window), host, port)
@@ -248,14 +252,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def run(url: str, body: bytes, streams: int, duration_s: float) -> dict[str, float]:
+async def run(url: str, body: bytes, streams: int, duration_s: float, ramp_s: float = 0.0,
+              warmup_s: float | None = None) -> dict[str, float]:
+    """With ``ramp_s``, client i starts its first stream i/N of it late: long streams then
+    begin and end spread evenly over time (a steady arrival rate, as from many users), not
+    all N at once every stream length (a burst that measures how fast a backlog clears)."""
     target = build_request(url, body)
     totals = Totals()
     now = time.perf_counter()
-    warmup = min(1.0, 0.2 * duration_s)
+    warmup = min(1.0, 0.2 * duration_s) if warmup_s is None else warmup_s
     window = Window(now + warmup, now + warmup + duration_s)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    await asyncio.gather(*(user(target, totals, window, window.end) for _ in range(streams)))
+    await asyncio.gather(*(user(target, totals, window, window.end, ramp_s * i / streams)
+                           for i in range(streams)))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - now
     client_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -286,9 +295,13 @@ def main() -> None:
     ap.add_argument("--streams", type=int, required=True)
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ramp", type=float, default=0.0,
+                    help="spread the clients' first streams over this many seconds")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds before the measured window (default: min(1, duration/5))")
     args = ap.parse_args()
     body = args.body_file.read_bytes()
-    result = uvloop.run(run(args.url, body, args.streams, args.duration))
+    result = uvloop.run(run(args.url, body, args.streams, args.duration, args.ramp, args.warmup))
     args.out.write_text(json.dumps(result))
 
 
