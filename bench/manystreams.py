@@ -49,7 +49,13 @@ def _progress(text: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def build_targets(children: Children, run_dir: Path, configs: tuple[str, ...]) -> list[Target]:
+# The processes a configuration's requests pass through that answer a trivial GET: their
+# event-loop lag is probed while the streams run (where does a new request wait?).
+_PROBED = {"worker": ("worker",), "router": ("router", "worker")}
+
+
+def build_targets(children: Children, run_dir: Path, configs: tuple[str, ...]
+                  ) -> tuple[list[Target], dict[str, str]]:
     pool = start_pool(children, run_dir)
     register_models(pool, aliases={ALIAS: ["--itl", str(ITL_S)]})
     engine = pool.engines[ALIAS]
@@ -66,8 +72,9 @@ def build_targets(children: Children, run_dir: Path, configs: tuple[str, ...]) -
             groups["vllm-router"] = [pid]
         except SystemExit as e:  # not installed: compare with the others
             _progress(f"vllm-router left out: {e}")
+    health = {name: pool.urls[name] + "/health" for name in ("router", "worker")}
     return [Target(name, {ALIAS: urls[name] + _PATH}, groups)
-            for name in configs if name in urls]
+            for name in configs if name in urls], health
 
 
 def measure(opts: argparse.Namespace) -> dict[str, Any]:
@@ -75,15 +82,16 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     children = Children(run_dir / "logs")
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
-        targets = build_targets(children, run_dir, tuple(opts.configs.split(",")))
+        targets, health = build_targets(children, run_dir, tuple(opts.configs.split(",")))
         body_file = run_dir / "stream.json"
         body_file.write_text(json.dumps(body(ALIAS, stream=True) | {"max_tokens": TOKENS}))
         for rep in range(opts.repeat):
             order = targets[rep % len(targets):] + targets[: rep % len(targets)]
             for n in opts.streams:
                 for t in order:
+                    probes = {p: health[p] for p in _PROBED.get(t.name, ())}
                     r = stream_point(children, t, ALIAS, body_file, n, opts.duration, run_dir,
-                                     ramp_s=opts.ramp, warmup_s=opts.ramp + 1)
+                                     ramp_s=opts.ramp, warmup_s=opts.ramp + 1, probes=probes)
                     raw.setdefault(str(n), {}).setdefault(t.name, []).append(r)
                     _progress(f"rep {rep + 1} {n} streams {t.name}: "
                               f"{r['chunks_per_s']:,.0f} chunks/s, TTFT p50 "
@@ -102,10 +110,20 @@ def _median(samples: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(s[key] for s in samples))
 
 
+def _probes(samples: list[dict[str, Any]]) -> str:
+    out = []
+    for name in ("router", "worker"):
+        if f"probe_{name}_50_ms" in samples[0]:
+            out.append(f"{_median(samples, f'probe_{name}_50_ms'):.1f}/"
+                       f"{_median(samples, f'probe_{name}_99_ms'):.1f}")
+    return "; ".join(out) or "·"
+
+
 def table(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     rows = ["| streams | configuration | TTFT p50 ms | TTFT p99 ms | chunks/s | vs direct | "
-            "errors | server CPU µs/stream (engine, worker, router, front) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "errors | server CPU µs/stream (engine, worker, router, front) | "
+            "GET /health p50/p99 ms (router; worker) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for n, configs in raw.items():
         direct = _median(configs["direct"], "chunks_per_s") if "direct" in configs else 0
         for name, samples in configs.items():
@@ -118,7 +136,7 @@ def table(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
                 f"{cps / direct if direct else float('nan'):.3f} | "
                 f"{sum(s['errors'] for s in samples)} | "
                 f"{cpu.get('engine', 0):,.0f}, {cpu.get('worker', 0):,.0f}, "
-                f"{cpu.get('router', 0):,.0f}, {front:,.0f} |")
+                f"{cpu.get('router', 0):,.0f}, {front:,.0f} | {_probes(samples)} |")
     return "\n".join(rows)
 
 

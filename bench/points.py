@@ -56,6 +56,7 @@ def plain_point(
 def stream_point(
     children: Children, target: Target, alias: str, body_file: Path, streams: int,
     duration_s: float, out_dir: Path, ramp_s: float = 0.0, warmup_s: float | None = None,
+    probes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     out = out_dir / "stream-result.json"
     out.unlink(missing_ok=True)
@@ -64,6 +65,8 @@ def stream_point(
             "--duration", str(duration_s), "--out", str(out), "--ramp", str(ramp_s)]
     if warmup_s is not None:
         argv += ["--warmup", str(warmup_s)]
+    for name, url in (probes or {}).items():
+        argv += ["--probe", f"{name}={url}"]
     before = cpu.snapshot(target.groups)
     log = run_to_end(children, "streamload", pinned(LOAD_CORE, argv),
                      duration_s + (warmup_s or 0) + 120)

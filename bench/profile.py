@@ -139,7 +139,7 @@ def main() -> None:
             groups = [*pool.pids.values(), *(e.pid for e in pool.engines.values())]
             # Slow streams: the clients' starts spread over one stream, then the measured
             # window (the profile covers its end: py-spy starts with the client).
-            ramp = {"ramp_s": 6.4, "warmup_s": 7.4} if args.alias == "sim100" else {}
+            ramp, warmup = (6.4, 7.4) if args.alias == "sim100" else (0.0, None)
             run_wrk(children, url, script, args.connections, 2)  # warm up
             for name in _PROFILED:
                 for pgid in groups:
@@ -150,7 +150,8 @@ def main() -> None:
                 if args.streams:
                     r = stream_point(children, Target("router", {args.alias: url}, {}),
                                      args.alias, stream_body, args.streams,
-                                     args.duration + 1, run_dir, **ramp)
+                                     args.duration + 1, run_dir, ramp_s=ramp,
+                                     warmup_s=warmup)
                     print(f"{name} alone on core {SERVER_CORE}: {args.streams} streams of "
                           f"{args.alias} through router + worker: {r['chunks_per_s']:,.0f} "
                           f"chunks/s, TTFT p50 {r['ttft_p50_ms']:.2f} ms")
