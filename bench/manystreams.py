@@ -102,7 +102,10 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
         children.stop_all()
         raise
     children.stop_all()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if opts.keep_logs:  # the router's access log (its own ttft_ms), the worker's warnings
+        print(f"logs kept in {run_dir / 'logs'}", file=sys.stderr)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return raw
 
 
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                          "at once, so the streams come and go in bursts of N)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--keep-logs", action="store_true", help="keep the services' logs")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="measure nothing: print the table of an earlier results file")
     opts = ap.parse_args(argv)
