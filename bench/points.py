@@ -55,15 +55,21 @@ def plain_point(
 
 def stream_point(
     children: Children, target: Target, alias: str, body_file: Path, streams: int,
-    duration_s: float, out_dir: Path,
+    duration_s: float, out_dir: Path, ramp_s: float = 0.0, warmup_s: float | None = None,
+    probes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     out = out_dir / "stream-result.json"
     out.unlink(missing_ok=True)
     argv = [PYTHON, "-m", "bench.streamload", "--url", target.urls[alias],
             "--body-file", str(body_file), "--streams", str(streams),
-            "--duration", str(duration_s), "--out", str(out)]
+            "--duration", str(duration_s), "--out", str(out), "--ramp", str(ramp_s)]
+    if warmup_s is not None:
+        argv += ["--warmup", str(warmup_s)]
+    for name, url in (probes or {}).items():
+        argv += ["--probe", f"{name}={url}"]
     before = cpu.snapshot(target.groups)
-    log = run_to_end(children, "streamload", pinned(LOAD_CORE, argv), duration_s + 120)
+    log = run_to_end(children, "streamload", pinned(LOAD_CORE, argv),
+                     duration_s + (warmup_s or 0) + 120)
     if not out.exists():
         raise SystemExit(f"stream client wrote no result:\n{log[-2000:]}")
     result: dict[str, Any] = json.loads(out.read_text())

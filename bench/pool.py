@@ -117,16 +117,18 @@ def start_pool(children: Children, run_dir: Path, extra_env: dict[str, str] | No
     return pool
 
 
-def register_models(pool: Pool, timeout_s: float = 60) -> None:
+def register_models(pool: Pool, timeout_s: float = 60,
+                    aliases: dict[str, list[str]] | None = None) -> None:
+    aliases = ALIASES if aliases is None else aliases
     router = pool.urls["router"]
-    for alias, extra in ALIASES.items():
+    for alias, extra in aliases.items():
         spec = {"alias": alias, "model_name": f"sim/{alias}", "engine": "sim",
                 "extra_args": extra}
         httpx.post(f"{router}/admin/models/register", json=spec, timeout=10).raise_for_status()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pool.engines = _running_engines(router)
-        if set(pool.engines) == set(ALIASES) and all(_answers(router, a) for a in ALIASES):
+        if set(pool.engines) == set(aliases) and all(_answers(router, a) for a in aliases):
             return
         time.sleep(0.2)
     raise SystemExit(f"models not serving after {timeout_s:.0f}s: {sorted(pool.engines)}")

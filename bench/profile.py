@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.points import Target, body, stream_point
-from bench.pool import register_models, start_pool
+from bench.pool import ALIASES, register_models, start_pool
 from bench.procset import LOAD_CORE, ROOT, SERVER_CORE, Children, interruptible, need, pinned
 from bench.wrkload import run_wrk, write_script
 
@@ -120,8 +120,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--streams", type=int, default=0,
                     help="profile N concurrent streams instead of wrk's plain requests")
-    ap.add_argument("--alias", default="sim5", choices=("sim0", "sim5"),
-                    help="with --streams: the engine (sim5: 5 ms between tokens)")
+    ap.add_argument("--alias", default="sim5", choices=("sim0", "sim5", "sim100"),
+                    help="with --streams: the engine (sim5: 5 ms between tokens; sim100: "
+                         "100 ms, bench.manystreams' load, the clients' starts spread over "
+                         "one stream)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="svllm-profile-"))
@@ -129,12 +131,15 @@ def main() -> None:
     with interruptible():
         try:
             pool = start_pool(children, run_dir)
-            register_models(pool)
+            register_models(pool, aliases=ALIASES | {"sim100": ["--itl", "0.1"]})
             script = write_script(run_dir / "chat.lua", body("sim0", stream=False))
             stream_body = run_dir / "stream.json"
             stream_body.write_text(json.dumps(body(args.alias, stream=True)))
             url = pool.urls["router"] + "/v1/chat/completions"
             groups = [*pool.pids.values(), *(e.pid for e in pool.engines.values())]
+            # Slow streams: the clients' starts spread over one stream, then the measured
+            # window (the profile covers its end: py-spy starts with the client).
+            ramp, warmup = (6.4, 7.4) if args.alias == "sim100" else (0.0, None)
             run_wrk(children, url, script, args.connections, 2)  # warm up
             for name in _PROFILED:
                 for pgid in groups:
@@ -145,7 +150,8 @@ def main() -> None:
                 if args.streams:
                     r = stream_point(children, Target("router", {args.alias: url}, {}),
                                      args.alias, stream_body, args.streams,
-                                     args.duration + 1, run_dir)
+                                     args.duration + 1, run_dir, ramp_s=ramp,
+                                     warmup_s=warmup)
                     print(f"{name} alone on core {SERVER_CORE}: {args.streams} streams of "
                           f"{args.alias} through router + worker: {r['chunks_per_s']:,.0f} "
                           f"chunks/s, TTFT p50 {r['ttft_p50_ms']:.2f} ms")

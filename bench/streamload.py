@@ -212,12 +212,16 @@ def build_request(url: str, body: bytes) -> tuple[str, int, bytes]:
 
 
 async def user(
-    target: tuple[str, int, bytes], totals: Totals, window: Window, stop_at: float
+    target: tuple[str, int, bytes], totals: Totals, window: Window, stop_at: float,
+    delay_s: float = 0.0,
 ) -> None:
-    """One client: streams back to back on one keep-alive connection until ``stop_at``."""
+    """One client: streams back to back on one keep-alive connection until ``stop_at``,
+    the first one ``delay_s`` after the start."""
     host, port, request = target
     loop = asyncio.get_running_loop()
     conn: Connection | None = None
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
     while time.perf_counter() < stop_at:
         if conn is None or conn.transport is None:
             _, conn = await loop.create_connection(lambda: Connection(totals, window), host, port)
@@ -241,6 +245,32 @@ async def user(
         conn.transport.close()
 
 
+async def probe(url: str, window: Window, every_s: float, out: list[float]) -> None:
+    """GET ``url`` every ``every_s`` on one keep-alive connection; the latencies of those sent
+    inside the window go to ``out``. A trivial request to one process: how long a new
+    request waits for that process's event loop (its lag) while the streams run."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = f"GET {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < window.end:
+            sent = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            if window.holds(sent):
+                out.append(time.perf_counter() - sent)
+            await asyncio.sleep(every_s)
+    finally:
+        writer.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -248,14 +278,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def run(url: str, body: bytes, streams: int, duration_s: float) -> dict[str, float]:
+async def run(url: str, body: bytes, streams: int, duration_s: float, ramp_s: float = 0.0,
+              warmup_s: float | None = None, probes: dict[str, str] | None = None,
+              ) -> dict[str, float]:
+    """With ``ramp_s``, client i starts its first stream i/N of it late: long streams then
+    begin and end spread evenly over time (a steady arrival rate, as from many users), not
+    all N at once every stream length (a burst that measures how fast a backlog clears)."""
     target = build_request(url, body)
     totals = Totals()
     now = time.perf_counter()
-    warmup = min(1.0, 0.2 * duration_s)
+    warmup = min(1.0, 0.2 * duration_s) if warmup_s is None else warmup_s
     window = Window(now + warmup, now + warmup + duration_s)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    await asyncio.gather(*(user(target, totals, window, window.end) for _ in range(streams)))
+    lags: dict[str, list[float]] = {name: [] for name in probes or {}}
+    await asyncio.gather(*(user(target, totals, window, window.end, ramp_s * i / streams)
+                           for i in range(streams)),
+                         *(probe(u, window, 0.05, lags[n]) for n, u in (probes or {}).items()))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - now
     client_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -276,7 +314,8 @@ async def run(url: str, body: bytes, streams: int, duration_s: float) -> dict[st
         "events_per_read": totals.events / totals.reads if totals.reads else 0.0,
         # Near 1.0 would mean the client, not the servers, limits the rate.
         "client_cpu_busy": client_cpu / wall,
-    }
+    } | {f"probe_{name}_{q}_ms": percentile(v, q) * 1000 for name, v in lags.items()
+         for q in (50, 99)}
 
 
 def main() -> None:
@@ -286,9 +325,17 @@ def main() -> None:
     ap.add_argument("--streams", type=int, required=True)
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ramp", type=float, default=0.0,
+                    help="spread the clients' first streams over this many seconds")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds before the measured window (default: min(1, duration/5))")
+    ap.add_argument("--probe", action="append", default=[], metavar="NAME=URL",
+                    help="also GET URL every 50 ms and report its latency (repeatable)")
     args = ap.parse_args()
     body = args.body_file.read_bytes()
-    result = uvloop.run(run(args.url, body, args.streams, args.duration))
+    probes = dict(p.split("=", 1) for p in args.probe)
+    result = uvloop.run(run(args.url, body, args.streams, args.duration, args.ramp, args.warmup,
+                            probes))
     args.out.write_text(json.dumps(result))
 
 

@@ -231,7 +231,8 @@ class _Conn(asyncio.Protocol):
         if ex is None:  # bytes nobody asked for: the connection is out of step
             self.abort()
             return
-        ex.activity = time.monotonic()
+        ex.activity = now = time.monotonic()
+        self.pool.heard[self.key] = now
         ex.got_bytes = True
         try:
             self.parser.feed_data(data)
@@ -341,6 +342,17 @@ class Pool:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._active: set[Exchange] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        # (host, port) -> when its last response bytes arrived (time.monotonic()).
+        self.heard: dict[tuple[str, int], float] = {}
+
+    def heard_from(self, base_url: str) -> float:
+        """When response bytes from ``base_url`` last arrived (``time.monotonic()``; 0.0:
+        never): an upstream that is answering requests is alive, whatever else is slow."""
+        try:
+            host, port, _ = _target(base_url)
+        except ValueError:
+            return 0.0
+        return self.heard.get((host, port), 0.0)
 
     async def send(
         self, base_url: str, method: bytes, path: bytes, headers: bytes, body: bytes

@@ -54,7 +54,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         env_passthrough=parse_passthrough(settings.engine_env_passthrough))
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry, settings.worker_id) if settings.metrics else None
-    supervisor = Supervisor(store, settings, drivers, client, metrics)
+    supervisor = Supervisor(store, settings, drivers, client, metrics, upstream.heard_from)
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
     sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)

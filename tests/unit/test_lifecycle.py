@@ -4,10 +4,12 @@ route in one transaction; and a supervisor that keeps an instance until Redis ha
 from __future__ import annotations
 
 import ast
+import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import fakeredis
 import httpx
@@ -191,3 +193,52 @@ async def test_a_flow_that_raises_fails_the_instance_and_withdraws_its_route(
         await inst.task
         assert inst.state is S.FAILED and "unexpected" in inst.error
         assert (await seen(store))[:2] == ("FAILED", None)
+
+
+class _Engine:
+    """What the health check reads of an engine: its URL and its /health verdict."""
+
+    base_url = "http://127.0.0.1:9"
+    record = None
+    port = 9
+    pid = 0
+
+    def __init__(self, verdict: bool | None) -> None:
+        self.verdict = verdict
+
+    async def health_status(self, client: httpx.AsyncClient) -> bool | None:
+        return self.verdict
+
+
+@pytest.mark.parametrize(("verdict", "serving", "withdrawn"), [
+    (None, True, False),  # no answer in time, but it streams: busy, keeps its route
+    (None, False, True),  # no answer and no traffic: hung
+    (False, True, True),  # an error answer counts whatever the traffic
+    (True, False, False),
+])
+async def test_a_busy_engine_keeps_its_route(
+    server_store: tuple[fakeredis.FakeServer, Store], tmp_path: Path,
+    verdict: bool | None, serving: bool, withdrawn: bool,
+) -> None:
+    """Under 1,000 streams on a shared core the engine's /health timed out, the worker
+    withdrew its route and the routers held every new request for seconds, on an engine
+    that was serving all along. A timeout while the proxy gets the engine's bytes passes."""
+    _, store = server_store
+    settings = WorkerSettings(worker_id="w1", worker_url=URL, state_dir=tmp_path)
+    last_bytes: dict[str, float] = {}
+    async with httpx.AsyncClient() as client:
+        sup = Supervisor(store, settings, {}, client,
+                         traffic=lambda url: last_bytes.get(url, 0.0))
+        inst = instance(S.WARMING)
+        inst.engine = cast(Any, _Engine(verdict))
+        sup.instances["m"] = inst
+        await sup.life.transition(inst, S.RUNNING)
+        assert (await seen(store))[1] == URL
+
+        async def stream_bytes() -> None:  # the proxy relaying the engine's answer meanwhile
+            if serving:
+                last_bytes[_Engine.base_url] = time.monotonic()
+
+        await asyncio.gather(sup.check_health(), stream_bytes())
+        assert inst.health_failures == (1 if withdrawn else 0)
+        assert (await seen(store))[1] == (None if withdrawn else URL)

@@ -9,12 +9,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.manager.metrics import reason_kind
-from services.router.metrics import AccessLog, Recorder, RouterMetrics, _usage
+from services.router.metrics import AccessLog, Recorder, RequestRecord, RouterMetrics, _usage
 from shared.metrics import FastCounter, FastHistogram, FuncCollector, status_class
+from shared.principal import Principal
 from shared.tracing import make_tracing, valid_traceparent
 from tests.support import ROOT
 
@@ -128,3 +130,31 @@ def test_no_opentelemetry_sdk_without_an_endpoint() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_record_line_is_the_fields_line(fmt: str) -> None:
+    """The access log formats a record's line straight from it (no dict in between): the
+    same text as the generic ``write(record.fields())``, for every optional field."""
+    def variants() -> list[RequestRecord]:
+        plain = Recorder(None, AccessLog(False, 1.0)).start("rid-a")
+        plain.alias, plain.status, plain.attempts, plain.worker = "m", 200, 1, "w1"
+        full = Recorder(None, AccessLog(False, 1.0)).start("rid-b")
+        full.alias, full.status, full.code, full.stream = "m", 503, "no_replica", True
+        full.first_chunk, full.held_s, full.tokens = full.t0 + 0.0123456, 0.5, (3, 7)
+        full.principal = Principal("id1", "k1", "t1")
+        return [plain, full]
+
+    for rec in variants():
+        end = rec.t0 + 0.25
+        a, b = io.StringIO(), io.StringIO()
+        generic, direct = AccessLog(True, 1.0, fmt, stream=a), AccessLog(True, 1.0, fmt, stream=b)
+        generic.write(rec.fields(end))
+        direct.write_record(rec, end)
+        generic.flush()
+        direct.flush()
+        line_a, line_b = a.getvalue(), b.getvalue()
+        # The timestamps may differ by a millisecond: compare what follows them.
+        sep = '"level"' if fmt == "json" else " router "
+        assert line_a.split(sep, 1)[1] == line_b.split(sep, 1)[1]
+        assert "rid-" in line_b

@@ -373,3 +373,19 @@ def test_only_http_urls() -> None:
     with pytest.raises(UpstreamError, match="only http://") as e:
         asyncio.run(send(pool, "https://example.invalid"))
     assert e.value.code == "upstream_unsupported"
+
+
+async def test_the_pool_knows_when_an_upstream_last_answered() -> None:
+    """heard_from: when response bytes last came from that upstream (the worker counts a
+    health check that timed out while its engine answered as passing)."""
+    async with upstream(echo_forever) as up:
+        pool = Pool(2, 5)
+        assert pool.heard_from(up.url) == 0.0
+        before = asyncio.get_running_loop().time()
+        await send(pool, up.url)
+        heard = pool.heard_from(up.url)
+        assert heard >= before
+        assert pool.heard_from("http://127.0.0.1:1") == 0.0  # another upstream: never
+        await send(pool, up.url)
+        assert pool.heard_from(up.url) >= heard
+        await pool.close()

@@ -185,8 +185,15 @@ class EngineProcess:
                     self._leader_code = int(event["code"])
 
     async def health(self, client: httpx.AsyncClient) -> bool:
+        return await self.health_status(client) is True
+
+    async def health_status(self, client: httpx.AsyncClient) -> bool | None:
+        """True: healthy; False: an error answer, or no connection; None: no answer in time
+        (hung, or only too busy to answer within the 2 s)."""
         try:
             r = await client.get(f"{self.base_url}{self.launch.health_path}", timeout=2.0)
+        except httpx.TimeoutException:
+            return None
         except httpx.HTTPError:
             return False
         return r.status_code == 200
