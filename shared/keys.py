@@ -127,6 +127,13 @@ class Keys:
         return f"{self._s}:ledger:{worker_id}"
 
     @property
+    def assign_versions(self) -> str:
+        """hash: worker id -> a count bumped by every write to that worker's assignments or
+        ledger (in the same transaction): a worker re-reads its assignments, and the
+        scheduler a worker's, only when it moved."""
+        return f"{self._s}:assign:versions"
+
+    @property
     def autoscale(self) -> str:
         """hash: alias -> the autoscaler's clocks (JSON), so a new leader keeps them."""
         return f"{self._s}:autoscale"

@@ -62,6 +62,10 @@ class CommonSettings(BaseSettings):
     events_enabled: bool = True
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
+    # The safety net of the incremental control plane: the scheduler makes a full pass, and
+    # a worker re-reads its assignments, at least this often even when nothing says they
+    # changed (a lost hint, a missed log entry).
+    resync_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     # Engine sandboxing (checked at registration by routers, and again by workers at launch):
     # allow --trust-remote-code (and weight formats that unpickle), and the directories under

@@ -38,7 +38,9 @@ return 0
 
 _RELEASE_RESERVATION_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
-return redis.call('HDEL', KEYS[2], ARGV[1])
+local n = redis.call('HDEL', KEYS[2], ARGV[1])
+if n == 1 then redis.call('HINCRBY', KEYS[3], ARGV[2], 1) end
+return n
 """
 
 
@@ -93,7 +95,28 @@ class SchedulingStore(StoreBase):
     async def worker_assignments(self, worker_id: str) -> dict[str, Assignment]:
         return (await self.assignments([worker_id]))[worker_id]
 
+    def _touched(self, p: Pipeline, worker_id: str) -> None:
+        """In the transaction that writes a worker's assignments or ledger: bump its
+        assignment version (its readers re-read only when it moved)."""
+        p.hincrby(self.k.assign_versions, worker_id, 1)
+
+    async def assign_versions(self) -> dict[str, str]:
+        """worker id -> its assignment version (the scheduler's check for others' writes)."""
+        return (await self._hashes([self.k.assign_versions]))[0]
+
+    async def assignment_stamp(self, worker_id: str) -> tuple[str, str]:
+        """The worker's assignment version and the models version, in one round trip (both
+        in the scheduler's slot): what a worker compares before re-reading its state."""
+        async with self._batch() as pipe:
+            pipe.hget(self.k.assign_versions, worker_id)
+            pipe.get(self.k.models_version)
+            mine, models = await pipe.execute(raise_on_error=False)
+        mine = self._checked(self.k.assign_versions, mine, None)
+        models = self._checked(self.k.models_version, models, None)
+        return str(mine or "0"), str(models or "0")
+
     def _add_assign(self, p: Pipeline, a: Assignment) -> None:
+        self._touched(p, a.worker_id)
         p.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
         if a.gpus:
             r = Reservation(alias=a.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
@@ -122,6 +145,7 @@ class SchedulingStore(StoreBase):
     async def unassign(self, token: str, worker_id: str, alias: str) -> None:
         def build(p: Pipeline) -> None:
             p.hdel(self.k.assign(worker_id), alias)
+            self._touched(p, worker_id)
 
         await self._fenced(token, build)
         await self.publish("assign", alias=alias, worker=worker_id)
@@ -146,6 +170,7 @@ class SchedulingStore(StoreBase):
             for w in writes:
                 if isinstance(w, Unassign):
                     p.hdel(self.k.assign(w.worker_id), w.alias)
+                    self._touched(p, w.worker_id)
                 else:
                     self._add_assign(p, w)
             if self.events_enabled and not self.cluster:
@@ -168,6 +193,7 @@ class SchedulingStore(StoreBase):
 
         def build(p: Pipeline) -> None:
             p.delete(self.k.assign(worker_id))
+            self._touched(p, worker_id)
             for alias in names:
                 p.hdel(self.k.routes(alias), worker_id)
                 p.delete(self.k.instance(alias, worker_id))
@@ -194,6 +220,7 @@ class SchedulingStore(StoreBase):
 
         def build(p: Pipeline) -> None:
             p.delete(self.k.assign(worker_id))
+            self._touched(p, worker_id)
 
         await self._fenced(token, build)
 
@@ -226,8 +253,9 @@ class SchedulingStore(StoreBase):
     async def release_reservation(self, worker_id: str, alias: str) -> bool:
         """Drop a ledger entry once its engine is confirmed gone, unless the alias has been
         assigned to this worker again meanwhile (the entry then belongs to the new one)."""
-        res = await self.r.eval(_RELEASE_RESERVATION_LUA, 2, self.k.assign(worker_id),
-                                self.k.ledger(worker_id), alias)
+        res = await self.r.eval(_RELEASE_RESERVATION_LUA, 3, self.k.assign(worker_id),
+                                self.k.ledger(worker_id), self.k.assign_versions, alias,
+                                worker_id)
         return bool(res)
 
     async def set_placement_reason(self, alias: str, reason: str) -> None:
