@@ -1,7 +1,13 @@
 """The scheduling loop: converge assignments toward the registered models.
 
-Level-triggered: each pass reads the whole desired and observed state and fixes differences,
-so lost pub/sub hints or a crashed manager cost only latency. Only the lease holder acts, and
+Level-triggered at heart: a full pass reads the whole desired and observed state and fixes
+differences, so lost pub/sub hints or a crashed manager cost only latency. Full passes run
+when a manager becomes leader and then every RESYNC_S; between them each tick looks only at
+what changed since the last one (:meth:`Scheduler.reconcile_changes`): the aliases named in
+the models and routes logs and in hints, the workers that joined, died or whose assignments
+someone else wrote (their assignment versions), and the aliases whose policy runs on timers.
+Anything it cannot account for (a log that does not cover a counter's move, a lost
+subscription, a failed tick) makes the next tick a full pass. Only the lease holder acts, and
 each of its writes is fenced by the lease token (see :mod:`shared.store`). It alone writes
 assignments: operators' requests (holds, manual placements, demand, sleep) are read each pass
 and carried out here (see :mod:`shared.store.intents`).
@@ -12,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -26,12 +32,15 @@ from shared.events import Nudger
 from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
+from shared.store.observed import RouteChanges
 from shared.store.scheduling import Unassign
 
 logger = logging.getLogger(__name__)
 
 # The most fenced writes held back to share one transaction.
 WRITE_BATCH = 200
+# The most log entries one incremental tick takes; beyond it a full pass is as cheap.
+LOG_LIMIT = 2000
 
 
 class FencedWrites:
@@ -70,6 +79,13 @@ class LeaderState:
         return self.epoch > 0
 
 
+def _timed_policy(model: StoredModel) -> bool:
+    """Whether the model's policy acts on time passing (no change announces it)."""
+    spec = model.spec
+    return (spec.idle_stop_s is not None or spec.idle_sleep_s is not None
+            or spec.target_inflight is not None)
+
+
 @dataclass(frozen=True)
 class _AliasPass:
     """What one pass knows of one alias."""
@@ -79,6 +95,38 @@ class _AliasPass:
     records: dict[str, dict[str, str]]
     demand: bool
     sleep: str | None
+
+
+@dataclass
+class _World:
+    """What the last pass knew, kept so that the next tick reads only what changed. The
+    scheduler alone writes assignments, so its own copies stay true; others' writes to a
+    worker's ledger (a released reservation) or assignments (a deleted model) move that
+    worker's assignment version and are read again."""
+
+    views: dict[str, WorkerView]
+    assigns: dict[str, dict[str, Assignment]]
+    ledgers: dict[str, dict[str, Reservation]]
+    aliases: set[str]
+    """Registered aliases (a dead worker's cleanup drops its routes of each)."""
+    versions: dict[str, str]
+    """Assignment versions, read before the data they cover."""
+    mark: RouteChanges
+    """The counters and logs' newest ids, read before the data they cover."""
+    watch: set[str]
+    """Aliases looked at on every tick: policies on timers (idle sleep or stop,
+    autoscaling), waiting demand, a pending sleep request."""
+    skipped: set[str] = field(default_factory=set)
+    """Listed workers whose record does not parse (left out, as by a full pass)."""
+
+
+def _accounts(before: str, after: str, listed: list[str] | None) -> bool:
+    """True when the log entries listed explain a counter's move exactly (routers' rule)."""
+    try:
+        moved = int(after) - int(before)
+    except ValueError:
+        return False
+    return listed is not None and moved == len(listed) and moved <= LOG_LIMIT
 
 
 class Scheduler:
@@ -97,6 +145,22 @@ class Scheduler:
         # The autoscaler's clocks, loaded from Redis each pass and saved when they change,
         # so a new leader (or this one after losing the lease) carries on from them.
         self._scale: dict[str, ScaleMark] = {}
+        # The incremental control plane: what the last pass knew (None: the next is full),
+        # when the next full pass is due, and the aliases hints named since the last tick.
+        self._world: _World | None = None
+        self._resync_at = 0.0
+        self._hinted: set[str] = set()
+        nudger.on_hint(self._on_hint)
+        # Passes of each kind (tests and the benchmark tell them apart).
+        self.full_passes = 0
+        self.change_passes = 0
+
+    def _on_hint(self, hint: dict[str, object]) -> None:
+        alias = hint.get("alias")
+        if isinstance(alias, str):
+            self._hinted.add(alias)
+        elif hint.get("kind") == "resubscribed":
+            self._world = None  # hints were lost: look at everything
 
     @property
     def token(self) -> str:
@@ -127,9 +191,17 @@ class Scheduler:
         if epoch != self.state.epoch:
             logger.info("scheduler lease: %s", f"leader at epoch {epoch}" if epoch else "standby")
             self.state.epoch = epoch
+            self._world = None  # another leader may have written meanwhile
         if epoch:
             began = time.monotonic()
-            await self.reconcile()
+            try:
+                if self._world is None or began >= self._resync_at:
+                    await self.reconcile()
+                else:
+                    await self.reconcile_changes()
+            except BaseException:
+                self._world = None  # what it holds may be half updated
+                raise
             self.state.passes += 1
             if self.metrics is not None:
                 self.metrics.pass_duration.observe(time.monotonic() - began)
@@ -140,6 +212,12 @@ class Scheduler:
             self.state.epoch = 0
 
     async def reconcile(self) -> None:
+        """A full pass over every worker and alias."""
+        # Where the logs and versions stand, read before the data: what lands after is
+        # looked at again by the next tick.
+        mark = await self.store.route_changes(None, 0)
+        versions = await self.store.assign_versions()
+        self._hinted.clear()
         workers = await self.store.list_workers()
         self._count_workers(workers)
         listed, unreadable = await self.store.list_models_checked()
@@ -166,10 +244,87 @@ class Scheduler:
                 if alias not in models and alias not in unreadable:
                     await self.store.unassign(self.token, w.worker_id, alias)
                     del assigns[w.worker_id][alias]
+        views = {w.worker_id: w for w in workers}
+        watch = await self._converge(models, views, assigns, ledgers)
+        await self._save_scale(marks)
+        self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
+                             aliases=set(models) | unreadable, versions=versions, mark=mark,
+                             watch=watch)
+        self._resync_at = time.monotonic() + self.settings.resync_s
+        self.full_passes += 1
+
+    async def reconcile_changes(self) -> None:
+        """A tick between full passes: only what changed since the last one."""
+        world = self._world
+        assert world is not None
+        ids = sorted(world.views)
+        mark = await self.store.route_changes(world.mark.last_id, LOG_LIMIT,
+                                              world.mark.models_last_id, workers=ids)
+        versions = await self.store.assign_versions()
+        members = await self.store.worker_ids()
+        (m0, r0), (m1, r1) = world.mark.versions, mark.versions
+        if not (_accounts(m0, m1, mark.models) and _accounts(r0, r1, mark.aliases)):
+            await self.reconcile()  # the logs do not cover what changed
+            return
+        hinted, self._hinted = self._hinted, set()
+        dirty = set(mark.models or ()) | set(mark.aliases or ()) | hinted | world.watch
+        views, assigns, ledgers = world.views, world.assigns, world.ledgers
+        workers_changed = False
+        joined = [w for w in members if w not in views and w not in world.skipped]
+        if joined or any(views[w].alive != (w in mark.alive) for w in ids):
+            # A worker joined, died or came back (rare): every view read again.
+            views = {w.worker_id: w for w in await self.store.list_workers()}
+            world.skipped = set(joined) - set(views)
+            workers_changed = True
+        moved = [w for w in views if w not in assigns or versions.get(w) != world.versions.get(w)]
+        if moved:
+            fresh, fresh_ledgers = (await self.store.assignments(moved),
+                                    await self.store.ledgers(moved))
+            for w in moved:
+                before = assigns.get(w, {})
+                dirty |= {a for a in set(before) | set(fresh[w])
+                          if before.get(a) != fresh[w].get(a)}
+                assigns[w], ledgers[w] = fresh[w], fresh_ledgers[w]
+            workers_changed = True
+        since_ok = time.monotonic() - self.state.store_ok_since
+        if since_ok >= self.settings.heartbeat_ttl_s:
+            for w, view in views.items():
+                if not view.alive and assigns.get(w):
+                    await self._forget(view, sorted(world.aliases))
+                    dirty |= set(assigns[w])
+                    assigns[w] = {}
+        if workers_changed:
+            dirty |= set(self._reasons)  # room may have appeared for what could not be placed
+        found, unreadable = await self.store.get_models_checked(sorted(dirty))
+        deleted = dirty - set(found) - unreadable
+        for w, mine in assigns.items():
+            for alias in [a for a in mine if a in deleted]:
+                await self.store.unassign(self.token, w, alias)
+                del mine[alias]
+        for alias in deleted:
+            self._reasons.pop(alias, None)
+            self._scale.pop(alias, None)
+        saved = dict(self._scale)
+        for alias in deleted:
+            saved.setdefault(alias, ScaleMark(version="", above_since=None, below_since=None))
+        watch = world.watch - dirty
+        watch |= await self._converge(found, views, assigns, ledgers)
+        await self._save_scale(saved)
+        world.aliases = (world.aliases - deleted) | set(found) | unreadable
+        world.views, world.versions, world.mark, world.watch = views, versions, mark, watch
+        self.change_passes += 1
+
+    async def _converge(
+        self, models: dict[str, StoredModel], views: dict[str, WorkerView],
+        assigns: dict[str, dict[str, Assignment]], ledgers: dict[str, dict[str, Reservation]],
+    ) -> set[str]:
+        """Converge the assignments of ``models`` (every worker's ``assigns`` and ``ledgers``
+        kept in step with what is written). Returns the aliases among them to look at again
+        on every tick (:attr:`_World.watch`)."""
+        workers = list(views.values())
         aliases = list(models)
         demands = await self.store.demands(aliases)
         intents = await self.store.intents(aliases)
-        views = {w.worker_id: w for w in workers}
         usage = await self.store.instances_by_alias(aliases)
         # alias -> worker -> assignment, built once: scanning every worker for every alias
         # made a pass grow with workers x aliases.
@@ -181,8 +336,12 @@ class Scheduler:
         renewed = time.monotonic()
         # Workers least loaded first, kept in step with every change below: a placement
         # stops at the first worker that fits instead of scanning them all.
+        for w in views:
+            assigns.setdefault(w, {})
         order = WorkerOrder(workers, assigns, ledgers)
         writes = FencedWrites(self.store, self.token)
+        watch = {a for a, m in models.items() if _timed_policy(m) or a in demands
+                 or (a in intents and intents[a].sleep is not None)}
         try:
             for alias, model in models.items():
                 if time.monotonic() - renewed > self.settings.lease_ttl_s / 3:
@@ -205,7 +364,7 @@ class Scheduler:
             await writes.flush()  # what was decided before the failure lands, as it did unbatched
             raise
         await writes.flush()
-        await self._save_scale(marks)
+        return watch
 
     def _count_workers(self, workers: list[WorkerView]) -> None:
         if self.metrics is not None:
