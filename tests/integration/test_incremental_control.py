@@ -6,7 +6,7 @@ the real services with their timers set out of reach."""
 
 from __future__ import annotations
 
-import time
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -112,7 +112,7 @@ async def test_the_periodic_resync_repairs_an_unannounced_change(store: Store) -
     await s.tick()
     assert s.change_passes == 2  # a tick that looked only at what was announced
     assert await placed(store, "a", ["w1"]) == []
-    time.sleep(1.0)
+    await asyncio.sleep(1.0)
     await s.tick()
     assert s.full_passes == 2
     assert await placed(store, "a", ["w1"]) == ["w1"]
