@@ -155,7 +155,9 @@ class ManagerSettings(CommonSettings):
     manager_host: str = "0.0.0.0"
     manager_port: int = 9000
     manager_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-manager")
-    schedule_interval_s: float = Field(default=1.0, gt=0)
+    # A tick acts on what changed since the last one (cheap: a few commands when nothing
+    # did); a full pass runs every resync_s. Short, so a dead worker is acted on at once.
+    schedule_interval_s: float = Field(default=0.1, gt=0)
     lease_ttl_s: float = Field(default=5.0, gt=0)
     # Autoscaling hysteresis: load must stay above (below) target this long to add (remove)
     # a replica.

@@ -33,7 +33,7 @@ from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
 from shared.store.observed import RouteChanges
-from shared.store.scheduling import Unassign
+from shared.store.scheduling import ANY_WORKER, Unassign
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,12 @@ class _World:
     autoscaling), waiting demand, a pending sleep request."""
     skipped: set[str] = field(default_factory=set)
     """Listed workers whose record does not parse (left out, as by a full pass)."""
+    listed: int = 0
+    """Entries of the workers index when the views were read."""
+
+    def __post_init__(self) -> None:
+        self.ids = sorted(self.views)
+        self.alive = sum(1 for v in self.views.values() if v.alive)
 
 
 def _accounts(before: str, after: str, listed: list[str] | None, unlogged: int = 0) -> bool:
@@ -155,6 +161,9 @@ class Scheduler:
         # Unlogged bumps of the routes counter this manager made since the last mark (a dead
         # worker's cleanup): the next tick counts them with the log, not as unexplained.
         self._unlogged = 0
+        # Dead workers forgotten by a tick for their assigned aliases only: the next full
+        # pass drops their routes and records of every other alias too.
+        self._forget_later: set[str] = set()
         nudger.on_hint(self._on_hint)
         # Passes of each kind (tests and the benchmark tell them apart).
         self.full_passes = 0
@@ -224,6 +233,7 @@ class Scheduler:
         self._unlogged = 0
         versions = await self.store.assign_versions()
         self._hinted.clear()
+        members = await self.store.worker_ids()
         workers = await self.store.list_workers()
         self._count_workers(workers)
         listed, unreadable = await self.store.list_models_checked()
@@ -238,8 +248,9 @@ class Scheduler:
         # not reach it: wait one TTL for them to beat again before calling anyone dead.
         since_ok = time.monotonic() - self.state.store_ok_since
         trust_liveness = since_ok >= self.settings.heartbeat_ttl_s
+        later, self._forget_later = self._forget_later, set()
         for w in workers:
-            if not w.alive and assigns[w.worker_id] and trust_liveness:
+            if not w.alive and (assigns[w.worker_id] or w.worker_id in later) and trust_liveness:
                 await self._forget(w, list(models))
                 assigns[w.worker_id] = {}
         workers = await gc_workers(self.store, self.token, workers, self.settings, trust_liveness)
@@ -255,7 +266,8 @@ class Scheduler:
         await self._save_scale(marks)
         self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
                              aliases=set(models) | unreadable, versions=versions, mark=mark,
-                             watch=watch)
+                             watch=watch, skipped=set(members) - set(views),
+                             listed=len(members))
         self._resync_at = time.monotonic() + self.settings.resync_s
         self.full_passes += 1
 
@@ -263,12 +275,10 @@ class Scheduler:
         """A tick between full passes: only what changed since the last one."""
         world = self._world
         assert world is not None
-        ids = sorted(world.views)
         mark = await self.store.route_changes(world.mark.last_id, LOG_LIMIT,
-                                              world.mark.models_last_id, workers=ids)
+                                              world.mark.models_last_id)
         unlogged, self._unlogged = self._unlogged, 0
-        versions = await self.store.assign_versions()
-        members = await self.store.worker_ids()
+        probe = await self.store.scheduler_probe(world.ids)
         (m0, r0), (m1, r1) = world.mark.versions, mark.versions
         if not (_accounts(m0, m1, mark.models)
                 and _accounts(r0, r1, mark.aliases, unlogged)):
@@ -278,12 +288,15 @@ class Scheduler:
         dirty = set(mark.models or ()) | set(mark.aliases or ()) | hinted | world.watch
         views, assigns, ledgers = world.views, world.assigns, world.ledgers
         workers_changed = False
-        joined = [w for w in members if w not in views and w not in world.skipped]
-        if joined or any(views[w].alive != (w in mark.alive) for w in ids):
-            # A worker joined, died or came back (rare): every view read again.
+        if probe.workers != world.listed or probe.alive != world.alive:
+            # A worker joined, died, came back or left (rare): every view read again.
+            members = await self.store.worker_ids()
             views = {w.worker_id: w for w in await self.store.list_workers()}
-            world.skipped = set(joined) - set(views)
+            world.skipped, world.listed = set(members) - set(views), len(members)
             workers_changed = True
+        versions = world.versions
+        if probe.any_version != versions.get(ANY_WORKER, "0"):
+            versions = await self.store.assign_versions()
         moved = [w for w in views if w not in assigns or versions.get(w) != world.versions.get(w)]
         if moved:
             fresh, fresh_ledgers = (await self.store.assignments(moved),
@@ -298,29 +311,49 @@ class Scheduler:
         if since_ok >= self.settings.heartbeat_ttl_s:
             for w, view in views.items():
                 if not view.alive and assigns.get(w):
-                    await self._forget(view, sorted(world.aliases))
+                    # Its assigned aliases now (what must move at once); the rest at the
+                    # next full pass (routers skip a dead worker's routes meanwhile).
+                    await self._forget(view, sorted(assigns[w]))
+                    self._forget_later.add(w)
                     dirty |= set(assigns[w])
                     assigns[w] = {}
         if workers_changed:
             dirty |= set(self._reasons)  # room may have appeared for what could not be placed
+        if dirty:
+            world.watch = await self._converge_dirty(world, dirty, views, assigns, ledgers)
+        if views is not world.views:
+            world = _World(views=views, assigns=assigns, ledgers=ledgers, aliases=world.aliases,
+                           versions=versions, mark=mark, watch=world.watch,
+                           skipped=world.skipped, listed=world.listed)
+        world.versions, world.mark = versions, mark
+        self._world = world
+        self.change_passes += 1
+
+    async def _converge_dirty(
+        self, world: _World, dirty: set[str], views: dict[str, WorkerView],
+        assigns: dict[str, dict[str, Assignment]], ledgers: dict[str, dict[str, Reservation]],
+    ) -> set[str]:
+        """Converge the aliases of ``dirty`` (their models read again; those gone
+        unassigned); returns the new watch set."""
         found, unreadable = await self.store.get_models_checked(sorted(dirty))
         deleted = dirty - set(found) - unreadable
-        for w, mine in assigns.items():
-            for alias in [a for a in mine if a in deleted]:
-                await self.store.unassign(self.token, w, alias)
-                del mine[alias]
-        for alias in deleted:
-            self._reasons.pop(alias, None)
-            self._scale.pop(alias, None)
+        if deleted:
+            for w, mine in assigns.items():
+                for alias in [a for a in mine if a in deleted]:
+                    await self.store.unassign(self.token, w, alias)
+                    del mine[alias]
         saved = dict(self._scale)
         for alias in deleted:
-            saved.setdefault(alias, ScaleMark(version="", above_since=None, below_since=None))
+            self._reasons.pop(alias, None)
+            if self._scale.pop(alias, None) is None:
+                saved.pop(alias, None)
         watch = world.watch - dirty
-        watch |= await self._converge(found, views, assigns, ledgers)
+        if found:
+            watch |= await self._converge(found, views, assigns, ledgers)
         await self._save_scale(saved)
-        world.aliases = (world.aliases - deleted) | set(found) | unreadable
-        world.views, world.versions, world.mark, world.watch = views, versions, mark, watch
-        self.change_passes += 1
+        world.aliases -= deleted
+        world.aliases |= set(found) | unreadable
+        return watch
 
     async def _converge(
         self, models: dict[str, StoredModel], views: dict[str, WorkerView],

@@ -39,7 +39,10 @@ return 0
 _RELEASE_RESERVATION_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 local n = redis.call('HDEL', KEYS[2], ARGV[1])
-if n == 1 then redis.call('HINCRBY', KEYS[3], ARGV[2], 1) end
+if n == 1 then
+  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+  redis.call('HINCRBY', KEYS[3], '*', 1)
+end
 return n
 """
 
@@ -51,6 +54,23 @@ redis.call('DEL', KEYS[2])
 return redis.call('SREM', KEYS[3], ARGV[1])
 """
 _BUMP_LUA = BUMP_FN_LUA + "return bump(KEYS[1])"
+
+
+# The field of ``assign:versions`` bumped with every worker's: one read tells whether any
+# moved (worker ids cannot contain "*").
+ANY_WORKER = "*"
+
+
+@dataclass(frozen=True)
+class SchedulerProbe:
+    """What the scheduler's tick checks before reading more: cheap to ask every tick."""
+
+    alive: int
+    """How many of the workers asked about have their heartbeat key."""
+    any_version: str
+    """``assign:versions``'s ANY_WORKER field: moves with every worker's version."""
+    workers: int
+    """Entries of the workers index."""
 
 
 @dataclass(frozen=True)
@@ -99,10 +119,33 @@ class SchedulingStore(StoreBase):
         """In the transaction that writes a worker's assignments or ledger: bump its
         assignment version (its readers re-read only when it moved)."""
         p.hincrby(self.k.assign_versions, worker_id, 1)
+        p.hincrby(self.k.assign_versions, ANY_WORKER, 1)
 
     async def assign_versions(self) -> dict[str, str]:
         """worker id -> its assignment version (the scheduler's check for others' writes)."""
         return (await self._hashes([self.k.assign_versions]))[0]
+
+    async def scheduler_probe(self, worker_ids: list[str]) -> SchedulerProbe:
+        """How many of ``worker_ids`` are alive (one EXISTS of all their heartbeat keys: an
+        integer back, whatever the pool's size), the any-worker version and the size of the
+        workers index, in one round trip (on a cluster, EXISTS is split per node)."""
+        keys = [self.k.worker_alive(w) for w in worker_ids]
+        if self.cluster:
+            alive = int(await self.r.exists(*keys)) if keys else 0
+            async with self._txn(self.k.workers) as pipe:
+                pipe.hget(self.k.assign_versions, ANY_WORKER)
+                pipe.scard(self.k.workers)
+                version, count = await pipe.execute()
+        else:
+            async with self.r.pipeline(transaction=False) as pipe:
+                if keys:
+                    pipe.exists(*keys)
+                pipe.hget(self.k.assign_versions, ANY_WORKER)
+                pipe.scard(self.k.workers)
+                replies = await pipe.execute()
+            alive = int(replies[0]) if keys else 0
+            version, count = replies[-2:]
+        return SchedulerProbe(alive, str(version or "0"), int(count))
 
     async def assignment_stamp(self, worker_id: str) -> tuple[str, str]:
         """The worker's assignment version and the models version, in one round trip (both
