@@ -7,7 +7,8 @@ a heartbeat every HEARTBEAT_INTERVAL_S (2 s), and every RECONCILE_INTERVAL_S (1 
 worker's :class:`AssignmentReader` (a version check; its assignments and models re-read
 only when they changed, and at least every RESYNC_S). ``--first`` offsets the worker
 numbers, so that several processes share a large simulated pool. Ticks are spread evenly
-over the interval. The heartbeat TTL is generous (30 s) so a simulator that falls behind never makes the manager
+over the interval. The heartbeat TTL is generous (30 s) so a simulator that falls behind
+never makes the manager
 declare its workers dead. Every second it rewrites ``--out`` with the ticks done so far and
 the ticks due, so a caller can check it kept up while it runs.
 """

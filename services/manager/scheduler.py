@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 WRITE_BATCH = 200
 # The most log entries one incremental tick takes; beyond it a full pass is as cheap.
 LOG_LIMIT = 2000
+# Full passes take at most 1/RESYNC_SHARE of the leader's time: the next one is due
+# RESYNC_S after the last, or this many times its duration when that is longer (a pass over
+# 50,000 aliases takes seconds; every 30 s it would cost a fifth of a core for a safety net).
+RESYNC_SHARE = 50
 
 
 class FencedWrites:
@@ -229,6 +233,7 @@ class Scheduler:
         """A full pass over every worker and alias."""
         # Where the logs and versions stand, read before the data: what lands after is
         # looked at again by the next tick.
+        began = time.monotonic()
         mark = await self.store.route_changes(None, 0)
         self._unlogged = 0
         versions = await self.store.assign_versions()
@@ -268,7 +273,8 @@ class Scheduler:
                              aliases=set(models) | unreadable, versions=versions, mark=mark,
                              watch=watch, skipped=set(members) - set(views),
                              listed=len(members))
-        self._resync_at = time.monotonic() + self.settings.resync_s
+        took = time.monotonic() - began
+        self._resync_at = time.monotonic() + max(self.settings.resync_s, RESYNC_SHARE * took)
         self.full_passes += 1
 
     async def reconcile_changes(self) -> None:
