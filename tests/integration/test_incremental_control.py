@@ -7,6 +7,7 @@ the real services with their timers set out of reach."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -112,8 +113,11 @@ async def test_the_periodic_resync_repairs_an_unannounced_change(store: Store) -
     await s.tick()
     assert s.change_passes == 2  # a tick that looked only at what was announced
     assert await placed(store, "a", ["w1"]) == []
-    await asyncio.sleep(1.0)
-    await s.tick()
+    # Due RESYNC_S (1 s) after the last, or 50 times its duration when that is longer.
+    deadline = time.monotonic() + 30
+    while s.full_passes < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        await s.tick()
     assert s.full_passes == 2
     assert await placed(store, "a", ["w1"]) == ["w1"]
 
