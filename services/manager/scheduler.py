@@ -294,11 +294,18 @@ class Scheduler:
         dirty = set(mark.models or ()) | set(mark.aliases or ()) | hinted | world.watch
         views, assigns, ledgers = world.views, world.assigns, world.ledgers
         workers_changed = False
-        if probe.workers != world.listed or probe.alive != world.alive:
-            # A worker joined, died, came back or left (rare): every view read again.
+        if probe.workers != world.listed:
+            # A worker joined or left (rare): every view read again.
             members = await self.store.worker_ids()
             views = {w.worker_id: w for w in await self.store.list_workers()}
             world.skipped, world.listed = set(members) - set(views), len(members)
+            workers_changed = True
+        elif probe.alive != world.alive:
+            # A worker died or came back: only the liveness flags are read (one MGET), so a
+            # death is acted on without reading every worker's record.
+            alive = await self.store.alive(world.ids)
+            views = {w: v if v.alive == (w in alive) else v.model_copy(update={"alive": w in alive})
+                     for w, v in views.items()}
             workers_changed = True
         versions = world.versions
         if probe.any_version != versions.get(ANY_WORKER, "0"):
