@@ -234,7 +234,10 @@ def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int) -> dict
             out["steady"] = _stage(r, groups, steady_s, sim_out)
         finally:
             r.close()
-        out["probes"] = uvloop.run(probes(url, probe_count))
+        try:
+            out["probes"] = uvloop.run(probes(url, probe_count))
+        except TimeoutError:
+            out["probes"] = {"error": "a probe waited 60 s for its action"}
         children.stop(manager)
         passes = subprocess.run([PYTHON, "-c", _PASS_CODE, str(tree), url, PREFIX,
                                  "1" if scale.aliases * scale.workers > 5_000_000 else "3"],

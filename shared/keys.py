@@ -193,6 +193,17 @@ class Keys:
         return f"{self._s}:version:routes"
 
     @property
+    def intents_version(self) -> str:
+        return f"{self._s}:version:intents"
+
+    @property
+    def intents_log(self) -> str:
+        """stream, capped: one entry (field ``alias``) per bump of the intents version: a
+        request that waits (demand) or a sleep request, so the scheduler's tick finds them
+        without reading every alias (and without their pub/sub hint)."""
+        return f"{self._s}:log:intents"
+
+    @property
     def models_log(self) -> str:
         """stream, capped: one entry (field ``alias``) per bump of the models version, so a
         router re-reads only the models named since its last pass."""

@@ -33,7 +33,7 @@ from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
 from shared.store.observed import RouteChanges
-from shared.store.scheduling import ANY_WORKER, Unassign
+from shared.store.scheduling import ANY_WORKER, LogRead, Unassign
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class _World:
     """Assignment versions, read before the data they cover."""
     mark: RouteChanges
     """The counters and logs' newest ids, read before the data they cover."""
+    intents: LogRead
+    """The same for the intents log (demand, sleep requests)."""
     watch: set[str]
     """Aliases looked at on every tick: policies on timers (idle sleep or stop,
     autoscaling), waiting demand, a pending sleep request."""
@@ -235,6 +237,7 @@ class Scheduler:
         # looked at again by the next tick.
         began = time.monotonic()
         mark = await self.store.route_changes(None, 0)
+        intents_mark = await self.store.intent_changes(None, 0)
         self._unlogged = 0
         versions = await self.store.assign_versions()
         self._hinted.clear()
@@ -271,7 +274,7 @@ class Scheduler:
         await self._save_scale(marks)
         self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
                              aliases=set(models) | unreadable, versions=versions, mark=mark,
-                             watch=watch, skipped=set(members) - set(views),
+                             intents=intents_mark, watch=watch, skipped=set(members) - set(views),
                              listed=len(members))
         took = time.monotonic() - began
         self._resync_at = time.monotonic() + max(self.settings.resync_s, RESYNC_SHARE * took)
@@ -284,14 +287,17 @@ class Scheduler:
         mark = await self.store.route_changes(world.mark.last_id, LOG_LIMIT,
                                               world.mark.models_last_id)
         unlogged, self._unlogged = self._unlogged, 0
+        intents = await self.store.intent_changes(world.intents.last_id, LOG_LIMIT)
         probe = await self.store.scheduler_probe(world.ids)
         (m0, r0), (m1, r1) = world.mark.versions, mark.versions
         if not (_accounts(m0, m1, mark.models)
-                and _accounts(r0, r1, mark.aliases, unlogged)):
+                and _accounts(r0, r1, mark.aliases, unlogged)
+                and _accounts(world.intents.version, intents.version, intents.aliases)):
             await self.reconcile()  # the logs do not cover what changed
             return
         hinted, self._hinted = self._hinted, set()
-        dirty = set(mark.models or ()) | set(mark.aliases or ()) | hinted | world.watch
+        dirty = (set(mark.models or ()) | set(mark.aliases or ()) | set(intents.aliases or ())
+                 | hinted | world.watch)
         views, assigns, ledgers = world.views, world.assigns, world.ledgers
         workers_changed = False
         if probe.workers != world.listed:
@@ -336,9 +342,9 @@ class Scheduler:
             world.watch = await self._converge_dirty(world, dirty, views, assigns, ledgers)
         if views is not world.views:
             world = _World(views=views, assigns=assigns, ledgers=ledgers, aliases=world.aliases,
-                           versions=versions, mark=mark, watch=world.watch,
+                           versions=versions, mark=mark, intents=intents, watch=world.watch,
                            skipped=world.skipped, listed=world.listed)
-        world.versions, world.mark = versions, mark
+        world.versions, world.mark, world.intents = versions, mark, intents
         self._world = world
         self.change_passes += 1
 

@@ -13,6 +13,7 @@ from redis.asyncio.client import Pipeline
 from shared.models import Assignment, Reservation
 from shared.records import BadRecord, parse_assignment, parse_reservation
 from shared.store.base import BUMP_FN_LUA, NotLeader, StoreBase
+from shared.store.observed import _logged_aliases, _newest
 
 # Renews the lease when this holder has it, takes it when nobody does (with a new epoch).
 _LEASE_LUA = """
@@ -74,6 +75,17 @@ class SchedulerProbe:
 
 
 @dataclass(frozen=True)
+class LogRead:
+    """A change counter and its log, read together (one MULTI/EXEC)."""
+
+    version: str
+    last_id: str
+    """The log's newest entry ("0-0" when empty): where the next read starts."""
+    aliases: list[str] | None
+    """The aliases logged after the id asked for (None: none asked, or unreadable)."""
+
+
+@dataclass(frozen=True)
 class Unassign:
     """One assignment to remove, as a write of :meth:`SchedulingStore.write_fenced`."""
 
@@ -124,6 +136,22 @@ class SchedulingStore(StoreBase):
     async def assign_versions(self) -> dict[str, str]:
         """worker id -> its assignment version (the scheduler's check for others' writes)."""
         return (await self._hashes([self.k.assign_versions]))[0]
+
+    async def intent_changes(self, after: str | None, limit: int) -> LogRead:
+        """The intents counter, its log's newest id and the aliases logged after ``after``
+        (demand and sleep requests since the scheduler's last tick)."""
+        log = self.k.intents_log
+        async with self._txn(self.k.intents_version) as pipe:
+            pipe.get(self.k.intents_version)
+            pipe.xrevrange(log, "+", "-", count=1)
+            if after is not None:
+                pipe.xrange(log, f"({after}", "+", count=limit + 1)
+            replies = await pipe.execute(raise_on_error=False)
+        version = self._checked(self.k.intents_version, replies[0], None)
+        newest = _newest(self._checked(log, replies[1], []))
+        listed = None if after is None else self._checked(log, replies[2], None)
+        return LogRead(str(version or "0"), newest,
+                       None if listed is None else _logged_aliases(listed))
 
     async def scheduler_probe(self, worker_ids: list[str]) -> SchedulerProbe:
         """How many of ``worker_ids`` are alive (one EXISTS of all their heartbeat keys: an

@@ -100,6 +100,21 @@ async def test_a_new_worker_takes_what_could_not_be_placed(store: Store) -> None
     assert s.full_passes == 1
 
 
+async def test_demand_is_acted_on_by_the_next_tick(store: Store) -> None:
+    """A request waiting for a model scaled to zero (events off here: no hint): the intents
+    log brings it to the next tick."""
+    await worker(store, "w1")
+    await store.register_model(spec("z", min_replicas=0))
+    s = scheduler(store)
+    await s.tick()
+    await s.tick()
+    assert await placed(store, "z", ["w1"]) == []
+    await store.want("z", 30)
+    await s.tick()
+    assert await placed(store, "z", ["w1"]) == ["w1"]
+    assert s.full_passes == 1
+
+
 async def test_the_periodic_resync_repairs_an_unannounced_change(store: Store) -> None:
     """An assignment deleted behind the store's back (no version bump, no log entry, no
     hint): the ticks in between do not see it, the full resync puts it back."""
