@@ -310,7 +310,7 @@ class Scheduler:
             # A worker died or came back: only the liveness flags are read (one MGET), so a
             # death is acted on without reading every worker's record.
             alive = await self.store.alive(world.ids)
-            views = {w: v if v.alive == (w in alive) else v.model_copy(update={"alive": w in alive})
+            views = {w: v if v.alive == (w in alive) else self._flipped(v, w in alive)
                      for w, v in views.items()}
             workers_changed = True
         versions = world.versions
@@ -318,16 +318,11 @@ class Scheduler:
             versions = await self.store.assign_versions()
         moved = [w for w in views if w not in assigns or versions.get(w) != world.versions.get(w)]
         if moved:
-            fresh, fresh_ledgers = (await self.store.assignments(moved),
-                                    await self.store.ledgers(moved))
-            for w in moved:
-                before = assigns.get(w, {})
-                dirty |= {a for a in set(before) | set(fresh[w])
-                          if before.get(a) != fresh[w].get(a)}
-                assigns[w], ledgers[w] = fresh[w], fresh_ledgers[w]
+            dirty |= await self._reread(moved, assigns, ledgers)
             workers_changed = True
         since_ok = time.monotonic() - self.state.store_ok_since
-        if since_ok >= self.settings.heartbeat_ttl_s:
+        some_dead = workers_changed or probe.alive < len(world.ids)
+        if some_dead and since_ok >= self.settings.heartbeat_ttl_s:
             for w, view in views.items():
                 if not view.alive and assigns.get(w):
                     # Its assigned aliases now (what must move at once); the rest at the
@@ -336,6 +331,7 @@ class Scheduler:
                     self._forget_later.add(w)
                     dirty |= set(assigns[w])
                     assigns[w] = {}
+            views = await self._collect(world, views)
         if workers_changed:
             dirty |= set(self._reasons)  # room may have appeared for what could not be placed
         if dirty:
@@ -347,6 +343,40 @@ class Scheduler:
         world.versions, world.mark, world.intents = versions, mark, intents
         self._world = world
         self.change_passes += 1
+
+    async def _reread(self, moved: list[str], assigns: dict[str, dict[str, Assignment]],
+                      ledgers: dict[str, dict[str, Reservation]]) -> set[str]:
+        """Read again the assignments and ledgers of workers someone wrote (or new ones);
+        the aliases whose assignment there changed."""
+        fresh, fresh_ledgers = await self.store.assignments(moved), await self.store.ledgers(moved)
+        changed: set[str] = set()
+        for w in moved:
+            before = assigns.get(w, {})
+            changed |= {a for a in set(before) | set(fresh[w]) if before.get(a) != fresh[w].get(a)}
+            assigns[w], ledgers[w] = fresh[w], fresh_ledgers[w]
+        return changed
+
+    def _flipped(self, view: WorkerView, alive: bool) -> WorkerView:
+        """A cached view whose heartbeat key appeared or went. A worker just found dead beat
+        at least one TTL ago at the latest (its key expired within a tick): the grace period
+        of its collection counts from then, not from a record read long before."""
+        seen = view.last_seen if alive else max(
+            view.last_seen, time.time() - self.settings.heartbeat_ttl_s)
+        return view.model_copy(update={"alive": alive, "last_seen": seen})
+
+    async def _collect(self, world: _World, views: dict[str, WorkerView]
+                       ) -> dict[str, WorkerView]:
+        """Dead workers past WORKER_GC_GRACE_S collected between full passes too."""
+        dead = [v for v in views.values() if not v.alive]
+        kept = await gc_workers(self.store, self.token, dead, self.settings, True)
+        if len(kept) == len(dead):
+            return views
+        gone = {v.worker_id for v in dead} - {v.worker_id for v in kept}
+        for w in gone:
+            world.assigns.pop(w, None)
+            world.ledgers.pop(w, None)
+        world.listed -= len(gone)
+        return {w: v for w, v in views.items() if w not in gone}
 
     async def _converge_dirty(
         self, world: _World, dirty: set[str], views: dict[str, WorkerView],
