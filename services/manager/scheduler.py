@@ -45,6 +45,9 @@ LOG_LIMIT = 2000
 # RESYNC_S after the last, or this many times its duration when that is longer (a pass over
 # 50,000 aliases takes seconds; every 30 s it would cost a fifth of a core for a safety net).
 RESYNC_SHARE = 50
+# Worker records (what heartbeats report: GPU memory, local weights) are read again before a
+# tick that has something to converge when they are older than this.
+VIEWS_MAX_AGE_S = 0.2
 
 
 class FencedWrites:
@@ -128,6 +131,7 @@ class _World:
     """Entries of the workers index when the views were read."""
 
     def __post_init__(self) -> None:
+        self.views_at = time.monotonic()
         self.ids = sorted(self.views)
         self.alive = sum(1 for v in self.views.values() if v.alive)
 
@@ -300,8 +304,10 @@ class Scheduler:
                  | hinted | world.watch)
         views, assigns, ledgers = world.views, world.assigns, world.ledgers
         workers_changed = False
-        if probe.workers != world.listed:
-            # A worker joined or left (rare): every view read again.
+        stale = time.monotonic() - world.views_at >= VIEWS_MAX_AGE_S
+        if probe.workers != world.listed or (stale and (dirty or self._reasons)):
+            # A worker joined or left (rare), or placements may be made on records (GPU
+            # memory, local weights) older than VIEWS_MAX_AGE_S: every view read again.
             members = await self.store.worker_ids()
             views = {w.worker_id: w for w in await self.store.list_workers()}
             world.skipped, world.listed = set(members) - set(views), len(members)
@@ -333,6 +339,7 @@ class Scheduler:
                     assigns[w] = {}
             views = await self._collect(world, views)
         if workers_changed:
+            self._count_workers(list(views.values()))
             dirty |= set(self._reasons)  # room may have appeared for what could not be placed
         if dirty:
             world.watch = await self._converge_dirty(world, dirty, views, assigns, ledgers)
