@@ -3,9 +3,12 @@
     python -m bench.simworkers --redis URL --prefix P --workers 500 --duration 10 --out F
 
 Each simulated worker does what an idle real worker's loops do (services/worker/agent.py):
-a heartbeat every HEARTBEAT_INTERVAL_S (2 s), and every RECONCILE_INTERVAL_S (1 s) a read of
-its assignments and of each assigned model. Ticks are spread evenly over the interval. The
-heartbeat TTL is generous (30 s) so a simulator that falls behind never makes the manager
+a heartbeat every HEARTBEAT_INTERVAL_S (2 s), and every RECONCILE_INTERVAL_S (1 s) the real
+worker's :class:`AssignmentReader` (a version check; its assignments and models re-read
+only when they changed, and at least every RESYNC_S). ``--first`` offsets the worker
+numbers, so that several processes share a large simulated pool. Ticks are spread evenly
+over the interval. The heartbeat TTL is generous (30 s) so a simulator that falls behind
+never makes the manager
 declare its workers dead. Every second it rewrites ``--out`` with the ticks done so far and
 the ticks due, so a caller can check it kept up while it runs.
 """
@@ -24,12 +27,14 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvloop
 
+from services.worker.assignments import AssignmentReader
 from shared.keys import Keys
 from shared.models import Heartbeat
 from shared.store import Store
 
 HEARTBEAT_S = 2.0
 RECONCILE_S = 1.0
+RESYNC_S = 30.0
 TTL_S = 30.0
 
 
@@ -62,11 +67,10 @@ async def reconcile(
     store: Store, worker_id: str, offset: float, stop_at: float, done: Counter[str]
 ) -> None:
     await asyncio.sleep(offset * RECONCILE_S)
+    reader = AssignmentReader(store, worker_id, RESYNC_S)
     while time.monotonic() < stop_at:
         with failures(done):
-            # Agent.wanted(): the assignments, then each assigned model (a round trip each).
-            for alias in await store.worker_assignments(worker_id):
-                await store.get_model(alias)
+            await reader.current()  # Agent.wanted()
             done["reconciles"] += 1
         await asyncio.sleep(RECONCILE_S)
 
@@ -85,13 +89,14 @@ async def report(out: Path, workers: int, done: Counter[str], stop_at: float) ->
         out.write_text(text)  # noqa: ASYNC240 - a few hundred bytes once a second
 
 
-async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path) -> None:
+async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path,
+              first: int = 0) -> None:
     # One process plays hundreds of workers: a blocking pool makes ticks queue for a
     # connection instead of failing (redis-py's default pool raises past 100 in use).
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=200, timeout=30, decode_responses=True)
     store = Store(aioredis.Redis(connection_pool=pool), Keys(prefix))
-    ids = [worker_id(i) for i in range(workers)]
+    ids = [worker_id(first + i) for i in range(workers)]
     stop_at = time.monotonic() + duration_s
     done: Counter[str] = Counter()
     try:
@@ -113,8 +118,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, required=True)
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--first", type=int, default=0)
     args = ap.parse_args()
-    uvloop.run(run(args.redis, args.prefix, args.workers, args.duration, args.out))
+    uvloop.run(run(args.redis, args.prefix, args.workers, args.duration, args.out, args.first))
 
 
 if __name__ == "__main__":

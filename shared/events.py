@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from shared.store import Store
@@ -19,6 +20,12 @@ class Nudger:
         self.store = store
         self.event = asyncio.Event()
         self._kinds: dict[str, asyncio.Event] = {}
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def on_hint(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener`` with every hint, and with ``{"kind": "resubscribed"}`` after the
+        subscription was lost (hints may have been missed: look at everything)."""
+        self._listeners.append(listener)
 
     def watch(self, kind: str) -> asyncio.Event:
         """An event of its own set by hints of ``kind`` alone (and on resubscribe)."""
@@ -26,6 +33,8 @@ class Nudger:
 
     def _on_event(self, hint: dict[str, Any]) -> None:
         self.event.set()
+        for listener in self._listeners:
+            listener(hint)
         kind = self._kinds.get(str(hint.get("kind")))
         if kind is not None:
             kind.set()
@@ -41,6 +50,8 @@ class Nudger:
                 logger.warning("event subscription lost (%s); retrying", e)
                 # Anything could have changed while we were deaf: look again.
                 self.event.set()
+                for listener in self._listeners:
+                    listener({"kind": "resubscribed"})
                 for kind in self._kinds.values():
                     kind.set()
                 await asyncio.sleep(1.0)

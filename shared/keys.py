@@ -127,6 +127,13 @@ class Keys:
         return f"{self._s}:ledger:{worker_id}"
 
     @property
+    def assign_versions(self) -> str:
+        """hash: worker id -> a count bumped by every write to that worker's assignments or
+        ledger (in the same transaction): a worker re-reads its assignments, and the
+        scheduler a worker's, only when it moved."""
+        return f"{self._s}:assign:versions"
+
+    @property
     def autoscale(self) -> str:
         """hash: alias -> the autoscaler's clocks (JSON), so a new leader keeps them."""
         return f"{self._s}:autoscale"
@@ -184,6 +191,17 @@ class Keys:
     @property
     def routes_version(self) -> str:
         return f"{self._s}:version:routes"
+
+    @property
+    def intents_version(self) -> str:
+        return f"{self._s}:version:intents"
+
+    @property
+    def intents_log(self) -> str:
+        """stream, capped: one entry (field ``alias``) per bump of the intents version: a
+        request that waits (demand) or a sleep request, so the scheduler's tick finds them
+        without reading every alias (and without their pub/sub hint)."""
+        return f"{self._s}:log:intents"
 
     @property
     def models_log(self) -> str:

@@ -62,6 +62,10 @@ class CommonSettings(BaseSettings):
     events_enabled: bool = True
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
+    # The safety net of the incremental control plane: the scheduler makes a full pass, and
+    # a worker re-reads its assignments, at least this often even when nothing says they
+    # changed (a lost hint, a missed log entry).
+    resync_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     # Audio uploads (/v1/audio/*) are relayed as they arrive, not read whole: their own limit.
     max_audio_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
@@ -159,7 +163,9 @@ class ManagerSettings(CommonSettings):
     manager_host: str = "0.0.0.0"
     manager_port: int = 9000
     manager_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-manager")
-    schedule_interval_s: float = Field(default=1.0, gt=0)
+    # A tick acts on what changed since the last one (cheap: a few commands when nothing
+    # did); a full pass runs every resync_s. Short, so a dead worker is acted on at once.
+    schedule_interval_s: float = Field(default=0.1, gt=0)
     lease_ttl_s: float = Field(default=5.0, gt=0)
     # Autoscaling hysteresis: load must stay above (below) target this long to add (remove)
     # a replica.

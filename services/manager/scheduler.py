@@ -1,7 +1,13 @@
 """The scheduling loop: converge assignments toward the registered models.
 
-Level-triggered: each pass reads the whole desired and observed state and fixes differences,
-so lost pub/sub hints or a crashed manager cost only latency. Only the lease holder acts, and
+Level-triggered at heart: a full pass reads the whole desired and observed state and fixes
+differences, so lost pub/sub hints or a crashed manager cost only latency. Full passes run
+when a manager becomes leader and then every RESYNC_S; between them each tick looks only at
+what changed since the last one (:meth:`Scheduler.reconcile_changes`): the aliases named in
+the models and routes logs and in hints, the workers that joined, died or whose assignments
+someone else wrote (their assignment versions), and the aliases whose policy runs on timers.
+Anything it cannot account for (a log that does not cover a counter's move, a lost
+subscription, a failed tick) makes the next tick a full pass. Only the lease holder acts, and
 each of its writes is fenced by the lease token (see :mod:`shared.store`). It alone writes
 assignments: operators' requests (holds, manual placements, demand, sleep) are read each pass
 and carried out here (see :mod:`shared.store.intents`).
@@ -12,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -26,12 +32,22 @@ from shared.events import Nudger
 from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
-from shared.store.scheduling import Unassign
+from shared.store.observed import RouteChanges
+from shared.store.scheduling import ANY_WORKER, LogRead, Unassign
 
 logger = logging.getLogger(__name__)
 
 # The most fenced writes held back to share one transaction.
 WRITE_BATCH = 200
+# The most log entries one incremental tick takes; beyond it a full pass is as cheap.
+LOG_LIMIT = 2000
+# Full passes take at most 1/RESYNC_SHARE of the leader's time: the next one is due
+# RESYNC_S after the last, or this many times its duration when that is longer (a pass over
+# 50,000 aliases takes seconds; every 30 s it would cost a fifth of a core for a safety net).
+RESYNC_SHARE = 50
+# Worker records (what heartbeats report: GPU memory, local weights) are read again before a
+# tick that has something to converge when they are older than this.
+VIEWS_MAX_AGE_S = 0.2
 
 
 class FencedWrites:
@@ -70,6 +86,13 @@ class LeaderState:
         return self.epoch > 0
 
 
+def _timed_policy(model: StoredModel) -> bool:
+    """Whether the model's policy acts on time passing (no change announces it)."""
+    spec = model.spec
+    return (spec.idle_stop_s is not None or spec.idle_sleep_s is not None
+            or spec.target_inflight is not None)
+
+
 @dataclass(frozen=True)
 class _AliasPass:
     """What one pass knows of one alias."""
@@ -79,6 +102,49 @@ class _AliasPass:
     records: dict[str, dict[str, str]]
     demand: bool
     sleep: str | None
+
+
+@dataclass
+class _World:
+    """What the last pass knew, kept so that the next tick reads only what changed. The
+    scheduler alone writes assignments, so its own copies stay true; others' writes to a
+    worker's ledger (a released reservation) or assignments (a deleted model) move that
+    worker's assignment version and are read again."""
+
+    views: dict[str, WorkerView]
+    assigns: dict[str, dict[str, Assignment]]
+    ledgers: dict[str, dict[str, Reservation]]
+    aliases: set[str]
+    """Registered aliases (a dead worker's cleanup drops its routes of each)."""
+    versions: dict[str, str]
+    """Assignment versions, read before the data they cover."""
+    mark: RouteChanges
+    """The counters and logs' newest ids, read before the data they cover."""
+    intents: LogRead
+    """The same for the intents log (demand, sleep requests)."""
+    watch: set[str]
+    """Aliases looked at on every tick: policies on timers (idle sleep or stop,
+    autoscaling), waiting demand, a pending sleep request."""
+    skipped: set[str] = field(default_factory=set)
+    """Listed workers whose record does not parse (left out, as by a full pass)."""
+    listed: int = 0
+    """Entries of the workers index when the views were read."""
+
+    def __post_init__(self) -> None:
+        self.views_at = time.monotonic()
+        self.ids = sorted(self.views)
+        self.alive = sum(1 for v in self.views.values() if v.alive)
+
+
+def _accounts(before: str, after: str, listed: list[str] | None, unlogged: int = 0) -> bool:
+    """True when the log entries listed (and ``unlogged`` bumps this manager made itself)
+    explain a counter's move exactly (the routers' rule)."""
+    try:
+        moved = int(after) - int(before)
+    except ValueError:
+        return False
+    return (listed is not None and moved == len(listed) + unlogged
+            and len(listed) <= LOG_LIMIT)
 
 
 class Scheduler:
@@ -97,6 +163,28 @@ class Scheduler:
         # The autoscaler's clocks, loaded from Redis each pass and saved when they change,
         # so a new leader (or this one after losing the lease) carries on from them.
         self._scale: dict[str, ScaleMark] = {}
+        # The incremental control plane: what the last pass knew (None: the next is full),
+        # when the next full pass is due, and the aliases hints named since the last tick.
+        self._world: _World | None = None
+        self._resync_at = 0.0
+        self._hinted: set[str] = set()
+        # Unlogged bumps of the routes counter this manager made since the last mark (a dead
+        # worker's cleanup): the next tick counts them with the log, not as unexplained.
+        self._unlogged = 0
+        # Dead workers forgotten by a tick for their assigned aliases only: the next full
+        # pass drops their routes and records of every other alias too.
+        self._forget_later: set[str] = set()
+        nudger.on_hint(self._on_hint)
+        # Passes of each kind (tests and the benchmark tell them apart).
+        self.full_passes = 0
+        self.change_passes = 0
+
+    def _on_hint(self, hint: dict[str, object]) -> None:
+        alias = hint.get("alias")
+        if isinstance(alias, str):
+            self._hinted.add(alias)
+        elif hint.get("kind") == "resubscribed":
+            self._world = None  # hints were lost: look at everything
 
     @property
     def token(self) -> str:
@@ -127,9 +215,17 @@ class Scheduler:
         if epoch != self.state.epoch:
             logger.info("scheduler lease: %s", f"leader at epoch {epoch}" if epoch else "standby")
             self.state.epoch = epoch
+            self._world = None  # another leader may have written meanwhile
         if epoch:
             began = time.monotonic()
-            await self.reconcile()
+            try:
+                if self._world is None or began >= self._resync_at:
+                    await self.reconcile()
+                else:
+                    await self.reconcile_changes()
+            except BaseException:
+                self._world = None  # what it holds may be half updated
+                raise
             self.state.passes += 1
             if self.metrics is not None:
                 self.metrics.pass_duration.observe(time.monotonic() - began)
@@ -140,6 +236,16 @@ class Scheduler:
             self.state.epoch = 0
 
     async def reconcile(self) -> None:
+        """A full pass over every worker and alias."""
+        # Where the logs and versions stand, read before the data: what lands after is
+        # looked at again by the next tick.
+        began = time.monotonic()
+        mark = await self.store.route_changes(None, 0)
+        intents_mark = await self.store.intent_changes(None, 0)
+        self._unlogged = 0
+        versions = await self.store.assign_versions()
+        self._hinted.clear()
+        members = await self.store.worker_ids()
         workers = await self.store.list_workers()
         self._count_workers(workers)
         listed, unreadable = await self.store.list_models_checked()
@@ -154,8 +260,9 @@ class Scheduler:
         # not reach it: wait one TTL for them to beat again before calling anyone dead.
         since_ok = time.monotonic() - self.state.store_ok_since
         trust_liveness = since_ok >= self.settings.heartbeat_ttl_s
+        later, self._forget_later = self._forget_later, set()
         for w in workers:
-            if not w.alive and assigns[w.worker_id] and trust_liveness:
+            if not w.alive and (assigns[w.worker_id] or w.worker_id in later) and trust_liveness:
                 await self._forget(w, list(models))
                 assigns[w.worker_id] = {}
         workers = await gc_workers(self.store, self.token, workers, self.settings, trust_liveness)
@@ -166,10 +273,155 @@ class Scheduler:
                 if alias not in models and alias not in unreadable:
                     await self.store.unassign(self.token, w.worker_id, alias)
                     del assigns[w.worker_id][alias]
+        views = {w.worker_id: w for w in workers}
+        watch = await self._converge(models, views, assigns, ledgers)
+        await self._save_scale(marks)
+        self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
+                             aliases=set(models) | unreadable, versions=versions, mark=mark,
+                             intents=intents_mark, watch=watch, skipped=set(members) - set(views),
+                             listed=len(members))
+        took = time.monotonic() - began
+        self._resync_at = time.monotonic() + max(self.settings.resync_s, RESYNC_SHARE * took)
+        self.full_passes += 1
+
+    async def reconcile_changes(self) -> None:
+        """A tick between full passes: only what changed since the last one."""
+        world = self._world
+        assert world is not None
+        mark = await self.store.route_changes(world.mark.last_id, LOG_LIMIT,
+                                              world.mark.models_last_id)
+        unlogged, self._unlogged = self._unlogged, 0
+        intents = await self.store.intent_changes(world.intents.last_id, LOG_LIMIT)
+        probe = await self.store.scheduler_probe(world.ids)
+        (m0, r0), (m1, r1) = world.mark.versions, mark.versions
+        if not (_accounts(m0, m1, mark.models)
+                and _accounts(r0, r1, mark.aliases, unlogged)
+                and _accounts(world.intents.version, intents.version, intents.aliases)):
+            await self.reconcile()  # the logs do not cover what changed
+            return
+        hinted, self._hinted = self._hinted, set()
+        dirty = (set(mark.models or ()) | set(mark.aliases or ()) | set(intents.aliases or ())
+                 | hinted | world.watch)
+        views, assigns, ledgers = world.views, world.assigns, world.ledgers
+        workers_changed = False
+        stale = time.monotonic() - world.views_at >= VIEWS_MAX_AGE_S
+        if probe.workers != world.listed or (stale and (dirty or self._reasons)):
+            # A worker joined or left (rare), or placements may be made on records (GPU
+            # memory, local weights) older than VIEWS_MAX_AGE_S: every view read again.
+            members = await self.store.worker_ids()
+            views = {w.worker_id: w for w in await self.store.list_workers()}
+            world.skipped, world.listed = set(members) - set(views), len(members)
+            workers_changed = True
+        elif probe.alive != world.alive:
+            # A worker died or came back: only the liveness flags are read (one MGET), so a
+            # death is acted on without reading every worker's record.
+            alive = await self.store.alive(world.ids)
+            views = {w: v if v.alive == (w in alive) else self._flipped(v, w in alive)
+                     for w, v in views.items()}
+            workers_changed = True
+        versions = world.versions
+        if probe.any_version != versions.get(ANY_WORKER, "0"):
+            versions = await self.store.assign_versions()
+        moved = [w for w in views if w not in assigns or versions.get(w) != world.versions.get(w)]
+        if moved:
+            dirty |= await self._reread(moved, assigns, ledgers)
+            workers_changed = True
+        since_ok = time.monotonic() - self.state.store_ok_since
+        some_dead = workers_changed or probe.alive < len(world.ids)
+        if some_dead and since_ok >= self.settings.heartbeat_ttl_s:
+            for w, view in views.items():
+                if not view.alive and assigns.get(w):
+                    # Its assigned aliases now (what must move at once); the rest at the
+                    # next full pass (routers skip a dead worker's routes meanwhile).
+                    await self._forget(view, sorted(assigns[w]))
+                    self._forget_later.add(w)
+                    dirty |= set(assigns[w])
+                    assigns[w] = {}
+            views = await self._collect(world, views)
+        if workers_changed:
+            self._count_workers(list(views.values()))
+            dirty |= set(self._reasons)  # room may have appeared for what could not be placed
+        if dirty:
+            world.watch = await self._converge_dirty(world, dirty, views, assigns, ledgers)
+        if views is not world.views:
+            world = _World(views=views, assigns=assigns, ledgers=ledgers, aliases=world.aliases,
+                           versions=versions, mark=mark, intents=intents, watch=world.watch,
+                           skipped=world.skipped, listed=world.listed)
+        world.versions, world.mark, world.intents = versions, mark, intents
+        self._world = world
+        self.change_passes += 1
+
+    async def _reread(self, moved: list[str], assigns: dict[str, dict[str, Assignment]],
+                      ledgers: dict[str, dict[str, Reservation]]) -> set[str]:
+        """Read again the assignments and ledgers of workers someone wrote (or new ones);
+        the aliases whose assignment there changed."""
+        fresh, fresh_ledgers = await self.store.assignments(moved), await self.store.ledgers(moved)
+        changed: set[str] = set()
+        for w in moved:
+            before = assigns.get(w, {})
+            changed |= {a for a in set(before) | set(fresh[w]) if before.get(a) != fresh[w].get(a)}
+            assigns[w], ledgers[w] = fresh[w], fresh_ledgers[w]
+        return changed
+
+    def _flipped(self, view: WorkerView, alive: bool) -> WorkerView:
+        """A cached view whose heartbeat key appeared or went. A worker just found dead beat
+        at least one TTL ago at the latest (its key expired within a tick): the grace period
+        of its collection counts from then, not from a record read long before."""
+        seen = view.last_seen if alive else max(
+            view.last_seen, time.time() - self.settings.heartbeat_ttl_s)
+        return view.model_copy(update={"alive": alive, "last_seen": seen})
+
+    async def _collect(self, world: _World, views: dict[str, WorkerView]
+                       ) -> dict[str, WorkerView]:
+        """Dead workers past WORKER_GC_GRACE_S collected between full passes too."""
+        dead = [v for v in views.values() if not v.alive]
+        kept = await gc_workers(self.store, self.token, dead, self.settings, True)
+        if len(kept) == len(dead):
+            return views
+        gone = {v.worker_id for v in dead} - {v.worker_id for v in kept}
+        for w in gone:
+            world.assigns.pop(w, None)
+            world.ledgers.pop(w, None)
+        world.listed -= len(gone)
+        return {w: v for w, v in views.items() if w not in gone}
+
+    async def _converge_dirty(
+        self, world: _World, dirty: set[str], views: dict[str, WorkerView],
+        assigns: dict[str, dict[str, Assignment]], ledgers: dict[str, dict[str, Reservation]],
+    ) -> set[str]:
+        """Converge the aliases of ``dirty`` (their models read again; those gone
+        unassigned); returns the new watch set."""
+        found, unreadable = await self.store.get_models_checked(sorted(dirty))
+        deleted = dirty - set(found) - unreadable
+        if deleted:
+            for w, mine in assigns.items():
+                for alias in [a for a in mine if a in deleted]:
+                    await self.store.unassign(self.token, w, alias)
+                    del mine[alias]
+        saved = dict(self._scale)
+        for alias in deleted:
+            self._reasons.pop(alias, None)
+            if self._scale.pop(alias, None) is None:
+                saved.pop(alias, None)
+        watch = world.watch - dirty
+        if found:
+            watch |= await self._converge(found, views, assigns, ledgers)
+        await self._save_scale(saved)
+        world.aliases -= deleted
+        world.aliases |= set(found) | unreadable
+        return watch
+
+    async def _converge(
+        self, models: dict[str, StoredModel], views: dict[str, WorkerView],
+        assigns: dict[str, dict[str, Assignment]], ledgers: dict[str, dict[str, Reservation]],
+    ) -> set[str]:
+        """Converge the assignments of ``models`` (every worker's ``assigns`` and ``ledgers``
+        kept in step with what is written). Returns the aliases among them to look at again
+        on every tick (:attr:`_World.watch`)."""
+        workers = list(views.values())
         aliases = list(models)
         demands = await self.store.demands(aliases)
         intents = await self.store.intents(aliases)
-        views = {w.worker_id: w for w in workers}
         usage = await self.store.instances_by_alias(aliases)
         # alias -> worker -> assignment, built once: scanning every worker for every alias
         # made a pass grow with workers x aliases.
@@ -181,8 +433,12 @@ class Scheduler:
         renewed = time.monotonic()
         # Workers least loaded first, kept in step with every change below: a placement
         # stops at the first worker that fits instead of scanning them all.
+        for w in views:
+            assigns.setdefault(w, {})
         order = WorkerOrder(workers, assigns, ledgers)
         writes = FencedWrites(self.store, self.token)
+        watch = {a for a, m in models.items() if _timed_policy(m) or a in demands
+                 or (a in intents and intents[a].sleep is not None)}
         try:
             for alias, model in models.items():
                 if time.monotonic() - renewed > self.settings.lease_ttl_s / 3:
@@ -205,7 +461,7 @@ class Scheduler:
             await writes.flush()  # what was decided before the failure lands, as it did unbatched
             raise
         await writes.flush()
-        await self._save_scale(marks)
+        return watch
 
     def _count_workers(self, workers: list[WorkerView]) -> None:
         if self.metrics is not None:
@@ -252,6 +508,7 @@ class Scheduler:
 
     async def _forget(self, w: WorkerView, aliases: list[str]) -> None:
         logger.warning("worker %s is dead (heartbeat expired); re-placing its models", w.worker_id)
+        self._unlogged += 1  # counted before the write: one that fails ends the tick anyway
         await self.store.forget_dead_worker(self.token, w.worker_id, aliases)
 
     def _autoscaled(

@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 
+from services.worker.assignments import AssignmentReader
 from services.worker.engines.vllm import VllmDriver
 from services.worker.gpu import GpuInventory, account
 from services.worker.orphans import sweep
@@ -48,6 +49,7 @@ class Agent:
         self._registered = False
         self._flags_reported = False
         self._preparing: asyncio.Future[list[None]] | None = None
+        self.assignments = AssignmentReader(store, settings.worker_id, settings.resync_s)
 
     @property
     def worker_id(self) -> str:
@@ -136,6 +138,7 @@ class Agent:
             # rest while we were away); publishing more would make routes flap.
             assigned, _ = await self.store.worker_state(self.worker_id)
             await self.supervisor.republish(set(assigned))
+            self.assignments.invalidate()
             self.nudger.event.set()
 
     async def _report_engine_flags(self) -> None:
@@ -218,17 +221,18 @@ class Agent:
                            "will not sweep the engines it runs now", owner.pool)
 
     async def wanted(self) -> tuple[Wanted, set[str]]:
-        """What is assigned here (with each model), and the aliases reserved in the ledger."""
-        assigned, reserved = await self.store.worker_state(self.worker_id)
-        models, unreadable = await self.store.get_models_checked(list(assigned))
-        wanted = {a: (assigned[a], m) for a, m in models.items()}
+        """What is assigned here (with each model), and the aliases reserved in the ledger;
+        read again from Redis only when it changed (:mod:`services.worker.assignments`)."""
+        snap = await self.assignments.current()
+        assigned, unreadable = snap.assigned, snap.unreadable
+        wanted = {a: (assigned[a], m) for a, m in snap.models.items()}
         # A model whose record does not parse (reported by the store) keeps what runs here,
         # with the spec it started with: a corrupt record must not stop a serving engine.
         for a in unreadable:
             inst = self.supervisor.instances.get(a)
             if inst is not None:
                 wanted[a] = (assigned[a], inst.model)
-        return wanted, reserved
+        return wanted, set(snap.reserved)
 
     async def reconcile_loop(self) -> None:
         while True:

@@ -257,6 +257,10 @@ class StoreBase:
         """The change to log (:meth:`_commit`) for a write to a model or its hold."""
         return self.k.models_version, self.k.models_log, alias
 
+    def _intent_changed(self, alias: str) -> tuple[str, str, str]:
+        """The change to log (:meth:`_commit`) for demand or a sleep request on an alias."""
+        return self.k.intents_version, self.k.intents_log, alias
+
     def _routes_changed(self, alias: str) -> tuple[str, str, str]:
         """The change to log (:meth:`_commit`) for a write to an alias's routes."""
         return self.k.routes_version, self.k.routes_log, alias

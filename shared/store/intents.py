@@ -93,10 +93,12 @@ class IntentsStore(StoreBase):
     async def request_sleep(self, alias: str) -> None:
         """Ask the scheduler to point every assignment of ``alias`` at 'sleeping'."""
         note = json.dumps({"action": "sleep", "at": time.time()})
-        async with self._txn(self.k.intent(alias)) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.set(self.k.intent(alias), note, px=int(SLEEP_INTENT_TTL_S * 1000))
             pipe.delete(self.k.demand(alias))
-            await pipe.execute()
+
+        await self._commit(self.k.intent(alias), build, [self._intent_changed(alias)])
         await self.publish("intent", alias=alias)
 
     async def targets_of(self, alias: str) -> dict[str, str]:

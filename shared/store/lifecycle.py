@@ -6,6 +6,8 @@ import statistics
 import time
 from typing import Any
 
+from redis.asyncio.client import Pipeline
+
 from shared.records import BadRecord, parse_samples, parse_timings
 from shared.store.base import StoreBase
 
@@ -29,7 +31,11 @@ class LifecycleStore(StoreBase):
     # ------------------------------------------------------------------ demand
     async def want(self, alias: str, ttl_s: float) -> None:
         """Record that a request waits for ``alias``; the scheduler wakes or places it."""
-        await self.r.set(self.k.demand(alias), repr(time.time()), px=max(1, int(ttl_s * 1000)))
+        def build(pipe: Pipeline) -> None:
+            pipe.set(self.k.demand(alias), repr(time.time()), px=max(1, int(ttl_s * 1000)))
+
+        # Logged for the scheduler's tick (the hint alone may be lost).
+        await self._commit(self.k.demand(alias), build, [self._intent_changed(alias)])
         await self.publish("demand", alias=alias)
 
     async def clear_demand(self, alias: str) -> None:

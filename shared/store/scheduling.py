@@ -13,6 +13,7 @@ from redis.asyncio.client import Pipeline
 from shared.models import Assignment, Reservation
 from shared.records import BadRecord, parse_assignment, parse_reservation
 from shared.store.base import BUMP_FN_LUA, NotLeader, StoreBase
+from shared.store.observed import _logged_aliases, _newest
 
 # Renews the lease when this holder has it, takes it when nobody does (with a new epoch).
 _LEASE_LUA = """
@@ -38,7 +39,12 @@ return 0
 
 _RELEASE_RESERVATION_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
-return redis.call('HDEL', KEYS[2], ARGV[1])
+local n = redis.call('HDEL', KEYS[2], ARGV[1])
+if n == 1 then
+  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+  redis.call('HINCRBY', KEYS[3], '*', 1)
+end
+return n
 """
 
 
@@ -49,6 +55,34 @@ redis.call('DEL', KEYS[2])
 return redis.call('SREM', KEYS[3], ARGV[1])
 """
 _BUMP_LUA = BUMP_FN_LUA + "return bump(KEYS[1])"
+
+
+# The field of ``assign:versions`` bumped with every worker's: one read tells whether any
+# moved (worker ids cannot contain "*").
+ANY_WORKER = "*"
+
+
+@dataclass(frozen=True)
+class SchedulerProbe:
+    """What the scheduler's tick checks before reading more: cheap to ask every tick."""
+
+    alive: int
+    """How many of the workers asked about have their heartbeat key."""
+    any_version: str
+    """``assign:versions``'s ANY_WORKER field: moves with every worker's version."""
+    workers: int
+    """Entries of the workers index."""
+
+
+@dataclass(frozen=True)
+class LogRead:
+    """A change counter and its log, read together (one MULTI/EXEC)."""
+
+    version: str
+    last_id: str
+    """The log's newest entry ("0-0" when empty): where the next read starts."""
+    aliases: list[str] | None
+    """The aliases logged after the id asked for (None: none asked, or unreadable)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +127,67 @@ class SchedulingStore(StoreBase):
     async def worker_assignments(self, worker_id: str) -> dict[str, Assignment]:
         return (await self.assignments([worker_id]))[worker_id]
 
+    def _touched(self, p: Pipeline, worker_id: str) -> None:
+        """In the transaction that writes a worker's assignments or ledger: bump its
+        assignment version (its readers re-read only when it moved)."""
+        p.hincrby(self.k.assign_versions, worker_id, 1)
+        p.hincrby(self.k.assign_versions, ANY_WORKER, 1)
+
+    async def assign_versions(self) -> dict[str, str]:
+        """worker id -> its assignment version (the scheduler's check for others' writes)."""
+        return (await self._hashes([self.k.assign_versions]))[0]
+
+    async def intent_changes(self, after: str | None, limit: int) -> LogRead:
+        """The intents counter, its log's newest id and the aliases logged after ``after``
+        (demand and sleep requests since the scheduler's last tick)."""
+        log = self.k.intents_log
+        async with self._txn(self.k.intents_version) as pipe:
+            pipe.get(self.k.intents_version)
+            pipe.xrevrange(log, "+", "-", count=1)
+            if after is not None:
+                pipe.xrange(log, f"({after}", "+", count=limit + 1)
+            replies = await pipe.execute(raise_on_error=False)
+        version = self._checked(self.k.intents_version, replies[0], None)
+        newest = _newest(self._checked(log, replies[1], []))
+        listed = None if after is None else self._checked(log, replies[2], None)
+        return LogRead(str(version or "0"), newest,
+                       None if listed is None else _logged_aliases(listed))
+
+    async def scheduler_probe(self, worker_ids: list[str]) -> SchedulerProbe:
+        """How many of ``worker_ids`` are alive (one EXISTS of all their heartbeat keys: an
+        integer back, whatever the pool's size), the any-worker version and the size of the
+        workers index, in one round trip (on a cluster, EXISTS is split per node)."""
+        keys = [self.k.worker_alive(w) for w in worker_ids]
+        if self.cluster:
+            alive = int(await self.r.exists(*keys)) if keys else 0
+            async with self._txn(self.k.workers) as pipe:
+                pipe.hget(self.k.assign_versions, ANY_WORKER)
+                pipe.scard(self.k.workers)
+                version, count = await pipe.execute()
+        else:
+            async with self.r.pipeline(transaction=False) as pipe:
+                if keys:
+                    pipe.exists(*keys)
+                pipe.hget(self.k.assign_versions, ANY_WORKER)
+                pipe.scard(self.k.workers)
+                replies = await pipe.execute()
+            alive = int(replies[0]) if keys else 0
+            version, count = replies[-2:]
+        return SchedulerProbe(alive, str(version or "0"), int(count))
+
+    async def assignment_stamp(self, worker_id: str) -> tuple[str, str]:
+        """The worker's assignment version and the models version, in one round trip (both
+        in the scheduler's slot): what a worker compares before re-reading its state."""
+        async with self._batch() as pipe:
+            pipe.hget(self.k.assign_versions, worker_id)
+            pipe.get(self.k.models_version)
+            mine, models = await pipe.execute(raise_on_error=False)
+        mine = self._checked(self.k.assign_versions, mine, None)
+        models = self._checked(self.k.models_version, models, None)
+        return str(mine or "0"), str(models or "0")
+
     def _add_assign(self, p: Pipeline, a: Assignment) -> None:
+        self._touched(p, a.worker_id)
         p.hset(self.k.assign(a.worker_id), a.alias, a.model_dump_json())
         if a.gpus:
             r = Reservation(alias=a.alias, gpus=a.gpus, mb_per_gpu=a.mb_per_gpu, epoch=a.epoch)
@@ -122,6 +216,7 @@ class SchedulingStore(StoreBase):
     async def unassign(self, token: str, worker_id: str, alias: str) -> None:
         def build(p: Pipeline) -> None:
             p.hdel(self.k.assign(worker_id), alias)
+            self._touched(p, worker_id)
 
         await self._fenced(token, build)
         await self.publish("assign", alias=alias, worker=worker_id)
@@ -146,6 +241,7 @@ class SchedulingStore(StoreBase):
             for w in writes:
                 if isinstance(w, Unassign):
                     p.hdel(self.k.assign(w.worker_id), w.alias)
+                    self._touched(p, w.worker_id)
                 else:
                     self._add_assign(p, w)
             if self.events_enabled and not self.cluster:
@@ -168,6 +264,7 @@ class SchedulingStore(StoreBase):
 
         def build(p: Pipeline) -> None:
             p.delete(self.k.assign(worker_id))
+            self._touched(p, worker_id)
             for alias in names:
                 p.hdel(self.k.routes(alias), worker_id)
                 p.delete(self.k.instance(alias, worker_id))
@@ -194,6 +291,7 @@ class SchedulingStore(StoreBase):
 
         def build(p: Pipeline) -> None:
             p.delete(self.k.assign(worker_id))
+            self._touched(p, worker_id)
 
         await self._fenced(token, build)
 
@@ -226,8 +324,9 @@ class SchedulingStore(StoreBase):
     async def release_reservation(self, worker_id: str, alias: str) -> bool:
         """Drop a ledger entry once its engine is confirmed gone, unless the alias has been
         assigned to this worker again meanwhile (the entry then belongs to the new one)."""
-        res = await self.r.eval(_RELEASE_RESERVATION_LUA, 2, self.k.assign(worker_id),
-                                self.k.ledger(worker_id), alias)
+        res = await self.r.eval(_RELEASE_RESERVATION_LUA, 3, self.k.assign(worker_id),
+                                self.k.ledger(worker_id), self.k.assign_versions, alias,
+                                worker_id)
         return bool(res)
 
     async def set_placement_reason(self, alias: str, reason: str) -> None:

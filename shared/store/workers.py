@@ -82,6 +82,8 @@ class WorkersStore(StoreBase):
                 pipe.multi()
                 pipe.srem(self.k.workers, worker_id)
                 pipe.delete(self.k.worker(worker_id), assign, self.k.ledger(worker_id))
+                pipe.hincrby(self.k.assign_versions, worker_id, 1)
+                pipe.hincrby(self.k.assign_versions, "*", 1)
                 await pipe.execute()
             except WatchError:
                 return False
@@ -109,6 +111,8 @@ class WorkersStore(StoreBase):
                 pipe.multi()
                 pipe.srem(self.k.workers, worker_id)
                 pipe.delete(assign, self.k.ledger(worker_id))
+                pipe.hincrby(self.k.assign_versions, worker_id, 1)
+                pipe.hincrby(self.k.assign_versions, "*", 1)
                 await pipe.execute()
             except WatchError:
                 return False

@@ -255,8 +255,12 @@ async def test_scheduler_pass_chooses_as_a_full_scan(monkeypatch: pytest.MonkeyP
             if rng.random() < 0.1:
                 kw["worker_id"] = f"w{rng.randrange(12):02d}"
             await store.register_model(spec(alias=f"a{i:02d}", **kw))
-        scheduler = sched.Scheduler(store, ManagerSettings(manager_id="m", lease_ttl_s=60),
-                                    Nudger(store))
+        # Every tick a full pass (RESYNC_S tiny, whatever a pass takes): the specs are
+        # changed below behind the store's back (no models log entry), which only a full
+        # pass sees.
+        monkeypatch.setattr(sched, "RESYNC_SHARE", 0)
+        settings = ManagerSettings(manager_id="m", lease_ttl_s=60, resync_s=1e-6)
+        scheduler = sched.Scheduler(store, settings, Nudger(store))
         await scheduler.tick()
         first = list(calls)
         assert len([c for c in first if c != "-"]) > 60

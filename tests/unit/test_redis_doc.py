@@ -87,6 +87,7 @@ async def written_fields(store: Store) -> dict[str, set[str]]:
         await store.record_duration("m", kind, 1.0)
     await store.record_wait("m", 1.0)
     await store.set_route("m", "w", "http://w:1")
+    await store.want("m", 30)
     model = StoredModel(spec=spec, version="v", created_at=0.0)
     instance = Instance("m", Assignment(alias="m", worker_id="w"), model)
 
@@ -108,6 +109,7 @@ async def written_fields(store: Store) -> dict[str, set[str]]:
         "svllm:{s}:autoscale": set(ScaleMark.model_fields),
         "svllm:{s}:log:models": await log_fields(k.models_log),
         "svllm:{s}:log:routes": await log_fields(k.routes_log),
+        "svllm:{s}:log:intents": await log_fields(k.intents_log),
     }
 
 
