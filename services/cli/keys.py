@@ -49,15 +49,42 @@ def create(
     max_concurrent: Annotated[int | None, typer.Option(help="Requests at once.")] = None,
     priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
     expires_in: Annotated[float | None, typer.Option(help="Seconds until it expires.")] = None,
+    model_limit: Annotated[list[str] | None, typer.Option(
+        "--model-limit", help="Limits of the key on the models a glob matches, each model "
+        "its own: GLOB=rpm:N,tpm:M (repeat).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create a key; its secret is printed once."""
     body: dict[str, Any] = {"name": name, "tenant": tenant, "models": model or ["*"],
                             "rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent,
                             "priority": priority}
+    if model_limit:
+        body["model_limits"] = dict(_model_limit(m) for m in model_limit)
     if expires_in is not None:
         body["expires_at"] = time.time() + expires_in
     _shown_once(_client(ctx).post("/admin/keys", body), as_json)
+
+
+def _model_limit(text: str) -> tuple[str, dict[str, int]]:
+    """``GLOB=rpm:N,tpm:M`` -> (glob, {"rpm": N, "tpm": M}); the API checks the values."""
+    glob, sep, spec = text.partition("=")
+    limits: dict[str, int] = {}
+    for part in spec.split(",") if sep else []:
+        name, _, value = part.partition(":")
+        if name.strip() not in ("rpm", "tpm") or not value.strip().lstrip("-").isdigit():
+            break
+        limits[name.strip()] = int(value)
+    else:
+        if glob and limits:
+            return glob, limits
+    raise typer.BadParameter(f"{text!r}: expected GLOB=rpm:N,tpm:M (either or both)",
+                             param_hint="--model-limit")
+
+
+def _limits_text(k: dict[str, Any]) -> str:
+    per_model = k.get("model_limits") or {}
+    return " ".join(f"{g}=" + ",".join(f"{n}:{v}" for n, v in lim.items())
+                    for g, lim in per_model.items())
 
 
 @keys.command("list")
@@ -69,14 +96,15 @@ def list_keys(ctx: typer.Context,
     if as_json:
         _json(data)
         return
-    table = Table("key id", "name", "tenant", "models", "rpm", "tpm", "conc", "priority",
-                  "expires", "…")
+    table = Table("key id", "name", "tenant", "models", "rpm", "tpm", "per model", "conc",
+                  "priority", "expires", "…")
     for k in data["keys"]:
         expires = "expired" if k["expired"] else (
             time.strftime("%Y-%m-%d %H:%M", time.gmtime(k["expires_at"]))
             if k["expires_at"] else "")
         table.add_row(k["key_id"], k["name"], k["tenant"], ",".join(k["models"]),
-                      str(k["rpm"] or ""), str(k["tpm"] or ""), str(k["max_concurrent"] or ""),
+                      str(k["rpm"] or ""), str(k["tpm"] or ""), _limits_text(k),
+                      str(k["max_concurrent"] or ""),
                       k["priority"], expires, k["hint"])
     out.print(table)
 

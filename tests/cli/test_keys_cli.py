@@ -39,3 +39,31 @@ def test_keys_lifecycle_and_usage_from_the_cli(cluster: Cluster) -> None:
     assert again.code == 1 and "does not exist" in again.err
     bad = svllm(r, "keys", "create", "--name", "x", "--rpm", "0", token=ADMIN)
     assert bad.code == 1 and "rpm" in bad.err
+
+
+def test_model_limits_from_the_cli(cluster: Cluster) -> None:
+    routers = pool(cluster, 1)
+    serving(routers, "m1")
+    r = routers[0]
+    made = svllm(r, "keys", "create", "--name", "per-model", "--model-limit", "m1=rpm:60",
+                 "--model-limit", "x*=tpm:5000,rpm:30", "--json", token=ADMIN)
+    assert made.code == 0, made.err
+    key = json.loads(made.out)
+    assert key["model_limits"] == {"m1": {"rpm": 60}, "x*": {"rpm": 30, "tpm": 5000}}
+    listed = svllm(r, "keys", "list", "--json", token=ADMIN)
+    mine = [k for k in json.loads(listed.out)["keys"] if k["key_id"] == key["key_id"]]
+    assert mine[0]["model_limits"] == key["model_limits"]
+    known([r], key["key"])
+    # rpm 60 on m1: a burst of one, then one a second.
+    codes = [chat(r, "m1", key["key"]).status_code for _ in range(3)]
+    assert codes[0] == 200 and 429 in codes
+    before = json.loads(svllm(r, "keys", "list", "--json", token=ADMIN).out)["keys"]
+    for bad_spec in ("m1", "m1=rpm", "m1=rpm:x", "m1=qps:3", "=rpm:3"):
+        bad = svllm(r, "keys", "create", "--name", "bad", "--model-limit", bad_spec,
+                    token=ADMIN)
+        assert bad.code != 0 and "--model-limit" in bad.err, (bad_spec, bad.err)
+    refused = svllm(r, "keys", "create", "--name", "bad", "--model-limit", "m1=rpm:0",
+                    token=ADMIN)
+    assert refused.code == 1 and "model_limits" in refused.err
+    after = json.loads(svllm(r, "keys", "list", "--json", token=ADMIN).out)["keys"]
+    assert after == before  # nothing created by a refused command
