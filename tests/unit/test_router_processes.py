@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.router.metrics import AccessLog, RouterMetrics, _pieces
-from services.router.processes import Child, _remove_stale_dirs, listen, usable_cores
+from services.router.processes import (
+    Child,
+    _remove_stale_dirs,
+    listen,
+    sibling_root,
+    usable_cores,
+)
 from services.router.siblings import merge
 from shared.metrics import render
 
@@ -109,3 +118,22 @@ def test_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
     _remove_stale_dirs(tmp_path)
     assert ours.exists() and other.exists()
     assert not dead.exists()
+
+
+def test_sibling_sockets_fit_a_unix_address_under_a_deep_tmpdir(tmp_path: Path) -> None:
+    # Under pytest-xdist a test's $TMPDIR is long enough that the sockets inside the sibling
+    # directory went past sun_path's 107 bytes: every child failed to bind and the router
+    # never became healthy.
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    root = sibling_root(str(deep))
+    assert root == Path("/tmp")
+    made = Path(tempfile.mkdtemp(prefix="svllm-router-4194304-", dir=root))
+    try:
+        path = str(made / "1023.sock")
+        assert len(path) <= 107
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path)  # raises OSError("AF_UNIX path too long") past the limit
+    finally:
+        shutil.rmtree(made)
+    assert sibling_root(str(tmp_path.parent.parent)) == tmp_path.parent.parent  # short: kept
