@@ -304,7 +304,11 @@ class Scheduler:
                  | hinted | world.watch)
         views, assigns, ledgers = world.views, world.assigns, world.ledgers
         workers_changed = False
-        stale = time.monotonic() - world.views_at >= VIEWS_MAX_AGE_S
+        # A registration or spec change is placed on records read after it landed: a record
+        # up to VIEWS_MAX_AGE_S old could predate what a client saw before registering (a
+        # worker's newly cached weights) and place the model elsewhere for good. Registrations
+        # are rare; the other changes (demand, deaths, timers) accept the bounded age.
+        stale = (time.monotonic() - world.views_at >= VIEWS_MAX_AGE_S) or bool(mark.models)
         if probe.workers != world.listed or (stale and (dirty or self._reasons)):
             # A worker joined or left (rare), or placements may be made on records (GPU
             # memory, local weights) older than VIEWS_MAX_AGE_S: every view read again.
