@@ -41,10 +41,14 @@ def create_key(router: Proc, **fields: Any) -> dict[str, Any]:
 
 
 def known(routers: list[Proc], *keys: str) -> None:
-    """Wait until every router's key ring has ``keys`` (GET /v1/models: no limit spent)."""
+    """Wait until every router's key ring has ``keys`` (GET /v1/models: no limit spent).
+    A router whose ring is still empty serves open (AUTH_MODE=auto) and would answer 200
+    to any key, so it must also refuse a request without one."""
     def everywhere() -> bool:
-        return all(httpx.get(f"{r.url}/v1/models", headers={"authorization": f"Bearer {k}"},
-                             timeout=10).status_code == 200 for r in routers for k in keys)
+        return all(httpx.get(f"{r.url}/v1/models", timeout=10).status_code == 401
+                   for r in routers) and all(
+            httpx.get(f"{r.url}/v1/models", headers={"authorization": f"Bearer {k}"},
+                      timeout=10).status_code == 200 for r in routers for k in keys)
 
     wait_until(everywhere, 5, interval=0.05, what="the keys on every router")
 
