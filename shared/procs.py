@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -71,15 +71,24 @@ def spawn(
             handle.close()
 
 
-def group_alive(pgid: int) -> bool:
-    """True while any process of the group ``pgid`` exists (zombies included)."""
+def _exists(kill: Callable[[int, int], None], ident: int) -> bool:
     try:
-        os.killpg(pgid, 0)
+        kill(ident, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # exists, another user's
         return True
     return True
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group ``pgid`` exists (zombies included)."""
+    return _exists(os.killpg, pgid)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process ``pid`` exists (zombies included)."""
+    return _exists(os.kill, pid)
 
 
 def signal_pid(pid: int, sig: int) -> None:

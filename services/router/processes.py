@@ -163,21 +163,11 @@ def _remove_stale_dirs(root: Path | None = None) -> None:
     for d in root.glob(f"{_DIR_PREFIX}*-*"):
         pid = d.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
         try:
-            if not pid.isdigit() or d.stat().st_uid != os.getuid() or _running(int(pid)):
+            if not pid.isdigit() or d.stat().st_uid != os.getuid() or procs.pid_alive(int(pid)):
                 continue
         except OSError:
             continue
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
