@@ -1,8 +1,8 @@
 """The router's copy of the LoRA adapters: which exist (alias -> base), and which replicas of
 each base hold which adapter now (published by workers), for balancing.
 
-Refreshed on a timer, like the route table; an alias not found triggers at most one refresh
-per ``_MISS_REFRESH_S``, so an adapter registered through another router is served at once.
+Refreshed on a timer, like the route table; an alias not found waits for a refresh begun after
+it arrived (misses.py), so an adapter registered through another router is served at once.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import asyncio
 import logging
 import time
 
+from services.router.misses import MissRefresher
 from shared.models import AdapterSpec
 from shared.store import Store
 
 logger = logging.getLogger(__name__)
-
-_MISS_REFRESH_S = 0.2
 
 
 class AdapterTable:
@@ -26,14 +25,13 @@ class AdapterTable:
         self.adapters: dict[str, AdapterSpec] = {}
         # base -> worker -> adapters its engine holds.
         self.held: dict[str, dict[str, frozenset[str]]] = {}
-        self._refreshed_at = 0.0
+        self.misses = MissRefresher(self.refresh, lambda: True, what="adapter table")
 
     async def refresh(self) -> None:
         adapters = await self.store.list_adapters()
         bases = sorted({a.base for a in adapters.values()})
         self.held = await self.store.lora_loaded(bases) if bases else {}
         self.adapters = adapters
-        self._refreshed_at = time.monotonic()
 
     async def run(self) -> None:
         while True:
@@ -46,16 +44,12 @@ class AdapterTable:
             await asyncio.sleep(self.refresh_s)
 
     async def lookup(self, alias: str) -> AdapterSpec | None:
-        """The adapter named ``alias``; refreshed first (rate-limited) when unknown."""
+        """The adapter named ``alias``; refreshed first when unknown (misses.py)."""
         found = self.adapters.get(alias)
-        if found is not None or time.monotonic() - self._refreshed_at < _MISS_REFRESH_S:
-            return found
-        try:
-            await self.refresh()
-        except Exception as e:  # noqa: BLE001 - Redis down: answer from the cache
-            logger.warning("adapter refresh on miss failed: %s", e)
-            self._refreshed_at = time.monotonic()
-        return self.adapters.get(alias)
+        if found is None:
+            await self.misses.after(time.monotonic())
+            found = self.adapters.get(alias)
+        return found
 
     def holders(self, base: str, adapter: str) -> frozenset[str]:
         """Workers whose engine of ``base`` holds ``adapter``, as last published."""

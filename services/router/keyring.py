@@ -15,6 +15,7 @@ import hmac
 import logging
 import time
 
+from services.router.misses import MissRefresher
 from shared.apikeys import KeyRecord, hash_secret
 from shared.errors import Unauthorized
 from shared.events import Nudger
@@ -42,6 +43,11 @@ class KeyRing:
         self.keyed = False
         self._hint = nudger.watch("keys")
         self._token = settings.api_token.encode() if settings.api_token else None
+        self._store_ok = True
+        # A key unknown here may have been created through another router a moment ago: it
+        # waits for a reload begun after it arrived before its 401 (misses.py).
+        self.misses = MissRefresher(self._reload_checked, lambda: self._store_ok,
+                                    what="key ring")
 
     @property
     def mode(self) -> str:
@@ -73,7 +79,28 @@ class KeyRing:
         raise Unauthorized("Incorrect API key provided." if given else
                            "You didn't provide an API key (Authorization: Bearer sk-...).")
 
+    async def admit(self, header: bytes | None, *extra: bytes) -> KeyRecord | None:
+        """``check``, but a bearer key unknown here is looked for again in a reload begun
+        after the request arrived, so a key just created through another router works at
+        once. Only the ASGI path waits; the fast lane hands such a request to it."""
+        try:
+            return self.check(header, *extra)
+        except Unauthorized:
+            given = _bearer(header)
+            if not given or self.mode == "token" or hash_secret(given) in self.by_hash:
+                raise
+            await self.misses.after(time.monotonic())
+            return self.check(header, *extra)
+
     # ------------------------------------------------------------------ keeping current
+    async def _reload_checked(self) -> None:
+        try:
+            await self.reload()
+        except Exception:
+            self._store_ok = False
+            raise
+        self._store_ok = True
+
     async def reload(self) -> None:
         version, self.routers = await self.store.check_in(self.settings.router_id)
         if version != self.version or not self.loaded:
@@ -89,7 +116,7 @@ class KeyRing:
         while True:
             self._hint.clear()
             try:
-                await self.reload()
+                await self._reload_checked()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - Redis away: keep the last copy, retry

@@ -4,7 +4,7 @@ completions, embeddings, responses, rerank, score, tokenize, pooling, classify, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -352,10 +352,10 @@ def build_routes(
     extra = (admin_token.encode(),) if admin_token else ()
     by_priority = EnginePriority()
 
-    def check(request: Request) -> KeyRecord | None:
+    async def check(request: Request) -> KeyRecord | None:
         # Starlette decodes header bytes as latin-1, so this gives back the bytes sent.
         header = request.headers.get("authorization", "").encode("latin-1")
-        return gate.ring.check(header, *extra)
+        return await gate.ring.admit(header, *extra)
 
     async def handle(request: Request, *, path: str) -> Response:
         given = request.headers.get("x-request-id")
@@ -365,7 +365,7 @@ def build_routes(
         traceparent = request.headers.get("traceparent")
         record = recorder.start(rid, traceparent.encode("latin-1") if traceparent else None)
         try:
-            rec = check(request)
+            rec = await check(request)
             if path in FORM_PATHS:
                 model, call, data = await _upload(request, table, path, rid, rec, adapters,
                                                   record, limit, audio_limit or limit)
@@ -408,7 +408,7 @@ def build_routes(
 
 
 def _model_routes(
-    api: APIRouter, table: RouteTable, check: Callable[[Request], KeyRecord | None],
+    api: APIRouter, table: RouteTable, check: Callable[[Request], Awaitable[KeyRecord | None]],
     adapters: AdapterTable | None,
 ) -> None:
     """GET /v1/models and /v1/models/{alias}: what the caller's key may use."""
@@ -420,7 +420,7 @@ def _model_routes(
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
-        rec = check(request)
+        rec = await check(request)
         data = [card(alias, m) for alias, m in sorted(table.models.items())]
         if adapters is not None:
             data += _adapter_cards(table, adapters)
@@ -429,10 +429,12 @@ def _model_routes(
 
     @api.get("/v1/models/{alias}")
     async def model(request: Request, alias: str) -> Response:
-        rec = check(request)
+        rec = await check(request)
         found = await table.model(alias) if is_valid_name(alias) else None
         allowed = rec is None or rec.allows(alias)
         if found is None and adapters is not None and allowed:
+            if is_valid_name(alias):  # one registered through another router a moment ago
+                await adapters.lookup(alias)
             cards = [c for c in _adapter_cards(table, adapters) if c["id"] == alias]
             if cards:
                 return json_response(cards[0])

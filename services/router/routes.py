@@ -15,15 +15,13 @@ import contextlib
 import logging
 import time
 
+from services.router.misses import MissRefresher
 from shared.events import Nudger
 from shared.store import Store, StoredModel
 from shared.store.observed import RouteChanges
 
 logger = logging.getLogger(__name__)
 
-# At most one refresh for unknown models per this long, and none while Redis is failing:
-# a miss used to refresh per request, each waiting out the Redis timeout when it was down.
-_MISS_REFRESH_S = 0.2
 # Route changes read from the log in one pass; more than that and a full reload is as cheap.
 _LOG_READ_MAX = 1000
 
@@ -50,10 +48,8 @@ class RouteTable:
         self.full_reloads = 0
         self.partial_reloads = 0
         self.model_reloads = 0  # passes that re-read only the models named in the models log
-        self._last_refresh = 0.0
-        self._miss_at = 0.0
         self._store_ok = True
-        self._miss_refresh: asyncio.Future[None] | None = None
+        self.misses = MissRefresher(self.refresh, lambda: self._store_ok, what="route table")
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
 
@@ -96,7 +92,6 @@ class RouteTable:
             self._stale = set()
             # Engine load matters only where there is a choice to make.
             self.loads = await self.store.loads(self._multi) if self._multi else {}
-            self._last_refresh = time.monotonic()
             # Wake everything waiting for a replica to appear, then arm a fresh event.
             self._changed.set()
             self._changed = asyncio.Event()
@@ -202,30 +197,13 @@ class RouteTable:
             await self.nudger.wait(self.refresh_s)
 
     async def model(self, alias: str) -> StoredModel | None:
-        """The model for ``alias``; an unknown alias triggers a refresh, so a model
-        registered through another router is found at once. Misses share one refresh at a
-        time, at most one per ``_MISS_REFRESH_S``, and none while Redis is failing (the
-        timer's refresh finds out when it is back): an unknown model then gets its 404 at
-        once instead of waiting out the Redis timeout."""
+        """The model for ``alias``; an unknown alias waits for a refresh begun after it
+        arrived, so a model registered through another router is found at once (misses.py)."""
         found = self.models.get(alias)
-        if found is not None:
-            return found
-        pending = self._miss_refresh
-        if pending is None or pending.done():
-            now = time.monotonic()
-            if not self._store_ok or now - max(self._last_refresh, self._miss_at) <= (
-                    _MISS_REFRESH_S):
-                return None
-            self._miss_at = now
-            pending = self._miss_refresh = asyncio.ensure_future(self._refresh_on_miss())
-        await asyncio.shield(pending)
-        return self.models.get(alias)
-
-    async def _refresh_on_miss(self) -> None:
-        try:
-            await self.refresh()
-        except Exception as e:  # noqa: BLE001 - Redis down: answer from the cache
-            logger.warning("refresh on miss failed (answering from the cache): %s", e)
+        if found is None:
+            await self.misses.after(time.monotonic())
+            found = self.models.get(alias)
+        return found
 
     def replicas(self, alias: str) -> dict[str, str]:
         return self.routes.get(alias, {})

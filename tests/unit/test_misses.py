@@ -1,0 +1,75 @@
+"""MissRefresher: a miss waits for a re-read begun after it arrived; misses share re-reads,
+spaced apart; a failing store answers at once (services/router/misses.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from services.router.misses import MissRefresher
+
+
+class Source:
+    """A store whose value changes while a read is in flight."""
+
+    def __init__(self, delay: float = 0.02) -> None:
+        self.value = 0
+        self.seen = 0
+        self.reads = 0
+        self.fail = False
+        self.delay = delay
+
+    async def read(self) -> None:
+        self.reads += 1
+        value = self.value  # the read's snapshot is taken when it begins
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise ConnectionError("store down")
+        self.seen = value
+
+
+def test_miss_does_not_share_a_read_begun_before_it() -> None:
+    async def go() -> None:
+        src = Source()
+        misses = MissRefresher(src.read, lambda: True, spacing_s=0.01)
+        early = asyncio.ensure_future(misses.after(time.monotonic()))
+        await asyncio.sleep(0.005)  # that read is in flight with value 0
+        src.value = 1  # a write lands, then a request arrives
+        await misses.after(time.monotonic())
+        assert src.seen == 1 and src.reads == 2
+        await early
+
+    asyncio.run(go())
+
+
+def test_concurrent_misses_share_spaced_reads() -> None:
+    async def go() -> None:
+        src = Source(delay=0.005)
+        misses = MissRefresher(src.read, lambda: True, spacing_s=0.1)
+        began = time.monotonic()
+        await asyncio.gather(*(misses.after(time.monotonic()) for _ in range(200)))
+        assert src.reads == 1
+        # Back-to-back misses: each needs a new read, and reads start 0.1 s apart.
+        for _ in range(3):
+            await misses.after(time.monotonic())
+        assert src.reads == 4
+        assert time.monotonic() - began >= 0.3
+        assert misses.reads == 4
+
+    asyncio.run(go())
+
+
+def test_failing_store_answers_at_once() -> None:
+    async def go() -> None:
+        src = Source()
+        src.fail = True
+        healthy = [True]
+        misses = MissRefresher(src.read, lambda: healthy[0], spacing_s=0.01)
+        await misses.after(time.monotonic())  # one failed read, then it gives up
+        assert src.reads == 1
+        healthy[0] = False
+        began = time.monotonic()
+        await misses.after(time.monotonic())
+        assert src.reads == 1 and time.monotonic() - began < 0.01
+
+    asyncio.run(go())
