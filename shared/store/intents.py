@@ -119,11 +119,9 @@ class IntentsStore(StoreBase):
 
     async def intents(self, aliases: list[str]) -> dict[str, Intents]:
         """Every alias's operator requests, in one round trip (for the scheduler's pass)."""
-        async with self._batch() as pipe:
-            for a in aliases:
-                pipe.hkeys(self.k.manual(a))
-                pipe.get(self.k.intent(a))
-            flat = await pipe.execute(raise_on_error=False)
+        flat = await self._reads([key for a in aliases
+                                  for key in (self.k.manual(a), self.k.intent(a))],
+                                 ("HKEYS", "GET"))
         out = {}
         for i, a in enumerate(aliases):
             # A key of the wrong type is reported and read as no request: it must not stop

@@ -231,11 +231,9 @@ class ModelsStore(StoreBase):
         """The registered ones among ``aliases``, and the aliases whose record does not
         parse (reported): callers leave those as they are, neither placed nor stopped, since
         a corrupt record says nothing about what the operator wants."""
-        async with self._batch() as pipe:
-            for a in aliases:
-                pipe.hgetall(self.k.model(a))
-                pipe.get(self.k.hold(a))
-            flat = await pipe.execute(raise_on_error=False)
+        flat = await self._reads([key for a in aliases
+                                  for key in (self.k.model(a), self.k.hold(a))],
+                                 ("HGETALL", "GET"))
         out, bad = {}, set()
         for i, a in enumerate(aliases):
             try:

@@ -190,10 +190,7 @@ class ObservedStore(StoreBase):
 
     async def instances_by_alias(self, aliases: list[str]) -> dict[str, dict[str, dict[str, str]]]:
         """alias -> worker -> instance record, for many aliases in two round trips."""
-        async with self._batch() as pipe:
-            for a in aliases:
-                pipe.smembers(self.k.instances(a))
-            replies = await pipe.execute(raise_on_error=False)
+        replies = await self._reads([self.k.instances(a) for a in aliases], ("SMEMBERS",))
         members = [self._checked(self.k.instances(a), r, set())
                    for a, r in zip(aliases, replies, strict=True)]
         pairs = [(a, w) for a, ws in zip(aliases, members, strict=True) for w in sorted(ws)]

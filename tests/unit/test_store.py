@@ -139,3 +139,31 @@ async def test_targets_of_reads_every_worker_and_skips_corrupt_entries(store: St
     await store.assign(f"mgr|{epoch}", Assignment(alias="m", worker_id="w1", target="sleeping"))
     await store.r.hset(store.k.assign("w2"), "m", "garbage{")
     assert await store.targets_of("m") == {"w1": "sleeping"}
+
+
+async def test_bulk_reads_answer_as_each_command_would(store: Store) -> None:
+    """Store._reads (a script per 500 reads without a cluster, a pipeline on one) gives each
+    reply in the shape of redis-py's own method, a wrong-type key as an error in its place,
+    across chunk boundaries."""
+    r = store.r
+    await r.hset("t:rd:h", mapping={"a": "1", "b": "2"})
+    await r.set("t:rd:s", "x")
+    await r.sadd("t:rd:set", "m1", "m2")
+    keys = ["t:rd:h", "t:rd:s", "t:rd:set", "t:rd:h", "t:rd:none", "t:rd:s", "t:rd:none",
+            "t:rd:none", "t:rd:none"]
+    ops = ("HGETALL", "GET", "SMEMBERS", "HKEYS", "GET", "HGETALL", "HGETALL", "SMEMBERS",
+           "GET")
+    got = await store._reads(keys * 120, ops)  # 1,080 reads: three script calls
+    assert len(got) == len(keys) * 120
+    for i in range(0, len(got), len(keys)):
+        one = got[i:i + len(keys)]
+        assert one[:5] == [{"a": "1", "b": "2"}, "x", {"m1", "m2"}, ["a", "b"], None]
+        assert isinstance(one[5], Exception) and "WRONGTYPE" in str(one[5])
+        assert one[6:] == [{}, set(), None]
+    # Two ops cycle over the keys; a chunk boundary does not shift the cycle.
+    pairs = await store._reads(["t:rd:h", "t:rd:s"] * 300, ("HKEYS", "GET"))
+    assert pairs == [["a", "b"], "x"] * 300
+    assert await store._reads([], ("GET",)) == []
+    # A key the joined form cannot carry is read one command at a time, with the same answer.
+    await r.set("t:rd:odd\nkey", "y")
+    assert await store._reads(["t:rd:odd\nkey", "t:rd:s"], ("GET",)) == ["y", "x"]
