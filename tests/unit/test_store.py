@@ -153,17 +153,22 @@ async def test_bulk_reads_answer_as_each_command_would(store: Store) -> None:
             "t:rd:none", "t:rd:none"]
     ops = ("HGETALL", "GET", "SMEMBERS", "HKEYS", "GET", "HGETALL", "HGETALL", "SMEMBERS",
            "GET")
-    got = await store._reads(keys * 120, ops)  # 1,080 reads: three script calls
-    assert len(got) == len(keys) * 120
+    got = await store._reads(keys * 300, ops)  # 2,700 reads: six script calls
+    assert len(got) == len(keys) * 300
     for i in range(0, len(got), len(keys)):
         one = got[i:i + len(keys)]
         assert one[:5] == [{"a": "1", "b": "2"}, "x", {"m1", "m2"}, ["a", "b"], None]
         assert isinstance(one[5], Exception) and "WRONGTYPE" in str(one[5])
         assert one[6:] == [{}, set(), None]
     # Two ops cycle over the keys; a chunk boundary does not shift the cycle.
-    pairs = await store._reads(["t:rd:h", "t:rd:s"] * 300, ("HKEYS", "GET"))
-    assert pairs == [["a", "b"], "x"] * 300
+    pairs = await store._reads(["t:rd:h", "t:rd:s"] * 1200, ("HKEYS", "GET"))
+    assert pairs == [["a", "b"], "x"] * 1200
+    # Below the script's threshold: the same answers from a pipeline.
+    small = await store._reads(keys, ops)
+    assert small[:5] == got[:5] and small[6:] == got[6:len(keys)]
+    assert isinstance(small[5], Exception)
     assert await store._reads([], ("GET",)) == []
     # A key the joined form cannot carry is read one command at a time, with the same answer.
     await r.set("t:rd:odd\nkey", "y")
-    assert await store._reads(["t:rd:odd\nkey", "t:rd:s"], ("GET",)) == ["y", "x"]
+    odd = await store._reads(["t:rd:odd\nkey"] + ["t:rd:s"] * 2100, ("GET",))
+    assert odd == ["y"] + ["x"] * 2100
