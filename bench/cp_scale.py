@@ -199,7 +199,8 @@ async def _wait_placed(url: str, scale: Scale, timeout_s: float) -> float:
     return time.perf_counter() - t0
 
 
-def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int) -> dict[str, Any]:
+def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int,
+            sim: str = "tasks") -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="svllm-cps-"))
     children = Children(run_dir / "logs")
     out: dict[str, Any] = {"tree": str(tree), "aliases": scale.aliases,
@@ -210,8 +211,16 @@ def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int) -> dict
         groups: dict[str, list[int]] = {"redis": [redis_pid], "simworkers": []}
         sim_out = run_dir / "sim-0.json"
         # An older tree's simulator has no --first: one process plays every worker there.
+        # The fleet simulator (raw pipelined commands, bench/simfleet.py) is this tree's for
+        # either tree: it is the load, not what is measured.
         split = tree == HERE
-        for n in range(math.ceil(scale.workers / SIM_PER_PROCESS) if split else 1):
+        if sim == "fleet":
+            argv = _module(HERE, "bench.simfleet", "--redis", url, "--prefix", PREFIX,
+                           "--workers", str(scale.workers), "--duration", "3600",
+                           "--out", str(sim_out))
+            groups["simworkers"].append(children.start("sim-0", pinned(LOAD_CORE, argv)).pid)
+        for n in range(0 if sim == "fleet" else
+                       math.ceil(scale.workers / SIM_PER_PROCESS) if split else 1):
             first = n * SIM_PER_PROCESS
             count = min(SIM_PER_PROCESS, scale.workers - first) if split else scale.workers
             argv = _module(tree, "bench.simworkers", "--redis", url, "--prefix", PREFIX,
@@ -276,6 +285,10 @@ def main() -> None:
     ap.add_argument("--steady", type=float, default=10.0)
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--sim", choices=("tasks", "fleet"), default="tasks",
+                    help="simulated workers: the real store code per worker (bench.simworkers)"
+                         " or raw pipelined commands from one process (bench.simfleet), which "
+                         "keeps 5,000 workers alive on two cores")
     args = ap.parse_args()
     trees = {"after": HERE} | ({"before": args.base.resolve()} if args.base else {})
     results: dict[str, Any] = {}
@@ -284,7 +297,7 @@ def main() -> None:
             print(f"cp_scale: {scale.label} ({scale.aliases} aliases x {scale.workers} "
                   f"workers), {name}", flush=True)
             results.setdefault(scale.label, {})[name] = res = run_one(
-                tree, scale, args.steady, args.probes)
+                tree, scale, args.steady, args.probes, args.sim)
             print(json.dumps(res), flush=True)
             if args.out:
                 args.out.write_text(json.dumps(results, indent=1))

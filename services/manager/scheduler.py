@@ -326,7 +326,7 @@ class Scheduler:
         versions = world.versions
         if probe.any_version != versions.get(ANY_WORKER, "0"):
             versions = await self.store.assign_versions()
-        moved = [w for w in views if w not in assigns or versions.get(w) != world.versions.get(w)]
+        moved = _moved(world, views, assigns, versions)
         if moved:
             dirty |= await self._reread(moved, assigns, ledgers)
             workers_changed = True
@@ -663,3 +663,15 @@ class Scheduler:
             await writes.flush()  # an earlier placement of the alias clears the reason
             await self.store.set_placement_reason(alias, reason)
             self._reasons[alias] = (model.version, reason)
+
+
+def _moved(world: _World, views: dict[str, WorkerView],
+           assigns: dict[str, dict[str, Assignment]],
+           versions: dict[str, str]) -> list[str]:
+    """The workers whose assignments must be read again: new ones, and those whose
+    ``assign:versions`` entry moved since ``world`` was read."""
+    if versions is world.versions and views is world.views:
+        # No version moved and no worker joined: every view's state was read by an earlier
+        # pass (a walk over 5,000 workers every tick cost ~3 ms for nothing).
+        return []
+    return [w for w in views if w not in assigns or versions.get(w) != world.versions.get(w)]

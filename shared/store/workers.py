@@ -196,11 +196,9 @@ class WorkersStore(StoreBase):
 
     async def list_workers(self) -> list[WorkerView]:
         ids = await self._members(self.k.workers)
-        async with self._batch() as pipe:
-            for w in ids:
-                pipe.hgetall(self.k.worker(w))
-                pipe.exists(self.k.worker_alive(w))
-            flat = await pipe.execute(raise_on_error=False)
+        flat = await self._reads([key for w in ids
+                                  for key in (self.k.worker(w), self.k.worker_alive(w))],
+                                 ("HGETALL", "EXISTS"))
         out = []
         for i, w in enumerate(ids):
             raw, alive = self._checked(self.k.worker(w), flat[2 * i], {}), flat[2 * i + 1]

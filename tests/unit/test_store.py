@@ -172,3 +172,28 @@ async def test_bulk_reads_answer_as_each_command_would(store: Store) -> None:
     await r.set("t:rd:odd\nkey", "y")
     odd = await store._reads(["t:rd:odd\nkey"] + ["t:rd:s"] * 2100, ("GET",))
     assert odd == ["y"] + ["x"] * 2100
+
+
+async def test_liveness_count_and_worker_listing_at_pool_scale(store: Store) -> None:
+    """1,200 workers: the scheduler's probe counts live ones with commands packed once (from
+    1,000 workers) and the listing reads records and liveness through the bulk reads' script
+    (from 2,000 keys); both agree with the keys themselves."""
+    ids = [f"pw{i:04d}" for i in range(1200)]
+    async with store.r.pipeline(transaction=False) as pipe:
+        for i, w in enumerate(ids):
+            pipe.hset(store.k.worker(w), mapping={"url": f"http://{w}:7000", "engines": '["sim"]'})
+            pipe.sadd(store.k.workers, w)
+            if i % 3:
+                pipe.set(store.k.worker_alive(w), "1")
+        await pipe.execute()
+    live = {w for i, w in enumerate(ids) if i % 3}
+    probe = await store.scheduler_probe(ids)
+    assert probe.alive == len(live) and probe.workers == len(ids)
+    assert (await store.scheduler_probe(ids)).alive == len(live)  # the cached packed probe
+    await store.r.delete(store.k.worker_alive(ids[1]))
+    assert (await store.scheduler_probe(ids)).alive == len(live) - 1
+    assert (await store.scheduler_probe(ids[:10])).alive == 5  # below the threshold: EXISTS
+    views = {v.worker_id: v for v in await store.list_workers()}
+    assert set(views) == set(ids)
+    assert {w for w, v in views.items() if v.alive} == live - {ids[1]}
+    assert views["pw0007"].url == "http://pw0007:7000" and views["pw0007"].engines == ["sim"]

@@ -1,0 +1,188 @@
+"""Thousands of simulated workers' control traffic from one process, on one raw connection.
+
+    python -m bench.simfleet --redis URL --prefix P --workers 5000 --duration 60 --out F
+
+``bench.simworkers`` runs each simulated worker through the real store code (redis-py, a
+round trip per call): ~100 µs of client CPU per call, so 5,000 workers (7,500 calls a second)
+need more than the two cores this machine has, and a run measured workers dying. This plays
+the same workers with the commands those calls send (a heartbeat: ``EXISTS`` then ``MULTI``
+``SET alive PX GET`` ``HSET`` ``SADD`` ``EXEC``; the assignment check: ``HGET
+assign:versions`` and ``GET version:models``; on a change, or every RESYNC_S, the re-read:
+``MULTI HGETALL assign HKEYS ledger EXEC``, then each assigned model's ``HGETALL`` and hold's
+``GET``), encoded once into RESP and sent every 0.1 s as one pipeline on one connection,
+replies parsed by hiredis: a few µs of client CPU per command.
+
+Redis does the same commands as for real workers, but pipelined on one connection instead of
+one round trip per worker on thousands: its CPU per command is lower than with real workers
+(fewer reads, writes and wake-ups), so its figures here are a lower bound. The output file is
+the same as ``bench.simworkers``' (ticks done and due).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+import hiredis
+import uvloop
+
+from bench.simworkers import HEARTBEAT_S, RECONCILE_S, RESYNC_S, TTL_S, worker_id
+from shared.keys import Keys
+
+TICK_S = 0.1
+Command = tuple[bytes, ...]
+
+
+def encode(cmds: list[Command]) -> bytes:
+    out = bytearray()
+    for args in cmds:
+        out += b"*%d\r\n" % len(args)
+        for a in args:
+            out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return bytes(out)
+
+
+class Conn:
+    """One pipelined RESP connection: send commands, get their replies in order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.parser = hiredis.Reader(encoding="utf-8", errors="replace")
+
+    @classmethod
+    async def open(cls, url: str) -> Conn:
+        u = urlparse(url)
+        reader, writer = await asyncio.open_connection(u.hostname or "127.0.0.1", u.port or 6379)
+        conn = cls(reader, writer)
+        db = (u.path or "/0").lstrip("/") or "0"
+        if db != "0":
+            await conn.run([(b"SELECT", db.encode())])
+        return conn
+
+    async def run(self, cmds: list[Command]) -> list[object]:
+        if not cmds:
+            return []
+        self.writer.write(encode(cmds))
+        replies: list[object] = []
+        while len(replies) < len(cmds):
+            got = self.parser.gets()
+            if got is False:
+                data = await self.reader.read(1 << 20)
+                if not data:
+                    raise ConnectionError("redis closed the connection")
+                self.parser.feed(data)
+                continue
+            replies.append(got)
+        return replies
+
+
+class Fleet:
+    def __init__(self, keys: Keys, ids: list[str]) -> None:
+        self.k = keys
+        self.ids = ids
+        self.done: Counter[str] = Counter()
+        n = len(ids)
+        now = time.monotonic()
+        # Spread evenly over the intervals, as bench.simworkers does.
+        self.beat_at = {w: now + i / n * HEARTBEAT_S for i, w in enumerate(ids)}
+        self.check_at = {w: now + i / n * RECONCILE_S for i, w in enumerate(ids)}
+        self.stamp: dict[str, tuple[object, object]] = {}
+        self.read_at: dict[str, float] = {}
+        load = json.dumps({"instances": 10.0}).encode()
+        self.fields = (b"load", load, b"gpus", b"[]", b"gpu_message", b"no GPU (simulated)")
+
+    def _beat(self, w: str, now_wall: bytes) -> list[Command]:
+        k = self.k
+        return [(b"EXISTS", k.worker(w).encode()), (b"MULTI",),
+                (b"SET", k.worker_alive(w).encode(), now_wall, b"PX",
+                 str(int(TTL_S * 1000)).encode(), b"GET"),
+                (b"HSET", k.worker(w).encode(), b"last_seen", now_wall, *self.fields),
+                (b"SADD", k.workers.encode(), w.encode()), (b"EXEC",)]
+
+    async def tick(self, conn: Conn) -> None:
+        now = time.monotonic()
+        now_wall = repr(time.time()).encode()
+        cmds: list[Command] = []
+        beating = [w for w, at in self.beat_at.items() if at <= now]
+        for w in beating:
+            cmds += self._beat(w, now_wall)
+            self.beat_at[w] += HEARTBEAT_S
+        checking = [w for w, at in self.check_at.items() if at <= now]
+        for w in checking:
+            cmds += [(b"HGET", self.k.assign_versions.encode(), w.encode()),
+                     (b"GET", self.k.models_version.encode())]
+            self.check_at[w] += RECONCILE_S
+        replies = await conn.run(cmds)
+        self.done["heartbeats"] += len(beating)
+        stamps = replies[len(beating) * 6:]
+        stale = []
+        for i, w in enumerate(checking):
+            stamp = (stamps[2 * i], stamps[2 * i + 1])
+            if stamp != self.stamp.get(w) or now - self.read_at.get(w, 0.0) >= RESYNC_S:
+                stale.append((w, stamp))
+        await self._reread(conn, stale, now)
+        self.done["reconciles"] += len(checking)
+
+    async def _reread(self, conn: Conn, stale: list[tuple[str, tuple[object, object]]],
+                      now: float) -> None:
+        """What AssignmentReader.current() reads once the versions moved (or RESYNC_S)."""
+        cmds: list[Command] = []
+        for w, _ in stale:
+            cmds += [(b"MULTI",), (b"HGETALL", self.k.assign(w).encode()),
+                     (b"HKEYS", self.k.ledger(w).encode()), (b"EXEC",)]
+        replies = await conn.run(cmds)
+        models: list[Command] = []
+        for i, (w, stamp) in enumerate(stale):
+            execd = replies[4 * i + 3]
+            flat = execd[0] if isinstance(execd, list) and isinstance(execd[0], list) else []
+            for alias in flat[::2]:
+                models += [(b"HGETALL", self.k.model(str(alias)).encode()),
+                           (b"GET", self.k.hold(str(alias)).encode())]
+            self.stamp[w], self.read_at[w] = stamp, now
+        await conn.run(models)
+
+
+async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path,
+              first: int = 0) -> None:
+    conn = await Conn.open(url)
+    fleet = Fleet(Keys(prefix), [worker_id(first + i) for i in range(workers)])
+    start = time.monotonic()
+    stop_at = start + duration_s
+    next_report = start + 1.0
+    try:
+        while time.monotonic() < stop_at:
+            began = time.monotonic()
+            await fleet.tick(conn)
+            if began >= next_report:
+                elapsed = began - start
+                out.write_text(json.dumps({  # noqa: ASYNC240 - a few hundred bytes a second
+                    "elapsed_s": elapsed, "heartbeats": fleet.done["heartbeats"],
+                    "heartbeats_due": workers * elapsed / HEARTBEAT_S,
+                    "reconciles": fleet.done["reconciles"],
+                    "reconciles_due": workers * elapsed / RECONCILE_S,
+                    "errors": 0, "last_error": None}))
+                next_report += 1.0
+            await asyncio.sleep(max(0.0, TICK_S - (time.monotonic() - began)))
+    finally:
+        conn.writer.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--redis", required=True)
+    ap.add_argument("--prefix", required=True)
+    ap.add_argument("--workers", type=int, required=True)
+    ap.add_argument("--duration", type=float, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--first", type=int, default=0)
+    args = ap.parse_args()
+    uvloop.run(run(args.redis, args.prefix, args.workers, args.duration, args.out, args.first))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""bench.simfleet plays workers with raw commands; its figures mean something only while those
+commands are what the real store code sends. Checked against a real redis-server: a fleet
+heartbeat leaves the records a real one does, and the fleet's re-read finds the models."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from bench.simfleet import Conn, Fleet
+from shared.keys import Keys
+from shared.models import Heartbeat, ModelSpec, WorkerRegistration
+from shared.store import Store, connect
+from tests.support import RedisServer
+
+
+async def _compare(url: str) -> None:
+    keys = Keys(f"fleet-{uuid.uuid4().hex[:8]}")
+    store = Store(connect(url), keys)
+    conn = await Conn.open(url)
+    try:
+        for w in ("real", "sim"):
+            await store.register_worker(WorkerRegistration(
+                worker_id=w, url=f"http://{w}:7000", engines=["vllm"], gpu_message="x",
+                version="t"), 30)
+        await store.register_model(ModelSpec(alias="m", model_name="org/m", engine="vllm"))
+        hb = Heartbeat(gpus=[], gpu_message="no GPU (simulated)", load={"instances": 10.0})
+        assert await store.heartbeat("real", hb, 30.0) is True
+        fleet = Fleet(keys, ["sim"])
+        fleet.beat_at["sim"] = fleet.check_at["sim"] = 0.0
+        await fleet.tick(conn)
+        assert fleet.done == {"heartbeats": 1, "reconciles": 1}
+        real = await store.r.hgetall(keys.worker("real"))
+        sim = await store.r.hgetall(keys.worker("sim"))
+        for f in ("load", "gpus", "gpu_message"):
+            assert sim[f] == real[f], f
+        assert float(sim["last_seen"]) > 0
+        assert await store.alive(["real", "sim"]) == {"real", "sim"}
+        pttl = await store.r.pttl(keys.worker_alive("sim"))
+        assert 25_000 < pttl <= 30_000
+        # Its assignment check and re-read match the real reader's view of the stamp.
+        stamp = await store.assignment_stamp("sim")
+        assert tuple(str(x or "0") for x in fleet.stamp["sim"]) == stamp
+    finally:
+        conn.writer.close()
+        await store.close()
+
+
+def test_fleet_heartbeat_writes_what_a_real_one_does(redis_server: RedisServer) -> None:
+    asyncio.run(_compare(redis_server.url))
