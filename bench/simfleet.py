@@ -20,7 +20,6 @@ the same as ``bench.simworkers``' (ticks done and due).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -29,9 +28,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import hiredis
-import uvloop
 
-from bench.simworkers import HEARTBEAT_S, RECONCILE_S, RESYNC_S, TTL_S, worker_id
+from bench.simworkers import HEARTBEAT_S, RECONCILE_S, RESYNC_S, TTL_S, cli, worker_id
 from shared.keys import Keys
 
 TICK_S = 0.1
@@ -173,15 +171,7 @@ async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--redis", required=True)
-    ap.add_argument("--prefix", required=True)
-    ap.add_argument("--workers", type=int, required=True)
-    ap.add_argument("--duration", type=float, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--first", type=int, default=0)
-    args = ap.parse_args()
-    uvloop.run(run(args.redis, args.prefix, args.workers, args.duration, args.out, args.first))
+    cli(__doc__ or "", run)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 import uvloop
@@ -111,8 +112,12 @@ def worker_id(i: int) -> str:
     return f"sim-w{i:04d}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+Simulator = Callable[[str, str, int, float, Path, int], Coroutine[Any, Any, None]]
+
+
+def cli(doc: str, simulate: Simulator) -> None:
+    """The command line shared by the simulators (this one and bench.simfleet)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n", maxsplit=1)[0])
     ap.add_argument("--redis", required=True)
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--workers", type=int, required=True)
@@ -120,7 +125,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--first", type=int, default=0)
     args = ap.parse_args()
-    uvloop.run(run(args.redis, args.prefix, args.workers, args.duration, args.out, args.first))
+    uvloop.run(simulate(args.redis, args.prefix, args.workers, args.duration, args.out,
+                        args.first))
+
+
+def main() -> None:
+    cli(__doc__ or "", run)
 
 
 if __name__ == "__main__":
