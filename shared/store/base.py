@@ -108,10 +108,10 @@ return out
 # Reads per script call: ~2 ms of Redis time for small hashes, so other clients (routers'
 # limit checks) wait at most that long behind a full pass's reads.
 _READS_CHUNK = 500
-# The script costs Redis about twice a plain command's CPU per key (3.4 against 1.7 µs:
-# Lua's pcall and reply conversion) and saves the client ~20 µs per key: worth it for the
-# scheduler's full pass, not for the steady state's small reads (a worker's own models,
-# the aliases one tick touches), which stay pipelined and cost Redis what they did.
+# The script costs Redis two to three times a plain command's CPU per key (3-7 against
+# 1.5-2.5 µs: Lua's pcall and reply conversion) and saves the client ~20 µs per key: worth
+# it for the scheduler's full pass, not for the steady state's small reads (a worker's own
+# models, the aliases one tick touches), which stay pipelined and cost Redis what they did.
 _READS_SCRIPT_MIN = 2000
 _READ_OPS = frozenset({"GET", "HGETALL", "HKEYS", "SMEMBERS", "EXISTS"})
 
