@@ -25,9 +25,12 @@ class AdapterTable:
         self.adapters: dict[str, AdapterSpec] = {}
         # base -> worker -> adapters its engine holds.
         self.held: dict[str, dict[str, frozenset[str]]] = {}
-        self.misses = MissRefresher(self.refresh, lambda: True, what="adapter table")
+        self.misses = MissRefresher(self._load, what="adapter table")
 
     async def refresh(self) -> None:
+        await self.misses.read()
+
+    async def _load(self) -> None:
         adapters = await self.store.list_adapters()
         bases = sorted({a.base for a in adapters.values()})
         self.held = await self.store.lora_loaded(bases) if bases else {}

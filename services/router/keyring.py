@@ -43,11 +43,9 @@ class KeyRing:
         self.keyed = False
         self._hint = nudger.watch("keys")
         self._token = settings.api_token.encode() if settings.api_token else None
-        self._store_ok = True
         # A key unknown here may have been created through another router a moment ago: it
         # waits for a reload begun after it arrived before its 401 (misses.py).
-        self.misses = MissRefresher(self._reload_checked, lambda: self._store_ok,
-                                    what="key ring")
+        self.misses = MissRefresher(self._load, what="key ring")
 
     @property
     def mode(self) -> str:
@@ -93,15 +91,10 @@ class KeyRing:
             return self.check(header, *extra)
 
     # ------------------------------------------------------------------ keeping current
-    async def _reload_checked(self) -> None:
-        try:
-            await self.reload()
-        except Exception:
-            self._store_ok = False
-            raise
-        self._store_ok = True
-
     async def reload(self) -> None:
+        await self.misses.read()
+
+    async def _load(self) -> None:
         version, self.routers = await self.store.check_in(self.settings.router_id)
         if version != self.version or not self.loaded:
             keys, limits, tenants = await self.store.all_keys()
@@ -116,7 +109,7 @@ class KeyRing:
         while True:
             self._hint.clear()
             try:
-                await self._reload_checked()
+                await self.reload()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - Redis away: keep the last copy, retry

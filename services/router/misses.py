@@ -25,12 +25,15 @@ MISS_SPACING_S = 0.05
 
 
 class MissRefresher:
-    def __init__(self, read: Callable[[], Awaitable[None]], healthy: Callable[[], bool],
+    """The owner's re-read (``read``), run through :meth:`read` by everyone (its timer, its
+    admin writes, the misses), so that the outcome of the last one says whether the store is
+    up: while it is failing a miss is answered from the cache at once instead of waiting out
+    the Redis timeout (the owner's timer finds out when it is back)."""
+
+    def __init__(self, read: Callable[[], Awaitable[None]],
                  spacing_s: float = MISS_SPACING_S, what: str = "cache") -> None:
         self._read = read
-        # While the store is failing a miss is answered from the cache at once instead of
-        # waiting out the Redis timeout (the owner's timer finds out when it is back).
-        self._healthy = healthy
+        self.store_ok = True
         self._spacing_s = spacing_s
         self._what = what
         self._started = float("-inf")  # when the newest completed re-read began
@@ -41,12 +44,21 @@ class MissRefresher:
     async def after(self, arrived: float) -> None:
         """Return once a re-read that began at or after ``arrived`` (a ``time.monotonic()``)
         has completed, or at once while the store is failing (or once a re-read failed)."""
-        while self._started < arrived and self._healthy():
+        while self._started < arrived and self.store_ok:
             pending = self._pending
             if pending is None or pending.done():
                 pending = self._pending = asyncio.ensure_future(self._spaced())
             if not await asyncio.shield(pending):
                 return
+
+    async def read(self) -> None:
+        """The owner's re-read, its outcome recorded (``store_ok``); raises as it does."""
+        try:
+            await self._read()
+        except Exception:
+            self.store_ok = False
+            raise
+        self.store_ok = True
 
     async def _spaced(self) -> bool:
         delay = self._next_at - time.monotonic()
@@ -56,7 +68,7 @@ class MissRefresher:
         self._next_at = started + self._spacing_s
         self.reads += 1
         try:
-            await self._read()
+            await self.read()
         except Exception as e:  # noqa: BLE001 - Redis down: the owner answers from its cache
             logger.warning("%s re-read on a miss failed (answering from the cache): %s",
                            self._what, e)

@@ -48,18 +48,12 @@ class RouteTable:
         self.full_reloads = 0
         self.partial_reloads = 0
         self.model_reloads = 0  # passes that re-read only the models named in the models log
-        self._store_ok = True
-        self.misses = MissRefresher(self.refresh, lambda: self._store_ok, what="route table")
+        self.misses = MissRefresher(self._refresh, what="route table")
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
 
     async def refresh(self) -> None:
-        try:
-            await self._refresh()
-        except Exception:
-            self._store_ok = False
-            raise
-        self._store_ok = True
+        await self.misses.read()
 
     async def _refresh(self) -> None:
         async with self._lock:

@@ -221,32 +221,38 @@ class StoreBase:
 
     async def _reads(self, keys: list[str], ops: tuple[str, ...]) -> list[Any]:
         """The reply to a read of each of ``keys``, key i read with ``ops[i % len(ops)]``
-        (GET, HGETALL, HKEYS, SMEMBERS or EXISTS), as redis-py's own method gives it; an error reply
-        (a key of another type) as an exception object in its place.
+        (GET, HGETALL, HKEYS, SMEMBERS or EXISTS), as redis-py's own method gives it; an
+        error reply (a key of another type) as an exception object in its place.
 
         A full scheduler pass reads 300,000 keys at 50,000 aliases; a pipelined command each
         cost ~25 µs of redis-py (packing every argument, a parse with a timeout per reply),
         most of the pass. So, for ``_READS_SCRIPT_MIN`` keys or more and without a cluster,
         a script reads ``_READS_CHUNK`` of them at a time: the keys go as one newline-joined
         argument and the replies come back as one nested reply, which hiredis parses in C.
-        Fewer keys, a cluster (keys of many slots cannot share a script), or a key the
-        joined form cannot carry: one pipelined command each."""
+        Fewer keys, a cluster (keys of many slots cannot share a script), or a chunk with a
+        key the joined form cannot carry: one pipelined command each."""
         assert set(ops) <= _READ_OPS and ops, ops
-        joined = "\n".join(keys)
-        if (self._primaries is not None or len(keys) < _READS_SCRIPT_MIN
-                or joined.count("\n") != len(keys) - 1 or not all(keys)):
-            async with self._batch() as pipe:
-                for i, key in enumerate(keys):
-                    getattr(pipe, ops[i % len(ops)].lower())(key)
-                return await pipe.execute(raise_on_error=False)
+        if self._primaries is not None or len(keys) < _READS_SCRIPT_MIN:
+            return await self._piped(keys, ops)
         step = _READS_CHUNK - _READS_CHUNK % len(ops)  # each chunk starts at ops[0]
         spec = " ".join(ops)
         out: list[Any] = []
         for i in range(0, len(keys), step):
             chunk = keys[i:i + step]
-            replies = await self._reads_script(keys=[], args=[spec, "\n".join(chunk)])
+            joined = "\n".join(chunk)
+            if joined.count("\n") != len(chunk) - 1 or not all(chunk):
+                out += await self._piped(chunk, ops)
+                continue
+            replies = await self._reads_script(keys=[], args=[spec, joined])
             out += [_shaped(ops[j % len(ops)], r) for j, r in enumerate(replies)]
         return out
+
+    async def _piped(self, keys: list[str], ops: tuple[str, ...]) -> list[Any]:
+        """_reads as one pipelined command per key."""
+        async with self._batch() as pipe:
+            for i, key in enumerate(keys):
+                getattr(pipe, ops[i % len(ops)].lower())(key)
+            return await pipe.execute(raise_on_error=False)
 
     async def _mget(self, keys: list[str]) -> list[Any]:
         """GET of every key in one call; on a cluster, a pipeline of GETs per primary, all

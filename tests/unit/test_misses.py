@@ -18,10 +18,12 @@ class Source:
         self.reads = 0
         self.fail = False
         self.delay = delay
+        self.began = asyncio.Event()
 
     async def read(self) -> None:
         self.reads += 1
         value = self.value  # the read's snapshot is taken when it begins
+        self.began.set()
         await asyncio.sleep(self.delay)
         if self.fail:
             raise ConnectionError("store down")
@@ -31,9 +33,9 @@ class Source:
 def test_miss_does_not_share_a_read_begun_before_it() -> None:
     async def go() -> None:
         src = Source()
-        misses = MissRefresher(src.read, lambda: True, spacing_s=0.01)
+        misses = MissRefresher(src.read, spacing_s=0.01)
         early = asyncio.ensure_future(misses.after(time.monotonic()))
-        await asyncio.sleep(0.005)  # that read is in flight with value 0
+        await src.began.wait()  # that read is in flight with value 0
         src.value = 1  # a write lands, then a request arrives
         await misses.after(time.monotonic())
         assert src.seen == 1 and src.reads == 2
@@ -45,7 +47,7 @@ def test_miss_does_not_share_a_read_begun_before_it() -> None:
 def test_concurrent_misses_share_spaced_reads() -> None:
     async def go() -> None:
         src = Source(delay=0.005)
-        misses = MissRefresher(src.read, lambda: True, spacing_s=0.1)
+        misses = MissRefresher(src.read, spacing_s=0.1)
         began = time.monotonic()
         await asyncio.gather(*(misses.after(time.monotonic()) for _ in range(200)))
         assert src.reads == 1
@@ -63,14 +65,17 @@ def test_failing_store_answers_at_once() -> None:
     async def go() -> None:
         src = Source()
         src.fail = True
-        healthy = [True]
         # Spaced 30 s apart: a miss that waited for a re-read would take that long.
-        misses = MissRefresher(src.read, lambda: healthy[0], spacing_s=30)
+        misses = MissRefresher(src.read, spacing_s=30)
         await misses.after(time.monotonic())  # one failed read, then it gives up
         assert src.reads == 1
-        healthy[0] = False
+        # The failed read marked the store down: the next miss answers from the cache.
         began = time.monotonic()
         await misses.after(time.monotonic())
         assert src.reads == 1 and time.monotonic() - began < 10
+        # The owner's timer read succeeds: misses re-read again.
+        src.fail = False
+        await misses.read()
+        assert misses.store_ok and src.reads == 2
 
     asyncio.run(go())
