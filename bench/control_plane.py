@@ -181,10 +181,13 @@ async def in_process(redis_url: str, scale: Scale, passes: int,
     return out | await default_lease_pass(redis_url, scale, cluster_nodes)
 
 
-def _commands(r: redis.Redis) -> tuple[int, dict[str, int]]:
+def _commands(r: redis.Redis) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Commands processed, and calls and µs spent (inside Redis, per INFO commandstats) by
+    command."""
     stats = r.info("commandstats")
     calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-    return int(r.info("stats")["total_commands_processed"]), calls
+    usec = {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
+    return int(r.info("stats")["total_commands_processed"]), calls, usec
 
 
 def _sim_ticks(path: Path) -> dict[str, float]:
@@ -206,16 +209,21 @@ def _stage(
     r: redis.Redis, groups: dict[str, list[int]], seconds: float, sim_out: Path
 ) -> dict[str, Any]:
     """Redis commands/s (total and the busiest commands) and CPU busy of each process."""
-    total0, calls0 = _commands(r)
+    total0, calls0, usec0 = _commands(r)
     cpu0 = cpu.snapshot(groups)
     ticks0 = _sim_ticks(sim_out)
     time.sleep(seconds)
-    total1, calls1 = _commands(r)
+    total1, calls1, usec1 = _commands(r)
     kept_up = _kept_up(ticks0, _sim_ticks(sim_out))
     used = cpu.delta(cpu0, cpu.snapshot(groups))
     rates = {c: (n - calls0.get(c, 0)) / seconds for c, n in calls1.items()}
     top = dict(sorted(((c, v) for c, v in rates.items() if v > 0), key=lambda kv: -kv[1])[:6])
+    # Where Redis's time goes (execution only: reading, parsing and replying are not in it).
+    spent = {c: (n - usec0.get(c, 0)) / seconds / 1e6 for c, n in usec1.items()}
+    busiest = dict(sorted(((c, round(v, 4)) for c, v in spent.items() if v > 0),
+                          key=lambda kv: -kv[1])[:6])
     return {"commands_per_s": (total1 - total0) / seconds, "top_commands_per_s": top,
+            "top_commands_busy": busiest,
             "simulator_kept_up": kept_up,
             "cpu_busy": {n: s / seconds for n, s in used.items()}}
 

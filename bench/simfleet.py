@@ -5,8 +5,9 @@
 ``bench.simworkers`` runs each simulated worker through the real store code (redis-py, a
 round trip per call): ~100 µs of client CPU per call, so 5,000 workers (7,500 calls a second)
 need more than the two cores this machine has, and a run measured workers dying. This plays
-the same workers with the commands those calls send (a heartbeat: ``EXISTS`` then ``MULTI``
-``SET alive PX GET`` ``HSET`` ``SADD`` ``EXEC``; the assignment check: ``HGET
+the same workers with the commands those calls send (a heartbeat that reports nothing new:
+``SET alive PX GET``; a full one, every RESYNC_S: ``EXISTS`` then ``MULTI`` ``SET alive PX
+GET`` ``HSET`` ``SADD`` ``HINCRBY worker:revs`` ``EXEC``; the assignment check: ``HGET
 assign:versions`` and ``GET version:models``; on a change, or every RESYNC_S, the re-read:
 ``MULTI HGETALL assign HKEYS ledger EXEC``, then each assigned model's ``HGETALL`` and hold's
 ``GET``), encoded once into RESP and sent every 0.1 s as one pipeline on one connection,
@@ -88,19 +89,24 @@ class Fleet:
         now = time.monotonic()
         # Spread evenly over the intervals, as bench.simworkers does.
         self.beat_at = {w: now + i / n * HEARTBEAT_S for i, w in enumerate(ids)}
+        # Each worker's first beat is a full one (a worker's first after it starts is).
+        self.full_at = dict.fromkeys(ids, 0.0)
         self.check_at = {w: now + i / n * RECONCILE_S for i, w in enumerate(ids)}
         self.stamp: dict[str, tuple[object, object]] = {}
         self.read_at: dict[str, float] = {}
         load = json.dumps({"instances": 10.0}).encode()
         self.fields = (b"load", load, b"gpus", b"[]", b"gpu_message", b"no GPU (simulated)")
 
-    def _beat(self, w: str, now_wall: bytes) -> list[Command]:
+    def _beat(self, w: str, now_wall: bytes, full: bool) -> list[Command]:
         k = self.k
-        return [(b"EXISTS", k.worker(w).encode()), (b"MULTI",),
-                (b"SET", k.worker_alive(w).encode(), now_wall, b"PX",
-                 str(int(TTL_S * 1000)).encode(), b"GET"),
-                (b"HSET", k.worker(w).encode(), b"last_seen", now_wall, *self.fields),
-                (b"SADD", k.workers.encode(), w.encode()), (b"EXEC",)]
+        refresh = (b"SET", k.worker_alive(w).encode(), now_wall, b"PX",
+                   str(int(TTL_S * 1000)).encode(), b"GET")
+        if not full:
+            return [refresh]
+        return [(b"EXISTS", k.worker(w).encode()), (b"MULTI",), refresh,
+                (b"HSET", k.worker(w).encode(), *self.fields, b"last_seen", now_wall),
+                (b"SADD", k.workers.encode(), w.encode()),
+                (b"HINCRBY", k.worker_revs.encode(), w.encode(), b"1"), (b"EXEC",)]
 
     async def tick(self, conn: Conn) -> None:
         now = time.monotonic()
@@ -108,8 +114,12 @@ class Fleet:
         cmds: list[Command] = []
         beating = [w for w, at in self.beat_at.items() if at <= now]
         for w in beating:
-            cmds += self._beat(w, now_wall)
+            full = self.full_at[w] <= now
+            cmds += self._beat(w, now_wall, full)
             self.beat_at[w] += HEARTBEAT_S
+            if full:
+                self.full_at[w] = now + RESYNC_S
+        sent = len(cmds)
         checking = [w for w, at in self.check_at.items() if at <= now]
         for w in checking:
             cmds += [(b"HGET", self.k.assign_versions.encode(), w.encode()),
@@ -117,7 +127,7 @@ class Fleet:
             self.check_at[w] += RECONCILE_S
         replies = await conn.run(cmds)
         self.done["heartbeats"] += len(beating)
-        stamps = replies[len(beating) * 6:]
+        stamps = replies[sent:]
         stale = []
         for i, w in enumerate(checking):
             stamp = (stamps[2 * i], stamps[2 * i + 1])

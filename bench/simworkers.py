@@ -56,10 +56,15 @@ async def beat(
     store: Store, worker_id: str, offset: float, stop_at: float, done: Counter[str]
 ) -> None:
     await asyncio.sleep(offset * HEARTBEAT_S)
-    hb = Heartbeat(gpus=[], gpu_message="no GPU (simulated)", load={"instances": 10.0})
+    # Like the real worker (services.worker.agent): everything every RESYNC_S, else a bare
+    # refresh (nothing it reports changes).
+    full = Heartbeat(gpus=[], gpu_message="no GPU (simulated)", load={"instances": 10.0})
+    full_at = 0.0
     while time.monotonic() < stop_at:
         with failures(done):
-            await store.heartbeat(worker_id, hb, TTL_S)
+            now = time.monotonic()
+            await store.heartbeat(worker_id, full if now >= full_at else Heartbeat(), TTL_S)
+            full_at = now + RESYNC_S if now >= full_at else full_at
             done["heartbeats"] += 1
         await asyncio.sleep(HEARTBEAT_S)
 

@@ -134,6 +134,13 @@ class Keys:
         return f"{self._s}:assign:versions"
 
     @property
+    def worker_revs(self) -> str:
+        """hash: worker id -> a count bumped after every write to that worker's record (its
+        registration, a heartbeat that reports something new, its engine flags): the
+        scheduler reads again only the records whose count moved."""
+        return f"{self._s}:worker:revs"
+
+    @property
     def autoscale(self) -> str:
         """hash: alias -> the autoscaler's clocks (JSON), so a new leader keeps them."""
         return f"{self._s}:autoscale"

@@ -262,7 +262,8 @@ class WorkerRegistration(Strict):
 class Heartbeat(Strict):
     gpus: list[GpuInfo] | None = Field(default=None, max_length=MAX_GPUS)
     gpu_message: str | None = Field(default=None, max_length=MAX_MESSAGE)
-    load: dict[LoadKey, float] = Field(default_factory=dict, max_length=MAX_LOAD_KEYS)
+    # None (as for every field here): unchanged since the worker's last beat.
+    load: dict[LoadKey, float] | None = Field(default=None, max_length=MAX_LOAD_KEYS)
     # Weights on the worker's disks (None: not scanned yet), and room left for more.
     local_models: list[LocalModel] | None = Field(default=None, max_length=MAX_LOCAL_MODELS)
     cache_free_mb: int | None = Field(default=None, ge=0)

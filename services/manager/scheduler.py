@@ -33,7 +33,7 @@ from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
 from shared.store.observed import RouteChanges
-from shared.store.scheduling import ANY_WORKER, LogRead, Unassign
+from shared.store.scheduling import ANY_WORKER, LogRead, SchedulerProbe, Unassign
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class _World:
     """Listed workers whose record does not parse (left out, as by a full pass)."""
     listed: int = 0
     """Entries of the workers index when the views were read."""
+    revs: dict[str, str] = field(default_factory=dict)
+    """Each worker record's write count (``worker:revs``), read before the views."""
 
     def __post_init__(self) -> None:
         self.views_at = time.monotonic()
@@ -245,6 +247,7 @@ class Scheduler:
         self._unlogged = 0
         versions = await self.store.assign_versions()
         self._hinted.clear()
+        revs = await self.store.worker_revs()
         members = await self.store.worker_ids()
         workers = await self.store.list_workers()
         self._count_workers(workers)
@@ -279,7 +282,7 @@ class Scheduler:
         self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
                              aliases=set(models) | unreadable, versions=versions, mark=mark,
                              intents=intents_mark, watch=watch, skipped=set(members) - set(views),
-                             listed=len(members))
+                             listed=len(members), revs=revs)
         took = time.monotonic() - began
         self._resync_at = time.monotonic() + max(self.settings.resync_s, RESYNC_SHARE * took)
         self.full_passes += 1
@@ -303,26 +306,8 @@ class Scheduler:
         dirty = (set(mark.models or ()) | set(mark.aliases or ()) | set(intents.aliases or ())
                  | hinted | world.watch)
         views, assigns, ledgers = world.views, world.assigns, world.ledgers
-        workers_changed = False
-        # A registration or spec change is placed on records read after it landed: a record
-        # up to VIEWS_MAX_AGE_S old could predate what a client saw before registering (a
-        # worker's newly cached weights) and place the model elsewhere for good. Registrations
-        # are rare; the other changes (demand, deaths, timers) accept the bounded age.
-        stale = (time.monotonic() - world.views_at >= VIEWS_MAX_AGE_S) or bool(mark.models)
-        if probe.workers != world.listed or (stale and (dirty or self._reasons)):
-            # A worker joined or left (rare), or placements may be made on records (GPU
-            # memory, local weights) older than VIEWS_MAX_AGE_S: every view read again.
-            members = await self.store.worker_ids()
-            views = {w.worker_id: w for w in await self.store.list_workers()}
-            world.skipped, world.listed = set(members) - set(views), len(members)
-            workers_changed = True
-        elif probe.alive != world.alive:
-            # A worker died or came back: only the liveness flags are read (one MGET), so a
-            # death is acted on without reading every worker's record.
-            alive = await self.store.alive(world.ids)
-            views = {w: v if v.alive == (w in alive) else self._flipped(v, w in alive)
-                     for w, v in views.items()}
-            workers_changed = True
+        views, revs, views_at, workers_changed = await self._views(
+            world, probe, bool(mark.models), bool(dirty or self._reasons))
         versions = world.versions
         if probe.any_version != versions.get(ANY_WORKER, "0"):
             versions = await self.store.assign_versions()
@@ -350,7 +335,9 @@ class Scheduler:
         if views is not world.views:
             world = _World(views=views, assigns=assigns, ledgers=ledgers, aliases=world.aliases,
                            versions=versions, mark=mark, intents=intents, watch=world.watch,
-                           skipped=world.skipped, listed=world.listed)
+                           skipped=world.skipped, listed=world.listed, revs=revs)
+        # When the records were last read or checked (flipped liveness flags are not that).
+        world.views_at, world.revs = views_at, revs
         world.versions, world.mark, world.intents = versions, mark, intents
         self._world = world
         self.change_passes += 1
@@ -366,6 +353,60 @@ class Scheduler:
             changed |= {a for a in set(before) | set(fresh[w]) if before.get(a) != fresh[w].get(a)}
             assigns[w], ledgers[w] = fresh[w], fresh_ledgers[w]
         return changed
+
+    async def _views(self, world: _World, probe: SchedulerProbe, registered: bool,
+                     placing: bool) -> tuple[dict[str, WorkerView], dict[str, str], float, bool]:
+        """The worker views a tick works on, their records' counts, when the records were
+        last read or checked (flipped liveness flags are not that), and whether any view
+        differs from ``world``'s."""
+        views, revs, views_at, changed = world.views, world.revs, world.views_at, False
+        # A registration or spec change is placed on records read after it landed: a record
+        # up to VIEWS_MAX_AGE_S old could predate what a client saw before registering (a
+        # worker's newly cached weights) and place the model elsewhere for good. Registrations
+        # are rare; the other changes (demand, deaths, timers) accept the bounded age.
+        stale = time.monotonic() - world.views_at >= VIEWS_MAX_AGE_S or registered
+        if probe.workers != world.listed:
+            # A worker joined or left (rare): every view read again.
+            views_at = time.monotonic()
+            revs = await self.store.worker_revs()
+            members = await self.store.worker_ids()
+            views = {w.worker_id: w for w in await self.store.list_workers()}
+            world.skipped, world.listed = set(members) - set(views), len(members)
+            return views, revs, views_at, True  # liveness flags read with the records
+        if stale and placing:
+            # Placements may be made on records (GPU memory, local weights) older than
+            # VIEWS_MAX_AGE_S: those written since they were read are read again (their
+            # count in worker:revs moved; re-reading all 5,000 took ~200 ms).
+            views_at = time.monotonic()
+            revs = await self.store.worker_revs()
+            views = await self._fresh_views(world, views, revs)
+            changed = views is not world.views
+        alive_now = world.alive if views is world.views else sum(v.alive for v in views.values())
+        if probe.alive != alive_now:
+            # A worker died or came back: only the liveness flags are read (one MGET), so a
+            # death is acted on without reading every worker's record.
+            alive = await self.store.alive(list(views))
+            views = {w: v if v.alive == (w in alive) else self._flipped(v, w in alive)
+                     for w, v in views.items()}
+            changed = True
+        return views, revs, views_at, changed
+
+    async def _fresh_views(self, world: _World, views: dict[str, WorkerView],
+                           revs: dict[str, str]) -> dict[str, WorkerView]:
+        """``views`` with the records whose ``worker:revs`` count moved since ``world`` read
+        them read again (``views`` itself when none did)."""
+        moved = [w for w in views if revs.get(w) != world.revs.get(w)]
+        if not moved:
+            return views
+        fresh = {v.worker_id: v for v in await self.store.workers_by_id(moved)}
+        out = dict(views)
+        for w in moved:
+            if w in fresh:
+                out[w] = fresh[w]
+            else:  # its record no longer parses: left out, as a full pass leaves it
+                del out[w]
+                world.skipped.add(w)
+        return out
 
     def _flipped(self, view: WorkerView, alive: bool) -> WorkerView:
         """A cached view whose heartbeat key appeared or went. A worker just found dead beat

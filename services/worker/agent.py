@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from typing import Any
 
 import httpx
 
@@ -17,7 +19,7 @@ from services.worker.prefetch import Weights
 from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
-from shared.models import GpuInfo, Heartbeat, LocalModel, WorkerRegistration, cap_gpus
+from shared.models import GpuInfo, Heartbeat, WorkerRegistration, cap_gpus
 from shared.settings import WorkerSettings
 from shared.store import Store
 
@@ -38,8 +40,11 @@ class Agent:
         weights: Weights | None = None,
     ) -> None:
         self.weights = weights
-        # The weights last reported: the heartbeat carries them only when they changed.
-        self._sent_weights: tuple[list[LocalModel] | None, int | None] = (None, None)
+        # What the last acknowledged heartbeat reported, field by field: a beat carries only
+        # what changed (most are a bare refresh of the alive key, the cheapest for Redis),
+        # and everything every RESYNC_S (a record edited or lost meanwhile is repaired).
+        self._sent: dict[str, Any] = {}
+        self._full_due = 0.0
         self.store = store
         self.settings = settings
         self.supervisor = supervisor
@@ -73,15 +78,20 @@ class Agent:
             max_cpu_engines=self.settings.max_cpu_engines,
         )
 
-    def heartbeat_body(self) -> Heartbeat:
+    def report(self) -> dict[str, Any]:
+        """Everything a heartbeat can report, as of now."""
         gpus, message = self.read_gpus()
-        states: dict[str, float] = {"instances": float(len(self.supervisor.instances))}
-        hb = Heartbeat(gpus=gpus, gpu_message=message, load=states)
+        now: dict[str, Any] = {"gpus": gpus, "gpu_message": message,
+                               "load": {"instances": float(len(self.supervisor.instances))}}
         if self.weights is not None and self.weights.models is not None:
-            now = (self.weights.models, self.weights.free_mb)
-            if now != self._sent_weights:
-                hb.local_models, hb.cache_free_mb = now
-        return hb
+            now["local_models"], now["cache_free_mb"] = self.weights.models, self.weights.free_mb
+        return now
+
+    def heartbeat_body(self, now: dict[str, Any], full: bool) -> Heartbeat:
+        """The fields of ``now`` that changed since the last acknowledged beat (all when
+        ``full``); the rest None, which the store leaves as they are."""
+        return Heartbeat.model_validate(
+            {k: v for k, v in now.items() if full or self._sent.get(k, None) != v})
 
     async def register(self) -> None:
         reg = self.registration()
@@ -102,10 +112,15 @@ class Agent:
         return auth_headers(self.settings.internal_token)
 
     async def _beat(self) -> bool | None:
-        hb = self.heartbeat_body()
-        known = await self._send_beat(hb)
-        if known is not None and hb.local_models is not None:
-            self._sent_weights = (hb.local_models, hb.cache_free_mb)
+        now = self.report()
+        full = time.monotonic() >= self._full_due
+        known = await self._send_beat(self.heartbeat_body(now, full))
+        if known is None:
+            self._sent, self._full_due = {}, 0.0  # a new record: report everything again
+        else:
+            self._sent.update(now)
+            if full:
+                self._full_due = time.monotonic() + self.settings.resync_s
         return known
 
     async def _send_beat(self, hb: Heartbeat) -> bool | None:
@@ -128,7 +143,6 @@ class Agent:
                 logger.warning("worker record is gone (Redis restarted?): registering again")
             await self.register()
             self._registered = True
-            self._sent_weights = (None, None)  # a new record: report the weights again
             self._flags_reported = False
             await self._keep_pool_id()
         await self._report_engine_flags()

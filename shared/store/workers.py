@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -43,8 +44,9 @@ class WorkersStore(StoreBase):
                     continue
             if self.cluster:
                 # The index is in the scheduler's slot: listed right after; every heartbeat
-                # lists the worker again, so one lost here is repaired within a beat.
-                await self.r.sadd(self.k.workers, wid)
+                # that writes the record lists the worker again (a full one at least every
+                # HEARTBEAT_FULL_S), so one lost here is repaired by then.
+                await self._listed(wid)
             await self.publish("worker", worker=wid)
             return True
         return False
@@ -64,6 +66,8 @@ class WorkersStore(StoreBase):
             "last_seen": now,
         })
         pipe.set(self.k.worker_alive(reg.worker_id), now, px=int(ttl_s * 1000))
+        if not self.cluster:
+            pipe.hincrby(self.k.worker_revs, reg.worker_id, 1)
 
     async def remove_dead_worker(self, token: str, worker_id: str) -> bool:
         """Delete every record of a worker that is dead (no heartbeat) and holds no
@@ -81,6 +85,7 @@ class WorkersStore(StoreBase):
                     return False
                 pipe.multi()
                 pipe.srem(self.k.workers, worker_id)
+                pipe.hdel(self.k.worker_revs, worker_id)
                 pipe.delete(self.k.worker(worker_id), assign, self.k.ledger(worker_id))
                 pipe.hincrby(self.k.assign_versions, worker_id, 1)
                 pipe.hincrby(self.k.assign_versions, "*", 1)
@@ -110,6 +115,7 @@ class WorkersStore(StoreBase):
                     return False
                 pipe.multi()
                 pipe.srem(self.k.workers, worker_id)
+                pipe.hdel(self.k.worker_revs, worker_id)
                 pipe.delete(assign, self.k.ledger(worker_id))
                 pipe.hincrby(self.k.assign_versions, worker_id, 1)
                 pipe.hincrby(self.k.assign_versions, "*", 1)
@@ -122,28 +128,46 @@ class WorkersStore(StoreBase):
 
     async def heartbeat(self, worker_id: str, hb: Heartbeat, ttl_s: float) -> bool | None:
         """Refresh liveness. None: unknown worker (register first). False: the alive key had
-        expired, so the manager may have re-placed this worker's models. True: all well."""
-        if not await self.r.exists(self.k.worker(worker_id)):
-            return None
+        expired, so the manager may have re-placed this worker's models. True: all well.
+
+        A beat that reports nothing new (every field of ``hb`` None: the worker sends only
+        what changed, and everything every ``HEARTBEAT_FULL_S``) is one ``SET`` of the alive
+        key: at thousands of workers the beats are most of Redis's steady load, and the
+        transaction that also rewrote the record cost it ~4x as much. A beat that reports
+        something writes the record, lists the worker and bumps its ``worker:revs`` entry
+        (the scheduler reads again only the records whose entry moved)."""
         now = repr(time.time())
-        fields: dict[str, str] = {"last_seen": now, "load": json.dumps(hb.load)}
-        if hb.gpus is not None:
-            fields["gpus"] = json.dumps([g.model_dump() for g in hb.gpus])
-        if hb.gpu_message is not None:
-            fields["gpu_message"] = hb.gpu_message
-        if hb.local_models is not None:
-            fields["local_models"] = json.dumps([m.model_dump() for m in hb.local_models])
-        if hb.cache_free_mb is not None:
-            fields["cache_free_mb"] = str(hb.cache_free_mb)
-        async with self._txn(self.k.worker(worker_id)) as pipe:
-            pipe.set(self.k.worker_alive(worker_id), now, px=int(ttl_s * 1000), get=True)
-            pipe.hset(self.k.worker(worker_id), mapping=cast(Mapping[Any, Any], fields))
+        alive, record = self.k.worker_alive(worker_id), self.k.worker(worker_id)
+        fields = _beat_fields(hb)
+        lapsed = False
+        if not fields:
+            if await self.r.set(alive, now, px=int(ttl_s * 1000), get=True) is not None:
+                return True  # the key was there, so is the record (removed only without it)
+            lapsed = True
+        if not await self.r.exists(record):
+            if lapsed:
+                await self.r.delete(alive)  # no heartbeat for a worker with no record
+            return None
+        fields["last_seen"] = now
+        async with self._txn(record) as pipe:
+            pipe.set(alive, now, px=int(ttl_s * 1000), get=True)
+            pipe.hset(record, mapping=cast(Mapping[Any, Any], fields))
             if not self.cluster:
                 pipe.sadd(self.k.workers, worker_id)
+                pipe.hincrby(self.k.worker_revs, worker_id, 1)
             previous = (await pipe.execute())[0]
         if self.cluster:
-            await self.r.sadd(self.k.workers, worker_id)  # the scheduler's slot
-        return previous is not None
+            await self._listed(worker_id)
+        return previous is not None and not lapsed
+
+    async def _listed(self, worker_id: str) -> None:
+        """On a cluster, after a write to a worker's record: the index and the record's
+        count, in the scheduler's slot (written after the record, so a reader of the count
+        reads the record at least as new)."""
+        async with self._txn(self.k.workers) as pipe:
+            pipe.sadd(self.k.workers, worker_id)
+            pipe.hincrby(self.k.worker_revs, worker_id, 1)
+            await pipe.execute()
 
     async def pool_id(self, candidate: str) -> str:
         """The pool's id: ``candidate`` when none exists yet (SET NX), else the existing one.
@@ -161,6 +185,7 @@ class WorkersStore(StoreBase):
         the routers' check of new registrations."""
         await self.r.hset(self.k.worker(worker_id), mapping={
             "vllm_version": version, "vllm_flags": json.dumps(sorted(flags))})
+        await self.r.hincrby(self.k.worker_revs, worker_id, 1)
 
     async def live_vllm_flags(self) -> list[EngineFlags]:
         """The vLLM flag sets reported by live workers (those that have reported one)."""
@@ -195,20 +220,31 @@ class WorkersStore(StoreBase):
         return await self._members(self.k.workers)
 
     async def list_workers(self) -> list[WorkerView]:
-        ids = await self._members(self.k.workers)
+        return await self.workers_by_id(await self._members(self.k.workers))
+
+    async def workers_by_id(self, ids: list[str]) -> list[WorkerView]:
+        """The records of ``ids`` that exist and parse (the others are reported and left
+        out). A live worker's ``last_seen`` is its heartbeat key's value: a beat that
+        reports nothing new writes only that key."""
         flat = await self._reads([key for w in ids
                                   for key in (self.k.worker(w), self.k.worker_alive(w))],
-                                 ("HGETALL", "EXISTS"))
+                                 ("HGETALL", "GET"))
         out = []
         for i, w in enumerate(ids):
-            raw, alive = self._checked(self.k.worker(w), flat[2 * i], {}), flat[2 * i + 1]
+            raw, beat = self._checked(self.k.worker(w), flat[2 * i], {}), flat[2 * i + 1]
+            if raw and _later(beat, raw.get("last_seen")):
+                raw["last_seen"] = beat
             try:
-                out.append(parse_worker(self.k.worker(w), w, raw, bool(alive)))
+                out.append(parse_worker(self.k.worker(w), w, raw, beat is not None))
             except BadRecord as e:
                 # Left out: nothing new is placed there and its assignments are not read;
                 # it still serves what it runs (its own loops do not read this record).
                 self._skip(e)
         return out
+
+    async def worker_revs(self) -> dict[str, str]:
+        """Worker id -> its record's write count (``worker:revs``)."""
+        return cast(dict[str, str], await self.r.hgetall(self.k.worker_revs))
 
     async def alive(self, worker_ids: Iterable[str]) -> set[str]:
         ids = list(worker_ids)
@@ -216,3 +252,31 @@ class WorkersStore(StoreBase):
             return set()
         flags = await self._mget([self.k.worker_alive(w) for w in ids])
         return {w for w, f in zip(ids, flags, strict=True) if f is not None}
+
+
+def _beat_fields(hb: Heartbeat) -> dict[str, str]:
+    """The record fields a heartbeat reports (those it carries: None is "unchanged")."""
+    fields: dict[str, str] = {}
+    if hb.load is not None:
+        fields["load"] = json.dumps(hb.load)
+    if hb.gpus is not None:
+        fields["gpus"] = json.dumps([g.model_dump() for g in hb.gpus])
+    if hb.gpu_message is not None:
+        fields["gpu_message"] = hb.gpu_message
+    if hb.local_models is not None:
+        fields["local_models"] = json.dumps([m.model_dump() for m in hb.local_models])
+    if hb.cache_free_mb is not None:
+        fields["cache_free_mb"] = str(hb.cache_free_mb)
+    return fields
+
+
+
+def _later(beat: object, recorded: str | None) -> bool:
+    """Whether a heartbeat key's value is a time later than the record's ``last_seen``
+    (either not a number: no, and the record is checked as it is)."""
+    if not isinstance(beat, str):
+        return False
+    try:
+        return float(recorded or "0") < float(beat) < math.inf
+    except ValueError:
+        return False

@@ -18,7 +18,7 @@ from services.manager.scheduler import Scheduler
 from services.worker.assignments import AssignmentReader
 from shared.events import Nudger
 from shared.keys import Keys
-from shared.models import ModelSpec, WorkerRegistration
+from shared.models import Heartbeat, LocalModel, ModelSpec, WorkerRegistration, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Store, connect
 from tests.support import Cluster, Proc, register, status, wait_serving, wait_until
@@ -98,6 +98,32 @@ async def test_a_new_worker_takes_what_could_not_be_placed(store: Store) -> None
     await s.tick()
     assert await placed(store, "a", ["w1"]) == ["w1"]
     assert s.full_passes == 1
+
+
+async def test_a_registration_reads_again_only_the_records_written_since(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights a worker reported just before a registration decide its placement, and the
+    tick reads again that worker's record alone (its count in worker:revs moved)."""
+    for w in ("w1", "w2", "w3"):
+        await worker(store, w)
+    s = scheduler(store)
+    await s.tick()
+    read: list[list[str]] = []
+    by_id = store.workers_by_id
+
+    async def counted(ids: list[str]) -> list[WorkerView]:
+        read.append(list(ids))
+        return await by_id(ids)
+
+    monkeypatch.setattr(store, "workers_by_id", counted)
+    assert await store.heartbeat("w2", Heartbeat(), 60) is True  # a bare beat: no write
+    assert await store.heartbeat("w3", Heartbeat(
+        local_models=[LocalModel(name="org/cached", size_mb=10)]), 60) is True
+    await store.register_model(spec("a", model_name="org/cached"))
+    await s.tick()
+    assert await placed(store, "a", ["w1", "w2", "w3"]) == ["w3"]
+    assert read == [["w3"]]
+    assert (s.full_passes, s.change_passes) == (1, 1)
 
 
 async def test_demand_is_acted_on_by_the_next_tick(store: Store) -> None:

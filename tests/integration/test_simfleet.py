@@ -1,6 +1,7 @@
 """bench.simfleet plays workers with raw commands; its figures mean something only while those
 commands are what the real store code sends. Checked against a real redis-server: a fleet
-heartbeat leaves the records a real one does, and the fleet's re-read finds the models."""
+heartbeat leaves the records a real one does (a full one and a bare refresh), and the fleet's
+re-read finds the models."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ async def _compare(url: str) -> None:
         assert await store.alive(["real", "sim"]) == {"real", "sim"}
         pttl = await store.r.pttl(keys.worker_alive("sim"))
         assert 25_000 < pttl <= 30_000
+        revs = await store.worker_revs()
+        assert revs["sim"] == revs["real"] == "2"  # registered, then a full beat
+        # A beat that reports nothing new refreshes the alive key alone, in both.
+        before = await store.r.get(keys.worker_alive("sim"))
+        assert await store.heartbeat("real", Heartbeat(), 30.0) is True
+        fleet.beat_at["sim"] = 0.0
+        await fleet.tick(conn)
+        assert fleet.done["heartbeats"] == 2
+        assert await store.worker_revs() == revs
+        assert await store.r.hgetall(keys.worker("sim")) == sim
+        assert float(await store.r.get(keys.worker_alive("sim"))) > float(before)
         # Its assignment check and re-read match the real reader's view of the stamp.
         stamp = await store.assignment_stamp("sim")
         assert tuple(str(x or "0") for x in fleet.stamp["sim"]) == stamp

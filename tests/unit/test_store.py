@@ -93,6 +93,35 @@ async def test_heartbeat_reports_expiry_and_unknown(store: Store) -> None:
     assert await store.alive(["w1", "w2"]) == {"w1"}
 
 
+async def test_a_bare_heartbeat_refreshes_the_alive_key_alone(store: Store) -> None:
+    """A beat that reports nothing new is one SET: the record and its count stay, and the
+    alive key's value is the live worker's last_seen. One that reports writes the record and
+    bumps the count; a bare beat of an unknown worker leaves nothing behind."""
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    assert await store.heartbeat("w1", Heartbeat(load={"instances": 1.0}), 5) is True
+    assert await store.worker_revs() == {"w1": "2"}
+    record = await store.r.hgetall(store.k.worker("w1"))
+    assert record["load"] == '{"instances": 1.0}'
+    assert await store.heartbeat("w1", Heartbeat(), 5) is True
+    assert await store.r.hgetall(store.k.worker("w1")) == record
+    assert await store.worker_revs() == {"w1": "2"}
+    beat = float(await store.r.get(store.k.worker_alive("w1")))
+    assert beat >= float(record["last_seen"])
+    [view] = await store.workers_by_id(["w1"])
+    assert (view.alive, view.last_seen, view.load) == (True, beat, {"instances": 1.0})
+    # A lapsed heartbeat is reported even by a bare beat, which then rewrites the record.
+    await store.r.delete(store.k.worker_alive("w1"))
+    assert await store.heartbeat("w1", Heartbeat(), 5) is False
+    assert await store.worker_revs() == {"w1": "3"}
+    assert await store.heartbeat("ghost", Heartbeat(), 5) is None
+    assert not await store.r.exists(store.k.worker_alive("ghost"))
+    # An alive key whose value is no time does not spoil the record.
+    await store.r.set(store.k.worker_alive("w1"), "not a time")
+    [view] = await store.workers_by_id(["w1"])
+    assert view.alive and view.last_seen == float(
+        await store.r.hget(store.k.worker("w1"), "last_seen"))
+
+
 async def test_manual_stop_holds_until_manual_start(store: Store) -> None:
     await store.register_model(spec())
     await store.request_manual_start("m", "w1")
