@@ -9,6 +9,11 @@ manager, worker with sim engines, four routers), then measures, and prints one J
   against API_TOKEN (no key, no limiter), and the key on a router with LIMITS_LEASE_S=0 (one
   EVALSHA per request), interleaved in one run; req/s, p50, and the router's and Redis's
   CPU microseconds per request;
+- tokens: the same 4 routers and 64 clients, one key at 1,000 tokens/s (tpm 60,000), requests
+  of a known reservation: the tokens of the admitted answers (their ``usage``) against
+  limit x time + one second's burst; the overshoot in reservations (at most one, docs/keys.md);
+- round trips: Redis calls of the admission script (``EVALSHA``) per request served, with
+  leases and without (one per request at most), counted from INFO commandstats;
 - revocation: 20 keys, each revoked through one router; the time until all four refuse it.
 """
 
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from bench.docs import replace_block
 from bench.pool import register_models, service_env, start_pool
@@ -35,6 +41,9 @@ from bench.wrkload import run_wrk, write_script
 
 API_TOKEN = "bench-api-token"
 BODY = {"model": "sim0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+TPM = 60_000
+TOKENS_BODY = json.dumps({"model": "sim0", "max_tokens": 20,
+                          "messages": [{"role": "user", "content": "count the tokens"}]})
 
 
 def add_routers(children: Children, redis_url: str, run_dir: Path, n: int, first: int = 1,
@@ -93,8 +102,48 @@ async def accuracy(routers: list[str], duration_s: float, clients: int = 64) -> 
                      "admitted_over_bound": round(counts["admitted"] / bound, 4)}
 
 
+async def token_accuracy(routers: list[str], duration_s: float,
+                         clients: int = 64) -> dict[str, Any]:
+    """One key at TPM tokens a minute, 64 clients over the routers: tokens of the admitted
+    answers (``usage.total_tokens``) against the bound, and the overshoot in reservations."""
+    key = create_key(routers[0], tpm=TPM)["key"]
+    await asyncio.sleep(0.5)
+    counts = {"admitted": 0, "limited": 0, "other": 0, "tokens": 0}
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+
+    async def client(i: int, http: httpx.AsyncClient, until: float) -> None:
+        url = f"{routers[i % len(routers)]}/v1/chat/completions"
+        while time.monotonic() < until:
+            r = await http.post(url, content=TOKENS_BODY, headers=headers)
+            kind = {200: "admitted", 429: "limited"}.get(r.status_code, "other")
+            counts[kind] += 1
+            if r.status_code == 200:
+                counts["tokens"] += int(r.json()["usage"]["total_tokens"])
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=10, limits=limits) as http:
+        began = time.monotonic()
+        until = began + duration_s
+        await asyncio.gather(*(client(i, http, until) for i in range(clients)))
+        elapsed = time.monotonic() - began
+    # Each admitted request was reserved its prompt estimate plus max_tokens, corrected to
+    # its usage once answered (services/router/limiter.py's estimate).
+    reservation = len(TOKENS_BODY) // 4 + 1 + 20
+    bound = TPM / 60 * (elapsed + 1)
+    return counts | {"seconds": round(elapsed, 2), "bound": round(bound), "tpm": TPM,
+                     "reservation": reservation,
+                     "tokens_over_bound": round(counts["tokens"] / bound, 4),
+                     "overshoot_reservations": round(max(0.0, counts["tokens"] - bound)
+                                                     / reservation, 2)}
+
+
+def _script_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
 def cost(children: Children, routers: dict[str, tuple[str, int]], redis_pid: int,
-         run_dir: Path, duration_s: int) -> dict[str, Any]:
+         run_dir: Path, duration_s: int, redis_url: str) -> dict[str, Any]:
     """``routers``: "lease" (LIMITS_LEASE_S default) and "nolease" (0): URL and pid. Off is
     API_TOKEN on the lease router; on: the key there; on_nolease: the key on the other."""
     router = routers["lease"][0]
@@ -110,11 +159,12 @@ def cost(children: Children, routers: dict[str, tuple[str, int]], redis_pid: int
         scripts[name] = path
     out: dict[str, Any] = {}
     runs = {"off": ("lease", "off"), "on": ("lease", "on"), "on_nolease": ("nolease", "on")}
+    rconn = redis.Redis.from_url(redis_url)
     for conc in (1, 16):
         for _ in range(2):  # interleaved: off, on, on_nolease, off, on, on_nolease
             for name, (which, script) in runs.items():
                 url, pid = routers[which]
-                before = cpu_s(pid), cpu_s(redis_pid)
+                before = cpu_s(pid), cpu_s(redis_pid), _script_calls(rconn)
                 r = run_wrk(children, f"{url}/v1/chat/completions", scripts[script], conc,
                             duration_s).as_dict()
                 # CPU per request of the router and of Redis: steadier than req/s on a
@@ -122,7 +172,11 @@ def cost(children: Children, routers: dict[str, tuple[str, int]], redis_pid: int
                 n = max(1, r["requests"])
                 r["router_cpu_us"] = (cpu_s(pid) - before[0]) / n * 1e6
                 r["redis_cpu_us"] = (cpu_s(redis_pid) - before[1]) / n * 1e6
+                # Admission round trips: the limiter's script calls (nothing else in the
+                # pool calls a script while wrk runs), per request served.
+                r["scripts_per_request"] = (_script_calls(rconn) - before[2]) / n
                 out.setdefault(f"c{conc}_{name}", []).append(r)
+    rconn.close()
     summary: dict[str, Any] = {}
     for conc in (1, 16):
         off = out[f"c{conc}_off"]
@@ -130,7 +184,9 @@ def cost(children: Children, routers: dict[str, tuple[str, int]], redis_pid: int
         rps_off = max(x["rps"] for x in off)
         row: dict[str, Any] = {"p50_ms_off": p50_off, "rps_off": round(rps_off),
                                "router_cpu_us_off": _least(off, "router_cpu_us"),
-                               "redis_cpu_us_off": _least(off, "redis_cpu_us")}
+                               "redis_cpu_us_off": _least(off, "redis_cpu_us"),
+                               "scripts_per_request_off": round(
+                                   max(x["scripts_per_request"] for x in off), 3)}
         for name in ("on", "on_nolease"):
             on = out[f"c{conc}_{name}"]
             p50_on = sorted(x["p50_ms"] for x in on)[0]
@@ -141,6 +197,8 @@ def cost(children: Children, routers: dict[str, tuple[str, int]], redis_pid: int
                     f"rps_on{sfx}": round(rps_on), f"rps_ratio{sfx}": round(rps_on / rps_off, 3),
                     f"router_cpu_us_on{sfx}": _least(on, "router_cpu_us"),
                     f"redis_cpu_us_on{sfx}": _least(on, "redis_cpu_us"),
+                    f"scripts_per_request_on{sfx}": round(
+                        max(x["scripts_per_request"] for x in on), 3),
                     f"errors_on{sfx}": sum(x["errors"] for x in on)}
         summary[f"c{conc}"] = row
     return summary
@@ -180,7 +238,7 @@ def revocation(routers: list[str], rounds: int = 20) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any], cmd: str) -> str:
-    a, r = result["accuracy"], result["revocation"]
+    a, r, t = result["accuracy"], result["revocation"], result["tokens"]
     c1, c16 = result["cost"]["c1"], result["cost"]["c16"]
     return "\n".join([
         f"`{cmd}`; every server process on one core (bench/README.md).", "",
@@ -188,6 +246,14 @@ def markdown(result: dict[str, Any], cmd: str) -> str:
         f"| accuracy: admitted / (20 req/s x {a['seconds']} s + 20), 4 routers, 64 clients "
         f"| 0.97 to 1.01 | {a['admitted_over_bound']} ({a['admitted']} admitted, "
         f"{a['limited']} refused, bound {a['bound']}) |",
+        f"| tokens: admitted answers' tokens / ({t['tpm']} tpm x ({t['seconds']} s + 1 s)), "
+        f"same routers and clients | <= 1 + one reservation | {t['tokens_over_bound']} "
+        f"({t['tokens']} tokens in {t['admitted']} answers, bound {t['bound']}; overshoot "
+        f"{t['overshoot_reservations']} reservations of {t['reservation']}) |",
+        f"| Redis round trips (admission script calls) per request, c=1 / c=16: with leases "
+        f"/ LIMITS_LEASE_S=0 | <= 1 | {c1['scripts_per_request_on']} / "
+        f"{c16['scripts_per_request_on']}; {c1['scripts_per_request_on_nolease']} / "
+        f"{c16['scripts_per_request_on_nolease']} (API_TOKEN: {c16['scripts_per_request_off']}) |",
         f"| cost: added p50 at c=1, key with limits vs API_TOKEN | <= 0.3 ms "
         f"| {c1['added_p50_ms']} ms ({c1['p50_ms_off']} -> {c1['p50_ms_on']} ms) |",
         f"| cost: req/s at c=16, on / off | >= 0.80 | {c16['rps_ratio']} "
@@ -225,8 +291,9 @@ def main() -> None:
         result = {"cost": cost(children, {
             "lease": (routers[1], pid_of(children, "router1")),
             "nolease": (nolease, pid_of(children, "router4"))}, pool.pids["redis"], run_dir,
-            args.cost_duration),
+            args.cost_duration, pool.redis_url),
                   "accuracy": asyncio.run(accuracy(routers, args.duration)),
+                  "tokens": asyncio.run(token_accuracy(routers, args.duration)),
                   "revocation": revocation(routers)}
         result["command"] = "python -m bench.keys " + " ".join(sys.argv[1:])
         print(json.dumps(result, indent=2))

@@ -151,7 +151,8 @@ def estimate(data: dict[str, Any], body_len: int, path: str, default_max: int) -
     prompt = body_len // 4 + 1
     if path.endswith("embeddings"):
         return prompt
-    cap = data.get("max_completion_tokens", data.get("max_tokens"))
+    # The completion's cap under each API's name for it (/v1/responses: max_output_tokens).
+    cap = data.get("max_completion_tokens", data.get("max_tokens", data.get("max_output_tokens")))
     return prompt + (cap if isinstance(cap, int) and cap > 0 else default_max)
 
 

@@ -31,6 +31,7 @@ def test_reservation_from_body_and_max_tokens() -> None:
     assert estimate({}, 400, "v1/completions", 1024) == 101 + 1024
     assert estimate({"max_completion_tokens": 7}, 40, "v1/chat/completions", 9) == 11 + 7
     assert estimate({"max_tokens": 50}, 400, "v1/embeddings", 1024) == 101
+    assert estimate({"max_output_tokens": 30}, 40, "v1/responses", 1024) == 11 + 30
 
 
 def test_usage_from_answers() -> None:
