@@ -100,6 +100,31 @@ def test_model_limits_of_a_key_hold_across_routers(cluster: Cluster) -> None:
                interval=0.1, what="model limit removed on every router")
 
 
+def test_vllm_paths_are_limited_and_allowlisted_like_chat(cluster: Cluster) -> None:
+    """/v1/rerank, /tokenize and the other vLLM paths go through the same key check and
+    limits as chat, on any router."""
+    routers = pool(cluster, 2)
+    serving(routers, "m1")
+    key = create_key(routers[0], rpm=60)["key"]  # one a second, whichever router is asked
+    zz_key = create_key(routers[0], models=["zz*"])["key"]
+    known(routers, key, zz_key)
+
+    def post(router: Proc, path: str, body: dict[str, Any], k: str) -> httpx.Response:
+        return httpx.post(f"{router.url}{path}", json={"model": "m1", **body},
+                          headers={"authorization": f"Bearer {k}"}, timeout=10)
+
+    rerank = {"query": "q", "documents": ["a", "b"]}
+    first = post(routers[0], "/v1/rerank", rerank, key)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-limit-requests"] == "60"
+    limited = post(routers[1], "/tokenize", {"prompt": "hi"}, key)
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    hidden = post(routers[1], "/v1/score", {"text_1": "a", "text_2": "b"}, zz_key)
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+    assert post(routers[1], "/v1/rerank", rerank, "sk-svllm-wrong").status_code == 401
+
+
 def rate_tat(r: redis.Redis, cluster: Cluster, key_id: str) -> float:
     raw = r.get(f"{cluster.prefix}:{{t:acme}}:rate:{key_id}:tok")
     return float(raw) if raw else 0.0
