@@ -9,8 +9,9 @@ models registered, simulated workers (bench.simworkers, 1,000 per process, each 
 that tree's worker does) and that tree's real manager process. Once every alias is placed and
 its instance reported RUNNING, a steady window measures the manager's and Redis's CPU (from
 /proc) and Redis commands/s by command; then probes measure how long the manager takes to act
-on a registration (until the fenced write placing it) and on a dead worker (its heartbeat key
-deleted, until its model is placed elsewhere), p50 and max. Last, with the manager stopped,
+on a registration (until the fenced write placing it) and on a dead worker (from when its
+heartbeat key expires, the worker having stopped beating, until its model is placed
+elsewhere), p50 and max. Last, with the manager stopped,
 a full pass of that tree's scheduler is timed in a process of its own (the full resync).
 """
 
@@ -45,6 +46,9 @@ from shared.store import Store, connect
 PREFIX = "cps"
 HERE = Path(__file__).resolve().parent.parent
 SIM_PER_PROCESS = 1000
+# The dead-worker probe's victims beat with this TTL (a real worker's is HEARTBEAT_TTL_S, 6 s):
+# short, so a probe waits little for the death to land.
+VICTIM_TTL_S = 1.5
 
 # A full pass of a code tree's scheduler, in a process whose imports come from that tree.
 _PASS_CODE = """
@@ -130,6 +134,16 @@ def _spec(alias: str) -> ModelSpec:
     return ModelSpec(alias=alias, model_name=f"org/{alias}", engine="vllm")
 
 
+async def _beat(store: Store, worker: str, beats: list[float]) -> None:
+    """A victim worker's heartbeat: its key set with VICTIM_TTL_S every third of it; the
+    start time of each beat kept."""
+    while True:
+        beats.append(time.perf_counter())
+        await store.r.set(store.k.worker_alive(worker), repr(time.time()),
+                          px=int(VICTIM_TTL_S * 1000))
+        await asyncio.sleep(VICTIM_TTL_S / 3)
+
+
 async def probes(url: str, count: int) -> dict[str, Any]:
     """Registration-to-action and dead-worker-to-action, ``count`` of each, seconds."""
     store = Store(connect(url), Keys(PREFIX))
@@ -151,26 +165,32 @@ async def probes(url: str, count: int) -> dict[str, Any]:
             await store.register_worker(WorkerRegistration(
                 worker_id=victim, url=f"http://{victim}:1", engines=["vllm"],
                 gpu_message="simulated", version="bench"), 3600)
-            await asyncio.sleep(2.0)  # the manager has seen it (an empty worker: placed first)
-            alias = f"victim-model-{i}"
+            beats: list[float] = []
+            beating = asyncio.create_task(_beat(store, victim, beats))
+            try:
+                await asyncio.sleep(2.0)  # seen by the manager (an empty worker: placed first)
+                alias = f"victim-model-{i}"
+                got = hints.expect(alias)
+                await store.register_model(_spec(alias))
+                await asyncio.wait_for(got, 60)
+                if not await store.r.hexists(store.k.assign(victim), alias):
+                    missed += 1  # placed elsewhere: nothing to measure
+                    continue
+                await asyncio.sleep(random.uniform(0.2, 1.2))
+            finally:
+                beating.cancel()
+            # The victim stops beating: its death lands when its heartbeat key expires,
+            # VICTIM_TTL_S after the last beat began (as a worker's does).
             got = hints.expect(alias)
-            await store.register_model(_spec(alias))
-            await asyncio.wait_for(got, 60)
-            if not await store.r.hexists(store.k.assign(victim), alias):
-                missed += 1  # placed elsewhere: nothing to measure
-                continue
-            await asyncio.sleep(random.uniform(0.2, 1.2))
-            got = hints.expect(alias)
-            t0 = time.perf_counter()
-            await store.r.delete(store.k.worker_alive(victim))
-            dead.append(await asyncio.wait_for(got, 60) - t0)
+            landed = beats[-1] + VICTIM_TTL_S
+            dead.append(await asyncio.wait_for(got, 60) - landed)
     finally:
         await hints.close()
         await store.close()
 
-    def summary(xs: list[float]) -> dict[str, float]:
+    def summary(xs: list[float]) -> dict[str, Any]:
         return {"p50_ms": statistics.median(xs) * 1000, "max_ms": max(xs) * 1000,
-                "n": float(len(xs))} if xs else {}
+                "n": float(len(xs)), "each_ms": [round(x * 1000) for x in xs]} if xs else {}
 
     return {"registration": summary(reg), "dead_worker": summary(dead),
             "dead_worker_not_on_victim": missed}
@@ -211,11 +231,12 @@ def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int,
         groups: dict[str, list[int]] = {"redis": [redis_pid], "simworkers": []}
         sim_out = run_dir / "sim-0.json"
         # An older tree's simulator has no --first: one process plays every worker there.
-        # The fleet simulator (raw pipelined commands, bench/simfleet.py) is this tree's for
-        # either tree: it is the load, not what is measured.
+        # The fleet simulator (raw pipelined commands, bench/simfleet.py) is the tree's own
+        # where it has one: it sends what that tree's workers send (their heartbeats differ).
         split = tree == HERE
         if sim == "fleet":
-            argv = _module(HERE, "bench.simfleet", "--redis", url, "--prefix", PREFIX,
+            fleet = tree if (tree / "bench" / "simfleet.py").exists() else HERE
+            argv = _module(fleet, "bench.simfleet", "--redis", url, "--prefix", PREFIX,
                            "--workers", str(scale.workers), "--duration", "3600",
                            "--out", str(sim_out))
             groups["simworkers"].append(children.start("sim-0", pinned(LOAD_CORE, argv)).pid)

@@ -78,25 +78,36 @@ def create_key(router: str, **fields: Any) -> dict[str, Any]:
     return dict(r.json())
 
 
-async def accuracy(routers: list[str], duration_s: float, clients: int = 64) -> dict[str, Any]:
-    key = create_key(routers[0], rpm=1200)["key"]
-    await asyncio.sleep(0.5)
-    counts = {"admitted": 0, "limited": 0, "other": 0}
-    headers = {"authorization": f"Bearer {key}"}
+async def _hammer(routers: list[str], key: str, body: str, duration_s: float,
+                  clients: int) -> tuple[dict[str, int], float]:
+    """``clients`` clients spread over the routers, each sending ``body`` back to back for
+    ``duration_s`` with ``key``: answers by kind, the tokens of the admitted ones (their
+    ``usage``), and the seconds it took."""
+    counts = {"admitted": 0, "limited": 0, "other": 0, "tokens": 0}
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
 
     async def client(i: int, http: httpx.AsyncClient, until: float) -> None:
         url = f"{routers[i % len(routers)]}/v1/chat/completions"
         while time.monotonic() < until:
-            r = await http.post(url, json=BODY, headers=headers)
+            r = await http.post(url, content=body, headers=headers)
             kind = {200: "admitted", 429: "limited"}.get(r.status_code, "other")
             counts[kind] += 1
+            if r.status_code == 200:
+                counts["tokens"] += int(r.json()["usage"]["total_tokens"])
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=10, limits=limits) as http:
         began = time.monotonic()
         until = began + duration_s
         await asyncio.gather(*(client(i, http, until) for i in range(clients)))
-        elapsed = time.monotonic() - began
+        return counts, time.monotonic() - began
+
+
+async def accuracy(routers: list[str], duration_s: float, clients: int = 64) -> dict[str, Any]:
+    key = create_key(routers[0], rpm=1200)["key"]
+    await asyncio.sleep(0.5)
+    counts, elapsed = await _hammer(routers, key, json.dumps(BODY), duration_s, clients)
+    del counts["tokens"]
     bound = 20 * elapsed + 20
     return counts | {"seconds": round(elapsed, 2), "bound": round(bound, 1),
                      "admitted_over_bound": round(counts["admitted"] / bound, 4)}
@@ -108,24 +119,7 @@ async def token_accuracy(routers: list[str], duration_s: float,
     answers (``usage.total_tokens``) against the bound, and the overshoot in reservations."""
     key = create_key(routers[0], tpm=TPM)["key"]
     await asyncio.sleep(0.5)
-    counts = {"admitted": 0, "limited": 0, "other": 0, "tokens": 0}
-    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
-
-    async def client(i: int, http: httpx.AsyncClient, until: float) -> None:
-        url = f"{routers[i % len(routers)]}/v1/chat/completions"
-        while time.monotonic() < until:
-            r = await http.post(url, content=TOKENS_BODY, headers=headers)
-            kind = {200: "admitted", 429: "limited"}.get(r.status_code, "other")
-            counts[kind] += 1
-            if r.status_code == 200:
-                counts["tokens"] += int(r.json()["usage"]["total_tokens"])
-
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=10, limits=limits) as http:
-        began = time.monotonic()
-        until = began + duration_s
-        await asyncio.gather(*(client(i, http, until) for i in range(clients)))
-        elapsed = time.monotonic() - began
+    counts, elapsed = await _hammer(routers, key, TOKENS_BODY, duration_s, clients)
     # Each admitted request was reserved its prompt estimate plus max_tokens, corrected to
     # its usage once answered (services/router/limiter.py's estimate).
     reservation = len(TOKENS_BODY) // 4 + 1 + 20

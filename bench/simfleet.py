@@ -7,7 +7,8 @@ round trip per call): ~100 µs of client CPU per call, so 5,000 workers (7,500 c
 need more than the two cores this machine has, and a run measured workers dying. This plays
 the same workers with the commands those calls send (a heartbeat that reports nothing new:
 ``SET alive PX GET``; a full one, every RESYNC_S: ``EXISTS`` then ``MULTI`` ``SET alive PX
-GET`` ``HSET`` ``SADD`` ``HINCRBY worker:revs`` ``EXEC``; the assignment check: ``HGET
+GET`` ``HSET`` ``SADD`` ``HINCRBY worker:revs`` ``EXEC``; the assignment check, every
+HINTED_POLL_S as a worker with hints on and none for it: ``HGET
 assign:versions`` and ``GET version:models``; on a change, or every RESYNC_S, the re-read:
 ``MULTI HGETALL assign HKEYS ledger EXEC``, then each assigned model's ``HGETALL`` and hold's
 ``GET``), encoded once into RESP and sent every 0.1 s as one pipeline on one connection,
@@ -30,7 +31,8 @@ from urllib.parse import urlparse
 
 import hiredis
 
-from bench.simworkers import HEARTBEAT_S, RECONCILE_S, RESYNC_S, TTL_S, cli, worker_id
+from bench.simworkers import HEARTBEAT_S, RESYNC_S, TTL_S, cli, worker_id
+from services.worker.assignments import HINTED_POLL_S
 from shared.keys import Keys
 
 TICK_S = 0.1
@@ -91,7 +93,7 @@ class Fleet:
         self.beat_at = {w: now + i / n * HEARTBEAT_S for i, w in enumerate(ids)}
         # Each worker's first beat is a full one (a worker's first after it starts is).
         self.full_at = dict.fromkeys(ids, 0.0)
-        self.check_at = {w: now + i / n * RECONCILE_S for i, w in enumerate(ids)}
+        self.check_at = {w: now + i / n * HINTED_POLL_S for i, w in enumerate(ids)}
         self.stamp: dict[str, tuple[object, object]] = {}
         self.read_at: dict[str, float] = {}
         load = json.dumps({"instances": 10.0}).encode()
@@ -124,7 +126,7 @@ class Fleet:
         for w in checking:
             cmds += [(b"HGET", self.k.assign_versions.encode(), w.encode()),
                      (b"GET", self.k.models_version.encode())]
-            self.check_at[w] += RECONCILE_S
+            self.check_at[w] += HINTED_POLL_S
         replies = await conn.run(cmds)
         self.done["heartbeats"] += len(beating)
         stamps = replies[sent:]
@@ -172,7 +174,7 @@ async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path,
                     "elapsed_s": elapsed, "heartbeats": fleet.done["heartbeats"],
                     "heartbeats_due": workers * elapsed / HEARTBEAT_S,
                     "reconciles": fleet.done["reconciles"],
-                    "reconciles_due": workers * elapsed / RECONCILE_S,
+                    "reconciles_due": workers * elapsed / HINTED_POLL_S,
                     "errors": 0, "last_error": None}))
                 next_report += 1.0
             await asyncio.sleep(max(0.0, TICK_S - (time.monotonic() - began)))

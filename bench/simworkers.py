@@ -28,7 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import uvloop
 
-from services.worker.assignments import AssignmentReader
+from services.worker.assignments import HINTED_POLL_S, AssignmentReader
 from shared.keys import Keys
 from shared.models import Heartbeat
 from shared.store import Store
@@ -73,10 +73,11 @@ async def reconcile(
     store: Store, worker_id: str, offset: float, stop_at: float, done: Counter[str]
 ) -> None:
     await asyncio.sleep(offset * RECONCILE_S)
-    reader = AssignmentReader(store, worker_id, RESYNC_S)
+    # As a worker with hints on that hears none for itself: the versions every HINTED_POLL_S.
+    reader = AssignmentReader(store, worker_id, RESYNC_S, HINTED_POLL_S)
     while time.monotonic() < stop_at:
         with failures(done):
-            await reader.current()  # Agent.wanted()
+            await reader.current(hinted=False)  # Agent.wanted()
             done["reconciles"] += 1
         await asyncio.sleep(RECONCILE_S)
 

@@ -166,6 +166,9 @@ class ManagerSettings(CommonSettings):
     # A tick acts on what changed since the last one (cheap: a few commands when nothing
     # did); a full pass runs every resync_s. Short, so a dead worker is acted on at once.
     schedule_interval_s: float = Field(default=0.1, gt=0)
+    # Heartbeat keys are checked when due to expire (services/manager/liveness.py); every key
+    # is checked at once this often too, which finds one deleted before its time.
+    liveness_sweep_s: float = Field(default=1.0, gt=0)
     lease_ttl_s: float = Field(default=5.0, gt=0)
     # Autoscaling hysteresis: load must stay above (below) target this long to add (remove)
     # a replica.

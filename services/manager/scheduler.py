@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.manager.liveness import LivenessSchedule
 from services.manager.metrics import ManagerMetrics, reason_kind
 from services.manager.placement import Choice, WorkerOrder, choose_worker, fit_on
 from services.manager.residency import Decision, ScaleState, Usage, autoscale, decide
@@ -176,6 +177,9 @@ class Scheduler:
         # Dead workers forgotten by a tick for their assigned aliases only: the next full
         # pass drops their routes and records of every other alias too.
         self._forget_later: set[str] = set()
+        # When each heartbeat key is checked next, and when every key is checked at once.
+        self._live = LivenessSchedule(settings.heartbeat_ttl_s)
+        self._sweep_at = 0.0
         nudger.on_hint(self._on_hint)
         # Passes of each kind (tests and the benchmark tell them apart).
         self.full_passes = 0
@@ -187,6 +191,9 @@ class Scheduler:
             self._hinted.add(alias)
         elif hint.get("kind") == "resubscribed":
             self._world = None  # hints were lost: look at everything
+        elif hint.get("kind") == "worker" and isinstance(hint.get("worker"), str):
+            # A worker registered or left: its heartbeat key is checked at the next tick.
+            self._live.soon(str(hint["worker"]), time.monotonic())
 
     @property
     def token(self) -> str:
@@ -277,6 +284,8 @@ class Scheduler:
                     await self.store.unassign(self.token, w.worker_id, alias)
                     del assigns[w.worker_id][alias]
         views = {w.worker_id: w for w in workers}
+        self._live.reset(await self.store.heartbeat_ttls(list(views)), time.monotonic())
+        self._sweep_at = time.monotonic() + self.settings.liveness_sweep_s
         watch = await self._converge(models, views, assigns, ledgers)
         await self._save_scale(marks)
         self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
@@ -295,7 +304,9 @@ class Scheduler:
                                               world.mark.models_last_id)
         unlogged, self._unlogged = self._unlogged, 0
         intents = await self.store.intent_changes(world.intents.last_id, LOG_LIMIT)
-        probe = await self.store.scheduler_probe(world.ids)
+        now = time.monotonic()
+        sweep = now >= self._sweep_at
+        probe = await self.store.scheduler_probe(world.ids if sweep else [])
         (m0, r0), (m1, r1) = world.mark.versions, mark.versions
         if not (_accounts(m0, m1, mark.models)
                 and _accounts(r0, r1, mark.aliases, unlogged)
@@ -306,8 +317,15 @@ class Scheduler:
         dirty = (set(mark.models or ()) | set(mark.aliases or ()) | set(intents.aliases or ())
                  | hinted | world.watch)
         views, assigns, ledgers = world.views, world.assigns, world.ledgers
+        due = self._live.due(now)
+        # Each next check counts from after the read (a TTL is at most that old): counted
+        # from before it, a check came a few ms early and cost one more tick.
+        found = self._live.checked(await self.store.heartbeat_ttls(due),
+                                   time.monotonic()) if due else {}
         views, revs, views_at, workers_changed = await self._views(
-            world, probe, bool(mark.models), bool(dirty or self._reasons))
+            world, probe, sweep, found, bool(mark.models), bool(dirty or self._reasons))
+        if sweep:
+            self._sweep_at = now + self.settings.liveness_sweep_s
         versions = world.versions
         if probe.any_version != versions.get(ANY_WORKER, "0"):
             versions = await self.store.assign_versions()
@@ -316,7 +334,7 @@ class Scheduler:
             dirty |= await self._reread(moved, assigns, ledgers)
             workers_changed = True
         since_ok = time.monotonic() - self.state.store_ok_since
-        some_dead = workers_changed or probe.alive < len(world.ids)
+        some_dead = workers_changed or world.alive < len(world.ids)
         if some_dead and since_ok >= self.settings.heartbeat_ttl_s:
             for w, view in views.items():
                 if not view.alive and assigns.get(w):
@@ -354,11 +372,13 @@ class Scheduler:
             assigns[w], ledgers[w] = fresh[w], fresh_ledgers[w]
         return changed
 
-    async def _views(self, world: _World, probe: SchedulerProbe, registered: bool,
-                     placing: bool) -> tuple[dict[str, WorkerView], dict[str, str], float, bool]:
+    async def _views(self, world: _World, probe: SchedulerProbe, sweep: bool,
+                     found: dict[str, bool], registered: bool, placing: bool,
+                     ) -> tuple[dict[str, WorkerView], dict[str, str], float, bool]:
         """The worker views a tick works on, their records' counts, when the records were
         last read or checked (flipped liveness flags are not that), and whether any view
-        differs from ``world``'s."""
+        differs from ``world``'s. ``found``: the liveness of the heartbeat keys due for a
+        check; ``sweep``: ``probe`` counted every key."""
         views, revs, views_at, changed = world.views, world.revs, world.views_at, False
         # A registration or spec change is placed on records read after it landed: a record
         # up to VIEWS_MAX_AGE_S old could predate what a client saw before registering (a
@@ -372,6 +392,7 @@ class Scheduler:
             members = await self.store.worker_ids()
             views = {w.worker_id: w for w in await self.store.list_workers()}
             world.skipped, world.listed = set(members) - set(views), len(members)
+            self._live.sync(views, views_at)
             return views, revs, views_at, True  # liveness flags read with the records
         if stale and placing:
             # Placements may be made on records (GPU memory, local weights) older than
@@ -381,12 +402,24 @@ class Scheduler:
             revs = await self.store.worker_revs()
             views = await self._fresh_views(world, views, revs)
             changed = views is not world.views
-        alive_now = world.alive if views is world.views else sum(v.alive for v in views.values())
-        if probe.alive != alive_now:
-            # A worker died or came back: only the liveness flags are read (one MGET), so a
-            # death is acted on without reading every worker's record.
-            alive = await self.store.alive(list(views))
-            views = {w: v if v.alive == (w in alive) else self._flipped(v, w in alive)
+        flips = {w: a for w, a in found.items() if w in views and views[w].alive != a}
+        if sweep:
+            alive_now = (world.alive if views is world.views
+                         else sum(v.alive for v in views.values()))
+            alive_now += sum(1 if a else -1 for a in flips.values())
+            if probe.alive != alive_now:
+                # A key went (or came) outside its schedule: the flags are read (one MGET),
+                # and those that differ are checked again at the next tick.
+                alive = await self.store.alive(list(views))
+                now = time.monotonic()
+                for w, v in views.items():
+                    if flips.get(w, v.alive) != (w in alive):
+                        flips[w] = w in alive
+                        self._live.soon(w, now)
+        flips = {w: a for w, a in flips.items() if views[w].alive != a}
+        if flips:
+            # A worker died or came back: its view is flipped, its record not read again.
+            views = {w: self._flipped(v, flips[w]) if w in flips else v
                      for w, v in views.items()}
             changed = True
         return views, revs, views_at, changed

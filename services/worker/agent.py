@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -10,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from services.worker.assignments import AssignmentReader
+from services.worker.assignments import HINTED_POLL_S, AssignmentReader, relevant
 from services.worker.engines.vllm import VllmDriver
 from services.worker.gpu import GpuInventory, account
 from services.worker.orphans import sweep
@@ -54,7 +55,22 @@ class Agent:
         self._registered = False
         self._flags_reported = False
         self._preparing: asyncio.Future[list[None]] | None = None
-        self.assignments = AssignmentReader(store, settings.worker_id, settings.resync_s)
+        self.assignments = AssignmentReader(
+            store, settings.worker_id, settings.resync_s,
+            HINTED_POLL_S if settings.events_enabled else 0.0)
+        # Set by hints that may change what runs here (not by every hint of the pool), and
+        # by anything after which the cached assignments may be stale: a failed pass or
+        # heartbeat (Redis unreachable meanwhile), a lapsed heartbeat, a stall of this
+        # process (SIGSTOP, a frozen VM) long enough for the scheduler to have moved them.
+        self._hinted = True
+        self._wake = asyncio.Event()
+        self._pass_at = time.monotonic()
+        nudger.on_hint(self._on_hint)
+
+    def _on_hint(self, hint: dict[str, Any]) -> None:
+        if relevant(hint, self.worker_id):
+            self._hinted = True
+            self._wake.set()
 
     @property
     def worker_id(self) -> str:
@@ -153,7 +169,8 @@ class Agent:
             assigned, _ = await self.store.worker_state(self.worker_id)
             await self.supervisor.republish(set(assigned))
             self.assignments.invalidate()
-            self.nudger.event.set()
+            self._hinted = True
+            self._wake.set()
 
     async def _report_engine_flags(self) -> None:
         """Once the installed vLLM's flags are read, put them in the worker record (again
@@ -193,6 +210,7 @@ class Agent:
                 raise
             except Exception as e:  # noqa: BLE001 - keep beating through Redis/manager outages
                 logger.warning("heartbeat failed: %s", e)
+                self._hinted = True
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def recover(self) -> bool:
@@ -237,7 +255,16 @@ class Agent:
     async def wanted(self) -> tuple[Wanted, set[str]]:
         """What is assigned here (with each model), and the aliases reserved in the ledger;
         read again from Redis only when it changed (:mod:`services.worker.assignments`)."""
-        snap = await self.assignments.current()
+        now = time.monotonic()
+        stalled = now - self._pass_at > (self.settings.reconcile_interval_s
+                                         + self.settings.heartbeat_interval_s)
+        self._pass_at = now
+        hinted, self._hinted = self._hinted or stalled, False
+        try:
+            snap = await self.assignments.current(hinted)
+        except BaseException:
+            self._hinted |= hinted  # not read: the hint still counts at the next pass
+            raise
         assigned, unreadable = snap.assigned, snap.unreadable
         wanted = {a: (assigned[a], m) for a, m in snap.models.items()}
         # A model whose record does not parse (reported by the store) keeps what runs here,
@@ -257,4 +284,7 @@ class Agent:
                 raise
             except Exception as e:  # noqa: BLE001 - converge on the next pass
                 logger.warning("reconcile failed: %s", e)
-            await self.nudger.wait(self.settings.reconcile_interval_s)
+                self._hinted = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval_s)
+            self._wake.clear()

@@ -113,7 +113,7 @@ _READS_CHUNK = 500
 # it for the scheduler's full pass, not for the steady state's small reads (a worker's own
 # models, the aliases one tick touches), which stay pipelined and cost Redis what they did.
 _READS_SCRIPT_MIN = 2000
-_READ_OPS = frozenset({"GET", "HGETALL", "HKEYS", "SMEMBERS", "EXISTS"})
+_READ_OPS = frozenset({"GET", "HGETALL", "HKEYS", "SMEMBERS", "EXISTS", "PTTL"})
 
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 _MAX_CONNECTIONS = 128
@@ -221,7 +221,7 @@ class StoreBase:
 
     async def _reads(self, keys: list[str], ops: tuple[str, ...]) -> list[Any]:
         """The reply to a read of each of ``keys``, key i read with ``ops[i % len(ops)]``
-        (GET, HGETALL, HKEYS, SMEMBERS or EXISTS), as redis-py's own method gives it; an
+        (GET, HGETALL, HKEYS, SMEMBERS, EXISTS or PTTL), as redis-py's own method gives it; an
         error reply (a key of another type) as an exception object in its place.
 
         A full scheduler pass reads 300,000 keys at 50,000 aliases; a pipelined command each

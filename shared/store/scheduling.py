@@ -381,6 +381,10 @@ class SchedulingStore(StoreBase):
         res = await self.r.eval(_RELEASE_RESERVATION_LUA, 3, self.k.assign(worker_id),
                                 self.k.ledger(worker_id), self.k.assign_versions, alias,
                                 worker_id)
+        if res:
+            # The worker's own version moved: its reader (which reads the versions on a
+            # hint, else every few seconds) and the scheduler look again now.
+            await self.publish("assign", alias=alias, worker=worker_id)
         return bool(res)
 
     async def set_placement_reason(self, alias: str, reason: str) -> None:

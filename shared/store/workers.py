@@ -242,6 +242,13 @@ class WorkersStore(StoreBase):
                 self._skip(e)
         return out
 
+    async def heartbeat_ttls(self, worker_ids: list[str]) -> dict[str, int]:
+        """Each worker's heartbeat key's time to live, ms (Redis's clock: no client's clock
+        matters): -2 when it is gone (the worker is dead), -1 when it has no expiry."""
+        replies = await self._reads([self.k.worker_alive(w) for w in worker_ids], ("PTTL",))
+        return {w: r if isinstance(r, int) else -2
+                for w, r in zip(worker_ids, replies, strict=True)}
+
     async def worker_revs(self) -> dict[str, str]:
         """Worker id -> its record's write count (``worker:revs``)."""
         return cast(dict[str, str], await self.r.hgetall(self.k.worker_revs))

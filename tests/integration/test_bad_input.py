@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import redis
 
-from tests.support import Cluster, child_pids, register, snapshot, wait_serving
+from shared.keys import Keys
+from tests.support import Cluster, child_pids, register, snapshot, wait_serving, wait_until
 
 TOKEN = "admin-secret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -20,6 +22,14 @@ def pool(cluster: Cluster):
     router = cluster.router()
     assert register(router, "good", token=TOKEN, engine="sim").status_code == 201
     wait_serving(router, "good")
+    # Settled: the worker's first reports of the new engine (its load, on its reconcile
+    # timer) are in, so the snapshots below see only what a bad request might change.
+    r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    try:
+        wait_until(lambda: r.hexists(Keys(cluster.prefix).load("good"), "w1"), 10,
+                   what="the worker reports the engine's load")
+    finally:
+        r.close()
     return cluster, router, worker
 
 

@@ -26,7 +26,8 @@ def test_an_idle_worker_beats_without_rewriting_its_record(cluster: Cluster) -> 
         seen: list[tuple[str | None, float]] = []
 
         def settled() -> bool:
-            seen.append((r.hget(k.worker_revs, "w1"), beat()))
+            rev = r.hget(k.worker_revs, "w1")
+            seen.append((None if rev is None else str(rev), beat()))
             return (len(seen) >= 4 and seen[-1][0] is not None
                     and len({rev for rev, _ in seen[-4:]}) == 1
                     and len({t for _, t in seen[-4:]}) == 4)

@@ -44,9 +44,11 @@ def spec(alias: str, **kw: object) -> ModelSpec:
     return ModelSpec.model_validate({"alias": alias, "model_name": "org/m", "engine": "sim"} | kw)
 
 
-def scheduler(store: Store, resync_s: float = HOUR) -> Scheduler:
+def scheduler(store: Store, resync_s: float = HOUR, sweep_s: float = 1e-6) -> Scheduler:
+    # Every heartbeat key swept on every tick unless a test says otherwise: a key deleted
+    # here (a lapsed heartbeat) is seen by the next tick.
     settings = ManagerSettings(manager_id="mgr", lease_ttl_s=30, resync_s=resync_s,
-                               heartbeat_ttl_s=0.01)
+                               heartbeat_ttl_s=0.01, liveness_sweep_s=sweep_s)
     return Scheduler(store, settings, Nudger(store))
 
 
@@ -87,6 +89,28 @@ async def test_changes_are_acted_on_between_full_passes(store: Store) -> None:
     await s.tick()
     assert await placed(store, "b", ["w1", "w2"]) == []
     assert s.full_passes == 1 and s.change_passes == 5
+
+
+async def test_a_heartbeat_key_is_checked_when_it_is_due_to_expire(store: Store) -> None:
+    """No sweep: the scheduler reads each heartbeat key's TTL and checks it again when it is
+    due. A worker that beats stays alive; one whose key runs out is acted on by the first
+    tick after, without a sweep."""
+    await worker(store, "w1")
+    await worker(store, "w2")
+    for w in ("w1", "w2"):
+        await store.heartbeat(w, Heartbeat(), 0.4)  # a short TTL, as a worker's own
+    s = scheduler(store, sweep_s=HOUR)
+    await store.register_model(spec("a"))
+    await s.tick()
+    [holder] = await placed(store, "a", ["w1", "w2"])
+    other = "w2" if holder == "w1" else "w1"
+    for _ in range(3):  # the other keeps beating; the holder's key runs out
+        await asyncio.sleep(0.25)
+        await store.heartbeat(other, Heartbeat(), 0.4)
+        await s.tick()
+    assert not await store.r.exists(store.k.worker_alive(holder))
+    assert await placed(store, "a", ["w1", "w2"]) == [other]
+    assert s.full_passes == 1
 
 
 async def test_a_new_worker_takes_what_could_not_be_placed(store: Store) -> None:
@@ -198,6 +222,24 @@ async def test_worker_rereads_only_what_changed(store: Store) -> None:
     assert list((await reader.current()).assigned) == ["a"]
     reader.resync_s = 0.0
     assert (await reader.current()).assigned == {}
+
+
+async def test_with_hints_on_the_versions_are_read_on_a_hint_or_every_poll_s(
+        store: Store) -> None:
+    await worker(store, "w1")
+    s = scheduler(store)
+    await s.tick()
+    reader = AssignmentReader(store, "w1", resync_s=HOUR, poll_s=HOUR)
+    assert (await reader.current(hinted=False)).assigned == {}  # the first call reads
+    await store.register_model(spec("a"))
+    await s.tick()
+    assert await placed(store, "a", ["w1"]) == ["w1"]
+    assert (await reader.current(hinted=False)).assigned == {}  # no hint: not looked at
+    assert list((await reader.current(hinted=True)).assigned) == ["a"]
+    await store.delete_model("a")
+    await s.tick()
+    reader.poll_s = 0.0  # the poll is due: read without a hint
+    assert (await reader.current(hinted=False)).assigned == {}
 
 
 def test_an_assignment_reaches_its_worker_without_polling(cluster: Cluster) -> None:

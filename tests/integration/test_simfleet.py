@@ -49,7 +49,7 @@ async def _compare(url: str) -> None:
         assert fleet.done["heartbeats"] == 2
         assert await store.worker_revs() == revs
         assert await store.r.hgetall(keys.worker("sim")) == sim
-        assert float(await store.r.get(keys.worker_alive("sim"))) > float(before)
+        assert float(str(await store.r.get(keys.worker_alive("sim")))) > float(str(before))
         # Its assignment check and re-read match the real reader's view of the stamp.
         stamp = await store.assignment_stamp("sim")
         assert tuple(str(x or "0") for x in fleet.stamp["sim"]) == stamp

@@ -105,7 +105,7 @@ async def test_a_bare_heartbeat_refreshes_the_alive_key_alone(store: Store) -> N
     assert await store.heartbeat("w1", Heartbeat(), 5) is True
     assert await store.r.hgetall(store.k.worker("w1")) == record
     assert await store.worker_revs() == {"w1": "2"}
-    beat = float(await store.r.get(store.k.worker_alive("w1")))
+    beat = float(str(await store.r.get(store.k.worker_alive("w1"))))
     assert beat >= float(record["last_seen"])
     [view] = await store.workers_by_id(["w1"])
     assert (view.alive, view.last_seen, view.load) == (True, beat, {"instances": 1.0})
@@ -119,7 +119,7 @@ async def test_a_bare_heartbeat_refreshes_the_alive_key_alone(store: Store) -> N
     await store.r.set(store.k.worker_alive("w1"), "not a time")
     [view] = await store.workers_by_id(["w1"])
     assert view.alive and view.last_seen == float(
-        await store.r.hget(store.k.worker("w1"), "last_seen"))
+        str(await store.r.hget(store.k.worker("w1"), "last_seen")))
 
 
 async def test_manual_stop_holds_until_manual_start(store: Store) -> None:
