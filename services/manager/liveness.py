@@ -30,10 +30,11 @@ class LivenessSchedule:
     def __contains__(self, worker_id: str) -> bool:
         return worker_id in self._at
 
-    def reset(self, ttls: dict[str, int], now: float) -> None:
-        """Every worker's next check from its key's PTTL (the full pass's reading)."""
+    def reset(self, ttls: dict[str, int], now: float) -> dict[str, bool]:
+        """Every worker's next check from its key's PTTL (the full pass's reading); returns
+        which are alive."""
         self._at, self._heap = {}, []
-        self.checked(ttls, now)
+        return self.checked(ttls, now)
 
     def sync(self, worker_ids: Iterable[str], now: float) -> None:
         """Follow the pool: workers not scheduled yet are due now; gone ones are dropped."""

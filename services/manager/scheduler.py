@@ -284,7 +284,10 @@ class Scheduler:
                     await self.store.unassign(self.token, w.worker_id, alias)
                     del assigns[w.worker_id][alias]
         views = {w.worker_id: w for w in workers}
-        self._live.reset(await self.store.heartbeat_ttls(list(views)), time.monotonic())
+        found = self._live.reset(await self.store.heartbeat_ttls(list(views)), time.monotonic())
+        for wid, alive in found.items():
+            if alive != views[wid].alive:  # changed since the records were read: the next
+                self._live.soon(wid, time.monotonic())  # tick checks it again and flips it
         self._sweep_at = time.monotonic() + self.settings.liveness_sweep_s
         watch = await self._converge(models, views, assigns, ledgers)
         await self._save_scale(marks)
@@ -336,6 +339,7 @@ class Scheduler:
         since_ok = time.monotonic() - self.state.store_ok_since
         some_dead = workers_changed or world.alive < len(world.ids)
         if some_dead and since_ok >= self.settings.heartbeat_ttl_s:
+            views = await self._confirm_dead(views, assigns)
             for w, view in views.items():
                 if not view.alive and assigns.get(w):
                     # Its assigned aliases now (what must move at once); the rest at the
@@ -423,6 +427,20 @@ class Scheduler:
                      for w, v in views.items()}
             changed = True
         return views, revs, views_at, changed
+
+    async def _confirm_dead(self, views: dict[str, WorkerView],
+                            assigns: dict[str, dict[str, Assignment]]) -> dict[str, WorkerView]:
+        """Dead workers that still hold assignments, checked again before those are taken
+        away: a flag can be up to DEAD_RECHECK_S old (a worker that beat again after Redis
+        came back must keep its models)."""
+        doomed = [w for w, v in views.items() if not v.alive and assigns.get(w)]
+        if not doomed:
+            return views
+        found = self._live.checked(await self.store.heartbeat_ttls(doomed), time.monotonic())
+        back = {w for w in doomed if found.get(w)}
+        if not back:
+            return views
+        return {w: self._flipped(v, True) if w in back else v for w, v in views.items()}
 
     async def _fresh_views(self, world: _World, views: dict[str, WorkerView],
                            revs: dict[str, str]) -> dict[str, WorkerView]:

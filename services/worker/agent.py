@@ -144,7 +144,8 @@ class Agent:
             return await self.store.heartbeat(self.worker_id, hb, self.settings.heartbeat_ttl_s)
         r = await self.client.post(
             f"{self.settings.manager_url.rstrip('/')}/workers/{self.worker_id}/heartbeat",
-            content=hb.model_dump_json(),
+            # Fields left out, not null: a manager of an earlier version refuses a null load.
+            content=hb.model_dump_json(exclude_none=True),
             headers={"content-type": "application/json", **self._auth()},
         )
         if r.status_code == 404:

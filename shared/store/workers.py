@@ -42,11 +42,10 @@ class WorkersStore(StoreBase):
                     await pipe.execute()
                 except WatchError:
                     continue
-            if self.cluster:
-                # The index is in the scheduler's slot: listed right after; every heartbeat
-                # that writes the record lists the worker again (a full one at least every
-                # HEARTBEAT_FULL_S), so one lost here is repaired by then.
-                await self._listed(wid)
+            # On a cluster the index is in the scheduler's slot: listed right after; every
+            # heartbeat that writes the record lists the worker again (a full one at least
+            # every RESYNC_S), so one lost here is repaired by then.
+            await self._listed(wid)
             await self.publish("worker", worker=wid)
             return True
         return False
@@ -66,8 +65,6 @@ class WorkersStore(StoreBase):
             "last_seen": now,
         })
         pipe.set(self.k.worker_alive(reg.worker_id), now, px=int(ttl_s * 1000))
-        if not self.cluster:
-            pipe.hincrby(self.k.worker_revs, reg.worker_id, 1)
 
     async def remove_dead_worker(self, token: str, worker_id: str) -> bool:
         """Delete every record of a worker that is dead (no heartbeat) and holds no
@@ -123,6 +120,8 @@ class WorkersStore(StoreBase):
             except WatchError:
                 return False
         removed = await self.r.eval(_DELETE_IF_DEAD_LUA, 2, alive_key, self.k.worker(worker_id))
+        if not removed:
+            await self._listed(worker_id)  # it beat again meanwhile: listed again at once
         await self.publish("worker", worker=worker_id)
         return bool(removed)
 
@@ -131,7 +130,7 @@ class WorkersStore(StoreBase):
         expired, so the manager may have re-placed this worker's models. True: all well.
 
         A beat that reports nothing new (every field of ``hb`` None: the worker sends only
-        what changed, and everything every ``HEARTBEAT_FULL_S``) is one ``SET`` of the alive
+        what changed, and everything every ``RESYNC_S``) is one ``SET`` of the alive
         key: at thousands of workers the beats are most of Redis's steady load, and the
         transaction that also rewrote the record cost it ~4x as much. A beat that reports
         something writes the record, lists the worker and bumps its ``worker:revs`` entry
@@ -154,20 +153,21 @@ class WorkersStore(StoreBase):
             pipe.hset(record, mapping=cast(Mapping[Any, Any], fields))
             if not self.cluster:
                 pipe.sadd(self.k.workers, worker_id)
-                pipe.hincrby(self.k.worker_revs, worker_id, 1)
             previous = (await pipe.execute())[0]
-        if self.cluster:
-            await self._listed(worker_id)
+        await self._listed(worker_id)
         return previous is not None and not lapsed
 
     async def _listed(self, worker_id: str) -> None:
-        """On a cluster, after a write to a worker's record: the index and the record's
-        count, in the scheduler's slot (written after the record, so a reader of the count
-        reads the record at least as new)."""
+        """After a write to a worker's record: the index (on a cluster it is in the
+        scheduler's slot, not the record's) and the record's count in ``worker:revs``,
+        written after the record so that a reader of the count reads the record at least as
+        new. A count key of the wrong type is reported, not fatal: the scheduler then reads
+        every record at its full passes only."""
         async with self._txn(self.k.workers) as pipe:
             pipe.sadd(self.k.workers, worker_id)
             pipe.hincrby(self.k.worker_revs, worker_id, 1)
-            await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+        self._checked(self.k.worker_revs, replies[1], 0)
 
     async def pool_id(self, candidate: str) -> str:
         """The pool's id: ``candidate`` when none exists yet (SET NX), else the existing one.
@@ -185,7 +185,7 @@ class WorkersStore(StoreBase):
         the routers' check of new registrations."""
         await self.r.hset(self.k.worker(worker_id), mapping={
             "vllm_version": version, "vllm_flags": json.dumps(sorted(flags))})
-        await self.r.hincrby(self.k.worker_revs, worker_id, 1)
+        await self._listed(worker_id)
 
     async def live_vllm_flags(self) -> list[EngineFlags]:
         """The vLLM flag sets reported by live workers (those that have reported one)."""
@@ -246,12 +246,15 @@ class WorkersStore(StoreBase):
         """Each worker's heartbeat key's time to live, ms (Redis's clock: no client's clock
         matters): -2 when it is gone (the worker is dead), -1 when it has no expiry."""
         replies = await self._reads([self.k.worker_alive(w) for w in worker_ids], ("PTTL",))
-        return {w: r if isinstance(r, int) else -2
-                for w, r in zip(worker_ids, replies, strict=True)}
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r  # a refused read says nothing of liveness: the tick fails instead
+        return dict(zip(worker_ids, (int(r) for r in replies), strict=True))
 
     async def worker_revs(self) -> dict[str, str]:
-        """Worker id -> its record's write count (``worker:revs``)."""
-        return cast(dict[str, str], await self.r.hgetall(self.k.worker_revs))
+        """Worker id -> its record's write count (``worker:revs``; a key of the wrong type
+        is reported and read as empty: every record then counts as moved)."""
+        return (await self._hashes([self.k.worker_revs]))[0]
 
     async def alive(self, worker_ids: Iterable[str]) -> set[str]:
         ids = list(worker_ids)

@@ -21,7 +21,7 @@ from shared.keys import Keys
 from shared.models import Heartbeat, LocalModel, ModelSpec, WorkerRegistration, WorkerView
 from shared.settings import ManagerSettings
 from shared.store import Store, connect
-from tests.support import Cluster, Proc, register, status, wait_serving, wait_until
+from tests.support import Cluster, Proc, RedisServer, register, status, wait_serving, wait_until
 
 HOUR = 3600.0
 
@@ -111,6 +111,50 @@ async def test_a_heartbeat_key_is_checked_when_it_is_due_to_expire(store: Store)
     assert not await store.r.exists(store.k.worker_alive(holder))
     assert await placed(store, "a", ["w1", "w2"]) == [other]
     assert s.full_passes == 1
+
+
+async def test_a_worker_back_before_liveness_is_trusted_keeps_its_models(store: Store) -> None:
+    """Right after Redis comes back liveness is not trusted for a TTL; a worker found dead
+    meanwhile that beats again before then is checked again before its assignments are
+    taken away (its flag may be up to a second old)."""
+    await worker(store, "w1")
+    s = Scheduler(store, ManagerSettings(manager_id="mgr", lease_ttl_s=30, resync_s=HOUR,
+                                         heartbeat_ttl_s=1.0, liveness_sweep_s=HOUR),
+                  Nudger(store))
+    await store.register_model(spec("a"))
+    await store.heartbeat("w1", Heartbeat(), 0.4)  # a short TTL, read by the full pass
+    await s.tick()
+    assert await placed(store, "a", ["w1"]) == ["w1"]
+    s.state.store_ok_since = time.monotonic()  # as if Redis had just come back
+    await asyncio.sleep(0.45)
+    await s.tick()  # its key is due and gone: found dead, its models kept (not trusted yet)
+    assert not s._world.views["w1"].alive  # type: ignore[union-attr]
+    await store.heartbeat("w1", Heartbeat(), 60)  # back, within DEAD_RECHECK_S
+    await asyncio.sleep(0.7)
+    await s.tick()  # liveness trusted now: checked again, not forgotten
+    assert await placed(store, "a", ["w1"]) == ["w1"]
+    assert s._world.views["w1"].alive  # type: ignore[union-attr]
+
+
+async def test_a_refused_liveness_read_fails_the_tick(redis_server: RedisServer) -> None:
+    """A PTTL that Redis refuses (an ACL without it) says nothing of liveness: the tick
+    fails as a refused command does, and no worker is taken for dead."""
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser("nopttl", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-pttl"])
+    host_port = redis_server.url.split("//", 1)[1]
+    client = connect(f"redis://nopttl:pw@{host_port}")
+    store = Store(client, Keys(f"t{uuid.uuid4().hex[:10]}"), events=False)
+    try:
+        await worker(store, "w1")
+        s = scheduler(store)
+        with pytest.raises(redis.exceptions.ResponseError):
+            await s.tick()
+        assert await store.alive(["w1"]) == {"w1"}
+    finally:
+        await store.close()
+        admin.acl_deluser("nopttl")
+        admin.close()
 
 
 async def test_a_new_worker_takes_what_could_not_be_placed(store: Store) -> None:

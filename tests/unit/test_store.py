@@ -122,6 +122,17 @@ async def test_a_bare_heartbeat_refreshes_the_alive_key_alone(store: Store) -> N
         str(await store.r.hget(store.k.worker("w1"), "last_seen")))
 
 
+async def test_a_corrupt_revs_key_stops_no_heartbeat(store: Store) -> None:
+    """``worker:revs`` of the wrong type: beats, registrations and the scheduler's read go
+    on (the count is reported, read as empty: every record then counts as moved)."""
+    await store.r.set(store.k.worker_revs, "garbage")
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    assert await store.heartbeat("w1", Heartbeat(load={"instances": 2.0}), 5) is True
+    assert await store.r.hget(store.k.worker("w1"), "load") == '{"instances": 2.0}'
+    assert await store.worker_revs() == {}
+    assert await store.worker_ids() == ["w1"]
+
+
 async def test_manual_stop_holds_until_manual_start(store: Store) -> None:
     await store.register_model(spec())
     await store.request_manual_start("m", "w1")
