@@ -70,6 +70,7 @@ return n
 _FORGET_INSTANCE_LUA = """
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
+redis.call('HDEL', KEYS[4], ARGV[1])
 return redis.call('SREM', KEYS[3], ARGV[1])
 """
 _BUMP_LUA = BUMP_FN_LUA + "return bump(KEYS[1])"
@@ -309,7 +310,8 @@ class SchedulingStore(StoreBase):
             await self.r.publish(self.k.events, orjson.dumps(hint))
 
     async def forget_dead_worker(self, token: str, worker_id: str, aliases: Iterable[str]) -> None:
-        """Drop a dead worker's assignments, routes and instance records in one step."""
+        """Drop a dead worker's assignments, routes, instance records and reported loads in
+        one step (a load left behind stayed in ``load:{alias}`` until the alias was deleted)."""
         names = list(aliases)
         if self.cluster:
             await self._forget_in_steps(token, worker_id, names)
@@ -323,6 +325,7 @@ class SchedulingStore(StoreBase):
                 p.hdel(self.k.routes(alias), worker_id)
                 p.delete(self.k.instance(alias, worker_id))
                 p.srem(self.k.instances(alias), worker_id)
+                p.hdel(self.k.load(alias), worker_id)
             self._bump(p, self.k.routes_version)  # unlogged: routers reload every alias
 
         await self._fenced(token, build)
@@ -338,8 +341,9 @@ class SchedulingStore(StoreBase):
             raise NotLeader(token)
         async with self._batch() as pipe:
             for alias in aliases:
-                pipe.eval(_FORGET_INSTANCE_LUA, 3, self.k.routes(alias),
-                          self.k.instance(alias, worker_id), self.k.instances(alias), worker_id)
+                pipe.eval(_FORGET_INSTANCE_LUA, 4, self.k.routes(alias),
+                          self.k.instance(alias, worker_id), self.k.instances(alias),
+                          self.k.load(alias), worker_id)
             await pipe.execute()
         await self.r.eval(_BUMP_LUA, 1, self.k.routes_version)
 

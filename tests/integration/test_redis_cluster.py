@@ -168,6 +168,7 @@ async def test_dead_workers_are_forgotten_then_removed(store: Store) -> None:
     token = await _lease(store)
     await store.assign(token, Assignment(alias="a", worker_id="w1", gpus=[0], mb_per_gpu=1))
     await store.write_instance("a", "w1", {"state": "RUNNING"}, "http://w1:1")
+    await store.set_load("a", "w1", 3.0)
     before = await store.versions()
     assert await store.remove_dead_worker(token, "w1") is False  # alive
     await store.unregister_worker_alive("w1")
@@ -178,6 +179,7 @@ async def test_dead_workers_are_forgotten_then_removed(store: Store) -> None:
     assert await store.worker_assignments("w1") == {}
     assert await store.all_routes(["a"]) == {"a": {}}
     assert await store.instances_of("a") == {}
+    assert not await store.r.hexists(store.k.load("a"), "w1")
     assert (await store.versions())[1] != before[1]
     assert await store.remove_dead_worker(token, "w1") is True
     assert await store.worker_ids() == []

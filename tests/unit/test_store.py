@@ -133,6 +133,19 @@ async def test_a_corrupt_revs_key_stops_no_heartbeat(store: Store) -> None:
     assert await store.worker_ids() == ["w1"]
 
 
+async def test_forgetting_a_dead_worker_drops_its_reported_load(store: Store) -> None:
+    await store.register_model(spec())
+    await store.register_worker(WorkerRegistration(worker_id="w1", url="http://x:1"), 5)
+    epoch = await store.acquire_lease("a", 5)
+    await store.assign(f"a|{epoch}", Assignment(alias="m", worker_id="w1"))
+    await store.write_instance("m", "w1", {"state": "RUNNING"}, "http://x:1")
+    await store.set_load("m", "w1", 2.0)
+    await store.set_load("m", "w2", 1.0)
+    await store.forget_dead_worker(f"a|{epoch}", "w1", ["m"])
+    assert await store.r.hgetall(store.k.load("m")) == {"w2": "1"}
+    assert await store.instances_of("m") == {}
+
+
 async def test_manual_stop_holds_until_manual_start(store: Store) -> None:
     await store.register_model(spec())
     await store.request_manual_start("m", "w1")
