@@ -71,8 +71,15 @@ async def background(*loops: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for t in tasks:
-            t.cancel()
+        pending = set(tasks)
+        while pending:
+            for t in pending:
+                t.cancel()
+            # Python 3.11's wait_for can drop a cancellation that lands as its inner wait
+            # completes (a hint arriving at shutdown), and the loop then goes on: a router
+            # process once hung in its shutdown. The cancel is sent again until every task
+            # has ended.
+            _, pending = await asyncio.wait(pending, timeout=1.0)
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

@@ -214,6 +214,10 @@ class Flows:
         backoff = self.settings.engine_retry_base_s * 2 ** (inst.failures - 1)
         inst.retry_at = time.time() + min(backoff, self.settings.engine_retry_max_s)
         inst.error = why
+        if inst.engine is not None:
+            # In the FAILED record itself: readers saw it without its log tail until the
+            # engine was stopped and the record written again.
+            inst.log_tail = inst.engine.log_tail()
         try:
             await self.life.transition(inst, S.FAILED)
         finally:
