@@ -134,7 +134,7 @@ def _spec(alias: str) -> ModelSpec:
     return ModelSpec(alias=alias, model_name=f"org/{alias}", engine="vllm")
 
 
-async def _beat(store: Store, worker: str, beats: list[float]) -> None:
+async def beat_as_victim(store: Store, worker: str, beats: list[float]) -> None:
     """A victim worker's heartbeat: its key set with VICTIM_TTL_S every third of it; the
     start time of each beat kept."""
     while True:
@@ -166,7 +166,7 @@ async def probes(url: str, count: int) -> dict[str, Any]:
                 worker_id=victim, url=f"http://{victim}:1", engines=["vllm"],
                 gpu_message="simulated", version="bench"), 3600)
             beats: list[float] = []
-            beating = asyncio.create_task(_beat(store, victim, beats))
+            beating = asyncio.create_task(beat_as_victim(store, victim, beats))
             try:
                 await asyncio.sleep(2.0)  # seen by the manager (an empty worker: placed first)
                 alias = f"victim-model-{i}"

@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-TTL_S = 1.5
-
 
 async def run(url: str, workers: int, victims: int) -> dict[str, Any]:
     # Imported here: from the tree on sys.path (main() puts --tree first).
+    from bench.cp_scale import VICTIM_TTL_S, beat_as_victim  # noqa: PLC0415 - after --tree
     from services.manager.scheduler import Scheduler  # noqa: PLC0415 - from --tree
     from shared.events import Nudger  # noqa: PLC0415 - from --tree
     from shared.keys import Keys  # noqa: PLC0415 - from --tree
@@ -47,7 +46,7 @@ async def run(url: str, workers: int, victims: int) -> dict[str, Any]:
     nudger = Nudger(store)
     # HEARTBEAT_TTL_S as the victims': a manager trusts liveness that long after it starts.
     sched = Scheduler(store, ManagerSettings(manager_id="bench", lease_ttl_s=30,
-                                             heartbeat_ttl_s=TTL_S), nudger)
+                                             heartbeat_ttl_s=VICTIM_TTL_S), nudger)
     tasks = [asyncio.create_task(nudger.run()), asyncio.create_task(sched.run())]
     took: list[float] = []
     try:
@@ -56,15 +55,7 @@ async def run(url: str, workers: int, victims: int) -> dict[str, Any]:
             victim, alias = f"victim{i}", f"victim-model-{i}"
             await store.register_worker(reg(victim), 3600)
             beats: list[float] = []
-
-            async def beat(w: str = victim, out: list[float] = beats) -> None:
-                while True:
-                    out.append(time.perf_counter())
-                    await store.r.set(store.k.worker_alive(w), repr(time.time()),
-                                      px=int(TTL_S * 1000))
-                    await asyncio.sleep(TTL_S / 3)
-
-            beating = asyncio.create_task(beat())
+            beating = asyncio.create_task(beat_as_victim(store, victim, beats))
             await asyncio.sleep(2.0)  # seen by the scheduler, its liveness trusted
             await store.register_model(ModelSpec(alias=alias, model_name="org/m",
                                                  engine="vllm"))
@@ -78,7 +69,7 @@ async def run(url: str, workers: int, victims: int) -> dict[str, Any]:
             beating.cancel()
             if not placed:
                 continue  # placed elsewhere: nothing to measure
-            landed = beats[-1] + TTL_S
+            landed = beats[-1] + VICTIM_TTL_S
             while await store.r.hexists(store.k.assign(victim), alias):
                 await asyncio.sleep(0.002)
             took.append(time.perf_counter() - landed)

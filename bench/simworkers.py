@@ -63,8 +63,10 @@ async def beat(
     while time.monotonic() < stop_at:
         with failures(done):
             now = time.monotonic()
-            await store.heartbeat(worker_id, full if now >= full_at else Heartbeat(), TTL_S)
-            full_at = now + RESYNC_S if now >= full_at else full_at
+            due = now >= full_at
+            await store.heartbeat(worker_id, full if due else Heartbeat(), TTL_S)
+            if due:
+                full_at = now + RESYNC_S
             done["heartbeats"] += 1
         await asyncio.sleep(HEARTBEAT_S)
 

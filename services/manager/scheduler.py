@@ -423,10 +423,16 @@ class Scheduler:
         flips = {w: a for w, a in flips.items() if views[w].alive != a}
         if flips:
             # A worker died or came back: its view is flipped, its record not read again.
-            views = {w: self._flipped(v, flips[w]) if w in flips else v
-                     for w, v in views.items()}
-            changed = True
+            views, changed = self._with_flips(views, flips), True
         return views, revs, views_at, changed
+
+    def _with_flips(self, views: dict[str, WorkerView], flips: dict[str, bool]
+                    ) -> dict[str, WorkerView]:
+        """``views`` with the liveness of the workers in ``flips`` set (``views`` itself when
+        there are none)."""
+        if not flips:
+            return views
+        return {w: self._flipped(v, flips[w]) if w in flips else v for w, v in views.items()}
 
     async def _confirm_dead(self, views: dict[str, WorkerView],
                             assigns: dict[str, dict[str, Assignment]]) -> dict[str, WorkerView]:
@@ -438,9 +444,7 @@ class Scheduler:
             return views
         found = self._live.checked(await self.store.heartbeat_ttls(doomed), time.monotonic())
         back = {w for w in doomed if found.get(w)}
-        if not back:
-            return views
-        return {w: self._flipped(v, True) if w in back else v for w, v in views.items()}
+        return self._with_flips(views, dict.fromkeys(back, True))
 
     async def _fresh_views(self, world: _World, views: dict[str, WorkerView],
                            revs: dict[str, str]) -> dict[str, WorkerView]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis
@@ -38,6 +38,14 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     s = Store(client, Keys(f"t{uuid.uuid4().hex[:10]}"), events=False)
     yield s
     await s.close()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``check`` every 20 ms until it holds; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{check.__name__} did not hold in {timeout} s"
+        await asyncio.sleep(0.02)
 
 
 def spec(alias: str, **kw: object) -> ModelSpec:
@@ -104,10 +112,13 @@ async def test_a_heartbeat_key_is_checked_when_it_is_due_to_expire(store: Store)
     await s.tick()
     [holder] = await placed(store, "a", ["w1", "w2"])
     other = "w2" if holder == "w1" else "w1"
-    for _ in range(3):  # the other keeps beating; the holder's key runs out
-        await asyncio.sleep(0.25)
+
+    async def holder_expired() -> bool:  # the other keeps beating; the holder's key runs out
         await store.heartbeat(other, Heartbeat(), 0.4)
-        await s.tick()
+        return not await store.r.exists(store.k.worker_alive(holder))
+
+    await until(holder_expired)
+    await s.tick()
     assert not await store.r.exists(store.k.worker_alive(holder))
     assert await placed(store, "a", ["w1", "w2"]) == [other]
     assert s.full_passes == 1
@@ -126,11 +137,18 @@ async def test_a_worker_back_before_liveness_is_trusted_keeps_its_models(store: 
     await s.tick()
     assert await placed(store, "a", ["w1"]) == ["w1"]
     s.state.store_ok_since = time.monotonic()  # as if Redis had just come back
-    await asyncio.sleep(0.45)
+
+    async def key_gone() -> bool:
+        return not await store.r.exists(store.k.worker_alive("w1"))
+
+    async def trusted() -> bool:
+        return time.monotonic() - s.state.store_ok_since >= 1.0
+
+    await until(key_gone)
     await s.tick()  # its key is due and gone: found dead, its models kept (not trusted yet)
     assert not s._world.views["w1"].alive  # type: ignore[union-attr]
     await store.heartbeat("w1", Heartbeat(), 60)  # back, within DEAD_RECHECK_S
-    await asyncio.sleep(0.7)
+    await until(trusted)
     await s.tick()  # liveness trusted now: checked again, not forgotten
     assert await placed(store, "a", ["w1"]) == ["w1"]
     assert s._world.views["w1"].alive  # type: ignore[union-attr]
