@@ -219,6 +219,13 @@ async def _wait_placed(url: str, scale: Scale, timeout_s: float) -> float:
     return time.perf_counter() - t0
 
 
+def _probed(url: str, probe_count: int, run_dir: Path) -> dict[str, Any]:
+    try:
+        return uvloop.run(probes(url, probe_count))
+    except TimeoutError:  # the logs are kept: they say what the manager did meanwhile
+        return {"error": "a probe waited 60 s for its action", "logs": str(run_dir / "logs")}
+
+
 def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int,
             sim: str = "tasks") -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="svllm-cps-"))
@@ -264,10 +271,7 @@ def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int,
             out["steady"] = _stage(r, groups, steady_s, sim_out)
         finally:
             r.close()
-        try:
-            out["probes"] = uvloop.run(probes(url, probe_count))
-        except TimeoutError:
-            out["probes"] = {"error": "a probe waited 60 s for its action"}
+        out["probes"] = _probed(url, probe_count, run_dir)
         children.stop(manager)
         passes = subprocess.run([PYTHON, "-c", _PASS_CODE, str(tree), url, PREFIX,
                                  "1" if scale.aliases * scale.workers > 5_000_000 else "3"],
@@ -287,7 +291,10 @@ def run_one(tree: Path, scale: Scale, steady_s: float, probe_count: int,
         raise
     finally:
         children.stop_all()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if "error" in out.get("probes", {}):
+        print(f"cp_scale: a probe timed out; logs kept in {run_dir / 'logs'}", flush=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
 

@@ -6,10 +6,13 @@
 round trip per call): ~100 µs of client CPU per call, so 5,000 workers (7,500 calls a second)
 need more than the two cores this machine has, and a run measured workers dying. This plays
 the same workers with the commands those calls send (a heartbeat that reports nothing new:
-``SET alive PX GET``; a full one, every RESYNC_S: ``EXISTS`` then ``MULTI`` ``SET alive PX
-GET`` ``HSET`` ``SADD`` ``HINCRBY worker:revs`` ``EXEC``; the assignment check, every
-HINTED_POLL_S as a worker with hints on and none for it: ``HGET
-assign:versions`` and ``GET version:models``; on a change, or every RESYNC_S, the re-read:
+``SET alive PX XX``; a full one, every RESYNC_S: ``WATCH`` and ``EXISTS`` of the record,
+then ``MULTI`` ``SET alive PX GET`` ``HSET`` ``SADD`` ``EXEC``, ``MULTI`` ``SADD``
+``HINCRBY worker:revs`` ``EXEC`` and the pool's size, ``SCARD workers``; the assignment
+check, every HINTED_POLL_S as a worker with hints on and none for it: ``HGET
+assign:versions`` and ``GET version:models``; the beats, the full beats and that check
+stretched by the pace that pool size gives, shared/pace.py, as the real
+worker does; on a change, or every RESYNC_S (paced too), the re-read:
 ``MULTI HGETALL assign HKEYS ledger EXEC``, then each assigned model's ``HGETALL`` and hold's
 ``GET``), encoded once into RESP and sent every 0.1 s as one pipeline on one connection,
 replies parsed by hiredis: a few µs of client CPU per command.
@@ -34,6 +37,8 @@ import hiredis
 from bench.simworkers import HEARTBEAT_S, RESYNC_S, TTL_S, cli, worker_id
 from services.worker.assignments import HINTED_POLL_S
 from shared.keys import Keys
+from shared.pace import heartbeat_pace
+from shared.settings import WorkerSettings
 
 TICK_S = 0.1
 Command = tuple[bytes, ...]
@@ -83,7 +88,7 @@ class Conn:
 
 
 class Fleet:
-    def __init__(self, keys: Keys, ids: list[str]) -> None:
+    def __init__(self, keys: Keys, ids: list[str], max_per_s: float | None = None) -> None:
         self.k = keys
         self.ids = ids
         self.done: Counter[str] = Counter()
@@ -93,47 +98,68 @@ class Fleet:
         self.beat_at = {w: now + i / n * HEARTBEAT_S for i, w in enumerate(ids)}
         # Each worker's first beat is a full one (a worker's first after it starts is).
         self.full_at = dict.fromkeys(ids, 0.0)
+        # Real workers start at different times, so their RESYNC_S safety nets (full beats,
+        # full re-reads) are spread over the period; started together here, each worker's
+        # second full beat and re-read come after its share of the period, then every period.
+        self.phase = {w: (i + 1) / n for i, w in enumerate(ids)}
         self.check_at = {w: now + i / n * HINTED_POLL_S for i, w in enumerate(ids)}
         self.stamp: dict[str, tuple[object, object]] = {}
         self.read_at: dict[str, float] = {}
         load = json.dumps({"instances": 10.0}).encode()
         self.fields = (b"load", load, b"gpus", b"[]", b"gpu_message", b"no GPU (simulated)")
+        # As a real worker: unpaced until a full beat tells it the pool's size.
+        self.pace = 1.0
+        defaults = WorkerSettings.model_fields
+        self._interval = float(defaults["heartbeat_interval_s"].default)
+        self._max_per_s = float(defaults["heartbeat_max_per_s"].default
+                                if max_per_s is None else max_per_s)
 
     def _beat(self, w: str, now_wall: bytes, full: bool) -> list[Command]:
         k = self.k
-        refresh = (b"SET", k.worker_alive(w).encode(), now_wall, b"PX",
-                   str(int(TTL_S * 1000)).encode(), b"GET")
+        ttl = str(int(TTL_S * 1000)).encode()
+        alive = k.worker_alive(w).encode()
         if not full:
-            return [refresh]
-        return [(b"EXISTS", k.worker(w).encode()), (b"MULTI",), refresh,
+            return [(b"SET", alive, now_wall, b"PX", ttl, b"XX")]
+        return [(b"WATCH", k.worker(w).encode()), (b"EXISTS", k.worker(w).encode()), (b"MULTI",),
+                (b"SET", alive, now_wall, b"PX", ttl, b"GET"),
                 (b"HSET", k.worker(w).encode(), *self.fields, b"last_seen", now_wall),
-                (b"SADD", k.workers.encode(), w.encode()),
-                (b"HINCRBY", k.worker_revs.encode(), w.encode(), b"1"), (b"EXEC",)]
+                (b"SADD", k.workers.encode(), w.encode()), (b"EXEC",),
+                (b"MULTI",), (b"SADD", k.workers.encode(), w.encode()),
+                (b"HINCRBY", k.worker_revs.encode(), w.encode(), b"1"), (b"EXEC",),
+                (b"SCARD", k.workers.encode())]
 
     async def tick(self, conn: Conn) -> None:
         now = time.monotonic()
         now_wall = repr(time.time()).encode()
         cmds: list[Command] = []
         beating = [w for w, at in self.beat_at.items() if at <= now]
+        counted = -1  # where the reply of the tick's last SCARD (a full beat's) will be
         for w in beating:
             full = self.full_at[w] <= now
             cmds += self._beat(w, now_wall, full)
-            self.beat_at[w] += HEARTBEAT_S
+            self.beat_at[w] += HEARTBEAT_S * self.pace
             if full:
-                self.full_at[w] = now + RESYNC_S
+                first = self.full_at[w] == 0.0
+                self.full_at[w] = now + RESYNC_S * self.pace * (self.phase[w] if first else 1)
+                counted = len(cmds) - 1
         sent = len(cmds)
         checking = [w for w, at in self.check_at.items() if at <= now]
         for w in checking:
             cmds += [(b"HGET", self.k.assign_versions.encode(), w.encode()),
                      (b"GET", self.k.models_version.encode())]
-            self.check_at[w] += HINTED_POLL_S
+            self.check_at[w] += HINTED_POLL_S * self.pace
         replies = await conn.run(cmds)
+        if counted >= 0:  # the pool's size, hence the pace
+            size = replies[counted]
+            self.pace = heartbeat_pace(int(size) if isinstance(size, int) else 0,
+                                       self._interval, self._max_per_s)
         self.done["heartbeats"] += len(beating)
         stamps = replies[sent:]
         stale = []
         for i, w in enumerate(checking):
             stamp = (stamps[2 * i], stamps[2 * i + 1])
-            if stamp != self.stamp.get(w) or now - self.read_at.get(w, 0.0) >= RESYNC_S:
+            if (stamp != self.stamp.get(w)
+                    or now - self.read_at.get(w, 0.0) >= RESYNC_S * self.pace):
                 stale.append((w, stamp))
         await self._reread(conn, stale, now)
         self.done["reconciles"] += len(checking)
@@ -153,7 +179,9 @@ class Fleet:
             for alias in flat[::2]:
                 models += [(b"HGETALL", self.k.model(str(alias)).encode()),
                            (b"GET", self.k.hold(str(alias)).encode())]
-            self.stamp[w], self.read_at[w] = stamp, now
+            first = w not in self.read_at
+            self.stamp[w] = stamp
+            self.read_at[w] = now - (RESYNC_S * self.pace * (1 - self.phase[w]) if first else 0)
         await conn.run(models)
 
 
@@ -172,9 +200,9 @@ async def run(url: str, prefix: str, workers: int, duration_s: float, out: Path,
                 elapsed = began - start
                 out.write_text(json.dumps({  # noqa: ASYNC240 - a few hundred bytes a second
                     "elapsed_s": elapsed, "heartbeats": fleet.done["heartbeats"],
-                    "heartbeats_due": workers * elapsed / HEARTBEAT_S,
+                    "heartbeats_due": workers * elapsed / (HEARTBEAT_S * fleet.pace),
                     "reconciles": fleet.done["reconciles"],
-                    "reconciles_due": workers * elapsed / HINTED_POLL_S,
+                    "reconciles_due": workers * elapsed / (HINTED_POLL_S * fleet.pace),
                     "errors": 0, "last_error": None}))
                 next_report += 1.0
             await asyncio.sleep(max(0.0, TICK_S - (time.monotonic() - began)))

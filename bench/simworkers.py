@@ -5,12 +5,13 @@
 Each simulated worker does what an idle real worker's loops do (services/worker/agent.py):
 a heartbeat every HEARTBEAT_INTERVAL_S (2 s), and every RECONCILE_INTERVAL_S (1 s) the real
 worker's :class:`AssignmentReader` (a version check; its assignments and models re-read
-only when they changed, and at least every RESYNC_S). ``--first`` offsets the worker
-numbers, so that several processes share a large simulated pool. Ticks are spread evenly
-over the interval. The heartbeat TTL is generous (30 s) so a simulator that falls behind
-never makes the manager
-declare its workers dead. Every second it rewrites ``--out`` with the ticks done so far and
-the ticks due, so a caller can check it kept up while it runs.
+only when they changed, and at least every RESYNC_S); past 2,000 workers the beats and the
+version check stretched by the pool's pace (shared/pace.py), learnt at each full beat.
+``--first`` offsets the worker numbers, so that several processes share a large simulated
+pool. Ticks are spread evenly over the interval. The heartbeat TTL is generous (30 s) so a
+simulator that falls behind never makes the manager declare its workers dead. Every second
+it rewrites ``--out`` with the ticks done so far and the ticks due, so a caller can check it
+kept up while it runs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import uvloop
 from services.worker.assignments import HINTED_POLL_S, AssignmentReader
 from shared.keys import Keys
 from shared.models import Heartbeat
+from shared.pace import heartbeat_pace
+from shared.settings import WorkerSettings
 from shared.store import Store
 
 HEARTBEAT_S = 2.0
@@ -40,6 +43,14 @@ TTL_S = 30.0
 
 
 _last_error: list[str] = []
+# The pool's pace, as the last full beat of any simulated worker read it (all read one count).
+_pace = [1.0]
+
+
+def _repace(workers: int) -> None:
+    defaults = WorkerSettings.model_fields
+    _pace[0] = heartbeat_pace(workers, float(defaults["heartbeat_interval_s"].default),
+                              float(defaults["heartbeat_max_per_s"].default))
 
 
 @contextmanager
@@ -66,9 +77,10 @@ async def beat(
             due = now >= full_at
             await store.heartbeat(worker_id, full if due else Heartbeat(), TTL_S)
             if due:
-                full_at = now + RESYNC_S
+                _repace(await store.worker_count())
+                full_at = now + RESYNC_S * _pace[0]
             done["heartbeats"] += 1
-        await asyncio.sleep(HEARTBEAT_S)
+        await asyncio.sleep(HEARTBEAT_S * _pace[0])
 
 
 async def reconcile(
@@ -79,6 +91,7 @@ async def reconcile(
     reader = AssignmentReader(store, worker_id, RESYNC_S, HINTED_POLL_S)
     while time.monotonic() < stop_at:
         with failures(done):
+            reader.poll_s, reader.resync_s = HINTED_POLL_S * _pace[0], RESYNC_S * _pace[0]
             await reader.current(hinted=False)  # Agent.wanted()
             done["reconciles"] += 1
         await asyncio.sleep(RECONCILE_S)
@@ -91,7 +104,7 @@ async def report(out: Path, workers: int, done: Counter[str], stop_at: float) ->
         elapsed = time.monotonic() - start
         text = json.dumps({
             "elapsed_s": elapsed, "heartbeats": done["heartbeats"],
-            "heartbeats_due": workers * elapsed / HEARTBEAT_S,
+            "heartbeats_due": workers * elapsed / (HEARTBEAT_S * _pace[0]),
             "reconciles": done["reconciles"], "reconciles_due": workers * elapsed / RECONCILE_S,
             "errors": done["errors"], "last_error": _last_error[0] if _last_error else None,
         })

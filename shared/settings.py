@@ -62,6 +62,9 @@ class CommonSettings(BaseSettings):
     events_enabled: bool = True
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
+    # The pool's heartbeats per second at most (0: no cap): past HEARTBEAT_MAX_PER_S x
+    # HEARTBEAT_INTERVAL_S workers, each stretches its interval and TTL (shared/pace.py).
+    heartbeat_max_per_s: float = Field(default=1000.0, ge=0)
     # The safety net of the incremental control plane: the scheduler makes a full pass, and
     # a worker re-reads its assignments, at least this often even when nothing says they
     # changed (a lost hint, a missed log entry).

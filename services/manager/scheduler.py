@@ -31,6 +31,7 @@ from services.manager.residency import Decision, ScaleState, Usage, autoscale, d
 from services.manager.worker_gc import gc_workers
 from shared.events import Nudger
 from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
+from shared.pace import heartbeat_pace
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
 from shared.store.observed import RouteChanges
@@ -269,7 +270,7 @@ class Scheduler:
         # Right after Redis comes back, heartbeat keys may have expired while workers could
         # not reach it: wait one TTL for them to beat again before calling anyone dead.
         since_ok = time.monotonic() - self.state.store_ok_since
-        trust_liveness = since_ok >= self.settings.heartbeat_ttl_s
+        trust_liveness = since_ok >= self._paced(self.settings.heartbeat_ttl_s, len(workers))
         later, self._forget_later = self._forget_later, set()
         for w in workers:
             if not w.alive and (assigns[w.worker_id] or w.worker_id in later) and trust_liveness:
@@ -288,7 +289,8 @@ class Scheduler:
         for wid, alive in found.items():
             if alive != views[wid].alive:  # changed since the records were read: the next
                 self._live.soon(wid, time.monotonic())  # tick checks it again and flips it
-        self._sweep_at = time.monotonic() + self.settings.liveness_sweep_s
+        self._sweep_at = time.monotonic() + self._paced(self.settings.liveness_sweep_s,
+                                                        len(views))
         watch = await self._converge(models, views, assigns, ledgers)
         await self._save_scale(marks)
         self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
@@ -328,7 +330,7 @@ class Scheduler:
         views, revs, views_at, workers_changed = await self._views(
             world, probe, sweep, found, bool(mark.models), bool(dirty or self._reasons))
         if sweep:
-            self._sweep_at = now + self.settings.liveness_sweep_s
+            self._sweep_at = now + self._paced(self.settings.liveness_sweep_s, len(world.ids))
         versions = world.versions
         if probe.any_version != versions.get(ANY_WORKER, "0"):
             versions = await self.store.assign_versions()
@@ -338,7 +340,7 @@ class Scheduler:
             workers_changed = True
         since_ok = time.monotonic() - self.state.store_ok_since
         some_dead = workers_changed or world.alive < len(world.ids)
-        if some_dead and since_ok >= self.settings.heartbeat_ttl_s:
+        if some_dead and since_ok >= self._paced(self.settings.heartbeat_ttl_s, len(world.ids)):
             views = await self._confirm_dead(views, assigns)
             for w, view in views.items():
                 if not view.alive and assigns.get(w):
@@ -463,12 +465,20 @@ class Scheduler:
                 world.skipped.add(w)
         return out
 
+    def _paced(self, seconds: float, workers: int) -> float:
+        """A heartbeat period for a pool of ``workers``: workers stretch their interval and
+        TTL past a size (shared/pace.py); so do the wait for them after a Redis outage and
+        the sweep of every heartbeat key (its cost, like the beats', then stays flat)."""
+        s = self.settings
+        return seconds * heartbeat_pace(workers, s.heartbeat_interval_s, s.heartbeat_max_per_s)
+
     def _flipped(self, view: WorkerView, alive: bool) -> WorkerView:
         """A cached view whose heartbeat key appeared or went. A worker just found dead beat
         at least one TTL ago at the latest (its key expired within a tick): the grace period
         of its collection counts from then, not from a record read long before."""
-        seen = view.last_seen if alive else max(
-            view.last_seen, time.time() - self.settings.heartbeat_ttl_s)
+        ttl = self._paced(self.settings.heartbeat_ttl_s,
+                          len(self._world.ids) if self._world else 1)
+        seen = view.last_seen if alive else max(view.last_seen, time.time() - ttl)
         return view.model_copy(update={"alive": alive, "last_seen": seen})
 
     async def _collect(self, world: _World, views: dict[str, WorkerView]

@@ -21,12 +21,15 @@ from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
 from shared.models import GpuInfo, Heartbeat, WorkerRegistration, cap_gpus
+from shared.pace import heartbeat_pace
 from shared.settings import WorkerSettings
 from shared.store import Store
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+# A manager's pace is believed up to this (a beat every 100 x HEARTBEAT_INTERVAL_S at most).
+MAX_PACE = 100.0
 
 
 class Agent:
@@ -46,6 +49,11 @@ class Agent:
         # and everything every RESYNC_S (a record edited or lost meanwhile is repaired).
         self._sent: dict[str, Any] = {}
         self._full_due = 0.0
+        # Heartbeats paced to the pool's size (shared/pace.py): the factor for the next beat
+        # (learnt at full beats), and the one the last beat's TTL was written with, which the
+        # wait until the next beat follows (never longer than that TTL allows).
+        self._pace = 1.0
+        self._sent_pace = 1.0
         self.store = store
         self.settings = settings
         self.supervisor = supervisor
@@ -118,7 +126,8 @@ class Agent:
                 headers={"content-type": "application/json", **self._auth()},
             )
             r.raise_for_status()
-        elif not await self.store.register_worker(reg, self.settings.heartbeat_ttl_s):
+            self._sent_pace = _pace_of(r)
+        elif not await self.store.register_worker(reg, self._ttl_s()):
             raise RuntimeError(f"worker id {reg.worker_id} is held by a live worker at another "
                                "URL; retrying until its heartbeat lapses")
         logger.info("registered worker %s at %s (engines: %s; %s)", reg.worker_id, reg.url,
@@ -136,12 +145,36 @@ class Agent:
         else:
             self._sent.update(now)
             if full:
-                self._full_due = time.monotonic() + self.settings.resync_s
+                if not self.settings.manager_url:
+                    self._repace(await self.store.worker_count())
+                self._full_due = time.monotonic() + self.settings.resync_s * self._pace
         return known
+
+    def _ttl_s(self) -> float:
+        """The TTL of the beat about to be written (direct to Redis), paced."""
+        self._sent_pace = self._pace
+        return self.settings.heartbeat_ttl_s * self._pace
+
+    def _repace(self, workers: int) -> None:
+        s = self.settings
+        pace = heartbeat_pace(workers, s.heartbeat_interval_s, s.heartbeat_max_per_s)
+        if pace != self._pace:
+            logger.info("%d workers in the pool: heartbeats every %.1f s (TTL %.1f s)",
+                        workers, s.heartbeat_interval_s * pace, s.heartbeat_ttl_s * pace)
+        self._paced(pace)
+
+    def _paced(self, pace: float) -> None:
+        """The pace for what follows: the beats, and the safety nets that grow with the pool
+        as they do (the full beat and the full re-read every RESYNC_S, and with hints on the
+        unhinted version check)."""
+        self._pace = pace
+        self.assignments.resync_s = self.settings.resync_s * pace
+        if self.settings.events_enabled:
+            self.assignments.poll_s = HINTED_POLL_S * pace
 
     async def _send_beat(self, hb: Heartbeat) -> bool | None:
         if not self.settings.manager_url:
-            return await self.store.heartbeat(self.worker_id, hb, self.settings.heartbeat_ttl_s)
+            return await self.store.heartbeat(self.worker_id, hb, self._ttl_s())
         r = await self.client.post(
             f"{self.settings.manager_url.rstrip('/')}/workers/{self.worker_id}/heartbeat",
             # Fields left out, not null: a manager of an earlier version refuses a null load.
@@ -151,6 +184,9 @@ class Agent:
         if r.status_code == 404:
             return None
         r.raise_for_status()
+        # The manager paces the TTL it writes by its own count of the pool.
+        self._sent_pace = _pace_of(r)
+        self._paced(self._sent_pace)
         return not bool(r.json().get("revived"))
 
     async def heartbeat_once(self) -> None:
@@ -212,7 +248,8 @@ class Agent:
             except Exception as e:  # noqa: BLE001 - keep beating through Redis/manager outages
                 logger.warning("heartbeat failed: %s", e)
                 self._hinted = True
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            # The next beat within the TTL the last one wrote, whatever pace it was written at.
+            await asyncio.sleep(self.settings.heartbeat_interval_s * self._sent_pace)
 
     async def recover(self) -> bool:
         """Before any engine starts: learn the pool's id, end engines a dead predecessor of
@@ -289,3 +326,12 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval_s)
             self._wake.clear()
+
+
+def _pace_of(r: httpx.Response) -> float:
+    """The pace a manager wrote the TTL with (1 from a manager that does not pace)."""
+    try:
+        pace = float(r.json().get("pace", 1.0))
+    except (ValueError, TypeError, AttributeError):
+        return 1.0
+    return min(pace, MAX_PACE) if pace >= 1.0 else 1.0  # NaN: 1

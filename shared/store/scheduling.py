@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -9,7 +10,9 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.models import Assignment, Reservation
@@ -74,6 +77,29 @@ redis.call('HDEL', KEYS[4], ARGV[1])
 return redis.call('SREM', KEYS[3], ARGV[1])
 """
 _BUMP_LUA = BUMP_FN_LUA + "return bump(KEYS[1])"
+# A dead worker's routes, instance records and loads under many aliases at once, fenced by
+# the lease (KEYS[1]). Their keys go as one newline-joined argument, four per alias (as the
+# store's bulk reads pass theirs: one argument to pack, not thousands), so a single Redis
+# only. A key of the wrong type is skipped and named in the reply: it must not stop the
+# cleanup of the others.
+_FORGET_MANY_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('NOTLEADER') end
+local w, refused, keys = ARGV[2], {}, {}
+for key in string.gmatch(ARGV[3], "[^\\n]+") do keys[#keys + 1] = key end
+local function try(cmd, key, ...)
+  local r = redis.pcall(cmd, key, ...)
+  if type(r) == 'table' and r.err then refused[#refused + 1] = key end
+end
+for i = 1, #keys, 4 do
+  try('HDEL', keys[i], w)
+  try('DEL', keys[i + 1])
+  try('SREM', keys[i + 2], w)
+  try('HDEL', keys[i + 3], w)
+end
+return refused
+"""
+# Aliases per forget script: 2,000 commands, about a millisecond of Redis each.
+_FORGET_CHUNK = 500
 
 
 # The field of ``assign:versions`` bumped with every worker's: one read tells whether any
@@ -113,6 +139,10 @@ class Unassign:
 
 
 class SchedulingStore(StoreBase):
+    @functools.cached_property
+    def _forget_script(self) -> AsyncScript:
+        return self.r.register_script(_FORGET_MANY_LUA)
+
     async def acquire_lease(self, holder: str, ttl_s: float) -> int:
         """Take or renew the scheduler lease. Returns the epoch held, 0 if another holds it."""
         res = await self.r.eval(
@@ -310,22 +340,37 @@ class SchedulingStore(StoreBase):
             await self.r.publish(self.k.events, orjson.dumps(hint))
 
     async def forget_dead_worker(self, token: str, worker_id: str, aliases: Iterable[str]) -> None:
-        """Drop a dead worker's assignments, routes, instance records and reported loads in
-        one step (a load left behind stayed in ``load:{alias}`` until the alias was deleted)."""
+        """Drop a dead worker's routes, instance records and reported loads under ``aliases``
+        (a load left behind stayed in ``load:{alias}`` until the alias was deleted), then its
+        assignments. In steps that may each be repeated (:meth:`_forget_in_steps`).
+
+        A full pass forgets a dead worker under every alias. As one transaction of four
+        commands per alias that took ~0.4 s of the scheduler's time per dead worker at 5,000
+        aliases (redis-py packing and parsing 20,000 commands), during which no death or
+        registration was acted on; a script per ``_FORGET_CHUNK`` aliases takes ~50 ms."""
         names = list(aliases)
         if self.cluster:
             await self._forget_in_steps(token, worker_id, names)
             await self.publish("route", worker=worker_id)
             return
+        for start in range(0, len(names), _FORGET_CHUNK):
+            keys: list[str] = []
+            for alias in names[start:start + _FORGET_CHUNK]:
+                keys += (self.k.routes(alias), self.k.instance(alias, worker_id),
+                         self.k.instances(alias), self.k.load(alias))
+            try:
+                refused = await self._forget_script(keys=[self.k.lease],
+                                                    args=[token, worker_id, "\n".join(keys)])
+            except ResponseError as e:
+                if "NOTLEADER" in str(e):
+                    raise NotLeader(token) from e
+                raise
+            for key in refused:
+                self._skip(BadRecord(key, "not of its type: left as it is"))
 
         def build(p: Pipeline) -> None:
             p.delete(self.k.assign(worker_id))
             self._touched(p, worker_id)
-            for alias in names:
-                p.hdel(self.k.routes(alias), worker_id)
-                p.delete(self.k.instance(alias, worker_id))
-                p.srem(self.k.instances(alias), worker_id)
-                p.hdel(self.k.load(alias), worker_id)
             self._bump(p, self.k.routes_version)  # unlogged: routers reload every alias
 
         await self._fenced(token, build)

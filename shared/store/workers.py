@@ -130,9 +130,11 @@ class WorkersStore(StoreBase):
         expired, so the manager may have re-placed this worker's models. True: all well.
 
         A beat that reports nothing new (every field of ``hb`` None: the worker sends only
-        what changed, and everything every ``RESYNC_S``) is one ``SET`` of the alive
+        what changed, and everything every ``RESYNC_S``) is one ``SET ... XX`` of the alive
         key: at thousands of workers the beats are most of Redis's steady load, and the
-        transaction that also rewrote the record cost it ~4x as much. A beat that reports
+        transaction that also rewrote the record cost it ~4x as much (``XX``, which writes
+        only a key that is there, costs Redis half what ``GET`` did: no old value to copy
+        into the reply; a lapsed key takes the slower path below). A beat that reports
         something writes the record, lists the worker and bumps its ``worker:revs`` entry
         (the scheduler reads again only the records whose entry moved)."""
         now = repr(time.time())
@@ -140,22 +142,30 @@ class WorkersStore(StoreBase):
         fields = _beat_fields(hb)
         lapsed = False
         if not fields:
-            if await self.r.set(alive, now, px=int(ttl_s * 1000), get=True) is not None:
+            if await self.r.set(alive, now, px=int(ttl_s * 1000), xx=True):
                 return True  # the key was there, so is the record (removed only without it)
             lapsed = True
-        if not await self.r.exists(record):
-            if lapsed:
-                await self.r.delete(alive)  # no heartbeat for a worker with no record
-            return None
         fields["last_seen"] = now
-        async with self._txn(record) as pipe:
-            pipe.set(alive, now, px=int(ttl_s * 1000), get=True)
-            pipe.hset(record, mapping=cast(Mapping[Any, Any], fields))
-            if not self.cluster:
-                pipe.sadd(self.k.workers, worker_id)
-            previous = (await pipe.execute())[0]
-        await self._listed(worker_id)
-        return previous is not None and not lapsed
+        for _ in range(5):  # the record changed between the check and the write: again
+            async with self._txn(record) as pipe:
+                try:
+                    # Under WATCH: a collector deleting the record between the check and
+                    # the write fails the write, instead of leaving a partial record (the
+                    # fields of a beat, no URL) that no registration would ever repair.
+                    await pipe.watch(record)
+                    if not await pipe.exists(record):
+                        return None
+                    pipe.multi()
+                    pipe.set(alive, now, px=int(ttl_s * 1000), get=True)
+                    pipe.hset(record, mapping=cast(Mapping[Any, Any], fields))
+                    if not self.cluster:
+                        pipe.sadd(self.k.workers, worker_id)
+                    previous = (await pipe.execute())[0]
+                except WatchError:
+                    continue
+            await self._listed(worker_id)
+            return previous is not None and not lapsed
+        return None  # written over five times in a row: registered again, to be safe
 
     async def _listed(self, worker_id: str) -> None:
         """After a write to a worker's record: the index (on a cluster it is in the
@@ -168,6 +178,11 @@ class WorkersStore(StoreBase):
             pipe.hincrby(self.k.worker_revs, worker_id, 1)
             replies = await pipe.execute(raise_on_error=False)
         self._checked(self.k.worker_revs, replies[1], 0)
+
+    async def worker_count(self) -> int:
+        """How many workers the pool lists (alive or not yet collected): what a worker
+        paces its heartbeats by (shared/pace.py)."""
+        return int(await self.r.scard(self.k.workers))
 
     async def pool_id(self, candidate: str) -> str:
         """The pool's id: ``candidate`` when none exists yet (SET NX), else the existing one.

@@ -1,13 +1,22 @@
 """A real worker's heartbeats: while nothing it reports changes, a beat refreshes its alive
 key alone (the record and its worker:revs count stay); a change (an engine started: its
-load) is written at the next beat and moves the count."""
+load) is written at the next beat and moves the count. A lapsed beat racing the collector
+leaves no partial record."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
 import redis
+import redis.asyncio as aioredis
 
 from shared.keys import Keys
-from tests.support import Cluster, register, running_on, wait_until
+from shared.models import Heartbeat, WorkerRegistration
+from shared.store import Store, connect
+from tests.support import Cluster, RedisServer, register, running_on, wait_until
 
 
 def test_an_idle_worker_beats_without_rewriting_its_record(cluster: Cluster) -> None:
@@ -45,3 +54,39 @@ def test_an_idle_worker_beats_without_rewriting_its_record(cluster: Cluster) -> 
         assert r.hget(k.worker("w1"), "load") == '{"instances": 1.0}'
     finally:
         r.close()
+
+
+def test_a_record_collected_during_a_lapsed_beat_is_not_half_rewritten(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A beat whose alive key had lapsed checks the record, then writes it. A collector that
+    deletes the record in between (its alive key is absent, so it may) must not leave the
+    beat's fields alone in a new record, with no URL, that no registration repairs: the beat
+    answers None (register again) and writes nothing."""
+
+    async def run() -> None:
+        k = Keys(f"hb-{uuid.uuid4().hex[:8]}")
+        store = Store(connect(redis_server.url), k)
+        other = aioredis.Redis.from_url(redis_server.url)
+        exists = aioredis.Redis.exists
+        collected: list[int] = []
+
+        async def exists_then_collect(self: Any, *names: Any) -> Any:
+            found = await exists(self, *names)
+            if not collected:  # the collector runs once, right after the check
+                collected.append(await other.delete(k.worker("w1")))
+            return found
+
+        try:
+            await store.register_worker(WorkerRegistration(
+                worker_id="w1", url="http://w1:7000", engines=["sim"], gpu_message="x",
+                version="t"), 30)
+            await store.r.delete(k.worker_alive("w1"))  # the heartbeat lapsed
+            monkeypatch.setattr(aioredis.Redis, "exists", exists_then_collect)
+            assert await store.heartbeat("w1", Heartbeat(load={"instances": 1.0}), 30) is None
+            assert collected == [1]
+            assert await store.r.exists(k.worker("w1"), k.worker_alive("w1")) == 0
+        finally:
+            await other.aclose()
+            await store.close()
+
+    asyncio.run(run())
