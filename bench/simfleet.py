@@ -116,7 +116,7 @@ class Fleet:
 
     def _beat(self, w: str, now_wall: bytes, full: bool) -> list[Command]:
         k = self.k
-        ttl = str(int(TTL_S * 1000)).encode()
+        ttl = str(int(TTL_S * self.pace * 1000)).encode()
         alive = k.worker_alive(w).encode()
         if not full:
             return [(b"SET", alive, now_wall, b"PX", ttl, b"XX")]

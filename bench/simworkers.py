@@ -75,7 +75,7 @@ async def beat(
         with failures(done):
             now = time.monotonic()
             due = now >= full_at
-            await store.heartbeat(worker_id, full if due else Heartbeat(), TTL_S)
+            await store.heartbeat(worker_id, full if due else Heartbeat(), TTL_S * _pace[0])
             if due:
                 _repace(await store.worker_count())
                 full_at = now + RESYNC_S * _pace[0]

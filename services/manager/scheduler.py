@@ -178,6 +178,8 @@ class Scheduler:
         # Dead workers forgotten by a tick for their assigned aliases only: the next full
         # pass drops their routes and records of every other alias too.
         self._forget_later: set[str] = set()
+        # The highest pace of late and when it was last the pace (see _paced).
+        self._pace_high = (1.0, 0.0)
         # When each heartbeat key is checked next, and when every key is checked at once.
         self._live = LivenessSchedule(settings.heartbeat_ttl_s)
         self._sweep_at = 0.0
@@ -276,7 +278,8 @@ class Scheduler:
             if not w.alive and (assigns[w.worker_id] or w.worker_id in later) and trust_liveness:
                 await self._forget(w, list(models))
                 assigns[w.worker_id] = {}
-        workers = await gc_workers(self.store, self.token, workers, self.settings, trust_liveness)
+        workers = await gc_workers(self.store, self.token, workers, self.settings,
+                                   trust_liveness, self._paced(1.0, len(workers)))
         for w in workers:
             for alias in list(assigns[w.worker_id]):
                 # A model whose record does not parse is left as it is (reported), not
@@ -467,10 +470,22 @@ class Scheduler:
 
     def _paced(self, seconds: float, workers: int) -> float:
         """A heartbeat period for a pool of ``workers``: workers stretch their interval and
-        TTL past a size (shared/pace.py); so do the wait for them after a Redis outage and
-        the sweep of every heartbeat key (its cost, like the beats', then stays flat)."""
+        TTL past a size (shared/pace.py); so do the wait for them after a Redis outage, the
+        collection grace and the sweep of every heartbeat key (its cost, like the beats',
+        then stays flat).
+
+        Workers learn a new pace at their full beats, up to ``RESYNC_S x`` their pace
+        later: after the pool shrinks, some still beat at the higher pace for that long, so
+        the highest pace of that window is used (a wait too long delays a verdict; one too
+        short would call a slow-beating worker dead)."""
         s = self.settings
-        return seconds * heartbeat_pace(workers, s.heartbeat_interval_s, s.heartbeat_max_per_s)
+        pace = heartbeat_pace(workers, s.heartbeat_interval_s, s.heartbeat_max_per_s)
+        high, seen = self._pace_high
+        now = time.monotonic()
+        if pace >= high or now - seen > (s.resync_s + s.heartbeat_ttl_s) * high:
+            self._pace_high = (pace, now)
+            high = pace
+        return seconds * high
 
     def _flipped(self, view: WorkerView, alive: bool) -> WorkerView:
         """A cached view whose heartbeat key appeared or went. A worker just found dead beat
@@ -485,7 +500,8 @@ class Scheduler:
                        ) -> dict[str, WorkerView]:
         """Dead workers past WORKER_GC_GRACE_S collected between full passes too."""
         dead = [v for v in views.values() if not v.alive]
-        kept = await gc_workers(self.store, self.token, dead, self.settings, True)
+        kept = await gc_workers(self.store, self.token, dead, self.settings, True,
+                                self._paced(1.0, len(views)))
         if len(kept) == len(dead):
             return views
         gone = {v.worker_id for v in dead} - {v.worker_id for v in kept}

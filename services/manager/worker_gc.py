@@ -27,7 +27,7 @@ def expired(workers: Sequence[WorkerView], silent_s: float, now: float) -> list[
 
 async def gc_workers(
     store: Store, token: str, workers: list[WorkerView], settings: ManagerSettings,
-    trust_liveness: bool,
+    trust_liveness: bool, pace: float = 1.0,
 ) -> list[WorkerView]:
     """Delete the records of workers dead past the grace period; the workers still listed.
     Not while liveness cannot be trusted (right after a Redis outage every heartbeat key may
@@ -36,8 +36,9 @@ async def gc_workers(
     if not trust_liveness:
         return workers
     gone = set()
-    # Dead since its heartbeat key lapsed, one TTL after the last heartbeat.
-    since_last_seen = settings.worker_gc_grace_s + settings.heartbeat_ttl_s
+    # Dead since its heartbeat key lapsed, one TTL (paced: shared/pace.py) after the last
+    # heartbeat.
+    since_last_seen = settings.worker_gc_grace_s + settings.heartbeat_ttl_s * pace
     for wid in expired(workers, since_last_seen, time.time()):
         if await store.remove_dead_worker(token, wid):
             logger.info("deleted the records of worker %s: no heartbeat for over %.0f s", wid,

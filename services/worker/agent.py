@@ -21,15 +21,13 @@ from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
 from shared.models import GpuInfo, Heartbeat, WorkerRegistration, cap_gpus
-from shared.pace import heartbeat_pace
+from shared.pace import MAX_PACE, BeatPace, heartbeat_pace
 from shared.settings import WorkerSettings
 from shared.store import Store
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-# A manager's pace is believed up to this (a beat every 100 x HEARTBEAT_INTERVAL_S at most).
-MAX_PACE = 100.0
 
 
 class Agent:
@@ -49,11 +47,8 @@ class Agent:
         # and everything every RESYNC_S (a record edited or lost meanwhile is repaired).
         self._sent: dict[str, Any] = {}
         self._full_due = 0.0
-        # Heartbeats paced to the pool's size (shared/pace.py): the factor for the next beat
-        # (learnt at full beats), and the one the last beat's TTL was written with, which the
-        # wait until the next beat follows (never longer than that TTL allows).
-        self._pace = 1.0
-        self._sent_pace = 1.0
+        # Heartbeats paced to the pool's size (shared/pace.py), learnt at full beats.
+        self.pace = BeatPace()
         self.store = store
         self.settings = settings
         self.supervisor = supervisor
@@ -126,10 +121,13 @@ class Agent:
                 headers={"content-type": "application/json", **self._auth()},
             )
             r.raise_for_status()
-            self._sent_pace = _pace_of(r)
+            self._paced(_pace_of(r))
+            self.pace.landed()
         elif not await self.store.register_worker(reg, self._ttl_s()):
             raise RuntimeError(f"worker id {reg.worker_id} is held by a live worker at another "
                                "URL; retrying until its heartbeat lapses")
+        else:
+            self.pace.landed()
         logger.info("registered worker %s at %s (engines: %s; %s)", reg.worker_id, reg.url,
                     ", ".join(reg.engines), reg.gpu_message or f"{len(reg.gpus)} GPU(s)")
 
@@ -146,19 +144,26 @@ class Agent:
             self._sent.update(now)
             if full:
                 if not self.settings.manager_url:
-                    self._repace(await self.store.worker_count())
-                self._full_due = time.monotonic() + self.settings.resync_s * self._pace
+                    await self._count_pool()
+                self._full_due = time.monotonic() + self.settings.resync_s * self.pace.pace
         return known
+
+    async def _count_pool(self) -> None:
+        try:
+            workers = await self.store.worker_count()
+        except Exception as e:  # noqa: BLE001 - the beat landed: its outcome must count
+            logger.warning("counting the pool's workers failed (%s); pace kept", e)
+            return
+        self._repace(workers)
 
     def _ttl_s(self) -> float:
         """The TTL of the beat about to be written (direct to Redis), paced."""
-        self._sent_pace = self._pace
-        return self.settings.heartbeat_ttl_s * self._pace
+        return self.settings.heartbeat_ttl_s * self.pace.pace
 
     def _repace(self, workers: int) -> None:
         s = self.settings
         pace = heartbeat_pace(workers, s.heartbeat_interval_s, s.heartbeat_max_per_s)
-        if pace != self._pace:
+        if pace != self.pace.pace:
             logger.info("%d workers in the pool: heartbeats every %.1f s (TTL %.1f s)",
                         workers, s.heartbeat_interval_s * pace, s.heartbeat_ttl_s * pace)
         self._paced(pace)
@@ -167,14 +172,17 @@ class Agent:
         """The pace for what follows: the beats, and the safety nets that grow with the pool
         as they do (the full beat and the full re-read every RESYNC_S, and with hints on the
         unhinted version check)."""
-        self._pace = pace
+        self.pace.pace = pace
         self.assignments.resync_s = self.settings.resync_s * pace
         if self.settings.events_enabled:
             self.assignments.poll_s = HINTED_POLL_S * pace
 
     async def _send_beat(self, hb: Heartbeat) -> bool | None:
         if not self.settings.manager_url:
-            return await self.store.heartbeat(self.worker_id, hb, self._ttl_s())
+            known = await self.store.heartbeat(self.worker_id, hb, self._ttl_s())
+            if known is not None:
+                self.pace.landed()
+            return known
         r = await self.client.post(
             f"{self.settings.manager_url.rstrip('/')}/workers/{self.worker_id}/heartbeat",
             # Fields left out, not null: a manager of an earlier version refuses a null load.
@@ -185,8 +193,8 @@ class Agent:
             return None
         r.raise_for_status()
         # The manager paces the TTL it writes by its own count of the pool.
-        self._sent_pace = _pace_of(r)
-        self._paced(self._sent_pace)
+        self._paced(_pace_of(r))
+        self.pace.landed()
         return not bool(r.json().get("revived"))
 
     async def heartbeat_once(self) -> None:
@@ -241,6 +249,7 @@ class Agent:
 
     async def _beat_forever(self) -> None:
         while True:
+            failed = False
             try:
                 await self.heartbeat_once()
             except asyncio.CancelledError:
@@ -248,8 +257,9 @@ class Agent:
             except Exception as e:  # noqa: BLE001 - keep beating through Redis/manager outages
                 logger.warning("heartbeat failed: %s", e)
                 self._hinted = True
+                failed = True
             # The next beat within the TTL the last one wrote, whatever pace it was written at.
-            await asyncio.sleep(self.settings.heartbeat_interval_s * self._sent_pace)
+            await asyncio.sleep(self.pace.wait_s(self.settings.heartbeat_interval_s, failed))
 
     async def recover(self) -> bool:
         """Before any engine starts: learn the pool's id, end engines a dead predecessor of
@@ -332,6 +342,6 @@ def _pace_of(r: httpx.Response) -> float:
     """The pace a manager wrote the TTL with (1 from a manager that does not pace)."""
     try:
         pace = float(r.json().get("pace", 1.0))
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, OverflowError):
         return 1.0
     return min(pace, MAX_PACE) if pace >= 1.0 else 1.0  # NaN: 1

@@ -367,11 +367,13 @@ class SchedulingStore(StoreBase):
                 raise
             for key in refused:
                 self._skip(BadRecord(key, "not of its type: left as it is"))
+        # Unlogged: routers reload every alias. Bumped as soon as routes went, before the
+        # fenced step (which a lost lease may refuse), as on a cluster.
+        await self.r.eval(_BUMP_LUA, 1, self.k.routes_version)
 
         def build(p: Pipeline) -> None:
             p.delete(self.k.assign(worker_id))
             self._touched(p, worker_id)
-            self._bump(p, self.k.routes_version)  # unlogged: routers reload every alias
 
         await self._fenced(token, build)
         await self.publish("route", worker=worker_id)
