@@ -276,7 +276,9 @@ class Scheduler:
         later, self._forget_later = self._forget_later, set()
         for w in workers:
             if not w.alive and (assigns[w.worker_id] or w.worker_id in later) and trust_liveness:
-                await self._forget(w, list(models))
+                # A worker a tick already forgot (its assigned aliases) is not announced dead
+                # again: only what it left under the other aliases goes now.
+                await self._forget(w, list(models), again=not assigns[w.worker_id])
                 assigns[w.worker_id] = {}
         workers = await gc_workers(self.store, self.token, workers, self.settings,
                                    trust_liveness, self._paced(1.0, len(workers)))
@@ -632,8 +634,12 @@ class Scheduler:
         if epoch != self.state.epoch:
             raise NotLeader(self.token)
 
-    async def _forget(self, w: WorkerView, aliases: list[str]) -> None:
-        logger.warning("worker %s is dead (heartbeat expired); re-placing its models", w.worker_id)
+    async def _forget(self, w: WorkerView, aliases: list[str], again: bool = False) -> None:
+        if again:
+            logger.info("dropping what dead worker %s left under every alias", w.worker_id)
+        else:
+            logger.warning("worker %s is dead (heartbeat expired); re-placing its models",
+                           w.worker_id)
         self._unlogged += 1  # counted before the write: one that fails ends the tick anyway
         await self.store.forget_dead_worker(self.token, w.worker_id, aliases)
 
