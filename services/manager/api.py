@@ -43,6 +43,8 @@ def build_routes(
             "status": "ok",
             "manager_id": settings.manager_id,
             "leader": scheduler.state.leader,
+            # What the scheduler's waits are paced by (1: heartbeats as configured).
+            "heartbeat_pace": scheduler.heartbeat_pace,
             "epoch": scheduler.state.epoch,
             "passes": scheduler.state.passes,
             "insecure": insecure,

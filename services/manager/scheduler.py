@@ -470,6 +470,11 @@ class Scheduler:
                 world.skipped.add(w)
         return out
 
+    @property
+    def heartbeat_pace(self) -> float:
+        """The pace the scheduler's last waits used (shared/pace.py), for /health."""
+        return self._pace_high[0]
+
     def _paced(self, seconds: float, workers: int) -> float:
         """A heartbeat period for a pool of ``workers``: workers stretch their interval and
         TTL past a size (shared/pace.py); so do the wait for them after a Redis outage, the

@@ -51,6 +51,8 @@ def test_a_worker_paces_its_beats_to_the_pool_and_stays_alive(cluster: Cluster,
         workers = {w["worker_id"]: w for w in status(router)["workers"]}
         assert workers["w1"]["alive"] is True
         assert running_on(router, "m") == ["w1"]
+        # The manager's own waits are paced alike, and /health says by how much.
+        assert abs(httpx.get(f"{mgr.url}/health").json()["heartbeat_pace"] - 1 / 0.3) < 0.01
         if via == "manager":
             hb = httpx.post(f"{mgr.url}/workers/w1/heartbeat", json={},
                             headers={"authorization": "Bearer inside"})
