@@ -34,11 +34,10 @@ from urllib.parse import urlparse
 
 import hiredis
 
-from bench.simworkers import HEARTBEAT_S, RESYNC_S, TTL_S, cli, worker_id
+from bench.simworkers import DEFAULTS, HEARTBEAT_S, RESYNC_S, TTL_S, cli, worker_id
 from services.worker.assignments import HINTED_POLL_S
 from shared.keys import Keys
-from shared.pace import heartbeat_pace
-from shared.settings import WorkerSettings
+from shared.pace import pool_pace
 
 TICK_S = 0.1
 Command = tuple[bytes, ...]
@@ -109,10 +108,8 @@ class Fleet:
         self.fields = (b"load", load, b"gpus", b"[]", b"gpu_message", b"no GPU (simulated)")
         # As a real worker: unpaced until a full beat tells it the pool's size.
         self.pace = 1.0
-        defaults = WorkerSettings.model_fields
-        self._interval = float(defaults["heartbeat_interval_s"].default)
-        self._max_per_s = float(defaults["heartbeat_max_per_s"].default
-                                if max_per_s is None else max_per_s)
+        self.settings = DEFAULTS if max_per_s is None else DEFAULTS.model_copy(
+            update={"heartbeat_max_per_s": max_per_s})
 
     def _beat(self, w: str, now_wall: bytes, full: bool) -> list[Command]:
         k = self.k
@@ -151,8 +148,7 @@ class Fleet:
         replies = await conn.run(cmds)
         if counted >= 0:  # the pool's size, hence the pace
             size = replies[counted]
-            self.pace = heartbeat_pace(int(size) if isinstance(size, int) else 0,
-                                       self._interval, self._max_per_s)
+            self.pace = pool_pace(int(size) if isinstance(size, int) else 0, self.settings)
         self.done["heartbeats"] += len(beating)
         stamps = replies[sent:]
         stale = []

@@ -32,7 +32,7 @@ import uvloop
 from services.worker.assignments import HINTED_POLL_S, AssignmentReader
 from shared.keys import Keys
 from shared.models import Heartbeat
-from shared.pace import heartbeat_pace
+from shared.pace import pool_pace
 from shared.settings import WorkerSettings
 from shared.store import Store
 
@@ -43,14 +43,14 @@ TTL_S = 30.0
 
 
 _last_error: list[str] = []
+# A real worker's heartbeat settings, as it runs by default (no environment read).
+DEFAULTS = WorkerSettings.model_construct()
 # The pool's pace, as the last full beat of any simulated worker read it (all read one count).
 _pace = [1.0]
 
 
 def _repace(workers: int) -> None:
-    defaults = WorkerSettings.model_fields
-    _pace[0] = heartbeat_pace(workers, float(defaults["heartbeat_interval_s"].default),
-                              float(defaults["heartbeat_max_per_s"].default))
+    _pace[0] = pool_pace(workers, DEFAULTS)
 
 
 @contextmanager

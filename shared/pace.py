@@ -16,6 +16,11 @@ worker learns that the pool shrank only at its next full beat.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.settings import CommonSettings
+
 # A pace is believed up to this (a beat every 100 x HEARTBEAT_INTERVAL_S at most), from a
 # manager's reply or from the pool's own count.
 MAX_PACE = 100.0
@@ -28,6 +33,11 @@ def heartbeat_pace(workers: int, interval_s: float, max_per_s: float) -> float:
     if max_per_s <= 0 or workers <= 0:
         return 1.0
     return min(MAX_PACE, max(1.0, workers / (max_per_s * interval_s)))
+
+
+def pool_pace(workers: int, settings: CommonSettings) -> float:
+    """:func:`heartbeat_pace` with a service's own heartbeat settings."""
+    return heartbeat_pace(workers, settings.heartbeat_interval_s, settings.heartbeat_max_per_s)
 
 
 class BeatPace:

@@ -11,7 +11,7 @@ from services.manager.scheduler import Scheduler
 from shared.errors import Conflict, NotFound, clip
 from shared.http import bearer_guard, json_response, parse_body
 from shared.models import Heartbeat, WorkerRegistration, is_valid_name
-from shared.pace import heartbeat_pace
+from shared.pace import pool_pace
 from shared.settings import ManagerSettings
 from shared.store import Store
 
@@ -34,8 +34,7 @@ def build_routes(
     async def pace() -> float:
         if time.monotonic() - counted[1] >= COUNT_TTL_S:
             counted[:] = [await store.worker_count(), time.monotonic()]
-        return heartbeat_pace(int(counted[0]), settings.heartbeat_interval_s,
-                              settings.heartbeat_max_per_s)
+        return pool_pace(int(counted[0]), settings)
 
     @api.get("/health")
     async def health() -> Response:

@@ -31,7 +31,7 @@ from services.manager.residency import Decision, ScaleState, Usage, autoscale, d
 from services.manager.worker_gc import gc_workers
 from shared.events import Nudger
 from shared.models import MANUAL_REFUSED, Assignment, Reservation, WorkerView
-from shared.pace import heartbeat_pace
+from shared.pace import pool_pace
 from shared.settings import ManagerSettings
 from shared.store import Intents, NotLeader, ScaleMark, Store, StoredModel
 from shared.store.observed import RouteChanges
@@ -178,7 +178,7 @@ class Scheduler:
         # Dead workers forgotten by a tick for their assigned aliases only: the next full
         # pass drops their routes and records of every other alias too.
         self._forget_later: set[str] = set()
-        # The highest pace of late and when it was last the pace (see _paced).
+        # The highest pace of late and when it was last the pace (see _pace).
         self._pace_high = (1.0, 0.0)
         # When each heartbeat key is checked next, and when every key is checked at once.
         self._live = LivenessSchedule(settings.heartbeat_ttl_s)
@@ -272,7 +272,8 @@ class Scheduler:
         # Right after Redis comes back, heartbeat keys may have expired while workers could
         # not reach it: wait one TTL for them to beat again before calling anyone dead.
         since_ok = time.monotonic() - self.state.store_ok_since
-        trust_liveness = since_ok >= self._paced(self.settings.heartbeat_ttl_s, len(workers))
+        pace = self._pace(len(workers))
+        trust_liveness = since_ok >= self.settings.heartbeat_ttl_s * pace
         later, self._forget_later = self._forget_later, set()
         for w in workers:
             if not w.alive and (assigns[w.worker_id] or w.worker_id in later) and trust_liveness:
@@ -281,7 +282,7 @@ class Scheduler:
                 await self._forget(w, list(models), again=not assigns[w.worker_id])
                 assigns[w.worker_id] = {}
         workers = await gc_workers(self.store, self.token, workers, self.settings,
-                                   trust_liveness, self._paced(1.0, len(workers)))
+                                   trust_liveness, pace)
         for w in workers:
             for alias in list(assigns[w.worker_id]):
                 # A model whose record does not parse is left as it is (reported), not
@@ -294,8 +295,7 @@ class Scheduler:
         for wid, alive in found.items():
             if alive != views[wid].alive:  # changed since the records were read: the next
                 self._live.soon(wid, time.monotonic())  # tick checks it again and flips it
-        self._sweep_at = time.monotonic() + self._paced(self.settings.liveness_sweep_s,
-                                                        len(views))
+        self._sweep_at = time.monotonic() + self.settings.liveness_sweep_s * pace
         watch = await self._converge(models, views, assigns, ledgers)
         await self._save_scale(marks)
         self._world = _World(views=views, assigns=assigns, ledgers=ledgers,
@@ -315,6 +315,7 @@ class Scheduler:
         unlogged, self._unlogged = self._unlogged, 0
         intents = await self.store.intent_changes(world.intents.last_id, LOG_LIMIT)
         now = time.monotonic()
+        pace = self._pace(len(world.ids))
         sweep = now >= self._sweep_at
         probe = await self.store.scheduler_probe(world.ids if sweep else [])
         (m0, r0), (m1, r1) = world.mark.versions, mark.versions
@@ -335,7 +336,7 @@ class Scheduler:
         views, revs, views_at, workers_changed = await self._views(
             world, probe, sweep, found, bool(mark.models), bool(dirty or self._reasons))
         if sweep:
-            self._sweep_at = now + self._paced(self.settings.liveness_sweep_s, len(world.ids))
+            self._sweep_at = now + self.settings.liveness_sweep_s * pace
         versions = world.versions
         if probe.any_version != versions.get(ANY_WORKER, "0"):
             versions = await self.store.assign_versions()
@@ -345,7 +346,7 @@ class Scheduler:
             workers_changed = True
         since_ok = time.monotonic() - self.state.store_ok_since
         some_dead = workers_changed or world.alive < len(world.ids)
-        if some_dead and since_ok >= self._paced(self.settings.heartbeat_ttl_s, len(world.ids)):
+        if some_dead and since_ok >= self.settings.heartbeat_ttl_s * pace:
             views = await self._confirm_dead(views, assigns)
             for w, view in views.items():
                 if not view.alive and assigns.get(w):
@@ -472,34 +473,34 @@ class Scheduler:
 
     @property
     def heartbeat_pace(self) -> float:
-        """The pace the scheduler's last waits used (shared/pace.py), for /health."""
+        """The pace of the last pass or tick (shared/pace.py): what the scheduler's waits
+        are stretched by; also in /health."""
         return self._pace_high[0]
 
-    def _paced(self, seconds: float, workers: int) -> float:
-        """A heartbeat period for a pool of ``workers``: workers stretch their interval and
-        TTL past a size (shared/pace.py); so do the wait for them after a Redis outage, the
-        collection grace and the sweep of every heartbeat key (its cost, like the beats',
-        then stays flat).
+    def _pace(self, workers: int) -> float:
+        """The pace for a pool of ``workers``, once per pass or tick: workers stretch their
+        interval and TTL past a size (shared/pace.py); so do the wait for them after a Redis
+        outage, the collection grace and the sweep of every heartbeat key (its cost, like
+        the beats', then stays flat).
 
         Workers learn a new pace at their full beats, up to ``RESYNC_S x`` their pace
         later: after the pool shrinks, some still beat at the higher pace for that long, so
         the highest pace of that window is used (a wait too long delays a verdict; one too
         short would call a slow-beating worker dead)."""
         s = self.settings
-        pace = heartbeat_pace(workers, s.heartbeat_interval_s, s.heartbeat_max_per_s)
+        pace = pool_pace(workers, s)
         high, seen = self._pace_high
         now = time.monotonic()
         if pace >= high or now - seen > (s.resync_s + s.heartbeat_ttl_s) * high:
             self._pace_high = (pace, now)
             high = pace
-        return seconds * high
+        return high
 
     def _flipped(self, view: WorkerView, alive: bool) -> WorkerView:
         """A cached view whose heartbeat key appeared or went. A worker just found dead beat
         at least one TTL ago at the latest (its key expired within a tick): the grace period
         of its collection counts from then, not from a record read long before."""
-        ttl = self._paced(self.settings.heartbeat_ttl_s,
-                          len(self._world.ids) if self._world else 1)
+        ttl = self.settings.heartbeat_ttl_s * self.heartbeat_pace
         seen = view.last_seen if alive else max(view.last_seen, time.time() - ttl)
         return view.model_copy(update={"alive": alive, "last_seen": seen})
 
@@ -508,7 +509,7 @@ class Scheduler:
         """Dead workers past WORKER_GC_GRACE_S collected between full passes too."""
         dead = [v for v in views.values() if not v.alive]
         kept = await gc_workers(self.store, self.token, dead, self.settings, True,
-                                self._paced(1.0, len(views)))
+                                self.heartbeat_pace)
         if len(kept) == len(dead):
             return views
         gone = {v.worker_id for v in dead} - {v.worker_id for v in kept}

@@ -21,7 +21,7 @@ from services.worker.supervisor import Supervisor, Wanted
 from shared.events import Nudger
 from shared.http import auth_headers
 from shared.models import GpuInfo, Heartbeat, WorkerRegistration, cap_gpus
-from shared.pace import MAX_PACE, BeatPace, heartbeat_pace
+from shared.pace import MAX_PACE, BeatPace, pool_pace
 from shared.settings import WorkerSettings
 from shared.store import Store
 
@@ -162,7 +162,7 @@ class Agent:
 
     def _repace(self, workers: int) -> None:
         s = self.settings
-        pace = heartbeat_pace(workers, s.heartbeat_interval_s, s.heartbeat_max_per_s)
+        pace = pool_pace(workers, s)
         if pace != self.pace.pace:
             logger.info("%d workers in the pool: heartbeats every %.1f s (TTL %.1f s)",
                         workers, s.heartbeat_interval_s * pace, s.heartbeat_ttl_s * pace)

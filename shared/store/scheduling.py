@@ -342,20 +342,35 @@ class SchedulingStore(StoreBase):
     async def forget_dead_worker(self, token: str, worker_id: str, aliases: Iterable[str]) -> None:
         """Drop a dead worker's routes, instance records and reported loads under ``aliases``
         (a load left behind stayed in ``load:{alias}`` until the alias was deleted), then its
-        assignments. In steps that may each be repeated (:meth:`_forget_in_steps`).
-
-        A full pass forgets a dead worker under every alias. As one transaction of four
-        commands per alias that took ~0.4 s of the scheduler's time per dead worker at 5,000
-        aliases (redis-py packing and parsing 20,000 commands), during which no death or
-        registration was acted on; a script per ``_FORGET_CHUNK`` aliases takes ~50 ms."""
+        assignments, in steps that may each be repeated: the routes and records, the
+        unlogged bump, then last the fenced delete of its assignments. The scheduler forgets
+        a dead worker while it still has assignments, so a step that fails is redone whole
+        by the next pass."""
         names = list(aliases)
         if self.cluster:
-            await self._forget_in_steps(token, worker_id, names)
-            await self.publish("route", worker=worker_id)
-            return
-        for start in range(0, len(names), _FORGET_CHUNK):
+            await self._forget_per_alias(token, worker_id, names)
+        else:
+            await self._forget_in_chunks(token, worker_id, names)
+        # Unlogged: routers reload every alias. Bumped as soon as routes went, before the
+        # fenced step (which a lost lease may refuse).
+        await self.r.eval(_BUMP_LUA, 1, self.k.routes_version)
+
+        def build(p: Pipeline) -> None:
+            p.delete(self.k.assign(worker_id))
+            self._touched(p, worker_id)
+
+        await self._fenced(token, build)
+        await self.publish("route", worker=worker_id)
+
+    async def _forget_in_chunks(self, token: str, worker_id: str, aliases: list[str]) -> None:
+        """The routes and records on a single Redis: a script per ``_FORGET_CHUNK`` aliases,
+        fenced by the lease. A full pass forgets a dead worker under every alias; as one
+        transaction of four commands per alias that took ~0.4 s of the scheduler's time per
+        dead worker at 5,000 aliases (redis-py packing and parsing 20,000 commands), during
+        which no death or registration was acted on; this takes ~50 ms."""
+        for start in range(0, len(aliases), _FORGET_CHUNK):
             keys: list[str] = []
-            for alias in names[start:start + _FORGET_CHUNK]:
+            for alias in aliases[start:start + _FORGET_CHUNK]:
                 keys += (self.k.routes(alias), self.k.instance(alias, worker_id),
                          self.k.instances(alias), self.k.load(alias))
             try:
@@ -367,23 +382,11 @@ class SchedulingStore(StoreBase):
                 raise
             for key in refused:
                 self._skip(BadRecord(key, "not of its type: left as it is"))
-        # Unlogged: routers reload every alias. Bumped as soon as routes went, before the
-        # fenced step (which a lost lease may refuse), as on a cluster.
-        await self.r.eval(_BUMP_LUA, 1, self.k.routes_version)
 
-        def build(p: Pipeline) -> None:
-            p.delete(self.k.assign(worker_id))
-            self._touched(p, worker_id)
-
-        await self._fenced(token, build)
-        await self.publish("route", worker=worker_id)
-
-    async def _forget_in_steps(self, token: str, worker_id: str, aliases: list[str]) -> None:
-        """:meth:`forget_dead_worker` on a cluster, in steps that may each be repeated: each
-        alias's route and record of the worker (one script per model slot), the unlogged
-        bump, then last the fenced delete of its assignments. The scheduler forgets a dead
-        worker while it still has assignments, so a step that fails is redone whole by the
-        next pass. The lease is checked first too, so a manager that lost it stops there."""
+    async def _forget_per_alias(self, token: str, worker_id: str, aliases: list[str]) -> None:
+        """The routes and records on a cluster: one script per model slot (keys of many
+        slots cannot share one). The lease is checked first, so a manager that lost it stops
+        there."""
         if await self.lease_holder() != token:
             raise NotLeader(token)
         async with self._batch() as pipe:
@@ -392,13 +395,6 @@ class SchedulingStore(StoreBase):
                           self.k.instance(alias, worker_id), self.k.instances(alias),
                           self.k.load(alias), worker_id)
             await pipe.execute()
-        await self.r.eval(_BUMP_LUA, 1, self.k.routes_version)
-
-        def build(p: Pipeline) -> None:
-            p.delete(self.k.assign(worker_id))
-            self._touched(p, worker_id)
-
-        await self._fenced(token, build)
 
     async def ledgers(self, worker_ids: Iterable[str]) -> dict[str, dict[str, Reservation]]:
         ids = list(worker_ids)

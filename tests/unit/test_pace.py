@@ -76,11 +76,11 @@ def test_the_manager_waits_at_the_highest_pace_workers_may_still_beat_at(
                                heartbeat_max_per_s=1000.0, resync_s=30.0)
     store = Store(fakeredis.FakeAsyncRedis(decode_responses=True), Keys("t"))
     s = Scheduler(store, settings, Nudger(store))
-    assert s._paced(6.0, 500) == 6.0
-    assert s._paced(6.0, 10_000) == 30.0  # pace 5
+    assert 6.0 * s._pace(500) == 6.0
+    assert 6.0 * s._pace(10_000) == 30.0  # pace 5
     # The pool shrank: workers learn it at their next full beats, up to RESYNC_S x 5 later,
     # and beat at pace 5 meanwhile (a TTL of 30 s): the wait stays there that long.
     now[0] += 100.0
-    assert s._paced(6.0, 500) == 30.0
+    assert 6.0 * s._pace(500) == 30.0
     now[0] += (30.0 + 6.0) * 5 + 1
-    assert s._paced(6.0, 500) == 6.0
+    assert 6.0 * s._pace(500) == 6.0
