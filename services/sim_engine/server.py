@@ -8,6 +8,7 @@ engine rather than the simulator.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import os
 import random
@@ -445,7 +446,12 @@ class SimEngine:
                              "upload_bytes": s.upload_bytes, "uploads": s.uploads,
                              "lora": self.lora.view(), "last_priority": self.last_priority,
                              "request_ids": list(self.request_ids),
-                             "traceparents": list(self.traceparents)})
+                             "traceparents": list(self.traceparents),
+                             # How the engine's collector is set (services/sim_engine/
+                             # __main__.py: quiet_collector), and what it has done.
+                             "gc": {"threshold": list(gc.get_threshold()),
+                                    "frozen": gc.get_freeze_count(),
+                                    "collections": [g["collections"] for g in gc.get_stats()]}})
 
     async def sim_faults(self, request: Request) -> Response:
         """Test hook: set this engine's failure rate at run time (``{"fail_rate": 1.0}``),

@@ -240,6 +240,16 @@ def test_metrics(engine: Engine) -> None:
         assert f"# TYPE vllm:{name} " in response.text
 
 
+def test_collector_is_quiet_once_serving(engine: Engine) -> None:
+    """The start-up heap is frozen and the young generation collected every 20,000
+    allocations (as vLLM freezes its heap and the pool's services do both): with Python's
+    defaults the engine's own collections showed as every proxy's TTFT tail."""
+    gc = engine.stats()["gc"]
+    assert gc["threshold"][0] == 20_000
+    assert gc["frozen"] > 10_000  # modules, the app and the model's tables
+    assert "Freezing GC:" in engine.log.read_text()
+
+
 def test_strict_engine_auth_failures_and_no_sleep_mode(strict_engine: Engine) -> None:
     base = strict_engine.base
     refused = httpx.post(f"{base}/sleep")
