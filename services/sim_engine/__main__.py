@@ -41,12 +41,12 @@ def quiet_collector() -> int:
 class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        # uvicorn logs at warning level here (its access log is too costly), so say what
-        # its own info lines would have said; the worker tails them.
         if self.started:
-            frozen = quiet_collector()
+            frozen = quiet_collector()  # start-up is over: what it made lives on
             log(f"Freezing GC: {frozen} start-up objects; young generation every "
                 f"{GEN0_THRESHOLD} allocations")
+            # uvicorn logs at warning level here (its access log is too costly), so say what
+            # its own info lines would have said; the worker tails them.
             url = f"http://{self.config.host}:{self.config.port}"
             log(f"Uvicorn running on {url} (Press CTRL+C to quit)")
 

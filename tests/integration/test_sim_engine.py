@@ -246,7 +246,7 @@ def test_collector_is_quiet_once_serving(engine: Engine) -> None:
     defaults the engine's own collections showed as every proxy's TTFT tail."""
     gc = engine.stats()["gc"]
     assert gc["threshold"][0] == 20_000
-    assert gc["frozen"] > 10_000  # modules, the app and the model's tables
+    assert gc["frozen"] > 10_000  # the modules and the app
     assert "Freezing GC:" in engine.log.read_text()
 
 
