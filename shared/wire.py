@@ -56,7 +56,7 @@ class Exchange:
     :meth:`Pool.send` returns; the body is read whole, iterated, or piped to a sink."""
 
     __slots__ = (
-        "_bounded",
+        "_cap",
         "_conn",
         "_error",
         "_head",
@@ -77,9 +77,13 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self._parts: list[bytes] = []
         self._size = 0
-        # Only an iterating reader is kept within _HIGH_WATER: read_all wants the whole body,
-        # and a piped sink is paused by its own transport's flow control.
-        self._bounded = False
+        # Reading from the upstream pauses once more than this many bytes wait here
+        # unclaimed: _HIGH_WATER until a consumer says otherwise (read_at_most: its limit;
+        # read_all and a piped sink: no cap, the sink's transport pausing it instead).
+        # Without it, the body read in the same readable event as the headers was held
+        # whole: libuv reads until the socket is empty (up to 32 reads of 256 KB), so a
+        # fast upstream's 5 MB answer sat in the router before anyone asked for it.
+        self._cap: int | None = _HIGH_WATER
         self.complete = False
         self._error: Exception | None = None
         self._sink: Sink | None = None
@@ -102,6 +106,7 @@ class Exchange:
 
     async def read_all(self) -> bytes:
         """The whole body; the connection then goes back to the pool."""
+        self._uncap(None)
         while not self.complete:
             if self._error is not None:
                 raise self._error
@@ -118,6 +123,7 @@ class Exchange:
         declared = self.length
         if declared is not None and declared > limit:
             return None
+        self._uncap(max(limit, _HIGH_WATER))
         while not self.complete:
             if self._error is not None:
                 raise self._error
@@ -130,7 +136,7 @@ class Exchange:
         """The body as it arrives, one piece per socket read, never joined: a large answer
         then never needs one large allocation (which the allocator would keep after); an
         upstream failure raises :class:`UpstreamError`."""
-        self._bounded = True
+        self._uncap(_HIGH_WATER)
         parts = self._parts
         while True:
             if parts:
@@ -147,8 +153,10 @@ class Exchange:
             await self._waiter()
 
     def pipe(self, sink: Sink) -> None:
-        """Hand the body to ``sink`` from now on; what already arrived goes first."""
+        """Hand the body to ``sink`` from now on; what already arrived goes first, and the
+        sink's transport pauses the reading from then on (its first write may)."""
         self._sink = sink
+        self._uncap(None)
         self._flush()
 
     def pause(self) -> None:
@@ -166,6 +174,12 @@ class Exchange:
         if conn is not None and not self.complete:
             conn.abort()
         self._sink = None
+
+    def _uncap(self, cap: int | None) -> None:
+        """Read up to ``cap`` unclaimed bytes (None: no cap), resuming a paused read."""
+        self._cap = cap
+        if self._conn is not None and (cap is None or self._size <= cap):
+            self._conn.resume()
 
     # -- fed by the connection --------------------------------------------------------------
 
@@ -190,7 +204,7 @@ class Exchange:
             self._wake = None
             if not wake.done():
                 wake.set_result(None)
-        if self._bounded and self._size > _HIGH_WATER and self._conn is not None:
+        if self._cap is not None and self._size > self._cap and self._conn is not None:
             self._conn.pause()
 
     def _fail(self, error: Exception) -> None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from shared.errors import UpstreamError, UpstreamTimeout
-from shared.wire import Pool
+from shared.wire import _HIGH_WATER, Pool
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -182,6 +182,34 @@ async def test_read_at_most_gives_up_on_a_large_answer_and_leaves_it_to_relay(
         ex = await pool.send(up.url, b"POST", b"/x", b"", b"{}")
         # An answer within the limit is read whole.
         assert await asyncio.wait_for(ex.read_at_most(4 << 20), 10) == piece * pieces
+        await pool.close()
+
+
+@pytest.mark.parametrize("consumer", ["read_all", "pipe"])
+async def test_an_unclaimed_answer_is_not_read_ahead_whole(consumer: str) -> None:
+    """Until a consumer claims the body, reading stops a little past _HIGH_WATER: a router
+    that read a fast upstream's 8 MB answer while still deciding what to do with it held
+    all of it, per request (tests/security/test_memory.py failed on a fast machine)."""
+    big = b"w" * (8 << 20)
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(sized(big))
+        await w.drain()
+        await r.read()
+
+    async with upstream(script) as up:
+        pool = Pool(2, 5)
+        ex = await pool.send(up.url, b"POST", b"/x", b"", b"{}")
+        await asyncio.sleep(0.3)  # the caller busy elsewhere: the upstream keeps sending
+        assert ex._size <= _HIGH_WATER + (1 << 18)  # the cap plus at most one read
+        if consumer == "read_all":
+            assert await asyncio.wait_for(ex.read_all(), 10) == big
+        else:
+            sink = Collect()
+            ex.pipe(sink)
+            await asyncio.wait_for(sink.ended.wait(), 10)
+            assert sink.error is None and b"".join(sink.reads) == big
         await pool.close()
 
 
