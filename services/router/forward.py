@@ -31,11 +31,13 @@ class Forwarder:
 
     async def handle(self, model: StoredModel, call: Call) -> Response:
         alias = model.spec.alias
-        if self.table.replicas(alias):
-            return await self.upstreams.send(call)
+        # Before the replicas: a stopped model's routes go only once its worker has stopped
+        # the engine, and a request meanwhile was served, where the README promises 503.
         if model.hold is not None:
             raise NoCapacity(f"model '{alias}' was stopped manually; wake it with POST "
                              f"/admin/models/{alias}/wake", code="model_stopped")
+        if self.table.replicas(alias):
+            return await self.upstreams.send(call)
         ticket = await self.holder.admit(model)
         if call.record is not None:
             call.record.hold_begins()

@@ -204,6 +204,9 @@ def test_manual_sleep_wake_and_stop(cluster: Cluster) -> None:
     assert admin_model(router, "ctl")["stats"]["wakes"] == 1
 
     assert httpx.post(f"{base}/ctl/stop").status_code == 202
+    # At once, while the engine still runs and its route is still there: refused.
+    early = chat(router, "ctl")
+    assert early.status_code == 503 and early.json()["error"]["code"] == "model_stopped"
     wait_until(lambda: states(router, "ctl") == [], 10, what="stopped")
     stopped = chat(router, "ctl")
     assert stopped.status_code == 503 and stopped.json()["error"]["code"] == "model_stopped"
