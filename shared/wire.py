@@ -106,7 +106,7 @@ class Exchange:
 
     async def read_all(self) -> bytes:
         """The whole body; the connection then goes back to the pool."""
-        self._uncap(None)
+        self._claim(None)
         while not self.complete:
             if self._error is not None:
                 raise self._error
@@ -123,7 +123,7 @@ class Exchange:
         declared = self.length
         if declared is not None and declared > limit:
             return None
-        self._uncap(max(limit, _HIGH_WATER))
+        self._claim(max(limit, _HIGH_WATER))
         while not self.complete:
             if self._error is not None:
                 raise self._error
@@ -136,7 +136,7 @@ class Exchange:
         """The body as it arrives, one piece per socket read, never joined: a large answer
         then never needs one large allocation (which the allocator would keep after); an
         upstream failure raises :class:`UpstreamError`."""
-        self._uncap(_HIGH_WATER)
+        self._claim(_HIGH_WATER)
         parts = self._parts
         while True:
             if parts:
@@ -156,7 +156,7 @@ class Exchange:
         """Hand the body to ``sink`` from now on; what already arrived goes first, and the
         sink's transport pauses the reading from then on (its first write may)."""
         self._sink = sink
-        self._uncap(None)
+        self._claim(None)
         self._flush()
 
     def pause(self) -> None:
@@ -175,8 +175,9 @@ class Exchange:
             conn.abort()
         self._sink = None
 
-    def _uncap(self, cap: int | None) -> None:
-        """Read up to ``cap`` unclaimed bytes (None: no cap), resuming a paused read."""
+    def _claim(self, cap: int | None) -> None:
+        """A consumer claims the body: from now on read ahead up to ``cap`` bytes it has not
+        taken (None: no cap), resuming a read the default cap had paused."""
         self._cap = cap
         if self._conn is not None and (cap is None or self._size <= cap):
             self._conn.resume()

@@ -19,7 +19,9 @@ from services.sim_engine.cli import EngineConfig, load_model, log, parse_args
 from services.sim_engine.server import create_app
 
 # The young generation is collected every this many allocations, as in the pool's own
-# services (GC_GEN0_THRESHOLD's default, shared/settings.py).
+# services (GC_GEN0_THRESHOLD's default, shared/settings.py). quiet_collector below is
+# shared.service.tune_gc's twin, not a call to it: the engine imports none of the pool's
+# code (shared.service would bring in FastAPI and the Redis store), as vLLM would not.
 GEN0_THRESHOLD = 20_000
 
 
