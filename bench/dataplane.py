@@ -17,7 +17,7 @@ from bench.procset import Children
 from bench.report import summarize
 from bench.wrkload import write_script
 
-CONFIGS = ("direct", "worker", "router", "nginx", "vllm-router")
+CONFIGS = ("direct", "worker", "router", "node", "nginx", "vllm-router")
 PLAIN_CONCURRENCY = (1, 16, 64)
 # (alias, concurrent streams); sim0 generates at once, sim5 waits 5 ms between tokens.
 STREAM_POINTS = (("sim0", 64), ("sim0", 256), ("sim5", 64), ("sim5", 256))
@@ -36,7 +36,10 @@ def stream_point_name(alias: str, streams: int) -> str:
     return f"{streams} streams, ITL {_ITL_MS[alias]} ms"
 
 
-def build_targets(children: Children, pool: Pool, run_dir: Path) -> list[Target]:
+def build_targets(children: Children, pool: Pool, run_dir: Path, node: Pool | None = None
+                  ) -> list[Target]:
+    """Every configuration's target; "node" only with ``node``, a second pool whose router
+    and worker are one process (services.node), in front of engines of its own."""
     nginx_url, nginx_pid = start_nginx(children, run_dir / "nginx", pool.urls["router"])
     vllm = {a: start_vllm_router(children, f"vllm-router-{a}", e.url)
             for a, e in pool.engines.items()}
@@ -60,7 +63,15 @@ def build_targets(children: Children, pool: Pool, run_dir: Path) -> list[Target]
         "nginx": {a: nginx_url + _PATH for a in aliases},
         "vllm-router": {a: vllm[a][0] + _PATH for a in aliases},
     }
-    return [Target(name, urls[name], groups) for name in CONFIGS]
+    targets = {name: Target(name, urls[name], groups) for name in urls}
+    if node is not None:
+        # Its one process counts as the router; its pool's redis and manager idle along.
+        targets["node"] = Target("node", {a: node.urls["router"] + _PATH for a in node.engines},
+                                 groups | {"router": [node.pids["router"]], "worker": [],
+                                           "engine": [e.pid for e in node.engines.values()],
+                                           "redis": [node.pids["redis"]],
+                                           "manager": [node.pids["manager"]]})
+    return [targets[name] for name in CONFIGS if name in targets]
 
 
 def _progress(text: str) -> None:
@@ -112,7 +123,12 @@ def run(children: Children, run_dir: Path, opts: Options) -> dict[str, Any]:
     _progress("starting redis, manager, worker, router")
     pool = start_pool(children, run_dir)
     register_models(pool)
+    node = None
+    if "node" in opts.configs:
+        _progress("starting a pool whose router and worker are one process (services.node)")
+        node = start_pool(children, run_dir / "node", node=True)
+        register_models(node)
     _progress("starting nginx and vllm-router")
-    targets = build_targets(children, pool, run_dir)
+    targets = build_targets(children, pool, run_dir, node)
     raw = measure(children, targets, opts, run_dir)
     return {"raw": raw, "summary": summarize_all(raw)}

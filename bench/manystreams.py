@@ -2,7 +2,7 @@
 tokens/s each (64 tokens), through each proxy in front of the same simulated engine.
 
     .venv/bin/python -m bench.manystreams [--streams 300,1000,3000] [--duration 8] [--repeat 1]
-                                         [--configs direct,nginx,vllm-router,worker,router]
+                                         [--configs direct,nginx,vllm-router,worker,router,node]
                                          [--json PATH]
 
 The load shape of a busy pool: many long chats read at reading speed, so most connections sit
@@ -15,8 +15,9 @@ its role chunk at once) is then what a new request waits for on its way through 
 Configurations (servers pinned to the server core, the stream client to the other, as in
 ``bench.run``): ``direct`` (client -> engine), ``nginx`` and ``vllm-router`` (one hop of a
 C or Rust proxy -> engine; vllm-router only when installed), ``worker`` (the worker's proxy
-alone) and ``router`` (router -> worker -> engine). nginx here fronts the engine, not the
-router: it is the reference for what one proxy hop should cost.
+alone), ``router`` (router -> worker -> engine) and ``node`` (router and worker as one
+process, services.node, in a second pool with an engine of its own: router -> engine). nginx
+here fronts the engine, not the router: it is the reference for what one proxy hop should cost.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ ALIAS = "sim100"
 ITL_S = 0.1  # 10 tokens/s
 TOKENS = 64
 STREAM_S = ITL_S * TOKENS
-CONFIGS = ("direct", "nginx", "vllm-router", "worker", "router")
+CONFIGS = ("direct", "nginx", "vllm-router", "worker", "router", "node")
 _PATH = "/v1/chat/completions"
 DEFAULT_JSON = ROOT / "bench" / "results" / "manystreams.json"
 
@@ -51,7 +52,7 @@ def _progress(text: str) -> None:
 
 # The processes a configuration's requests pass through that answer a trivial GET: their
 # event-loop lag is probed while the streams run (where does a new request wait?).
-_PROBED = {"worker": ("worker",), "router": ("router", "worker")}
+_PROBED = {"worker": ("worker",), "router": ("router", "worker"), "node": ("node",)}
 
 
 def build_targets(children: Children, run_dir: Path, configs: tuple[str, ...]
@@ -73,7 +74,17 @@ def build_targets(children: Children, run_dir: Path, configs: tuple[str, ...]
         except SystemExit as e:  # not installed: compare with the others
             _progress(f"vllm-router left out: {e}")
     health = {name: pool.urls[name] + "/health" for name in ("router", "worker")}
-    return [Target(name, {ALIAS: urls[name] + _PATH}, groups)
+    node_groups: dict[str, list[int]] = {}
+    if "node" in configs:
+        # A second pool whose router and worker are one process (services.node), in front of
+        # an engine of its own; that process counts as the router.
+        node = start_pool(children, run_dir / "node", node=True)
+        register_models(node, aliases={ALIAS: ["--itl", str(ITL_S)]})
+        urls["node"] = node.urls["router"]
+        health["node"] = node.urls["router"] + "/health"
+        node_groups = {"engine": [node.engines[ALIAS].pid], "worker": [],
+                       "router": [node.pids["router"]]}
+    return [Target(name, {ALIAS: urls[name] + _PATH}, node_groups if name == "node" else groups)
             for name in configs if name in urls], health
 
 
@@ -115,7 +126,7 @@ def _median(samples: list[dict[str, Any]], key: str) -> float:
 
 def _probes(samples: list[dict[str, Any]]) -> str:
     out = []
-    for name in ("router", "worker"):
+    for name in ("router", "worker", "node"):
         if f"probe_{name}_50_ms" in samples[0]:
             out.append(f"{_median(samples, f'probe_{name}_50_ms'):.1f}/"
                        f"{_median(samples, f'probe_{name}_99_ms'):.1f}")
@@ -125,7 +136,7 @@ def _probes(samples: list[dict[str, Any]]) -> str:
 def table(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     rows = ["| streams | configuration | TTFT p50 ms | TTFT p99 ms | chunks/s | vs direct | "
             "errors | server CPU µs/stream (engine, worker, router, front) | "
-            "GET /health p50/p99 ms (router; worker) |",
+            "GET /health p50/p99 ms (router; worker, or node) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for n, configs in raw.items():
         direct = _median(configs["direct"], "chunks_per_s") if "direct" in configs else 0

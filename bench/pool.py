@@ -41,15 +41,15 @@ class Pool:
     engines: dict[str, Engine] = field(default_factory=dict)
 
 
-def start_redis(children: Children, data_dir: Path) -> tuple[str, int]:
+def start_redis(children: Children, data_dir: Path, name: str = "redis") -> tuple[str, int]:
     """A throwaway redis-server: free port, no persistence (nothing to fsync mid-run)."""
     binary = need("redis-server", "apt-get install redis-server")
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(data_dir)]
-    proc = children.start("redis", pinned(SERVER_CORE, argv))
-    wait_tcp(port, proc, children.log("redis"), 10)
+    proc = children.start(name, pinned(SERVER_CORE, argv))
+    wait_tcp(port, proc, children.log(name), 10)
     return f"redis://127.0.0.1:{port}/0", proc.pid
 
 
@@ -98,22 +98,34 @@ def service_env(redis_url: str, state_dir: Path) -> dict[str, str]:
     }
 
 
-def start_pool(children: Children, run_dir: Path, extra_env: dict[str, str] | None = None
-               ) -> Pool:
-    redis_url, redis_pid = start_redis(children, run_dir / "redis")
+def start_pool(children: Children, run_dir: Path, extra_env: dict[str, str] | None = None,
+               node: bool = False) -> Pool:
+    """redis, manager, worker and router; with ``node``, worker and router are one process
+    (services.node), its pid under both names, and every child's name starts with "node"
+    (its logs apart from another pool's)."""
+    tag = "node-" if node else ""
+    redis_url, redis_pid = start_redis(children, run_dir / "redis", f"{tag}redis")
     env = service_env(redis_url, run_dir / "state") | (extra_env or {})
     pool = Pool(redis_url, {}, {"redis": redis_pid})
     for name in ("manager", "worker", "router"):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env |= {f"{name.upper()}_HOST": "127.0.0.1", f"{name.upper()}_PORT": str(port)}
+        pool.urls[name] = url
         if name == "worker":
             env["WORKER_URL"] = url
+            if node:
+                continue  # started with the router, below
+        module = "node" if node and name == "router" else name
+        child = "node" if module == "node" else tag + name
         proc = children.start(
-            name, pinned(SERVER_CORE, [PYTHON, "-m", f"services.{name}.main"]), dict(env)
+            child, pinned(SERVER_CORE, [PYTHON, "-m", f"services.{module}.main"]), dict(env)
         )
-        wait_http(f"{url}/health", proc, children.log(name), 60)
-        pool.urls[name], pool.pids[name] = url, proc.pid
+        wait_http(f"{url}/health", proc, children.log(child), 60)
+        pool.pids[name] = proc.pid
+        if module == "node":
+            pool.pids["worker"] = proc.pid
+            wait_http(f"{pool.urls['worker']}/health", proc, children.log(child), 60)
     return pool
 
 

@@ -1,11 +1,13 @@
 """One command for a local pool: redis-server (when REDIS_URL is unset), manager, worker,
-router, and a registered demo model. Ctrl-C stops everything it started.
+router, and a registered demo model. Ctrl-C stops everything it started. With ``--node``,
+worker and router run as one process (services.node): one hop fewer per request.
 
 Run through scripts/start_all.sh, which prepares the virtual environment first.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import secrets
@@ -186,7 +188,7 @@ ADMIN_TOKEN for /admin. Try:
 Press Ctrl-C to stop everything.""", flush=True)
 
 
-def run(stack: Stack) -> None:
+def run(stack: Stack, node: bool = False) -> None:
     env = dict(os.environ)
     tokens_file = RUN / "tokens.env"
     tokens = load_tokens(tokens_file)
@@ -202,11 +204,13 @@ def run(stack: Stack) -> None:
              for s, p in (("manager", "9000"), ("worker", "7000"), ("router", "8000"))}
     env.setdefault("WORKER_URL", f"http://127.0.0.1:{ports['worker']}")
     for name in ("manager", "worker", "router"):
-        url = f"http://127.0.0.1:{ports[name]}"
         if not port_free(int(ports[name])):
             sys.exit(f"port {ports[name]} for the {name} is taken: set {name.upper()}_PORT")
+    for name in ("manager", "node") if node else ("manager", "worker", "router"):
         proc = stack.start(name, [sys.executable, "-m", f"services.{name}.main"], env)
-        wait_http(f"{url}/health", proc, stack.run / "logs" / f"{name}.log", 60)
+        for service in ("worker", "router") if name == "node" else (name,):
+            wait_http(f"http://127.0.0.1:{ports[service]}/health", proc,
+                      stack.run / "logs" / f"{name}.log", 60)
     router = f"http://127.0.0.1:{ports['router']}"
     alias = register_demo(router, engine, {"authorization": f"Bearer {tokens['ADMIN_TOKEN']}"})
     timeout = 900.0 if engine == "vllm" else 60.0
@@ -217,6 +221,11 @@ def run(stack: Stack) -> None:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(prog="scripts/start_all.sh", description=__doc__.split("\n")[0])
+    ap.add_argument("--node", action="store_true",
+                    help="run worker and router as one process (services.node): one hop fewer "
+                         "per request, the router on one core")
+    args = ap.parse_args()
     stack = Stack()
 
     def on_signal(signum: int, _: object) -> None:
@@ -228,7 +237,7 @@ def main() -> None:
     # nothing. Restore the default handler explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run(stack)
+        run(stack, args.node)
     except KeyboardInterrupt:
         print("\nstopping...")
     finally:

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from uvicorn._compat import asyncio_run
 
 from shared import edge, fastlane
 from shared.edge import Limits
@@ -114,6 +115,55 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
     """Run ``app`` with uvicorn behind the edge ``limits`` (:mod:`shared.edge`); ``fast``
     picks the requests served on the fast lane; ``sock``: a listening socket to serve
     instead of binding ``host``:``port`` (a router process under its supervisor)."""
+    server = make_server(app, host, port, limits, fast)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock] if sock is not None else None)
+    if not server.started:  # as uvicorn.run: a failed start-up is a failed process
+        raise SystemExit(3)
+
+
+def serve_together(servers: list[uvicorn.Server]) -> None:
+    """Run several servers (each from :func:`make_server`) in one process and event loop,
+    until a signal or the end of any of them ends them all (services.node: a router and a
+    worker in one process)."""
+    missing = [n for n in ("_serve", "capture_signals", "handle_exit")
+               if not hasattr(uvicorn.Server, n)]
+    if missing:
+        raise SystemExit("this uvicorn release lacks what serving two servers in one process "
+                         f"uses ({', '.join(missing)}); install from requirements.lock")
+    first = servers[0]
+    handle_exit = first.handle_exit
+
+    def on_signal(sig: int, frame: Any) -> None:
+        # uvicorn installs one server's handler; it must reach every server.
+        handle_exit(sig, frame)
+        for s in servers[1:]:
+            s.should_exit, s.force_exit = first.should_exit, first.force_exit
+
+    first.handle_exit = on_signal  # type: ignore[method-assign]
+
+    async def main() -> None:
+        with first.capture_signals():
+            tasks = [asyncio.create_task(s._serve()) for s in servers]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for s in servers:
+                    s.should_exit = True
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio_run(main(), loop_factory=first.config.get_loop_factory())
+    if not all(s.started for s in servers):
+        raise SystemExit(3)
+
+
+def make_server(app: FastAPI, host: str, port: int, limits: Limits,
+                fast: Picker | None = None) -> uvicorn.Server:
+    """A uvicorn server for ``app`` behind the edge ``limits``, its fast lane on ``fast``."""
     unguarded = edge.missing_internals()
     if unguarded:
         # Fail closed: without them the header, timeout and connection limits cannot hold.
@@ -142,11 +192,7 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
         timeout_graceful_shutdown=5,
         timeout_keep_alive=max(1, round(limits.keep_alive_s)),
     )
-    server = uvicorn.Server(config)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=[sock] if sock is not None else None)
-    if not server.started:  # as uvicorn.run: a failed start-up is a failed process
-        raise SystemExit(3)
+    return uvicorn.Server(config)
 
 
 class ClientGone(Exception):

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from shared.edge import Limits, raise_open_files
 from shared.errors import install_error_handlers
 from shared.fastlane import Picker
-from shared.http import serve
+from shared.http import make_server, serve, serve_together
 from shared.keys import Keys
 from shared.settings import CommonSettings
 from shared.store import Store, connect
@@ -51,6 +51,21 @@ def run(app: FastAPI, settings: CommonSettings, host: str, port: int,
     logger.info("edge limits: %s", limits)
     tune_gc(settings.gc_gen0_threshold)
     serve(app, host, port, limits, fast if settings.fast_lane else None, sock)
+
+
+def run_together(parts: list[tuple[FastAPI, CommonSettings, str, int, Picker | None]]
+                 ) -> None:
+    """:func:`run` for several apps (app, its settings, host, port, fast lane) in one process
+    and event loop (services.node)."""
+    open_files = raise_open_files()
+    servers = []
+    for app, settings, host, port, fast in parts:
+        limits = Limits.of(settings, open_files)
+        logger.info("edge limits of %s: %s", app.title, limits)
+        servers.append(make_server(app, host, port, limits,
+                                   fast if settings.fast_lane else None))
+    tune_gc(parts[0][1].gc_gen0_threshold)
+    serve_together(servers)
 
 
 def tune_gc(gen0_threshold: int) -> None:

@@ -172,6 +172,15 @@ class Cluster:
         e = self.env(ROUTER_HOST="127.0.0.1", ROUTER_PORT=str(port), **env)
         return self._service(name, "services.router.main", port, e)
 
+    def node(self, worker_id: str = "w1", **env: str) -> Proc:
+        """Router and worker in one process (services.node); its url is the router's, and
+        ``env["WORKER_PORT"]`` the worker's port."""
+        port, worker_port = free_port(), free_port()
+        e = self.env(WORKER_ID=worker_id, WORKER_HOST="127.0.0.1", WORKER_PORT=str(worker_port),
+                     WORKER_URL=f"http://127.0.0.1:{worker_port}", ROUTER_HOST="127.0.0.1",
+                     ROUTER_PORT=str(port), **env)
+        return self._service(f"node-{worker_id}", "services.node.main", port, e)
+
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop()

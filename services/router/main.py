@@ -29,7 +29,7 @@ from services.router.keyring import KeyRing
 from services.router.limiter import Limiter
 from services.router.metrics import AccessLog, Recorder, RouterMetrics
 from services.router.routes import RouteTable
-from services.router.upstream import Upstreams
+from services.router.upstream import InProcessWorker, Upstreams
 from shared.events import Nudger
 from shared.exposure import Exposure, enforce, exposure
 from shared.http import json_response
@@ -52,7 +52,10 @@ def router_exposure(settings: RouterSettings) -> Exposure:
                     settings.allow_insecure)
 
 
-def create_app(settings: RouterSettings, child: processes.Child | None = None) -> FastAPI:
+def create_app(settings: RouterSettings, child: processes.Child | None = None,
+               in_process: InProcessWorker | None = None) -> FastAPI:
+    """``in_process``: the worker sharing this process (services.node), whose replicas get
+    their requests by a call instead of over HTTP."""
     store = open_store(settings)
     nudger = Nudger(store)
     table = RouteTable(store, nudger, settings.route_refresh_s)
@@ -70,7 +73,8 @@ def create_app(settings: RouterSettings, child: processes.Child | None = None) -
                           settings.buffer_answer_max_bytes, settings.prefix_affinity_slack,
                           adapters,
                           admission=Gate(table, settings.queue_max, settings.queue_timeout_s,
-                                         routers))
+                                         routers),
+                          in_process=in_process)
     forwarder = Forwarder(table, upstreams, holder)
     limiter = Limiter(store, ring, settings)
     gate = openai_api.Gate(ring, limiter, settings.limits_default_max_tokens)
@@ -104,9 +108,13 @@ def create_app(settings: RouterSettings, child: processes.Child | None = None) -
     @app.get("/health")
     async def health() -> Response:
         # "process": which of the router's processes answered (null: it runs alone).
-        return json_response({"status": "ok", "models": len(table.models),
-                              "serving": sum(1 for r in table.routes.values() if r),
-                              "process": child.index if child is not None else None})
+        body = {"status": "ok", "models": len(table.models),
+                "serving": sum(1 for r in table.routes.values() if r),
+                "process": child.index if child is not None else None}
+        if in_process is not None:  # services.node: the worker it serves without a hop
+            body["worker"] = in_process.worker_id
+            body["in_process_requests"] = in_process.requests
+        return json_response(body)
 
     # Shown in /admin/status: what this router leaves open, on purpose or not.
     security = router_exposure(settings).view()

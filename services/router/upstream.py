@@ -17,8 +17,10 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
+from typing import Protocol
 
 from starlette.responses import Response
 
@@ -62,6 +64,18 @@ class Call:
     upload: Upload | None = None
 
 
+class InProcessWorker(Protocol):
+    """The worker of this very process (services.node; services.worker.proxy.InProcess):
+    its replicas are sent their requests by a call, not over HTTP."""
+
+    worker_id: str
+    requests: int  # sent by a call since the start
+
+    async def send(self, alias: str, path: str, content_type: bytes, request_id: bytes,
+                   traceparent: bytes | None, body: bytes
+                   ) -> tuple[Exchange, Callable[[], None]]: ...
+
+
 @dataclass(slots=True)
 class Answer:
     """A replica's answer: read whole (``body``) or, for a streamed call or a large answer,
@@ -72,6 +86,7 @@ class Answer:
     exchange: Exchange
     body: bytes | None
     slot: Slot | None = None  # the model's admission slot, held until the answer ends
+    ended: Callable[[], None] | None = None  # an in-process worker's end of the request
 
 
 class Upstreams:
@@ -80,6 +95,7 @@ class Upstreams:
         max_attempts: int, retry_backoff_s: float, breaker: Breaker, retry_after_s: int,
         buffer_max: int = 1 << 20, prefix_slack: float = 4,
         adapters: AdapterTable | None = None, *, admission: Gate,
+        in_process: InProcessWorker | None = None,
     ) -> None:
         self.table = table
         self.pool = pool
@@ -92,6 +108,7 @@ class Upstreams:
         self.admission = admission
         self.inflight: Counter[str] = Counter()
         self.adapters = adapters
+        self.in_process = in_process
         self._auth = f"authorization: Bearer {internal_token}\r\n".encode() \
             if internal_token else b""
 
@@ -136,6 +153,8 @@ class Upstreams:
     def done(self, answer: Answer) -> None:
         """An answer that was still arriving has ended (relayed, failed or abandoned)."""
         self.finished(answer.worker)
+        if answer.ended is not None:
+            answer.ended()
         if answer.slot is not None:
             self.admission.release(answer.slot)
 
@@ -175,23 +194,24 @@ class Upstreams:
                                  retry_after_s=self.retry_after_s)
 
     async def _attempt(self, worker: str, url: str, call: Call) -> Answer:
-        headers = b"content-type: %s\r\nx-request-id: %s\r\n%s" % (
-            call.content_type, call.request_id.encode("latin-1"), self._auth)
-        if call.adapter is not None:
-            headers += b"x-svllm-adapter: %s\r\n" % call.adapter.encode()
         traceparent = call.record.upstream_traceparent(worker) if call.record else None
-        if traceparent is not None:
-            headers += b"traceparent: " + traceparent + b"\r\n"
-        path = f"/proxy/{call.alias}/{call.path}".encode()
+        local = self.in_process
+        if local is not None and (worker != local.worker_id or call.upload is not None
+                                  or call.adapter is not None):
+            local = None  # uploads and adapters take the worker's HTTP proxy, which has them
+        ended: Callable[[], None] | None = None
         self.inflight[worker] += 1
         handed_over = False
         ex: Exchange | None = None
         try:
             try:
-                ex = await self.pool.send(url, b"POST", path, headers, call.body) \
-                    if call.upload is None else \
-                    await self.pool.send_stream(url, b"POST", path, headers, call.upload)
-            except UpstreamError as e:
+                if local is not None:
+                    ex, ended = await local.send(
+                        call.alias, call.path, call.content_type,
+                        call.request_id.encode("latin-1"), traceparent, call.body)
+                else:
+                    ex = await self._send_http(url, call, traceparent)
+            except (UpstreamError, NoCapacity) as e:  # NoCapacity: in process, not serving
                 raise _Retry(e) from e
             if ex.status in _RETRYABLE:
                 raise _Retry(await self._refusal(worker, ex))
@@ -204,12 +224,27 @@ class Upstreams:
                         from e
             self.breaker.success(call.alias, worker)
             handed_over = content is None
-            return Answer(worker, ex, content)
+            return Answer(worker, ex, content, ended=ended if handed_over else None)
         finally:
             if not handed_over:
                 self.finished(worker)
                 if ex is not None:
                     ex.close()  # cancelled mid-read: closing aborts the generation
+                if ended is not None:
+                    ended()
+
+    async def _send_http(self, url: str, call: Call, traceparent: bytes | None) -> Exchange:
+        """``call`` sent to the worker at ``url``, over HTTP, for its proxy."""
+        headers = b"content-type: %s\r\nx-request-id: %s\r\n%s" % (
+            call.content_type, call.request_id.encode("latin-1"), self._auth)
+        if call.adapter is not None:
+            headers += b"x-svllm-adapter: %s\r\n" % call.adapter.encode()
+        if traceparent is not None:
+            headers += b"traceparent: " + traceparent + b"\r\n"
+        path = f"/proxy/{call.alias}/{call.path}".encode()
+        if call.upload is None:
+            return await self.pool.send(url, b"POST", path, headers, call.body)
+        return await self.pool.send_stream(url, b"POST", path, headers, call.upload)
 
     async def _refusal(self, worker: str, ex: Exchange) -> ApiError:
         body = (await _read_quietly(ex))[:300].decode("utf-8", "replace")

@@ -54,7 +54,14 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         env_passthrough=parse_passthrough(settings.engine_env_passthrough))
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry, settings.worker_id) if settings.metrics else None
-    supervisor = Supervisor(store, settings, drivers, client, metrics, upstream.heard_from)
+    in_process: proxy.InProcess | None = None
+
+    def heard_from(base_url: str) -> float:
+        # An engine answering requests is alive, whichever pool carried them.
+        heard = upstream.heard_from(base_url)
+        return heard if in_process is None else max(heard, in_process.pool.heard_from(base_url))
+
+    supervisor = Supervisor(store, settings, drivers, client, metrics, heard_from)
     nudger = Nudger(store)
     inventory = open_inventory(settings.gpu_backend, settings.fake_gpus, supervisor.engine_uses)
     sandbox = Sandbox.from_settings(settings.allow_trust_remote_code, settings.model_roots)
@@ -79,6 +86,8 @@ def create_app(settings: WorkerSettings) -> FastAPI:
             await store.unregister_worker_alive(settings.worker_id)
         await client.aclose()
         await upstream.close()
+        if in_process is not None:
+            await in_process.pool.close()
         await store.close()
         if tracing is not None:
             tracing.shutdown()
@@ -91,6 +100,9 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         install_metrics(app, metrics, settings, supervisor, agent, client)
     app.state.fast_lane = proxy.picker(proxy.fast_handler(
         supervisor, upstream, settings.internal_token, settings.max_body_bytes, tracing))
+    # For a router sharing this process (services.node), which sets the pool's timeouts.
+    in_process = proxy.InProcess(settings.worker_id, supervisor, Pool(5.0, 3600.0), tracing)
+    app.state.in_process = in_process
     return app
 
 

@@ -3,7 +3,8 @@
 Two entrances, one behaviour: :func:`fast_handler` serves the common case on the fast lane
 (:mod:`shared.fastlane`) and hands anything else (a wrong token, a path not proxied, a model
 not serving here, a chunked or oversized body) to :func:`forward` in the ASGI app, which
-explains the error.
+explains the error. A third, :class:`InProcess`, is the same proxy called by a router in this
+very process (services.node), without the HTTP hop between them.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def trace(tracing: Tracing | None, given: bytes | None, alias: str, request_id: 
     return span.traceparent(), span
 
 
+def not_serving(supervisor: Supervisor, alias: str) -> NoCapacity:
+    """The refusal of a request for a model this worker does not serve now (the router's
+    failover takes it as "replica not ready")."""
+    inst = supervisor.instances.get(alias)
+    state = inst.state.value if inst else "not assigned here"
+    return NoCapacity(f"model '{clip(alias)}' is not serving on this worker ({state})",
+                      code="replica_not_ready")
+
+
 def _is_uuid(value: bytes) -> bool:
     try:
         uuid.UUID(value.decode("ascii"))
@@ -101,10 +111,7 @@ async def forward(
         raise NotFound(f"path '/{clip(path)}' is not proxied")
     engine = supervisor.serving(alias)
     if engine is None:
-        inst = supervisor.instances.get(alias)
-        state = inst.state.value if inst else "not assigned here"
-        raise NoCapacity(f"model '{clip(alias)}' is not serving on this worker ({state})",
-                         code="replica_not_ready")
+        raise not_serving(supervisor, alias)
     body, upload = await _body_of(request, path, method, limit, audio_limit or limit)
 
     def get(name: bytes) -> bytes | None:
@@ -214,6 +221,59 @@ def fast_handler(supervisor: Supervisor, pool: Pool, token: str | None, limit: i
         return True
 
     return handle
+
+
+class InProcess:
+    """This worker's proxy for a router in the same process (services.node): what
+    :func:`forward` does for a JSON request, called instead of sent over HTTP. The engine and
+    the answer are the same; what goes is one hop (a loopback connection, a request parsed
+    and an answer relayed by another process), the internal token (nothing crosses a socket
+    to check it on) and the worker's refusals in HTTP form (a model not serving here raises
+    the same NoCapacity, which the router's failover treats as the worker's 503)."""
+
+    def __init__(self, worker_id: str, supervisor: Supervisor, pool: Pool,
+                 tracing: Tracing | None = None) -> None:
+        self.worker_id = worker_id
+        self.supervisor = supervisor
+        # Its own, timed out as the router's (services.node sets it); the health check hears
+        # from it as from the worker's (an engine answering requests is not hung).
+        self.pool = pool
+        self.tracing = tracing
+        self.requests = 0  # sent in process since the start, for /health and tests
+
+    async def send(self, alias: str, path: str, content_type: bytes, request_id: bytes,
+                   traceparent: bytes | None, body: bytes
+                   ) -> tuple[Exchange, Callable[[], None]]:
+        """The engine's answer to a JSON request for ``alias``, still arriving, and what to
+        call once it is over (the idle clock and in-flight count run until then)."""
+        if ALLOWED.get(path) != "POST" or path in FORM_PATHS:
+            raise NotFound(f"path '/{clip(path)}' is not proxied in process")
+        engine = self.supervisor.serving(alias)
+        if engine is None:
+            raise not_serving(self.supervisor, alias)
+        rid = engine_request_id(request_id, engine.launch.uuid_request_ids)
+        parent, span = trace(self.tracing, traceparent, alias, rid)
+        headers = forward_headers(lambda h: content_type if h == b"content-type" else None,
+                                  rid, parent)
+        self.supervisor.begin(alias)
+        self.requests += 1
+        ended = False
+
+        def done() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.supervisor.end(alias)
+                if span is not None:
+                    span.end()
+
+        try:
+            ex = await self.pool.send(engine.base_url, b"POST", b"/" + path.encode(), headers,
+                                      body)
+        except BaseException:
+            done()
+            raise
+        return ex, done
 
 
 def picker(handler: Handler) -> Picker:

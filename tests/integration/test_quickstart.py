@@ -9,12 +9,14 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from shared import procs
 from tests.support import ROOT, child_pids, free_port, wait_until
 
 
-def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("node", [False, True], ids=["services", "node"])
+def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path, node: bool) -> None:
     ports = {n: str(free_port()) for n in ("ROUTER_PORT", "MANAGER_PORT", "WORKER_PORT",
                                            "SVLLM_REDIS_PORT")}
     env = {k: v for k, v in os.environ.items()
@@ -27,8 +29,8 @@ def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
     # ignored, which the child inherits. Ctrl-C must still stop everything.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        proc = procs.spawn([sys.executable, "-m", "scripts.start_all"], log_path=out,
-                           env=env, cwd=ROOT)
+        proc = procs.spawn([sys.executable, "-m", "scripts.start_all",
+                            *(["--node"] if node else [])], log_path=out, env=env, cwd=ROOT)
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
@@ -56,7 +58,10 @@ def test_start_all_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
         security = httpx.get(f"{router}/admin/status", headers=admin).json()["security"]
         assert security["insecure"] is False and security["openai_api"] == "token"
         services = child_pids(proc.pid)
-        assert len(services) == 4  # redis, manager, worker, router
+        # redis, manager, worker, router; or redis, manager, and worker + router as one
+        assert len(services) == (3 if node else 4)
+        health = httpx.get(f"{router}/health").json()
+        assert health.get("worker") == ("qs-worker" if node else None)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert proc.wait(timeout=60) == 0
         assert "stopped redis" in out.read_text()
