@@ -142,9 +142,15 @@ def serve_together(servers: list[uvicorn.Server]) -> None:
 
     first.handle_exit = on_signal  # type: ignore[method-assign]
 
+    async def serve_one(server: uvicorn.Server) -> None:
+        # uvicorn exits (SystemExit) when a start-up fails, a port taken say: caught here,
+        # so that the others still shut down in order (a worker's engines stopped) first.
+        with contextlib.suppress(SystemExit):
+            await server._serve()
+
     async def main() -> None:
         with first.capture_signals():
-            tasks = [asyncio.create_task(s._serve()) for s in servers]
+            tasks = [asyncio.create_task(serve_one(s)) for s in servers]
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from typing import Any
 
 import httpx
+import redis
 
+from shared.keys import Keys
 from tests.support import (
     ROOT,
     Cluster,
     Proc,
+    RedisServer,
     chat,
     engines,
+    free_port,
     model_status,
     register,
     running_on,
@@ -140,6 +145,28 @@ def test_one_sigterm_stops_router_worker_and_engines(cluster: Cluster) -> None:
         except httpx.HTTPError:
             continue
         raise AssertionError(f"port {port} still answers")
+
+
+def test_a_failed_start_of_one_server_shuts_the_other_down_in_order(
+        cluster: Cluster, redis_server: RedisServer) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        env = cluster.env(WORKER_ID="w1", WORKER_HOST="127.0.0.1", WORKER_PORT=str(free_port()),
+                          ROUTER_HOST="127.0.0.1", ROUTER_PORT=str(taken.getsockname()[1]))
+        done = subprocess.run([sys.executable, "-m", "services.node.main"], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              check=False, start_new_session=True)
+    finally:
+        taken.close()
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "address already in use" in done.stderr
+    # The worker, started beside the router, ran its shutdown: its heartbeat is withdrawn
+    # (a process killed by the failure would have left it to expire).
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.exists(Keys(cluster.prefix).worker_alive("w1")) == 0
+    assert "Traceback" not in done.stderr
 
 
 def test_more_than_one_router_process_is_refused(cluster: Cluster) -> None:
