@@ -78,6 +78,37 @@ def test_its_own_replicas_are_served_in_process_and_others_over_http(cluster: Cl
     assert in_process > 0 and over_http > 0
 
 
+def test_an_in_process_replica_that_fails_hands_the_request_to_another(
+        cluster: Cluster) -> None:
+    cluster.manager()
+    # No health check meanwhile: it would take the failing replica's route away, and with it
+    # the in-process attempts this test is about.
+    node = cluster.node("w1", ENGINE_HEALTH_INTERVAL_S="600")
+    cluster.worker("w2")
+    assert register(node, "pair", engine="sim", replicas=2).status_code == 201
+    wait_until(lambda: sorted(engines(node, "pair")) == ["w1", "w2"], 30, what="two replicas")
+    wait_serving(node, "pair")
+    ports = engines(node, "pair")
+    r = httpx.post(f"http://127.0.0.1:{ports['w1']}/sim/fault", json={"dead": True}, timeout=5)
+    assert r.status_code == 200
+    ids = [f"node-failover-{i}" for i in range(6)]
+    before = _health(node)["in_process_requests"]
+    replies = [chat_with_id(node, "pair", rid) for rid in ids]
+    assert [x.status_code for x in replies] == [200] * 6, [x.text for x in replies]
+    # Each answered by the HTTP replica; some first tried in process, where the engine got
+    # the request's id as the worker's proxy would have given it, and answered 500.
+    on_w1 = set(sim_stats(ports["w1"])["request_ids"]) & set(ids)
+    assert set(ids) <= set(sim_stats(ports["w2"])["request_ids"])
+    assert on_w1, "no request was tried on the in-process replica first"
+    assert _health(node)["in_process_requests"] - before == len(on_w1)
+
+
+def chat_with_id(node: Proc, alias: str, request_id: str) -> httpx.Response:
+    body = {"model": alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    return httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"x-request-id": request_id})
+
+
 def test_an_in_process_stream_counts_in_flight_and_holds_a_sleep(cluster: Cluster) -> None:
     cluster.manager()
     node = cluster.node("w1")
