@@ -247,6 +247,7 @@ class Lane:
         if self.watch is not None and data:
             self.watch.chunk(data)
         out = self._framed(data)
+        cut = False
         if error is not None:
             logger.warning("upstream failed mid-response: %s", error)
             if self._chunked and self._sse:
@@ -255,8 +256,11 @@ class Lane:
                 out += b"%x\r\n%b\r\n" % (len(STREAM_BROKEN), STREAM_BROKEN)
             else:
                 # Anything else is cut short, so the client sees an incomplete message.
-                self.cycle.keep_alive = False
-        if self._chunked and self.cycle.keep_alive:
+                self.cycle.keep_alive, cut = False, True
+        # A complete chunked answer ends with its last chunk, also on a connection that closes
+        # after it (the client asked so, or a graceful shutdown): without it the client sees
+        # an incomplete answer.
+        if self._chunked and not cut:
             out += b"0\r\n\r\n"
         if out:
             self.proto.transport.write(out)

@@ -4,6 +4,10 @@ and the x-request-id every answer carries, on the fast lane and through ASGI."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import threading
 
 import httpx
 import pytest
@@ -29,8 +33,8 @@ def two_replicas(router: Proc, alias: str) -> dict[str, int]:
     return engines(router, alias)
 
 
-def stream_text(router: Proc, alias: str) -> tuple[int, str]:
-    body = {"model": alias, "stream": True, "max_tokens": 5,
+def stream_text(router: Proc, alias: str, max_tokens: int = 5) -> tuple[int, str]:
+    body = {"model": alias, "stream": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": "hi"}]}
     with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body,
                       timeout=30) as resp:
@@ -120,3 +124,68 @@ def test_every_answer_carries_the_request_id(cluster: Cluster, fast_lane: str) -
     assert r.status_code == 503 and r.headers["x-request-id"] == "direct-2"
     r = httpx.post(wurl, json=body, headers={"x-request-id": "direct-3"}, timeout=30)
     assert r.status_code == 401 and r.headers["x-request-id"] == "direct-3"
+
+
+def _raw_stream(url: str, alias: str, close: bool) -> bytes:
+    """A streamed chat sent over a raw socket (``Connection: close`` when ``close``), read
+    until the router closes or ends the answer; the answer's bytes, head included."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": alias, "stream": True, "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            + ("connection: close\r\n" if close else "") + "\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body)
+        out = b""
+        while not out.endswith(b"\r\n0\r\n\r\n"):
+            piece = s.recv(65536)
+            if not piece:
+                break
+            out += piece
+    return out
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+def test_a_streamed_answer_ends_with_its_last_chunk(cluster: Cluster, close: bool) -> None:
+    # A client that asks to close the connection after the answer still gets a complete
+    # chunked answer: its terminating chunk was once left out, and clients reported the
+    # stream as cut ("incomplete chunked read").
+    cluster.manager()
+    cluster.worker("w1")
+    router = cluster.router()
+    assert register(router, "m", engine="sim").status_code == 201
+    wait_until(lambda: chat(router, "m").status_code == 200, 30, what="serving")
+    raw = _raw_stream(router.url, "m", close)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert b"transfer-encoding: chunked" in raw.lower()
+    assert (b"connection: close" in raw.lower()) is close
+    assert b"data: [DONE]" in raw and raw.endswith(b"\r\n0\r\n\r\n"), raw[-200:]
+
+
+def test_sigterm_lets_a_stream_in_flight_finish(cluster: Cluster) -> None:
+    cluster.manager()
+    cluster.worker("w1")
+    router = cluster.router()
+    assert register(router, "m", engine="sim", extra_args=["--itl", "0.05"]).status_code == 201
+    wait_until(lambda: chat(router, "m").status_code == 200, 30, what="serving")
+    got: list[str | BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append(stream_text(router, "m", 30)[1])
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            got.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        wait_until(lambda: got or sim_stats(engines(router, "m")["w1"])["running"] == 1, 10,
+                   interval=0.05, what="a stream in flight")
+        assert router.popen is not None
+        os.kill(router.popen.pid, signal.SIGTERM)  # a graceful stop: streams may finish
+        router.popen.wait(timeout=30)
+    finally:
+        reader.join(30)
+    assert len(got) == 1 and isinstance(got[0], str), got
+    assert got[0].rstrip().endswith("data: [DONE]") and '"error"' not in got[0], got[0][-300:]
