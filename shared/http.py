@@ -17,7 +17,6 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
-from uvicorn._compat import asyncio_run
 
 from shared import edge, fastlane
 from shared.edge import Limits
@@ -124,23 +123,27 @@ def serve(app: FastAPI, host: str, port: int, limits: Limits, fast: Picker | Non
 
 def serve_together(servers: list[uvicorn.Server]) -> None:
     """Run several servers (each from :func:`make_server`) in one process and event loop,
-    until a signal or the end of any of them ends them all (services.node: a router and a
-    worker in one process)."""
+    until a signal or the end of any of them; then stop them last first, each once the one
+    after it has ended (services.node: the worker, then the router, which sends requests to
+    the worker's engines; stopped together, the worker stopped its engines under the
+    router's streams, which its graceful shutdown was still waiting for)."""
     missing = [n for n in ("_serve", "capture_signals", "handle_exit")
                if not hasattr(uvicorn.Server, n)]
     if missing:
         raise SystemExit("this uvicorn release lacks what serving two servers in one process "
                          f"uses ({', '.join(missing)}); install from requirements.lock")
-    first = servers[0]
-    handle_exit = first.handle_exit
+    last = servers[-1]
+    handle_exit = last.handle_exit
 
     def on_signal(sig: int, frame: Any) -> None:
-        # uvicorn installs one server's handler; it must reach every server.
+        # uvicorn installs one server's handler: it stops that server (the last), which
+        # stops the others in turn; a second Ctrl-C (force) reaches every one at once.
         handle_exit(sig, frame)
-        for s in servers[1:]:
-            s.should_exit, s.force_exit = first.should_exit, first.force_exit
+        if last.force_exit:
+            for s in servers:
+                s.should_exit = s.force_exit = True
 
-    first.handle_exit = on_signal  # type: ignore[method-assign]
+    last.handle_exit = on_signal  # type: ignore[method-assign]
 
     async def serve_one(server: uvicorn.Server) -> None:
         # uvicorn exits (SystemExit) when a start-up fails, a port taken say: caught here,
@@ -149,20 +152,21 @@ def serve_together(servers: list[uvicorn.Server]) -> None:
             await server._serve()
 
     async def main() -> None:
-        with first.capture_signals():
+        with last.capture_signals():
             tasks = [asyncio.create_task(serve_one(s)) for s in servers]
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for s in servers:
-                    s.should_exit = True
-                results = await asyncio.gather(*tasks, return_exceptions=True)
-            for r in results:
+                for server, task in zip(reversed(servers), reversed(tasks), strict=True):
+                    server.should_exit = True
+                    await asyncio.wait([task])
+            for r in await asyncio.gather(*tasks, return_exceptions=True):
                 if isinstance(r, BaseException):
                     raise r
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio_run(main(), loop_factory=first.config.get_loop_factory())
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
+            loop_factory=last.config.get_loop_factory()) as runner:
+        runner.run(main())
     if not all(s.started for s in servers):
         raise SystemExit(3)
 

@@ -57,7 +57,8 @@ def run_together(parts: list[tuple[FastAPI, CommonSettings, str, int, Picker | N
                  ) -> None:
     """:func:`run` for several apps (app, its settings, host, port, fast lane) in one process
     and event loop (services.node)."""
-    open_files = raise_open_files()
+    # The servers share the process's open files: each gets its share for its connections.
+    open_files = raise_open_files() // len(parts)
     servers = []
     for app, settings, host, port, fast in parts:
         limits = Limits.of(settings, open_files)

@@ -8,7 +8,8 @@ future resolved by the parser; a streamed answer goes to a :class:`Sink` from th
 ``data_received``, one call per socket read, so an event is never re-buffered or delayed by a
 task switch.
 
-Timeouts: connecting is bounded by ``connect_timeout_s``; a response that sends nothing for
+Timeouts: connecting is bounded by ``connect_timeout_s`` (past it, an :class:`UpstreamError`:
+nothing was sent, so another upstream may take the request); a response that sends nothing for
 ``read_timeout_s`` (before its headers or between body reads) fails with
 :class:`UpstreamTimeout`, checked by one sweeper task per pool instead of a timer per read.
 """
@@ -470,7 +471,9 @@ class Pool:
                 _, conn = await loop.create_connection(lambda: _Conn(self, (host, port)),
                                                        host, port)
         except TimeoutError as e:
-            raise UpstreamTimeout(f"connecting to {host}:{port} timed out") from e
+            # Nothing was sent: another upstream may take the request (UpstreamError).
+            raise UpstreamError(f"connecting to {host}:{port} timed out",
+                                code="upstream_unreachable") from e
         except OSError as e:
             raise UpstreamError(f"upstream {host}:{port} unreachable: {e.strerror or e}",
                                 code="upstream_unreachable") from e

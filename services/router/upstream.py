@@ -211,8 +211,11 @@ class Upstreams:
                         call.request_id.encode("latin-1"), traceparent, call.body)
                 else:
                     ex = await self._send_http(url, call, traceparent)
-            except (UpstreamError, NoCapacity) as e:  # NoCapacity: in process, not serving
+            except UpstreamError as e:
                 raise _Retry(e) from e
+            except NoCapacity as e:  # in process: the worker's refusal, worded as its 503 is
+                raise _Retry(NoCapacity(f"replica {worker} is not ready: {e.message}",
+                                        retry_after_s=self.retry_after_s)) from e
             if ex.status in _RETRYABLE:
                 raise _Retry(await self._refusal(worker, ex))
             content = None

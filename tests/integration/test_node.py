@@ -154,12 +154,31 @@ def test_the_routers_read_timeout_holds_in_process(cluster: Cluster) -> None:
 def test_one_sigterm_stops_router_worker_and_engines(cluster: Cluster) -> None:
     cluster.manager()
     node = cluster.node("w1")
-    assert register(node, "m", engine="sim").status_code == 201
+    assert register(node, "m", engine="sim", extra_args=["--itl", "0.05"]).status_code == 201
     wait_serving(node, "m")
     engine_pid = int(_instance(node, "m")["pid"])
-    assert node.popen is not None
-    os.kill(node.popen.pid, signal.SIGTERM)  # the node alone, not its process group
-    node.popen.wait(timeout=30)
+    got: list[list[str] | BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append(_stream(node, "m", 40))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            got.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        wait_until(lambda: _instance(node, "m")["inflight"] == "1", 10, interval=0.05,
+                   what="a stream in flight")
+        assert node.popen is not None
+        os.kill(node.popen.pid, signal.SIGTERM)  # the node alone, not its process group
+        node.popen.wait(timeout=30)
+    finally:
+        reader.join(30)
+    # The router drained its stream (2 s, within its graceful shutdown) before the worker
+    # stopped the engine that was sending it.
+    assert len(got) == 1 and isinstance(got[0], list), got
+    assert got[0][-1] == "data: [DONE]" and not any('"error"' in x for x in got[0]), got
 
     def gone(pid: int) -> bool:
         try:

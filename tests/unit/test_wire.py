@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -329,6 +330,32 @@ async def test_unreachable_upstream_is_an_upstream_error() -> None:
         await send(pool, url)
     assert e.value.code == "upstream_unreachable"
     await pool.close()
+
+
+async def test_a_connection_not_made_in_time_is_an_upstream_error() -> None:
+    # A listener that never accepts, its queue full: the next connect waits for an answer
+    # to its SYN that never comes. Nothing was sent, so it may be tried elsewhere (the
+    # router's failover catches UpstreamError, and not a read timeout).
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filled = []
+        try:
+            for _ in range(8):  # the kernel's queue for a backlog of 0 is one or two
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(("127.0.0.1", port))
+                filled.append(c)
+            pool = Pool(0.3, 5)
+            with pytest.raises(UpstreamError) as e:
+                await asyncio.wait_for(send(pool, f"http://127.0.0.1:{port}"), 5)
+            assert e.value.code == "upstream_unreachable"
+            assert "timed out" in e.value.message
+            await pool.close()
+        finally:
+            for c in filled:
+                c.close()
 
 
 async def test_silent_upstream_times_out() -> None:
