@@ -109,23 +109,17 @@ def start_pool(children: Children, run_dir: Path, extra_env: dict[str, str] | No
     pool = Pool(redis_url, {}, {"redis": redis_pid})
     for name in ("manager", "worker", "router"):
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
         env |= {f"{name.upper()}_HOST": "127.0.0.1", f"{name.upper()}_PORT": str(port)}
-        pool.urls[name] = url
-        if name == "worker":
-            env["WORKER_URL"] = url
-            if node:
-                continue  # started with the router, below
-        module = "node" if node and name == "router" else name
-        child = "node" if module == "node" else tag + name
+        pool.urls[name] = f"http://127.0.0.1:{port}"
+    env["WORKER_URL"] = pool.urls["worker"]
+    for module in ("manager", "node") if node else ("manager", "worker", "router"):
+        child = module if module == "node" else tag + module
         proc = children.start(
             child, pinned(SERVER_CORE, [PYTHON, "-m", f"services.{module}.main"]), dict(env)
         )
-        wait_http(f"{url}/health", proc, children.log(child), 60)
-        pool.pids[name] = proc.pid
-        if module == "node":
-            pool.pids["worker"] = proc.pid
-            wait_http(f"{pool.urls['worker']}/health", proc, children.log(child), 60)
+        for name in ("worker", "router") if module == "node" else (module,):
+            wait_http(f"{pool.urls[name]}/health", proc, children.log(child), 60)
+            pool.pids[name] = proc.pid
     return pool
 
 

@@ -11,24 +11,18 @@ given up: the two fail and restart together, and the router runs as one process
 
 from __future__ import annotations
 
-import logging
-import os
-
 from services.router import main as router_main
 from services.worker import main as worker_main
 from shared.exposure import enforce
 from shared.logs import setup_logging
 from shared.service import pin_mmap_threshold, run_together
 from shared.settings import RouterSettings, WorkerSettings
-from shared.wire import Pool
-
-logger = logging.getLogger(__name__)
 
 
 def main() -> None:
     worker = WorkerSettings()
     router = RouterSettings()
-    if os.environ.get("ROUTER_PROCESSES", "1").strip() not in ("", "1"):
+    if "router_processes" in router.model_fields_set and router.router_processes != 1:
         raise SystemExit("services.node runs one router process beside its worker: unset "
                          "ROUTER_PROCESSES or set it to 1 (run routers of several processes "
                          "apart, with services.router.main)")
@@ -37,12 +31,11 @@ def main() -> None:
     pin_mmap_threshold()  # large relayed reads go back to the system once sent
     enforce(worker_main.worker_exposure(worker))
     enforce(router_main.router_exposure(router))
-    worker_app = worker_main.create_app(worker)
-    in_process = worker_app.state.in_process
     # The router's requests wait on the engine as long as they would on a worker (its
     # UPSTREAM_*_TIMEOUT_S), not as long as the worker's proxy waits (an hour).
-    in_process.pool = Pool(router.upstream_connect_timeout_s, router.upstream_read_timeout_s)
-    router_app = router_main.create_app(router, in_process=in_process)
+    worker_app = worker_main.create_app(worker, (router.upstream_connect_timeout_s,
+                                                 router.upstream_read_timeout_s))
+    router_app = router_main.create_app(router, in_process=worker_app.state.in_process)
     run_together([
         (worker_app, worker, worker.worker_host, worker.worker_port, worker_app.state.fast_lane),
         (router_app, router, router.router_host, router.router_port, router_app.state.fast_lane),

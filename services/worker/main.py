@@ -43,7 +43,11 @@ def worker_exposure(settings: WorkerSettings) -> Exposure:
                      "INTERNAL_TOKEN": settings.internal_token}, settings.allow_insecure)
 
 
-def create_app(settings: WorkerSettings) -> FastAPI:
+def create_app(settings: WorkerSettings,
+               in_process_timeouts: tuple[float, float] | None = None) -> FastAPI:
+    """``in_process_timeouts`` (connect, read): also a proxy for a router in this process
+    (services.node) as ``app.state.in_process``, its own engine connections timed out as
+    that router's are."""
     store = open_store(settings)
     client = make_client(5.0, 3600.0)  # control calls to engines: health, sleep, metrics
     upstream = Pool(5.0, 3600.0)  # the request hot path
@@ -54,12 +58,12 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         env_passthrough=parse_passthrough(settings.engine_env_passthrough))
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry, settings.worker_id) if settings.metrics else None
-    in_process: proxy.InProcess | None = None
-
-    def heard_from(base_url: str) -> float:
+    local = Pool(*in_process_timeouts) if in_process_timeouts else None
+    heard_from = upstream.heard_from
+    if local is not None:
         # An engine answering requests is alive, whichever pool carried them.
-        heard = upstream.heard_from(base_url)
-        return heard if in_process is None else max(heard, in_process.pool.heard_from(base_url))
+        def heard_from(base_url: str) -> float:
+            return max(upstream.heard_from(base_url), local.heard_from(base_url))
 
     supervisor = Supervisor(store, settings, drivers, client, metrics, heard_from)
     nudger = Nudger(store)
@@ -86,8 +90,8 @@ def create_app(settings: WorkerSettings) -> FastAPI:
             await store.unregister_worker_alive(settings.worker_id)
         await client.aclose()
         await upstream.close()
-        if in_process is not None:
-            await in_process.pool.close()
+        if local is not None:
+            await local.close()
         await store.close()
         if tracing is not None:
             tracing.shutdown()
@@ -100,9 +104,8 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         install_metrics(app, metrics, settings, supervisor, agent, client)
     app.state.fast_lane = proxy.picker(proxy.fast_handler(
         supervisor, upstream, settings.internal_token, settings.max_body_bytes, tracing))
-    # For a router sharing this process (services.node), which sets the pool's timeouts.
-    in_process = proxy.InProcess(settings.worker_id, supervisor, Pool(5.0, 3600.0), tracing)
-    app.state.in_process = in_process
+    if local is not None:
+        app.state.in_process = proxy.InProcess(settings.worker_id, supervisor, local, tracing)
     return app
 
 

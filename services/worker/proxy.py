@@ -235,8 +235,8 @@ class InProcess:
                  tracing: Tracing | None = None) -> None:
         self.worker_id = worker_id
         self.supervisor = supervisor
-        # Its own, timed out as the router's (services.node sets it); the health check hears
-        # from it as from the worker's (an engine answering requests is not hung).
+        # Its own, timed out as the router's; the health check hears from it as from the
+        # worker's (an engine answering requests is not hung).
         self.pool = pool
         self.tracing = tracing
         self.requests = 0  # sent in process since the start, for /health and tests
