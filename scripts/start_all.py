@@ -58,23 +58,30 @@ TOKENS = ("ADMIN_TOKEN", "INTERNAL_TOKEN", "API_TOKEN")
 
 def load_tokens(path: Path) -> dict[str, str]:
     """The pool's tokens, generated on the first run and kept in ``path`` (mode 0600) so that
-    clients keep working across restarts. A token set in the environment wins."""
+    clients keep working across restarts. A token set in the environment wins, and is then
+    what ``path`` holds too: the file is what users source, so it must hold the tokens in
+    use (a generated one beside a different one in use gave 401 to whoever sourced it)."""
     saved: dict[str, str] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             name, _, value = line.partition("=")
             if name in TOKENS and value:
                 saved[name] = value
-    missing = [n for n in TOKENS if n not in saved]
-    if missing:
-        saved |= {n: secrets.token_urlsafe(32) for n in missing}
+    in_use = {n: os.environ.get(n) or saved.get(n) or secrets.token_urlsafe(32)
+              for n in TOKENS}
+    if in_use != saved:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.writelines(f"{n}={saved[n]}\n" for n in TOKENS)
-        print(f"  generated tokens in {path} (mode 0600)")
+            f.writelines(f"{n}={in_use[n]}\n" for n in TOKENS)
+        generated = [n for n in TOKENS if n not in saved and not os.environ.get(n)]
+        taken = [n for n in TOKENS if os.environ.get(n) and os.environ[n] != saved.get(n)]
+        if generated:
+            print(f"  generated {', '.join(generated)} in {path} (mode 0600)")
+        if taken:
+            print(f"  wrote {', '.join(taken)} from the environment to {path}")
     os.chmod(path, 0o600)
-    return {n: os.environ.get(n) or saved[n] for n in TOKENS}
+    return in_use
 
 
 def choose_engine() -> tuple[str, str]:
