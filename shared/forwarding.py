@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from shared.errors import ApiError
 from shared.fastlane import PASS_HEADERS, STREAM_BROKEN
@@ -32,6 +32,25 @@ async def _chunks(ex: Exchange, sse: bool) -> AsyncIterator[bytes]:
             yield STREAM_BROKEN
 
 
+class _Relayed(StreamingResponse):
+    """A streamed answer whose ``over`` runs once it is over, however it ended: also when
+    its task is cancelled (a shutdown's timeout), which skips a Starlette background task,
+    so an in-flight count or an admission slot would stay taken."""
+
+    def __init__(self, ex: Exchange, sse: bool, headers: dict[str, str],
+                 over: Callable[[], None]) -> None:
+        super().__init__(_chunks(ex, sse), status_code=ex.status, headers=headers)
+        self._over: Callable[[], None] | None = over
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            over, self._over = self._over, None
+            if over is not None:
+                over()
+
+
 def relay(
     ex: Exchange, on_close: Callable[[], None] | None = None, request_id: bytes | None = None,
 ) -> StreamingResponse:
@@ -39,7 +58,7 @@ def relay(
     ``on_close`` runs once the response is over, however it ended."""
     sse = (ex.header(b"content-type") or b"").startswith(b"text/event-stream")
 
-    async def close() -> None:
+    def over() -> None:
         ex.close()
         if on_close is not None:
             on_close()
@@ -49,5 +68,4 @@ def relay(
         # Kept, so a relayed answer is framed as the engine framed it; one that ends short
         # is then cut (the connection closes), never passed off as complete.
         headers["content-length"] = str(ex.length)
-    return StreamingResponse(_chunks(ex, sse), status_code=ex.status, headers=headers,
-                             background=BackgroundTask(close))
+    return _Relayed(ex, sse, headers, over)

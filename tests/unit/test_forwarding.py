@@ -1,0 +1,90 @@
+"""shared/forwarding.py's relay through the ASGI app: its ``on_close`` runs once the answer is
+over, however it ended (an in-flight count or an admission slot hangs on it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.types import Message
+
+from shared.forwarding import relay
+from shared.wire import Pool
+
+
+async def _slow_sse(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    await r.readuntil(b"\r\n\r\n")
+    await r.readexactly(2)
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+    for i in range(2):
+        event = b"data: %d\n\n" % i
+        w.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await w.drain()
+        await asyncio.sleep(0.05)
+    if r.at_eof():
+        return
+    await asyncio.sleep(30)  # then silent: the answer is over only when it is ended
+
+
+@asynccontextmanager
+async def upstream() -> AsyncIterator[str]:
+    server = await asyncio.start_server(_slow_sse, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+class Client:
+    """An ASGI server's side of one response: what was sent, and a disconnect on demand."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.gone = asyncio.Event()
+        self.body = asyncio.Event()
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+        if message.get("body"):
+            self.body.set()
+
+    async def receive(self) -> Message:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+         "http_version": "1.1", "method": "POST", "path": "/"}
+
+
+async def test_on_close_runs_once_when_the_answer_is_cancelled() -> None:
+    pool = Pool(2, 30)
+    closed: list[int] = []
+    async with upstream() as url:
+        ex = await pool.send(url, b"POST", b"/", b"", b"{}")
+        response = relay(ex, on_close=lambda: closed.append(1))
+        client = Client()
+        task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+        await asyncio.wait_for(client.body.wait(), 5)
+        task.cancel()  # what a shutdown's timeout does to a request still streaming
+        await asyncio.gather(task, return_exceptions=True)
+        assert closed == [1]
+        assert ex._conn is None  # the upstream connection was closed, stopping the engine
+    await pool.close()
+
+
+async def test_on_close_runs_once_when_the_client_goes() -> None:
+    pool = Pool(2, 30)
+    closed: list[int] = []
+    async with upstream() as url:
+        ex = await pool.send(url, b"POST", b"/", b"", b"{}")
+        response = relay(ex, on_close=lambda: closed.append(1))
+        client = Client()
+        task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+        await asyncio.wait_for(client.body.wait(), 5)
+        client.gone.set()
+        await asyncio.wait_for(task, 5)
+        assert closed == [1]
+    await pool.close()
