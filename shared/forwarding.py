@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from starlette.responses import StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from shared.errors import ApiError
@@ -40,15 +41,22 @@ class _Relayed(StreamingResponse):
     def __init__(self, ex: Exchange, sse: bool, headers: dict[str, str],
                  over: Callable[[], None]) -> None:
         super().__init__(_chunks(ex, sse), status_code=ex.status, headers=headers)
-        self._over: Callable[[], None] | None = over
+        self._over: list[Callable[[], None]] | None = [over]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             over, self._over = self._over, None
-            if over is not None:
-                over()
+            for then in over or ():
+                then()
+
+    def then(self, then: Callable[[], None]) -> None:
+        """Run ``then`` too once the answer is over (after what is already to run)."""
+        if self._over is None:
+            then()
+        else:
+            self._over.append(then)
 
 
 def relay(
@@ -69,3 +77,21 @@ def relay(
         # is then cut (the connection closes), never passed off as complete.
         headers["content-length"] = str(ex.length)
     return _Relayed(ex, sse, headers, over)
+
+
+def when_over(response: Response, then: Callable[[], None]) -> None:
+    """Run ``then`` once ``response`` is over: for a relayed answer however it ended (see
+    :class:`_Relayed`); for any other, after its own background task, if any."""
+    if isinstance(response, _Relayed):
+        response.then(then)
+        return
+    before = response.background
+
+    async def run() -> None:
+        try:
+            if before is not None:
+                await before()
+        finally:
+            then()
+
+    response.background = BackgroundTask(run)

@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -34,6 +33,7 @@ from shared.apikeys import KeyRecord
 from shared.engine_api import FORM_PATHS, JSON_PATHS, PROMPT_PATHS, not_served, serves
 from shared.errors import ApiError, BadRequest, ModelNotFound, NotFound, Unauthorized, clip
 from shared.fastlane import Handler, Lane, Picker, keep_tail, pass_headers, request_id_of
+from shared.forwarding import when_over
 from shared.http import (
     ClientGone,
     body_stream,
@@ -317,26 +317,12 @@ def _ticketed(gate: Gate, ticket: Ticket, response: Response) -> bytearray | Non
         gate.finish(ticket, response.status_code, usage_of_body(content))
         return None
     tail = bytearray()
-    _after(response, partial(_finish_stream, gate, ticket, response.status_code, tail))
+    when_over(response, partial(_finish_stream, gate, ticket, response.status_code, tail))
     return tail
 
 
 def _finish_stream(gate: Gate, ticket: Ticket, status: int, tail: bytearray) -> None:
     gate.finish(ticket, status, usage_of_stream(bytes(tail)) if tail else None)
-
-
-def _after(response: Response, then: Callable[[], None]) -> None:
-    """Run ``then`` once ``response`` is over (after its own background task, if any)."""
-    before = response.background
-
-    async def run() -> None:
-        try:
-            if before is not None:
-                await before()
-        finally:
-            then()
-
-    response.background = BackgroundTask(run)
 
 
 def build_routes(
@@ -457,7 +443,7 @@ async def _forward(request: Request, forwarder: Forwarder, model: StoredModel,
         except BaseException:
             call.upload.close()
             raise
-        _after(response, call.upload.close)
+        when_over(response, call.upload.close)
         return response
     if call.stream:
         # Once streaming, Starlette cancels the relay when the client goes away.

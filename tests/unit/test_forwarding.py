@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from starlette.types import Message
 
-from shared.forwarding import relay
+from shared.forwarding import relay, when_over
 from shared.wire import Pool
 
 
@@ -65,12 +65,14 @@ async def test_on_close_runs_once_when_the_answer_is_cancelled() -> None:
     async with upstream() as url:
         ex = await pool.send(url, b"POST", b"/", b"", b"{}")
         response = relay(ex, on_close=lambda: closed.append(1))
+        # What the router hangs on a key's streamed answer: its ticket's end.
+        when_over(response, lambda: closed.append(2))
         client = Client()
         task = asyncio.create_task(response(SCOPE, client.receive, client.send))
         await asyncio.wait_for(client.body.wait(), 5)
         task.cancel()  # what a shutdown's timeout does to a request still streaming
         await asyncio.gather(task, return_exceptions=True)
-        assert closed == [1]
+        assert closed == [1, 2]
         assert ex._conn is None  # the upstream connection was closed, stopping the engine
     await pool.close()
 
