@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     children = Children(run_dir / "logs")
     with interruptible():
         try:
-            pool = start_pool(children, run_dir, {"ADMIN_TOKEN": ADMIN})
+            # Engines on loopback ports: the bench reads their counters over TCP.
+            pool = start_pool(children, run_dir, {"ADMIN_TOKEN": ADMIN, "ENGINE_SOCKETS": "tcp"})
             keys, engines = setup(pool)
             result = asyncio.run(measure(pool, keys, engines, args.duration))
         except BaseException:

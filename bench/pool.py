@@ -93,8 +93,10 @@ def service_env(redis_url: str, state_dir: Path) -> dict[str, str]:
         # One router process (all servers share one core); bench.processes sets more.
         "ROUTER_PROCESSES": "1",
         # Likewise METRICS=false / ACCESS_LOG=false measure the pool without its metrics or
-        # its access log (docs/observability.md's cost figures).
-        **{k: os.environ[k] for k in ("METRICS", "ACCESS_LOG") if k in os.environ},
+        # its access log (docs/observability.md's cost figures), ENGINE_SOCKETS=tcp with its
+        # engines on loopback ports instead of Unix sockets (docs/performance.md).
+        **{k: os.environ[k] for k in ("METRICS", "ACCESS_LOG", "ENGINE_SOCKETS")
+           if k in os.environ},
     }
 
 
@@ -127,27 +129,32 @@ def register_models(pool: Pool, timeout_s: float = 60,
                     aliases: dict[str, list[str]] | None = None) -> None:
     aliases = ALIASES if aliases is None else aliases
     router = pool.urls["router"]
+    # The pool reaches each engine on its Unix socket (ENGINE_SOCKETS=unix, the default); the
+    # configurations that talk to the engine itself (direct, nginx, vllm-router) over TCP
+    # use the loopback port the simulated engine also serves with --sim-port.
+    ports = {alias: free_port() for alias in aliases}
     for alias, extra in aliases.items():
         spec = {"alias": alias, "model_name": f"sim/{alias}", "engine": "sim",
-                "extra_args": extra}
+                "extra_args": [*extra, "--sim-port", str(ports[alias])]}
         httpx.post(f"{router}/admin/models/register", json=spec, timeout=10).raise_for_status()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pool.engines = _running_engines(router)
+        pool.engines = _running_engines(router, ports)
         if set(pool.engines) == set(aliases) and all(_answers(router, a) for a in aliases):
             return
         time.sleep(0.2)
     raise SystemExit(f"models not serving after {timeout_s:.0f}s: {sorted(pool.engines)}")
 
 
-def _running_engines(router: str) -> dict[str, Engine]:
+def _running_engines(router: str, ports: dict[str, int]) -> dict[str, Engine]:
     """alias -> its engine's loopback URL and pid, from the pool's own status."""
     status = httpx.get(f"{router}/admin/status", timeout=10).json()
     out = {}
     for model in status["models"]:
         for inst in model["instances"]:
-            if inst.get("state") == "RUNNING" and int(inst.get("port", 0)):
-                out[model["alias"]] = Engine(model["alias"], f"http://127.0.0.1:{inst['port']}",
+            if inst.get("state") == "RUNNING" and int(inst.get("pid", 0)):
+                port = ports[model["alias"]] if inst.get("socket") else int(inst["port"])
+                out[model["alias"]] = Engine(model["alias"], f"http://127.0.0.1:{port}",
                                              int(inst["pid"]))
     return out
 

@@ -54,7 +54,9 @@ def start(children: Children, run_dir: Path) -> dict[str, str]:
         url = f"http://127.0.0.1:{port}"
         env = service_env(redis_url, run_dir / f"state-{name}") | extra | {
             f"{service.upper()}_HOST": "127.0.0.1", f"{service.upper()}_PORT": str(port),
-            "WORKER_ID": name, "WORKER_URL": url}
+            "WORKER_ID": name, "WORKER_URL": url,
+            # Engines on loopback ports: the bench reads their counters over TCP.
+            "ENGINE_SOCKETS": "tcp"}
         proc = children.start(name, pinned(SERVER_CORE, [PYTHON, "-m",
                                                          f"services.{service}.main"]), env)
         wait_http(f"{url}/health", proc, children.log(name), 60)

@@ -89,6 +89,7 @@ _SIM: dict[str, ArgKind] = {
     "--embedding-dim": ArgKind.NUMBER,
     "--max-tokens-default": ArgKind.NUMBER,
     "--prefix-cache-blocks": ArgKind.NUMBER,
+    "--sim-port": ArgKind.NUMBER,
     "--dtype": ArgKind.TEXT,
     "--seed": ArgKind.NUMBER,
     "--max-num-seqs": ArgKind.NUMBER,

@@ -208,6 +208,9 @@ class WorkerSettings(CommonSettings):
     # GPU_BACKEND=fake: a JSON list of GPUs (index, memory_total_mb, memory_used_mb, ...).
     fake_gpus: str = "[]"
     reconcile_interval_s: float = Field(default=1.0, gt=0)
+    # "unix": engines that can (vLLM with --uds, the sim engine) serve on a Unix socket in a
+    # directory only this worker's user can enter; "tcp": every engine on a loopback port.
+    engine_sockets: Literal["unix", "tcp"] = "unix"
     engine_start_timeout_s: float = Field(default=900.0, gt=0)
     engine_stop_grace_s: float = Field(default=15.0, gt=0)
     engine_retry_base_s: float = Field(default=5.0, gt=0)

@@ -8,6 +8,10 @@ future resolved by the parser; a streamed answer goes to a :class:`Sink` from th
 ``data_received``, one call per socket read, so an event is never re-buffered or delayed by a
 task switch.
 
+An upstream is ``http://host:port`` or, for an engine on a Unix socket (the worker's default:
+vLLM's ``--uds``), ``http+unix://`` and the socket's path, percent-encoded
+(:func:`unix_url`).
+
 Timeouts: connecting is bounded by ``connect_timeout_s`` (past it, an :class:`UpstreamError`:
 nothing was sent, so another upstream may take the request); a response that sends nothing for
 ``read_timeout_s`` (before its headers or between body reads) fails with
@@ -22,7 +26,7 @@ import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Protocol, cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import httptools
 
@@ -43,11 +47,20 @@ class Sink(Protocol):
     def end(self, data: bytes, error: Exception | None) -> None: ...
 
 
+def unix_url(path: str) -> str:
+    """The base URL of an HTTP server on the Unix socket at ``path``."""
+    return "http+unix://" + quote(path, safe="")
+
+
 @functools.lru_cache(maxsize=4096)
 def _target(base_url: str) -> tuple[str, int, bytes]:
+    """(host, port, Host header) of ``base_url``; for a Unix socket (its path, 0, localhost)."""
     parts = urlsplit(base_url)
+    if parts.scheme == "http+unix" and parts.netloc:
+        return unquote(parts.netloc), 0, b"localhost"
     if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"only http:// upstreams are supported, not {base_url!r}")
+        raise ValueError(f"only http:// and http+unix:// upstreams are supported, not "
+                         f"{base_url!r}")
     port = parts.port or 80
     return parts.hostname, port, f"{parts.hostname}:{port}".encode()
 
@@ -466,16 +479,21 @@ class Pool:
 
     async def _connect(self, host: str, port: int) -> _Conn:
         loop = asyncio.get_running_loop()
+        where = f"{host}:{port}" if port else f"unix:{host}"
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Conn(self, (host, port)),
-                                                       host, port)
+                if port:
+                    _, conn = await loop.create_connection(
+                        lambda: _Conn(self, (host, port)), host, port)
+                else:  # a Unix socket (port 0: see _target)
+                    _, conn = await loop.create_unix_connection(
+                        lambda: _Conn(self, (host, port)), host)
         except TimeoutError as e:
             # Nothing was sent: another upstream may take the request (UpstreamError).
-            raise UpstreamError(f"connecting to {host}:{port} timed out",
+            raise UpstreamError(f"connecting to {where} timed out",
                                 code="upstream_unreachable") from e
         except OSError as e:
-            raise UpstreamError(f"upstream {host}:{port} unreachable: {e.strerror or e}",
+            raise UpstreamError(f"upstream {where} unreachable: {e.strerror or e}",
                                 code="upstream_unreachable") from e
         return conn
 

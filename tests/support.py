@@ -210,15 +210,36 @@ def model_status(router: Proc, alias: str, token: str | None = None) -> dict[str
     return None
 
 
-def engines(router: Proc, alias: str) -> dict[str, int]:
-    """worker -> port of the RUNNING simulated engine of ``alias`` there."""
+def engine_address(inst: dict[str, str]) -> str:
+    """Where the engine of an instance record serves: its Unix socket's path (the worker's
+    default) or, for one on a loopback port, ``127.0.0.1:PORT``."""
+    return inst.get("socket") or f"127.0.0.1:{int(inst['port'])}"
+
+
+def engine_http(address: str, timeout: float = 5) -> httpx.Client:
+    """A client for the engine at ``address`` (see :func:`engine_address`); paths are
+    relative to the engine's root."""
+    if address.startswith("/"):
+        return httpx.Client(transport=httpx.HTTPTransport(uds=address),
+                            base_url="http://localhost", timeout=timeout)
+    return httpx.Client(base_url=f"http://{address}", timeout=timeout)
+
+
+def engine_call(address: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    with engine_http(address) as client:
+        return client.request(method, path, **kwargs)
+
+
+def engines(router: Proc, alias: str) -> dict[str, str]:
+    """worker -> address of the RUNNING simulated engine of ``alias`` there."""
     m = model_status(router, alias)
     assert m is not None
-    return {i["worker_id"]: int(i["port"]) for i in m["instances"] if i["state"] == "RUNNING"}
+    return {i["worker_id"]: engine_address(i) for i in m["instances"]
+            if i["state"] == "RUNNING"}
 
 
-def sim_stats(port: int) -> dict[str, Any]:
-    return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json())
+def sim_stats(address: str) -> dict[str, Any]:
+    return dict(engine_call(address, "GET", "/sim/stats").json())
 
 
 def running_on(router: Proc, alias: str, token: str | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m services.sim_engine --model M --port P [...]``.
+"""Entry point: ``python -m services.sim_engine --model M (--port P | --uds PATH) [...]``.
 
 Same life cycle as ``vllm serve``: load (the start-up delay) before the port is bound, so a
 bound port means ready; a failed load exits 1; SIGTERM shuts down within about two seconds.
@@ -6,6 +6,7 @@ bound port means ready; a failed load exits 1; SIGTERM shuts down within about t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -41,6 +42,18 @@ def quiet_collector() -> int:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, where: list[str],
+                 uds: str | None = None) -> None:
+        super().__init__(config)
+        self.where = where  # what it listens on, for the log line the worker reads
+        self.uds = uds
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.uds is not None:  # here: uvicorn then re-raises the signal that stopped it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.uds)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
@@ -49,8 +62,25 @@ class _Server(uvicorn.Server):
                 f"{GEN0_THRESHOLD} allocations")
             # uvicorn logs at warning level here (its access log is too costly), so say what
             # its own info lines would have said; the worker tails them.
-            url = f"http://{self.config.host}:{self.config.port}"
-            log(f"Uvicorn running on {url} (Press CTRL+C to quit)")
+            for where in self.where:
+                log(f"Uvicorn running on {where} (Press CTRL+C to quit)")
+
+
+def _listeners(config: EngineConfig) -> list[socket.socket]:
+    """With --uds (vLLM's flag), the Unix socket, as vLLM binds it (a stale file from an
+    earlier run removed first), and the --sim-port too when given."""
+    assert config.uds is not None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(config.uds)
+    uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    uds.bind(config.uds)
+    out = [uds]
+    if config.sim_port is not None:
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(("127.0.0.1", config.sim_port))
+        out.append(tcp)
+    return out
 
 
 def serve(config: EngineConfig) -> int:
@@ -64,9 +94,15 @@ def serve(config: EngineConfig) -> int:
         access_log=False,
         timeout_graceful_shutdown=1,
     )
-    server = _Server(uv_config)
     log(f"Started server process [{os.getpid()}]")
-    server.run()
+    if config.uds is None:
+        server = _Server(uv_config, [f"http://{config.host}:{config.port}"])
+        server.run()
+    else:
+        sockets = _listeners(config)
+        server = _Server(uv_config, [f"unix socket {config.uds}"] + [
+            f"http://127.0.0.1:{config.sim_port}"] * (config.sim_port is not None), config.uds)
+        server.run(sockets=sockets)
     return 0 if server.started else 1
 
 

@@ -20,6 +20,8 @@ class EngineConfig:
     served_model_name: str
     host: str
     port: int
+    uds: str | None
+    sim_port: int | None
     max_model_len: int
     max_num_seqs: int
     seed: int | None
@@ -50,7 +52,10 @@ def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    # vLLM's default port; unused with --uds, as in vLLM.
+    parser.add_argument("--port", type=int, default=8000)
+    # vLLM's: serve on this Unix socket instead of host:port (the worker's default).
+    parser.add_argument("--uds", default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -93,6 +98,9 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     # by default the simulator runs every request at once and only reports the excess as
     # waiting), so a saturated replica's latency grows with its load.
     parser.add_argument("--enforce-max-num-seqs", action="store_true")
+    # With --uds, also serve on this loopback port: benchmarks measure clients talking to
+    # the engine itself (bench/README.md) beside the pool, which uses the socket.
+    parser.add_argument("--sim-port", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +125,8 @@ def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         parser.error("--fail-rate must be between 0 and 1")
     if not 0 <= ns.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if ns.sim_port is not None and (ns.uds is None or not 1 <= ns.sim_port <= 65535):
+        parser.error("--sim-port needs --uds and must be between 1 and 65535")
     positive = ("max_model_len", "max_num_seqs", "embedding_dim", "max_tokens_default",
                 "max_loras")
     for name in positive:
@@ -134,6 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineConfig:
         served_model_name=ns.served_model_name or ns.model,
         host=ns.host,
         port=ns.port,
+        uds=ns.uds,
+        sim_port=ns.sim_port,
         max_model_len=ns.max_model_len,
         max_num_seqs=ns.max_num_seqs,
         seed=ns.seed,

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import httpx
 
-from services.worker.engines.base import EngineDriver, EngineExited, EngineProcess
+from services.worker.engines.base import (
+    EngineDriver,
+    EngineExited,
+    EngineProcess,
+    EngineSockets,
+)
 from services.worker.engines.environment import parse_passthrough
 from services.worker.instance import Instance, host_ram_mb
 from services.worker.lifecycle import Lifecycle
@@ -65,6 +70,7 @@ class Flows:
         self.keeping = keeper_options(settings)
         self.sandbox = Sandbox.from_settings(settings.allow_trust_remote_code,
                                              settings.model_roots)
+        self.sockets = EngineSockets()  # removed by Supervisor.stop_all
 
     def log_path(self, alias: str) -> Path:
         return self.settings.state_dir / self.worker_id / f"{alias}.log"
@@ -84,7 +90,6 @@ class Flows:
             self.metrics.starts.labels(inst.alias, spec.engine).inc()
             if inst.failures:
                 self.metrics.restarts.labels(inst.alias, spec.engine).inc()
-        port = free_port()
         log_path = self.log_path(inst.alias)
         try:
             # The operator's sandbox, again here: the spec may predate it, or not come
@@ -92,12 +97,16 @@ class Flows:
             check_sandbox(spec.engine, spec.model_name, spec.extra_args, self.sandbox)
             driver = self.drivers[spec.engine]
             await driver.prepare()
-            launch = driver.launch(spec, port, inst.assignment)
-        except (KeyError, RuntimeError, PolicyError) as e:
+            uds = self.sockets.new_path() \
+                if self.settings.engine_sockets == "unix" and driver.unix_socket() else None
+            port = 0 if uds else free_port()
+            launch = driver.launch(spec, port, inst.assignment, uds)
+        except (KeyError, RuntimeError, PolicyError, OSError) as e:
             await self.fail(inst, f"cannot launch engine '{spec.engine}' here: {e}")
             return
-        inst.engine = EngineProcess(launch, port, log_path)
-        logger.info("starting %s (%s) on port %d: %s", inst.alias, spec.engine, port, launch.argv)
+        inst.engine = EngineProcess(launch, port, log_path, uds)
+        logger.info("starting %s (%s) on %s: %s", inst.alias, spec.engine,
+                    inst.engine.address, launch.argv)
         try:
             if self.owner is None:
                 raise EngineExited("this worker does not know its pool yet (Redis unreachable)")

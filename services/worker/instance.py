@@ -72,6 +72,7 @@ class Instance:
             "engine": self.model.spec.engine,
             "model_name": self.model.spec.model_name,
             "port": str(e.port if e else 0),
+            "socket": (e.uds or "") if e else "",  # the engine's Unix socket; port 0 then
             "pid": str(e.pid if e and e.pid else 0),
             # The engine's process tree as the worker owns it (services.worker.ownership).
             "pgid": str(rec.pgid if rec else 0),

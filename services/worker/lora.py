@@ -179,7 +179,7 @@ class LoraManager:
     async def _send(self, engine: EngineProcess, path: str, body: dict[str, str],
                     what: str) -> httpx.Response:
         try:
-            return await self.client.post(f"{engine.base_url}{path}", json=body, timeout=300.0)
+            return await engine.post(self.client, path, 300.0, json=dict(body))
         except httpx.HTTPError as e:
             raise UpstreamError(f"{what} failed: {e!r}") from e
 

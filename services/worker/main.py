@@ -119,7 +119,7 @@ def install_metrics(app: FastAPI, metrics: WorkerMetrics, settings: WorkerSettin
 
     @app.get("/metrics/engines", dependencies=[Depends(metrics_guard(settings))])
     async def engines() -> Response:
-        serving = {a: i.engine.base_url for a, i in supervisor.instances.items()
+        serving = {a: i.engine for a, i in supervisor.instances.items()
                    if i.engine is not None and i.state is InstanceState.RUNNING}
         return render(await engine_metrics(client, serving, settings.worker_id))
 

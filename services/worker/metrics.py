@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.worker.engines.base import EngineProcess
 from shared.metrics import SLOW_BUCKETS, FuncCollector
 from shared.models import GpuInfo, InstanceState
 
@@ -86,14 +87,14 @@ class WorkerMetrics:
         self.registry.register(FuncCollector(collect))
 
 
-async def engine_metrics(client: httpx.AsyncClient, engines: dict[str, str],
+async def engine_metrics(client: httpx.AsyncClient, engines: dict[str, EngineProcess],
                          worker_id: str) -> list[Metric]:
-    """The ``/metrics`` of every serving engine (alias -> base URL), merged family by family
-    with ``model`` and ``worker`` labels added; an engine that does not answer is skipped."""
+    """The ``/metrics`` of every serving engine (by alias), merged family by family with
+    ``model`` and ``worker`` labels added; an engine that does not answer is skipped."""
 
-    async def one(alias: str, url: str) -> tuple[str, str]:
+    async def one(alias: str, engine: EngineProcess) -> tuple[str, str]:
         try:
-            r = await client.get(f"{url}/metrics", timeout=_ENGINE_SCRAPE_TIMEOUT_S)
+            r = await engine.get(client, "/metrics", _ENGINE_SCRAPE_TIMEOUT_S)
             return alias, r.text if r.status_code == 200 else ""
         except httpx.HTTPError as e:
             logger.info("metrics of engine %s unreachable: %s", alias, e)

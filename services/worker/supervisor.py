@@ -315,3 +315,4 @@ class Supervisor:
                     await self._stop(alias)
                 except Exception:  # Redis may be gone; the engine is stopped
                     logger.exception("could not record the stop of %s", alias)
+            self.flows.sockets.close()

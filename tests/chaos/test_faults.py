@@ -23,6 +23,8 @@ from tests.support import (
     Cluster,
     Proc,
     RedisServer,
+    engine_address,
+    engine_call,
     free_port,
     register,
     running_on,
@@ -259,7 +261,7 @@ def test_thousand_client_disconnects_abort_everything(cluster: Cluster) -> None:
     assert register(router, "cx", engine="sim", extra_args=["--itl", "0.02"]).status_code == 201
     wait_serving(router, "cx")
     inst = status(router)["models"][0]["instances"][0]
-    engine = f"http://127.0.0.1:{inst['port']}"
+    engine = engine_address(inst)
     assert router.popen is not None
     pid = router.popen.pid
 
@@ -293,12 +295,12 @@ def test_thousand_client_disconnects_abort_everything(cluster: Cluster) -> None:
 
         await asyncio.gather(*(one(start + i) for i in range(n)))
 
-    warm = httpx.get(f"{engine}/sim/stats").json()["completed"]  # warm-up and readiness
+    warm = engine_call(engine, "GET", "/sim/stats").json()["completed"]  # warm-up and readiness
 
     def settled() -> bool:
         # Every generation that reached the engine was aborted; none finished. (A client
         # that hangs up before the router forwards causes no generation at all.)
-        s = httpx.get(f"{engine}/sim/stats").json()
+        s = engine_call(engine, "GET", "/sim/stats").json()
         return bool(s["running"] == 0 and s["aborted"] + s["completed"] == s["requests"])
 
     asyncio.run(wave(100, 0))
@@ -310,7 +312,7 @@ def test_thousand_client_disconnects_abort_everything(cluster: Cluster) -> None:
     took = time.monotonic() - t0
     wait_until(lambda: sockets() <= base_sockets + 2, 10, what="router sockets back to base")
     grew = rss_mb() - base_rss
-    stats = httpx.get(f"{engine}/sim/stats").json()
+    stats = engine_call(engine, "GET", "/sim/stats").json()
     report("1,000 client disconnects (half streamed); time = to settle", [], took,
            f"engine: {stats['aborted']} generations started, all aborted, none completed; "
            f"router sockets {base_sockets} -> {sockets()}; RSS +{grew:.1f} MB", sent=1000)

@@ -14,7 +14,16 @@ import openai
 import pytest
 
 from tests.integration.test_vllm_api import form, instances, wav
-from tests.support import Cluster, Proc, engines, register, sim_stats, wait_serving, wait_until
+from tests.support import (
+    Cluster,
+    Proc,
+    engine_call,
+    engines,
+    register,
+    sim_stats,
+    wait_serving,
+    wait_until,
+)
 
 BODY_LIMIT = 64 * 1024
 AUDIO_LIMIT = 2 * 1024 * 1024
@@ -133,8 +142,8 @@ def test_an_upload_moves_to_another_replica_when_one_fails_before_answering(
     wait_until(lambda: len(engines(router, "asr")) == 2, 30, what="two replicas")
     wait_serving(router, "asr")
     dead, alive = sorted(engines(router, "asr").values())
-    assert httpx.post(f"http://127.0.0.1:{dead}/sim/faults", json={"fail_rate": 1.0},
-                      timeout=5).status_code == 200
+    assert engine_call(dead, "POST", "/sim/faults", json={"fail_rate": 1.0}).status_code \
+        == 200
     audio = wav(1.0)  # 32 KB: within MAX_BODY_BYTES, kept whole for a retry
     served = 0
     for _ in range(20):

@@ -9,7 +9,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Cluster, Proc, chat, model_status, register, running_on, wait_until
+from tests.support import (
+    Cluster,
+    Proc,
+    chat,
+    engine_address,
+    engine_call,
+    model_status,
+    register,
+    running_on,
+    wait_until,
+)
 
 
 def engine_stats(router: Proc, alias: str) -> dict[str, dict[str, Any]]:
@@ -19,7 +29,7 @@ def engine_stats(router: Proc, alias: str) -> dict[str, dict[str, Any]]:
     out = {}
     for inst in m["instances"]:
         if inst["state"] == "RUNNING":
-            r = httpx.get(f"http://127.0.0.1:{inst['port']}/sim/stats", timeout=5)
+            r = engine_call(engine_address(inst), "GET", "/sim/stats")
             out[inst["worker_id"]] = r.json()
     return out
 

@@ -16,6 +16,7 @@ from tests.support import (
     Cluster,
     Proc,
     chat,
+    engine_call,
     engines,
     register,
     running_on,
@@ -24,7 +25,7 @@ from tests.support import (
 )
 
 
-def two_replicas(router: Proc, alias: str) -> dict[str, int]:
+def two_replicas(router: Proc, alias: str) -> dict[str, str]:
     assert register(router, alias, engine="sim", replicas=2).status_code == 201
     wait_until(lambda: sorted(running_on(router, alias)) == ["w1", "w2"], 30,
                what=f"two replicas of {alias}")
@@ -54,7 +55,7 @@ def test_engine_500_is_retried_and_ejects_only_that_models_replica(
     steady = two_replicas(router, "steady")
     # The engine's API server answers, but every request on w1 fails with a 500 (an engine
     # core that died behind a live API server).
-    r = httpx.post(f"http://127.0.0.1:{flaky['w1']}/sim/faults", json={"fail_rate": 1.0})
+    r = engine_call(flaky["w1"], "POST", "/sim/faults", json={"fail_rate": 1.0})
     assert r.status_code == 200
 
     codes = [chat(router, "flaky").status_code for _ in range(20)]
@@ -78,7 +79,7 @@ def test_every_replica_failing_gives_a_502_with_the_reason(cluster: Cluster) -> 
     router = cluster.router()
     ports = two_replicas(router, "down")
     for port in ports.values():
-        httpx.post(f"http://127.0.0.1:{port}/sim/faults", json={"fail_rate": 1.0})
+        engine_call(port, "POST", "/sim/faults", json={"fail_rate": 1.0})
     r = chat(router, "down")
     assert r.status_code == 502, r.text
     assert "simulated engine failure" in r.json()["error"]["message"]

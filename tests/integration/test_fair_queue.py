@@ -19,6 +19,7 @@ from tests.support import (
     Cluster,
     Proc,
     chat,
+    engine_address,
     engines,
     register,
     running_on,
@@ -53,7 +54,7 @@ def at_once(router: Proc, alias: str, n: int, **extra: Any) -> list[httpx.Respon
         return list(pool.map(lambda _: chat(router, alias, **extra), range(n)))
 
 
-def peak_running(port: int, stop: threading.Event) -> list[int]:
+def peak_running(port: str, stop: threading.Event) -> list[int]:
     """Samples of the engine's running requests until ``stop``, in a thread."""
     seen: list[int] = []
 
@@ -242,8 +243,8 @@ def test_the_keys_priority_reaches_a_priority_scheduling_engine(cluster: Cluster
     high = create_key(router, name="h", tenant="t", priority="high")["key"]
     low = create_key(router, name="l", tenant="t", priority="low")["key"]
     serving([router], "vprio", high)
-    port = int(next(i["port"] for m in status(router, ADMIN)["models"] if m["alias"] == "vprio"
-                    for i in m["instances"] if i["state"] == "RUNNING"))
+    port = next(engine_address(i) for m in status(router, ADMIN)["models"]
+                if m["alias"] == "vprio" for i in m["instances"] if i["state"] == "RUNNING")
     assert key_chat(router, "vprio", high, priority=50).status_code == 200
     assert sim_stats(port)["last_priority"] == -10
     assert key_chat(router, "vprio", low, stream=True).status_code == 200

@@ -10,7 +10,16 @@ import httpx
 import redis
 
 from shared.keys import Keys
-from tests.support import Cluster, chat, model_status, register, running_on, wait_until
+from tests.support import (
+    Cluster,
+    chat,
+    engine_address,
+    engine_call,
+    model_status,
+    register,
+    running_on,
+    wait_until,
+)
 
 INTERVAL_S = 1.0
 HEALTH_ENV = {"ENGINE_HEALTH_INTERVAL_S": str(INTERVAL_S), "ENGINE_HEALTH_FAILURES": "3"}
@@ -57,7 +66,7 @@ def test_failing_health_withdraws_route_and_restarts(cluster: Cluster) -> None:
         assert r.hget(routes, "w1")
         with Traffic(router.url) as traffic:
             wait_until(lambda: len(traffic.codes) >= 5, 10, what="traffic flowing")
-            assert httpx.post(f"http://127.0.0.1:{inst['port']}/sim/fail_health").status_code \
+            assert engine_call(engine_address(inst), "POST", "/sim/fail_health").status_code \
                 == 200
             t0 = time.monotonic()
             wait_until(lambda: r.hget(routes, "w1") is None, 10, interval=0.02,

@@ -13,7 +13,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Cluster, Proc, chat, model_status, register, wait_until
+from tests.support import (
+    Cluster,
+    Proc,
+    chat,
+    engine_address,
+    engine_call,
+    model_status,
+    register,
+    wait_until,
+)
 
 ADAPTERS = [f"ad{i}" for i in range(6)]
 LORA_ARGS = ["--enable-lora", "--max-loras", "2", "--lora-load-delay", "0.05"]
@@ -29,8 +38,7 @@ def engine_stats(router: Proc, alias: str) -> dict[str, dict[str, Any]]:
     """worker -> the simulated engine's counters, LoRA events included."""
     m = model_status(router, alias)
     assert m is not None
-    return {i["worker_id"]: httpx.get(f"http://127.0.0.1:{i['port']}/sim/stats",
-                                      timeout=5).json()
+    return {i["worker_id"]: engine_call(engine_address(i), "GET", "/sim/stats").json()
             for i in m["instances"] if i["state"] == "RUNNING"}
 
 

@@ -23,6 +23,7 @@ from tests.support import (
     Proc,
     RedisServer,
     chat,
+    engine_call,
     engines,
     free_port,
     model_status,
@@ -89,7 +90,7 @@ def test_an_in_process_replica_that_fails_hands_the_request_to_another(
     wait_until(lambda: sorted(engines(node, "pair")) == ["w1", "w2"], 30, what="two replicas")
     wait_serving(node, "pair")
     ports = engines(node, "pair")
-    r = httpx.post(f"http://127.0.0.1:{ports['w1']}/sim/fault", json={"dead": True}, timeout=5)
+    r = engine_call(ports["w1"], "POST", "/sim/fault", json={"dead": True})
     assert r.status_code == 200
     ids = [f"node-failover-{i}" for i in range(6)]
     before = _health(node)["in_process_requests"]

@@ -21,6 +21,7 @@ from tests.support import (
     Cluster,
     Proc,
     chat,
+    engine_call,
     engines,
     register,
     running_on,
@@ -119,7 +120,7 @@ def test_router_counts_what_was_sent(cluster: Cluster, fast_lane: str) -> None:
 
     # A failover: every request w1's engine gets fails with a 500 and is retried on w2.
     ports = engines(router, "m")
-    httpx.post(f"http://127.0.0.1:{ports['w1']}/sim/faults", json={"fail_rate": 1.0})
+    engine_call(ports["w1"], "POST", "/sim/faults", json={"fail_rate": 1.0})
     w1_before = sim_stats(ports["w1"])["requests"]
     before = scrape(router)
     sent = 0
@@ -305,7 +306,7 @@ def test_traceparent_passes_through_and_spans_reach_the_collector(
     router = cluster.router(**tracing)
     # Cold: the first request is held while the engine starts (a "hold" span).
     assert register(router, "tr", engine="sim", min_replicas=0).status_code == 201
-    port = 0
+    port = ""
     for streamed in (False, True):
         trace_id = os.urandom(16).hex()
         given = f"00-{trace_id}-{os.urandom(8).hex()}-01"

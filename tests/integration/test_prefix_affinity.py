@@ -9,7 +9,7 @@ import pytest
 
 from services.sim_engine.prefix_cache import BLOCK_CHARS, BLOCK_TOKENS
 from tests.integration.test_balancing import engine_stats, start_two_replicas
-from tests.support import Cluster, Proc, model_status
+from tests.support import Cluster, Proc, engine_address, engine_call, model_status
 
 
 def system_prompt(i: int) -> str:
@@ -29,7 +29,7 @@ def prefix_hits(router: Proc) -> float:
     assert m is not None
     total = 0.0
     for inst in m["instances"]:
-        page = httpx.get(f"http://127.0.0.1:{inst['port']}/metrics", timeout=5).text
+        page = engine_call(engine_address(inst), "GET", "/metrics").text
         total += sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
                      if line.startswith("vllm:prefix_cache_hits_total{"))
     return total
@@ -78,10 +78,10 @@ def test_rerank_spreads_and_fails_over_like_chat(two: Proc) -> None:
     dead = sorted(after)[0]
     m = model_status(router, "px")
     assert m is not None
-    port = next(i["port"] for i in m["instances"] if i["worker_id"] == dead)
-    assert httpx.post(f"http://127.0.0.1:{port}/sim/fault", json={"dead": True}).is_success
+    port = next(engine_address(i) for i in m["instances"] if i["worker_id"] == dead)
+    assert engine_call(port, "POST", "/sim/fault", json={"dead": True}).is_success
     for _ in range(10):  # the dead core answers 500: each is retried on the other replica
         r = httpx.post(f"{router.url}/v1/rerank", json=body, timeout=30)
         assert r.status_code == 200, r.text
-    tried = httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json()["requests"]
+    tried = engine_call(port, "GET", "/sim/stats").json()["requests"]
     assert tried > after[dead]["requests"]  # it was tried, and failed over

@@ -31,7 +31,17 @@ from tests.real_vllm.test_real_vllm import (
     _engine_tree,
     _still_running,
 )
-from tests.support import Cluster, Proc, chat, model_status, register, running_or_failed, wait_until
+from tests.support import (
+    Cluster,
+    Proc,
+    chat,
+    engine_address,
+    engine_call,
+    model_status,
+    register,
+    running_or_failed,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.timeout(1800)]
 
@@ -110,7 +120,7 @@ def test_load_is_running_plus_waiting_and_kill9_worker_leaves_no_vllm_process(
     worker = _vllm_worker(cluster, vllm_python, tiny_model)
     router = cluster.router()
     inst = _start(router, "seq1", tiny_model, ["--max-num-seqs", "1"], timings)
-    pid, port = int(inst["pid"]), int(inst["port"])
+    pid, port = int(inst["pid"]), engine_address(inst)
     tree = _engine_tree(pid)
     assert len(tree) >= 2, tree
 
@@ -121,7 +131,7 @@ def test_load_is_running_plus_waiting_and_kill9_worker_leaves_no_vllm_process(
     def sample() -> str | None:
         """The engine's /metrics page once it shows 1 running + 3 waiting and the pool
         stored a load of 4 (a prefix match counted the _by_reason lines too: 7)."""
-        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        page = engine_call(port, "GET", "/metrics").text
         engine = _gauges(page)
         stored = r.hget(Keys(cluster.prefix).load("seq1"), "w1")
         if engine == (1.0, 3.0) and stored is not None and float(stored) == 4.0:

@@ -24,7 +24,15 @@ from tests.real_vllm.test_real_vllm import (
     MAX_MODEL_LEN,
     RUNNING_DEADLINE_S,
 )
-from tests.support import ROOT, Cluster, register, running_or_failed, wait_until
+from tests.support import (
+    ROOT,
+    Cluster,
+    engine_address,
+    engine_call,
+    register,
+    running_or_failed,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.timeout(1800)]
 
@@ -87,5 +95,5 @@ def test_real_vllm_lora_adapters_load_on_demand_and_evict(
     # One slot: la, then lb (evicts la), then la again (evicts lb).
     assert view["la"] == {"loads": 2, "load_s": view["la"]["load_s"], "evictions": 1}
     assert view["lb"]["loads"] == 1 and view["lb"]["evictions"] == 1
-    listed = httpx.get(f"http://127.0.0.1:{inst['port']}/v1/models", timeout=10).json()
+    listed = engine_call(engine_address(inst), "GET", "/v1/models", timeout=10).json()
     assert {m["id"] for m in listed["data"]} == {"lbase", "la"}

@@ -34,7 +34,15 @@ from tests.real_vllm.test_real_vllm import (
     MAX_MODEL_LEN,
     RUNNING_DEADLINE_S,
 )
-from tests.support import Cluster, Proc, model_status, register, wait_until
+from tests.support import (
+    Cluster,
+    Proc,
+    engine_address,
+    engine_call,
+    model_status,
+    register,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.timeout(1800)]
 
@@ -80,7 +88,7 @@ def kv_cache_bytes(model: Path) -> int:
 def engine_urls(router: Proc) -> list[str]:
     m = model_status(router, ALIAS)
     assert m is not None
-    return [f"http://127.0.0.1:{i['port']}" for i in m["instances"] if i["state"] == "RUNNING"]
+    return [engine_address(i) for i in m["instances"] if i["state"] == "RUNNING"]
 
 
 def both_running(router: Proc) -> list[str] | None:
@@ -92,7 +100,7 @@ def counters(urls: list[str]) -> tuple[float, float]:
     """(hits, queries) in tokens, summed over the replicas."""
     hits = queries = 0.0
     for url in urls:
-        page = httpx.get(f"{url}/metrics", timeout=10).text
+        page = engine_call(url, "GET", "/metrics", timeout=10).text
         hits += engine_load(page, HITS) or 0.0
         queries += engine_load(page, QUERIES) or 0.0
     return hits, queries

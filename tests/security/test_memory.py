@@ -23,6 +23,8 @@ from tests.support import (
     Cluster,
     Proc,
     child_pids,
+    engine_address,
+    engine_call,
     model_status,
     register,
     status,
@@ -43,14 +45,14 @@ def rss_mb(proc: Proc) -> float:
     raise AssertionError("no VmRSS")
 
 
-def engine_port(router: Proc) -> int:
+def engine_port(router: Proc) -> str:
     m = model_status(router, "big")
     assert m is not None
-    return int(m["instances"][0]["port"])
+    return engine_address(m["instances"][0])
 
 
-def completed(port: int) -> int:
-    return int(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5).json()["completed"])
+def completed(engine: str) -> int:
+    return int(engine_call(engine, "GET", "/sim/stats").json()["completed"])
 
 
 def request_bytes(port: int) -> bytes:

@@ -201,6 +201,7 @@ class _Engine:
     base_url = "http://127.0.0.1:9"
     record = None
     port = 9
+    uds = None
     pid = 0
 
     def __init__(self, verdict: bool | None) -> None:

@@ -3,11 +3,17 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.worker.engines.llamacpp import build_llama_cpp_python_args, build_llama_server_args
-from services.worker.engines.sglang import build_sglang_args
-from services.worker.engines.vllm import build_vllm_args, cuda_env
+from services.worker.engines.llamacpp import (
+    LlamaCppDriver,
+    build_llama_cpp_python_args,
+    build_llama_server_args,
+)
+from services.worker.engines.sglang import SglangDriver, build_sglang_args
+from services.worker.engines.sim import SimDriver
+from services.worker.engines.vllm import VllmDriver, build_vllm_args, cuda_env
+from services.worker.engines.vllm_flags import VllmInfo
 from shared.engine_args import ExtraArgsError, normalize_extra_args
-from shared.models import ModelSpec, RegisterModelRequest
+from shared.models import Assignment, ModelSpec, RegisterModelRequest
 from shared.settings import WorkerSettings
 
 
@@ -103,6 +109,28 @@ def test_llamacpp_and_sglang_argument_lists() -> None:
     with pytest.raises(ValidationError, match="no sleep mode"):
         ModelSpec.model_validate({"alias": "s", "model_name": "org/m", "engine": "sglang",
                                   "idle_sleep_s": 10})
+
+
+def test_an_engine_on_a_unix_socket_gets_uds_instead_of_host_and_port() -> None:
+    argv = build_vllm_args(["vllm", "serve"], make(), 1, uds="/tmp/svllm-engines-x/1.sock")
+    assert argv[argv.index("--uds") + 1] == "/tmp/svllm-engines-x/1.sock"
+    assert "--host" not in argv and "--port" not in argv
+    sim = SimDriver().launch(make(engine="sim"), 0, Assignment(alias="m", worker_id="w"),
+                             "/tmp/s.sock").argv
+    assert sim[sim.index("--uds") + 1] == "/tmp/s.sock" and "--port" not in sim
+
+
+def test_vllm_serves_on_a_unix_socket_only_where_its_flags_say_so() -> None:
+    driver = VllmDriver("vllm serve")
+    assert not driver.unix_socket()  # flags not read (yet, or they could not be): a port
+    driver.info = VllmInfo("0.32.0", frozenset({"--model", "--port", "--uds"}))
+    assert driver.unix_socket()
+    driver.info = VllmInfo("0.6.0", frozenset({"--model", "--port"}))
+    assert not driver.unix_socket()
+    for other in (SglangDriver(), LlamaCppDriver()):
+        assert not other.unix_socket()
+        with pytest.raises(RuntimeError, match="cannot serve on a Unix socket"):
+            other.launch(make(), 0, Assignment(alias="m", worker_id="w"), "/tmp/s.sock")
 
 
 def test_vllm_gets_the_reserved_share() -> None:

@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from shared.errors import UpstreamError, UpstreamTimeout
-from shared.wire import _HIGH_WATER, Pool
+from shared.wire import _HIGH_WATER, Pool, unix_url
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -444,3 +445,30 @@ async def test_the_pool_knows_when_an_upstream_last_answered() -> None:
         await send(pool, up.url)
         assert pool.heard_from(up.url) >= heard
         await pool.close()
+
+
+async def test_an_upstream_on_a_unix_socket(tmp_path: Path) -> None:
+    """An engine on a Unix socket (the worker's default): requests go to its path, the
+    connection is reused, and the pool hears from it under the same URL."""
+    up = Upstream(echo_forever)
+    path = str(tmp_path / "engine.sock")
+    server = await asyncio.start_unix_server(up._handle, path)
+    url = unix_url(path)
+    try:
+        pool = Pool(2, 5)
+        for i in range(3):
+            assert await send(pool, url, b'{"i": %d}' % i) == b'{"i": %d}' % i
+        assert up.connections == 1
+        assert pool.heard_from(url) > 0.0
+        await pool.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_unix_socket_nobody_listens_on_is_an_upstream_error(tmp_path: Path) -> None:
+    pool = Pool(2, 5)
+    with pytest.raises(UpstreamError, match="unix:") as e:
+        await send(pool, unix_url(str(tmp_path / "gone.sock")))
+    assert e.value.code == "upstream_unreachable"
+    await pool.close()

@@ -1,20 +1,25 @@
 """The engine interface: how to launch one, and a running engine process.
 
-An engine is a process serving vLLM's HTTP API on 127.0.0.1:<port>. Drivers only build the
-launch (argument list and environment); :class:`EngineProcess` runs it the same way for all.
+An engine is a process serving vLLM's HTTP API on a Unix socket in a directory only this
+worker's user can enter (vLLM's ``--uds``; :class:`EngineSockets`), or on 127.0.0.1:<port>
+for an engine that cannot (or with ``ENGINE_SOCKETS=tcp``). Drivers only build the launch
+(argument list and environment); :class:`EngineProcess` runs it the same way for all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from services.worker.engines.metrics import engine_load
 from services.worker.ownership import EngineRecord, KeeperOptions, Launcher, Owner
 from shared import procs
 from shared.models import Assignment, ModelSpec
+from shared.wire import unix_url
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +59,47 @@ class EngineDriver(Protocol):
         """Learn what the installed engine needs known before a launch (vLLM: its version
         and flags). Awaited before every launch; cheap once done."""
 
-    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
+    def unix_socket(self) -> bool:
+        """Whether the engine can serve on a Unix socket (vLLM's ``--uds``); asked after
+        :meth:`prepare`."""
+
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment,
+               uds: str | None = None) -> Launch:
         """The argument list (never a shell string) and extra environment for ``spec`` on
-        the GPUs (and memory share) of its assignment."""
+        the GPUs (and memory share) of its assignment, serving on ``uds`` when given (only
+        where :meth:`unix_socket`), else on 127.0.0.1:``port``."""
 
 
 class EngineExited(Exception):
     """The engine process ended while we waited for it to become healthy."""
+
+
+# A Unix socket's path holds at most 107 bytes: a deeper temporary directory is not used.
+_SHORT_ENOUGH = 60
+
+
+class EngineSockets:
+    """Where this worker's engines put their Unix sockets: a directory of its own, made on
+    first use with mode 0700, so only the worker's user can connect (over loopback TCP any
+    local user could, and vLLM's /sleep, /wake_up and /collective_rpc check no token); the
+    names are short, as a socket path must be. Removed with what is left in it when the
+    worker stops (:meth:`close`)."""
+
+    def __init__(self) -> None:
+        self.dir: str | None = None
+        self._n = itertools.count(1)
+
+    def new_path(self) -> str:
+        if self.dir is None:
+            tmp = tempfile.gettempdir()
+            self.dir = tempfile.mkdtemp(prefix="svllm-engines-",
+                                        dir=tmp if len(tmp) <= _SHORT_ENOUGH else "/tmp")
+        return os.path.join(self.dir, f"{next(self._n)}.sock")
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 KEEPER_PATH = str(Path(keeper.__file__).resolve())
@@ -69,12 +109,15 @@ _KEEPER_REPORT_TIMEOUT_S = 60.0
 
 class EngineProcess:
     """One engine, in a process group of its own under its keeper (services.worker.keeper),
-    bound to 127.0.0.1. The keeper ends the engine's whole process tree when asked, when the
-    engine leader exits, and when this worker process dies."""
+    serving on a Unix socket (``uds``) or 127.0.0.1:``port``. The keeper ends the engine's
+    whole process tree when asked, when the engine leader exits, and when this worker
+    process dies."""
 
-    def __init__(self, launch: Launch, port: int, log_path: Path) -> None:
+    def __init__(self, launch: Launch, port: int, log_path: Path,
+                 uds: str | None = None) -> None:
         self.launch = launch
         self.port = port
+        self.uds = uds
         self.log_path = log_path
         self.keeper: subprocess.Popen[bytes] | None = None
         self.record: EngineRecord | None = None
@@ -85,7 +128,34 @@ class EngineProcess:
         self._leader_code: int | None = None
         # The start, running in a thread: stop() waits for it (see start()).
         self._starting: asyncio.Future[None] | None = None
-        self.base_url = f"http://127.0.0.1:{port}"
+        # The request path's address (shared.wire); control calls go through httpx, which
+        # reaches a Unix socket through a client of its own (:meth:`http`).
+        self.base_url = unix_url(uds) if uds else f"http://127.0.0.1:{port}"
+        self._url = "http://localhost" if uds else self.base_url
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def address(self) -> str:
+        """Where it serves, for logs and records: ``unix:PATH`` or ``127.0.0.1:PORT``."""
+        return f"unix:{self.uds}" if self.uds else f"127.0.0.1:{self.port}"
+
+    def http(self, client: httpx.AsyncClient) -> httpx.AsyncClient:
+        """The client for control calls: ``client`` (the worker's) for an engine on a port,
+        one of the engine's own for one on a Unix socket (closed by :meth:`stop`)."""
+        if self.uds is None:
+            return client
+        if self._http is None:
+            self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.uds),
+                                           timeout=client.timeout)
+        return self._http
+
+    async def get(self, client: httpx.AsyncClient, path: str, timeout_s: float
+                  ) -> httpx.Response:
+        return await self.http(client).get(f"{self._url}{path}", timeout=timeout_s)
+
+    async def post(self, client: httpx.AsyncClient, path: str, timeout_s: float,
+                   json: dict[str, object] | None = None) -> httpx.Response:
+        return await self.http(client).post(f"{self._url}{path}", json=json, timeout=timeout_s)
 
     @property
     def pid(self) -> int | None:
@@ -191,7 +261,7 @@ class EngineProcess:
         """True: healthy; False: an error answer, or no connection; None: no answer in time
         (hung, or only too busy to answer within the 2 s)."""
         try:
-            r = await client.get(f"{self.base_url}{self.launch.health_path}", timeout=2.0)
+            r = await self.get(client, self.launch.health_path, 2.0)
         except httpx.TimeoutException:
             return None
         except httpx.HTTPError:
@@ -218,9 +288,16 @@ class EngineProcess:
         if self._starting is not None and not self._starting.done():
             with contextlib.suppress(Exception):  # a failed start left nothing to stop
                 await asyncio.shield(self._starting)
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
         if self.keeper is None:
             return None
-        return await asyncio.to_thread(self._stop, grace_s)
+        code = await asyncio.to_thread(self._stop, grace_s)
+        if self.uds is not None and self.gone():  # a killed engine leaves its socket file
+            with contextlib.suppress(OSError):
+                os.unlink(self.uds)
+        return code
 
     def _stop(self, grace_s: float) -> int | None:
         assert self.keeper is not None
@@ -257,25 +334,21 @@ class EngineProcess:
             return True
         return self.keeper.poll() is not None and not (self.pid and procs.group_alive(self.pid))
 
-    async def _post(self, client: httpx.AsyncClient, path: str, timeout_s: float,
-                    json: dict[str, object] | None = None) -> httpx.Response:
-        return await client.post(f"{self.base_url}{path}", json=json, timeout=timeout_s)
-
     async def sleep(self, client: httpx.AsyncClient, level: int, timeout_s: float) -> None:
         """vLLM sleep mode: level 1 offloads weights to host RAM, level 2 discards them."""
-        r = await self._post(client, f"/sleep?level={level}", timeout_s)
+        r = await self.post(client, f"/sleep?level={level}", timeout_s)
         r.raise_for_status()
         if not await self.is_sleeping(client):
             raise RuntimeError("engine accepted /sleep but does not report sleeping")
 
     async def wake(self, client: httpx.AsyncClient, timeout_s: float) -> None:
-        r = await self._post(client, "/wake_up", timeout_s)
+        r = await self.post(client, "/wake_up", timeout_s)
         r.raise_for_status()
         if await self.is_sleeping(client):
             raise RuntimeError("engine accepted /wake_up but still reports sleeping")
 
     async def is_sleeping(self, client: httpx.AsyncClient) -> bool:
-        r = await client.get(f"{self.base_url}/is_sleeping", timeout=10.0)
+        r = await self.get(client, "/is_sleeping", 10.0)
         r.raise_for_status()
         return bool(r.json().get("is_sleeping"))
 
@@ -283,14 +356,14 @@ class EngineProcess:
         """One one-token request before the instance takes traffic. Returns '' or a note
         (an embedding-only model refuses completions; that is not a failure)."""
         body: dict[str, object] = {"model": served_name, "prompt": "Hi", "max_tokens": 1}
-        r = await self._post(client, "/v1/completions", timeout_s, json=body)
+        r = await self.post(client, "/v1/completions", timeout_s, json=body)
         return "" if r.status_code < 400 else f"warm-up answered {r.status_code}"
 
     async def load(self, client: httpx.AsyncClient) -> float | None:
         """Running + waiting requests from the engine's Prometheus /metrics (exact names of
         vLLM's, llama.cpp's or SGLang's gauges; see engines.metrics)."""
         try:
-            r = await client.get(f"{self.base_url}/metrics", timeout=2.0)
+            r = await self.get(client, "/metrics", 2.0)
         except httpx.HTTPError:
             return None
         if r.status_code != 200:
@@ -298,7 +371,7 @@ class EngineProcess:
         try:
             return engine_load(r.text)
         except ValueError:
-            logger.warning("unparsable /metrics from the engine on port %d", self.port)
+            logger.warning("unparsable /metrics from the engine on %s", self.address)
             return None
 
     def log_tail(self, lines: int = 30) -> str:

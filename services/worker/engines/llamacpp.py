@@ -81,7 +81,13 @@ class LlamaCppDriver:
             return None
         return "llama.cpp is not installed (no `llama-server` on PATH, no llama_cpp module)"
 
-    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
+    def unix_socket(self) -> bool:
+        return False  # llama.cpp's servers serve on host:port only
+
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment,
+               uds: str | None = None) -> Launch:
+        if uds is not None:
+            raise RuntimeError("llama.cpp's servers cannot serve on a Unix socket")
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placed.gpus))} if placed.gpus else {}
         if self.binary:
             return Launch(build_llama_server_args(self.binary, spec, port, placed.gpus), env)

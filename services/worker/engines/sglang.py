@@ -35,6 +35,12 @@ class SglangDriver:
             return "SGLang is not installed (no importable sglang module)"
         return None
 
-    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
+    def unix_socket(self) -> bool:
+        return False  # SGLang serve on host:port only
+
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment,
+               uds: str | None = None) -> Launch:
+        if uds is not None:
+            raise RuntimeError("SGLang cannot serve on a Unix socket")
         argv = build_sglang_args(spec, port, placed.gpu_memory_utilization)
         return Launch(argv, cuda_env(placed.gpus))

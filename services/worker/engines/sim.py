@@ -17,13 +17,16 @@ class SimDriver:
     def unavailable_reason(self) -> str | None:
         return None
 
-    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
+    def unix_socket(self) -> bool:
+        return True
+
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment,
+               uds: str | None = None) -> Launch:
         argv = [
             sys.executable, "-m", "services.sim_engine",
             "--model", spec.model_name,
             "--served-model-name", spec.alias,
-            "--host", "127.0.0.1",
-            "--port", str(port),
+            *(["--uds", uds] if uds else ["--host", "127.0.0.1", "--port", str(port)]),
         ]
         util = placed.gpu_memory_utilization or spec.gpu_memory_utilization
         if util is not None:

@@ -33,16 +33,17 @@ def resolve_command(setting: str) -> list[str] | None:
 
 
 def build_vllm_args(
-    prefix: list[str], spec: ModelSpec, port: int, gpu_util: float | None = None
+    prefix: list[str], spec: ModelSpec, port: int, gpu_util: float | None = None,
+    uds: str | None = None,
 ) -> list[str]:
     """The full argument list for one vLLM instance of ``spec`` (pure). ``gpu_util``, the
-    share of each GPU the scheduler reserved, overrides the spec's own fraction."""
+    share of each GPU the scheduler reserved, overrides the spec's own fraction; ``uds``: on
+    that Unix socket instead of 127.0.0.1:``port``."""
     argv = [
         *prefix,
         "--model", spec.model_name,
         "--served-model-name", spec.alias,
-        "--host", "127.0.0.1",
-        "--port", str(port),
+        *(["--uds", uds] if uds else ["--host", "127.0.0.1", "--port", str(port)]),
         "--tensor-parallel-size", str(spec.tensor_parallel_size),
     ]
     util = gpu_util if gpu_util is not None else spec.gpu_memory_utilization
@@ -124,7 +125,13 @@ class VllmDriver:
             return f"vLLM command not found: {self.prefix[0]}"
         return None
 
-    def launch(self, spec: ModelSpec, port: int, placed: Assignment) -> Launch:
+    def unix_socket(self) -> bool:
+        """vLLM serves on a Unix socket with ``--uds`` where the installed release has the
+        flag: known once its flags were read; if they could not be, on a port."""
+        return self.info is not None and "--uds" in self.info.flags
+
+    def launch(self, spec: ModelSpec, port: int, placed: Assignment,
+               uds: str | None = None) -> Launch:
         if self.prefix is None:
             raise RuntimeError(self.unavailable_reason())
         env = cuda_env(placed.gpus)
@@ -135,7 +142,7 @@ class VllmDriver:
             # vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this:
             # the pool loads adapters on demand (services/worker/lora.py).
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        argv = build_vllm_args(self.prefix, spec, port, placed.gpu_memory_utilization)
+        argv = build_vllm_args(self.prefix, spec, port, placed.gpu_memory_utilization, uds)
         if self.info is not None:
             try:
                 check_known_flags(vllm_flags_used(spec), [EngineFlags("here", self.info.version,

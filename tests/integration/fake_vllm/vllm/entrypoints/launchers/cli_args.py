@@ -1,6 +1,6 @@
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-VALUE_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--api-key",
+VALUE_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--uds", "--api-key",
                "--tensor-parallel-size", "--gpu-memory-utilization", "--max-model-len",
                "--dtype", "--max-num-seqs", "--seed", "--disable-access-log-for-endpoints")
 SWITCHES = ("--enforce-eager", "--enable-prefix-caching", "--enable-sleep-mode",

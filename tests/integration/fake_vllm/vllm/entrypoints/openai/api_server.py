@@ -10,7 +10,7 @@ if __name__ == "__main__":
 
     args = sys.argv[1:]
     make_arg_parser(FlexibleArgumentParser()).parse_args(args)  # exits 2 on an unknown flag
-    sim_known = ("--model", "--served-model-name", "--host", "--port", "--max-model-len",
+    sim_known = ("--model", "--served-model-name", "--host", "--port", "--uds", "--max-model-len",
                  "--dtype", "--max-num-seqs", "--seed", "--gpu-memory-utilization",
                  "--tensor-parallel-size", "--enable-sleep-mode", "--enable-prefix-caching")
     keep: list[str] = []
