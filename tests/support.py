@@ -122,7 +122,8 @@ class RedisServer:
                 "--appendonly", "yes" if appendonly else "no", "--dir", str(self.dir),
                 *(extra or [])]
         self.proc = Proc("redis", argv, dict(os.environ), self.dir / "redis.log").start()
-        wait_until(self.ping, 10, what="redis-server")
+        # A deadline, not a wait: a loaded machine (the suite in parallel) can take seconds.
+        wait_until(self.ping, 30, what="redis-server")
         return self
 
     def ping(self) -> bool:

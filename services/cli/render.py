@@ -81,11 +81,14 @@ def models_table(models: list[dict[str, Any]]) -> Table:
 
 def instances_table(models: list[dict[str, Any]]) -> Table:
     t = Table(title="Instances", expand=True)
-    for col in ("alias", "worker", "state", "port", "pid", "gpus", "in flight", "note / error"):
+    for col in ("alias", "worker", "state", "engine on", "pid", "gpus", "in flight",
+                "note / error"):
         t.add_column(col)
     for m in models:
         for i in m.get("instances", []):
-            t.add_row(m["alias"], i["worker_id"], state(i.get("state", "")), i.get("port", ""),
+            # An engine on a Unix socket (the worker's default) has port 0.
+            where = "unix socket" if i.get("socket") else f"port {i.get('port', '')}"
+            t.add_row(m["alias"], i["worker_id"], state(i.get("state", "")), where,
                       i.get("pid", ""), i.get("gpus", ""), i.get("inflight", ""),
                       Text(i.get("error") or i.get("note") or "", style="red"))
     return t

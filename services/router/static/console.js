@@ -173,9 +173,11 @@ function overview(view) {
 
 function instancesRegion(instances) {
   if (!instances.length) return h("p", {class: "notice"}, "No instance (nothing running).");
-  return table(`${instances.length} instance(s)`, ["Worker", "State", "Port", "PID", "GPUs",
-    "Warm-up", "In flight", "Note"], instances.map((i) => [i.worker_id, stateBadge(i.state),
-    i.port, i.pid, i.gpus || "–", secs(i.warmup_s), i.inflight, i.note || ""]));
+  // An engine on a Unix socket (the worker's default) has port 0: say where it is instead.
+  return table(`${instances.length} instance(s)`, ["Worker", "State", "Engine on", "PID",
+    "GPUs", "Warm-up", "In flight", "Note"], instances.map((i) => [i.worker_id,
+    stateBadge(i.state), i.socket ? "unix socket" : `port ${i.port}`, i.pid, i.gpus || "–",
+    secs(i.warmup_s), i.inflight, i.note || ""]));
 }
 
 function timingsRegion(stats) {
@@ -266,7 +268,7 @@ function modelPage(view, alias) {
       h("span", {}, "State: ", stateBadge(m.state)), h("span", {}, `Serving: ${serving(m)}`),
       h("span", {}, `Held requests: ${m.waiting_requests}`),
       h("span", {}, `${m.engine}: ${m.model_name}`)]);
-    update(instances, m.instances.map((i) => [i.worker_id, i.state, i.port, i.pid, i.gpus,
+    update(instances, m.instances.map((i) => [i.worker_id, i.state, i.port, i.socket, i.pid, i.gpus,
       i.warmup_s, i.inflight, i.note]), () => instancesRegion(m.instances));
     update(errors, [m.placement, m.instances.map((i) => i.error)], () => errorsRegion(m));
     update(timings, m.stats, timingsRegion);
