@@ -66,21 +66,29 @@ class _Server(uvicorn.Server):
                 log(f"Uvicorn running on {where} (Press CTRL+C to quit)")
 
 
-def _listeners(config: EngineConfig) -> list[socket.socket]:
-    """With --uds (vLLM's flag), the Unix socket, as vLLM binds it (a stale file from an
-    earlier run removed first), and the --sim-port too when given."""
-    assert config.uds is not None
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(config.uds)
-    uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    uds.bind(config.uds)
-    out = [uds]
+def _tcp(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _listeners(config: EngineConfig) -> tuple[list[socket.socket], list[str]]:
+    """What it serves on, and how to say so: the Unix socket with --uds (vLLM's flag: host and
+    port are then unused; a stale file from an earlier run removed first, as vLLM does),
+    else host:port; and 127.0.0.1:--sim-port beside either when given."""
+    if config.uds is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.uds)
+        uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        uds.bind(config.uds)
+        out, where = [uds], [f"unix socket {config.uds}"]
+    else:
+        out, where = [_tcp(config.host, config.port)], [f"http://{config.host}:{config.port}"]
     if config.sim_port is not None:
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind(("127.0.0.1", config.sim_port))
-        out.append(tcp)
-    return out
+        out.append(_tcp("127.0.0.1", config.sim_port))
+        where.append(f"http://127.0.0.1:{config.sim_port}")
+    return out, where
 
 
 def serve(config: EngineConfig) -> int:
@@ -95,13 +103,12 @@ def serve(config: EngineConfig) -> int:
         timeout_graceful_shutdown=1,
     )
     log(f"Started server process [{os.getpid()}]")
-    if config.uds is None:
+    if config.uds is None and config.sim_port is None:
         server = _Server(uv_config, [f"http://{config.host}:{config.port}"])
         server.run()
     else:
-        sockets = _listeners(config)
-        server = _Server(uv_config, [f"unix socket {config.uds}"] + [
-            f"http://127.0.0.1:{config.sim_port}"] * (config.sim_port is not None), config.uds)
+        sockets, where = _listeners(config)
+        server = _Server(uv_config, where, config.uds)
         server.run(sockets=sockets)
     return 0 if server.started else 1
 

@@ -98,8 +98,8 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     # by default the simulator runs every request at once and only reports the excess as
     # waiting), so a saturated replica's latency grows with its load.
     parser.add_argument("--enforce-max-num-seqs", action="store_true")
-    # With --uds, also serve on this loopback port: benchmarks measure clients talking to
-    # the engine itself (bench/README.md) beside the pool, which uses the socket.
+    # Also serve on this loopback port (beside --uds or --port): benchmarks measure clients
+    # talking to the engine itself over TCP (bench/README.md) beside the pool's own path.
     parser.add_argument("--sim-port", type=int, default=None)
 
 
@@ -125,8 +125,8 @@ def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         parser.error("--fail-rate must be between 0 and 1")
     if not 0 <= ns.port <= 65535:
         parser.error("--port must be between 0 and 65535")
-    if ns.sim_port is not None and (ns.uds is None or not 1 <= ns.sim_port <= 65535):
-        parser.error("--sim-port needs --uds and must be between 1 and 65535")
+    if ns.sim_port is not None and not 1 <= ns.sim_port <= 65535:
+        parser.error("--sim-port must be between 1 and 65535")
     positive = ("max_model_len", "max_num_seqs", "embedding_dim", "max_tokens_default",
                 "max_loras")
     for name in positive:

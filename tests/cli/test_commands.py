@@ -66,6 +66,9 @@ def test_register_status_show_logs_control_and_remove(router: Proc) -> None:
     data = json.loads(svllm(router, "status", "--json", token=TOKEN).out)
     assert [m["alias"] for m in data["models"]] == ["m1"]
     assert [w["worker_id"] for w in data["workers"]] == ["w1"]
+    # The engine serves on a Unix socket of the worker's (ENGINE_SOCKETS=unix, the default).
+    inst = data["models"][0]["instances"][0]
+    assert inst["socket"].endswith(".sock") and inst["port"] == "0"
 
     r = svllm(router, "models", "show", "m1", token=TOKEN)
     assert r.code == 0 and "idle_sleep_s" in r.out and "600" in r.out

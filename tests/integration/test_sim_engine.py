@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -309,3 +311,33 @@ def test_unknown_flag_exits_2(tmp_path: Path) -> None:
     finally:
         stop(proc)
     assert "unrecognized arguments: --no-such-flag" in log.read_text()
+
+
+def test_serves_on_a_unix_socket_as_vllm_uds_and_on_a_sim_port_beside_it() -> None:
+    """--uds (vLLM's flag: host and port unused), and --sim-port, the loopback port the
+    benchmarks' direct clients use beside the pool's socket; the socket file goes on SIGTERM."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own can be too deep for a socket
+    path, port = folder / "e.sock", free_port()
+    try:
+        proc = spawn([sys.executable, "-m", "services.sim_engine", "--model", MODEL, "--uds",
+                      str(path), "--sim-port", str(port)], log_path=folder / "sim.log", cwd=ROOT)
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)),
+                              base_url="http://localhost") as client:
+                def up() -> bool:
+                    try:
+                        return client.get("/health").is_success
+                    except httpx.TransportError:  # not bound, or bound and not listening yet
+                        return False
+
+                assert wait_until(up, 15.0), tail(folder / "sim.log")
+                r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi",
+                                                         "max_tokens": 2})
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+            assert httpx.get(f"http://127.0.0.1:{port}/sim/stats").json()["requests"] == 1
+            assert f"Uvicorn running on unix socket {path}" in tail(folder / "sim.log")
+        finally:
+            stop(proc)
+        assert not path.exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

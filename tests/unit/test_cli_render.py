@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.text import Text
 
-from services.cli.render import bar, gpus, problems
+from services.cli.render import bar, gpus, instances_table, problems
 from services.router.admin_api import reserved_by_gpu
 from shared.models import Reservation
 
@@ -40,3 +40,13 @@ def test_reserved_memory_per_gpu_from_the_ledger_and_its_bar() -> None:
     view = gpus(worker)
     assert isinstance(view, Group) and isinstance(view.renderables[0], Text)
     assert view.renderables[0].plain.endswith("100/4000 MB used, 1500 reserved, 3900 free")
+
+
+def test_instances_say_where_their_engine_serves() -> None:
+    models = [{"alias": "m", "instances": [
+        {"worker_id": "w1", "state": "RUNNING", "port": "0", "socket": "/tmp/svllm-e/1.sock"},
+        {"worker_id": "w2", "state": "RUNNING", "port": "41234", "socket": ""}]}]
+    console = Console(width=200, record=True)
+    console.print(instances_table(models))
+    text = console.export_text()
+    assert "unix socket" in text and "port 41234" in text and "port 0" not in text

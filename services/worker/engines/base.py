@@ -83,23 +83,39 @@ class EngineSockets:
     first use with mode 0700, so only the worker's user can connect (over loopback TCP any
     local user could, and vLLM's /sleep, /wake_up and /collective_rpc check no token); the
     names are short, as a socket path must be. Removed with what is left in it when the
-    worker stops (:meth:`close`)."""
+    worker stops (:meth:`close`); the directories of workers that died without a stop (their
+    pid is in the name) are removed when the next one makes its own."""
 
-    def __init__(self) -> None:
+    PREFIX = "svllm-engines-"
+
+    def __init__(self, base: str | None = None) -> None:
+        tmp = base or tempfile.gettempdir()
+        self.base = tmp if len(tmp) <= _SHORT_ENOUGH else "/tmp"
         self.dir: str | None = None
         self._n = itertools.count(1)
 
     def new_path(self) -> str:
         if self.dir is None:
-            tmp = tempfile.gettempdir()
-            self.dir = tempfile.mkdtemp(prefix="svllm-engines-",
-                                        dir=tmp if len(tmp) <= _SHORT_ENOUGH else "/tmp")
+            self._remove_dead()
+            self.dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self.base)
         return os.path.join(self.dir, f"{next(self._n)}.sock")
 
     def close(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+    def _remove_dead(self) -> None:
+        for entry in Path(self.base).glob(f"{self.PREFIX}*-*"):
+            pid = entry.name[len(self.PREFIX):].split("-", 1)[0]
+            try:
+                if not pid.isdigit() or entry.stat().st_uid != os.getuid():
+                    continue
+                os.kill(int(pid), 0)  # alive (or another user's): left alone
+            except ProcessLookupError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                continue
 
 
 KEEPER_PATH = str(Path(keeper.__file__).resolve())
