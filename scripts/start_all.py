@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -66,14 +67,17 @@ def load_tokens(path: Path) -> dict[str, str]:
         for line in path.read_text().splitlines():
             name, _, value = line.partition("=")
             if name in TOKENS and value:
-                saved[name] = value
+                # Quoted as a shell reads it: users source the file (`set -a; . FILE`).
+                saved[name] = "".join(shlex.split(value))
     in_use = {n: os.environ.get(n) or saved.get(n) or secrets.token_urlsafe(32)
               for n in TOKENS}
     if in_use != saved:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
         with os.fdopen(fd, "w") as f:
-            f.writelines(f"{n}={in_use[n]}\n" for n in TOKENS)
+            # A token from the environment may hold what a shell would run ($, `, ;).
+            f.writelines(f"{n}={shlex.quote(in_use[n])}\n" for n in TOKENS)
         generated = [n for n in TOKENS if n not in saved and not os.environ.get(n)]
         taken = [n for n in TOKENS if os.environ.get(n) and os.environ[n] != saved.get(n)]
         if generated:

@@ -3,6 +3,7 @@ held requests, and answers to requests the fast lane handed back)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from starlette.background import BackgroundTask
@@ -12,6 +13,8 @@ from starlette.types import Receive, Scope, Send
 from shared.errors import ApiError
 from shared.fastlane import PASS_HEADERS, STREAM_BROKEN
 from shared.wire import Exchange
+
+logger = logging.getLogger(__name__)
 
 
 def headers_of(ex: Exchange, request_id: bytes | None = None) -> dict[str, str]:
@@ -49,7 +52,10 @@ class _Relayed(StreamingResponse):
         finally:
             over, self._over = self._over, None
             for then in over or ():
-                then()
+                try:
+                    then()
+                except Exception:  # the others (a ticket, an upload) must still end
+                    logger.exception("cleanup after a relayed answer failed")
 
     def then(self, then: Callable[[], None]) -> None:
         """Run ``then`` too once the answer is over (after what is already to run)."""

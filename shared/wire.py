@@ -33,6 +33,11 @@ import httptools
 from shared.errors import UpstreamError, UpstreamTimeout
 from shared.upload import Upload
 
+# Pool.heard is pruned of upstreams not heard from for _HEARD_FOR_S once it holds more than
+# _HEARD_KEEP of them.
+_HEARD_KEEP = 256
+_HEARD_FOR_S = 600.0
+
 # A consumer that lags this far behind pauses reading from the upstream socket. Small, so a
 # slow reader of a large answer costs the process little (and leaves little behind).
 _HIGH_WATER = 1 << 18
@@ -505,6 +510,9 @@ class Pool:
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
+        if idle is not None and not idle:
+            # Engines on Unix sockets get a new path at every start: keys are not reused.
+            del self._idle[conn.key]
 
     def _done(self, ex: Exchange) -> None:
         self._active.discard(ex)
@@ -513,7 +521,12 @@ class Pool:
         every = max(0.05, min(1.0, self.read_timeout_s / 4))
         while True:
             await asyncio.sleep(every)
-            limit = time.monotonic() - self.read_timeout_s
+            now = time.monotonic()
+            limit = now - self.read_timeout_s
+            if len(self.heard) > _HEARD_KEEP:
+                # Long unheard upstreams (engines stopped since: their keys are not reused)
+                # are forgotten; a health check only asks about the last seconds.
+                self.heard = {k: t for k, t in self.heard.items() if t > now - _HEARD_FOR_S}
             for ex in [e for e in self._active if e.activity < limit]:
                 self._active.discard(ex)
                 conn = ex._conn

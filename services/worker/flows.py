@@ -71,6 +71,21 @@ class Flows:
         self.sandbox = Sandbox.from_settings(settings.allow_trust_remote_code,
                                              settings.model_roots)
         self.sockets = EngineSockets()  # removed by Supervisor.stop_all
+        self._on_ports: set[str] = set()  # engine kinds said to be on ports
+
+    def _socket_for(self, engine: str, driver: EngineDriver) -> str | None:
+        """A Unix socket's path for a new engine, or None: on a loopback port (said once
+        per engine kind when ENGINE_SOCKETS=unix asked otherwise: any local user reaches it)."""
+        if self.settings.engine_sockets != "unix":
+            return None
+        if driver.unix_socket():
+            return self.sockets.new_path()
+        if engine not in self._on_ports:
+            self._on_ports.add(engine)
+            logger.warning("engine %s cannot serve on a Unix socket here (ENGINE_SOCKETS=unix): "
+                           "it listens on a loopback port, which every local user can reach",
+                           engine)
+        return None
 
     def log_path(self, alias: str) -> Path:
         return self.settings.state_dir / self.worker_id / f"{alias}.log"
@@ -97,8 +112,7 @@ class Flows:
             check_sandbox(spec.engine, spec.model_name, spec.extra_args, self.sandbox)
             driver = self.drivers[spec.engine]
             await driver.prepare()
-            uds = self.sockets.new_path() \
-                if self.settings.engine_sockets == "unix" and driver.unix_socket() else None
+            uds = self._socket_for(spec.engine, driver)
             port = 0 if uds else free_port()
             launch = driver.launch(spec, port, inst.assignment, uds)
         except (KeyError, RuntimeError, PolicyError, OSError) as e:

@@ -12,9 +12,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from services.worker.engines.base import EngineSockets
+from services.worker.engines.base import EngineProcess, EngineSockets, Launch
 
 
 @pytest.fixture
@@ -55,3 +56,29 @@ def test_the_directories_of_dead_workers_go_and_the_living_ones_stay(short_tmp: 
     sockets.new_path()
     assert not dead.exists() and alive.exists() and other.exists()
     sockets.close()
+
+
+def test_a_directory_gone_or_no_longer_private_is_replaced(short_tmp: Path) -> None:
+    """A /tmp cleaner may remove an idle directory, and its name is public: the next engine
+    gets a fresh one of the worker's, never one someone else made in its place."""
+    sockets = EngineSockets(str(short_tmp))
+    first = Path(sockets.new_path()).parent
+    first.rmdir()
+    second = Path(sockets.new_path()).parent
+    assert second != first and second.is_dir()
+    second.chmod(0o755)  # as if another made it, or opened it
+    third = Path(sockets.new_path()).parent
+    assert third != second and stat.S_IMODE(third.stat().st_mode) == 0o700
+    sockets.close()
+    shutil.rmtree(second)
+
+
+async def test_an_engines_control_client_is_closed_by_its_stop(tmp_path: Path) -> None:
+    engine = EngineProcess(Launch(["true"]), 0, tmp_path / "e.log", uds="/tmp/none.sock")
+    async with httpx.AsyncClient() as shared:
+        own = engine.http(shared)
+        assert own is not shared and engine.http(shared) is own
+        await engine.stop(1.0)
+        assert own.is_closed
+        plain = EngineProcess(Launch(["true"]), 8000, tmp_path / "p.log")
+        assert plain.http(shared) is shared  # on a port: the worker's client

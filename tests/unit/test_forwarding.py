@@ -90,3 +90,23 @@ async def test_on_close_runs_once_when_the_client_goes() -> None:
         await asyncio.wait_for(task, 5)
         assert closed == [1]
     await pool.close()
+
+
+async def test_a_failing_cleanup_does_not_skip_the_next() -> None:
+    pool = Pool(2, 30)
+    closed: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("release failed")
+
+    async with upstream() as url:
+        ex = await pool.send(url, b"POST", b"/", b"", b"{}")
+        response = relay(ex, on_close=broken)
+        when_over(response, lambda: closed.append(2))
+        client = Client()
+        task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+        await asyncio.wait_for(client.body.wait(), 5)
+        client.gone.set()
+        await asyncio.wait_for(task, 5)
+        assert closed == [2]
+    await pool.close()

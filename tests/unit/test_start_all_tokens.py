@@ -3,7 +3,9 @@ in use (it is what the README tells users to source)."""
 
 from __future__ import annotations
 
+import shlex
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,11 @@ from scripts.start_all import TOKENS, load_tokens
 
 
 def read(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+    """What a shell that sources the file gets."""
+    out = subprocess.run(["bash", "-c", f"set -a; . {shlex.quote(str(path))}; env"],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+    got = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return {n: got[n] for n in TOKENS if n in got}
 
 
 @pytest.fixture(autouse=True)
@@ -58,4 +64,26 @@ def test_a_file_that_agrees_is_not_rewritten(tmp_path: Path) -> None:
     path.chmod(0o644)
     load_tokens(path)
     assert path.stat().st_mtime_ns == before
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_token_a_shell_would_run_is_written_quoted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tokens.env"
+    hostile = "a b$(touch PWNED);`id`'\"x"
+    monkeypatch.setenv("API_TOKEN", hostile)
+    in_use = load_tokens(path)
+    assert in_use["API_TOKEN"] == hostile
+    assert read(path)["API_TOKEN"] == hostile  # sourced: the value, nothing run
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+    monkeypatch.delenv("API_TOKEN")
+    assert load_tokens(path)["API_TOKEN"] == hostile  # and read back as it was
+
+
+def test_an_existing_file_open_to_others_is_made_private_before_it_is_written(
+        tmp_path: Path) -> None:
+    path = tmp_path / "tokens.env"
+    path.write_text("")
+    path.chmod(0o644)
+    load_tokens(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

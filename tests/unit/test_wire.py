@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -447,11 +450,13 @@ async def test_the_pool_knows_when_an_upstream_last_answered() -> None:
         await pool.close()
 
 
-async def test_an_upstream_on_a_unix_socket(tmp_path: Path) -> None:
+async def test_an_upstream_on_a_unix_socket() -> None:
     """An engine on a Unix socket (the worker's default): requests go to its path, the
-    connection is reused, and the pool hears from it under the same URL."""
+    connection is reused, and the pool hears from it under the same URL; once its
+    connection is gone, nothing of it is left in the pool's idle lists."""
     up = Upstream(echo_forever)
-    path = str(tmp_path / "engine.sock")
+    folder = tempfile.mkdtemp(dir="/tmp")  # pytest's own can be too deep for a socket
+    path = os.path.join(folder, "engine.sock")
     server = await asyncio.start_unix_server(up._handle, path)
     url = unix_url(path)
     try:
@@ -460,10 +465,28 @@ async def test_an_upstream_on_a_unix_socket(tmp_path: Path) -> None:
             assert await send(pool, url, b'{"i": %d}' % i) == b'{"i": %d}' % i
         assert up.connections == 1
         assert pool.heard_from(url) > 0.0
+        assert list(pool._idle) == [(path, 0)]
+        for conn in list(pool._idle[(path, 0)]):
+            conn.abort()  # an engine stopped: its path is never used again
+        assert pool._idle == {}
         await pool.close()
     finally:
         server.close()
         await server.wait_closed()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_upstreams_long_unheard_are_forgotten() -> None:
+    """Pool.heard keeps what a health check asks about (the last seconds), not every engine
+    that ever ran (each start on a socket is a new key)."""
+    async with upstream(echo_forever) as up:
+        pool = Pool(2, 0.2)  # swept every 0.05 s
+        pool.heard = {(f"/gone/{i}.sock", 0): 1.0 for i in range(300)}
+        await send(pool, up.url)  # starts the sweeper
+        await asyncio.sleep(0.3)
+        assert pool.heard_from(up.url) > 0.0
+        assert len(pool.heard) == 1
+        await pool.close()
 
 
 async def test_a_unix_socket_nobody_listens_on_is_an_upstream_error(tmp_path: Path) -> None:

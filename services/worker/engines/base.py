@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -95,10 +96,22 @@ class EngineSockets:
         self._n = itertools.count(1)
 
     def new_path(self) -> str:
-        if self.dir is None:
+        if self.dir is None or not self._still_ours(self.dir):
+            # None yet, or gone (a /tmp cleaner removes idle directories): its name is public
+            # (records, logs), so one in its place may be someone else's; a fresh one instead.
             self._remove_dead()
             self.dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self.base)
         return os.path.join(self.dir, f"{next(self._n)}.sock")
+
+    @staticmethod
+    def _still_ours(path: str) -> bool:
+        """A real directory (not a link), ours, that nobody else may enter."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                and stat.S_IMODE(st.st_mode) == 0o700)
 
     def close(self) -> None:
         if self.dir is not None:
@@ -304,16 +317,20 @@ class EngineProcess:
         if self._starting is not None and not self._starting.done():
             with contextlib.suppress(Exception):  # a failed start left nothing to stop
                 await asyncio.shield(self._starting)
-        if self._http is not None:
-            http, self._http = self._http, None
-            await http.aclose()
+        await self._close_http()
         if self.keeper is None:
             return None
         code = await asyncio.to_thread(self._stop, grace_s)
         if self.uds is not None and self.gone():  # a killed engine leaves its socket file
             with contextlib.suppress(OSError):
                 os.unlink(self.uds)
+        await self._close_http()  # again: one made by a call that came during the stop
         return code
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
 
     def _stop(self, grace_s: float) -> int | None:
         assert self.keeper is not None
