@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from starlette.responses import Response
 from starlette.types import Message
 
 from shared.forwarding import relay, when_over
@@ -55,6 +56,13 @@ class Client:
         return {"type": "http.disconnect"}
 
 
+async def sending(response: Response, client: Client) -> asyncio.Task[None]:
+    """``response`` being sent to ``client``, once its first body bytes went out."""
+    task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+    await asyncio.wait_for(client.body.wait(), 5)
+    return task
+
+
 SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
          "http_version": "1.1", "method": "POST", "path": "/"}
 
@@ -68,8 +76,7 @@ async def test_on_close_runs_once_when_the_answer_is_cancelled() -> None:
         # What the router hangs on a key's streamed answer: its ticket's end.
         when_over(response, lambda: closed.append(2))
         client = Client()
-        task = asyncio.create_task(response(SCOPE, client.receive, client.send))
-        await asyncio.wait_for(client.body.wait(), 5)
+        task = await sending(response, client)
         task.cancel()  # what a shutdown's timeout does to a request still streaming
         await asyncio.gather(task, return_exceptions=True)
         assert closed == [1, 2]
@@ -84,8 +91,7 @@ async def test_on_close_runs_once_when_the_client_goes() -> None:
         ex = await pool.send(url, b"POST", b"/", b"", b"{}")
         response = relay(ex, on_close=lambda: closed.append(1))
         client = Client()
-        task = asyncio.create_task(response(SCOPE, client.receive, client.send))
-        await asyncio.wait_for(client.body.wait(), 5)
+        task = await sending(response, client)
         client.gone.set()
         await asyncio.wait_for(task, 5)
         assert closed == [1]
@@ -104,8 +110,7 @@ async def test_a_failing_cleanup_does_not_skip_the_next() -> None:
         response = relay(ex, on_close=broken)
         when_over(response, lambda: closed.append(2))
         client = Client()
-        task = asyncio.create_task(response(SCOPE, client.receive, client.send))
-        await asyncio.wait_for(client.body.wait(), 5)
+        task = await sending(response, client)
         client.gone.set()
         await asyncio.wait_for(task, 5)
         assert closed == [2]
