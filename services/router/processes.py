@@ -33,7 +33,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from services.router import siblings
-from shared import procs
+from shared import private_dirs, procs
 from shared.service import background
 from shared.settings import RouterSettings
 
@@ -140,34 +139,17 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 _DIR_PREFIX = "svllm-router-"
-# A Unix socket's path holds at most 107 bytes (sun_path); the sibling directory's name adds
-# the prefix, a pid and mkdtemp's 8 characters, and a socket's name up to 8 more.
-_SUN_PATH_MAX = 107
-_DIR_AND_SOCKET_LEN = len(_DIR_PREFIX) + 7 + 1 + 8 + len("/1024.sock")
 
 
 def sibling_root(tmpdir: str | None = None) -> Path:
-    """Where the sibling directory goes: the temporary directory ($TMPDIR), unless its path
-    is so long that the sockets inside would not fit a Unix socket address (a deep $TMPDIR,
-    e.g. under a test runner's), then /tmp."""
-    root = Path(tmpdir or tempfile.gettempdir())
-    if len(str(root)) + 1 + _DIR_AND_SOCKET_LEN > _SUN_PATH_MAX:
-        return Path("/tmp")
-    return root
+    """Where the sibling directory goes (shared.private_dirs.short_root)."""
+    return private_dirs.short_root(_DIR_PREFIX, tmpdir)
 
 
 def _remove_stale_dirs(root: Path | None = None) -> None:
     """Remove sibling directories left by supervisors that died without cleaning up (SIGKILL):
     those of this user whose supervisor pid no longer runs."""
-    root = root or sibling_root()
-    for d in root.glob(f"{_DIR_PREFIX}*-*"):
-        pid = d.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
-        try:
-            if not pid.isdigit() or d.stat().st_uid != os.getuid() or procs.pid_alive(int(pid)):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(d, ignore_errors=True)
+    private_dirs.remove_stale(_DIR_PREFIX, root or sibling_root())
 
 
 @dataclass
@@ -187,8 +169,7 @@ class Supervisor:
                       for i in range(n)]
         _remove_stale_dirs()
         # Mode 0700; named by this pid, so a later supervisor can tell it is stale.
-        self.sibling_dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-",
-                                                 dir=sibling_root()))
+        self.sibling_dir = private_dirs.make(_DIR_PREFIX, sibling_root())
         self.stopping = False
 
     def _start(self, slot: _Slot) -> None:

@@ -75,8 +75,9 @@ def _tcp(host: str, port: int) -> socket.socket:
 
 def _listeners(config: EngineConfig) -> tuple[list[socket.socket], list[str]]:
     """What it serves on, and how to say so: the Unix socket with --uds (vLLM's flag: host and
-    port are then unused; a stale file from an earlier run removed first, as vLLM does),
-    else host:port; and 127.0.0.1:--sim-port beside either when given."""
+    port are then unused; a stale file from an earlier run is removed first, where vLLM's bind
+    would fail: the worker never reuses a path), else host:port; and 127.0.0.1:--sim-port
+    beside either when given."""
     if config.uds is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.uds)

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.types import Message
 
 from shared.forwarding import relay, when_over
-from shared.wire import Pool
+from shared.wire import Exchange, Pool
 
 
 async def _slow_sse(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -30,11 +30,15 @@ async def _slow_sse(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
 
 
 @asynccontextmanager
-async def upstream() -> AsyncIterator[str]:
+async def answer() -> AsyncIterator[Exchange]:
+    """A streamed answer arriving from a slow upstream, its headers in."""
     server = await asyncio.start_server(_slow_sse, "127.0.0.1", 0)
+    pool = Pool(2, 30)
     try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        yield await pool.send(url, b"POST", b"/", b"", b"{}")
     finally:
+        await pool.close()
         server.close()
 
 
@@ -68,10 +72,8 @@ SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
 
 
 async def test_on_close_runs_once_when_the_answer_is_cancelled() -> None:
-    pool = Pool(2, 30)
     closed: list[int] = []
-    async with upstream() as url:
-        ex = await pool.send(url, b"POST", b"/", b"", b"{}")
+    async with answer() as ex:
         response = relay(ex, on_close=lambda: closed.append(1))
         # What the router hangs on a key's streamed answer: its ticket's end.
         when_over(response, lambda: closed.append(2))
@@ -81,32 +83,26 @@ async def test_on_close_runs_once_when_the_answer_is_cancelled() -> None:
         await asyncio.gather(task, return_exceptions=True)
         assert closed == [1, 2]
         assert ex._conn is None  # the upstream connection was closed, stopping the engine
-    await pool.close()
 
 
 async def test_on_close_runs_once_when_the_client_goes() -> None:
-    pool = Pool(2, 30)
     closed: list[int] = []
-    async with upstream() as url:
-        ex = await pool.send(url, b"POST", b"/", b"", b"{}")
+    async with answer() as ex:
         response = relay(ex, on_close=lambda: closed.append(1))
         client = Client()
         task = await sending(response, client)
         client.gone.set()
         await asyncio.wait_for(task, 5)
         assert closed == [1]
-    await pool.close()
 
 
 async def test_a_failing_cleanup_does_not_skip_the_next() -> None:
-    pool = Pool(2, 30)
     closed: list[int] = []
 
     def broken() -> None:
         raise RuntimeError("release failed")
 
-    async with upstream() as url:
-        ex = await pool.send(url, b"POST", b"/", b"", b"{}")
+    async with answer() as ex:
         response = relay(ex, on_close=broken)
         when_over(response, lambda: closed.append(2))
         client = Client()
@@ -114,4 +110,3 @@ async def test_a_failing_cleanup_does_not_skip_the_next() -> None:
         client.gone.set()
         await asyncio.wait_for(task, 5)
         assert closed == [2]
-    await pool.close()

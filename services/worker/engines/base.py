@@ -20,7 +20,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from services.worker import keeper
 from services.worker.engines.environment import engine_env
 from services.worker.engines.metrics import engine_load
 from services.worker.ownership import EngineRecord, KeeperOptions, Launcher, Owner
-from shared import procs
+from shared import private_dirs, procs
 from shared.models import Assignment, ModelSpec
 from shared.wire import unix_url
 
@@ -75,23 +74,17 @@ class EngineExited(Exception):
     """The engine process ended while we waited for it to become healthy."""
 
 
-# A Unix socket's path holds at most 107 bytes: a deeper temporary directory is not used.
-_SHORT_ENOUGH = 60
-
-
 class EngineSockets:
-    """Where this worker's engines put their Unix sockets: a directory of its own, made on
-    first use with mode 0700, so only the worker's user can connect (over loopback TCP any
-    local user could, and vLLM's /sleep, /wake_up and /collective_rpc check no token); the
-    names are short, as a socket path must be. Removed with what is left in it when the
-    worker stops (:meth:`close`); the directories of workers that died without a stop (their
-    pid is in the name) are removed when the next one makes its own."""
+    """Where this worker's engines put their Unix sockets: a private directory of its own
+    (shared.private_dirs: mode 0700, so only the worker's user can connect; over loopback TCP
+    any local user could, and vLLM's /sleep, /wake_up and /collective_rpc check no token),
+    made on first use. Removed with what is left in it when the worker stops (:meth:`close`);
+    those of workers that died without a stop, when the next one makes its own."""
 
     PREFIX = "svllm-engines-"
 
     def __init__(self, base: str | None = None) -> None:
-        tmp = base or tempfile.gettempdir()
-        self.base = tmp if len(tmp) <= _SHORT_ENOUGH else "/tmp"
+        self.base = str(private_dirs.short_root(self.PREFIX, base))
         self.dir: str | None = None
         self._n = itertools.count(1)
 
@@ -99,8 +92,8 @@ class EngineSockets:
         if self.dir is None or not self._still_ours(self.dir):
             # None yet, or gone (a /tmp cleaner removes idle directories): its name is public
             # (records, logs), so one in its place may be someone else's; a fresh one instead.
-            self._remove_dead()
-            self.dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self.base)
+            private_dirs.remove_stale(self.PREFIX, Path(self.base))
+            self.dir = str(private_dirs.make(self.PREFIX, Path(self.base)))
         return os.path.join(self.dir, f"{next(self._n)}.sock")
 
     @staticmethod
@@ -117,18 +110,6 @@ class EngineSockets:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-
-    def _remove_dead(self) -> None:
-        for entry in Path(self.base).glob(f"{self.PREFIX}*-*"):
-            pid = entry.name[len(self.PREFIX):].split("-", 1)[0]
-            try:
-                if not pid.isdigit() or entry.stat().st_uid != os.getuid():
-                    continue
-                os.kill(int(pid), 0)  # alive (or another user's): left alone
-            except ProcessLookupError:
-                shutil.rmtree(entry, ignore_errors=True)
-            except OSError:
-                continue
 
 
 KEEPER_PATH = str(Path(keeper.__file__).resolve())
