@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -124,6 +125,26 @@ def build_routes(store: Store, settings: RouterSettings, ring: KeyRing) -> APIRo
         await changed()
         return json_response({"key_id": key_id, "revoked": True})
 
+    _tenant_routes(api, store, changed, limit)
+    _usage_route(api, store)
+    return api
+
+
+def _tenant_routes(api: APIRouter, store: Store, changed: Callable[[], Awaitable[None]],
+                   limit: int) -> None:
+    @api.get("/tenants")
+    async def tenants() -> Response:
+        # Every tenant ever given a key or a limit: its shared limits and how many keys it
+        # has (the console's keys page; PUT below sets the limits).
+        keys, limits, _ = await store.all_keys()
+        count: dict[str, int] = defaultdict(int)
+        for k in keys:
+            count[k.tenant] += 1
+        names = sorted(set(await store.tenant_names()) | set(count))
+        return json_response({"tenants": [
+            {"tenant": t, "rpm": limits.get(t, {}).get("rpm"),
+             "tpm": limits.get(t, {}).get("tpm"), "keys": count[t]} for t in names]})
+
     @api.put("/tenants/{tenant}/limits")
     async def tenant_limits(tenant: str, request: Request) -> Response:
         if not tenant or len(tenant) > 64 or not set(tenant) <= _TENANT_OK:
@@ -132,9 +153,6 @@ def build_routes(store: Store, settings: RouterSettings, ring: KeyRing) -> APIRo
         await store.set_tenant_limits(tenant, req.model_dump())
         await changed()
         return json_response({"tenant": tenant} | req.model_dump())
-
-    _usage_route(api, store)
-    return api
 
 
 def _usage_route(api: APIRouter, store: Store) -> None:

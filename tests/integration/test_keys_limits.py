@@ -75,10 +75,17 @@ def test_tenant_limit_is_shared_by_its_keys(cluster: Cluster) -> None:
     serving(routers, "m1")
     assert admin(routers[0], "PUT", "/tenants/acme/limits", json={"rpm": 60}).status_code == 200
     a, b = create_key(routers[0])["key"], create_key(routers[1])["key"]
+    create_key(routers[0], tenant="globex")
     known(routers, a, b)
     assert chat(routers[0], "m1", a).status_code == 200
     # One per second for the whole tenant: the other key, on the other router, waits.
     assert chat(routers[1], "m1", b).status_code == 429
+    # GET /admin/tenants (the console's keys page) lists each tenant's limits and keys.
+    r = admin(routers[1], "GET", "/tenants")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"tenants": [{"tenant": "acme", "rpm": 60, "tpm": None, "keys": 2},
+                                    {"tenant": "globex", "rpm": None, "tpm": None, "keys": 1}]}
+    assert httpx.get(f"{routers[1].url}/admin/tenants", timeout=10).status_code == 401
 
 
 def test_model_limits_of_a_key_hold_across_routers(cluster: Cluster) -> None:

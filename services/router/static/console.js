@@ -4,6 +4,8 @@
 
 const TOKEN_KEY = "svllm.adminToken";
 const REFRESH_MS = 2000;
+// Usage sums many hours of counters: read less often than the pool's state.
+const USAGE_REFRESH_MS = 10000;
 const LOG_LINES_KEPT = 400;
 
 // ---------------------------------------------------------------- helpers
@@ -391,6 +393,294 @@ async function streamChat(model, text, out, status) {
   status.textContent = `Done: ${tokens} chunk(s).`;
 }
 
+// ---------------------------------------------------------------- API keys
+const PRIORITIES = ["normal", "high", "low"];
+
+function num(n) { return Number(n).toLocaleString("en-US"); }
+
+function utcDate(ts) { return new Date(ts * 1000).toISOString().slice(0, 10); }
+
+function limitsText(k) {
+  const parts = [];
+  if (k.rpm) parts.push(`${num(k.rpm)} req/min`);
+  if (k.tpm) parts.push(`${num(k.tpm)} tokens/min`);
+  if (k.max_concurrent) parts.push(`${num(k.max_concurrent)} at once`);
+  for (const [glob, l] of Object.entries(k.model_limits || {})) {
+    const each = [l.rpm ? `${num(l.rpm)} req/min` : null,
+      l.tpm ? `${num(l.tpm)} tokens/min` : null].filter(Boolean).join(", ");
+    parts.push(`${glob}: ${each}`);
+  }
+  return parts.length ? parts.join("; ") : "none";
+}
+
+// The fields of a key's form, for a new key (key undefined) or an edit of `key`. Empty
+// number fields mean "no limit"; the API validates everything and its message is shown.
+function keyFields(prefix, key) {
+  const k = key || {};
+  const field = (id, label, attrs, help) => [h("label", {for: `${prefix}-${id}`}, label),
+    h("input", Object.assign({id: `${prefix}-${id}`, name: id}, attrs,
+      help ? {"aria-describedby": `${prefix}-${id}-help`} : {})),
+    help ? h("p", {class: "help", id: `${prefix}-${id}-help`}, help) : null];
+  const limit = (id, label) => field(id, label, {type: "number", min: "1", step: "1",
+    value: k[id] ? String(k[id]) : ""});
+  return [
+    field("name", "Name", {required: true, value: k.name || ""},
+      "Who or what uses the key: letters, digits, . _ -"),
+    key ? h("p", {}, `Tenant: ${k.tenant}`) : field("tenant", "Tenant", {value: "default"},
+      "Keys of one tenant share its limits and its usage rows."),
+    field("models", "Models", {value: (k.models || ["*"]).join(", ")},
+      "Comma-separated aliases or globs the key may use, e.g. llama-*, qwen; * is all."),
+    limit("rpm", "Requests per minute"), limit("tpm", "Tokens per minute"),
+    limit("max_concurrent", "Requests at once"),
+    h("p", {class: "help"}, "An empty limit is no limit."),
+    h("label", {for: `${prefix}-priority`}, "Priority"),
+    h("select", {id: `${prefix}-priority`, name: "priority"}, PRIORITIES.map((p) =>
+      h("option", {value: p, selected: (k.priority || "normal") === p}, p))),
+    field("expires", "Expires after (UTC date)", {type: "date",
+      value: k.expires_at ? utcDate(k.expires_at) : ""},
+    "The key stops working at the end of this day. Empty: it never expires."),
+  ];
+}
+
+// The body of POST /admin/keys (create) or PATCH /admin/keys/{id} (edit: an empty field
+// removes that limit, so it is sent as null).
+function keyBody(form, prefix, edit) {
+  const v = (id) => { const el = form.querySelector(`#${prefix}-${id}`); return el ? el.value.trim() : ""; };
+  const body = {name: v("name"), priority: v("priority"),
+    models: v("models").split(",").map((m) => m.trim()).filter(Boolean)};
+  if (!edit) body.tenant = v("tenant") || "default";
+  for (const id of ["rpm", "tpm", "max_concurrent"]) {
+    if (v(id)) body[id] = Number(v(id));
+    else if (edit) body[id] = null;
+  }
+  if (v("expires")) body.expires_at = Date.parse(`${v("expires")}T23:59:59Z`) / 1000;
+  else if (edit) body.expires_at = null;
+  return body;
+}
+
+function secretBox(box, rec, what) {
+  const input = h("input", {id: "new-secret", readonly: true, value: rec.key,
+    "aria-label": `Secret of key ${rec.name}`});
+  const copied = h("span", {class: "notice", role: "status"});
+  box.replaceChildren(h("h3", {}, `${what}: copy its secret now`),
+    h("p", {}, `This is the only time the secret of key ${rec.name} (${rec.key_id}, tenant ` +
+      `${rec.tenant}) is shown: only its hash is stored. If it is lost, rotate the key.`),
+    input,
+    h("button", {type: "button", onclick: async () => {
+      input.select();
+      try { await navigator.clipboard.writeText(rec.key); copied.textContent = "Copied."; } catch (_) {
+        copied.textContent = "Selected: press Ctrl-C (or ⌘-C) to copy.";
+      }
+    }}, "Copy"),
+    h("button", {type: "button", onclick: () => box.replaceChildren()}, "Hide the secret"),
+    copied);
+  box.hidden = false;
+  input.focus();
+  input.select();
+}
+
+function keysRegion(keys, actions) {
+  if (!keys.length) return h("p", {class: "notice"}, "No API keys yet: the OpenAI API is " +
+    "open or behind API_TOKEN until the first key is created.");
+  return table(`${keys.length} key(s)`, ["Name", "Key id", "Tenant", "Secret ends in",
+    "Models", "Limits", "Priority", "Expires", "Actions"], keys.map((k) => [
+    k.name, h("code", {}, k.key_id), k.tenant, `…${k.hint}`, k.models.join(", "),
+    limitsText(k), k.priority,
+    k.expires_at ? [utcDate(k.expires_at), k.expired ? [" ", h("span",
+      {class: "state state-FAILED"}, "expired")] : null] : "never",
+    h("span", {}, ["Edit", "Rotate", "Revoke"].map((a) => h("button", {type: "button",
+      class: a === "Revoke" ? "danger" : null, "aria-label": `${a} key ${k.name}`,
+      onclick: () => actions[a](k)}, a)))]));
+}
+
+function tenantsRegion(tenants) {
+  if (!tenants.length) return h("p", {class: "notice"}, "No tenants yet.");
+  return table(`${tenants.length} tenant(s)`, ["Tenant", "Keys", "Shared requests per minute",
+    "Shared tokens per minute"], tenants.map((t) => [t.tenant, String(t.keys),
+    t.rpm ? num(t.rpm) : "no limit", t.tpm ? num(t.tpm) : "no limit"]));
+}
+
+function keysPage(view) {
+  const message = h("p", {class: "error", role: "alert"});
+  const status = h("p", {class: "notice", role: "status"});
+  const secret = h("div", {class: "secret", hidden: true});
+  const keys = h("div"); const tenants = h("div");
+  const editing = h("section", {"aria-labelledby": "edit-title", hidden: true});
+  let refresh = null;
+  const done = (text) => { message.textContent = ""; status.textContent = text; refresh(); };
+  const failed = (what) => (e) => { message.textContent = `${what}: ${e.message}`; };
+
+  const create = h("form", {"aria-labelledby": "new-key-title", novalidate: true},
+    keyFields("new"), h("button", {type: "submit", class: "primary"}, "Create key"));
+  create.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    let rec;
+    try { rec = await api("POST", "/admin/keys", keyBody(create, "new", false)); } catch (e) {
+      failed("Create")(e); return;
+    }
+    create.querySelector("#new-name").value = "";
+    secretBox(secret, rec, `Key ${rec.name} created`);
+    done(`Key ${rec.name} created.`);
+  });
+
+  const actions = {
+    Edit: (k) => {
+      const form = h("form", {novalidate: true}, keyFields("edit", k),
+        h("button", {type: "submit", class: "primary"}, "Save"),
+        h("button", {type: "button", onclick: () => { editing.hidden = true; }}, "Cancel"));
+      form.addEventListener("submit", async (ev) => {
+        ev.preventDefault();
+        try {
+          await api("PATCH", `/admin/keys/${encodeURIComponent(k.key_id)}`,
+            keyBody(form, "edit", true));
+        } catch (e) { failed("Save")(e); return; }
+        editing.hidden = true;
+        done(`Key ${k.name} saved.`);
+      });
+      editing.replaceChildren(h("h2", {id: "edit-title"}, `Edit key ${k.name}`),
+        h("p", {class: "help"}, "Per-model limits (model_limits) are kept as they are: " +
+          "change them with svllm keys or PATCH /admin/keys."), form);
+      editing.hidden = false;
+      form.querySelector("#edit-name").focus();
+    },
+    Rotate: async (k) => {
+      if (!await confirmAction(`Rotate key ${k.name}? Its current secret stops working ` +
+        "at once; clients need the new one.")) return;
+      try {
+        const rec = await api("POST", `/admin/keys/${encodeURIComponent(k.key_id)}/rotate`);
+        secretBox(secret, rec, `Key ${rec.name} rotated`);
+        done(`Key ${k.name} rotated.`);
+      } catch (e) { failed("Rotate")(e); }
+    },
+    Revoke: async (k) => {
+      if (!await confirmAction(`Revoke key ${k.name} (${k.key_id})? Requests with it are ` +
+        "refused (401) from then on. This cannot be undone.")) return;
+      try {
+        await api("DELETE", `/admin/keys/${encodeURIComponent(k.key_id)}`);
+        if (editing.querySelector("h2") &&
+            editing.querySelector("h2").textContent === `Edit key ${k.name}`) editing.hidden = true;
+        done(`Key ${k.name} revoked.`);
+      } catch (e) { failed("Revoke")(e); }
+    },
+  };
+
+  const limitsForm = h("form", {"aria-labelledby": "tenant-limits-title", novalidate: true},
+    h("h3", {id: "tenant-limits-title"}, "Set a tenant's shared limits"),
+    h("label", {for: "tl-tenant"}, "Tenant"), h("input", {id: "tl-tenant", name: "tenant"}),
+    h("label", {for: "tl-rpm"}, "Shared requests per minute"),
+    h("input", {id: "tl-rpm", name: "rpm", type: "number", min: "1", step: "1"}),
+    h("label", {for: "tl-tpm"}, "Shared tokens per minute"),
+    h("input", {id: "tl-tpm", name: "tpm", type: "number", min: "1", step: "1"}),
+    h("p", {class: "help"}, "Every key of the tenant counts against these. Empty: no limit."),
+    h("button", {type: "submit"}, "Set limits"));
+  limitsForm.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const v = (id) => limitsForm.querySelector(`#${id}`).value.trim();
+    const tenant = v("tl-tenant");
+    const body = {rpm: v("tl-rpm") ? Number(v("tl-rpm")) : null,
+      tpm: v("tl-tpm") ? Number(v("tl-tpm")) : null};
+    try {
+      await api("PUT", `/admin/tenants/${encodeURIComponent(tenant)}/limits`, body);
+    } catch (e) { failed("Set limits")(e); return; }
+    done(`Limits of tenant ${tenant} set.`);
+  });
+
+  view.append(
+    h("section", {"aria-labelledby": "keys-title"}, h("h2", {id: "keys-title"}, "API keys"),
+      h("p", {class: "help"}, "Clients send a key as their OpenAI api_key. Changes reach " +
+        "every router within a second."), status, message, secret, keys),
+    editing,
+    h("section", {"aria-labelledby": "new-key-title"},
+      h("h2", {id: "new-key-title"}, "Create an API key"), create),
+    h("section", {"aria-labelledby": "tenants-title"},
+      h("h2", {id: "tenants-title"}, "Tenants"), tenants, limitsForm));
+
+  refresh = async () => {
+    let k, t;
+    try {
+      [k, t] = await Promise.all([api("GET", "/admin/keys"), api("GET", "/admin/tenants")]);
+    } catch (e) { message.textContent = e.message; return; }
+    update(keys, k.keys, (ks) => keysRegion(ks, actions));
+    update(tenants, t.tenants, tenantsRegion);
+  };
+  return refresh;
+}
+
+// ---------------------------------------------------------------- usage
+const PERIODS = [["1", "Last hour"], ["24", "Last 24 hours"], ["168", "Last 7 days"],
+  ["744", "Last 31 days"]];
+const GROUPS = [["key,model", "Key and model"], ["key", "Key"], ["model", "Model"],
+  ["tenant", "Tenant"]];
+const COUNTERS = [["requests", "Requests"], ["prompt_tokens", "Prompt tokens"],
+  ["completion_tokens", "Completion tokens"], ["errors", "Errors"],
+  ["rate_limited", "Rate-limited"]];
+
+// Usage rows (one per tenant, key, model and hour) summed over the hours, per `group`.
+function usageRows(rows, group, names) {
+  const by = group.split(",");
+  const sums = new Map();
+  for (const r of rows) {
+    const id = JSON.stringify([r.tenant, ...by.map((g) => g === "key" ? r.key_id : r[g])]);
+    if (!sums.has(id)) sums.set(id, Object.assign({tenant: r.tenant, key_id: r.key_id,
+      model: r.model}, Object.fromEntries(COUNTERS.map(([c]) => [c, 0]))));
+    for (const [c] of COUNTERS) sums.get(id)[c] += r[c];
+  }
+  const keyName = (id) => names.has(id) ? `${names.get(id)} (${id})` : `${id} (revoked)`;
+  const columns = {key: ["Key", (s) => keyName(s.key_id)], model: ["Model", (s) => s.model],
+    tenant: ["Tenant", (s) => s.tenant]};
+  const shown = (group === "tenant" ? [] : [columns.tenant]).concat(by.map((g) => columns[g]));
+  return {columns: shown.map((c) => c[0]).concat(COUNTERS.map((c) => c[1])),
+    rows: [...sums.values()].sort((a, b) => b.requests - a.requests).map((s) =>
+      shown.map((c) => c[1](s)).concat(COUNTERS.map(([c]) => num(s[c]))))};
+}
+
+function usagePage(view) {
+  const select = (id, label, options) => h("div", {}, h("label", {for: id}, label),
+    h("select", {id, name: id}, options.map(([v, t]) => h("option", {value: v}, t))));
+  const form = h("form", {class: "filters"}, select("usage-period", "Period", PERIODS),
+    select("usage-tenant", "Tenant", [["", "All tenants"]]),
+    select("usage-group", "Per", GROUPS));
+  form.querySelector("#usage-period").value = "24";
+  const summary = h("p", {class: "summary", "aria-live": "polite"});
+  const message = h("p", {class: "error", role: "alert"});
+  const rows = h("div");
+  view.append(h("section", {"aria-labelledby": "usage-title"},
+    h("h2", {id: "usage-title"}, "Usage"),
+    h("p", {class: "help"}, "What each API key used, counted by the routers per hour (UTC). " +
+      "Requests made with API_TOKEN or the admin token are not counted."),
+    form, message, summary, rows));
+  let refresh = null;
+  form.addEventListener("change", () => refresh());
+  refresh = async () => {
+    const v = (id) => form.querySelector(`#${id}`).value;
+    const hours = Number(v("usage-period"));
+    const now = Date.now() / 1000;
+    let q = `from=${Math.floor(now - (hours - 1) * 3600)}&to=${Math.floor(now)}`;
+    if (v("usage-tenant")) q += `&tenant=${encodeURIComponent(v("usage-tenant"))}`;
+    let u, k, t;
+    try {
+      [u, k, t] = await Promise.all([api("GET", `/admin/usage?${q}`), api("GET", "/admin/keys"),
+        api("GET", "/admin/tenants")]);
+      message.textContent = "";
+    } catch (e) { message.textContent = e.message; return; }
+    const tenantSelect = form.querySelector("#usage-tenant");
+    const chosen = tenantSelect.value;
+    update(tenantSelect, t.tenants.map((x) => x.tenant), (names) => [h("option", {value: ""},
+      "All tenants"), ...names.map((n) => h("option", {value: n, selected: n === chosen}, n))]);
+    update(summary, u.total, (total) => COUNTERS.map(([c, label]) =>
+      h("span", {}, `${label}: ${num(total[c])}`)));
+    const names = new Map(k.keys.map((x) => [x.key_id, x.name]));
+    update(rows, [u.rows, v("usage-group"), [...names]], () => {
+      if (!u.rows.length) return h("p", {class: "notice"}, "No usage in this period.");
+      const view = usageRows(u.rows, v("usage-group"), names);
+      return table(`${view.rows.length} row(s), ${PERIODS.find((p) => p[0] ===
+        v("usage-period"))[1].toLowerCase()}`, view.columns, view.rows);
+    });
+  };
+  refresh.every = USAGE_REFRESH_MS;
+  return refresh;
+}
+
 // ---------------------------------------------------------------- routing
 function route() {
   clearInterval(timer);
@@ -411,6 +701,8 @@ function route() {
   if (model) current = modelPage(view, decodeURIComponent(model[1]));
   else if (hash === "#/register") current = registerPage(view);
   else if (hash === "#/playground") current = playground(view);
+  else if (hash === "#/keys") current = keysPage(view);
+  else if (hash === "#/usage") current = usagePage(view);
   else current = overview(view);
   const heading = view.querySelector("h2");
   if (heading) document.title = `${heading.textContent} – svllm console`;
@@ -424,7 +716,7 @@ function route() {
       try { await refresh(); } finally { busy = false; }
     };
     tick();
-    timer = setInterval(tick, REFRESH_MS);
+    timer = setInterval(tick, refresh.every || REFRESH_MS);
   }
 }
 
