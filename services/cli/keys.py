@@ -1,10 +1,12 @@
-"""``svllm keys create|list|revoke|rotate`` and ``svllm usage``: one function per command."""
+"""``svllm keys create|list|update|revoke|rotate``, ``svllm tenants list|limits`` and
+``svllm usage``: one function per command."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import orjson
 import typer
@@ -13,7 +15,9 @@ from rich.table import Table
 
 from services.cli.client import Client
 
-keys = typer.Typer(help="Create, list, rotate and revoke API keys.", no_args_is_help=True)
+keys = typer.Typer(help="Create, list, change, rotate and revoke API keys.",
+                   no_args_is_help=True)
+tenants = typer.Typer(help="Tenants: the limits their keys share.", no_args_is_help=True)
 out = Console()
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
@@ -23,6 +27,12 @@ def _client(ctx: typer.Context) -> Client:
     obj = ctx.find_root().obj
     assert isinstance(obj, Client)
     return obj
+
+
+def _seg(value: str) -> str:
+    """``value`` as one path segment: a key id or tenant such as ``../x`` is refused by the
+    API as unknown instead of reaching another path."""
+    return quote(value, safe="")
 
 
 def _json(data: Any) -> None:
@@ -109,17 +119,93 @@ def list_keys(ctx: typer.Context,
     out.print(table)
 
 
+# --no-limit NAME -> the field PATCH sets to null.
+_REMOVABLE = {"rpm": "rpm", "tpm": "tpm", "max_concurrent": "max_concurrent",
+              "expires": "expires_at", "model_limits": "model_limits"}
+
+
+@keys.command("update")
+def update(
+    ctx: typer.Context,
+    key_id: str,
+    name: Annotated[str | None, typer.Option(help="A new label.")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="Alias glob the key may use (repeat): replaces the list.")] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Requests at once.")] = None,
+    priority: Annotated[str | None, typer.Option(help="high, normal or low.")] = None,
+    expires_in: Annotated[float | None, typer.Option(help="Seconds until it expires.")] = None,
+    model_limit: Annotated[list[str] | None, typer.Option(
+        "--model-limit", help="GLOB=rpm:N,tpm:M (repeat): replaces the key's per-model "
+        "limits.")] = None,
+    no_limit: Annotated[list[str] | None, typer.Option(
+        "--no-limit", help="Remove one: rpm, tpm, max_concurrent, expires or model_limits "
+        "(repeat).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a key: only the options given; its secret stays."""
+    given = {"name": name, "models": model, "rpm": rpm, "tpm": tpm,
+             "max_concurrent": max_concurrent, "priority": priority}
+    body: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if model_limit:
+        body["model_limits"] = dict(_model_limit(m) for m in model_limit)
+    if expires_in is not None:
+        body["expires_at"] = time.time() + expires_in
+    for item in no_limit or []:
+        field = _REMOVABLE.get(item)
+        if field is None:
+            raise typer.BadParameter(f"{item!r}: one of {', '.join(_REMOVABLE)}",
+                                     param_hint="--no-limit")
+        if field in body:
+            raise typer.BadParameter(f"{item!r} is both set and removed",
+                                     param_hint="--no-limit")
+        body[field] = None
+    if not body:
+        raise typer.BadParameter("nothing to change: give at least one option")
+    changed = _client(ctx).call("PATCH", f"/admin/keys/{_seg(key_id)}", body)
+    if as_json:
+        _json(changed)
+        return
+    out.print(f"updated {key_id}")
+
+
+@tenants.command("list")
+def list_tenants(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Every tenant with a key or a limit: its shared limits and number of keys."""
+    data = _client(ctx).get("/admin/tenants")
+    if as_json:
+        _json(data)
+        return
+    table = Table("tenant", "keys", "shared rpm", "shared tpm")
+    for t in data["tenants"]:
+        table.add_row(t["tenant"], str(t["keys"]), str(t["rpm"] or ""), str(t["tpm"] or ""))
+    out.print(table)
+
+
+@tenants.command("limits")
+def tenant_limits(
+    ctx: typer.Context,
+    tenant: str,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute, all its keys.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute, all its keys.")] = None,
+) -> None:
+    """Set the limits a tenant's keys share; both at once (one left out: no limit)."""
+    _client(ctx).call("PUT", f"/admin/tenants/{_seg(tenant)}/limits", {"rpm": rpm, "tpm": tpm})
+    out.print(f"limits of {tenant}: rpm {rpm or 'none'}, tpm {tpm or 'none'}")
+
+
 @keys.command("revoke")
 def revoke(ctx: typer.Context, key_id: str) -> None:
     """Revoke a key: refused by every router within a second."""
-    _client(ctx).delete(f"/admin/keys/{key_id}")
+    _client(ctx).delete(f"/admin/keys/{_seg(key_id)}")
     out.print(f"revoked {key_id}")
 
 
 @keys.command("rotate")
 def rotate(ctx: typer.Context, key_id: str, as_json: JsonFlag = False) -> None:
     """A new secret for the key (printed once); the old one is refused."""
-    _shown_once(_client(ctx).post(f"/admin/keys/{key_id}/rotate"), as_json)
+    _shown_once(_client(ctx).post(f"/admin/keys/{_seg(key_id)}/rotate"), as_json)
 
 
 def usage(

@@ -32,6 +32,7 @@ adapters = typer.Typer(help="LoRA adapters served as aliases of a base model.",
                        no_args_is_help=True)
 app.add_typer(adapters, name="adapters")
 app.add_typer(keys_cli.keys, name="keys")
+app.add_typer(keys_cli.tenants, name="tenants")
 app.command("usage")(keys_cli.usage)
 out = Console()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from tests.cli.support import svllm
 from tests.integration.keys_support import ADMIN, chat, known, pool, serving
@@ -67,3 +68,49 @@ def test_model_limits_from_the_cli(cluster: Cluster) -> None:
     assert refused.code == 1 and "model_limits" in refused.err
     after = json.loads(svllm(r, "keys", "list", "--json", token=ADMIN).out)["keys"]
     assert after == before  # nothing created by a refused command
+
+
+def test_update_a_key_and_set_tenant_limits_from_the_cli(cluster: Cluster) -> None:
+    routers = pool(cluster, 1)
+    serving(routers, "m1")
+    r = routers[0]
+    made = svllm(r, "keys", "create", "--name", "svc", "--tenant", "acme", "--rpm", "600",
+                 "--model-limit", "m1=rpm:60", "--json", token=ADMIN)
+    key = json.loads(made.out)
+
+    def stored() -> dict[str, Any]:
+        listed = json.loads(svllm(r, "keys", "list", "--json", token=ADMIN).out)["keys"]
+        return next(k for k in listed if k["key_id"] == key["key_id"])
+
+    up = svllm(r, "keys", "update", key["key_id"], "--name", "svc2", "--model", "m*",
+               "--max-concurrent", "3", "--no-limit", "rpm", "--no-limit", "model_limits",
+               token=ADMIN)
+    assert up.code == 0, up.err
+    now = stored()
+    assert (now["name"], now["models"], now["max_concurrent"], now["rpm"],
+            now["model_limits"], now["hint"]) == ("svc2", ["m*"], 3, None, {}, key["hint"])
+    known([r], key["key"])
+    assert chat(r, "m1", key["key"]).status_code == 200  # the secret is unchanged
+
+    # Refused before or by the API: nothing changes.
+    for args, says in ((["--no-limit", "colour"], "--no-limit"),
+                       (["--rpm", "5", "--no-limit", "rpm"], "both set and removed"),
+                       ([], "nothing to change"), (["--rpm", "0"], "rpm"),
+                       (["--priority", "urgent"], "priority")):
+        bad = svllm(r, "keys", "update", key["key_id"], *args, token=ADMIN)
+        assert bad.code != 0 and says in bad.err, (args, bad.err)
+    assert stored() == now
+    # A hostile id stays one path segment: a 404, not PATCH /admin/usage (a 405).
+    for hostile in ("../usage", "key_0000000000000000"):
+        gone = svllm(r, "keys", "update", hostile, "--rpm", "5", token=ADMIN)
+        assert gone.code == 1 and "(404 " in gone.err, (hostile, gone.err)
+
+    assert svllm(r, "tenants", "limits", "acme", "--rpm", "120", token=ADMIN).code == 0
+    listed = json.loads(svllm(r, "tenants", "list", "--json", token=ADMIN).out)
+    assert listed == {"tenants": [{"tenant": "acme", "rpm": 120, "tpm": None, "keys": 1}]}
+    table = svllm(r, "tenants", "list", token=ADMIN)
+    assert table.code == 0 and "acme" in table.out and "120" in table.out
+    for hostile, says in (("bad tenant", "tenant: 1-64 letters"), ("../x", "(404 ")):
+        bad = svllm(r, "tenants", "limits", hostile, "--rpm", "5", token=ADMIN)
+        assert bad.code == 1 and says in bad.err, (hostile, bad.err)
+    assert json.loads(svllm(r, "tenants", "list", "--json", token=ADMIN).out) == listed

@@ -539,7 +539,7 @@ function keysPage(view) {
       });
       editing.replaceChildren(h("h2", {id: "edit-title"}, `Edit key ${k.name}`),
         h("p", {class: "help"}, "Per-model limits (model_limits) are kept as they are: " +
-          "change them with svllm keys or PATCH /admin/keys."), form);
+          "change them with svllm keys update or PATCH /admin/keys/{id}."), form);
       editing.hidden = false;
       form.querySelector("#edit-name").focus();
     },
