@@ -267,11 +267,14 @@ class Supervisor:
             return
         inst.health_failures += 1
         limit = self.settings.engine_health_failures
+        lost = inst.engine.lost if inst.engine is not None else None
         if inst.health_failures >= limit:
             why = f"engine health check failed {inst.health_failures} times in a row"
-            self._run(inst, self.flows.fail(inst, why))
+            self._run(inst, self.flows.fail(inst, f"{why}: {lost}" if lost else why))
         elif inst.health_failures == 1:
             inst.note = "engine health check failing: withdrawn from the routes"
+            if lost:
+                inst.note += f" ({lost})"
             logger.warning("%s: %s", inst.alias, inst.note)
             await self.life.sync(inst)
 

@@ -93,3 +93,29 @@ def test_a_bad_engine_sockets_setting_stops_the_worker_with_a_message(
     with pytest.raises(AssertionError, match="exited with"):
         cluster.worker("w1", ENGINE_SOCKETS="pipes")
     assert "engine_sockets" in (cluster.tmp / "w1.log").read_text().lower()
+
+
+def test_an_engine_whose_socket_file_was_removed_is_restarted_on_a_fresh_one(
+        cluster: Cluster) -> None:
+    # A temporary-file cleaner that deletes a live engine's socket: the engine still serves
+    # the pooled connections (the worker's health check's among them) but refuses every new
+    # one. The worker notices the file is gone and restarts the engine on a new socket.
+    cluster.manager()
+    cluster.worker("w1", ENGINE_HEALTH_INTERVAL_S="0.3", ENGINE_HEALTH_FAILURES="2")
+    router = cluster.router()
+    assert register(router, "m", engine="sim").status_code == 201
+    wait_serving(router, "m")
+    first = _instance(router, "m")
+    assert chat(router, "m", stream=True).status_code == 200
+    Path(first["socket"]).unlink()
+
+    def restarted() -> dict[str, str] | None:
+        inst = _instance(router, "m")
+        moved = inst["state"] == "RUNNING" and inst["socket"] not in ("", first["socket"])
+        return inst if moved else None
+
+    now = wait_until(restarted, 30, interval=0.2, what="the engine on a new socket")
+    assert now["pid"] != first["pid"] and Path(now["socket"]).is_socket()
+    wait_serving(router, "m")
+    log = (cluster.tmp / "w1.log").read_text()
+    assert f"its socket file {first['socket']} was removed or replaced" in log

@@ -143,6 +143,10 @@ class EngineProcess:
         self.base_url = unix_url(uds) if uds else f"http://127.0.0.1:{port}"
         self._url = "http://localhost" if uds else self.base_url
         self._http: httpx.AsyncClient | None = None
+        # (device, inode) of the socket file the engine bound, once seen; and why the
+        # engine can no longer be reached there, once it cannot (:meth:`socket_lost`).
+        self._socket_id: tuple[int, int] | None = None
+        self.lost: str | None = None
 
     @property
     def address(self) -> str:
@@ -270,6 +274,8 @@ class EngineProcess:
     async def health_status(self, client: httpx.AsyncClient) -> bool | None:
         """True: healthy; False: an error answer, or no connection; None: no answer in time
         (hung, or only too busy to answer within the 2 s)."""
+        if self.socket_lost():
+            return False
         try:
             r = await self.get(client, self.launch.health_path, 2.0)
         except httpx.TimeoutException:
@@ -277,6 +283,32 @@ class EngineProcess:
         except httpx.HTTPError:
             return False
         return r.status_code == 200
+
+    def socket_lost(self) -> bool:
+        """Whether the engine's socket file was removed or replaced since it was bound (a
+        temporary-file cleaner, say). The engine then refuses every new connection while
+        the pooled ones, a health check's included, still work: without this check it
+        would pass its health checks while new requests fail. Its instance then fails the
+        health checks and is restarted on a fresh socket."""
+        if self.uds is None:
+            return False
+        try:
+            st = os.stat(self.uds)
+            ident = (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+        except OSError:
+            ident = None
+        if self._socket_id is None:
+            # Not bound yet (a start), or bound now: only the engine creates this path, in
+            # a directory only this worker's user can write.
+            self._socket_id = ident
+            return False
+        if ident == self._socket_id:
+            return False
+        if self.lost is None:
+            self.lost = (f"its socket file {self.uds} was removed or replaced (a temporary-"
+                         "file cleaner?): new connections cannot reach it")
+            logger.warning("engine (pid %s): %s", self.pid, self.lost)
+        return True
 
     async def wait_ready(self, client: httpx.AsyncClient, timeout_s: float) -> None:
         """Return once /health answers 200. Raises EngineExited or TimeoutError."""
