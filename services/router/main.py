@@ -77,7 +77,7 @@ def create_app(settings: RouterSettings, child: processes.Child | None = None,
                           in_process=in_process)
     forwarder = Forwarder(table, upstreams, holder)
     limiter = Limiter(store, ring, settings)
-    gate = openai_api.Gate(ring, limiter, settings.limits_default_max_tokens)
+    gate = openai_api.KeyGate(ring, limiter, settings.limits_default_max_tokens)
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry) if settings.metrics else None
     if metrics is not None:

@@ -50,7 +50,7 @@ from shared.upload import Upload, read_fields
 
 
 @dataclass(frozen=True, slots=True)
-class Gate:
+class KeyGate:
     """Who may call /v1 (the key ring) and how much (the limiter)."""
 
     ring: KeyRing
@@ -187,7 +187,7 @@ async def _upload(
                                record)
 
 
-def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
+def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: KeyGate,
               recorder: Recorder, prefix_chars: int = 0,
               adapters: AdapterTable | None = None) -> Picker:
     """The steady state on the fast lane (:mod:`shared.fastlane`): a model with a replica
@@ -238,7 +238,7 @@ def fast_lane(table: RouteTable, upstreams: Upstreams, limit: int, gate: Gate,
 
 
 async def _serve(
-    lane: Lane, upstreams: Upstreams, gate: Gate, rec: KeyRecord | None, call: Call,
+    lane: Lane, upstreams: Upstreams, gate: KeyGate, rec: KeyRecord | None, call: Call,
     data: dict[str, Any], record: RequestRecord,
 ) -> int:
     """Send ``call`` on the lane within the key's limits; the answer's status."""
@@ -307,7 +307,7 @@ class Watched(Response):
             record.finish(status)
 
 
-def _ticketed(gate: Gate, ticket: Ticket, response: Response) -> bytearray | None:
+def _ticketed(gate: KeyGate, ticket: Ticket, response: Response) -> bytearray | None:
     """The key's headers on ``response``, and its ticket finished with the usage when the
     answer is over; for a streamed answer, the buffer its last bytes go to (the usage
     chunk: a held request is corrected like one on the fast lane)."""
@@ -321,12 +321,12 @@ def _ticketed(gate: Gate, ticket: Ticket, response: Response) -> bytearray | Non
     return tail
 
 
-def _finish_stream(gate: Gate, ticket: Ticket, status: int, tail: bytearray) -> None:
+def _finish_stream(gate: KeyGate, ticket: Ticket, status: int, tail: bytearray) -> None:
     gate.finish(ticket, status, usage_of_stream(bytes(tail)) if tail else None)
 
 
 def build_routes(
-    table: RouteTable, forwarder: Forwarder, limit: int, gate: Gate, recorder: Recorder,
+    table: RouteTable, forwarder: Forwarder, limit: int, gate: KeyGate, recorder: Recorder,
     admin_token: str | None = None, prefix_chars: int = 0,
     adapters: AdapterTable | None = None, audio_limit: int | None = None,
 ) -> APIRouter:
