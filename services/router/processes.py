@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -148,7 +147,7 @@ def sibling_root(tmpdir: str | None = None) -> Path:
 
 def _remove_stale_dirs(root: Path | None = None) -> None:
     """Remove sibling directories left by supervisors that died without cleaning up (SIGKILL):
-    those of this user whose supervisor pid no longer runs."""
+    those of this user whose supervisor no longer holds them (shared.private_dirs)."""
     private_dirs.remove_stale(_DIR_PREFIX, root or sibling_root())
 
 
@@ -168,7 +167,8 @@ class Supervisor:
         self.slots = [_Slot(i, listen(settings.router_host, settings.router_port))
                       for i in range(n)]
         _remove_stale_dirs()
-        # Mode 0700; named by this pid, so a later supervisor can tell it is stale.
+        # Mode 0700; held by a lock while this supervisor runs, so a later one can tell it is
+        # stale.
         self.sibling_dir = private_dirs.make(_DIR_PREFIX, sibling_root())
         self.stopping = False
 
@@ -230,7 +230,7 @@ class Supervisor:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
         for p in running:
             procs.stop(p, grace_s=1.0)  # SIGKILL to the group of any still running; reaps
-        shutil.rmtree(self.sibling_dir, ignore_errors=True)
+        private_dirs.remove(self.sibling_dir)
 
 
 def supervise(settings: RouterSettings, n: int) -> int:

@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -92,6 +91,8 @@ class EngineSockets:
         if self.dir is None or not self._still_ours(self.dir):
             # None yet, or gone (a /tmp cleaner removes idle directories): its name is public
             # (records, logs), so one in its place may be someone else's; a fresh one instead.
+            if self.dir is not None:
+                private_dirs.release(Path(self.dir))  # not removed: it may be another's
             private_dirs.remove_stale(self.PREFIX, Path(self.base))
             self.dir = str(private_dirs.make(self.PREFIX, Path(self.base)))
         return os.path.join(self.dir, f"{next(self._n)}.sock")
@@ -108,7 +109,7 @@ class EngineSockets:
 
     def close(self) -> None:
         if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            private_dirs.remove(Path(self.dir))
             self.dir = None
 
 
