@@ -123,6 +123,9 @@ def test_real_vllm_register_chat_stream_unregister(
     print(f"register -> RUNNING: {to_running:.1f} s")
     pid = int(inst["pid"])
     assert procs.group_alive(pid)
+    # vLLM 0.32 lists --uds: it serves on the worker's private Unix socket, with no port.
+    assert inst["socket"] and inst["port"] == "0", inst
+    assert Path(inst["socket"]).is_socket()
     tree = _engine_tree(pid)
     # The API server plus at least the engine core it spawned.
     assert len(tree) >= 2, tree

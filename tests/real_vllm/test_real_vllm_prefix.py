@@ -85,14 +85,14 @@ def kv_cache_bytes(model: Path) -> int:
     return int(CACHE_BLOCKS * BLOCK_TOKENS * per_token)
 
 
-def engine_urls(router: Proc) -> list[str]:
+def engine_addresses(router: Proc) -> list[str]:
     m = model_status(router, ALIAS)
     assert m is not None
     return [engine_address(i) for i in m["instances"] if i["state"] == "RUNNING"]
 
 
 def both_running(router: Proc) -> list[str] | None:
-    urls = engine_urls(router)
+    urls = engine_addresses(router)
     return urls if len(urls) == 2 else None
 
 
@@ -163,7 +163,7 @@ def test_real_vllm_prefix_aware_balancing_hits_more_than_least_outstanding(
             httpx.post(f"{rt.url}/v1/completions", timeout=60,
                        json={"model": ALIAS, "prompt": "hello", "max_tokens": 1}
                        ).status_code == 200 for _ in range(2)), 60, what="routes seen")
-    longest = max(len(httpx.post(f"{urls[0]}/tokenize", timeout=30, json={
+    longest = max(len(engine_call(urls[0], "POST", "/tokenize", timeout=30, json={
         "model": ALIAS, "prompt": system_prompt(m, i) + " Question 9: the end?"}).json()["tokens"])
         for m in routers for i in range(PROMPTS))
     assert 128 < longest < MAX_MODEL_LEN - 8, longest
