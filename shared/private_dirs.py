@@ -4,11 +4,13 @@ directory, or /tmp where that is too deep for a socket's address, so that a late
 removes those of owners that died without cleaning up (SIGKILL).
 
 Whether an owner is alive is read from a lock, not its pid: each owner holds an exclusive
-``flock`` on a file in its directory for as long as it runs, and the kernel lets go of it when
-the process dies, however it dies. The owner's pid, also in the directory's name, says nothing
-to a process in another pid namespace (two containers of one user sharing /tmp): there, a live
-owner's pid may be free, or taken by an unrelated process. Directories without the lock file
-(made by an earlier release) fall back to the pid."""
+``flock`` on its directory for as long as it runs, and the kernel lets go of it when the
+process dies, however it dies. The owner's pid, also in the directory's name, says nothing to
+a process in another pid namespace (two containers of one user sharing /tmp): there, a live
+owner's pid may be free, or taken by an unrelated process. A held lock also keeps
+systemd-tmpfiles away from the directory and its sockets. The file ``LOCK_MARK`` in a
+directory says its owner locks it; directories without it (made by an earlier release, or
+in the instant before it exists) are judged by the pid, as before."""
 
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from shared import procs
 # A Unix socket's path holds at most 107 bytes (sun_path); a directory's name adds the prefix,
 # a pid, "-" and mkdtemp's 8 characters, and a socket's name up to 10 more ("/1024.sock").
 SUN_PATH_MAX = 107
-LOCK_NAME = ".owner.lock"
+LOCK_MARK = ".flocked"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
-# Directory -> the open lock file this process holds it by (until release() or its exit).
+# Directory -> the open directory this process holds its lock by (until release() or exit).
 _held: dict[Path, int] = {}
 
 
@@ -42,33 +45,52 @@ def short_root(prefix: str, tmpdir: str | None = None) -> Path:
 
 def make(prefix: str, root: Path) -> Path:
     """A new private directory of this process under ``root``, held by its lock."""
-    for _ in range(3):
+    for _ in range(5):
         d = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
         try:
             # Non-inheritable (PEP 446): an engine or a sibling started later does not hold it.
-            fd = os.open(d / LOCK_NAME, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW,
-                         0o600)
-        except FileNotFoundError:
-            # Removed in the instant before its lock existed, by another namespace's
-            # remove_stale that took it for a dead owner's: make another.
+            fd = os.open(d, _DIR_FLAGS)
+        except OSError:
+            continue  # removed in the instant after mkdtemp (see below): another one
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (d / LOCK_MARK).touch(mode=0o600)
+        except OSError:
+            # Another owner's sweep took it in that instant (it had no mark yet, and in
+            # another pid namespace our pid may look dead): it removes it; another one.
+            os.close(fd)
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours: never contended
         _held[d] = fd
         return d
     raise OSError(f"could not make a private directory under {root}")
 
 
+def owns(d: Path) -> bool:
+    """Whether this process holds ``d`` and the path still names that directory (not one
+    made in its place after it was removed)."""
+    fd = _held.get(d)
+    if fd is None:
+        return False
+    try:
+        here, held = os.lstat(d), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
 def release(d: Path) -> None:
-    """Let go of ``d``'s lock without removing it (it is no longer this process's: gone, or
-    replaced by someone else's)."""
+    """Let go of ``d``'s lock without removing it (gone, or no longer this process's)."""
     fd = _held.pop(d, None)
     if fd is not None:
         os.close(fd)
 
 
 def remove(d: Path) -> None:
-    """Remove a directory this process made, with what is left in it, and let go of it."""
-    shutil.rmtree(d, ignore_errors=True)
+    """Remove a directory this process made, with what is left in it, and let go of it. A
+    path that no longer names the directory it made (removed, something else in its place)
+    is left alone."""
+    if owns(d):
+        shutil.rmtree(d, ignore_errors=True)
     release(d)
 
 
@@ -86,16 +108,16 @@ def remove_stale(prefix: str, root: Path) -> None:
 
 
 def _remove_if_unheld(d: Path, pid: int) -> None:
-    try:
-        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        # An earlier release's directory (no lock file), or one being made this instant:
-        # its owner's pid decides, as before.
+    if not (d / LOCK_MARK).exists():
+        # An earlier release's directory, or one being made this instant: its owner's pid
+        # decides, as before.
         if not procs.pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
         return
+    try:
+        fd = os.open(d, _DIR_FLAGS)
     except OSError:
-        return  # not ours to judge (a link, no permission): keep it
+        return  # gone, or not ours to judge: keep it
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

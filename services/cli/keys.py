@@ -31,7 +31,10 @@ def _client(ctx: typer.Context) -> Client:
 
 def _seg(value: str) -> str:
     """``value`` as one path segment: a key id or tenant such as ``../x`` is refused by the
-    API as unknown instead of reaching another path."""
+    API as unknown instead of reaching another path (``.`` and ``..``, which stay as they
+    are once quoted, are refused here)."""
+    if value in (".", ".."):
+        raise typer.BadParameter(f"{value!r} is not a key id or a tenant")
     return quote(value, safe="")
 
 
@@ -213,7 +216,9 @@ def usage(
     key: Annotated[str | None, typer.Option(help="A key id.")] = None,
     tenant: Annotated[str | None, typer.Option(help="A tenant.")] = None,
     model: Annotated[str | None, typer.Option(help="A model alias.")] = None,
-    hours: Annotated[int, typer.Option(help="The last this many hours.")] = 24,
+    hours: Annotated[int, typer.Option(
+        min=1, max=743, help="The last this many hours (the API keeps at most 31 days of "
+        "hourly counters: with the hour now, 743).")] = 24,
     as_json: JsonFlag = False,
 ) -> None:
     """Requests, tokens, errors and rate-limited requests per key, model and hour."""

@@ -271,9 +271,9 @@ class Supervisor:
         if inst.health_failures >= limit:
             why = f"engine health check failed {inst.health_failures} times in a row"
             self._run(inst, self.flows.fail(inst, f"{why}: {lost}" if lost else why))
-        elif inst.health_failures == 1:
+        elif inst.health_failures == 1 or (lost and lost not in inst.note):
             inst.note = "engine health check failing: withdrawn from the routes"
-            if lost:
+            if lost:  # the cause, once known (the first failure may come before it)
                 inst.note += f" ({lost})"
             logger.warning("%s: %s", inst.alias, inst.note)
             await self.life.sync(inst)

@@ -5,6 +5,7 @@ model and tenant."""
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -70,7 +71,9 @@ def test_create_use_edit_rotate_and_revoke_a_key(page: Page, router: Proc) -> No
     assert httpx.post(f"{router.url}/v1/chat/completions", timeout=30, json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]}).status_code == 401
     page.get_by_role("button", name="Hide the secret").click()
-    expect(page.get_by_label("Secret of key alice-app")).to_be_hidden()
+    expect(page.get_by_label("Secret of key alice-app")).to_have_count(0)
+    expect(page.locator(".secret")).to_be_hidden()  # the box too, not just its content
+    expect(page.get_by_role("status").first).to_be_focused()
 
     # Edit: the rpm limit removed, a concurrency limit set.
     row.get_by_role("button", name="Edit key alice-app").click()
@@ -80,11 +83,17 @@ def test_create_use_edit_rotate_and_revoke_a_key(page: Page, router: Proc) -> No
     edit.get_by_label("Requests at once").fill("2")
     edit.get_by_role("button", name="Save").click()
     expect(page.get_by_role("status").first).to_have_text("Key alice-app saved.")
+    expect(page.get_by_role("status").first).to_be_focused()  # the form it was in is gone
     expect(row).to_contain_text("2 at once")
     expect(row).not_to_contain_text("req/min")
     stored = httpx.get(f"{router.url}/admin/keys", headers=ADMIN_H).json()["keys"][0]
     assert stored["rpm"] is None and stored["max_concurrent"] == 2, stored
 
+    rotate_then_revoke(page, router, row, first)
+
+
+def rotate_then_revoke(page: Page, router: Proc, row: Locator, first: str) -> None:
+    """Rotate the key of ``row`` (secret ``first``), then revoke it, cancelling once."""
     # Rotate: a new secret, the old one refused at once.
     row.get_by_role("button", name="Rotate key alice-app").click()
     confirm(page, "Rotate key alice-app?")
@@ -97,6 +106,9 @@ def test_create_use_edit_rotate_and_revoke_a_key(page: Page, router: Proc) -> No
     row.get_by_role("button", name="Revoke key alice-app").click()
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
     assert chat_with(router, second) == 200
+    assert [k["name"] for k in httpx.get(f"{router.url}/admin/keys",
+                                         headers=ADMIN_H).json()["keys"]] == ["alice-app"]
+    expect(row).to_be_visible()
     row.get_by_role("button", name="Revoke key alice-app").click()
     confirm(page, "Revoke key alice-app")
     expect(page.get_by_text("No API keys yet")).to_be_visible()
@@ -127,7 +139,16 @@ def test_bad_key_and_tenant_input_shows_the_apis_message_and_changes_nothing(
     limits.get_by_label("Shared requests per minute").fill("120")
     limits.get_by_role("button", name="Set limits").click()
     tenants = page.get_by_role("region", name="Tenants")
-    expect(tenants.get_by_role("row").filter(has_text="acme")).to_contain_text("120")
+    acme = tenants.get_by_role("row").filter(has_text="acme")
+    expect(acme).to_contain_text("120")
+    # Edit limits fills in the current ones: setting tpm keeps rpm (the PUT sets both).
+    limits.get_by_label("Tenant").fill("")
+    acme.get_by_role("button", name="Edit the limits of tenant acme").click()
+    expect(limits.get_by_label("Shared requests per minute")).to_have_value("120")
+    limits.get_by_label("Shared tokens per minute").fill("5000")
+    limits.get_by_role("button", name="Set limits").click()
+    expect(acme).to_contain_text("5,000")
+    expect(acme).to_contain_text("120")
 
 
 def test_usage_per_key_model_and_tenant(page: Page, router: Proc) -> None:
@@ -181,3 +202,32 @@ def rows(table: Locator) -> list[list[str]]:
         first_number = next(i for i, c in enumerate(cells) if c.replace(",", "").isdigit())
         out.append(cells[:first_number + 1])
     return out
+
+
+def test_an_edit_keeps_what_its_form_does_not_change(page: Page, router: Proc) -> None:
+    """The form shows a date for the expiry and nothing of the per-model limits: saving a
+    rename must leave the exact expiry (not move it to the day's end) and those limits."""
+    expires_at = time.time() + 3 * 86400 + 1234.5
+    r = httpx.post(f"{router.url}/admin/keys", headers=ADMIN_H, timeout=10, json={
+        "name": "timed", "tenant": "acme", "expires_at": expires_at,
+        "model_limits": {"m*": {"rpm": 30}}})
+    assert r.status_code == 201, r.text
+    signed_in(page, router)
+    page.get_by_role("link", name="API keys").click()
+    key_row(page, "timed").get_by_role("button", name="Edit key timed").click()
+    edit = page.get_by_role("region", name="Edit key timed")
+    edit.get_by_label("Name").fill("renamed")
+    edit.get_by_role("button", name="Save").click()
+    expect(key_row(page, "renamed")).to_be_visible()
+    (stored,) = httpx.get(f"{router.url}/admin/keys", headers=ADMIN_H).json()["keys"]
+    assert stored["name"] == "renamed" and stored["expires_at"] == expires_at
+    assert stored["model_limits"] == {"m*": {"rpm": 30}}
+
+    # A new date does change it: the end of that day, UTC.
+    key_row(page, "renamed").get_by_role("button", name="Edit key renamed").click()
+    edit = page.get_by_role("region", name="Edit key renamed")
+    edit.get_by_label("Expires after (UTC date)").fill("2099-01-31")
+    edit.get_by_role("button", name="Save").click()
+    expect(key_row(page, "renamed")).to_contain_text("2099-01-31")
+    (stored,) = httpx.get(f"{router.url}/admin/keys", headers=ADMIN_H).json()["keys"]
+    assert stored["expires_at"] == 4073587199  # 2099-01-31T23:59:59Z

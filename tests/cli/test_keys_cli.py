@@ -7,17 +7,26 @@ from typing import Any
 
 from tests.cli.support import svllm
 from tests.integration.keys_support import ADMIN, chat, known, pool, serving
-from tests.support import Cluster, wait_until
+from tests.support import Cluster, Proc, wait_until
+
+
+def one_router(cluster: Cluster) -> Proc:
+    """A pool with one router, model m1 serving."""
+    routers = pool(cluster, 1)
+    serving(routers, "m1")
+    return routers[0]
+
+
+def created(r: Proc, *args: str) -> dict[str, Any]:
+    """``svllm keys create ARGS --json``'s answer."""
+    made = svllm(r, "keys", "create", *args, "--json", token=ADMIN)
+    assert made.code == 0, made.err
+    return dict(json.loads(made.out))
 
 
 def test_keys_lifecycle_and_usage_from_the_cli(cluster: Cluster) -> None:
-    routers = pool(cluster, 1)
-    serving(routers, "m1")
-    r = routers[0]
-    made = svllm(r, "keys", "create", "--name", "cli", "--tenant", "acme", "--model", "m*",
-                 "--rpm", "600", "--json", token=ADMIN)
-    assert made.code == 0, made.err
-    key = json.loads(made.out)
+    r = one_router(cluster)
+    key = created(r, "--name", "cli", "--tenant", "acme", "--model", "m*", "--rpm", "600")
     assert key["key"].startswith("sk-svllm-") and key["models"] == ["m*"]
     listed = svllm(r, "keys", "list", token=ADMIN)
     assert listed.code == 0 and key["key_id"] in listed.out and key["key"] not in listed.out
@@ -43,13 +52,9 @@ def test_keys_lifecycle_and_usage_from_the_cli(cluster: Cluster) -> None:
 
 
 def test_model_limits_from_the_cli(cluster: Cluster) -> None:
-    routers = pool(cluster, 1)
-    serving(routers, "m1")
-    r = routers[0]
-    made = svllm(r, "keys", "create", "--name", "per-model", "--model-limit", "m1=rpm:60",
-                 "--model-limit", "x*=tpm:5000,rpm:30", "--json", token=ADMIN)
-    assert made.code == 0, made.err
-    key = json.loads(made.out)
+    r = one_router(cluster)
+    key = created(r, "--name", "per-model", "--model-limit", "m1=rpm:60",
+                  "--model-limit", "x*=tpm:5000,rpm:30")
     assert key["model_limits"] == {"m1": {"rpm": 60}, "x*": {"rpm": 30, "tpm": 5000}}
     listed = svllm(r, "keys", "list", "--json", token=ADMIN)
     mine = [k for k in json.loads(listed.out)["keys"] if k["key_id"] == key["key_id"]]
@@ -71,12 +76,9 @@ def test_model_limits_from_the_cli(cluster: Cluster) -> None:
 
 
 def test_update_a_key_and_set_tenant_limits_from_the_cli(cluster: Cluster) -> None:
-    routers = pool(cluster, 1)
-    serving(routers, "m1")
-    r = routers[0]
-    made = svllm(r, "keys", "create", "--name", "svc", "--tenant", "acme", "--rpm", "600",
-                 "--model-limit", "m1=rpm:60", "--json", token=ADMIN)
-    key = json.loads(made.out)
+    r = one_router(cluster)
+    key = created(r, "--name", "svc", "--tenant", "acme", "--rpm", "600",
+                  "--model-limit", "m1=rpm:60")
 
     def stored() -> dict[str, Any]:
         listed = json.loads(svllm(r, "keys", "list", "--json", token=ADMIN).out)["keys"]
@@ -110,6 +112,10 @@ def test_update_a_key_and_set_tenant_limits_from_the_cli(cluster: Cluster) -> No
     assert listed == {"tenants": [{"tenant": "acme", "rpm": 120, "tpm": None, "keys": 1}]}
     table = svllm(r, "tenants", "list", token=ADMIN)
     assert table.code == 0 and "acme" in table.out and "120" in table.out
+    dots = svllm(r, "keys", "revoke", "..", token=ADMIN)
+    assert dots.code != 0 and "is not a key id" in dots.err, dots.err
+    too_long = svllm(r, "usage", "--hours", "744", token=ADMIN)  # 745 hourly rows: refused
+    assert too_long.code == 2 and "--hours" in too_long.err, too_long.err
     for hostile, says in (("bad tenant", "tenant: 1-64 letters"), ("../x", "(404 ")):
         bad = svllm(r, "tenants", "limits", hostile, "--rpm", "5", token=ADMIN)
         assert bad.code == 1 and says in bad.err, (hostile, bad.err)

@@ -67,11 +67,15 @@ def test_a_directory_gone_or_no_longer_private_is_replaced(short_tmp: Path) -> N
     shutil.rmtree(first)
     second = Path(sockets.new_path()).parent
     assert second != first and second.is_dir()
-    second.chmod(0o755)  # as if another made it, or opened it
+    (second / "1.sock").touch()  # an engine serving there
+    second.chmod(0o755)  # opened up by someone
     third = Path(sockets.new_path()).parent
     assert third != second and stat.S_IMODE(third.stat().st_mode) == 0o700
+    # Still ours and held: its engine keeps its socket (no sweep takes it) until the stop.
+    private_dirs.remove_stale(EngineSockets.PREFIX, short_tmp)
+    assert (second / "1.sock").exists()
     sockets.close()
-    shutil.rmtree(second, ignore_errors=True)  # let go of, so the sweep may have taken it
+    assert not second.exists() and not third.exists()
 
 
 async def test_an_engines_control_client_is_closed_by_its_stop(tmp_path: Path) -> None:
@@ -89,25 +93,25 @@ def test_a_directory_is_judged_by_its_owners_lock_not_its_pid(short_tmp: Path) -
     """Two workers of one user in different pid namespaces sharing /tmp: the pid in a
     directory's name means nothing to the other, so the owner's lock decides. A live owner
     (here a child holding the lock, its directory named by a pid that is free here) keeps its
-    directory; a dead one's (lock file, nobody holding it) goes, whatever its pid."""
+    directory; a dead one's (marked as locked, nobody holding it) goes, whatever its pid."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     held = short_tmp / f"svllm-engines-{gone.pid}-live"
     dropped = short_tmp / f"svllm-engines-{os.getppid()}-dead"  # a live pid, a dead owner
     for d in (held, dropped):
         d.mkdir(mode=0o700)
-        (d / private_dirs.LOCK_NAME).touch()
+        (d / private_dirs.LOCK_MARK).touch()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
          "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-         str(held / private_dirs.LOCK_NAME)],
+         str(held)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         sockets = EngineSockets(str(short_tmp))
         mine = Path(sockets.new_path()).parent
         assert held.exists() and not dropped.exists()
-        assert (mine / private_dirs.LOCK_NAME).exists()
+        assert (mine / private_dirs.LOCK_MARK).exists()
         # This worker's own directory is held too: another worker's sweep keeps it.
         private_dirs.remove_stale(EngineSockets.PREFIX, short_tmp)
         assert mine.exists()

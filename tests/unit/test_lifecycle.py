@@ -203,6 +203,7 @@ class _Engine:
     port = 9
     uds = None
     pid = 0
+    lost = None  # the socket file is in place
 
     def __init__(self, verdict: bool | None) -> None:
         self.verdict = verdict

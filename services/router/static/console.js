@@ -395,6 +395,8 @@ async function streamChat(model, text, out, status) {
 
 // ---------------------------------------------------------------- API keys
 const PRIORITIES = ["normal", "high", "low"];
+const LIMIT_FIELDS = [["rpm", "Requests per minute"], ["tpm", "Tokens per minute"],
+  ["max_concurrent", "Requests at once"]];
 
 function num(n) { return Number(n).toLocaleString("en-US"); }
 
@@ -421,7 +423,7 @@ function keyFields(prefix, key) {
     h("input", Object.assign({id: `${prefix}-${id}`, name: id}, attrs,
       help ? {"aria-describedby": `${prefix}-${id}-help`} : {})),
     help ? h("p", {class: "help", id: `${prefix}-${id}-help`}, help) : null];
-  const limit = (id, label) => field(id, label, {type: "number", min: "1", step: "1",
+  const limit = ([id, label]) => field(id, label, {type: "number", min: "1", step: "1",
     value: k[id] ? String(k[id]) : ""});
   return [
     field("name", "Name", {required: true, value: k.name || ""},
@@ -430,35 +432,49 @@ function keyFields(prefix, key) {
       "Keys of one tenant share its limits and its usage rows."),
     field("models", "Models", {value: (k.models || ["*"]).join(", ")},
       "Comma-separated aliases or globs the key may use, e.g. llama-*, qwen; * is all."),
-    limit("rpm", "Requests per minute"), limit("tpm", "Tokens per minute"),
-    limit("max_concurrent", "Requests at once"),
+    LIMIT_FIELDS.map(limit),
     h("p", {class: "help"}, "An empty limit is no limit."),
     h("label", {for: `${prefix}-priority`}, "Priority"),
     h("select", {id: `${prefix}-priority`, name: "priority"}, PRIORITIES.map((p) =>
       h("option", {value: p, selected: (k.priority || "normal") === p}, p))),
+    // data-initial: an edit sends the expiry only when this field changed (the date
+    // would move an exact expiry to the end of its day, or revive a key expired today).
     field("expires", "Expires after (UTC date)", {type: "date",
-      value: k.expires_at ? utcDate(k.expires_at) : ""},
+      min: utcDate(Date.now() / 1000), value: k.expires_at ? utcDate(k.expires_at) : "",
+      "data-initial": k.expires_at ? utcDate(k.expires_at) : ""},
     "The key stops working at the end of this day. Empty: it never expires."),
   ];
 }
 
+// A number field's value: "" when empty; an error when it holds something that is not a
+// number (the browser then reports its value as "", which would read as "no limit").
+function numberOf(el, label) {
+  if (el.validity.badInput) throw new Error(`${label}: not a whole number`);
+  return el.value.trim();
+}
+
 // The body of POST /admin/keys (create) or PATCH /admin/keys/{id} (edit: an empty field
-// removes that limit, so it is sent as null).
+// removes that limit, so it is sent as null). Throws on a field that is not a number.
 function keyBody(form, prefix, edit) {
-  const v = (id) => { const el = form.querySelector(`#${prefix}-${id}`); return el ? el.value.trim() : ""; };
+  const el = (id) => form.querySelector(`#${prefix}-${id}`);
+  const v = (id) => (el(id) ? el(id).value.trim() : "");
   const body = {name: v("name"), priority: v("priority"),
     models: v("models").split(",").map((m) => m.trim()).filter(Boolean)};
   if (!edit) body.tenant = v("tenant") || "default";
-  for (const id of ["rpm", "tpm", "max_concurrent"]) {
-    if (v(id)) body[id] = Number(v(id));
+  for (const [id, label] of LIMIT_FIELDS) {
+    const n = numberOf(el(id), label);
+    if (n) body[id] = Number(n);
     else if (edit) body[id] = null;
   }
-  if (v("expires")) body.expires_at = Date.parse(`${v("expires")}T23:59:59Z`) / 1000;
+  const expires = v("expires");
+  if (edit && expires === el("expires").dataset.initial) return body;  // unchanged: kept
+  if (expires) body.expires_at = Date.parse(`${expires}T23:59:59Z`) / 1000;
   else if (edit) body.expires_at = null;
   return body;
 }
 
-function secretBox(box, rec, what) {
+// Show a key's secret, once. `onHide`: where keyboard focus goes once it is hidden.
+function secretBox(box, rec, what, onHide) {
   const input = h("input", {id: "new-secret", readonly: true, value: rec.key,
     "aria-label": `Secret of key ${rec.name}`});
   const copied = h("span", {class: "notice", role: "status"});
@@ -472,7 +488,11 @@ function secretBox(box, rec, what) {
         copied.textContent = "Selected: press Ctrl-C (or ⌘-C) to copy.";
       }
     }}, "Copy"),
-    h("button", {type: "button", onclick: () => box.replaceChildren()}, "Hide the secret"),
+    h("button", {type: "button", onclick: () => {
+      box.replaceChildren();
+      box.hidden = true;
+      onHide();
+    }}, "Hide the secret"),
     copied);
   box.hidden = false;
   input.focus();
@@ -493,11 +513,13 @@ function keysRegion(keys, actions) {
       onclick: () => actions[a](k)}, a)))]));
 }
 
-function tenantsRegion(tenants) {
+function tenantsRegion(tenants, editLimits) {
   if (!tenants.length) return h("p", {class: "notice"}, "No tenants yet.");
   return table(`${tenants.length} tenant(s)`, ["Tenant", "Keys", "Shared requests per minute",
-    "Shared tokens per minute"], tenants.map((t) => [t.tenant, String(t.keys),
-    t.rpm ? num(t.rpm) : "no limit", t.tpm ? num(t.tpm) : "no limit"]));
+    "Shared tokens per minute", "Actions"], tenants.map((t) => [t.tenant, String(t.keys),
+    t.rpm ? num(t.rpm) : "no limit", t.tpm ? num(t.tpm) : "no limit",
+    h("button", {type: "button", "aria-label": `Edit the limits of tenant ${t.tenant}`,
+      onclick: () => editLimits(t)}, "Edit limits")]));
 }
 
 function keysPage(view) {
@@ -507,8 +529,20 @@ function keysPage(view) {
   const keys = h("div"); const tenants = h("div");
   const editing = h("section", {"aria-labelledby": "edit-title", hidden: true});
   let refresh = null;
-  const done = (text) => { message.textContent = ""; status.textContent = text; refresh(); };
+  // Focus goes to the status line once the control that had it is gone (a hidden form, a
+  // revoked key's row), so a keyboard user is not dropped at the top of the page.
+  status.tabIndex = -1;
+  const done = (text) => {
+    message.textContent = "";
+    status.textContent = text;
+    if (!view.contains(document.activeElement) || document.activeElement.closest("[hidden]")) {
+      status.focus();
+    }
+    refresh();
+  };
   const failed = (what) => (e) => { message.textContent = `${what}: ${e.message}`; };
+  const showSecret = (rec, what) => secretBox(secret, rec, what, () => status.focus());
+  const closeEdit = () => { editing.hidden = true; delete editing.dataset.keyId; };
 
   const create = h("form", {"aria-labelledby": "new-key-title", novalidate: true},
     keyFields("new"), h("button", {type: "submit", class: "primary"}, "Create key"));
@@ -519,7 +553,7 @@ function keysPage(view) {
       failed("Create")(e); return;
     }
     create.querySelector("#new-name").value = "";
-    secretBox(secret, rec, `Key ${rec.name} created`);
+    showSecret(rec, `Key ${rec.name} created`);
     done(`Key ${rec.name} created.`);
   });
 
@@ -527,20 +561,24 @@ function keysPage(view) {
     Edit: (k) => {
       const form = h("form", {novalidate: true}, keyFields("edit", k),
         h("button", {type: "submit", class: "primary"}, "Save"),
-        h("button", {type: "button", onclick: () => { editing.hidden = true; }}, "Cancel"));
+        h("button", {type: "button", onclick: () => {
+          closeEdit();
+          status.focus();
+        }}, "Cancel"));
       form.addEventListener("submit", async (ev) => {
         ev.preventDefault();
         try {
           await api("PATCH", `/admin/keys/${encodeURIComponent(k.key_id)}`,
             keyBody(form, "edit", true));
         } catch (e) { failed("Save")(e); return; }
-        editing.hidden = true;
+        closeEdit();
         done(`Key ${k.name} saved.`);
       });
       editing.replaceChildren(h("h2", {id: "edit-title"}, `Edit key ${k.name}`),
         h("p", {class: "help"}, "Per-model limits (model_limits) are kept as they are: " +
           "change them with svllm keys update or PATCH /admin/keys/{id}."), form);
       editing.hidden = false;
+      editing.dataset.keyId = k.key_id;
       form.querySelector("#edit-name").focus();
     },
     Rotate: async (k) => {
@@ -548,7 +586,7 @@ function keysPage(view) {
         "at once; clients need the new one.")) return;
       try {
         const rec = await api("POST", `/admin/keys/${encodeURIComponent(k.key_id)}/rotate`);
-        secretBox(secret, rec, `Key ${rec.name} rotated`);
+        showSecret(rec, `Key ${rec.name} rotated`);
         done(`Key ${k.name} rotated.`);
       } catch (e) { failed("Rotate")(e); }
     },
@@ -557,8 +595,7 @@ function keysPage(view) {
         "refused (401) from then on. This cannot be undone.")) return;
       try {
         await api("DELETE", `/admin/keys/${encodeURIComponent(k.key_id)}`);
-        if (editing.querySelector("h2") &&
-            editing.querySelector("h2").textContent === `Edit key ${k.name}`) editing.hidden = true;
+        if (editing.dataset.keyId === k.key_id) closeEdit();
         done(`Key ${k.name} revoked.`);
       } catch (e) { failed("Revoke")(e); }
     },
@@ -571,14 +608,19 @@ function keysPage(view) {
     h("input", {id: "tl-rpm", name: "rpm", type: "number", min: "1", step: "1"}),
     h("label", {for: "tl-tpm"}, "Shared tokens per minute"),
     h("input", {id: "tl-tpm", name: "tpm", type: "number", min: "1", step: "1"}),
-    h("p", {class: "help"}, "Every key of the tenant counts against these. Empty: no limit."),
+    h("p", {class: "help"}, "Every key of the tenant counts against these. Both are set at " +
+      "once: an empty one is no limit (Edit limits in the table fills in the current ones)."),
     h("button", {type: "submit"}, "Set limits"));
   limitsForm.addEventListener("submit", async (ev) => {
     ev.preventDefault();
-    const v = (id) => limitsForm.querySelector(`#${id}`).value.trim();
-    const tenant = v("tl-tenant");
-    const body = {rpm: v("tl-rpm") ? Number(v("tl-rpm")) : null,
-      tpm: v("tl-tpm") ? Number(v("tl-tpm")) : null};
+    const el = (id) => limitsForm.querySelector(`#${id}`);
+    const tenant = el("tl-tenant").value.trim();
+    let body;
+    try {
+      const rpm = numberOf(el("tl-rpm"), "Shared requests per minute");
+      const tpm = numberOf(el("tl-tpm"), "Shared tokens per minute");
+      body = {rpm: rpm ? Number(rpm) : null, tpm: tpm ? Number(tpm) : null};
+    } catch (e) { failed("Set limits")(e); return; }
     try {
       await api("PUT", `/admin/tenants/${encodeURIComponent(tenant)}/limits`, body);
     } catch (e) { failed("Set limits")(e); return; }
@@ -595,20 +637,31 @@ function keysPage(view) {
     h("section", {"aria-labelledby": "tenants-title"},
       h("h2", {id: "tenants-title"}, "Tenants"), tenants, limitsForm));
 
+  const editLimits = (t) => {
+    limitsForm.querySelector("#tl-tenant").value = t.tenant;
+    limitsForm.querySelector("#tl-rpm").value = t.rpm ? String(t.rpm) : "";
+    limitsForm.querySelector("#tl-tpm").value = t.tpm ? String(t.tpm) : "";
+    limitsForm.querySelector("#tl-rpm").focus();
+  };
+  let asked = 0;  // refreshes run also outside the timer (after a change): the last one wins
   refresh = async () => {
+    const mine = ++asked;
     let k, t;
     try {
       [k, t] = await Promise.all([api("GET", "/admin/keys"), api("GET", "/admin/tenants")]);
-    } catch (e) { message.textContent = e.message; return; }
+    } catch (e) { if (mine === asked) message.textContent = e.message; return; }
+    if (mine !== asked) return;  // a later refresh was asked for: its answer is newer
     update(keys, k.keys, (ks) => keysRegion(ks, actions));
-    update(tenants, t.tenants, tenantsRegion);
+    update(tenants, t.tenants, (ts) => tenantsRegion(ts, editLimits));
   };
   return refresh;
 }
 
 // ---------------------------------------------------------------- usage
+// Hours back from now, as `svllm usage --hours`: the counters are per clock hour (UTC), so a
+// period covers every hour it touches (the last hour: this one and the one before).
 const PERIODS = [["1", "Last hour"], ["24", "Last 24 hours"], ["168", "Last 7 days"],
-  ["744", "Last 31 days"]];
+  ["720", "Last 30 days"]];
 const GROUPS = [["key,model", "Key and model"], ["key", "Key"], ["model", "Model"],
   ["tenant", "Tenant"]];
 const COUNTERS = [["requests", "Requests"], ["prompt_tokens", "Prompt tokens"],
@@ -646,23 +699,27 @@ function usagePage(view) {
   const rows = h("div");
   view.append(h("section", {"aria-labelledby": "usage-title"},
     h("h2", {id: "usage-title"}, "Usage"),
-    h("p", {class: "help"}, "What each API key used, counted by the routers per hour (UTC). " +
-      "Requests made with API_TOKEN or the admin token are not counted."),
+    h("p", {class: "help"}, "What each API key used, counted by the routers per clock hour " +
+      "(UTC): a period covers every hour it touches. Requests made with API_TOKEN or the " +
+      "admin token are not counted."),
     form, message, summary, rows));
   let refresh = null;
+  let asked = 0;  // a change of filter refreshes at once: the last one asked for wins
   form.addEventListener("change", () => refresh());
   refresh = async () => {
+    const mine = ++asked;
     const v = (id) => form.querySelector(`#${id}`).value;
     const hours = Number(v("usage-period"));
     const now = Date.now() / 1000;
-    let q = `from=${Math.floor(now - (hours - 1) * 3600)}&to=${Math.floor(now)}`;
+    let q = `from=${Math.floor(now - hours * 3600)}&to=${Math.floor(now)}`;
     if (v("usage-tenant")) q += `&tenant=${encodeURIComponent(v("usage-tenant"))}`;
     let u, k, t;
     try {
       [u, k, t] = await Promise.all([api("GET", `/admin/usage?${q}`), api("GET", "/admin/keys"),
         api("GET", "/admin/tenants")]);
-      message.textContent = "";
-    } catch (e) { message.textContent = e.message; return; }
+    } catch (e) { if (mine === asked) message.textContent = e.message; return; }
+    if (mine !== asked) return;
+    message.textContent = "";
     const tenantSelect = form.querySelector("#usage-tenant");
     const chosen = tenantSelect.value;
     update(tenantSelect, t.tenants.map((x) => x.tenant), (names) => [h("option", {value: ""},
@@ -670,7 +727,7 @@ function usagePage(view) {
     update(summary, u.total, (total) => COUNTERS.map(([c, label]) =>
       h("span", {}, `${label}: ${num(total[c])}`)));
     const names = new Map(k.keys.map((x) => [x.key_id, x.name]));
-    update(rows, [u.rows, v("usage-group"), [...names]], () => {
+    update(rows, [u.rows, v("usage-period"), v("usage-group"), [...names]], () => {
       if (!u.rows.length) return h("p", {class: "notice"}, "No usage in this period.");
       const view = usageRows(u.rows, v("usage-group"), names);
       return table(`${view.rows.length} row(s), ${PERIODS.find((p) => p[0] ===

@@ -85,14 +85,21 @@ class EngineSockets:
     def __init__(self, base: str | None = None) -> None:
         self.base = str(private_dirs.short_root(self.PREFIX, base))
         self.dir: str | None = None
+        # Earlier directories still ours whose mode someone changed: their engines keep
+        # serving there (held, so no sweep removes them) until the worker stops.
+        self._kept: list[Path] = []
         self._n = itertools.count(1)
 
     def new_path(self) -> str:
         if self.dir is None or not self._still_ours(self.dir):
-            # None yet, or gone (a /tmp cleaner removes idle directories): its name is public
+            # None yet, gone (a /tmp cleaner), or no longer private: its name is public
             # (records, logs), so one in its place may be someone else's; a fresh one instead.
             if self.dir is not None:
-                private_dirs.release(Path(self.dir))  # not removed: it may be another's
+                old = Path(self.dir)
+                if private_dirs.owns(old):
+                    self._kept.append(old)  # the same directory, opened up: kept held
+                else:
+                    private_dirs.release(old)  # gone: what is there now is not ours
             private_dirs.remove_stale(self.PREFIX, Path(self.base))
             self.dir = str(private_dirs.make(self.PREFIX, Path(self.base)))
         return os.path.join(self.dir, f"{next(self._n)}.sock")
@@ -108,6 +115,9 @@ class EngineSockets:
                 and stat.S_IMODE(st.st_mode) == 0o700)
 
     def close(self) -> None:
+        for d in self._kept:
+            private_dirs.remove(d)
+        self._kept.clear()
         if self.dir is not None:
             private_dirs.remove(Path(self.dir))
             self.dir = None
