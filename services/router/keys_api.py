@@ -35,11 +35,10 @@ def _created(rec: KeyRecord, secret: str) -> dict[str, Any]:
     return rec.view() | {"key": secret}
 
 
-def _with_secret(rec: KeyRecord) -> tuple[KeyRecord, str]:
-    secret = new_secret()
+def _give(rec: KeyRecord, secret: str) -> None:
+    """``secret`` becomes the key's: only its hash (and last four characters) are kept."""
     rec.secret_hash = hash_secret(secret.encode())
     rec.hint = secret[-4:]
-    return rec, secret
 
 
 def _model_limits(req: KeyLimits) -> dict[str, dict[str, int]]:
@@ -75,11 +74,13 @@ def build_routes(store: Store, settings: RouterSettings, ring: KeyRing) -> APIRo
     async def create(request: Request) -> Response:
         req = await parse_body(request, CreateKey, limit)
         now = time.time()
-        rec, secret = _with_secret(KeyRecord(
+        rec = KeyRecord(
             new_key_id(), req.name, req.tenant, "", list(req.models), req.rpm, req.tpm,
             req.max_concurrent, req.priority, req.expires_at, now, now,
-            model_limits=_model_limits(req)))
-        await store.save_key(rec, new=True)
+            model_limits=_model_limits(req))
+        secret = new_secret()
+        _give(rec, secret)
+        await store.save_key(rec)
         await changed()
         return json_response(_created(rec, secret), 201)
 
@@ -94,29 +95,38 @@ def build_routes(store: Store, settings: RouterSettings, ring: KeyRing) -> APIRo
     async def get_key(key_id: str) -> Response:
         return json_response((await existing(key_id)).view())
 
+    async def updated(key_id: str, change: Callable[[KeyRecord], None]) -> KeyRecord:
+        """The key after ``change``, read and written in one transaction (store.update_key)."""
+        def stamped(rec: KeyRecord) -> None:
+            change(rec)
+            rec.updated_at = time.time()
+
+        rec = await store.update_key((await existing(key_id)).tenant, key_id, stamped)
+        if rec is None:
+            raise NotFound(f"API key '{clip(key_id)}' does not exist", code="key_not_found")
+        await changed()
+        return rec
+
     @api.patch("/keys/{key_id}")
     async def update(key_id: str, request: Request) -> Response:
         req = await parse_body(request, UpdateKey, limit)
         model_limits = _model_limits(req)
-        rec = await existing(key_id)
-        for name, value in req.model_dump(exclude_unset=True).items():
+        fields = req.model_dump(exclude_unset=True)
+        for name, value in fields.items():
             if value is None and name in ("name", "models", "priority"):
                 raise BadRequest(f"{name}: may not be null", param=name)
-            setattr(rec, name, model_limits if name == "model_limits" else value)
-        rec.updated_at = time.time()
-        if not await store.save_key(rec, new=False):
-            raise NotFound(f"API key '{clip(key_id)}' does not exist", code="key_not_found")
-        await changed()
-        return json_response(rec.view())
+
+        def change(rec: KeyRecord) -> None:
+            for name, value in fields.items():
+                setattr(rec, name, model_limits if name == "model_limits" else value)
+
+        return json_response((await updated(key_id, change)).view())
 
     @api.post("/keys/{key_id}/rotate")
     async def rotate(key_id: str) -> Response:
-        rec, secret = _with_secret(await existing(key_id))
-        rec.updated_at = time.time()
-        if not await store.save_key(rec, new=False):
-            raise NotFound(f"API key '{clip(key_id)}' does not exist", code="key_not_found")
-        await changed()
-        return json_response(_created(rec, secret))
+        secret = new_secret()
+        return json_response(_created(await updated(key_id, lambda rec: _give(rec, secret)),
+                                      secret))
 
     @api.delete("/keys/{key_id}")
     async def revoke(key_id: str) -> Response:

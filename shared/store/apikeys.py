@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -11,6 +11,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 
 from shared.apikeys import KeyRecord
+from shared.errors import Conflict
 from shared.keys import ROUTER_SEEN_TTL_S, USAGE_TTL_S
 from shared.records import BadRecord
 from shared.store.base import StoreBase
@@ -77,6 +78,8 @@ return out
 
 # Usage counters read back at most this many hours per request (a month).
 USAGE_MAX_HOURS = 31 * 24
+# Attempts of an optimistic update of a key before it gives up with a 409.
+_WATCH_TRIES = 16
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited")
 
 
@@ -98,15 +101,14 @@ class ApiKeysStore(StoreBase):
     _limit_sha: str | None = None
 
     # ------------------------------------------------------------------ keys
-    async def save_key(self, rec: KeyRecord, *, new: bool) -> bool:
-        """Write ``rec`` (create, or replace an existing one) and bump the keys version, in
-        one transaction. False when ``new`` is False and the key is gone (revoked meanwhile).
+    async def save_key(self, rec: KeyRecord) -> None:
+        """Write a new key and bump the keys version, in one transaction.
 
         On a cluster the tenant's hash and the index (``{s}``) are in two slots: the index
-        entry and the tenant's listing first, then the record (the same check), then the
-        bump, so every key a router can load is found by its id. Interrupted after the
-        index, the id names no record (read as no key); after the record, routers load it at
-        the next bump (the caller got an error and has no secret of it)."""
+        entry and the tenant's listing first, then the record, then the bump, so every key a
+        router can load is found by its id. Interrupted after the index, the id names no
+        record (read as no key); after the record, routers load it at the next bump (the
+        caller got an error and has no secret of it)."""
         hkey = self.k.api_keys(rec.tenant)
         if self.cluster:
             async with self._txn(self.k.key_index) as pipe:
@@ -114,23 +116,46 @@ class ApiKeysStore(StoreBase):
                 pipe.sadd(self.k.tenants, rec.tenant)
                 await pipe.execute()
         async with self._txn(hkey) as pipe:
-            try:
-                await pipe.watch(hkey)
-                if not new and not await pipe.hexists(hkey, rec.key_id):
-                    return False
-                pipe.multi()
-                pipe.hset(hkey, rec.key_id, rec.to_json())
-                if not self.cluster:
-                    pipe.hset(self.k.key_index, rec.key_id, rec.tenant)
-                    pipe.sadd(self.k.tenants, rec.tenant)
-                    pipe.incr(self.k.keys_version)
-                await pipe.execute()
-            except WatchError:
-                return False
-        if self.cluster:
+            # No WATCH: the id is new, so no other write can conflict with this one.
+            pipe.hset(hkey, rec.key_id, rec.to_json())
+            if not self.cluster:
+                pipe.hset(self.k.key_index, rec.key_id, rec.tenant)
+                pipe.sadd(self.k.tenants, rec.tenant)
+                pipe.incr(self.k.keys_version)
+            await pipe.execute()
+        await self._keys_changed()
+
+    async def update_key(self, tenant: str, key_id: str,
+                         change: Callable[[KeyRecord], None]) -> KeyRecord | None:
+        """Read the key, ``change`` it and write it back in one optimistic transaction, redone
+        when another write to the tenant's keys landed in between (so a rotation and an edit
+        at once both hold: the edit never writes back the secret the rotation replaced).
+        None when the key is gone (revoked meanwhile)."""
+        hkey = self.k.api_keys(tenant)
+        for _ in range(_WATCH_TRIES):
+            async with self._txn(hkey) as pipe:
+                try:
+                    await pipe.watch(hkey)
+                    raw = cast(str | None, await pipe.hget(hkey, key_id))
+                    rec = self._parse_key(hkey, raw) if raw is not None else None
+                    if rec is None:
+                        return None
+                    change(rec)
+                    pipe.multi()
+                    pipe.hset(hkey, key_id, rec.to_json())
+                    if not self.cluster:
+                        pipe.incr(self.k.keys_version)
+                    await pipe.execute()
+                except WatchError:
+                    continue
+            await self._keys_changed()
+            return rec
+        raise Conflict(f"API key '{key_id}' kept changing under this update; retry it")
+
+    async def _keys_changed(self) -> None:
+        if self.cluster:  # the version is in {s}, apart from the tenant's slot
             await self.r.incr(self.k.keys_version)
         await self.publish("keys")
-        return True
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         tenant = cast(str | None, await self.r.hget(self.k.key_index, key_id))

@@ -220,15 +220,19 @@ async def test_api_keys_limits_and_usage(store: Store, redis_cluster: RedisClust
     """Keys of two tenants (two slots) and the index ({s}): create, list, rotate, revoke;
     a limiter decision per tenant in one pipeline, also after the scripts were flushed."""
     a, b = _key("ka", "acme", "s1", rpm=60), _key("kb", "beta", "s2")
-    assert await store.save_key(a, new=True) and await store.save_key(b, new=True)
+    await store.save_key(a)
+    await store.save_key(b)
     await store.set_tenant_limits("acme", {"rpm": 120, "tpm": None})
     keys, limits, tenants = await store.all_keys()
     assert {k.key_id for k in keys} == {"ka", "kb"} and tenants == 2
     assert limits == {"acme": {"rpm": 120}}
     assert await store.keys_version() == 3
     assert await store.check_in("r1") == (3, 1)
-    rotated = _key("ka", "acme", "s3", rpm=60)
-    assert await store.save_key(rotated, new=False) is True
+    def rotate(rec: KeyRecord) -> None:
+        rec.secret_hash = hash_secret(b"s3")
+
+    rotated = await store.update_key("acme", "ka", rotate)
+    assert rotated is not None and rotated.rpm == 60
     got = await store.get_key("ka")
     assert got is not None and got.secret_hash == hash_secret(b"s3")
 
@@ -250,7 +254,7 @@ async def test_api_keys_limits_and_usage(store: Store, redis_cluster: RedisClust
     assert await store.delete_key(rotated) is True
     assert await store.get_key("ka") is None
     assert await store.delete_key(rotated) is False
-    assert await store.save_key(rotated, new=False) is False  # revoked: not brought back
+    assert await store.update_key("acme", "ka", rotate) is None  # revoked: not brought back
     assert [k.key_id for k in (await store.all_keys())[0]] == ["kb"]
     assert await store.keys_version() == 6
 
