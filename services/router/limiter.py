@@ -145,6 +145,10 @@ def headers_of(buckets: list[Bucket], decision: Decision) -> dict[str, str]:
     return out
 
 
+# The most completion tokens one request reserves (2**24: past any model's context).
+MAX_RESERVED_COMPLETION = 1 << 24
+
+
 def estimate(data: dict[str, Any], body_len: int, path: str, default_max: int) -> int:
     """Tokens reserved at admission: the prompt from the body's size (about four bytes a
     token, an over-estimate for JSON), plus the completion's cap."""
@@ -153,7 +157,12 @@ def estimate(data: dict[str, Any], body_len: int, path: str, default_max: int) -
         return prompt
     # The completion's cap under each API's name for it (/v1/responses: max_output_tokens).
     cap = data.get("max_completion_tokens", data.get("max_tokens", data.get("max_output_tokens")))
-    return prompt + (cap if isinstance(cap, int) and cap > 0 else default_max)
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
+        cap = default_max
+    # No model writes more than this in one answer. Unbounded, an absurd max_tokens would
+    # put the buckets years ahead (every key of the tenant refused until the refund) or
+    # past what the script's millisecond expiry can hold.
+    return prompt + min(cap, MAX_RESERVED_COMPLETION)
 
 
 class Limiter:
@@ -229,14 +238,27 @@ class Limiter:
                 raise RateLimited(f"Too many concurrent requests for key {rec.name} (at most "
                                   f"{rec.max_concurrent}).", kind="requests",
                                   headers={"Retry-After": "1"})
+        # Taken before any wait for Redis: requests that arrive together all wait for the
+        # same call, and counted after it they would all have passed the check above.
+        self.concurrent[rec.key_id] += 1
+        try:
+            return await self._admit(rec, alias, reserved)
+        except BaseException:
+            self._release(rec.key_id)
+            raise
+
+    def _release(self, key_id: str) -> None:
+        self.concurrent[key_id] -= 1
+        if self.concurrent[key_id] <= 0:
+            del self.concurrent[key_id]
+
+    async def _admit(self, rec: KeyRecord, alias: str, reserved: int) -> Ticket:
         buckets = self.buckets(rec, alias)
         if not buckets:
-            self.concurrent[rec.key_id] += 1
             return Ticket(rec, alias, reserved, buckets, {}, True)
         scope = self.scope(rec, alias)
         lease = await self._leased(scope, buckets, reserved)
         if lease is not None:
-            self.concurrent[rec.key_id] += 1
             return Ticket(rec, alias, reserved, buckets, _local_headers(lease), True)
         decision, remote, sent = await self._decide(scope, buckets, reserved)
         headers = headers_of(buckets, decision)
@@ -249,7 +271,6 @@ class Limiter:
             raise RateLimited(f"Rate limit reached for key {rec.name} on {kind} per minute. "
                               f"Retry in {headers['Retry-After']}s.", kind=kind,
                               headers=headers)
-        self.concurrent[rec.key_id] += 1
         return Ticket(rec, alias, reserved, buckets, headers, remote)
 
     @staticmethod
@@ -382,9 +403,7 @@ class Limiter:
             return
         ticket.done = True
         rec = ticket.rec
-        self.concurrent[rec.key_id] -= 1
-        if self.concurrent[rec.key_id] <= 0:
-            del self.concurrent[rec.key_id]
+        self._release(rec.key_id)
         if used is not None and used != ticket.reserved:
             delta = used - ticket.reserved
             for b in ticket.buckets:

@@ -121,3 +121,24 @@ def test_model_limits_of_a_key_share_one_call(redis_server: RedisServer) -> None
             await x.store.close()
 
     asyncio.run(go())
+
+
+def test_max_concurrent_holds_for_requests_that_arrive_together(
+        redis_server: RedisServer) -> None:
+    """Requests of one key that arrive at once all wait for the same Redis call: each takes
+    its slot before that wait, so no more than max_concurrent are admitted."""
+    async def go() -> None:
+        (lim,) = limiters(redis_server.url, 1, 0.0)
+        rec = KeyRecord(key_id="k1", name="k", tenant="t", secret_hash="", models=["*"],
+                        rpm=600_000, max_concurrent=2)
+        results = await asyncio.gather(*(lim.admit(rec, "m", 10) for _ in range(20)),
+                                       return_exceptions=True)
+        tickets = [r for r in results if not isinstance(r, BaseException)]
+        assert len(tickets) == 2
+        assert all(isinstance(r, RateLimited) for r in results if r not in tickets)
+        for t in tickets:
+            lim.finish(t, used=None)
+        assert lim.concurrent == {}  # every slot given back, the refused ones' too
+        (await lim.admit(rec, "m", 10)).done = True  # a slot is free again
+
+    asyncio.run(go())

@@ -32,6 +32,10 @@ def test_reservation_from_body_and_max_tokens() -> None:
     assert estimate({"max_completion_tokens": 7}, 40, "v1/chat/completions", 9) == 11 + 7
     assert estimate({"max_tokens": 50}, 400, "v1/embeddings", 1024) == 101
     assert estimate({"max_output_tokens": 30}, 40, "v1/responses", 1024) == 11 + 30
+    # Absurd caps: bounded (a tenant's buckets are not pushed years ahead), and a JSON true
+    # is not the number 1.
+    assert estimate({"max_tokens": 10**15}, 40, "v1/completions", 9) == 11 + (1 << 24)
+    assert estimate({"max_tokens": True}, 40, "v1/completions", 9) == 11 + 9
 
 
 def test_usage_from_answers() -> None:
