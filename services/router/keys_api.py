@@ -53,7 +53,7 @@ def _hour_arg(value: str | None, default: float, name: str) -> int:
         return int(default) // 3600 * 3600
     try:
         return int(float(value)) // 3600 * 3600
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
         raise BadRequest(f"{name}: a unix time in seconds is required", param=name) from None
 
 
@@ -175,10 +175,11 @@ def _usage_route(api: APIRouter, store: Store) -> None:
         last = _hour_arg(q.get("to"), now, "to")
         if last < first:
             raise BadRequest("to: must not be before from", param="to")
-        hours = list(range(first, last + 1, 3600))
-        if len(hours) > USAGE_MAX_HOURS:
+        # Counted before the list is made: a far-away "from" must not allocate it.
+        if (last - first) // 3600 + 1 > USAGE_MAX_HOURS:
             raise BadRequest(f"from/to: at most {USAGE_MAX_HOURS} hours at a time",
                              param="from")
+        hours = list(range(first, last + 1, 3600))
         tenants = [tenant] if tenant else await store.tenant_names()
         rows = await store.usage_rows(tenants, hours)
         return json_response(_usage_view(rows, key, model, first, last))

@@ -234,8 +234,9 @@ def test_usage_totals_match_the_requests_sent(cluster: Cluster) -> None:
         return n if n >= len(ok) + 3 else None
 
     assert wait_until(everyone, 10, what="the tenant's usage flushed") == len(ok) + 3
-    bad = admin(routers[0], "GET", "/usage", params={"from": "yesterday"})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "from"
+    for far in ("yesterday", "inf", "-1e15", "nan"):  # -1e15: no list of 10**11 hours made
+        bad = admin(routers[0], "GET", "/usage", params={"from": far})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "from", (far, bad.text)
 
 
 def test_max_concurrent_per_key(cluster: Cluster) -> None:
