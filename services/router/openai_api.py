@@ -4,6 +4,7 @@ completions, embeddings, responses, rerank, score, tokenize, pooling, classify, 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -48,6 +49,9 @@ from shared.principal import ANONYMOUS
 from shared.store import StoredModel
 from shared.upload import Upload, read_fields
 
+# nginx's status for a request its client closed: no answer was sent.
+CLIENT_GONE = 499
+
 
 @dataclass(frozen=True, slots=True)
 class KeyGate:
@@ -68,12 +72,12 @@ class KeyGate:
                ) -> None:
         if ticket is None:
             return
+        failed = status >= 400 and status != CLIENT_GONE
         if usage is None:  # no usage in the answer: the estimate stands (nothing on errors)
-            self.limiter.finish(ticket, used=0 if status >= 400 else None,
-                                error=status >= 400)
+            self.limiter.finish(ticket, used=0 if failed else None, error=failed)
         else:
             self.limiter.finish(ticket, used=usage[0] + usage[1], prompt=usage[0],
-                                completion=usage[1], error=status >= 400)
+                                completion=usage[1], error=failed)
 
 
 def _header_bytes(headers: dict[str, str]) -> bytes:
@@ -250,12 +254,21 @@ async def _serve(
     lane.extra = _header_bytes(ticket.headers)
     lane.tail = bytearray() if call.stream else None
     opened: Answer | None = None
+    # The client went away while its answer was made (CLIENT_GONE): the engine worked on it,
+    # so its reservation stands; a refund would let a key burn GPU time for free.
+    status = CLIENT_GONE
     try:
         opened = await upstreams.open(call)
         await _send(lane, upstreams, opened, record)
         return opened.exchange.status
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        status = 502
+        raise
     finally:
-        status = opened.exchange.status if opened is not None else 502
+        if opened is not None:
+            status = opened.exchange.status
         body = opened.body if opened is not None else None
         gate.finish(ticket, status, usage_of_body(body) if body is not None else
                     usage_of_stream(bytes(lane.tail)) if lane.tail else None)

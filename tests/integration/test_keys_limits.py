@@ -250,3 +250,29 @@ def test_max_concurrent_per_key(cluster: Cluster) -> None:
         codes = sorted(ex.map(lambda _: chat(routers[0], "slow", key).status_code, range(4)))
     assert codes == [200, 200, 429, 429]
     assert chat(routers[0], "slow", key).status_code == 200  # the slots came back
+
+
+def test_a_request_its_client_abandons_is_charged_not_refunded(cluster: Cluster) -> None:
+    """A client that hangs up while its answer is made leaves the engine's work done: the
+    reservation stands and the request is no error (a refund let a key burn GPU time free)."""
+    routers = pool(cluster, 1)
+    r = routers[0]
+    assert register(r, "slow", token=ADMIN, engine="sim",
+                    extra_args=["--ttft", "1.5"]).status_code == 201
+    serving(routers, "slow")
+    key = create_key(r, tpm=1200)  # tokens: 20 a second, a second's burst
+    known(routers, key["key"])
+    body = {"model": "slow", "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "hello there"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.3),
+                   headers={"authorization": f"Bearer {key['key']}"})
+
+    def counted() -> dict[str, int] | None:
+        t = admin(r, "GET", "/usage", params={"key": key["key_id"]}).json()["total"]
+        return t if t["requests"] == 1 else None
+
+    assert wait_until(counted, 10, what="the abandoned request counted")["errors"] == 0
+    # Its ~1,000 tokens stay charged: the next request is refused on tokens.
+    again = chat(r, "slow", key["key"], max_tokens=1000)
+    assert again.status_code == 429 and "tokens" in again.json()["error"]["message"], again.text
