@@ -76,6 +76,25 @@ if lease then out[#out + 1] = want[1]; out[#out + 1] = want[2] end
 return out
 """
 
+# A token correction (microseconds, + for debt, - for a refund) applied to a bucket's TAT as
+# an admission would: from max(TAT, now), and with the expiry moved to match. INCRBYFLOAT
+# kept the reservation's expiry, so a debt past it vanished with the key, and on a key
+# already expired it left the bare delta (read as an idle bucket) with no expiry at all.
+CORRECT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then tat = now end
+local new = tat + tonumber(ARGV[1])
+if new <= now then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SET', KEYS[1], string.format('%.1f', new), 'PX',
+           math.floor((new - now) / 1000) + 60000)
+return 1
+"""
+
 # Usage counters read back at most this many hours per request (a month).
 USAGE_MAX_HOURS = 31 * 24
 # Attempts of an optimistic update of a key before it gives up with a 409.
@@ -309,7 +328,9 @@ class ApiKeysStore(StoreBase):
         pipeline: one round trip per flush, whatever the number of requests behind it."""
         async with self._batch() as pipe:
             for key, delta in corrections.items():
-                pipe.incrbyfloat(key, delta)
+                # EVAL, not EVALSHA: Redis caches the script by its hash either way, and a
+                # flush every LIMITS_FLUSH_S needs no NOSCRIPT round.
+                pipe.eval(CORRECT_LUA, 1, key, delta)
             for (tenant, hour), fields in usage.items():
                 ukey = self.k.usage(tenant, hour)
                 for f, n in fields.items():

@@ -93,6 +93,34 @@ def test_tokens_admit_one_large_request_then_wait_out_its_debt(store: Store) -> 
     asyncio.run(go())
 
 
+def test_a_debt_outlives_its_reservation_and_a_late_refund_leaves_no_key(store: Store
+                                                                         ) -> None:
+    """A correction moves the bucket's expiry with its TAT: an answer that used far more
+    than its reservation keeps the key refused for the whole debt (it vanished with the
+    reservation's expiry), also when the key had already expired; a refund on an idle bucket
+    leaves no key behind (it left one without an expiry)."""
+    async def go() -> None:
+        tok = _tok_bucket(store.k.rate("t", "k", "tok"), 6000)  # 100/s, 1 s outstanding
+        assert (await decide(store, [tok], [50])).admitted  # 0.5 s ahead
+        # The answer used 250,000 more tokens than reserved: 2,500 s of debt.
+        await store.flush({tok.key: 250_000 * tok.interval_us}, {})
+        ttl_ms = await store.r.pttl(tok.key)
+        assert ttl_ms > 2_500_000  # kept for the whole debt, not the reservation's 60.5 s
+        assert not (await decide(store, [tok], [1])).admitted
+        # A debt on a key that had expired (the bucket idle) starts from now.
+        await store.r.delete(tok.key)
+        await store.flush({tok.key: 500 * tok.interval_us}, {})
+        refused = await decide(store, [tok], [1])
+        assert not refused.admitted and refused.retry_us == pytest.approx(4_000_000, abs=50_000)
+        # A refund on an idle bucket: no key is left (nothing to give back).
+        idle = _tok_bucket(store.k.rate("t", "k2", "tok"), 6000)
+        await store.flush({idle.key: -400 * idle.interval_us}, {})
+        assert await store.r.exists(idle.key) == 0
+        await store.close()
+
+    asyncio.run(go())
+
+
 def test_script_reloaded_after_script_flush(store: Store) -> None:
     async def go() -> None:
         b = _req_bucket(store.k.rate("t", "k2", "req"), 60)
