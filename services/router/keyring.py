@@ -53,7 +53,9 @@ class KeyRing:
         mode = self.settings.auth_mode
         if mode != "auto":
             return mode
-        if self.keyed:
+        if self.keyed or not self.loaded:
+            # Not loaded yet (Redis away at the start): closed until it is known whether
+            # keys exist, never open by default; API_TOKEN still works meanwhile.
             return "keys"
         return "token" if self._token is not None else "open"
 
@@ -99,10 +101,21 @@ class KeyRing:
         if version != self.version or not self.loaded:
             keys, limits, tenants = await self.store.all_keys()
             self.by_hash = {k.secret_hash: k for k in keys}
-            self.keyed = tenants > 0
+            # Sticky: a Redis that lost its data (restarted without persistence) must not
+            # open an endpoint that had keys; only a restart of the router does.
+            self.keyed = self.keyed or tenants > 0
             self.tenant_limits = limits
             self.version = version
             self.loaded = True
+
+    async def first_load(self, timeout_s: float) -> None:
+        """Load the keys before the router serves, so that its first requests are judged by
+        them; without Redis (within ``timeout_s``) it starts closed (:attr:`mode`)."""
+        try:
+            await asyncio.wait_for(self.reload(), timeout_s)
+        except Exception as e:  # noqa: BLE001 - Redis away: run() keeps trying
+            logger.warning("API keys not loaded at start (%s): /v1 takes only API keys "
+                           "and API_TOKEN until they are", e)
 
     async def run(self) -> None:
         last_error = 0.0

@@ -41,6 +41,8 @@ from shared.tracing import make_tracing
 from shared.wire import Pool
 
 logger = logging.getLogger(__name__)
+# How long a starting router waits for the API keys before it serves (closed without them).
+_KEYS_FIRST_LOAD_S = 5.0
 
 
 def router_exposure(settings: RouterSettings) -> Exposure:
@@ -92,6 +94,7 @@ def create_app(settings: RouterSettings, child: processes.Child | None = None,
         if settings.default_engine == "sim":
             logger.warning("DEFAULT_ENGINE=sim: models registered without an engine use the "
                            "simulated engine, not vLLM")
+        await ring.first_load(_KEYS_FIRST_LOAD_S)
         async with processes.running_as(child, registry if metrics else None), background(
                 nudger.run(), table.run(), adapters.run(), ring.run(), limiter.run()):
             yield
