@@ -149,20 +149,46 @@ def headers_of(buckets: list[Bucket], decision: Decision) -> dict[str, str]:
 MAX_RESERVED_COMPLETION = 1 << 24
 
 
+# The paths that generate, and the body field each caps the generation with.
+CAP_FIELD = {"v1/chat/completions": "max_tokens", "v1/completions": "max_tokens",
+             "v1/responses": "max_output_tokens"}
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def completion_cap(data: dict[str, Any]) -> int:
+    """The completion's cap under each API's name for it (0: none given)."""
+    for name in _CAP_FIELDS:
+        if name in data:
+            return _count(data[name])
+    return 0
+
+
+def answers_of(data: dict[str, Any], path: str) -> int:
+    """How many completions one request asks for: ``n`` (or ``best_of``, which vLLM
+    generates in full), times the prompts of a /v1/completions list."""
+    n = max(_count(data.get("n")), _count(data.get("best_of")), 1)
+    prompt = data.get("prompt")
+    if path == "v1/completions" and isinstance(prompt, list) and prompt \
+            and all(isinstance(p, str | list) for p in prompt):
+        n *= len(prompt)  # several prompts (a list of token ids alone is one)
+    return min(n, 1024)
+
+
 def estimate(data: dict[str, Any], body_len: int, path: str, default_max: int) -> int:
     """Tokens reserved at admission: the prompt from the body's size (about four bytes a
-    token, an over-estimate for JSON), plus the completion's cap."""
+    token, an over-estimate for JSON), plus the completions' cap."""
     prompt = body_len // 4 + 1
-    if path.endswith("embeddings"):
+    if path not in CAP_FIELD:  # embeddings, scores, tokenize: no generation
         return prompt
-    # The completion's cap under each API's name for it (/v1/responses: max_output_tokens).
-    cap = data.get("max_completion_tokens", data.get("max_tokens", data.get("max_output_tokens")))
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-        cap = default_max
-    # No model writes more than this in one answer. Unbounded, an absurd max_tokens would
-    # put the buckets years ahead (every key of the tenant refused until the refund) or
-    # past what the script's millisecond expiry can hold.
-    return prompt + min(cap, MAX_RESERVED_COMPLETION)
+    # No model writes more than MAX_RESERVED_COMPLETION in one answer. Unbounded, an
+    # absurd max_tokens would put the buckets years ahead (every key of the tenant refused
+    # until the refund) or past what the script's millisecond expiry can hold.
+    cap = min(completion_cap(data) or default_max, MAX_RESERVED_COMPLETION)
+    return prompt + cap * answers_of(data, path)
 
 
 class Limiter:

@@ -20,8 +20,10 @@ from services.router.admission import VLLM_PRIORITY, EnginePriority
 from services.router.forward import Forwarder
 from services.router.keyring import KeyRing
 from services.router.limiter import (
+    CAP_FIELD,
     Limiter,
     Ticket,
+    completion_cap,
     estimate,
     usage_of_body,
     usage_of_stream,
@@ -62,11 +64,20 @@ class KeyGate:
     default_max_tokens: int
 
     async def admit(self, rec: KeyRecord | None, call: Call, data: dict[str, Any]
-                    ) -> Ticket | None:
+                    ) -> tuple[Ticket | None, Call]:
+        """The key's ticket (None: no key) and the call to send, capped (below)."""
         if rec is None:
-            return None
+            return None, call
+        field = CAP_FIELD.get(call.path)
+        if field is not None and not completion_cap(data) and any(
+                b.tokens for b in self.limiter.buckets(rec, call.alias)):
+            # A key limited in tokens gets what it reserves: without a cap the engine would
+            # write up to the model's context, far past the reservation, and a stream
+            # without its usage chunk is never corrected. So the default cap is sent.
+            data[field] = self.default_max_tokens
+            call = replace(call, body=orjson.dumps(data))
         reserved = estimate(data, len(call.body), call.path, self.default_max_tokens)
-        return await self.limiter.admit(rec, call.alias, reserved)
+        return await self.limiter.admit(rec, call.alias, reserved), call
 
     def finish(self, ticket: Ticket | None, status: int, usage: tuple[int, int] | None
                ) -> None:
@@ -246,7 +257,7 @@ async def _serve(
     data: dict[str, Any], record: RequestRecord,
 ) -> int:
     """Send ``call`` on the lane within the key's limits; the answer's status."""
-    ticket = await gate.admit(rec, call, data)
+    ticket, call = await gate.admit(rec, call, data)
     if ticket is None:
         answer = await upstreams.open(call)
         await _send(lane, upstreams, answer, record)
@@ -373,7 +384,7 @@ def build_routes(
                 model, call, data = await _prepare(
                     table, body, path, rid, request.headers.get("x-session-id"), rec,
                     by_priority, prefix_chars, adapters, record)
-            ticket = await gate.admit(rec, call, data)
+            ticket, call = await gate.admit(rec, call, data)
         except ApiError as e:
             record.finish(e.status, e.code)
             raise

@@ -289,3 +289,34 @@ def test_a_request_its_client_abandons_is_charged_not_refunded(cluster: Cluster)
     # Its ~1,000 tokens stay charged: the next request is refused on tokens.
     again = chat(r, "slow", key["key"], max_tokens=1000)
     assert again.status_code == 429 and "tokens" in again.json()["error"]["message"], again.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_token_limited_key_gets_what_it_reserved(cluster: Cluster, stream: bool) -> None:
+    """Without max_tokens the engine would write up to the model's context, past the
+    reservation, and a stream without its usage chunk is never corrected: a key limited in
+    tokens gets LIMITS_DEFAULT_MAX_TOKENS as its cap. A key without a token limit, and a
+    request that sets its own cap, are sent as they are."""
+    routers = pool(cluster, 1, LIMITS_DEFAULT_MAX_TOKENS="7")
+    r = routers[0]
+    serving(routers, "m1")
+    capped, free = create_key(r, tpm=100_000), create_key(r, name="free", rpm=600)
+    known(routers, capped["key"], free["key"])
+    extra: dict[str, Any] = {"max_tokens": None}  # absent: chat() sends 5 otherwise
+
+    def tokens(key: str, **more: Any) -> int:
+        body = {"model": "m1", "messages": [{"role": "user", "content": "hello there"}]}
+        body |= {k: v for k, v in (extra | more).items() if v is not None}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        resp = httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.text
+        if not stream:
+            return int(resp.json()["usage"]["completion_tokens"])
+        usage = [line for line in resp.text.splitlines() if '"usage":{' in line][-1]
+        return int(usage.split('"completion_tokens":')[1].split(",")[0].split("}")[0])
+
+    assert tokens(capped["key"]) == 7  # the default cap, sent by the router
+    assert tokens(free["key"]) == 16  # the simulated engine's own default: untouched
+    assert tokens(capped["key"], max_tokens=3) == 3  # its own cap, kept

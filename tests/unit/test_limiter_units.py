@@ -36,6 +36,15 @@ def test_reservation_from_body_and_max_tokens() -> None:
     # is not the number 1.
     assert estimate({"max_tokens": 10**15}, 40, "v1/completions", 9) == 11 + (1 << 24)
     assert estimate({"max_tokens": True}, 40, "v1/completions", 9) == 11 + 9
+    # Every completion asked for is reserved: n, best_of (generated in full), and each
+    # prompt of a /v1/completions list (a list of token ids is one prompt).
+    assert estimate({"max_tokens": 10, "n": 3}, 40, "v1/chat/completions", 9) == 11 + 30
+    assert estimate({"max_tokens": 10, "n": 2, "best_of": 5}, 40, "v1/completions", 9) == 61
+    assert estimate({"max_tokens": 10, "prompt": ["a", "b"]}, 40, "v1/completions", 9) == 31
+    assert estimate({"max_tokens": 10, "prompt": [1, 2, 3]}, 40, "v1/completions", 9) == 21
+    assert estimate({"n": 10**9}, 40, "v1/chat/completions", 1) == 11 + 1024  # bounded
+    # What does not generate reserves its prompt only.
+    assert estimate({}, 40, "v1/score", 9) == 11
 
 
 def test_usage_from_answers() -> None:
