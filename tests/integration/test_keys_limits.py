@@ -305,7 +305,8 @@ def test_a_token_limited_key_gets_what_it_reserved(cluster: Cluster, stream: boo
     extra: dict[str, Any] = {"max_tokens": None}  # absent: chat() sends 5 otherwise
 
     def tokens(key: str, **more: Any) -> int:
-        body = {"model": "m1", "messages": [{"role": "user", "content": "hello there"}]}
+        body: dict[str, Any] = {"model": "m1",
+                                "messages": [{"role": "user", "content": "hello there"}]}
         body |= {k: v for k, v in (extra | more).items() if v is not None}
         if stream:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
