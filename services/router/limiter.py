@@ -268,8 +268,26 @@ class Limiter:
         # same call, and counted after it they would all have passed the check above.
         self.concurrent[rec.key_id] += 1
         try:
-            return await self._admit(rec, alias, reserved)
-        except BaseException:
+            buckets = self.buckets(rec, alias)
+            if not buckets:
+                return Ticket(rec, alias, reserved, buckets, {}, True)
+            scope = self.scope(rec, alias)
+            lease = await self._leased(scope, buckets, reserved)
+            if lease is not None:
+                return Ticket(rec, alias, reserved, buckets, _local_headers(lease), True)
+            decision, remote, sent = await self._decide(scope, buckets, reserved)
+            headers = headers_of(buckets, decision)
+            if remote and decision.admitted and self.settings.limits_lease_s > 0:
+                self._lease(scope, buckets, decision, headers, sent)
+            if not decision.admitted:
+                self.count(rec, alias, rate_limited=1)
+                headers["Retry-After"] = str(max(1, math.ceil(decision.retry_us / _SECOND_US)))
+                kind = self._which(buckets, decision)
+                raise RateLimited(f"Rate limit reached for key {rec.name} on {kind} per "
+                                  f"minute. Retry in {headers['Retry-After']}s.", kind=kind,
+                                  headers=headers)
+            return Ticket(rec, alias, reserved, buckets, headers, remote)
+        except BaseException:  # refused, failed or cancelled: the slot goes back
             self._release(rec.key_id)
             raise
 
@@ -277,27 +295,6 @@ class Limiter:
         self.concurrent[key_id] -= 1
         if self.concurrent[key_id] <= 0:
             del self.concurrent[key_id]
-
-    async def _admit(self, rec: KeyRecord, alias: str, reserved: int) -> Ticket:
-        buckets = self.buckets(rec, alias)
-        if not buckets:
-            return Ticket(rec, alias, reserved, buckets, {}, True)
-        scope = self.scope(rec, alias)
-        lease = await self._leased(scope, buckets, reserved)
-        if lease is not None:
-            return Ticket(rec, alias, reserved, buckets, _local_headers(lease), True)
-        decision, remote, sent = await self._decide(scope, buckets, reserved)
-        headers = headers_of(buckets, decision)
-        if remote and decision.admitted and self.settings.limits_lease_s > 0:
-            self._lease(scope, buckets, decision, headers, sent)
-        if not decision.admitted:
-            self.count(rec, alias, rate_limited=1)
-            headers["Retry-After"] = str(max(1, math.ceil(decision.retry_us / _SECOND_US)))
-            kind = self._which(buckets, decision)
-            raise RateLimited(f"Rate limit reached for key {rec.name} on {kind} per minute. "
-                              f"Retry in {headers['Retry-After']}s.", kind=kind,
-                              headers=headers)
-        return Ticket(rec, alias, reserved, buckets, headers, remote)
 
     @staticmethod
     def _which(buckets: list[Bucket], decision: Decision) -> str:
