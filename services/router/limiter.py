@@ -152,19 +152,25 @@ MAX_RESERVED_COMPLETION = 1 << 24
 # The paths that generate, and the body field each caps the generation with.
 CAP_FIELD = {"v1/chat/completions": "max_tokens", "v1/completions": "max_tokens",
              "v1/responses": "max_output_tokens"}
-_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# The fields each path's engine honours as the cap (vLLM ignores the others' names).
+_CAP_FIELDS = {"v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+               "v1/completions": ("max_tokens",), "v1/responses": ("max_output_tokens",)}
+# Audio transcription and translation write text too, but take no cap: the default stands.
+_UNCAPPED = frozenset(("v1/audio/transcriptions", "v1/audio/translations"))
 
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def completion_cap(data: dict[str, Any]) -> int:
-    """The completion's cap under each API's name for it (0: none given)."""
-    for name in _CAP_FIELDS:
-        if name in data:
-            return _count(data[name])
-    return 0
+def completion_cap(data: dict[str, Any], path: str) -> int | None:
+    """The completion's cap as ``path``'s engine reads it: the first of its fields that is
+    set (a null one is not); None when none is (0 is a cap: vLLM generates nothing)."""
+    for name in _CAP_FIELDS.get(path, ()):
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
 
 
 def answers_of(data: dict[str, Any], path: str) -> int:
@@ -182,12 +188,15 @@ def estimate(data: dict[str, Any], body_len: int, path: str, default_max: int) -
     """Tokens reserved at admission: the prompt from the body's size (about four bytes a
     token, an over-estimate for JSON), plus the completions' cap."""
     prompt = body_len // 4 + 1
+    if path in _UNCAPPED:
+        return prompt + default_max
     if path not in CAP_FIELD:  # embeddings, scores, tokenize: no generation
         return prompt
     # No model writes more than MAX_RESERVED_COMPLETION in one answer. Unbounded, an
     # absurd max_tokens would put the buckets years ahead (every key of the tenant refused
     # until the refund) or past what the script's millisecond expiry can hold.
-    cap = min(completion_cap(data) or default_max, MAX_RESERVED_COMPLETION)
+    given = completion_cap(data, path)
+    cap = min(default_max if given is None else given, MAX_RESERVED_COMPLETION)
     return prompt + cap * answers_of(data, path)
 
 

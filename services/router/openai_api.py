@@ -69,7 +69,7 @@ class KeyGate:
         if rec is None:
             return None, call
         field = CAP_FIELD.get(call.path)
-        if field is not None and not completion_cap(data) and any(
+        if field is not None and completion_cap(data, call.path) is None and any(
                 b.tokens for b in self.limiter.buckets(rec, call.alias)):
             # A key limited in tokens gets what it reserves: without a cap the engine would
             # write up to the model's context, far past the reservation, and a stream
@@ -393,6 +393,10 @@ def build_routes(
             raise
         try:
             response = await _forward(request, forwarder, model, call)
+        except asyncio.CancelledError:
+            gate.finish(ticket, CLIENT_GONE, None)  # the engine worked on it: charged
+            record.finish(CLIENT_GONE)
+            raise
         except ApiError as e:
             gate.finish(ticket, 502, None)
             record.finish(e.status, e.code)

@@ -7,6 +7,7 @@ import time
 from services.router.limiter import (
     _req_bucket,
     _tok_bucket,
+    completion_cap,
     estimate,
     headers_of,
     usage_of_body,
@@ -43,8 +44,18 @@ def test_reservation_from_body_and_max_tokens() -> None:
     assert estimate({"max_tokens": 10, "prompt": ["a", "b"]}, 40, "v1/completions", 9) == 31
     assert estimate({"max_tokens": 10, "prompt": [1, 2, 3]}, 40, "v1/completions", 9) == 21
     assert estimate({"n": 10**9}, 40, "v1/chat/completions", 1) == 11 + 1024  # bounded
-    # What does not generate reserves its prompt only.
+    # What does not generate reserves its prompt only; audio writes text without a cap.
     assert estimate({}, 40, "v1/score", 9) == 11
+    assert estimate({}, 40, "v1/audio/transcriptions", 9) == 11 + 9
+    # Only the fields the path's engine honours are a cap: another API's name is not (the
+    # engine would ignore it and write up to the context), a null one is skipped, 0 is one.
+    assert completion_cap({"max_output_tokens": 1}, "v1/chat/completions") is None
+    assert completion_cap({"max_tokens": 1}, "v1/responses") is None
+    assert completion_cap({"max_completion_tokens": None, "max_tokens": 50},
+                          "v1/chat/completions") == 50
+    assert completion_cap({"max_tokens": 0}, "v1/completions") == 0
+    assert estimate({"max_output_tokens": 1}, 40, "v1/chat/completions", 9) == 11 + 9
+    assert estimate({"max_tokens": 0}, 40, "v1/completions", 9) == 11
 
 
 def test_usage_from_answers() -> None:
