@@ -149,26 +149,30 @@ def headers_of(buckets: list[Bucket], decision: Decision) -> dict[str, str]:
 MAX_RESERVED_COMPLETION = 1 << 24
 
 
-# The paths that generate, and the body field each caps the generation with.
-CAP_FIELD = {"v1/chat/completions": "max_tokens", "v1/completions": "max_tokens",
-             "v1/responses": "max_output_tokens"}
-# The fields each path's engine honours as the cap (vLLM ignores the others' names).
-_CAP_FIELDS = {"v1/chat/completions": ("max_completion_tokens", "max_tokens"),
-               "v1/completions": ("max_tokens",), "v1/responses": ("max_output_tokens",)}
+# The paths that generate, and the body fields each one's engine reads as the cap, in its
+# order (vLLM ignores the other APIs' names); the last is the one the router sends (KeyGate).
+CAP_FIELDS = {"v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+              "v1/completions": ("max_tokens",), "v1/responses": ("max_output_tokens",)}
 # Audio transcription and translation write text too, but take no cap: the default stands.
 _UNCAPPED = frozenset(("v1/audio/transcriptions", "v1/audio/translations"))
 
 
+def _whole(value: object) -> int | None:
+    """``value`` if it is a JSON integer of 0 or more (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
 def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return _whole(value) or 0
 
 
 def completion_cap(data: dict[str, Any], path: str) -> int | None:
     """The completion's cap as ``path``'s engine reads it: the first of its fields that is
     set (a null one is not); None when none is (0 is a cap: vLLM generates nothing)."""
-    for name in _CAP_FIELDS.get(path, ()):
-        value = data.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    for name in CAP_FIELDS.get(path, ()):
+        value = _whole(data.get(name))
+        if value is not None:
             return value
     return None
 
@@ -190,7 +194,7 @@ def estimate(data: dict[str, Any], body_len: int, path: str, default_max: int) -
     prompt = body_len // 4 + 1
     if path in _UNCAPPED:
         return prompt + default_max
-    if path not in CAP_FIELD:  # embeddings, scores, tokenize: no generation
+    if path not in CAP_FIELDS:  # embeddings, scores, tokenize: no generation
         return prompt
     # No model writes more than MAX_RESERVED_COMPLETION in one answer. Unbounded, an
     # absurd max_tokens would put the buckets years ahead (every key of the tenant refused

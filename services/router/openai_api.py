@@ -20,7 +20,7 @@ from services.router.admission import VLLM_PRIORITY, EnginePriority
 from services.router.forward import Forwarder
 from services.router.keyring import KeyRing
 from services.router.limiter import (
-    CAP_FIELD,
+    CAP_FIELDS,
     Limiter,
     Ticket,
     completion_cap,
@@ -68,13 +68,13 @@ class KeyGate:
         """The key's ticket (None: no key) and the call to send, capped (below)."""
         if rec is None:
             return None, call
-        field = CAP_FIELD.get(call.path)
-        if field is not None and completion_cap(data, call.path) is None and any(
+        fields = CAP_FIELDS.get(call.path)
+        if fields is not None and completion_cap(data, call.path) is None and any(
                 b.tokens for b in self.limiter.buckets(rec, call.alias)):
             # A key limited in tokens gets what it reserves: without a cap the engine would
             # write up to the model's context, far past the reservation, and a stream
             # without its usage chunk is never corrected. So the default cap is sent.
-            data[field] = self.default_max_tokens
+            data[fields[-1]] = self.default_max_tokens
             call = replace(call, body=orjson.dumps(data))
         reserved = estimate(data, len(call.body), call.path, self.default_max_tokens)
         return await self.limiter.admit(rec, call.alias, reserved), call
@@ -265,17 +265,15 @@ async def _serve(
     lane.extra = _header_bytes(ticket.headers)
     lane.tail = bytearray() if call.stream else None
     opened: Answer | None = None
-    # The client went away while its answer was made (CLIENT_GONE): the engine worked on it,
-    # so its reservation stands; a refund would let a key burn GPU time for free.
-    status = CLIENT_GONE
+    status = 502  # failed before an answer: refunded
     try:
         opened = await upstreams.open(call)
         await _send(lane, upstreams, opened, record)
         return opened.exchange.status
     except asyncio.CancelledError:
-        raise
-    except BaseException:
-        status = 502
+        # The client went away while its answer was made: the engine worked on it, so its
+        # reservation stands; a refund would let a key burn GPU time for free.
+        status = CLIENT_GONE
         raise
     finally:
         if opened is not None:
