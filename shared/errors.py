@@ -182,14 +182,20 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 _DATA_ERRORS = ("WRONGTYPE", "ERR value is not", "ERR hash value is not")
 
 
-async def _redis_error(_: Request, exc: Exception) -> Response:
+def store_error(exc: Exception) -> ApiError:
+    """The API error for a Redis failure: corrupt data when Redis answered about the data,
+    else unavailable."""
     if isinstance(exc, ResponseError) and str(exc).startswith(_DATA_ERRORS):
         # Redis answered, with an error: a key holds something the pool did not write.
         logger.warning("redis refused a command: %s", exc)
-        return error_response(StoreCorrupt(f"the pool's state store refused a command ({exc}); "
-                                           "a key may hold the wrong type (see docs/redis.md)"))
+        return StoreCorrupt(f"the pool's state store refused a command ({exc}); "
+                            "a key may hold the wrong type (see docs/redis.md)")
     logger.warning("redis unavailable: %s", exc)
-    return error_response(StoreUnavailable("the pool's state store (Redis) is unavailable; retry"))
+    return StoreUnavailable("the pool's state store (Redis) is unavailable; retry")
+
+
+async def _redis_error(_: Request, exc: Exception) -> Response:
+    return error_response(store_error(exc))
 
 
 async def _client_gone(_: Request, exc: Exception) -> Response:

@@ -36,15 +36,18 @@ async def _chunks(ex: Exchange, sse: bool) -> AsyncIterator[bytes]:
             yield STREAM_BROKEN
 
 
-class _Relayed(StreamingResponse):
-    """A streamed answer whose ``over`` runs once it is over, however it ended: also when
-    its task is cancelled (a shutdown's timeout), which skips a Starlette background task,
-    so an in-flight count or an admission slot would stay taken."""
+class Ending(StreamingResponse):
+    """A streamed answer whose ``over`` callbacks run once it is over, however it ended:
+    also when its body fails or its task is cancelled (a shutdown's timeout), both of which
+    skip a Starlette background task, so an in-flight count, an admission slot or a key's
+    concurrency slot would stay taken for the life of the process."""
 
-    def __init__(self, ex: Exchange, sse: bool, headers: dict[str, str],
-                 over: Callable[[], None]) -> None:
-        super().__init__(_chunks(ex, sse), status_code=ex.status, headers=headers)
-        self._over: list[Callable[[], None]] | None = [over]
+    def __init__(self, content: AsyncIterator[bytes], *, status_code: int = 200,
+                 headers: dict[str, str] | None = None, media_type: str | None = None,
+                 over: Callable[[], None] | None = None) -> None:
+        super().__init__(content, status_code=status_code, headers=headers,
+                         media_type=media_type)
+        self._over: list[Callable[[], None]] | None = [over] if over is not None else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -55,7 +58,7 @@ class _Relayed(StreamingResponse):
                 try:
                     then()
                 except Exception:  # the others (a ticket, an upload) must still end
-                    logger.exception("cleanup after a relayed answer failed")
+                    logger.exception("cleanup after a streamed answer failed")
 
     def then(self, then: Callable[[], None]) -> None:
         """Run ``then`` too once the answer is over (after what is already to run)."""
@@ -82,13 +85,13 @@ def relay(
         # Kept, so a relayed answer is framed as the engine framed it; one that ends short
         # is then cut (the connection closes), never passed off as complete.
         headers["content-length"] = str(ex.length)
-    return _Relayed(ex, sse, headers, over)
+    return Ending(_chunks(ex, sse), status_code=ex.status, headers=headers, over=over)
 
 
 def when_over(response: Response, then: Callable[[], None]) -> None:
-    """Run ``then`` once ``response`` is over: for a relayed answer however it ended (see
-    :class:`_Relayed`); for any other, after its own background task, if any."""
-    if isinstance(response, _Relayed):
+    """Run ``then`` once ``response`` is over: for a streamed answer however it ended (see
+    :class:`Ending`); for any other, after its own background task, if any."""
+    if isinstance(response, Ending):
         response.then(then)
         return
     before = response.background

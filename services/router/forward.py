@@ -6,14 +6,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from starlette.background import BackgroundTask
-from starlette.responses import Response, StreamingResponse
+from redis.exceptions import RedisError
+from starlette.responses import Response
 
 from services.router.hold import Holder, Ticket
 from services.router.routes import RouteTable
 from services.router.upstream import Answer, Call, Upstreams
-from shared.errors import ApiError, NoCapacity, UpstreamError, sse_error
+from shared.errors import ApiError, NoCapacity, UpstreamError, sse_error, store_error
 from shared.fastlane import STREAM_BROKEN
+from shared.forwarding import Ending
 from shared.store import StoredModel
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,10 @@ class Forwarder:
         except BaseException:
             await ticket.release()
             raise
-        return StreamingResponse(
-            self._held_stream(ticket, call), media_type="text/event-stream",
-            headers=_SSE_HEADERS, background=BackgroundTask(ticket.release))
+        # The ticket is released by the stream once it ends, or here when it never began
+        # or was cancelled (a Starlette background task would be skipped then).
+        return Ending(self._held_stream(ticket, call), media_type="text/event-stream",
+                      headers=_SSE_HEADERS, over=ticket.release_soon)
 
     async def _held_stream(self, ticket: Ticket, call: Call) -> AsyncIterator[bytes]:
         try:
@@ -86,10 +88,12 @@ class Forwarder:
             if call.record is not None:
                 call.record.hold_ends()
             answer = await self.upstreams.open(call)
-        except ApiError as e:
+        except (ApiError, RedisError) as e:
+            # The stream's status (200) was sent already: the error is its last event.
+            error = e if isinstance(e, ApiError) else store_error(e)
             if call.record is not None:
-                call.record.code = e.code  # the stream's status (200) was sent already
-            yield sse_error(e)
+                call.record.code = error.code
+            yield sse_error(error)
             return
         async for chunk in self._body(answer):
             yield chunk

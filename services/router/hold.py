@@ -13,6 +13,7 @@ route table's change event.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -25,6 +26,8 @@ from shared.settings import RouterSettings
 from shared.store import Store, StoredModel
 
 logger = logging.getLogger(__name__)
+# Releases under way from callbacks (Ticket.release_soon).
+_releasing: set[asyncio.Task[None]] = set()
 
 _DEMAND_TTL_S = 10.0
 _DEMAND_REFRESH_S = 2.0
@@ -112,6 +115,14 @@ class Ticket:
                     retry_after_s=self.holder.settings.no_replica_retry_after_s)
             await table.changed(min(until - now, _REASON_CHECK_S))
         return True
+
+    def release_soon(self) -> None:
+        """:meth:`release` from a callback that cannot wait (an answer's end, also when its
+        task was cancelled): the queue entry is left in a task of its own."""
+        if not self.released:
+            task = asyncio.get_running_loop().create_task(self.release())
+            _releasing.add(task)  # a task nobody holds may be collected before it runs
+            task.add_done_callback(_releasing.discard)
 
     async def release(self) -> None:
         if self.released:

@@ -3,15 +3,17 @@ admitted request counted on a redis-server of the test's own."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
-from tests.integration.keys_support import chat, create_key, known, pool, serving
-from tests.support import Cluster, RedisServer, free_port
+from tests.integration.keys_support import ADMIN, chat, create_key, known, pool, serving
+from tests.support import Cluster, RedisServer, free_port, register
 
 
 @pytest.fixture
@@ -62,5 +64,42 @@ def test_limits_while_redis_is_down(own_redis: RedisServer, tmp_path: Path,
             assert codes.count(429) == 6 - admitted
         # Authentication needs no Redis: a wrong key is still a 401.
         assert chat(routers[1], "m1", "sk-svllm-wrong").status_code == 401
+    finally:
+        cluster.stop_all()
+
+
+def test_a_held_stream_that_loses_redis_ends_with_an_error_and_frees_its_slot(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """A streamed request held for a cold start whose wait fails (Redis gone) ends with an
+    error event, not a cut connection, and gives its key's concurrency slot back."""
+    cluster = Cluster(own_redis.url, "held", tmp_path)
+    try:
+        routers = pool(cluster, 1, HOLD_KEEPALIVE_S="0.2", LIMITS_ON_REDIS_DOWN="allow")
+        router = routers[0]
+        assert register(router, "cold", token=ADMIN, engine="sim", min_replicas=0,
+                        extra_args=["--startup-delay", "60"],
+                        cold_start_timeout_s=120).status_code == 201
+        key = create_key(router, max_concurrent=1)["key"]
+        known(routers, key)
+        body = {"model": "cold", "stream": True, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}]}
+        lines: list[str] = []
+        up = True
+        with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body,
+                          headers={"authorization": f"Bearer {key}"}, timeout=60) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                lines.append(line)
+                if line.startswith(":") and up:
+                    own_redis.stop()  # held: the wait now fails at its next refresh
+                    up = False
+        events = [x for x in lines if x.startswith("data: ")]
+        assert events, lines
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "store_unavailable", error
+        # The slot came back: the next request is refused for Redis, not for concurrency.
+        again = chat(router, "cold", key)
+        assert again.status_code == 503, again.text
+        assert again.json()["error"]["code"] == "store_unavailable"
     finally:
         cluster.stop_all()

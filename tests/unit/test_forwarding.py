@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from starlette.responses import Response
 from starlette.types import Message
 
-from shared.forwarding import relay, when_over
+from shared.forwarding import Ending, relay, when_over
 from shared.wire import Exchange, Pool
 
 
@@ -110,3 +110,23 @@ async def test_a_failing_cleanup_does_not_skip_the_next() -> None:
         client.gone.set()
         await asyncio.wait_for(task, 5)
         assert closed == [2]
+
+
+async def test_a_streamed_answer_whose_body_fails_still_runs_what_hangs_on_its_end() -> None:
+    # The router's held stream is such an answer; a key's concurrency slot hangs on its end,
+    # which a Starlette background task would skip when the body raises.
+    closed: list[int] = []
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b": waiting\n\n"
+        raise RuntimeError("the wait failed")
+
+    response = Ending(failing(), media_type="text/event-stream",
+                      over=lambda: closed.append(1))
+    when_over(response, lambda: closed.append(2))
+    client = Client()
+    task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+    done = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(done[0], BaseException)  # the failure is not hidden
+    assert closed == [1, 2]
+    assert client.sent[1]["body"] == b": waiting\n\n"
