@@ -182,10 +182,15 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 _DATA_ERRORS = ("WRONGTYPE", "ERR value is not", "ERR hash value is not")
 
 
+def is_data_error(exc: BaseException) -> bool:
+    """Redis answered about the data (a key of the wrong type), not about its health."""
+    return isinstance(exc, ResponseError) and str(exc).startswith(_DATA_ERRORS)
+
+
 def store_error(exc: Exception) -> ApiError:
     """The API error for a Redis failure: corrupt data when Redis answered about the data,
     else unavailable."""
-    if isinstance(exc, ResponseError) and str(exc).startswith(_DATA_ERRORS):
+    if is_data_error(exc):
         # Redis answered, with an error: a key holds something the pool did not write.
         logger.warning("redis refused a command: %s", exc)
         return StoreCorrupt(f"the pool's state store refused a command ({exc}); "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
+from redis.exceptions import ResponseError
 
 from shared.models import Reservation
 from shared.records import BadRecord, parse_counter
@@ -85,14 +86,10 @@ def _strings(reply: Any) -> list[str]:
     return [] if isinstance(got, Exception) or not got else [str(v) for v in got]
 
 
-class _Refused(Exception):
-    pass
-
-
 def _ok(reply: Any) -> Any:
-    """A reply, or :class:`_Refused` when Redis refused the command (wrong type)."""
+    """A reply, or the error Redis refused the command with (caught in the script)."""
     if isinstance(reply, dict) and "err" in reply:
-        return _Refused(str(reply["err"]))
+        return ResponseError(str(reply["err"]))
     return reply
 
 

@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
+from shared.errors import is_data_error
 from shared.keys import Keys
 from shared.models import ModelSpec
 from shared.records import BadRecord, Problems
@@ -292,8 +293,13 @@ class StoreBase:
 
     def _checked(self, key: str, reply: Any, default: Any) -> Any:
         """A pipelined reply, or ``default`` (the key reported) when Redis refused the
-        command: a key of the wrong type must not take a whole read down."""
+        command for its data: a key of the wrong type must not take a whole read down. Any
+        other error reply (LOADING, BUSY, NOPERM, a cluster's TRYAGAIN) is raised: read as
+        empty, it would drop live records (every API key of a tenant, a worker's
+        assignments) until their next change."""
         if isinstance(reply, Exception):
+            if not is_data_error(reply):
+                raise reply
             self._skip(BadRecord(key, str(reply)))
             return default
         return reply

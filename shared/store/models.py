@@ -13,7 +13,7 @@ from typing import cast
 
 import orjson
 
-from shared.errors import Conflict, StoreCorrupt
+from shared.errors import Conflict, StoreCorrupt, is_data_error
 from shared.models import ModelSpec
 from shared.records import BadRecord, parse_created_at, parse_model_spec
 from shared.store.base import (
@@ -194,6 +194,8 @@ class ModelsStore(StoreBase):
         parse (a bad hold reads as none, reported)."""
         key = self.k.model(alias)
         if isinstance(raw, Exception):
+            if not is_data_error(raw):
+                raise raw  # Redis's health, not the record: never read as a bad record
             raise BadRecord(key, str(raw))
         held: str | None = self._checked(self.k.hold(alias), hold, None)
         if not raw:
