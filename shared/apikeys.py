@@ -125,9 +125,11 @@ class KeyRecord:
                 self._allowed[alias] = ok
         return ok
 
-    def model_limits_of(self, alias: str) -> list[tuple[str, dict[str, int]]]:
-        """(glob, limits) of every model limit whose glob matches ``alias``."""
-        return [(g, lim) for g, lim in self.model_limits.items() if fnmatchcase(alias, g)]
+    def model_limits_of(self, *names: str) -> list[tuple[str, dict[str, int]]]:
+        """(glob, limits) of every model limit whose glob matches one of ``names`` (a LoRA
+        adapter's and its base model's: each glob once)."""
+        return [(g, lim) for g, lim in self.model_limits.items()
+                if any(fnmatchcase(n, g) for n in names)]
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and (now or time.time()) >= self.expires_at

@@ -227,32 +227,37 @@ class Limiter:
         self._buckets: dict[str, tuple[KeyRecord, dict[str, int] | None, list[Bucket]]] = {}
 
     @staticmethod
-    def scope(rec: KeyRecord, alias: str) -> str:
+    def scope(rec: KeyRecord, alias: str, base: str | None = None) -> str:
         """What a key's buckets and lease are per: the key, or the key and the model when
         it has model limits."""
-        return f"{rec.key_id} {alias}" if rec.model_limits else rec.key_id
+        if not rec.model_limits:
+            return rec.key_id
+        return f"{rec.key_id} {alias}" if base is None else f"{rec.key_id} {alias} {base}"
 
-    def buckets(self, rec: KeyRecord, alias: str = "") -> list[Bucket]:
+    def buckets(self, rec: KeyRecord, alias: str = "", base: str | None = None
+                ) -> list[Bucket]:
+        """The buckets a request of ``rec`` for model ``alias`` is charged to; ``base``: the
+        base model when ``alias`` is a LoRA adapter (the limits of either apply)."""
         tenant = self.ring.tenant_limits.get(rec.tenant)
-        scope = self.scope(rec, alias)
+        scope = self.scope(rec, alias, base)
         got = self._buckets.get(scope)
         if got is not None and got[0] is rec and got[1] is tenant:
             return got[2]
         if len(self._buckets) > 100_000:  # revoked keys' entries do not pile up forever
             self._buckets.clear()
             self._leases.clear()
-        out = self._build(rec, alias)
+        out = self._build(rec, alias, base)
         self._buckets[scope] = (rec, tenant, out)
         return out
 
-    def _build(self, rec: KeyRecord, alias: str) -> list[Bucket]:
+    def _build(self, rec: KeyRecord, alias: str, base: str | None) -> list[Bucket]:
         k, t = self.store.k, rec.tenant
         out = []
         if rec.rpm:
             out.append(_req_bucket(k.rate(t, rec.key_id, "req"), rec.rpm))
         if rec.tpm:
             out.append(_tok_bucket(k.rate(t, rec.key_id, "tok"), rec.tpm))
-        for glob, lim in rec.model_limits_of(alias):
+        for glob, lim in rec.model_limits_of(alias, *(() if base is None else (base,))):
             # One bucket pair per glob (shared by the models it matches), in the tenant's
             # slot like the others; the glob hashed, so any glob makes a plain key.
             scope = f"{rec.key_id}.m{hashlib.sha256(glob.encode()).hexdigest()[:16]}"
@@ -268,8 +273,10 @@ class Limiter:
                 out.append(_tok_bucket(k.rate(t, "tenant", "tok"), tenant["tpm"]))
         return out
 
-    async def admit(self, rec: KeyRecord, alias: str, reserved: int) -> Ticket:
-        """Admit one request of ``rec`` or raise 429 (or 503 with Redis down and "deny")."""
+    async def admit(self, rec: KeyRecord, alias: str, reserved: int, base: str | None = None
+                    ) -> Ticket:
+        """Admit one request of ``rec`` for model ``alias`` (booked under that name; ``base``
+        as in :meth:`buckets`) or raise 429 (or 503 with Redis down and "deny")."""
         if rec.max_concurrent:
             cap = max(1, math.ceil(rec.max_concurrent / self.ring.routers))
             if self.concurrent[rec.key_id] >= cap:
@@ -281,10 +288,10 @@ class Limiter:
         # same call, and counted after it they would all have passed the check above.
         self.concurrent[rec.key_id] += 1
         try:
-            buckets = self.buckets(rec, alias)
+            buckets = self.buckets(rec, alias, base)
             if not buckets:
                 return Ticket(rec, alias, reserved, buckets, {}, True)
-            scope = self.scope(rec, alias)
+            scope = self.scope(rec, alias, base)
             lease = await self._leased(scope, buckets, reserved)
             if lease is not None:
                 return Ticket(rec, alias, reserved, buckets, _local_headers(lease), True)

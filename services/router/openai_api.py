@@ -68,16 +68,19 @@ class KeyGate:
         """The key's ticket (None: no key) and the call to send, capped (below)."""
         if rec is None:
             return None, call
+        # A LoRA adapter's request is booked under the adapter's name, and limited by the
+        # model limits of either name (its base's GPUs serve it).
+        name, base = (call.adapter, call.alias) if call.adapter else (call.alias, None)
         fields = CAP_FIELDS.get(call.path)
         if fields is not None and completion_cap(data, call.path) is None and any(
-                b.tokens for b in self.limiter.buckets(rec, call.alias)):
+                b.tokens for b in self.limiter.buckets(rec, name, base)):
             # A key limited in tokens gets what it reserves: without a cap the engine would
             # write up to the model's context, far past the reservation, and a stream
             # without its usage chunk is never corrected. So the default cap is sent.
             data[fields[-1]] = self.default_max_tokens
             call = replace(call, body=orjson.dumps(data))
         reserved = estimate(data, len(call.body), call.path, self.default_max_tokens)
-        return await self.limiter.admit(rec, call.alias, reserved), call
+        return await self.limiter.admit(rec, name, reserved, base), call
 
     def finish(self, ticket: Ticket | None, status: int, usage: tuple[int, int] | None
                ) -> None:

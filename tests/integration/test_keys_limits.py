@@ -321,3 +321,37 @@ def test_a_token_limited_key_gets_what_it_reserved(cluster: Cluster, stream: boo
     assert tokens(capped["key"]) == 7  # the default cap, sent by the router
     assert tokens(free["key"]) == 16  # the simulated engine's own default: untouched
     assert tokens(capped["key"], max_tokens=3) == 3  # its own cap, kept
+
+
+def test_a_lora_adapter_is_limited_and_booked_under_its_own_name(cluster: Cluster) -> None:
+    """A request for a LoRA adapter is charged to the model limits that match the adapter's
+    name or its base's (the base's GPUs serve it), and its usage is booked under the name
+    the client asked for."""
+    routers = pool(cluster, 1, LIMITS_FLUSH_S="0.2")
+    router = routers[0]
+    assert register(router, "lbase", token=ADMIN, engine="sim", extra_args=[
+        "--enable-lora", "--max-loras", "2"]).status_code == 201
+    for alias in ("ad1", "ad2"):
+        r = admin(router, "POST", "/adapters",
+                  json={"alias": alias, "base": "lbase", "adapter": f"org/{alias}-lora"})
+        assert r.status_code == 201, r.text
+    serving(routers, "lbase")
+    by_adapter = create_key(router, model_limits={"ad1": {"rpm": 60}})
+    by_base = create_key(router, model_limits={"lbase": {"rpm": 60}})
+    known(routers, by_adapter["key"], by_base["key"])
+
+    first = chat(router, "ad1", by_adapter["key"])
+    assert first.status_code == 200 and first.json()["model"] == "ad1"
+    assert first.headers["x-ratelimit-limit-requests"] == "60"
+    assert chat(router, "ad1", by_adapter["key"]).status_code == 429  # one a second
+    assert chat(router, "ad2", by_adapter["key"]).status_code == 200  # no limit matches
+    # The base's limit covers its adapters: one bucket, whichever of them is asked.
+    assert chat(router, "ad2", by_base["key"]).status_code == 200
+    assert chat(router, "lbase", by_base["key"]).status_code == 429
+
+    def booked() -> dict[str, int] | None:
+        rows = admin(router, "GET", "/usage", params={"key": by_adapter["key_id"]}).json()
+        got = {r["model"]: r["requests"] for r in rows["rows"]}
+        return got if sum(got.values()) == 2 else None
+
+    assert wait_until(booked, 10, what="usage flushed") == {"ad1": 1, "ad2": 1}
