@@ -29,6 +29,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from shared.edge import GuardedProtocol, Limits, absent, status_line_missing
 from shared.errors import ApiError, UpstreamError, error_body, sse_error
+from shared.usage_strip import UsageStrip
 from shared.wire import Exchange
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Lane:
         "proto",
         "request_id",
         "started",
+        "strip",
         "tail",
         "task",
         "watch",
@@ -156,6 +158,8 @@ class Lane:
         # When set, the last bytes of a relayed answer are kept here (a stream's final usage
         # chunk, read once it is over).
         self.tail: bytearray | None = None
+        # When set, the usage event the router asked for is taken out of the relayed stream.
+        self.strip: UsageStrip | None = None
         self.watch: ChunkWatch | None = None
 
     def header(self, name: bytes) -> bytes | None:
@@ -210,6 +214,8 @@ class Lane:
         length = ex.length
         self._chunked = length is None
         self._sse = (ex.header(b"content-type") or b"").startswith(b"text/event-stream")
+        if not (self._chunked and self._sse):
+            self.strip = None  # an error answer, or anything framed by its length: as sent
         framing = b"transfer-encoding: chunked\r\n" if length is None else \
             b"content-length: %d\r\n" % length
         self.started = True
@@ -229,9 +235,12 @@ class Lane:
 
     # -- Sink: called by the upstream connection as its reads arrive ---------------------------
 
-    def _framed(self, data: bytes) -> bytes:
+    def _framed(self, data: bytes, last: bool = False) -> bytes:
         if self.tail is not None and data:
             keep_tail(self.tail, data)
+        if self.strip is not None:
+            data = self.strip.feed(data) + self.strip.flush() if last else \
+                self.strip.feed(data)
         if self._chunked and data:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._pending is not None:
@@ -246,7 +255,7 @@ class Lane:
     def end(self, data: bytes, error: Exception | None) -> None:
         if self.watch is not None and data:
             self.watch.chunk(data)
-        out = self._framed(data)
+        out = self._framed(data, last=True)
         cut = False
         if error is not None:
             logger.warning("upstream failed mid-response: %s", error)

@@ -5,7 +5,7 @@ completions, embeddings, responses, rerank, score, tokenize, pooling, classify, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -50,6 +50,7 @@ from shared.models import is_valid_name
 from shared.principal import ANONYMOUS
 from shared.store import StoredModel
 from shared.upload import Upload, read_fields
+from shared.usage_strip import UsageStrip, ask_for_usage
 
 # nginx's status for a request its client closed: no answer was sent.
 CLIENT_GONE = 499
@@ -72,15 +73,22 @@ class KeyGate:
         # model limits of either name (its base's GPUs serve it).
         name, base = (call.adapter, call.alias) if call.adapter else (call.alias, None)
         fields = CAP_FIELDS.get(call.path)
+        changed = False
         if fields is not None and completion_cap(data, call.path) is None and any(
                 b.tokens for b in self.limiter.buckets(rec, name, base)):
             # A key limited in tokens gets what it reserves: without a cap the engine would
-            # write up to the model's context, far past the reservation, and a stream
-            # without its usage chunk is never corrected. So the default cap is sent.
+            # write up to the model's context, far past the reservation. So the default cap
+            # is sent.
             data[fields[-1]] = self.default_max_tokens
-            call = replace(call, body=orjson.dumps(data))
+            changed = True
         reserved = estimate(data, len(call.body), call.path, self.default_max_tokens)
-        return await self.limiter.admit(rec, name, reserved, base), call
+        ticket = await self.limiter.admit(rec, name, reserved, base)
+        # A stream's usage event is what corrects the reservation and counts the key's
+        # usage: asked for when the client did not, and taken out of its answer.
+        strip = ask_for_usage(data, call.path)
+        if changed or strip:
+            call = replace(call, body=orjson.dumps(data), strip_usage=strip)
+        return ticket, call
 
     def finish(self, ticket: Ticket | None, status: int, usage: tuple[int, int] | None
                ) -> None:
@@ -267,6 +275,7 @@ async def _serve(
         return answer.exchange.status
     lane.extra = _header_bytes(ticket.headers)
     lane.tail = bytearray() if call.stream else None
+    lane.strip = UsageStrip() if call.strip_usage else None
     opened: Answer | None = None
     status = 502  # failed before an answer: refunded
     try:
@@ -305,31 +314,52 @@ class Watched(Response):
     and finished once it is over, however it ended."""
 
     def __init__(self, inner: Response, record: RequestRecord,
-                 tail: bytearray | None = None) -> None:
+                 tail: bytearray | None = None, strip: UsageStrip | None = None) -> None:
         self.inner = inner
         self.record = record
         self.status_code = inner.status_code
         self.tail = tail  # a streamed answer of a key: its last bytes (the usage chunk)
+        self.strip = strip  # the usage event the router asked for, taken out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = self.record
         status = 499
+        strip = self.strip
 
         async def watched(message: Message) -> None:
-            nonlocal status
+            nonlocal status, strip
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if strip is not None and not _event_stream(message.get("headers", ())):
+                    strip = None  # an answer framed by its length goes as it is
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
                 record.chunk(chunk)
                 if self.tail is not None and chunk:
                     keep_tail(self.tail, chunk)
+                if strip is not None:
+                    out = strip.feed(chunk)
+                    if not message.get("more_body", False):
+                        out += strip.flush()
+                    if out != chunk:
+                        message = {**message, "body": out}
             await send(message)
 
         try:
             await self.inner(scope, receive, watched)
         finally:
             record.finish(status)
+
+
+def _event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """A response head of an event stream without a length (chunks as they come)."""
+    sse = False
+    for k, v in headers:
+        if k.lower() == b"content-length":
+            return False
+        if k.lower() == b"content-type":
+            sse = v.startswith(b"text/event-stream")
+    return sse
 
 
 def _ticketed(gate: KeyGate, ticket: Ticket, response: Response) -> bytearray | None:
@@ -411,7 +441,8 @@ def build_routes(
         if response.status_code == 499:  # the client went away: nothing is sent
             record.finish(499)
             return response
-        return Watched(response, record, tail)
+        return Watched(response, record, tail,
+                       UsageStrip() if call.strip_usage and tail is not None else None)
 
     # The hot routes are plain Starlette routes: FastAPI's dependency machinery costs tens of
     # microseconds per request and these need none of it (docs/performance.md).

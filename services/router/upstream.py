@@ -62,6 +62,9 @@ class Call:
     record: RequestRecord | None = None  # metrics and the access log (services/router/metrics)
     # An audio upload relayed as it arrives (``body`` is then its head): shared/upload.py.
     upload: Upload | None = None
+    # The router asked for the stream's usage event (a key's request; shared/usage_strip.py):
+    # it is taken out of the answer.
+    strip_usage: bool = False
 
 
 class InProcessWorker(Protocol):

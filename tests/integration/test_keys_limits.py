@@ -355,3 +355,47 @@ def test_a_lora_adapter_is_limited_and_booked_under_its_own_name(cluster: Cluste
         return got if sum(got.values()) == 2 else None
 
     assert wait_until(booked, 10, what="usage flushed") == {"ad1": 1, "ad2": 1}
+
+
+def test_a_stream_without_include_usage_is_counted_and_its_client_sees_no_usage(
+        cluster: Cluster) -> None:
+    """A key's stream that did not ask for usage is sent with include_usage (its usage is
+    what corrects the reservation and is counted), and the usage event is taken out of the
+    answer, on the fast lane and on a held request's path alike."""
+    routers = pool(cluster, 1, LIMITS_FLUSH_S="0.2")
+    router = routers[0]
+    assert register(router, "cold", token=ADMIN, engine="sim", min_replicas=0,
+                    extra_args=["--startup-delay", "1.0"],
+                    cold_start_timeout_s=60).status_code == 201
+    serving(routers, "m1")
+    streamed = create_key(router, tpm=6_000_000)
+    plain = create_key(router, name="plain")
+    known(routers, streamed["key"], plain["key"])
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=streamed["key"],
+                           max_retries=0)
+    messages: Any = [{"role": "user", "content": "hello there"}]
+    for model in ("m1", "cold"):  # the fast lane, then held for a cold start (ASGI path)
+        chunks = list(client.chat.completions.create(model=model, max_tokens=6, stream=True,
+                                                     messages=messages))
+        # What a client that did not ask for usage expects: every chunk has a choice.
+        assert chunks and all(c.choices and c.usage is None for c in chunks), chunks
+        assert "".join(c.choices[0].delta.content or "" for c in chunks)
+    raw = httpx.post(f"{router.url}/v1/completions", timeout=30,
+                     headers={"authorization": f"Bearer {streamed['key']}"},
+                     json={"model": "m1", "prompt": "hello", "max_tokens": 3, "stream": True})
+    assert '"choices":[]' not in raw.text and raw.text.endswith("data: [DONE]\n\n"), raw.text
+    # What the same requests cost, asked without streaming under another key.
+    chat_usage = chat(router, "m1", plain["key"], max_tokens=6).json()["usage"]
+    text_usage = httpx.post(f"{router.url}/v1/completions", timeout=30,
+                            headers={"authorization": f"Bearer {plain['key']}"},
+                            json={"model": "m1", "prompt": "hello", "max_tokens": 3}
+                            ).json()["usage"]
+
+    def counted() -> dict[str, int] | None:
+        t = admin(router, "GET", "/usage", params={"key": streamed["key_id"]}).json()["total"]
+        return t if t["requests"] == 3 else None
+
+    total = wait_until(counted, 10, what="usage flushed")
+    assert total["prompt_tokens"] == 2 * chat_usage["prompt_tokens"] + \
+        text_usage["prompt_tokens"]
+    assert total["completion_tokens"] == 2 * 6 + 3
