@@ -179,12 +179,15 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 
 
 # Redis answered, but about the data (not its health): reported as such, not "unavailable".
-_DATA_ERRORS = ("WRONGTYPE", "ERR value is not", "ERR hash value is not")
+# redis-py drops an error's "ERR " code from its message; one raised inside a script keeps it.
+_DATA_ERRORS = ("WRONGTYPE", "value is not", "hash value is not")
 
 
 def is_data_error(exc: BaseException) -> bool:
-    """Redis answered about the data (a key of the wrong type), not about its health."""
-    return isinstance(exc, ResponseError) and str(exc).startswith(_DATA_ERRORS)
+    """Redis answered about the data (a key of the wrong type, a field that is not a
+    number), not about its health."""
+    return isinstance(exc, ResponseError) and \
+        str(exc).removeprefix("ERR ").startswith(_DATA_ERRORS)
 
 
 def store_error(exc: Exception) -> ApiError:

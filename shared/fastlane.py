@@ -50,7 +50,9 @@ Picker = Callable[[str, str], Handler | None]
 _STATUS_LINE: dict[int, bytes] = getattr(httptools_impl, "STATUS_LINE", {})
 # Only these upstream response headers pass on; hop-by-hop ones must not.
 PASS_HEADERS = frozenset((b"content-type", b"retry-after", b"x-request-id"))
-STREAM_BROKEN = sse_error(UpstreamError(
+# Begins with an event's end: the upstream may have failed inside an event, whose bytes were
+# passed on already, and the error must not be read as part of it (blank lines are no event).
+STREAM_BROKEN = b"\n\n" + sse_error(UpstreamError(
     "the replica serving this stream failed mid-way; the output above is incomplete",
     code="stream_interrupted"))
 _JSON = b"content-type: application/json\r\n"

@@ -18,13 +18,19 @@ from typing import Any
 import orjson
 
 _END = b"\n\n"
-_MARK = b'"usage"'
-# Held without an event's end in sight (an engine that ends events with CRLF, or one huge
-# event): the filter stops and passes everything on, rather than hold a stream back.
+_CRLF_END = b"\r\n\r\n"
+# What only a usage event holds, as vLLM, SGLang and the simulated engine write it (compact
+# JSON): the cheap test every read passes; a match is then parsed to be sure.
+_MARK = b'"choices":[]'
+# An event this long without its end yet (long logprobs) is passed on as it comes rather
+# than held back; filtering goes on from the next event's end.
 _HOLD_MAX = 1 << 16
 
 # Paths whose streams take stream_options.include_usage (vLLM's and OpenAI's).
 USAGE_OPTION_PATHS = frozenset(("v1/chat/completions", "v1/completions"))
+# Engines that send the usage event only when asked, as a chunk of its own. llama.cpp puts
+# the usage (and its timings) on its last chunk unasked: its streams are left alone.
+USAGE_OPTION_ENGINES = frozenset(("vllm", "sglang", "sim"))
 
 
 def ask_for_usage(data: dict[str, Any], path: str) -> bool:
@@ -78,11 +84,15 @@ class UsageStrip:
         if self._off:
             return data
         if self._rest:
-            data = self._rest + data
+            data, self._rest = self._rest + data, b""
+        if data.endswith(_END):  # the usual read: whole events
+            return _without_usage(data) if _MARK in data else data
         end = data.rfind(_END)
         if end < 0:
+            if _CRLF_END in data:
+                self._off = True  # events that end with CRLF: not this filter's to read
+                return data
             if len(data) > _HOLD_MAX:
-                self._off, self._rest = True, b""
                 return data
             self._rest = data
             return b""

@@ -69,7 +69,10 @@ class Forwarder:
             async for chunk in self._held_chunks(ticket, call):
                 yield chunk
         finally:
-            await ticket.release()  # also when the client went away mid-wait
+            # Also when the client went away mid-wait: Starlette then cancels this stream's
+            # task scope, which would cut an awaited release short at its first await
+            # (the queue entry left to its TTL, filling the hold queue).
+            ticket.release_soon()
 
     async def _held_chunks(self, ticket: Ticket, call: Call) -> AsyncIterator[bytes]:
         keepalive = self.holder.settings.hold_keepalive_s

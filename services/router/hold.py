@@ -19,6 +19,8 @@ import math
 import time
 import uuid
 
+from redis.exceptions import RedisError
+
 from services.router.routes import RouteTable
 from shared.errors import ApiError, NoCapacity, QueueFull
 from shared.models import MANUAL_REFUSED
@@ -48,6 +50,7 @@ class AliasWait:
         # The scheduler's reason the alias cannot be placed, while it cannot.
         self.unplaceable: str | None = None
         self._busy = False
+        self.failing_since: float | None = None  # Redis refreshes failing since then
 
     async def demand(self) -> None:
         """Keep the demand key alive (it has a TTL), once per interval for every request."""
@@ -64,9 +67,22 @@ class AliasWait:
             now = time.monotonic()
             if now - self.demanded_at >= _DEMAND_REFRESH_S:
                 await self.demand()
+                self.failing_since = None
             if now - self.checked_at >= _REASON_CHECK_S:
                 self.checked_at = now
                 self.unplaceable = await self._unplaceable()
+                self.failing_since = None
+        except RedisError as e:
+            # One failed refresh is no reason to drop the held requests: the demand key
+            # outlives it and the next poll tries again. Once Redis has been away as long as
+            # the demand lives, nothing will start the model: the wait ends (503).
+            now = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = now
+                logger.warning("held requests for %s: Redis refresh failed (%s); still "
+                               "waiting", self.alias, e)
+            if now - self.failing_since >= _DEMAND_TTL_S:
+                raise
         finally:
             self._busy = False
 

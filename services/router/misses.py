@@ -55,7 +55,9 @@ class MissRefresher:
         """The owner's re-read, its outcome recorded (``store_ok``); raises as it does."""
         try:
             await self._read()
-        except Exception:
+        except BaseException:
+            # Cancelled too: a read cut off by a timeout (the router's first load while
+            # Redis hangs) says the store is not answering.
             self.store_ok = False
             raise
         self.store_ok = True

@@ -50,7 +50,7 @@ from shared.models import is_valid_name
 from shared.principal import ANONYMOUS
 from shared.store import StoredModel
 from shared.upload import Upload, read_fields
-from shared.usage_strip import UsageStrip, ask_for_usage
+from shared.usage_strip import USAGE_OPTION_ENGINES, UsageStrip, ask_for_usage
 
 # nginx's status for a request its client closed: no answer was sent.
 CLIENT_GONE = 499
@@ -83,11 +83,8 @@ class KeyGate:
             changed = True
         reserved = estimate(data, len(call.body), call.path, self.default_max_tokens)
         ticket = await self.limiter.admit(rec, name, reserved, base)
-        # A stream's usage event is what corrects the reservation and counts the key's
-        # usage: asked for when the client did not, and taken out of its answer.
-        strip = ask_for_usage(data, call.path)
-        if changed or strip:
-            call = replace(call, body=orjson.dumps(data), strip_usage=strip)
+        if changed or call.strip_usage:  # the usage asked for (_prepare): sent with it
+            call = replace(call, body=orjson.dumps(data))
         return ticket, call
 
     def finish(self, ticket: Ticket | None, status: int, usage: tuple[int, int] | None
@@ -171,9 +168,14 @@ async def _prepare(
     # An adapter's request goes to its base model's replicas (the body still names the
     # adapter: the engine serves it under that name).
     stream = data.get("stream") is True
+    # A key's stream: its usage event is what corrects the key's reservation and counts its
+    # usage, so it is asked for when the client did not (``data`` changed; the key's gate
+    # sends it) and taken out of the answer.
+    strip = stream and rec is not None and model.spec.engine in USAGE_OPTION_ENGINES \
+        and ask_for_usage(data, path)
     call = Call(model.spec.alias, path, body, request_id, stream,
                 affinity or None, rec.principal if rec is not None else ANONYMOUS,
-                prefix=prefix, adapter=adapter, record=record)
+                prefix=prefix, adapter=adapter, record=record, strip_usage=strip)
     if record is not None:
         record.alias, record.stream, record.principal = model.spec.alias, stream, call.principal
     if by_priority(model.spec):

@@ -122,6 +122,30 @@ def test_streamed_cold_request_gets_keepalives_then_a_normal_stream(cluster: Clu
     assert len(words) == 4
 
 
+def test_a_held_stream_whose_client_leaves_gives_its_place_in_the_queue_back(
+        cluster: Cluster) -> None:
+    # Starlette cancels a stream whose client went away; the release of its place in the
+    # hold queue must not be cut short with it (the entry would stay until its TTL, and
+    # clients that give up during long cold starts would fill HOLD_QUEUE_MAX).
+    cluster.manager()
+    cluster.worker("w1")
+    router = cluster.router(HOLD_KEEPALIVE_S="0.2")
+    assert register(router, "long", engine="sim", min_replicas=0, cold_start_timeout_s=120,
+                    extra_args=["--startup-delay", "60"]).status_code == 201
+    body = {"model": "long", "stream": True, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body,
+                          timeout=30) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # held by a name: a dropped one closes the stream
+            assert next(lines).startswith(":")  # held, then the client leaves
+            wait_until(lambda: admin_model(router, "long")["waiting_requests"] == 1, 5,
+                       what="the request queued")
+        wait_until(lambda: admin_model(router, "long")["waiting_requests"] == 0, 5,
+                   what="the queue entry removed")
+
+
 def test_timeout_gives_503_with_measured_retry_after(cluster: Cluster) -> None:
     cluster.manager()
     cluster.worker("w1")

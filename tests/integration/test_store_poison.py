@@ -69,6 +69,19 @@ async def test_bad_worker_fields_skip_only_that_worker(store: Store) -> None:
     assert await store.worker_ids() == ["w1", "w2", "w3"]
 
 
+async def test_a_write_count_that_is_not_a_number_is_reported_not_fatal(
+        store: Store) -> None:
+    # Redis refuses HINCRBY on it ("value is not an integer", the "ERR " code dropped by
+    # redis-py): a refusal about the data, so the worker's writes go on.
+    reg = WorkerRegistration(worker_id="w1", url="http://w1:1", engines=["sim"])
+    await store.register_worker(reg, 60)
+    t0 = time.monotonic()
+    await store.r.hset(store.k.worker_revs, "w1", "many")
+    await store.register_worker(reg, 60)
+    assert (store.k.worker_revs, None) in problems(store, t0)
+    assert [w.worker_id for w in await store.list_workers()] == ["w1"]
+
+
 async def test_bad_assignment_and_ledger_entries_are_skipped(store: Store) -> None:
     epoch = await store.acquire_lease("mgr", 30)
     await store.assign(f"mgr|{epoch}", Assignment(alias="a", worker_id="w1", gpus=[0],

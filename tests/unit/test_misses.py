@@ -4,6 +4,7 @@ spaced apart; a failing store answers at once (services/router/misses.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from services.router.misses import MissRefresher
@@ -77,5 +78,21 @@ def test_failing_store_answers_at_once() -> None:
         src.fail = False
         await misses.read()
         assert misses.store_ok and src.reads == 2
+
+    asyncio.run(go())
+
+
+def test_a_read_that_timed_out_marks_the_store_down() -> None:
+    async def go() -> None:
+        # The router's first load, cut off by its timeout while Redis hangs: misses then
+        # answer from the cache at once instead of each waiting out a Redis timeout.
+        src = Source(delay=30)
+        misses = MissRefresher(src.read, spacing_s=0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(misses.read(), 0.05)
+        assert not misses.store_ok
+        began = time.monotonic()
+        await misses.after(time.monotonic())
+        assert src.reads == 1 and time.monotonic() - began < 10
 
     asyncio.run(go())

@@ -57,13 +57,20 @@ def test_other_events_that_mention_usage_are_passed_on(kept: bytes) -> None:
     assert relayed([kept]) == kept
 
 
-def test_a_stream_whose_events_never_end_is_passed_on_not_held() -> None:
-    # An engine that ends its events with CRLF: the filter gives up rather than hold it all.
-    crlf = b"data: " + b"x" * 40_000 + b"\r\n\r\n"
+def test_a_stream_whose_events_end_with_crlf_is_passed_on_not_held() -> None:
+    # Not an engine this filter knows: it stops filtering rather than hold the stream back.
+    crlf = b"data: {}\r\n\r\n"
     strip = UsageStrip()
-    assert strip.feed(crlf) == b""
-    assert strip.feed(crlf) == crlf + crlf
+    assert strip.feed(crlf) == crlf
     assert strip.feed(USAGE) == USAGE
+
+
+def test_a_huge_event_is_passed_on_as_it_comes_and_filtering_goes_on() -> None:
+    huge = event(HEAD | {"choices": [{"index": 0, "logprobs": {"x": "y" * 100_000}}]})
+    strip = UsageStrip()
+    first, rest = huge[:70_000], huge[70_000:]
+    assert strip.feed(first) == first  # not held past 64 KiB
+    assert strip.feed(rest + USAGE + DONE) == rest + DONE
 
 
 def test_usage_is_asked_for_only_on_streams_that_did_not() -> None:
