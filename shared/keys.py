@@ -257,6 +257,11 @@ class Keys:
         a key id or "tenant", unit "req" or "tok"."""
         return f"{self._tag(tenant)}:rate:{scope}:{unit}"
 
+    def flushed(self, tenant: str) -> str:
+        """hash with TTL (a day): router boot -> sequence number of its last batch of
+        corrections and usage applied to the tenant (each batch applied once)."""
+        return f"{self._tag(tenant)}:flushed"
+
     def usage(self, tenant: str, hour: int) -> str:
         """hash with TTL (USAGE_TTL_S): "<key id>|<model>|<counter>" -> count, for the hour
         starting at ``hour`` (unix seconds)."""

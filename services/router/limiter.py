@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from services.router.keyring import KeyRing
 from shared.apikeys import KeyRecord
 from shared.errors import RateLimited, StoreUnavailable
 from shared.settings import RouterSettings
-from shared.store import Decision, Store
+from shared.store import Decision, FlushBatch, Store
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +213,14 @@ class Limiter:
         self.concurrent: Counter[str] = Counter()
         self._local = _Local()
         self._down_until = 0.0
-        self._corrections: dict[str, float] = defaultdict(float)
+        # tenant -> bucket key -> microseconds; (tenant, hour) -> usage field -> count.
+        self._corrections: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._usage: dict[tuple[str, int], Counter[str]] = defaultdict(Counter)
+        # Batches sent but not confirmed (a lost reply): sent again as they are, before any
+        # new one, so Redis applies each once (shared/store/apikeys.py FLUSH_LUA).
+        self._unconfirmed: list[FlushBatch] = []
+        self._writer = f"{settings.router_id}:{uuid.uuid4().hex[:12]}"
+        self._seq = 0
         self.round_trips = 0  # limiter calls to Redis: at most one per request
         # Admissions that arrive while one call is in flight wait for it, then go together
         # in one pipeline: one round trip for all of them (throughput under concurrency).
@@ -452,7 +459,7 @@ class Limiter:
             for b in ticket.buckets:
                 if b.tokens:
                     if ticket.remote:
-                        self._corrections[b.key] += delta * b.interval_us
+                        self._corrections[rec.tenant][b.key] += delta * b.interval_us
                     elif b.key in self._local.tats:
                         self._local.tats[b.key] += delta * b.interval_us * self.ring.routers
         self.count(rec, ticket.alias, requests=1, prompt_tokens=prompt,
@@ -466,19 +473,33 @@ class Limiter:
                 usage[f"{rec.key_id}|{alias}|{name}"] += n
 
     async def flush(self) -> None:
-        corrections, self._corrections = self._corrections, defaultdict(float)
+        """Write the corrections and usage counts gathered since the last flush. Batches
+        whose write could not be confirmed go first, unchanged (what arrived meanwhile
+        waits for them): Redis skips those it had applied. Raises while Redis fails."""
+        for _ in range(2):
+            resend = bool(self._unconfirmed)
+            if not resend:
+                self._unconfirmed = self._take()
+                if not self._unconfirmed:
+                    return
+            await self.store.flush(self._writer, self._unconfirmed)
+            self._unconfirmed = []
+            if not resend:
+                return
+
+    def _take(self) -> list[FlushBatch]:
+        """What was gathered, as one batch per tenant (the counters start again)."""
+        corrections, self._corrections = self._corrections, defaultdict(lambda: defaultdict(float))
         usage, self._usage = self._usage, defaultdict(Counter)
-        if not corrections and not usage:
-            return
-        try:
-            await self.store.flush(dict(corrections), {k: dict(v) for k, v in usage.items()})
-        except (RedisError, OSError):
-            # Kept for the next flush (usage would otherwise be lost while Redis is away).
-            for k, d in corrections.items():
-                self._corrections[k] += d
-            for uk, c in usage.items():
-                self._usage[uk].update(c)
-            raise
+        per: dict[str, dict[int, dict[str, int]]] = defaultdict(dict)
+        for (tenant, hour), counts in usage.items():
+            per[tenant][hour] = dict(counts)
+        out = []
+        for tenant in sorted(corrections.keys() | per.keys()):
+            self._seq += 1
+            out.append(FlushBatch(tenant, self._seq, dict(corrections.get(tenant, {})),
+                                  per.get(tenant, {})))
+        return out
 
     async def run(self) -> None:
         while True:
@@ -486,7 +507,7 @@ class Limiter:
             try:
                 await self.flush()
             except (RedisError, OSError) as e:
-                logger.debug("usage flush failed (%s); kept for the next one", e)
+                logger.debug("usage flush failed (%s); sent again at the next one", e)
 
 
 def usage_of(data: Any) -> tuple[int, int] | None:

@@ -76,24 +76,63 @@ if lease then out[#out + 1] = want[1]; out[#out + 1] = want[2] end
 return out
 """
 
-# A token correction (microseconds, + for debt, - for a refund) applied to a bucket's TAT as
-# an admission would: from max(TAT, now), and with the expiry moved to match. INCRBYFLOAT
-# kept the reservation's expiry, so a debt past it vanished with the key, and on a key
-# already expired it left the bare delta (read as an idle bucket) with no expiry at all.
-CORRECT_LUA = """
+# One router's batch for one tenant, applied once: token corrections (microseconds, + for
+# debt, - for a refund) to bucket TATs, then usage increments. The batch's sequence number
+# is recorded per router (its boot) in the tenant's flush hash: a batch sent again after a
+# lost reply (a timeout that redis-py retries, or the router's resend of what it could not
+# confirm) is skipped, so nothing is counted or charged twice. A correction moves the TAT
+# as an admission would, from max(TAT, now), and its expiry with it (INCRBYFLOAT kept the
+# reservation's expiry: a debt past it vanished with the key, and on a key already expired
+# it left the bare delta with no expiry). An increment Redis refuses (a field that is not a
+# number) is skipped and counted, never half-applying the rest.
+# KEYS: flush hash, nc bucket keys, usage keys. ARGV: writer, seq, usage TTL, nc, nc deltas,
+# then per usage key: its number of fields, then field, increment pairs.
+FLUSH_LUA = """
+local seq = tonumber(ARGV[2])
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+if seq <= last then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], 86400)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if tat < now then tat = now end
-local new = tat + tonumber(ARGV[1])
-if new <= now then
-  redis.call('DEL', KEYS[1])
-  return 0
+local nc = tonumber(ARGV[4])
+for i = 1, nc do
+  local key = KEYS[1 + i]
+  local tat = tonumber(redis.call('GET', key) or '0') or 0
+  if tat < now then tat = now end
+  local new = tat + tonumber(ARGV[4 + i])
+  if new <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, string.format('%.1f', new), 'PX',
+               math.floor((new - now) / 1000) + 60000)
+  end
 end
-redis.call('SET', KEYS[1], string.format('%.1f', new), 'PX',
-           math.floor((new - now) / 1000) + 60000)
-return 1
+local refused = 0
+local a = 5 + nc
+for k = 2 + nc, #KEYS do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, n do
+    local r = redis.pcall('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+    if type(r) == 'table' and r.err then refused = refused + 1 end
+    a = a + 2
+  end
+  redis.pcall('EXPIRE', KEYS[k], ARGV[3])
+end
+return refused
 """
+
+
+@dataclass(frozen=True)
+class FlushBatch:
+    """What one router flushes for one tenant at once (Store.flush)."""
+
+    tenant: str
+    seq: int  # increasing per writer: a batch at or below the last applied one is skipped
+    corrections: dict[str, float]  # bucket key -> microseconds to add to its TAT
+    usage: dict[int, dict[str, int]]  # hour -> usage field -> increment
+
 
 # Usage counters read back at most this many hours per request (a month).
 USAGE_MAX_HOURS = 31 * 24
@@ -322,21 +361,31 @@ class ApiKeysStore(StoreBase):
                 pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
 
-    async def flush(self, corrections: dict[str, float],
-                    usage: dict[tuple[str, int], dict[str, int]]) -> None:
-        """Token corrections (microseconds to add to a TAT) and usage increments, in one
-        pipeline: one round trip per flush, whatever the number of requests behind it."""
+    async def flush(self, writer: str, batches: Sequence[FlushBatch]) -> None:
+        """Token corrections and usage increments, one script call per tenant in one
+        pipeline (one round trip per flush, whatever the number of requests behind it),
+        each applied once per ``writer`` and batch (FLUSH_LUA). Raises when a batch may
+        not have been applied (the caller sends it again, as it is); a batch refused for
+        its data (the flush hash of the wrong type) is reported and dropped."""
         async with self._batch() as pipe:
-            for key, delta in corrections.items():
+            for b in batches:
+                usage_keys = [self.k.usage(b.tenant, h) for h in b.usage]
+                args: list[Any] = [writer, b.seq, USAGE_TTL_S, len(b.corrections),
+                                   *b.corrections.values()]
+                for fields in b.usage.values():
+                    args.append(len(fields))
+                    for f, n in fields.items():
+                        args += [f, n]
+                keys = [self.k.flushed(b.tenant), *b.corrections, *usage_keys]
                 # EVAL, not EVALSHA: Redis caches the script by its hash either way, and a
                 # flush every LIMITS_FLUSH_S needs no NOSCRIPT round.
-                pipe.eval(CORRECT_LUA, 1, key, delta)
-            for (tenant, hour), fields in usage.items():
-                ukey = self.k.usage(tenant, hour)
-                for f, n in fields.items():
-                    pipe.hincrby(ukey, f, n)
-                pipe.expire(ukey, USAGE_TTL_S)
-            await pipe.execute(raise_on_error=False)
+                pipe.eval(FLUSH_LUA, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        for b, reply in zip(batches, replies, strict=True):
+            self._checked(self.k.flushed(b.tenant), reply, None)  # raises a non-data error
+            if isinstance(reply, int) and reply > 0:
+                self._skip(BadRecord(self.k.usage(b.tenant, max(b.usage)),
+                                     f"{reply} usage increments refused (not a number)"))
 
     async def usage_rows(self, tenants: Iterable[str], hours: list[int]
                          ) -> list[tuple[str, int, dict[str, str]]]:

@@ -25,7 +25,7 @@ from shared.models import (
     ModelSpec,
     WorkerRegistration,
 )
-from shared.store import NotLeader, ScaleMark, Store, connect
+from shared.store import FlushBatch, NotLeader, ScaleMark, Store, connect
 from shared.store.scheduling import Unassign
 from tests.integration.keys_support import admin, answers, create_key, serving
 from tests.integration.keys_support import chat as chat_as
@@ -246,8 +246,10 @@ async def test_api_keys_limits_and_usage(store: Store, redis_cluster: RedisClust
             r.script_flush()
     both = await store.limit_many([([ka], [1e6, 0, 1]), ([kb], [1e3, 1e6, 10])])
     assert [d.admitted for d in both] == [False, True]
-    await store.flush({kb: 5e3}, {("acme", 0): {"ka|m|requests": 2},
-                                  ("beta", 0): {"kb|m|requests": 1}})
+    batches = [FlushBatch("acme", 1, {}, {0: {"ka|m|requests": 2}}),
+               FlushBatch("beta", 2, {kb: 5e3}, {0: {"kb|m|requests": 1}})]
+    await store.flush("writer", batches)
+    await store.flush("writer", batches)  # a resend (a lost reply): applied once
     rows = await store.usage_rows(["acme", "beta"], [0])
     assert [r[2] for r in rows] == [{"ka|m|requests": "2"}, {"kb|m|requests": "1"}]
 

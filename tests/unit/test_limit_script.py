@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from services.router.limiter import Bucket, _req_bucket, _tok_bucket
 from shared.keys import Keys
-from shared.store import Decision, Store
+from shared.store import Decision, FlushBatch, Store
 from tests.support import RedisServer
 
 
@@ -28,6 +28,14 @@ def args(buckets: list[Bucket], costs: list[int]) -> list[float]:
     for b, c in zip(buckets, costs, strict=True):
         out += [b.interval_us, b.tau_us, c]
     return out
+
+
+_SEQ = iter(range(1, 1 << 30))
+
+
+async def correct(store: Store, key: str, delta_us: float) -> None:
+    """A router's flush of one correction (tenant "t", a fresh batch each time)."""
+    await store.flush("writer", [FlushBatch("t", next(_SEQ), {key: delta_us}, {})])
 
 
 async def decide(store: Store, buckets: list[Bucket], costs: list[int]) -> Decision:
@@ -86,7 +94,7 @@ def test_tokens_admit_one_large_request_then_wait_out_its_debt(store: Store) -> 
         assert not refused.admitted
         assert refused.retry_us == pytest.approx(4_000_000, abs=20_000)
         # The answer used 50 tokens: the correction gives back 450 tokens' worth.
-        await store.flush({tok.key: -450 * tok.interval_us}, {})
+        await correct(store, tok.key, -450 * tok.interval_us)
         assert (await decide(store, [tok], [1])).admitted
         await store.close()
 
@@ -103,18 +111,18 @@ def test_a_debt_outlives_its_reservation_and_a_late_refund_leaves_no_key(store: 
         tok = _tok_bucket(store.k.rate("t", "k", "tok"), 6000)  # 100/s, 1 s outstanding
         assert (await decide(store, [tok], [50])).admitted  # 0.5 s ahead
         # The answer used 250,000 more tokens than reserved: 2,500 s of debt.
-        await store.flush({tok.key: 250_000 * tok.interval_us}, {})
+        await correct(store, tok.key, 250_000 * tok.interval_us)
         ttl_ms = await store.r.pttl(tok.key)
         assert ttl_ms > 2_500_000  # kept for the whole debt, not the reservation's 60.5 s
         assert not (await decide(store, [tok], [1])).admitted
         # A debt on a key that had expired (the bucket idle) starts from now.
         await store.r.delete(tok.key)
-        await store.flush({tok.key: 500 * tok.interval_us}, {})
+        await correct(store, tok.key, 500 * tok.interval_us)
         refused = await decide(store, [tok], [1])
         assert not refused.admitted and refused.retry_us == pytest.approx(4_000_000, abs=50_000)
         # A refund on an idle bucket: no key is left (nothing to give back).
         idle = _tok_bucket(store.k.rate("t", "k2", "tok"), 6000)
-        await store.flush({idle.key: -400 * idle.interval_us}, {})
+        await correct(store, idle.key, -400 * idle.interval_us)
         assert await store.r.exists(idle.key) == 0
         await store.close()
 

@@ -1,0 +1,114 @@
+"""A router's token corrections and usage counts reach Redis exactly once, also when the reply
+to a flush is lost after Redis applied it (a timeout: redis-py retries it, and the router sends
+what it could not confirm again). Against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import cast
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from services.router.keyring import KeyRing
+from services.router.limiter import Limiter, Ticket, _tok_bucket
+from shared.apikeys import KeyRecord, hash_secret
+from shared.events import Nudger
+from shared.keys import Keys
+from shared.settings import RouterSettings
+from shared.store import FlushBatch, Store
+from tests.support import RedisServer
+
+
+class ReplyLost(Store):
+    """The network's fault, not the store's: Redis applies a flush, and its reply is lost
+    on the way back the first ``lose`` times."""
+
+    lose = 0
+
+    async def flush(self, writer: str, batches: Sequence[FlushBatch]) -> None:
+        await super().flush(writer, batches)
+        if self.lose:
+            self.lose -= 1
+            raise RedisConnectionError("reply lost")
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> ReplyLost:
+    return ReplyLost(aioredis.Redis.from_url(redis_server.url, decode_responses=True),
+                     Keys(f"f{uuid.uuid4().hex[:8]}"))
+
+
+async def usage(store: Store, tenant: str, hours: Sequence[int] = (0,)) -> dict[str, str]:
+    """The usage hash of ``tenant`` summed over ``hours`` (a count that is not a number is
+    given as it is)."""
+    out: dict[str, str] = {}
+    for h in set(hours):
+        got = cast(dict[str, str], await store.r.hgetall(store.k.usage(tenant, h)))
+        for f, v in got.items():
+            both = f in out and out[f].isdigit() and v.isdigit()
+            out[f] = str(int(out[f]) + int(v)) if both else v
+    return out
+
+
+async def tat(store: Store, key: str) -> float:
+    raw = cast(str | None, await store.r.get(key))
+    assert raw is not None
+    return float(raw)
+
+
+def this_hour() -> int:
+    return int(time.time()) // 3600 * 3600
+
+
+async def test_a_batch_sent_again_is_applied_once(store: ReplyLost) -> None:
+    key = store.k.rate("acme", "k1", "tok")
+    first = FlushBatch("acme", 1, {key: 5e6}, {0: {"k1|m|requests": 2}})
+    await store.flush("router-a", [first])
+    before = await tat(store, key)
+    await store.flush("router-a", [first])  # its reply was lost: sent again
+    assert await usage(store, "acme") == {"k1|m|requests": "2"}
+    assert await tat(store, key) == before
+    # The next batch of that router, and the same numbers from another router, both count.
+    await store.flush("router-a", [FlushBatch("acme", 2, {}, {0: {"k1|m|requests": 1}})])
+    await store.flush("router-b", [FlushBatch("acme", 1, {}, {0: {"k1|m|requests": 1}})])
+    assert await usage(store, "acme") == {"k1|m|requests": "4"}
+    # A field that is not a number is skipped and reported; the rest of the batch lands.
+    await store.r.hset(store.k.usage("acme", 0), "k1|m|errors", "many")
+    await store.flush("router-a", [FlushBatch("acme", 3, {}, {0: {
+        "k1|m|errors": 1, "k1|m|requests": 1}})])
+    assert await usage(store, "acme") == {"k1|m|requests": "5", "k1|m|errors": "many"}
+    assert store.k.usage("acme", 0) in {p["key"] for p in store.problems.since(0)}
+    await store.close()
+
+
+async def test_a_flush_whose_reply_was_lost_is_counted_once(store: ReplyLost) -> None:
+    settings = RouterSettings(router_id="r1")
+    ring = KeyRing(store, Nudger(store), settings)
+    limiter = Limiter(store, ring, settings)
+    rec = KeyRecord("k1", "n", "acme", hash_secret(b"s"), ["*"], tpm=6000)
+    bucket = _tok_bucket(store.k.rate("acme", "k1", "tok"), 6000)
+
+    def answered(used: int) -> None:
+        ticket = Ticket(rec, "m", 100, [bucket], {}, True)
+        limiter.finish(ticket, used=used, prompt=used // 2, completion=used - used // 2)
+
+    await store.r.set(bucket.key, "1e18")  # far ahead: every correction stays visible
+    first_hour = this_hour()
+    answered(40)
+    store.lose = 1
+    with pytest.raises(RedisConnectionError):
+        await limiter.flush()
+    answered(60)  # arrives before the resend: sent after it, in a batch of its own
+    await limiter.flush()
+    hours = (first_hour, this_hour())
+    assert await usage(store, "acme", hours) == {
+        "k1|m|requests": "2", "k1|m|prompt_tokens": "50", "k1|m|completion_tokens": "50"}
+    refunds = (100 - 40 + 100 - 60) * bucket.interval_us
+    assert await tat(store, bucket.key) == pytest.approx(1e18 - refunds, rel=1e-12)
+    await limiter.flush()  # nothing new: nothing sent, nothing counted again
+    assert (await usage(store, "acme", hours))["k1|m|requests"] == "2"
+    await store.close()
