@@ -257,10 +257,10 @@ class Keys:
         a key id or "tenant", unit "req" or "tok"."""
         return f"{self._tag(tenant)}:rate:{scope}:{unit}"
 
-    def flushed(self, tenant: str) -> str:
-        """hash with TTL (a day): router boot -> sequence number of its last batch of
-        corrections and usage applied to the tenant (each batch applied once)."""
-        return f"{self._tag(tenant)}:flushed"
+    def flushed(self, tenant: str, writer: str) -> str:
+        """string with TTL (a day): the number of the last batch of token corrections and
+        usage counts that router ``writer`` (a router process) applied to the tenant."""
+        return f"{self._tag(tenant)}:flushed:{writer}"
 
     def usage(self, tenant: str, hour: int) -> str:
         """hash with TTL (USAGE_TTL_S): "<key id>|<model>|<counter>" -> count, for the hour

@@ -22,8 +22,6 @@ _CRLF_END = b"\r\n\r\n"
 # What only a usage event holds, as vLLM, SGLang and the simulated engine write it (compact
 # JSON): the cheap test every read passes; a match is then parsed to be sure.
 _MARK = b'"choices":[]'
-# How a read that holds the usage event ends (see UsageStrip.feed).
-_LAST = (b"}}\n\n", b"[DONE]\n\n")
 # An event this long without its end yet (long logprobs) is passed on as it comes rather
 # than held back; filtering goes on from the next event's end.
 _HOLD_MAX = 1 << 16
@@ -88,12 +86,9 @@ class UsageStrip:
         if self._rest:
             data, self._rest = self._rest + data, b""
         if data.endswith(_END):  # the usual read: whole events
-            # The usage event ends its read (its object's last key is "usage": "}}") or is
-            # followed by [DONE] alone; only such a read is searched (a token's read ends
-            # "]}" or "null}"): the search costs more than the rest of the filter.
-            if data.endswith(_LAST) and _MARK in data:
-                return _without_usage(data)
-            return data
+            # Every read is searched: where the usage event sits in its chunk differs
+            # (vLLM now writes system_fingerprint after it), so its end tells nothing.
+            return _without_usage(data) if _MARK in data else data
         end = data.rfind(_END)
         if end < 0:
             if _CRLF_END in data:

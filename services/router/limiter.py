@@ -17,6 +17,7 @@ import math
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from services.router.keyring import KeyRing
 from shared.apikeys import KeyRecord
 from shared.errors import RateLimited, StoreUnavailable
 from shared.settings import RouterSettings
-from shared.store import Decision, FlushBatch, Store
+from shared.store import FLUSH_BATCH_MAX, Decision, FlushBatch, Store
 
 logger = logging.getLogger(__name__)
 
@@ -216,11 +217,12 @@ class Limiter:
         # tenant -> bucket key -> microseconds; (tenant, hour) -> usage field -> count.
         self._corrections: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._usage: dict[tuple[str, int], Counter[str]] = defaultdict(Counter)
-        # Batches sent but not confirmed (a lost reply): sent again as they are, before any
-        # new one, so Redis applies each once (shared/store/apikeys.py FLUSH_LUA).
-        self._unconfirmed: list[FlushBatch] = []
+        # tenant -> its batches sent but not confirmed, in order (a lost reply, a failure
+        # of that tenant's slot): sent again unchanged before anything newer of that
+        # tenant, so Redis applies each once and in order (FLUSH_LUA); other tenants go on.
+        self._unconfirmed: dict[str, list[FlushBatch]] = {}
         self._writer = f"{settings.router_id}:{uuid.uuid4().hex[:12]}"
-        self._seq = 0
+        self._seq: Counter[str] = Counter()  # tenant -> the number of its last batch
         self.round_trips = 0  # limiter calls to Redis: at most one per request
         # Admissions that arrive while one call is in flight wait for it, then go together
         # in one pipeline: one round trip for all of them (throughput under concurrency).
@@ -473,32 +475,58 @@ class Limiter:
                 usage[f"{rec.key_id}|{alias}|{name}"] += n
 
     async def flush(self) -> None:
-        """Write the corrections and usage counts gathered since the last flush. Batches
-        whose write could not be confirmed go first, unchanged (what arrived meanwhile
-        waits for them): Redis skips those it had applied. Raises while Redis fails."""
-        for _ in range(2):
-            resend = bool(self._unconfirmed)
-            if not resend:
-                self._unconfirmed = self._take()
-                if not self._unconfirmed:
-                    return
-            await self.store.flush(self._writer, self._unconfirmed)
-            self._unconfirmed = []
-            if not resend:
+        """Write the corrections and usage counts gathered since the last flush, in one
+        round trip. A tenant's batches that could not be confirmed go first, unchanged, and
+        what it gathered meanwhile waits for them (Redis skips those it had applied).
+        Raises when the round trip failed; a tenant's failure is logged, the others land."""
+        for b in self._take(skip=self._unconfirmed.keys()):
+            self._unconfirmed.setdefault(b.tenant, []).append(b)
+        batches = [b for pending in self._unconfirmed.values() for b in pending]
+        if not batches:
+            return
+        done = await self.store.flush(self._writer, batches)
+        confirmed = {id(b) for b, ok in zip(batches, done, strict=True) if ok}
+        for tenant in list(self._unconfirmed):
+            pending = self._unconfirmed[tenant]
+            while pending and id(pending[0]) in confirmed:
+                pending.pop(0)
+            if not pending:
+                del self._unconfirmed[tenant]
+        if self._unconfirmed:
+            logger.debug("usage flush: %d tenants' batches not confirmed; sent again",
+                         len(self._unconfirmed))
+
+    async def flush_all(self, rounds: int = 3) -> None:
+        """Flush until nothing is left (a router's last flush): a round that confirms a
+        tenant's resent batches leaves its newer counts for the next."""
+        for _ in range(rounds):
+            await self.flush()
+            if not self._unconfirmed and not self._corrections and not self._usage:
                 return
 
-    def _take(self) -> list[FlushBatch]:
-        """What was gathered, as one batch per tenant (the counters start again)."""
-        corrections, self._corrections = self._corrections, defaultdict(lambda: defaultdict(float))
-        usage, self._usage = self._usage, defaultdict(Counter)
-        per: dict[str, dict[int, dict[str, int]]] = defaultdict(dict)
-        for (tenant, hour), counts in usage.items():
-            per[tenant][hour] = dict(counts)
+    def _take(self, skip: Iterable[str] = ()) -> list[FlushBatch]:
+        """What was gathered for every tenant not in ``skip``, as that tenant's next
+        batches (at most FLUSH_BATCH_MAX entries each); their counters start again."""
+        held = set(skip)
+        tenants = {t for t in self._corrections if t not in held} | \
+            {t for t, _ in self._usage if t not in held}
         out = []
-        for tenant in sorted(corrections.keys() | per.keys()):
-            self._seq += 1
-            out.append(FlushBatch(tenant, self._seq, dict(corrections.get(tenant, {})),
-                                  per.get(tenant, {})))
+        for tenant in sorted(tenants):
+            # (None: a correction, else the usage hour; bucket key or usage field; amount)
+            entries: list[tuple[int | None, str, float]] = [
+                (None, k, d) for k, d in self._corrections.pop(tenant, {}).items()]
+            for hour in sorted(h for t, h in list(self._usage) if t == tenant):
+                entries += [(hour, f, n) for f, n in self._usage.pop((tenant, hour)).items()]
+            for i in range(0, len(entries), FLUSH_BATCH_MAX):
+                corrections: dict[str, float] = {}
+                usage: dict[int, dict[str, int]] = {}
+                for at, name, n in entries[i:i + FLUSH_BATCH_MAX]:
+                    if at is None:
+                        corrections[name] = n
+                    else:
+                        usage.setdefault(at, {})[name] = int(n)
+                self._seq[tenant] += 1
+                out.append(FlushBatch(tenant, self._seq[tenant], corrections, usage))
         return out
 
     async def run(self) -> None:

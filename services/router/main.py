@@ -99,7 +99,7 @@ def create_app(settings: RouterSettings, child: processes.Child | None = None,
                 nudger.run(), table.run(), adapters.run(), ring.run(), limiter.run()):
             yield
         with contextlib.suppress(Exception):
-            await limiter.flush()  # the last usage counts and corrections
+            await limiter.flush_all()  # the last usage counts and corrections
         await client.close()
         await store.close()
         access.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.store.adapters import AdaptersStore
 from shared.store.admin import AdminReads, ModelDetails
-from shared.store.apikeys import ApiKeysStore, Decision, FlushBatch
+from shared.store.apikeys import FLUSH_BATCH_MAX, ApiKeysStore, Decision, FlushBatch
 from shared.store.autoscale import AutoscaleStore, ScaleMark
 from shared.store.base import NotLeader, StoredModel, connect, spec_fingerprint
 from shared.store.intents import Intents, IntentsStore
@@ -15,8 +15,8 @@ from shared.store.prefetch import PrefetchStore
 from shared.store.scheduling import SchedulingStore
 from shared.store.workers import WorkersStore
 
-__all__ = ["Decision", "FlushBatch", "Intents", "ModelDetails", "NotLeader", "ScaleMark",
-           "Store", "StoredModel", "connect", "spec_fingerprint"]
+__all__ = ["FLUSH_BATCH_MAX", "Decision", "FlushBatch", "Intents", "ModelDetails", "NotLeader",
+           "ScaleMark", "Store", "StoredModel", "connect", "spec_fingerprint"]
 
 
 class Store(AdminReads, ModelsStore, WorkersStore, AutoscaleStore, SchedulingStore,

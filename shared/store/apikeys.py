@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from shared.errors import Conflict
 from shared.keys import ROUTER_SEEN_TTL_S, USAGE_TTL_S
 from shared.records import BadRecord
 from shared.store.base import StoreBase
+
+logger = logging.getLogger(__name__)
 
 # GCRA over any number of buckets, all or nothing. Per bucket (KEYS[i]): ARGV interval
 # (microseconds per unit), tolerance tau (microseconds) and cost (units). A bucket admits
@@ -76,40 +79,56 @@ if lease then out[#out + 1] = want[1]; out[#out + 1] = want[2] end
 return out
 """
 
-# One router's batch for one tenant, applied once: token corrections (microseconds, + for
-# debt, - for a refund) to bucket TATs, then usage increments. The batch's sequence number
-# is recorded per router (its boot) in the tenant's flush hash: a batch sent again after a
-# lost reply (a timeout that redis-py retries, or the router's resend of what it could not
-# confirm) is skipped, so nothing is counted or charged twice. A correction moves the TAT
-# as an admission would, from max(TAT, now), and its expiry with it (INCRBYFLOAT kept the
-# reservation's expiry: a debt past it vanished with the key, and on a key already expired
-# it left the bare delta with no expiry). An increment Redis refuses (a field that is not a
-# number) is skipped and counted, never half-applying the rest.
-# KEYS: flush hash, nc bucket keys, usage keys. ARGV: writer, seq, usage TTL, nc, nc deltas,
-# then per usage key: its number of fields, then field, increment pairs.
+# One router's batch for one tenant, applied once and in order: token corrections
+# (microseconds, + for debt, - for a refund) to bucket TATs, then usage increments. Each
+# router (its boot) numbers its batches per tenant 1, 2, 3...; the last applied number is
+# kept in the tenant's slot (``flushed``). A batch at or below it was applied already (sent
+# again after a lost reply: a timeout that redis-py retries, or the router's resend of what
+# it could not confirm): skipped, so nothing is counted or charged twice. One past it is
+# applied; one further on is refused (an earlier one failed): sent again after that one.
+# With no number kept (the router's first batch, or a Redis that lost its data) any is.
+# A correction moves the TAT as an admission would, from max(TAT, now), and its expiry with
+# it (INCRBYFLOAT kept the reservation's expiry: a debt past it vanished with the key, and
+# on a key already expired it left the bare delta with no expiry). Every key is touched
+# through pcall: one of the wrong type is skipped and counted (returned), never aborting a
+# batch half-applied; a counter of the wrong type is replaced.
+# KEYS: flushed, nc bucket keys, usage keys. ARGV: seq, usage TTL, nc, nc deltas, then per
+# usage key: its number of fields, then field, increment pairs.
 FLUSH_LUA = """
-local seq = tonumber(ARGV[2])
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+local raw = redis.pcall('GET', KEYS[1])
+if type(raw) == 'table' and raw.err then
+  redis.call('DEL', KEYS[1])
+  raw = false
+end
+local last = tonumber(raw or '0') or 0
+local seq = tonumber(ARGV[1])
 if seq <= last then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], 86400)
+if last > 0 and seq > last + 1 then
+  return redis.error_reply('OUTOFORDER batch ' .. seq .. ' after ' .. last)
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local nc = tonumber(ARGV[4])
+local refused = 0
+local nc = tonumber(ARGV[3])
 for i = 1, nc do
   local key = KEYS[1 + i]
-  local tat = tonumber(redis.call('GET', key) or '0') or 0
-  if tat < now then tat = now end
-  local new = tat + tonumber(ARGV[4 + i])
-  if new <= now then
-    redis.call('DEL', key)
+  local got = redis.pcall('GET', key)
+  if type(got) == 'table' and got.err then
+    refused = refused + 1
   else
-    redis.call('SET', key, string.format('%.1f', new), 'PX',
-               math.floor((new - now) / 1000) + 60000)
+    local tat = tonumber(got or '0') or 0
+    if tat < now then tat = now end
+    local new = tat + tonumber(ARGV[3 + i])
+    if new <= now then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, string.format('%.1f', new), 'PX',
+                 math.floor((new - now) / 1000) + 60000)
+    end
   end
 end
-local refused = 0
-local a = 5 + nc
+local a = 4 + nc
 for k = 2 + nc, #KEYS do
   local n = tonumber(ARGV[a])
   a = a + 1
@@ -118,18 +137,21 @@ for k = 2 + nc, #KEYS do
     if type(r) == 'table' and r.err then refused = refused + 1 end
     a = a + 2
   end
-  redis.pcall('EXPIRE', KEYS[k], ARGV[3])
+  redis.pcall('EXPIRE', KEYS[k], ARGV[2])
 end
 return refused
 """
+# Entries (corrections and usage fields) per batch: bounds how long one script call keeps
+# Redis busy (a router's counts after a long outage go in several, in order).
+FLUSH_BATCH_MAX = 2000
 
 
 @dataclass(frozen=True)
 class FlushBatch:
-    """What one router flushes for one tenant at once (Store.flush)."""
+    """What one router flushes for one tenant in one script call (Store.flush)."""
 
     tenant: str
-    seq: int  # increasing per writer: a batch at or below the last applied one is skipped
+    seq: int  # 1, 2, 3... per router and tenant: applied in that order, each once
     corrections: dict[str, float]  # bucket key -> microseconds to add to its TAT
     usage: dict[int, dict[str, int]]  # hour -> usage field -> increment
 
@@ -156,7 +178,6 @@ def _decision(reply: Any, keys: int) -> Decision:
 
 
 class ApiKeysStore(StoreBase):
-    _limit_sha: str | None = None
 
     # ------------------------------------------------------------------ keys
     async def save_key(self, rec: KeyRecord) -> None:
@@ -322,13 +343,11 @@ class ApiKeysStore(StoreBase):
         """One admission decision (and a lease, when ``args`` ends with the units wanted):
         one EVALSHA (plus a one-off SCRIPT LOAD per connection to a Redis that lost its
         scripts)."""
-        if self._limit_sha is None:
-            self._limit_sha = await self.r.script_load(LIMIT_LUA)
+        sha = self._shas.get(LIMIT_LUA) or await self._load(LIMIT_LUA)
         try:
-            reply = await self.r.evalsha(self._limit_sha, len(keys), *keys, *args)
+            reply = await self.r.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
-            self._limit_sha = await self.r.script_load(LIMIT_LUA)
-            reply = await self.r.evalsha(self._limit_sha, len(keys), *keys, *args)
+            reply = await self.r.evalsha(await self._load(LIMIT_LUA), len(keys), *keys, *args)
         return _decision(reply, len(keys))
 
     async def limit_many(self, calls: Sequence[tuple[Sequence[str], Sequence[float]]]
@@ -337,15 +356,7 @@ class ApiKeysStore(StoreBase):
         pipeline of one EVALSHA each, so every script still touches one tenant's slot."""
         if len(calls) == 1:
             return [await self.limit(*calls[0])]
-        if self._limit_sha is None:
-            self._limit_sha = await self.r.script_load(LIMIT_LUA)
-        replies = await self._evalshas(calls)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:  # a Redis that lost its scripts: load, and redo only those
-            self._limit_sha = await self.r.script_load(LIMIT_LUA)
-            for i, r in zip(missing, await self._evalshas([calls[i] for i in missing]),
-                            strict=True):
-                replies[i] = r
+        replies = await self._scripts(LIMIT_LUA, calls)
         out = []
         for r, (keys, _) in zip(replies, calls, strict=True):
             if isinstance(r, Exception):
@@ -353,39 +364,63 @@ class ApiKeysStore(StoreBase):
             out.append(_decision(r, len(keys)))
         return out
 
-    async def _evalshas(self, calls: Sequence[tuple[Sequence[str], Sequence[float]]]
+    async def _scripts(self, script: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+                       ) -> list[Any]:
+        """One EVALSHA of ``script`` per call, in one pipeline (errors as replies). A Redis
+        that lost its scripts answers NOSCRIPT, and nothing of those calls ran: the script
+        is loaded and they are sent again."""
+        sha = self._shas.get(script) or await self._load(script)
+        replies = await self._evalshas(sha, calls)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            sha = await self._load(script)
+            for i, r in zip(missing, await self._evalshas(sha, [calls[i] for i in missing]),
+                            strict=True):
+                replies[i] = r
+        return replies
+
+    async def _load(self, script: str) -> str:
+        sha = self._shas[script] = str(await self.r.script_load(script))
+        return sha
+
+    async def _evalshas(self, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
                         ) -> list[Any]:
-        sha = self._limit_sha or ""
         async with self._batch() as pipe:
             for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
 
-    async def flush(self, writer: str, batches: Sequence[FlushBatch]) -> None:
-        """Token corrections and usage increments, one script call per tenant in one
-        pipeline (one round trip per flush, whatever the number of requests behind it),
-        each applied once per ``writer`` and batch (FLUSH_LUA). Raises when a batch may
-        not have been applied (the caller sends it again, as it is); a batch refused for
-        its data (the flush hash of the wrong type) is reported and dropped."""
-        async with self._batch() as pipe:
-            for b in batches:
-                usage_keys = [self.k.usage(b.tenant, h) for h in b.usage]
-                args: list[Any] = [writer, b.seq, USAGE_TTL_S, len(b.corrections),
-                                   *b.corrections.values()]
-                for fields in b.usage.values():
-                    args.append(len(fields))
-                    for f, n in fields.items():
-                        args += [f, n]
-                keys = [self.k.flushed(b.tenant), *b.corrections, *usage_keys]
-                # EVAL, not EVALSHA: Redis caches the script by its hash either way, and a
-                # flush every LIMITS_FLUSH_S needs no NOSCRIPT round.
-                pipe.eval(FLUSH_LUA, len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
+    async def flush(self, writer: str, batches: Sequence[FlushBatch]) -> list[bool]:
+        """Token corrections and usage increments, one script call per batch, all in one
+        pipeline (one round trip per flush), each applied once and in order per
+        ``writer`` and tenant (FLUSH_LUA). Per batch: True when it is applied (now or
+        before); False when it may not be (the caller sends it again, unchanged, and none
+        of that tenant's after it). Raises when the round trip failed (none confirmed)."""
+        replies = await self._scripts(FLUSH_LUA, [self._flush_call(writer, b) for b in batches])
+        out = []
         for b, reply in zip(batches, replies, strict=True):
-            self._checked(self.k.flushed(b.tenant), reply, None)  # raises a non-data error
+            if isinstance(reply, Exception):
+                out.append(False)
+                if not str(reply).startswith("OUTOFORDER"):
+                    logger.debug("flush of %s failed: %s", b.tenant, reply)
+                continue
+            out.append(True)
             if isinstance(reply, int) and reply > 0:
-                self._skip(BadRecord(self.k.usage(b.tenant, max(b.usage)),
-                                     f"{reply} usage increments refused (not a number)"))
+                self._skip(BadRecord(self.k.usage(b.tenant, min(b.usage, default=0)),
+                                     f"{reply} corrections or usage increments refused "
+                                     "(a key of the wrong type or a count that is not a "
+                                     "number)"))
+        return out
+
+    def _flush_call(self, writer: str, b: FlushBatch
+                    ) -> tuple[list[str], list[Any]]:
+        usage_keys = [self.k.usage(b.tenant, h) for h in b.usage]
+        args: list[Any] = [b.seq, USAGE_TTL_S, len(b.corrections), *b.corrections.values()]
+        for fields in b.usage.values():
+            args.append(len(fields))
+            for f, n in fields.items():
+                args += [f, n]
+        return [self.k.flushed(b.tenant, writer), *b.corrections, *usage_keys], args
 
     async def usage_rows(self, tenants: Iterable[str], hours: list[int]
                          ) -> list[tuple[str, int, dict[str, str]]]:

@@ -176,6 +176,8 @@ class StoreBase:
         self.events_enabled = events
         # Bad records this process has read (and skipped): see shared.records.
         self.problems = Problems()
+        # Script text -> its SHA1 on this Redis, once loaded (EVALSHA; reloaded on NOSCRIPT).
+        self._shas: dict[str, str] = {}
         # Parsed specs by alias, with the JSON they came from (ModelsStore._spec).
         self._specs: dict[str, tuple[str, ModelSpec]] = {}
         self._reads_script = client.register_script(_READS_LUA)

@@ -29,11 +29,12 @@ class ReplyLost(Store):
 
     lose = 0
 
-    async def flush(self, writer: str, batches: Sequence[FlushBatch]) -> None:
-        await super().flush(writer, batches)
+    async def flush(self, writer: str, batches: Sequence[FlushBatch]) -> list[bool]:
+        done = await super().flush(writer, batches)
         if self.lose:
             self.lose -= 1
             raise RedisConnectionError("reply lost")
+        return done
 
 
 @pytest.fixture
@@ -64,24 +65,39 @@ def this_hour() -> int:
     return int(time.time()) // 3600 * 3600
 
 
-async def test_a_batch_sent_again_is_applied_once(store: ReplyLost) -> None:
+async def test_a_batch_sent_again_is_applied_once_and_in_order(store: ReplyLost) -> None:
     key = store.k.rate("acme", "k1", "tok")
     first = FlushBatch("acme", 1, {key: 5e6}, {0: {"k1|m|requests": 2}})
-    await store.flush("router-a", [first])
+    assert await store.flush("router-a", [first]) == [True]
     before = await tat(store, key)
-    await store.flush("router-a", [first])  # its reply was lost: sent again
+    assert await store.flush("router-a", [first]) == [True]  # its reply was lost: again
     assert await usage(store, "acme") == {"k1|m|requests": "2"}
     assert await tat(store, key) == before
-    # The next batch of that router, and the same numbers from another router, both count.
-    await store.flush("router-a", [FlushBatch("acme", 2, {}, {0: {"k1|m|requests": 1}})])
-    await store.flush("router-b", [FlushBatch("acme", 1, {}, {0: {"k1|m|requests": 1}})])
-    assert await usage(store, "acme") == {"k1|m|requests": "4"}
-    # A field that is not a number is skipped and reported; the rest of the batch lands.
+    # Batch 3 before batch 2 (which failed): refused, to be sent again after it.
+    third = FlushBatch("acme", 3, {}, {0: {"k1|m|requests": 10}})
+    assert await store.flush("router-a", [third]) == [False]
+    second = FlushBatch("acme", 2, {}, {0: {"k1|m|requests": 1}})
+    assert await store.flush("router-a", [second, third]) == [True, True]
+    # Another router's batches are numbered on their own.
+    assert await store.flush("router-b", [FlushBatch("acme", 1, {}, {0: {
+        "k1|m|requests": 1}})]) == [True]
+    assert await usage(store, "acme") == {"k1|m|requests": "14"}
+    # A count that is not a number, and a bucket of the wrong type, are skipped and
+    # reported; the rest of the batch lands (nothing half-applied).
     await store.r.hset(store.k.usage("acme", 0), "k1|m|errors", "many")
-    await store.flush("router-a", [FlushBatch("acme", 3, {}, {0: {
-        "k1|m|errors": 1, "k1|m|requests": 1}})])
-    assert await usage(store, "acme") == {"k1|m|requests": "5", "k1|m|errors": "many"}
+    bad_bucket = store.k.rate("acme", "k2", "tok")
+    await store.r.lpush(bad_bucket, "x")
+    fourth = FlushBatch("acme", 4, {bad_bucket: 1e6, key: 1e6},
+                        {0: {"k1|m|errors": 1, "k1|m|requests": 1}})
+    assert await store.flush("router-a", [fourth]) == [True]
+    assert await usage(store, "acme") == {"k1|m|requests": "15", "k1|m|errors": "many"}
+    assert await tat(store, key) == pytest.approx(before + 1e6, abs=1)
     assert store.k.usage("acme", 0) in {p["key"] for p in store.problems.since(0)}
+    # A Redis that lost the numbers (restarted without its data) takes the next batch.
+    await store.r.delete(store.k.flushed("acme", "router-a"))
+    assert await store.flush("router-a", [FlushBatch("acme", 5, {}, {0: {
+        "k1|m|requests": 1}})]) == [True]
+    assert (await usage(store, "acme"))["k1|m|requests"] == "16"
     await store.close()
 
 
@@ -104,13 +120,46 @@ async def test_a_flush_whose_reply_was_lost_is_counted_once(store: ReplyLost) ->
     store.lose = 1
     with pytest.raises(RedisConnectionError):
         await limiter.flush()
-    answered(60)  # arrives before the resend: sent after it, in a batch of its own
+    answered(60)  # arrives before the resend: waits for it, then goes in a batch of its own
     await limiter.flush()
     hours = (first_hour, this_hour())
+    assert (await usage(store, "acme", hours))["k1|m|requests"] == "1"  # once, not twice
+    await limiter.flush()
     assert await usage(store, "acme", hours) == {
         "k1|m|requests": "2", "k1|m|prompt_tokens": "50", "k1|m|completion_tokens": "50"}
     refunds = (100 - 40 + 100 - 60) * bucket.interval_us
     assert await tat(store, bucket.key) == pytest.approx(ahead - refunds, abs=1)
     await limiter.flush()  # nothing new: nothing sent, nothing counted again
     assert (await usage(store, "acme", hours))["k1|m|requests"] == "2"
+    await store.close()
+
+
+async def test_a_tenant_whose_batches_fail_holds_back_only_itself(store: ReplyLost) -> None:
+    settings = RouterSettings(router_id="r1")
+    limiter = Limiter(store, KeyRing(store, Nudger(store), settings), settings)
+
+    def answered(tenant: str) -> None:
+        rec = KeyRecord("k", "n", tenant, hash_secret(tenant.encode()), ["*"])
+        limiter.finish(Ticket(rec, "m", 0, [], {}, True), used=3, prompt=1, completion=2)
+
+    answered("acme")
+    answered("beta")
+    await limiter.flush()
+    # acme's next batch is refused (as when an earlier one of it failed and was lost
+    # track of: its slot keeps a number two behind); beta's lands all the same.
+    await store.r.set(store.k.flushed("acme", limiter._writer), "1")
+    limiter._seq["acme"] = 2
+    for _ in range(2):
+        answered("acme")
+        answered("beta")
+        await limiter.flush()
+    hours = (this_hour() - 3600, this_hour())
+    assert (await usage(store, "beta", hours))["k|m|requests"] == "3"
+    assert (await usage(store, "acme", hours))["k|m|requests"] == "1"
+    assert list(limiter._unconfirmed) == ["acme"]  # its one batch, kept; the rest waits
+    assert len(limiter._unconfirmed["acme"]) == 1
+    await store.r.set(store.k.flushed("acme", limiter._writer), "2")
+    await limiter.flush_all()
+    assert (await usage(store, "acme", hours))["k|m|requests"] == "3"
+    assert not limiter._unconfirmed
     await store.close()

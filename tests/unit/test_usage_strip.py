@@ -37,6 +37,16 @@ def test_the_usage_event_is_taken_out_wherever_the_reads_split_the_stream() -> N
     assert relayed([bytes([b]) for b in stream]) == want
 
 
+def test_vllms_usage_chunk_with_a_field_after_usage_is_taken_out_in_a_read_of_its_own(
+        ) -> None:
+    # vLLM writes system_fingerprint after usage (and sends [DONE] in a write of its own).
+    usage = event(HEAD | {"choices": [], "usage": {"prompt_tokens": 5, "total_tokens": 8,
+                                                   "completion_tokens": 3},
+                          "system_fingerprint": "fp_vllm"})
+    strip = UsageStrip()
+    assert [strip.feed(r) for r in (TOKENS[0], usage, DONE)] == [TOKENS[0], b"", DONE]
+
+
 def test_whole_events_pass_at_once_and_a_partial_one_waits_for_its_end() -> None:
     strip = UsageStrip()
     assert strip.feed(TOKENS[0] + TOKENS[1][:7]) == TOKENS[0]
