@@ -22,7 +22,7 @@ import uuid
 from redis.exceptions import RedisError
 
 from services.router.routes import RouteTable
-from shared.errors import ApiError, NoCapacity, QueueFull
+from shared.errors import ApiError, NoCapacity, QueueFull, StoreUnavailable
 from shared.models import MANUAL_REFUSED
 from shared.settings import RouterSettings
 from shared.store import Store, StoredModel
@@ -56,10 +56,17 @@ class AliasWait:
         """Keep the demand key alive (it has a TTL), once per interval for every request."""
         self.demanded_at = time.monotonic()
         await self.holder.store.want(self.alias, _DEMAND_TTL_S)
+        self.failing_since = None
 
     async def poll(self) -> None:
         """Refresh the demand and the verdict if their interval passed; one request at a time
         does it, the others go on waiting."""
+        if self.failing_since is not None \
+                and time.monotonic() - self.failing_since >= _DEMAND_TTL_S:
+            # Every held request of the alias ends now, not one a refresh.
+            raise StoreUnavailable("the pool's state store (Redis) has been unavailable "
+                                   f"for {_DEMAND_TTL_S:.0f} s while this request waited "
+                                   "for its model; retry")
         if self._busy:
             return
         self._busy = True
@@ -67,7 +74,6 @@ class AliasWait:
             now = time.monotonic()
             if now - self.demanded_at >= _DEMAND_REFRESH_S:
                 await self.demand()
-                self.failing_since = None
             if now - self.checked_at >= _REASON_CHECK_S:
                 self.checked_at = now
                 self.unplaceable = await self._unplaceable()

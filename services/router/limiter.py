@@ -223,6 +223,8 @@ class Limiter:
         self._unconfirmed: dict[str, list[FlushBatch]] = {}
         self._writer = f"{settings.router_id}:{uuid.uuid4().hex[:12]}"
         self._seq: Counter[str] = Counter()  # tenant -> the number of its last batch
+        self._confirmed: Counter[str] = Counter()  # tenant -> its last batch confirmed
+        self._warned_at = 0.0
         self.round_trips = 0  # limiter calls to Redis: at most one per request
         # Admissions that arrive while one call is in flight wait for it, then go together
         # in one pipeline: one round trip for all of them (throughput under concurrency).
@@ -484,17 +486,19 @@ class Limiter:
         batches = [b for pending in self._unconfirmed.values() for b in pending]
         if not batches:
             return
-        done = await self.store.flush(self._writer, batches)
+        done = await self.store.flush(self._writer, batches, self._confirmed)
         confirmed = {id(b) for b, ok in zip(batches, done, strict=True) if ok}
         for tenant in list(self._unconfirmed):
             pending = self._unconfirmed[tenant]
             while pending and id(pending[0]) in confirmed:
-                pending.pop(0)
+                self._confirmed[tenant] = pending.pop(0).seq
             if not pending:
                 del self._unconfirmed[tenant]
-        if self._unconfirmed:
-            logger.debug("usage flush: %d tenants' batches not confirmed; sent again",
-                         len(self._unconfirmed))
+        if self._unconfirmed and time.monotonic() - self._warned_at > 30:
+            self._warned_at = time.monotonic()
+            logger.warning("usage flush: batches of %d tenants (%s) not confirmed; sent "
+                           "again until they are", len(self._unconfirmed),
+                           ", ".join(sorted(self._unconfirmed)[:5]))
 
     async def flush_all(self, rounds: int = 3) -> None:
         """Flush until nothing is left (a router's last flush): a round that confirms a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -84,16 +84,19 @@ return out
 # router (its boot) numbers its batches per tenant 1, 2, 3...; the last applied number is
 # kept in the tenant's slot (``flushed``). A batch at or below it was applied already (sent
 # again after a lost reply: a timeout that redis-py retries, or the router's resend of what
-# it could not confirm): skipped, so nothing is counted or charged twice. One past it is
-# applied; one further on is refused (an earlier one failed): sent again after that one.
-# With no number kept (the router's first batch, or a Redis that lost its data) any is.
+# it could not confirm): skipped, so nothing is counted or charged twice. The router also
+# sends the number of its last batch confirmed (``base``): a batch one past the greater of
+# the two is applied, one further on refused (an earlier one of the same flush failed) and
+# sent again after it. So a Redis that lost its newest writes (a crash of an append-only
+# file's last second, a failover to a replica behind) or all of them, or a kept number
+# that expired, never holds a router's batches back.
 # A correction moves the TAT as an admission would, from max(TAT, now), and its expiry with
 # it (INCRBYFLOAT kept the reservation's expiry: a debt past it vanished with the key, and
 # on a key already expired it left the bare delta with no expiry). Every key is touched
 # through pcall: one of the wrong type is skipped and counted (returned), never aborting a
 # batch half-applied; a counter of the wrong type is replaced.
-# KEYS: flushed, nc bucket keys, usage keys. ARGV: seq, usage TTL, nc, nc deltas, then per
-# usage key: its number of fields, then field, increment pairs.
+# KEYS: flushed, nc bucket keys, usage keys. ARGV: seq, base, usage TTL, nc, nc deltas,
+# then per usage key: its number of fields, then field, increment pairs.
 FLUSH_LUA = """
 local raw = redis.pcall('GET', KEYS[1])
 if type(raw) == 'table' and raw.err then
@@ -103,14 +106,16 @@ end
 local last = tonumber(raw or '0') or 0
 local seq = tonumber(ARGV[1])
 if seq <= last then return -1 end
-if last > 0 and seq > last + 1 then
-  return redis.error_reply('OUTOFORDER batch ' .. seq .. ' after ' .. last)
+local base = tonumber(ARGV[2])
+if base < last then base = last end
+if seq > base + 1 then
+  return redis.error_reply('OUTOFORDER batch ' .. seq .. ' after ' .. base)
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local refused = 0
-local nc = tonumber(ARGV[3])
+local nc = tonumber(ARGV[4])
 for i = 1, nc do
   local key = KEYS[1 + i]
   local got = redis.pcall('GET', key)
@@ -119,7 +124,7 @@ for i = 1, nc do
   else
     local tat = tonumber(got or '0') or 0
     if tat < now then tat = now end
-    local new = tat + tonumber(ARGV[3 + i])
+    local new = tat + tonumber(ARGV[4 + i])
     if new <= now then
       redis.call('DEL', key)
     else
@@ -128,7 +133,7 @@ for i = 1, nc do
     end
   end
 end
-local a = 4 + nc
+local a = 5 + nc
 for k = 2 + nc, #KEYS do
   local n = tonumber(ARGV[a])
   a = a + 1
@@ -137,7 +142,7 @@ for k = 2 + nc, #KEYS do
     if type(r) == 'table' and r.err then refused = refused + 1 end
     a = a + 2
   end
-  redis.pcall('EXPIRE', KEYS[k], ARGV[2])
+  redis.pcall('EXPIRE', KEYS[k], ARGV[3])
 end
 return refused
 """
@@ -390,13 +395,17 @@ class ApiKeysStore(StoreBase):
                 pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
 
-    async def flush(self, writer: str, batches: Sequence[FlushBatch]) -> list[bool]:
+    async def flush(self, writer: str, batches: Sequence[FlushBatch],
+                    confirmed: Mapping[str, int] | None = None) -> list[bool]:
         """Token corrections and usage increments, one script call per batch, all in one
         pipeline (one round trip per flush), each applied once and in order per
         ``writer`` and tenant (FLUSH_LUA). Per batch: True when it is applied (now or
         before); False when it may not be (the caller sends it again, unchanged, and none
-        of that tenant's after it). Raises when the round trip failed (none confirmed)."""
-        replies = await self._scripts(FLUSH_LUA, [self._flush_call(writer, b) for b in batches])
+        of that tenant's after it). ``confirmed``: tenant -> the number of ``writer``'s last
+        batch it saw applied. Raises when the round trip failed (none confirmed)."""
+        done = confirmed or {}
+        replies = await self._scripts(FLUSH_LUA, [
+            self._flush_call(writer, b, done.get(b.tenant, 0)) for b in batches])
         out = []
         for b, reply in zip(batches, replies, strict=True):
             if isinstance(reply, Exception):
@@ -406,16 +415,19 @@ class ApiKeysStore(StoreBase):
                 continue
             out.append(True)
             if isinstance(reply, int) and reply > 0:
-                self._skip(BadRecord(self.k.usage(b.tenant, min(b.usage, default=0)),
-                                     f"{reply} corrections or usage increments refused "
-                                     "(a key of the wrong type or a count that is not a "
-                                     "number)"))
+                # Named by the tenant's flush key: the refused ones may be buckets or usage
+                # counts of any hour in the batch.
+                self._skip(BadRecord(self.k.flushed(b.tenant, writer),
+                                     f"{reply} token corrections or usage increments of "
+                                     f"tenant {b.tenant} refused (a key of the wrong type "
+                                     "or a count that is not a number)"))
         return out
 
-    def _flush_call(self, writer: str, b: FlushBatch
+    def _flush_call(self, writer: str, b: FlushBatch, base: int
                     ) -> tuple[list[str], list[Any]]:
         usage_keys = [self.k.usage(b.tenant, h) for h in b.usage]
-        args: list[Any] = [b.seq, USAGE_TTL_S, len(b.corrections), *b.corrections.values()]
+        args: list[Any] = [b.seq, base, USAGE_TTL_S, len(b.corrections),
+                           *b.corrections.values()]
         for fields in b.usage.values():
             args.append(len(fields))
             for f, n in fields.items():

@@ -335,7 +335,11 @@ def test_a_lora_adapter_is_limited_and_booked_under_its_own_name(cluster: Cluste
         r = admin(router, "POST", "/adapters",
                   json={"alias": alias, "base": "lbase", "adapter": f"org/{alias}-lora"})
         assert r.status_code == 201, r.text
+    # Loaded before the keys exist (the pool is open until then): a first request that
+    # waits for its adapter's load must not let the second one pass the one-a-second limit.
     serving(routers, "lbase")
+    serving(routers, "ad1")
+    serving(routers, "ad2")
     by_adapter = create_key(router, model_limits={"ad1": {"rpm": 60}})
     by_base = create_key(router, model_limits={"lbase": {"rpm": 60}})
     known(routers, by_adapter["key"], by_base["key"])
