@@ -288,7 +288,9 @@ def snapshot(redis_url: str, prefix: str) -> dict[str, Any]:
     state: dict[str, Any] = {}
     try:
         for key in r.scan_iter(f"{prefix}:*"):
-            if ":{w:" in key or key.endswith((":workers", ":lease")):
+            # worker:revs counts the workers' own record writes (a full beat every RESYNC_S
+            # moves it): heartbeat bookkeeping, like the {w:...} keys.
+            if ":{w:" in key or key.endswith((":workers", ":lease", ":worker:revs")):
                 continue
             kind = str(r.type(key))
             readers: dict[str, Callable[[str], Any]] = {
