@@ -246,10 +246,11 @@ async def test_api_keys_limits_and_usage(store: Store, redis_cluster: RedisClust
             r.script_flush()
     both = await store.limit_many([([ka], [1e6, 0, 1]), ([kb], [1e3, 1e6, 10])])
     assert [d.admitted for d in both] == [False, True]
+    # Numbered per tenant: each tenant's first batch is 1.
     batches = [FlushBatch("acme", 1, {}, {0: {"ka|m|requests": 2}}),
-               FlushBatch("beta", 2, {kb: 5e3}, {0: {"kb|m|requests": 1}})]
-    await store.flush("writer", batches)
-    await store.flush("writer", batches)  # a resend (a lost reply): applied once
+               FlushBatch("beta", 1, {kb: 5e3}, {0: {"kb|m|requests": 1}})]
+    assert await store.flush("writer", batches) == [True, True]
+    assert await store.flush("writer", batches) == [True, True]  # a resend: applied once
     rows = await store.usage_rows(["acme", "beta"], [0])
     assert [r[2] for r in rows] == [{"ka|m|requests": "2"}, {"kb|m|requests": "1"}]
 

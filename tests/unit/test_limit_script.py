@@ -34,8 +34,10 @@ _SEQ = iter(range(1, 1 << 30))
 
 
 async def correct(store: Store, key: str, delta_us: float) -> None:
-    """A router's flush of one correction (tenant "t", a fresh batch each time)."""
-    await store.flush("writer", [FlushBatch("t", next(_SEQ), {key: delta_us}, {})])
+    """A router's flush of one correction (tenant "t", a fresh batch each time, the one
+    before it confirmed: the numbering runs across the tests of a process)."""
+    seq = next(_SEQ)
+    await store.flush("writer", [FlushBatch("t", seq, {key: delta_us}, {})], {"t": seq - 1})
 
 
 async def decide(store: Store, buckets: list[Bucket], costs: list[int]) -> Decision:
