@@ -241,8 +241,7 @@ class Lane:
         if self.tail is not None and data:
             keep_tail(self.tail, data)
         if self.strip is not None:
-            data = self.strip.feed(data) + self.strip.flush() if last else \
-                self.strip.feed(data)
+            data = self.strip.pass_on(data, last)
         if self._chunked and data:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._pending is not None:

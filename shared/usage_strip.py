@@ -103,6 +103,10 @@ class UsageStrip:
         out = data[:end]
         return _without_usage(out) if _MARK in out else out
 
+    def pass_on(self, data: bytes, last: bool) -> bytes:
+        """What of ``data`` goes on now; ``last``: the stream ends with it."""
+        return self.feed(data) + self.flush() if last else self.feed(data)
+
     def flush(self) -> bytes:
         """What is left at the stream's end (an unterminated last event, passed on)."""
         rest, self._rest = self._rest, b""

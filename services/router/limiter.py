@@ -512,15 +512,14 @@ class Limiter:
         """What was gathered for every tenant not in ``skip``, as that tenant's next
         batches (at most FLUSH_BATCH_MAX entries each); their counters start again."""
         held = set(skip)
-        tenants = {t for t in self._corrections if t not in held} | \
-            {t for t, _ in self._usage if t not in held}
+        # tenant -> (None: a correction, else the usage hour; bucket key or field; amount)
+        per: dict[str, list[tuple[int | None, str, float]]] = defaultdict(list)
+        for tenant in [t for t in self._corrections if t not in held]:
+            per[tenant] += [(None, k, d) for k, d in self._corrections.pop(tenant).items()]
+        for tenant, hour in sorted(k for k in self._usage if k[0] not in held):
+            per[tenant] += [(hour, f, n) for f, n in self._usage.pop((tenant, hour)).items()]
         out = []
-        for tenant in sorted(tenants):
-            # (None: a correction, else the usage hour; bucket key or usage field; amount)
-            entries: list[tuple[int | None, str, float]] = [
-                (None, k, d) for k, d in self._corrections.pop(tenant, {}).items()]
-            for hour in sorted(h for t, h in list(self._usage) if t == tenant):
-                entries += [(hour, f, n) for f, n in self._usage.pop((tenant, hour)).items()]
+        for tenant, entries in sorted(per.items()):
             for i in range(0, len(entries), FLUSH_BATCH_MAX):
                 corrections: dict[str, float] = {}
                 usage: dict[int, dict[str, int]] = {}

@@ -340,9 +340,7 @@ class Watched(Response):
                 if self.tail is not None and chunk:
                     keep_tail(self.tail, chunk)
                 if strip is not None:
-                    out = strip.feed(chunk)
-                    if not message.get("more_body", False):
-                        out += strip.flush()
+                    out = strip.pass_on(chunk, last=not message.get("more_body", False))
                     if out != chunk:
                         message = {**message, "body": out}
             await send(message)
